@@ -1,0 +1,100 @@
+"""The paper's cost models (sec. 4): MACs from shapes, linear / quadratic compute cost, memory.
+
+Linear: ``MACs * max(bw, ba)`` with bits rounded up to 4, 8 or 16 (what hardware actually offers).
+Quadratic: ``MACs * bw * ba``. Memory: ``weights * bw`` (biases ignored). bf16 counts as 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from qcompile.spec import LayerCost, Precision
+
+BF16_BITS = 16
+
+
+def hardware_bits(bits: int) -> int:
+    """Round a bit width up to the datapath widths hardware offers: 4, 8, 16."""
+    for width in (4, 8, 16):
+        if bits <= width:
+            return width
+    raise ValueError(f"no hardware datapath for {bits} bits")
+
+
+def layer_macs(module: nn.Module, node: fx.Node) -> int:
+    """Multiply-accumulates of one conv/dense call from its output shape: B·K·A·Cin·Cout/groups, B·Cin·Cout."""
+    out_shape = tuple(node.meta["tensor_meta"].shape)
+    if isinstance(module, nn.Linear):
+        return math.prod(out_shape[:-1]) * module.in_features * module.out_features
+    conv = module
+    batch, spatial = out_shape[0], out_shape[2:]
+    return (
+        batch
+        * math.prod(conv.kernel_size)  # type: ignore[arg-type]
+        * math.prod(spatial)
+        * conv.in_channels  # type: ignore[operator]
+        * conv.out_channels
+        // conv.groups  # type: ignore[operator]
+    )
+
+
+def weight_count(module: nn.Module) -> int:
+    """Number of weights (biases excluded, as the memory model says)."""
+    return module.weight.numel()  # type: ignore[union-attr,operator]
+
+
+def layer_cost(macs: int, weights: int, precision: Precision, stored_bits: int | None = None) -> LayerCost:
+    """Cost of one layer at a precision; ``stored_bits`` overrides the weight bits its memory is counted at."""
+    return LayerCost(
+        macs=macs,
+        weights=weights,
+        linear=macs * hardware_bits(max(precision.w_bits, precision.a_bits)),
+        quadratic=macs * precision.w_bits * precision.a_bits,
+        memory_bits=weights * (precision.w_bits if stored_bits is None else stored_bits),
+    )
+
+
+@dataclass(frozen=True)
+class CostTotals:
+    """Whole-model totals with ratios to bf16 at this width and to the width-1.0 bf16 model."""
+
+    macs: int
+    params: int
+    linear: int
+    quadratic: int
+    memory_bits: int
+    ref_macs: int
+    ref_params: int
+
+    @property
+    def linear_vs_bf16(self) -> float:
+        return self.linear / (self.macs * BF16_BITS)
+
+    @property
+    def quadratic_vs_bf16(self) -> float:
+        return self.quadratic / (self.macs * BF16_BITS * BF16_BITS)
+
+    @property
+    def memory_vs_bf16(self) -> float:
+        return self.memory_bits / (self.params * BF16_BITS)
+
+    @property
+    def linear_vs_bf16_width1(self) -> float:
+        return self.linear / (self.ref_macs * BF16_BITS)
+
+    @property
+    def quadratic_vs_bf16_width1(self) -> float:
+        return self.quadratic / (self.ref_macs * BF16_BITS * BF16_BITS)
+
+    @property
+    def memory_vs_bf16_width1(self) -> float:
+        return self.memory_bits / (self.ref_params * BF16_BITS)
+
+    def as_dict(self) -> dict[str, float | int]:
+        keys = ("macs", "params", "linear", "quadratic", "memory_bits")
+        ratios = ("linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16",
+                  "linear_vs_bf16_width1", "quadratic_vs_bf16_width1", "memory_vs_bf16_width1")
+        return {**{k: getattr(self, k) for k in keys}, **{k: getattr(self, k) for k in ratios}}

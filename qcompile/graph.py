@@ -1,0 +1,139 @@
+"""Facts about a captured graph that several passes need: compute layers, their names, roles and signedness."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter, deque
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from qcompile.spec import LayerRole
+
+COMPUTE_MODULES = (_ConvNd, nn.Linear)
+
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
+_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.relu_}
+_NONNEG_METHODS = {"relu", "relu_"}
+_PASS_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Dropout, nn.Identity,
+)
+_PASS_FUNCTIONS = {
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.mean,
+    F.dropout, torch.cat, operator.add, torch.add, operator.getitem, torch.reshape, F.pad,
+}
+_PASS_METHODS = {"view", "reshape", "flatten", "mean", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, else None."""
+    return gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+
+
+def is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Conv and dense call sites: the layers that carry weights, MACs and a precision."""
+    m = module_of(gm, node)
+    return isinstance(m, COMPUTE_MODULES) and not isinstance(m, _ConvTransposeNd)
+
+
+def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Compute nodes in topological order."""
+    return [n for n in gm.graph.nodes if is_compute(gm, n)]
+
+
+def layer_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """A stable user-facing name per compute node: the module path, with ``@k`` when one module has k call sites."""
+    nodes = compute_nodes(gm)
+    counts = Counter(n.target for n in nodes)
+    seen: Counter[str] = Counter()
+    names = {}
+    for n in nodes:
+        target = str(n.target)
+        names[n] = target if counts[target] == 1 else f"{target}@{seen[target]}"
+        seen[target] += 1
+    return names
+
+
+def _reaches_compute(gm: fx.GraphModule, start: fx.Node, downstream: bool) -> bool:
+    """Whether another compute node lies strictly up- (or down-) stream of ``start``."""
+    queue = deque(start.users if downstream else start.all_input_nodes)
+    seen: set[fx.Node] = set()
+    while queue:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_compute(gm, n):
+            return True
+        queue.extend(n.users if downstream else n.all_input_nodes)
+    return False
+
+
+def layer_roles(gm: fx.GraphModule) -> dict[fx.Node, frozenset[LayerRole]]:
+    """FIRST: no compute layer before it (it sees the input); LAST: no compute layer after it (it feeds the output)."""
+    roles = {}
+    for n in compute_nodes(gm):
+        r = set()
+        if not _reaches_compute(gm, n, downstream=False):
+            r.add(LayerRole.FIRST)
+        if not _reaches_compute(gm, n, downstream=True):
+            r.add(LayerRole.LAST)
+        roles[n] = frozenset(r or {LayerRole.HIDDEN})
+    return roles
+
+
+def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether the graph guarantees ``node``'s output is >= 0 (a ReLU, or pooling/adding/reshaping of such)."""
+    memo = {} if _memo is None else _memo
+    if node in memo:
+        return memo[node]
+    memo[node] = False
+    m = module_of(gm, node)
+    tensor_inputs = [a for a in node.all_input_nodes]
+    if isinstance(m, _NONNEG_MODULES) or (node.op == "call_function" and node.target in _NONNEG_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _NONNEG_METHODS
+    ):
+        result = True
+    elif isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _PASS_METHODS
+    ):
+        result = bool(tensor_inputs) and all(is_nonnegative(gm, a, memo) for a in tensor_inputs)
+        if node.target in (operator.add, torch.add) and any(
+            isinstance(a, (int, float)) and a < 0 for a in node.args
+        ):
+            result = False
+    else:
+        result = False
+    memo[node] = result
+    return result
+
+
+def format_graph(gm: fx.GraphModule) -> str:
+    """One line per node: name, op, target, output shape and the qcompile annotation if any."""
+    from qcompile.spec import get_annotation
+
+    lines = []
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        shape = "x".join(str(d) for d in tm.shape) if tm is not None and hasattr(tm, "shape") else "-"
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        args = ", ".join(a.name for a in n.all_input_nodes)
+        line = f"{n.name:<28} {n.op:<13} {str(target):<28} [{shape}] ({args})"
+        ann = get_annotation(n)
+        if ann is not None:
+            bits = []
+            if ann.precision is not None:
+                bits.append(str(ann.precision))
+            if ann.weight is not None:
+                bits.append(f"w:{ann.weight.describe()}")
+            if ann.input_act is not None:
+                bits.append(f"in:{ann.input_act.describe()}")
+            bits.append("role:" + "+".join(sorted(r.value for r in ann.role)))
+            if ann.cost is not None:
+                bits.append(f"macs:{ann.cost.macs}")
+            line += "  {" + " ".join(bits) + "}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The cost report: ``report.json`` and the per-layer table printed by the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from torch import fx, nn
+
+import qcompile
+from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.pipeline import PassContext
+from qcompile.spec import get_annotation
+
+
+def op_name(module: nn.Module) -> str:
+    """``conv2d`` / ``dense`` and friends, as the report names layer kinds."""
+    if isinstance(module, nn.Linear):
+        return "dense"
+    return type(module).__name__.lower()
+
+
+def build_report(gm: fx.GraphModule, ctx: PassContext, model: str) -> dict[str, Any]:
+    """The report as a JSON-ready dict (later stages add ``accuracy``, ``artifacts``, ``verification``)."""
+    if ctx.cost is None:
+        raise ValueError("build_report needs the annotate_cost pass to have run")
+    names = layer_names(gm)
+    layers = []
+    for n in compute_nodes(gm):
+        ann = get_annotation(n)
+        assert ann is not None and ann.cost is not None and ann.precision is not None and ann.input_act is not None
+        layers.append(
+            {
+                "name": names[n],
+                "op": op_name(module_of(gm, n)),
+                "role": sorted(r.value for r in ann.role),
+                "macs": ann.cost.macs,
+                "params": ann.cost.weights,
+                "w_bits": ann.precision.w_bits,
+                "a_bits": ann.precision.a_bits,
+                "a_signed": ann.input_act.signed if ann.input_act.is_quantized else None,
+                "linear": ann.cost.linear,
+                "quadratic": ann.cost.quadratic,
+                "memory_bits": ann.cost.memory_bits,
+            }
+        )
+    return {
+        "model": model,
+        "recipe": ctx.recipe.name,
+        "width": ctx.width,
+        "qcompile_version": qcompile.__version__,
+        "layers": layers,
+        "total": ctx.cost.as_dict(),
+        "passes": [{"name": name, "seconds": round(sec, 4)} for name, sec in ctx.timings],
+        "warnings": list(ctx.warnings),
+    }
+
+
+def _si(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """Per-layer table and totals with ratios to bf16."""
+    console = console or Console(width=None if Console().is_terminal else 140)
+    table = Table(title=f"{report['model']} · recipe {report['recipe']} · width {report['width']}")
+    for col in ("layer", "op", "MACs", "w/a bits", "act", "linear", "quadratic", "memory"):
+        table.add_column(col, justify="left" if col in ("layer", "op", "act") else "right")
+    for layer in report["layers"]:
+        sign = "-" if layer["a_signed"] is None else ("signed" if layer["a_signed"] else "unsigned")
+        bits = "bf16" if layer["w_bits"] == 16 else f"{layer['w_bits']}/{layer['a_bits']}"
+        table.add_row(
+            layer["name"], layer["op"], _si(layer["macs"]), bits, sign,
+            _si(layer["linear"]), _si(layer["quadratic"]), _si(layer["memory_bits"] / 8) + "B",
+        )
+    t = report["total"]
+    table.add_section()
+    table.add_row("total", "", _si(t["macs"]), "", "", _si(t["linear"]), _si(t["quadratic"]), _si(t["memory_bits"] / 8) + "B")
+    table.add_row("vs bf16", "", "", "", "", f"{t['linear_vs_bf16']:.4f}", f"{t['quadratic_vs_bf16']:.4f}",
+                  f"{t['memory_vs_bf16']:.4f}")
+    if report["width"] != 1.0:
+        table.add_row("vs bf16 width 1", "", "", "", "", f"{t['linear_vs_bf16_width1']:.4f}",
+                      f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}")
+    console.print(table)
+    console.print(f"params {t['params']:,} · MACs per batch {t['macs']:,}")
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")

@@ -1,0 +1,198 @@
+"""The CLI end to end on the bundled examples, and every user error as one line with a non-zero exit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcompile.cli import main
+from qcompile.models import resnet18, resnet20_cifar, resnet50
+
+ROOT = Path(__file__).resolve().parents[1]
+R20 = str(ROOT / "examples" / "resnet20_cifar.py")
+R18 = str(ROOT / "examples" / "resnet18.py")
+
+UNTRACEABLE = """
+import torch
+from torch import nn
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:
+            return x
+        return x * 2
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.gate = Gate()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+def build_model():
+    return Net()
+
+def example_input():
+    return torch.randn(1, 3, 8, 8)
+"""
+
+
+def run(args, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([*args, "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured, out
+
+
+def assert_one_line_error(code, captured, out, *fragments):
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error: "), captured.err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in captured.err
+    assert not out.exists() or not any(out.iterdir()), "no artifact may be written on error"
+
+
+def test_main_job_writes_report(tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "mostly4bit"], tmp_path, capsys)
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert {"model", "recipe", "width", "layers", "total"} <= set(report)
+    assert report["recipe"] == "mostly4bit" and report["width"] == 1.0
+    layer_keys = {"name", "op", "macs", "w_bits", "a_bits", "a_signed", "linear", "quadratic", "memory_bits"}
+    assert all(layer_keys <= set(layer) for layer in report["layers"])
+    total_keys = {"macs", "params", "linear", "quadratic", "memory_bits", "linear_vs_bf16", "quadratic_vs_bf16",
+                  "memory_vs_bf16"}
+    assert total_keys <= set(report["total"])
+    by_name = {layer["name"]: layer for layer in report["layers"]}
+    assert len(by_name) == 22 and by_name["conv1"]["w_bits"] == 8 and by_name["fc"]["w_bits"] == 8
+    assert by_name["layer2.0.shortcut.0"]["w_bits"] == 4 and by_name["layer2.0.shortcut.0"]["a_signed"] is False
+    assert report["total"]["macs"] == sum(layer["macs"] for layer in report["layers"])
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_table_is_printed(tmp_path, capsys):
+    assert main([R20, "--recipe", "int8", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer1.0.conv1" in printed and "vs bf16" in printed and "0.5000" in printed
+
+
+def test_model_args_width_overrides_and_dump(tmp_path, capsys):
+    (tmp_path / "o.toml").write_text('"layer4.*" = "w8a8"\n')
+    code, captured, out = run(
+        [R18, "--model-arg", "stem=cifar", "--recipe", "mostly4bit", "--width", "0.5",
+         "--overrides", str(tmp_path / "o.toml"), "--set", "layer1.*=bf16", "--dump-after", "fold_bn"],
+        tmp_path, capsys)
+    assert code == 0, captured.err
+    assert "--- graph after fold_bn ---" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["layer4.1.conv2"]["w_bits"] == 8 and layers["layer1.0.conv1"]["w_bits"] == 16
+    assert layers["layer2.0.conv1"]["w_bits"] == 4
+    assert report["width"] == 0.5 and report["total"]["linear_vs_bf16_width1"] < report["total"]["linear_vs_bf16"]
+
+
+def test_weights_load_including_wrapped_checkpoints(tmp_path, capsys):
+    model = resnet20_cifar()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pt")
+    for ckpt in ("plain.pt", "ddp.pt"):
+        code, captured, _ = run([R20, "--recipe", "int8", "--weights", str(tmp_path / ckpt)], tmp_path, capsys)
+        assert code == 0, captured.err
+
+
+def test_state_dict_names_match_torchvision():
+    keys18, keys50 = resnet18().state_dict(), resnet50().state_dict()
+    assert (len(keys18), len(keys50)) == (122, 320)  # torchvision's resnet18 / resnet50 state-dict sizes
+    for key in ("conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+                "layer2.0.downsample.1.num_batches_tracked", "fc.bias"):
+        assert key in keys18
+    assert "layer1.0.conv3.weight" in keys50 and "layer1.0.downsample.0.weight" in keys50
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("missing_file", ["does not exist"]),
+        ("not_python", ["is not a .py file"]),
+        ("syntax_error", ["failed to import", "SyntaxError", "bad.py:2"]),
+        ("no_build_model", ["defines no build_model()"]),
+        ("no_example_input", ["defines no example_input()"]),
+        ("build_raises", ["build_model() failed", "RuntimeError: boom"]),
+        ("unknown_model_arg", ["takes no argument 'depth'"]),
+        ("malformed_model_arg", ["expected KEY=VALUE"]),
+        ("bad_recipe", ["unknown recipe 'int3'"]),
+        ("set_matches_nothing", ["'layer9.*'", "matches no layer"]),
+        ("set_unhonourable", ["cannot be honoured"]),
+        ("missing_checkpoint", ["checkpoint", "does not exist"]),
+        ("mismatched_checkpoint", ["does not match the model", "shape mismatches"]),
+        ("unsafe_checkpoint", ["weights_only=True"]),
+        ("not_a_state_dict", ["not a state dict"]),
+        ("untraceable", ["cannot trace the model in module 'gate'", "--leaf-module gate"]),
+        ("weights_with_width", ["--weights cannot be combined with --width"]),
+        ("bad_example_input", ["example input does not run"]),
+        ("unknown_dump_pass", ["cannot dump after nope"]),
+        ("bad_overrides_file", ["not valid TOML"]),
+    ],
+)
+def test_user_errors_are_one_line(case, fragments, tmp_path, capsys):
+    ckpt = str(tmp_path / "w.pt")
+    # every case writes its own files, since all entries of this table are built eagerly
+    args = {
+        "missing_file": [str(tmp_path / "nope.py")],
+        "not_python": [_write(tmp_path, "model.txt", "x")],
+        "syntax_error": [_write(tmp_path, "bad.py", "import torch\ndef build_model(:\n")],
+        "no_build_model": [_write(tmp_path, "no_build.py", "def example_input():\n    pass\n")],
+        "no_example_input": [_write(tmp_path, "no_input.py", "def build_model():\n    pass\n")],
+        "build_raises": [_write(tmp_path, "raises.py", "def build_model():\n    raise RuntimeError('boom')\n"
+                                                  "def example_input():\n    pass\n")],
+        "unknown_model_arg": [R20, "--model-arg", "depth=32"],
+        "malformed_model_arg": [R20, "--model-arg", "width"],
+        "bad_recipe": [R20, "--recipe", "int3"],
+        "set_matches_nothing": [R20, "--set", "layer9.*=8"],
+        "set_unhonourable": [R20, "--set", "layer1.*=12"],
+        "missing_checkpoint": [R20, "--weights", ckpt],
+        "mismatched_checkpoint": [R20, "--weights", ckpt],
+        "unsafe_checkpoint": [R20, "--weights", ckpt],
+        "not_a_state_dict": [R20, "--weights", ckpt],
+        "untraceable": [_write(tmp_path, "u.py", UNTRACEABLE)],
+        "weights_with_width": [R20, "--weights", ckpt, "--width", "2"],
+        "bad_example_input": [_write(tmp_path, "s.py", "import torch\nfrom qcompile.models import resnet20_cifar\n"
+                                      "def build_model():\n    return resnet20_cifar()\n"
+                                      "def example_input():\n    return torch.randn(1, 1, 32, 32)\n")],
+        "unknown_dump_pass": [R20, "--dump-after", "nope"],
+        "bad_overrides_file": [R20, "--overrides", _write(tmp_path, "o.toml", "= =")],
+    }[case]
+    if case == "mismatched_checkpoint":
+        torch.save(resnet20_cifar(width=0.5).state_dict(), ckpt)
+    elif case == "unsafe_checkpoint":
+        torch.save({"opt": torch.optim.SGD(resnet20_cifar().parameters(), lr=0.1)}, ckpt)
+    elif case == "not_a_state_dict":
+        torch.save([torch.zeros(3)], ckpt)
+    code, captured, out = run(args, tmp_path, capsys)
+    assert_one_line_error(code, captured, out, *fragments)
+
+
+def test_leaf_module_option_makes_untraceable_model_compile(tmp_path, capsys):
+    code, captured, _ = run([_write(tmp_path, "u.py", UNTRACEABLE), "--leaf-module", "gate"], tmp_path, capsys)
+    assert code == 0, captured.err
+
+
+def test_console_entry_point_exits_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qcompile", str(tmp_path / "nope.py")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"qcompile: error: model file {tmp_path / 'nope.py'} does not exist"
