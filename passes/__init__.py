@@ -2,7 +2,9 @@
 
 from qcompile.passes.annotate_cost import AnnotateCost
 from qcompile.passes.assign_precision import AssignPrecision
+from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quantizers import InsertQuantizers
 from qcompile.passes.width_scale import WidthScale
 
-__all__ = ["AnnotateCost", "AssignPrecision", "FoldBatchNorm", "WidthScale"]
+__all__ = ["AnnotateCost", "AssignPrecision", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "WidthScale"]

@@ -39,12 +39,14 @@ class AssignPrecision(Pass):
         chosen = resolve_overrides(names.values(), ctx.overrides)
         memo: dict[fx.Node, bool] = {}
         for node, role in roles.items():
-            precision = chosen.get(names[node], ctx.recipe.precision_for(role))
+            choice = chosen.get(names[node])
+            precision = (choice and choice.precision) or ctx.recipe.precision_for(role)
+            calibrator = (choice and choice.calibrator) or ctx.recipe.act_calibrator
             src = node.args[0]
             signed = not (isinstance(src, fx.Node) and is_nonnegative(gm, src, memo))
             ann = annotate(node)
             ann.role = role
             ann.precision = precision
             ann.weight = weight_spec(precision)
-            ann.input_act = activation_spec(precision, signed, ctx.recipe.act_calibrator)
+            ann.input_act = activation_spec(precision, signed, calibrator)
         return gm

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from qcompile.artifacts import write_json
+from qcompile.data import iterate_batches, load_split
+from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
-from qcompile.model_file import load_model_file, load_weights, parse_model_args
+from qcompile.model_file import ModelFile, load_model_file, load_weights, parse_model_args
 from qcompile.pipeline import Pass, Pipeline
-from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm, WidthScale
-from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_set
+from qcompile.passes import AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, WidthScale
+from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
 
 
@@ -35,13 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help="module path or class name to keep opaque when tracing (repeatable)")
     ap.add_argument("--dump-after", dest="dump_after", action="append", default=[], metavar="PASS",
                     help="print the graph after this pass ('all' for every pass; repeatable)")
+    ap.add_argument("--data", help="CIFAR-style archive (.tar.gz) or ImageFolder directory with train/ and test/ "
+                                   "splits; overrides the model file's calibration_data()/eval_data()")
+    ap.add_argument("--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)")
+    ap.add_argument("--eval-size", type=int, default=None, metavar="N", help="evaluation images (default: all)")
+    ap.add_argument("--calibrator", help="activation calibrator for every layer: ema_max, max, percentile, mse "
+                                         "(default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default 256)")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
     return ap
 
 
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[Batches | None, Batches | None]:
+    """Calibration and evaluation batches from --data (train / test splits) or the model file's hooks."""
+    if args.calib_size < 0 or (args.eval_size is not None and args.eval_size < 0):
+        raise QCompileError("--calib-size and --eval-size must not be negative")
+    if args.data:
+        train = load_split(args.data, "train").subset(args.calib_size)
+        test = load_split(args.data, "test").subset(args.eval_size)
+        calib = list(iterate_batches(train, args.batch_size)) if args.calib_size else []
+        return calib, list(iterate_batches(test, args.batch_size))
+    calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
+    calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
+    return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
+
+
 def compile_model(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
+    if args.calibrator:
+        recipe = replace(recipe, act_calibrator=parse_calibrator(args.calibrator, "--calibrator"))
     overrides = parse_set(args.sets) + (load_overrides(args.overrides) if args.overrides else [])
     if args.width <= 0:
         raise QCompileError(f"--width must be positive, got {args.width}")
@@ -56,13 +85,26 @@ def compile_model(args: argparse.Namespace) -> int:
         load_weights(model, args.weights)
     model.eval()
     inputs = mf.example_input()
+    calib, evald = resolve_data(args, mf)
     passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
     passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
+    notes = []
+    if recipe.quantized and calib is not None:
+        passes += [InsertQuantizers(), Calibrate()]
+    elif recipe.quantized:
+        notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
+                     "costs only, no calibration or accuracy")
     pipeline = Pipeline(passes, dump_after=args.dump_after)
     with torch.no_grad():
         result = pipeline.run(model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,
-                              width=args.width)
+                              width=args.width, calibration_data=calib)
     report = build_report(result.graph_module, result.context, model=str(args.model))
+    report["warnings"] += notes
+    if evald is not None and (not recipe.quantized or calib is not None):
+        float_top1, n = top1(model, evald, desc="eval float")
+        quant_top1 = top1(result.graph_module, evald, desc="eval quantized")[0] if recipe.quantized else float_top1
+        report["accuracy"] = {"float_top1": float_top1, "quant_top1": quant_top1, "n": n,
+                              "calibration_images": result.context.calibration_images}
     out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}"
     write_json(out / "report.json", report)
     if not args.quiet:

@@ -131,7 +131,10 @@ def format_graph(gm: fx.GraphModule) -> str:
                 bits.append(f"w:{ann.weight.describe()}")
             if ann.input_act is not None:
                 bits.append(f"in:{ann.input_act.describe()}")
-            bits.append("role:" + "+".join(sorted(r.value for r in ann.role)))
+            if ann.role:
+                bits.append("role:" + "+".join(sorted(r.value for r in ann.role)))
+            if ann.output_act is not None:
+                bits.append(f"out:{ann.output_act.describe()}")
             if ann.cost is not None:
                 bits.append(f"macs:{ann.cost.macs}")
             line += "  {" + " ".join(bits) + "}"

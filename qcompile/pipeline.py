@@ -29,6 +29,8 @@ WIDTH_SCALED = "width_scaled"
 BN_FOLDED = "bn_folded"
 PRECISION = "precision_assigned"
 COST = "cost_annotated"
+QUANTIZERS = "quantizers_inserted"
+CALIBRATED = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class PassContext:
     warnings: list[str] = field(default_factory=list)
     width_reference: WidthReference | None = None
     cost: CostTotals | None = None
+    calibration_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    calibration_images: int = 0
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, **kwargs: object) -> PassContext:

@@ -26,6 +26,7 @@ class Recipe:
     first: Precision | None = None
     last: Precision | None = None
     act_calibrator: Calibrator = Calibrator.EMA_MAX
+    residual_bits: int = 8  # residual-add tensors; the cost model counts conv/dense only
 
     @property
     def quantized(self) -> bool:
@@ -89,23 +90,52 @@ def parse_precision(value: object, where: str) -> Precision:
     return Precision(w, a)
 
 
+def parse_calibrator(value: str, where: str) -> Calibrator:
+    """An activation calibrator by name: ema_max, max, percentile, mse."""
+    choices = [c.value for c in Calibrator if c not in (Calibrator.NONE,)]
+    if value not in choices:
+        raise RecipeError(f"{where}: unknown calibrator {value!r}; choose one of: {', '.join(choices)}")
+    return Calibrator(value)
+
+
 @dataclass(frozen=True)
 class Override:
-    """``pattern`` (fnmatch over layer names such as ``layer1.*``) → precision; later overrides win."""
+    """``pattern`` (fnmatch over layer names such as ``layer1.*``) → precision and/or calibrator; later wins."""
 
     pattern: str
-    precision: Precision
+    precision: Precision | None
     source: str
+    calibrator: Calibrator | None = None
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the overrides decided for one layer; None leaves the recipe's choice."""
+
+    precision: Precision | None = None
+    calibrator: Calibrator | None = None
+
+
+def parse_override_value(pattern: str, value: object, source: str) -> Override:
+    """``8``, ``w4a8``, ``bf16``, ``mse``, or ``4:mse`` (precision and activation calibrator)."""
+    precision, calibrator = None, None
+    for token in str(value).split(":"):
+        token = token.strip().lower()
+        if token in {c.value for c in Calibrator}:
+            calibrator = parse_calibrator(token, source)
+        else:
+            precision = parse_precision(token, source)
+    return Override(pattern, precision, source, calibrator)
 
 
 def parse_set(items: Iterable[str]) -> list[Override]:
-    """Parse CLI ``--set PATTERN=BITS`` items."""
+    """Parse CLI ``--set PATTERN=VALUE`` items."""
     out = []
     for item in items:
         pattern, sep, value = item.partition("=")
         if not sep or not pattern.strip() or not value.strip():
             raise RecipeError(f"--set {item!r}: expected PATTERN=BITS, e.g. --set 'layer1.*=8'")
-        out.append(Override(pattern.strip(), parse_precision(value, f"--set {item!r}"), f"--set {item}"))
+        out.append(parse_override_value(pattern.strip(), value, f"--set {item}"))
     return out
 
 
@@ -124,13 +154,13 @@ def load_overrides(path: str | Path) -> list[Override]:
         data = data["overrides"]
     if not isinstance(data, Mapping):
         raise RecipeError(f"overrides file {p}: expected a table of pattern = bits")
-    return [Override(str(k), parse_precision(v, f"{p} [{k}]"), str(p)) for k, v in data.items()]
+    return [parse_override_value(str(k), v, f"{p} [{k}]") for k, v in data.items()]
 
 
-def resolve_overrides(layer_names: Iterable[str], overrides: Iterable[Override]) -> dict[str, Precision]:
-    """Map each layer an override matches to its precision; an override that matches no layer is an error."""
+def resolve_overrides(layer_names: Iterable[str], overrides: Iterable[Override]) -> dict[str, LayerChoice]:
+    """Map each layer an override matches to its choice; an override that matches no layer is an error."""
     names = list(layer_names)
-    plan: dict[str, Precision] = {}
+    plan: dict[str, LayerChoice] = {}
     for ov in overrides:
         hits = [n for n in names if fnmatch.fnmatchcase(n, ov.pattern)]
         if not hits:
@@ -139,5 +169,6 @@ def resolve_overrides(layer_names: Iterable[str], overrides: Iterable[Override])
                 f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
             )
         for n in hits:
-            plan[n] = ov.precision
+            old = plan.get(n, LayerChoice())
+            plan[n] = LayerChoice(ov.precision or old.precision, ov.calibrator or old.calibrator)
     return plan

@@ -18,6 +18,9 @@ def op_name(module: nn.Module) -> str:
     """``conv2d`` / ``dense`` and friends, as the report names layer kinds."""
     if isinstance(module, nn.Linear):
         return "dense"
+    for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(module, kind):
+            return kind.__name__.lower()
     return type(module).__name__.lower()
 
 
@@ -87,5 +90,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
                       f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}")
     console.print(table)
     console.print(f"params {t['params']:,} · MACs per batch {t['macs']:,}")
+    acc = report.get("accuracy")
+    if acc:
+        console.print(f"top-1 on {acc['n']} images: float {acc['float_top1'] * 100:.2f}% · "
+                      f"{report['recipe']} {acc['quant_top1'] * 100:.2f}% "
+                      f"(calibrated on {acc['calibration_images']} images)")
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")

@@ -7,7 +7,7 @@ Every pass reads and writes per-layer state through :func:`get_annotation` / :fu
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from torch.fx import Node
 
@@ -124,7 +124,7 @@ class LayerCost:
 class NodeQuant:
     """Everything qcompile knows about one compute node (a conv or dense call site)."""
 
-    role: frozenset[LayerRole] = field(default_factory=lambda: frozenset({LayerRole.HIDDEN}))
+    role: frozenset[LayerRole] = frozenset()  # set for compute nodes by assign_precision
     precision: Precision | None = None
     weight: QuantSpec | None = None
     input_act: QuantSpec | None = None

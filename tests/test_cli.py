@@ -196,3 +196,47 @@ def test_console_entry_point_exits_cleanly(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"qcompile: error: model file {tmp_path / 'nope.py'} does not exist"
+
+
+SAMPLE = str(ROOT / "examples" / "data" / "cifar10-sample.tar.gz")
+
+
+def test_data_flag_calibrates_and_reports_accuracy(tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "int8", "--data", SAMPLE, "--calib-size", "64", "--eval-size", "200",
+                               "--calibrator", "percentile"], tmp_path, capsys)
+    assert code == 0, captured.err
+    acc = json.loads((out / "report.json").read_text())["accuracy"]
+    assert acc["n"] == 200 and acc["calibration_images"] == 64
+    assert 0.0 <= acc["quant_top1"] <= 1.0 and 0.0 <= acc["float_top1"] <= 1.0
+
+
+def test_model_file_data_hooks_are_the_default(tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "mostly4bit", "--calib-size", "128", "--eval-size", "100"],
+                              tmp_path, capsys)
+    assert code == 0, captured.err
+    acc = json.loads((out / "report.json").read_text())["accuracy"]
+    assert acc["n"] == 100 and acc["calibration_images"] == 128
+
+
+def test_image_folder_directory(tmp_path, capsys):
+    import tarfile
+
+    with tarfile.open(SAMPLE) as tar:
+        tar.extractall(tmp_path / "data", filter="data")
+    code, captured, out = run([R20, "--recipe", "int8", "--data", str(tmp_path / "data" / "cifar10"),
+                               "--calib-size", "32", "--eval-size", "50"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert json.loads((out / "report.json").read_text())["accuracy"]["n"] == 50
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--data", SAMPLE, "--calib-size", "0"], "calibration set is empty"),
+        (["--data", "/nonexistent/cifar.tar.gz"], "does not exist"),
+        (["--calibrator", "median"], "unknown calibrator 'median'"),
+    ],
+)
+def test_data_errors(args, fragment, tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "int8", *args], tmp_path, capsys)
+    assert_one_line_error(code, captured, out, fragment)

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from qcompile.errors import RecipeError
-from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_precision, parse_set, resolve_overrides
-from qcompile.spec import BF16, LayerRole, Precision
+from qcompile.recipes import RECIPES, LayerChoice, get_recipe, load_overrides, parse_precision, parse_set, resolve_overrides
+from qcompile.spec import BF16, Calibrator, LayerRole, Precision
 
 FIRST, LAST, HIDDEN = (frozenset({r}) for r in (LayerRole.FIRST, LayerRole.LAST, LayerRole.HIDDEN))
 
@@ -40,7 +40,16 @@ def test_unhonourable_or_malformed_precision(text):
 def test_parse_set_and_resolution_last_wins():
     ovs = parse_set(["layer1.*=8", "layer1.0.conv1=w4a8"])
     plan = resolve_overrides(["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"], ovs)
-    assert plan == {"layer1.0.conv1": Precision(4, 8), "layer1.0.conv2": Precision(8, 8)}
+    assert {k: v.precision for k, v in plan.items()} == {
+        "layer1.0.conv1": Precision(4, 8), "layer1.0.conv2": Precision(8, 8)}
+
+
+def test_calibrator_overrides_merge_with_precision():
+    plan = resolve_overrides(["a", "b"], parse_set(["*=4:mse", "b=percentile", "b=8"]))
+    assert plan["a"] == LayerChoice(Precision(4, 4), Calibrator.MSE)
+    assert plan["b"] == LayerChoice(Precision(8, 8), Calibrator.PERCENTILE)
+    with pytest.raises(RecipeError, match="unknown calibrator|cannot parse"):
+        parse_set(["a=4:median"])
 
 
 @pytest.mark.parametrize("item", ["layer1", "=8", "layer1=", "layer1.*=9"])

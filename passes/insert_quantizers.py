@@ -1,0 +1,133 @@
+"""Insert fake quantizers: per-channel weights, per-tensor activations on compute inputs and residual adds.
+
+Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
+shared by consumers that agree). Each residual add gets quantizers on those inputs that are not already on a
+quantizer's grid, and one on its output, at the recipe's residual width: in the integer IR an add is
+DQ → add → Q. Signedness comes from the graph. Weights are quantized through a parametrization, so layers stay
+``nn.Conv2d`` / ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from qcompile.errors import PipelineError
+from qcompile.graph import compute_nodes, is_nonnegative, module_of
+from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
+from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
+from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
+
+_ADD_TARGETS = {operator.add, torch.add}
+_NO_OPS = (nn.Identity, nn.Dropout)
+_TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
+_TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
+
+
+def is_add(node: fx.Node) -> bool:
+    """A tensor + tensor add (the residual join)."""
+    tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+    is_call = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
+        node.op == "call_method" and node.target == "add"
+    )
+    return is_call and len(tensor_args) == 2
+
+
+def quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActivationQuantizer | None:
+    """The activation quantizer whose grid ``node``'s values lie on (through ReLU, max-pool, flatten), if any."""
+    while True:
+        m = module_of(gm, node)
+        if isinstance(m, ActivationQuantizer):
+            return m
+        transparent = isinstance(m, _TRANSPARENT_MODULES) or (
+            node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS
+        ) or (node.op == "call_method" and node.target in ("relu", "flatten", "view", "reshape"))
+        if not transparent or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+
+
+def activation_quantizers(gm: fx.GraphModule) -> dict[str, ActivationQuantizer]:
+    """Every activation quantizer of the graph by submodule name."""
+    return {name: m for name, m in gm.named_modules() if isinstance(m, ActivationQuantizer)}
+
+
+def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
+    """Every weight quantizer (parametrization) by the name of the layer it quantizes."""
+    out = {}
+    for name, m in gm.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:  # type: ignore[union-attr]
+                if isinstance(p, WeightQuantizer):
+                    out[name] = p
+    return out
+
+
+class InsertQuantizers(Pass):
+    name = "insert_quantizers"
+    requires = frozenset({SHAPES, PRECISION})
+    guarantees = frozenset({QUANTIZERS})
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        self._edges: dict[tuple[fx.Node, QuantSpec], fx.Node] = {}
+        layers = compute_nodes(gm)
+        weight_specs: dict[str, QuantSpec] = {}
+        any_quantized = False
+        for node in layers:
+            ann = get_annotation(node)
+            assert ann is not None and ann.weight is not None and ann.input_act is not None
+            if ann.weight.is_quantized:
+                any_quantized = True
+                target = str(node.target)
+                if weight_specs.setdefault(target, ann.weight) != ann.weight:
+                    raise PipelineError(
+                        f"insert_quantizers: module {target} is called at several sites with different weight "
+                        "precisions; give its call sites one precision"
+                    )
+            if ann.input_act.is_quantized:
+                node.args = (self._quantize_edge(gm, node.args[0], ann.input_act), *node.args[1:])
+        for target, spec in weight_specs.items():
+            parametrize.register_parametrization(gm.get_submodule(target), "weight", WeightQuantizer(spec))
+        if any_quantized:
+            residual = ctx.recipe.residual_bits
+            memo: dict[fx.Node, bool] = {}
+            for node in [n for n in gm.graph.nodes if is_add(n)]:
+                new_args = []
+                for a in node.args:
+                    if isinstance(a, fx.Node) and quantizer_of(gm, a) is None:
+                        a = self._quantize_edge(gm, a, self._spec(gm, a, residual, ctx, memo))
+                    new_args.append(a)
+                node.args = tuple(new_args)
+                spec = self._spec(gm, node, residual, ctx, memo)
+                annotate(node).output_act = spec
+                users = list(node.users)
+                q = self._quantize_edge(gm, node, spec)
+                for u in users:
+                    u.replace_input_with(node, q)
+        for node in reversed(list(gm.graph.nodes)):  # no-op calls the quantizers made unused
+            if not node.users and isinstance(module_of(gm, node), _NO_OPS):
+                gm.graph.erase_node(node)
+        return gm
+
+    @staticmethod
+    def _spec(gm: fx.GraphModule, src: fx.Node, bits: int, ctx: PassContext, memo: dict[fx.Node, bool]) -> QuantSpec:
+        return QuantSpec(bits, not is_nonnegative(gm, src, memo), Granularity.PER_TENSOR, ctx.recipe.act_calibrator)
+
+    def _quantize_edge(self, gm: fx.GraphModule, src: object, spec: QuantSpec) -> fx.Node:
+        if not isinstance(src, fx.Node):
+            raise PipelineError(f"insert_quantizers: cannot quantize a non-tensor input {src!r}")
+        while isinstance(module_of(gm, src), _NO_OPS) and isinstance(src.args[0], fx.Node):
+            src = src.args[0]  # quantize the tensor itself, so consumers behind an Identity share its quantizer
+        key = (src, spec)
+        if key not in self._edges:
+            name = f"{src.name}_aq_{spec.describe()}_{spec.calibrator.value}"
+            gm.add_submodule(name, ActivationQuantizer(spec))
+            with gm.graph.inserting_after(src):
+                q = gm.graph.call_module(name, (src,))
+            q.meta["tensor_meta"] = src.meta.get("tensor_meta")
+            self._edges[key] = q
+        return self._edges[key]

@@ -1,0 +1,36 @@
+"""Top-1 accuracy of a model over ``(inputs, labels)`` batches, with a progress bar on a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> tuple[float, int]:
+    """(accuracy, number of images)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return (correct / total if total else float("nan")), total
+
+
+def take_images(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` images of a batch stream (all when ``limit`` is None), cutting the last batch."""
+    seen = 0
+    for x, y in batches:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + len(y) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        seen += len(y)
+        yield x, y

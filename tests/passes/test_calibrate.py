@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from qcompile import Pipeline, get_recipe
+from qcompile.errors import DataError, PipelineError
+from qcompile.models import resnet20_cifar
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
+from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
+from qcompile.quantizer import QuantizerState
+from tests.conftest import randomize_bn
+
+PASSES = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate()]
+
+
+def _model():
+    torch.manual_seed(0)
+    return randomize_bn(resnet20_cifar(), data=torch.randn(32, 3, 32, 32))
+
+
+def _calibrated(recipe, batches):
+    return Pipeline(PASSES).run(_model(), torch.randn(1, 3, 32, 32), recipe=get_recipe(recipe),
+                                calibration_data=batches)
+
+
+def test_calibration_freezes_every_quantizer_and_int8_tracks_float():
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 3, 32, 32), torch.zeros(16)) for _ in range(4)]
+    res = _calibrated("int8", batches)
+    gm = res.graph_module
+    assert res.context.calibration_images == 64
+    assert all(q.state is QuantizerState.FROZEN and q.scale > 0 for q in activation_quantizers(gm).values())
+    assert all(w.enabled for w in weight_quantizers(gm).values())
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = _model()(x), gm(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_weights_sit_on_their_grid():
+    res = _calibrated("mostly4bit", [(torch.randn(8, 3, 32, 32), torch.zeros(8))])
+    conv = res.graph_module.get_submodule("layer1.0.conv1")
+    wq = weight_quantizers(res.graph_module)["layer1.0.conv1"]
+    w = conv.weight
+    codes = w / wq.scale_for(w)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 7 + 1e-4
+
+
+def test_empty_calibration_set():
+    with pytest.raises(DataError, match="calibration set is empty"):
+        _calibrated("int8", [])
+
+
+def test_missing_calibration_data():
+    with pytest.raises(PipelineError, match="calibrate needs calibration data"):
+        _calibrated("int8", None)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from qcompile import Pipeline, get_recipe
+from qcompile.graph import compute_nodes
+from qcompile.models import resnet20_cifar
+from qcompile.passes import AssignPrecision, FoldBatchNorm, InsertQuantizers
+from qcompile.passes.insert_quantizers import activation_quantizers, is_add
+from qcompile.recipes import parse_set
+from qcompile.spec import Calibrator, get_annotation
+
+
+def _insert(model, recipe, sets=(), shape=(1, 3, 32, 32)):
+    return Pipeline([FoldBatchNorm(), AssignPrecision(), InsertQuantizers()]).run(
+        model.eval(), torch.randn(shape), recipe=get_recipe(recipe), overrides=parse_set(sets)).graph_module
+
+
+def test_every_layer_and_residual_add_is_quantized():
+    gm = _insert(resnet20_cifar(), "mostly4bit")
+    for n in compute_nodes(gm):
+        m = gm.get_submodule(n.target)
+        assert parametrize.is_parametrized(m, "weight"), n.target
+        src = gm.get_submodule(n.args[0].target)
+        assert src.spec == get_annotation(n).input_act  # the layer's input passes its own quantizer
+    adds = [n for n in gm.graph.nodes if is_add(n)]
+    assert len(adds) == 9
+    for add in adds:
+        users = list(add.users)
+        assert len(users) == 1 and gm.get_submodule(users[0].target).spec.bits == 8
+        assert get_annotation(add).output_act.bits == 8
+
+
+def test_quantizers_are_shared_per_tensor_and_spec():
+    gm = _insert(resnet20_cifar(), "int8")
+    stem_relu = next(n for n in gm.graph.nodes if n.op == "call_function" and n.name == "relu")
+    quantizers = [u for u in stem_relu.users]
+    assert len(quantizers) == 1  # block conv input and identity input agree (u8): one quantizer
+
+
+def test_bf16_inserts_nothing():
+    gm = _insert(resnet20_cifar(), "bf16")
+    assert not activation_quantizers(gm)
+    assert not any(parametrize.is_parametrized(m) for m in gm.modules())
+
+
+def test_per_layer_calibrator_override():
+    gm = _insert(resnet20_cifar(), "int8", ["layer3.*=mse"])
+    cals = {q.spec.calibrator for q in activation_quantizers(gm).values()}
+    assert cals == {Calibrator.EMA_MAX, Calibrator.MSE}
+
+
+def test_fake_quant_graph_still_runs_and_keeps_shapes():
+    gm = _insert(resnet20_cifar(), "int4")
+    assert tuple(gm(torch.randn(2, 3, 32, 32)).shape) == (2, 10)
+    with pytest.raises(StopIteration):
+        next(n for n in gm.graph.nodes if n.op != "output" and "tensor_meta" not in n.meta)
