@@ -23,6 +23,14 @@ from qcompile.passes._modules import set_submodule
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` on the device and dtype of ``old``'s parameters, in ``old``'s train/eval mode."""
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    return new.train(old.training)
+
+
 def _channels(node: object) -> int | None:
     tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     shape = getattr(tm, "shape", None)
@@ -104,8 +112,7 @@ class WidthScale(Pass):
             cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups,
             bias=m.bias is not None, padding_mode=m.padding_mode,
         )
-        conv.train(m.training)
-        set_submodule(gm, target, conv)
+        set_submodule(gm, target, _like(conv, m))
         resized.add(target)
         return cout
 
@@ -117,8 +124,7 @@ class WidthScale(Pass):
         old_in, new_in = _channels(src), new.get(src)
         features = m.in_features if old_in is None or new_in is None else m.in_features * new_in // old_in
         lin = nn.Linear(features, m.out_features, bias=m.bias is not None)
-        lin.train(m.training)
-        set_submodule(gm, target, lin)
+        set_submodule(gm, target, _like(lin, m))
         resized.add(target)
 
     def _resize_bn(self, gm: fx.GraphModule, node: fx.Node, m: nn.Module, features: int | None,
@@ -127,8 +133,7 @@ class WidthScale(Pass):
             return
         bn = type(m)(features, eps=m.eps, momentum=m.momentum, affine=m.affine,
                      track_running_stats=m.track_running_stats)
-        bn.train(m.training)
-        set_submodule(gm, str(node.target), bn)
+        set_submodule(gm, str(node.target), _like(bn, m))
         resized.add(str(node.target))
 
 

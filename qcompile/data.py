@@ -71,10 +71,12 @@ def _stack(images: list[np.ndarray], labels: list[int], classes: tuple[str, ...]
 
 def _read_archive(path: Path) -> dict[str, ImageSet]:
     """Decode every split of an ImageFolder-layout tar archive (``root/<split>/<class>/<image>``) in one pass."""
+    from tqdm import tqdm
+
     found: dict[str, list[tuple[str, str, np.ndarray]]] = {}
     try:
         with tarfile.open(path) as tar:
-            for member in tar:
+            for member in tqdm(tar, desc=f"decode {path.name}", unit="file", disable=None, leave=False):
                 parts = Path(member.name).parts
                 if not member.isfile() or len(parts) < 4 or not member.name.lower().endswith(IMAGE_SUFFIXES):
                     continue
