@@ -5,6 +5,7 @@ from qcompile.passes.assign_precision import AssignPrecision
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quantizers import InsertQuantizers
+from qcompile.passes.lower_integer import LowerInteger
 from qcompile.passes.width_scale import WidthScale
 
-__all__ = ["AnnotateCost", "AssignPrecision", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "WidthScale"]
+__all__ = ["AnnotateCost", "AssignPrecision", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "LowerInteger", "WidthScale"]

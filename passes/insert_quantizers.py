@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from qcompile.errors import PipelineError
 from qcompile.graph import compute_nodes, is_nonnegative, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
-from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
+from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
 
 _ADD_TARGETS = {operator.add, torch.add}
@@ -92,6 +92,7 @@ class InsertQuantizers(Pass):
                 node.args = (self._quantize_edge(gm, node.args[0], ann.input_act), *node.args[1:])
         for target, spec in weight_specs.items():
             parametrize.register_parametrization(gm.get_submodule(target), "weight", WeightQuantizer(spec))
+        self._quantize_biases(gm, layers)
         if any_quantized:
             residual = ctx.recipe.residual_bits
             memo: dict[fx.Node, bool] = {}
@@ -111,7 +112,52 @@ class InsertQuantizers(Pass):
         for node in reversed(list(gm.graph.nodes)):  # no-op calls the quantizers made unused
             if not node.users and isinstance(module_of(gm, node), _NO_OPS):
                 gm.graph.erase_node(node)
+        self._link_requantizers(gm)
         return gm
+
+    @staticmethod
+    def _link_requantizers(gm: fx.GraphModule) -> None:
+        """Tell each quantizer that reads a quantized layer's output (through ReLU and max-pooling, which
+        commute with the accumulator's positive per-channel scale) which accumulator it requantizes, so it
+        rounds exactly as the integer kernel."""
+        for node in gm.graph.nodes:
+            q = module_of(gm, node)
+            if not isinstance(q, ActivationQuantizer):
+                continue
+            src = node.args[0]
+            while isinstance(src, fx.Node) and (
+                isinstance(module_of(gm, src), nn.ReLU | nn.MaxPool2d)
+                or (src.op == "call_function" and src.target in (F.relu, torch.relu, F.max_pool2d))
+                or (src.op == "call_method" and src.target == "relu")
+            ):
+                src = src.args[0]
+            layer = module_of(gm, src) if isinstance(src, fx.Node) else None
+            if layer is None or not parametrize.is_parametrized(layer, "weight"):
+                continue
+            in_q = module_of(gm, src.args[0]) if isinstance(src.args[0], fx.Node) else None
+            if isinstance(in_q, ActivationQuantizer):
+                wq = next(p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer))
+                q.requantizes(layer, in_q, wq)
+
+    @staticmethod
+    def _quantize_biases(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
+        """int32 biases at ``s_x · s_w``, so the fake-quant model adds exactly what the integer kernel adds."""
+        sites: dict[str, list[fx.Node]] = {}
+        for n in layers:
+            sites.setdefault(str(n.target), []).append(n)
+        for target, nodes in sites.items():
+            layer = gm.get_submodule(target)
+            if getattr(layer, "bias", None) is None or not parametrize.is_parametrized(layer, "weight"):
+                continue
+            inputs = {n.args[0] for n in nodes}
+            aq = module_of(gm, nodes[0].args[0])
+            if len(inputs) != 1 or not isinstance(aq, ActivationQuantizer):
+                raise PipelineError(
+                    f"insert_quantizers: {target} has a bias and is called on differently quantized inputs; "
+                    "its int32 bias scale would be ambiguous"
+                )
+            wq = next(p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer))
+            parametrize.register_parametrization(layer, "bias", BiasQuantizer(layer, aq, wq))
 
     @staticmethod
     def _spec(gm: fx.GraphModule, src: fx.Node, bits: int, ctx: PassContext, memo: dict[fx.Node, bool]) -> QuantSpec:

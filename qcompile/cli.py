@@ -13,11 +13,15 @@ from qcompile.artifacts import write_json
 from qcompile.data import iterate_batches, load_split
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
+from qcompile.ir.serialize import save as save_ir
 from qcompile.model_file import ModelFile, load_model_file, load_weights, parse_model_args
+from qcompile.passes import (
+    AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
+)
 from qcompile.pipeline import Pass, Pipeline
-from qcompile.passes import AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, WidthScale
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
+from qcompile.verify import verify_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibrator", help="activation calibrator for every layer: ema_max, max, percentile, mse "
                                          "(default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default 256)")
+    ap.add_argument("--verify-size", type=int, default=2000, metavar="N",
+                    help="images on which the integer reference is checked against the fake-quant model "
+                         "(default 2000; 0 skips verification)")
+    ap.add_argument("--dyadic", action="store_true",
+                    help="integer-only requantization (int32 multiplier and shift) instead of float32 multipliers")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
     return ap
@@ -90,7 +99,7 @@ def compile_model(args: argparse.Namespace) -> int:
     passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
     notes = []
     if recipe.quantized and calib is not None:
-        passes += [InsertQuantizers(), Calibrate()]
+        passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
     elif recipe.quantized:
         notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
                      "costs only, no calibration or accuracy")
@@ -100,12 +109,28 @@ def compile_model(args: argparse.Namespace) -> int:
                               width=args.width, calibration_data=calib)
     report = build_report(result.graph_module, result.context, model=str(args.model))
     report["warnings"] += notes
+    out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}"
+    ir = result.context.ir
+    if ir is not None:
+        ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
+        report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
+        checked = evald if evald is not None else calib
+        if args.verify_size and checked:
+            v = verify_reference(result.graph_module, ir, take_images(checked, args.verify_size))
+            summary = v.summary()
+            report["verification"] = {"reference_vs_fakequant": summary}
+            if summary["top1_agreement"] < 0.999 or summary["max_lsb_diff"] > 1:
+                report["warnings"].append(
+                    f"integer reference disagrees with the fake-quant model: top-1 agreement "
+                    f"{summary['top1_agreement']:.4f}, max difference {summary['max_lsb_diff']} LSB")
     if evald is not None and (not recipe.quantized or calib is not None):
         float_top1, n = top1(model, evald, desc="eval float")
         quant_top1 = top1(result.graph_module, evald, desc="eval quantized")[0] if recipe.quantized else float_top1
         report["accuracy"] = {"float_top1": float_top1, "quant_top1": quant_top1, "n": n,
                               "calibration_images": result.context.calibration_images}
-    out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}"
+        if "verification" in report and evald is not None:
+            ref = report["verification"]["reference_vs_fakequant"]
+            report["accuracy"].update(reference_top1=ref["reference_top1"], reference_n=ref["images"])
     write_json(out / "report.json", report)
     if not args.quiet:
         print_report(report)

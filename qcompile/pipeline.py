@@ -10,7 +10,7 @@ import abc
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
@@ -31,6 +31,7 @@ PRECISION = "precision_assigned"
 COST = "cost_annotated"
 QUANTIZERS = "quantizers_inserted"
 CALIBRATED = "calibrated"
+LOWERED = "lowered"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class PassContext:
     cost: CostTotals | None = None
     calibration_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     calibration_images: int = 0
+    ir: Any = None  # the integer IR (qcompile.ir.IRGraph) once lower_integer has run
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, **kwargs: object) -> PassContext:
@@ -95,7 +97,8 @@ def lint(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Structural checks every pass must leave true: a valid graph, shapes where promised, typed annotations."""
     gm.graph.lint()
     for n in gm.graph.nodes:
-        if SHAPES in ctx.properties and n.op not in ("output", "get_attr") and "tensor_meta" not in n.meta:
+        recorded = "tensor_meta" in n.meta or "type" in n.meta  # non-tensor values (sizes) have a type only
+        if SHAPES in ctx.properties and n.op not in ("output", "get_attr") and not recorded:
             raise PipelineError(f"node {n.name} ({n.op} {n.target}) has no shape although shapes are promised")
         ann = n.meta.get(META_KEY)
         if ann is not None and not isinstance(ann, NodeQuant):
@@ -176,5 +179,6 @@ class Pipeline:
             except RuntimeError as exc:  # torch.fx's own Graph.lint
                 raise PipelineError(f"after pass {p.name}: graph is malformed: {exc}") from None
             if p.name in self.dump_after or "all" in self.dump_after:
-                self.dump(f"--- graph after {p.name} ---\n{format_graph(gm)}")
+                text = format_graph(gm) if p.name != "lower_integer" or ctx.ir is None else ctx.ir.summary()
+                self.dump(f"--- graph after {p.name} ---\n{text}")
         return gm

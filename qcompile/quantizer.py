@@ -26,9 +26,10 @@ class _RoundClip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
-        q = torch.round(x / scale)
+        s = scale.float()
+        q = torch.round(x.float() / s)  # float32 whatever the model's dtype: the IR's arithmetic
         ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return q.clamp(qmin, qmax) * scale
+        return (q.clamp(qmin, qmax) * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -43,7 +44,26 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) ->
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """The integer codes (as a float tensor of integers): what the integer IR stores."""
-    return torch.round(x / scale).clamp(qmin, qmax)
+    return torch.round(x.float() / scale.float()).clamp(qmin, qmax)
+
+
+class _Requantize(torch.autograd.Function):
+    """The integer requantize of a conv/dense accumulator, ``clip(rhe(float32(acc) · M), qmin, qmax)``, with
+    ``acc = rhe(y / s_acc)`` recovered from the float output and ``M = float32(s_acc / s_out)``; straight-through
+    gradient inside the range."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, s_acc: torch.Tensor, s_out: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
+        acc = torch.round(y.double() / s_acc.double()).float()
+        mult = (s_acc.double() / s_out.double()).float()
+        q = torch.round(acc * mult)
+        ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        return (q.clamp(qmin, qmax) * s_out.float()).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
 
 
 def safe_scale(bound: torch.Tensor, qmax: int, what: str) -> torch.Tensor:
@@ -94,10 +114,23 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("running_max", torch.tensor(0.0))
         self.batches = 0
         self._samples: list[torch.Tensor] = []
+        self._accumulator: tuple[nn.Module, ActivationQuantizer, WeightQuantizer] | None = None
         self._gen = torch.Generator().manual_seed(seed)
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, calibrator={self.spec.calibrator.value}, state={self.state.value}"
+
+    def requantizes(self, layer: nn.Module, input_quantizer: ActivationQuantizer, weight_quantizer: WeightQuantizer) -> None:
+        """Mark this quantizer as the requantize of ``layer``'s integer accumulator (a ReLU may sit between):
+        it then rounds exactly as the integer kernel does. The layer is referred to, not owned."""
+        object.__setattr__(self, "_accumulator", (layer, input_quantizer, weight_quantizer))
+
+    def accumulator_scale(self) -> torch.Tensor | None:
+        """``s_x · s_w[c]`` (float32, per channel) of the accumulator this quantizer requantizes, if any."""
+        if self._accumulator is None:
+            return None
+        layer, aq, wq = self._accumulator
+        return aq.scale.float() * wq.scale_for(layer.parametrizations.weight.original).reshape(-1).float()
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -143,6 +176,11 @@ class ActivationQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        s_acc = self.accumulator_scale()
+        if s_acc is not None and self._accumulator[1].state is QuantizerState.FROZEN and self._accumulator[2].enabled:  # type: ignore[index]
+            shape = [1] * x.dim()
+            shape[1] = -1
+            return _Requantize.apply(x, s_acc.reshape(shape), self.scale, self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax)
 
 
@@ -160,11 +198,38 @@ class WeightQuantizer(nn.Module):
         return f"{self.spec.describe()} per-channel"
 
     def scale_for(self, w: torch.Tensor) -> torch.Tensor:
-        """One scale per output channel (dim 0), shaped to broadcast against ``w``."""
-        bound = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-        return safe_scale(bound, self.spec.qmax, "weight").reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
+        """One float32 scale per output channel (dim 0), shaped to broadcast against ``w``."""
+        bound = w.detach().float().abs().reshape(w.shape[0], -1).amax(dim=1)
+        return safe_scale(bound, self.spec.qmax, "weight").reshape(-1, *([1] * (w.dim() - 1)))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         return fake_quantize(w, self.scale_for(w), self.spec.qmin, self.spec.qmax)
+
+
+INT32_QMAX = 2**31 - 1
+
+
+class BiasQuantizer(nn.Module):
+    """Rounds a layer's bias to int32 at scale ``s_x · s_w[c]``, as the integer kernel adds it (a parametrization).
+
+    It refers to its layer and the layer's input quantizer without owning them (they live elsewhere in the
+    graph module), and passes the bias through until the input quantizer is frozen.
+    """
+
+    def __init__(self, layer: nn.Module, input_quantizer: ActivationQuantizer, weight_quantizer: WeightQuantizer) -> None:
+        super().__init__()
+        object.__setattr__(self, "_refs", (layer, input_quantizer, weight_quantizer))
+
+    def scale(self) -> torch.Tensor:
+        """Per-output-channel bias scale ``s_x · s_w[c]``."""
+        layer, aq, wq = self._refs
+        w = layer.parametrizations.weight.original
+        return (aq.scale.float() * wq.scale_for(w).reshape(-1)).detach()
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        _, aq, wq = self._refs
+        if aq.state is not QuantizerState.FROZEN or not aq.enabled or not wq.enabled:
+            return b
+        return fake_quantize(b, self.scale(), -INT32_QMAX, INT32_QMAX)

@@ -95,5 +95,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"top-1 on {acc['n']} images: float {acc['float_top1'] * 100:.2f}% · "
                       f"{report['recipe']} {acc['quant_top1'] * 100:.2f}% "
                       f"(calibrated on {acc['calibration_images']} images)")
+    ver = report.get("verification", {}).get("reference_vs_fakequant")
+    if ver:
+        console.print(f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
+                      f"{ver['top1_agreement'] * 100:.2f}% · identical final outputs {ver['identical_fraction'] * 100:.3f}% "
+                      f"· max diff {ver['max_lsb_diff']} LSB · reference top-1 {ver['reference_top1'] * 100:.2f}%")
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")

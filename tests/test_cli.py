@@ -43,6 +43,9 @@ def example_input():
 """
 
 
+FAST = ["--calib-size", "64", "--eval-size", "100", "--verify-size", "50"]
+
+
 def run(args, tmp_path, capsys):
     out = tmp_path / "out"
     code = main([*args, "--out", str(out), "--quiet"])
@@ -61,10 +64,10 @@ def assert_one_line_error(code, captured, out, *fragments):
 
 
 def test_main_job_writes_report(tmp_path, capsys):
-    code, captured, out = run([R20, "--recipe", "mostly4bit"], tmp_path, capsys)
+    code, captured, out = run([R20, "--recipe", "mostly4bit", *FAST], tmp_path, capsys)
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
-    assert {"model", "recipe", "width", "layers", "total"} <= set(report)
+    assert {"model", "recipe", "width", "layers", "total", "accuracy", "verification"} <= set(report)
     assert report["recipe"] == "mostly4bit" and report["width"] == 1.0
     layer_keys = {"name", "op", "macs", "w_bits", "a_bits", "a_signed", "linear", "quadratic", "memory_bits"}
     assert all(layer_keys <= set(layer) for layer in report["layers"])
@@ -79,9 +82,10 @@ def test_main_job_writes_report(tmp_path, capsys):
 
 
 def test_table_is_printed(tmp_path, capsys):
-    assert main([R20, "--recipe", "int8", "--out", str(tmp_path)]) == 0
+    assert main([R20, "--recipe", "int8", "--out", str(tmp_path), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "layer1.0.conv1" in printed and "vs bf16" in printed and "0.5000" in printed
+    assert "top-1 on 100 images" in printed and "integer reference vs fake-quant on 50 images" in printed
 
 
 def test_model_args_width_overrides_and_dump(tmp_path, capsys):
@@ -104,7 +108,7 @@ def test_weights_load_including_wrapped_checkpoints(tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pt")
     for ckpt in ("plain.pt", "ddp.pt"):
-        code, captured, _ = run([R20, "--recipe", "int8", "--weights", str(tmp_path / ckpt)], tmp_path, capsys)
+        code, captured, _ = run([R20, "--recipe", "bf16", "--weights", str(tmp_path / ckpt)], tmp_path, capsys)
         assert code == 0, captured.err
 
 
@@ -187,7 +191,8 @@ def test_user_errors_are_one_line(case, fragments, tmp_path, capsys):
 
 
 def test_leaf_module_option_makes_untraceable_model_compile(tmp_path, capsys):
-    code, captured, _ = run([_write(tmp_path, "u.py", UNTRACEABLE), "--leaf-module", "gate"], tmp_path, capsys)
+    code, captured, _ = run([_write(tmp_path, "u.py", UNTRACEABLE), "--leaf-module", "gate", "--recipe", "int8"],
+                            tmp_path, capsys)
     assert code == 0, captured.err
 
 
@@ -203,7 +208,7 @@ SAMPLE = str(ROOT / "examples" / "data" / "cifar10-sample.tar.gz")
 
 def test_data_flag_calibrates_and_reports_accuracy(tmp_path, capsys):
     code, captured, out = run([R20, "--recipe", "int8", "--data", SAMPLE, "--calib-size", "64", "--eval-size", "200",
-                               "--calibrator", "percentile"], tmp_path, capsys)
+                               "--calibrator", "percentile", "--verify-size", "20"], tmp_path, capsys)
     assert code == 0, captured.err
     acc = json.loads((out / "report.json").read_text())["accuracy"]
     assert acc["n"] == 200 and acc["calibration_images"] == 64
@@ -211,11 +216,30 @@ def test_data_flag_calibrates_and_reports_accuracy(tmp_path, capsys):
 
 
 def test_model_file_data_hooks_are_the_default(tmp_path, capsys):
-    code, captured, out = run([R20, "--recipe", "mostly4bit", "--calib-size", "128", "--eval-size", "100"],
+    code, captured, out = run([R20, "--recipe", "mostly4bit", "--calib-size", "128", "--eval-size", "100",
+                               "--verify-size", "0"], tmp_path, capsys)
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert "verification" not in report and (out / "ir").is_dir()
+    acc = report["accuracy"]
+    assert acc["n"] == 100 and acc["calibration_images"] == 128
+
+
+def test_integer_ir_is_written_and_verified(tmp_path, capsys):
+    from qcompile.ir.serialize import load
+
+    code, captured, out = run([R20, "--recipe", "mostly4bit", "--calib-size", "64", "--eval-size", "100"],
                               tmp_path, capsys)
     assert code == 0, captured.err
-    acc = json.loads((out / "report.json").read_text())["accuracy"]
-    assert acc["n"] == 100 and acc["calibration_images"] == 128
+    report = json.loads((out / "report.json").read_text())
+    ver = report["verification"]["reference_vs_fakequant"]
+    assert ver["images"] == 100 and ver["top1_agreement"] == 1.0
+    assert ver["identical_fraction"] == 1.0 and ver["max_lsb_diff"] == 0
+    assert report["accuracy"]["reference_top1"] == report["accuracy"]["quant_top1"]
+    ir = load(out / "ir")
+    assert report["artifacts"]["ir"] == str(out / "ir")
+    assert {op.kind for op in ir.ops} >= {"quantize", "conv2d", "requantize", "add", "dense"}
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_image_folder_directory(tmp_path, capsys):
@@ -224,7 +248,7 @@ def test_image_folder_directory(tmp_path, capsys):
     with tarfile.open(SAMPLE) as tar:
         tar.extractall(tmp_path / "data", filter="data")
     code, captured, out = run([R20, "--recipe", "int8", "--data", str(tmp_path / "data" / "cifar10"),
-                               "--calib-size", "32", "--eval-size", "50"], tmp_path, capsys)
+                               "--calib-size", "32", "--eval-size", "50", "--verify-size", "10"], tmp_path, capsys)
     assert code == 0, captured.err
     assert json.loads((out / "report.json").read_text())["accuracy"]["n"] == 50
 

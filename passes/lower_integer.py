@@ -1,0 +1,418 @@
+"""Lower a calibrated fake-quant graph to the integer IR (:mod:`qcompile.ir`).
+
+Each fake-quant construct becomes its integer meaning: an activation quantizer on a float tensor is
+``quantize``, on a conv/dense accumulator a ``requantize`` (a ReLU between them folds into its clipping), on
+codes of another grid ``dequantize`` → ``quantize``; a quantized conv/dense is an integer conv/dense with int32
+accumulation and bias; ReLU, max-pool, reshapes, slices, zero padding and same-grid concatenation act on codes;
+add, average pooling and mean run in float between dequantize and quantize (ONNX QDQ semantics). A node it
+cannot lower is an error naming the node, the op and the source line.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from qcompile.capture import source_location
+from qcompile.errors import QCompileError
+from qcompile.graph import module_of
+from qcompile.ir.graph import IRGraph
+from qcompile.ir.types import DType, TensorInfo
+from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
+from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, QuantizerState, WeightQuantizer
+
+
+class LoweringError(QCompileError):
+    """A node has no integer lowering."""
+
+
+@dataclass
+class _Val:
+    """What an fx node lowered to: an IR value, with a ReLU still to apply (folded into a later requantize)."""
+
+    name: str
+    relu: bool = False
+
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
+_ADD_FUNCS = {operator.add, torch.add}
+_ALIAS_MODULES = (nn.Identity, nn.Dropout)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def dyadic(multiplier: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """``M ≈ m · 2^-shift`` with int32 ``m`` in [2^30, 2^31): HAWQ-V3's integer-only requantization."""
+    m = np.asarray(multiplier, dtype=np.float64)
+    exp = np.floor(np.log2(m)).astype(np.int64)
+    shift = (bits - 1) - exp
+    mant = np.rint(m * np.exp2(shift)).astype(np.int64)
+    overflow = mant >= 2**bits
+    mant = np.where(overflow, mant // 2, mant)
+    shift = np.where(overflow, shift - 1, shift)
+    if (shift < 1).any() or (shift > 62).any():
+        raise LoweringError("requantize multiplier out of the dyadic range")
+    return mant.astype(np.int32), shift.astype(np.int32)
+
+
+class _Lowerer:
+    def __init__(self, gm: fx.GraphModule, dyadic_requant: bool) -> None:
+        self.gm = gm
+        self.g = IRGraph()
+        self.env: dict[fx.Node, _Val | None] = {}
+        self.dyadic = dyadic_requant
+        self._dq_cache: dict[str, str] = {}
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def fail(self, node: fx.Node, reason: str) -> LoweringError:
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return LoweringError(f"cannot lower node {node.name} ({node.op} {target}) at {source_location(node)}: {reason}")
+
+    def src(self, node: fx.Node) -> str:
+        return f"{node.name} @ {source_location(node)}"
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        tm = node.meta.get("tensor_meta")
+        return tuple(int(d) for d in tm.shape) if tm is not None and hasattr(tm, "shape") else ()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.g.values[name]
+
+    def value(self, node: fx.Node, arg: Any) -> _Val:
+        if not isinstance(arg, fx.Node) or self.env.get(arg) is None:
+            raise self.fail(node, f"input {arg!r} is not a tensor the IR can hold")
+        return self.env[arg]  # type: ignore[return-value]
+
+    def materialize(self, node: fx.Node, v: _Val) -> str:
+        """The value with any pending ReLU applied."""
+        if not v.relu:
+            return v.name
+        out = f"{v.name}__relu"
+        if out not in self.g.values:
+            t = self.info(v.name)
+            self.g.add_op("relu", [v.name], out, TensorInfo(t.dtype, t.shape, t.scale, t.axis), self.src(node))
+        return out
+
+    def as_float(self, node: fx.Node, arg: Any) -> str:
+        name = self.materialize(node, self.value(node, arg))
+        t = self.info(name)
+        if t.dtype is DType.FLOAT32:
+            return name
+        if name not in self._dq_cache:
+            out = f"{name}__dq"
+            self.g.add_op("dequantize", [name], out, TensorInfo(DType.FLOAT32, t.shape), self.src(node))
+            self._dq_cache[name] = out
+        return self._dq_cache[name]
+
+    def operand(self, node: fx.Node, arg: Any, keeps_channels: bool) -> str:
+        """The input as codes, or dequantized when it is a per-channel accumulator whose channels the op moves."""
+        name = self.materialize(node, self.value(node, arg))
+        return name if keeps_channels or not self.info(name).per_channel else self.as_float(node, arg)
+
+    def same(self, node: fx.Node, kind: str, inputs: list[str], **attrs: Any) -> str:
+        """An op whose output has the input's type (codes stay codes) and the node's shape."""
+        t = self.info(inputs[0])
+        info = TensorInfo(t.dtype, self.shape(node), t.scale, t.axis, t.qmin, t.qmax)
+        return self.g.add_op(kind, inputs, node.name, info, self.src(node), **attrs)
+
+    def float_op(self, node: fx.Node, kind: str, inputs: list[str], **attrs: Any) -> str:
+        return self.g.add_op(kind, inputs, node.name, TensorInfo(DType.FLOAT32, self.shape(node)), self.src(node),
+                             **attrs)
+
+    # --- lowering ----------------------------------------------------------------------------------------
+    def lower(self) -> IRGraph:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.lower_node(node)
+        return self.g
+
+    def lower_node(self, node: fx.Node) -> _Val | None:
+        if node.op == "placeholder":
+            self.g.inputs.append(node.name)
+            return _Val(self.g.add_value(node.name, TensorInfo(DType.FLOAT32, self.shape(node))))
+        if node.op == "output":
+            self.lower_output(node)
+            return None
+        if node.op == "get_attr":
+            raise self.fail(node, "tensors read from attributes are not supported in the integer IR")
+        if "tensor_meta" not in node.meta:
+            return None  # sizes and other Python values: consumers read shapes from tensor_meta instead
+        m = module_of(self.gm, node)
+        if m is not None:
+            return self.lower_module(node, m)
+        return self.lower_call(node)
+
+    def lower_output(self, node: fx.Node) -> None:
+        outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+        for o in outs:
+            name = self.as_float(node, o)
+            self.g.outputs.append(name)
+
+    def lower_module(self, node: fx.Node, m: nn.Module) -> _Val | None:
+        if isinstance(m, ActivationQuantizer):
+            return self.lower_quantizer(node, m)
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            return self.lower_layer(node, m)
+        if isinstance(m, nn.ReLU):
+            return self.lower_relu(node)
+        if isinstance(m, _ALIAS_MODULES):
+            return self.value(node, node.args[0])
+        if isinstance(m, nn.MaxPool2d):
+            return self.lower_maxpool(node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, nn.AvgPool2d):
+            return self.lower_avgpool(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                                      m.divisor_override)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
+                                      output_size=list(self.shape(node)[2:])))
+        if isinstance(m, nn.Flatten):
+            return self.lower_flatten(node, m.start_dim, m.end_dim)
+        raise self.fail(node, f"module type {type(m).__name__} has no integer lowering")
+
+    def lower_call(self, node: fx.Node) -> _Val | None:
+        t = node.target
+        fn = node.op == "call_function"
+        meth = node.op == "call_method"
+        if (fn and t in _RELU_FUNCS) or (meth and t in ("relu", "relu_")):
+            return self.lower_relu(node)
+        if (fn and t in _ADD_FUNCS) or (meth and t == "add"):
+            tensors = [a for a in node.args if isinstance(a, fx.Node)]
+            if len(tensors) != 2 or node.kwargs.get("alpha", 1) != 1:
+                raise self.fail(node, "only tensor + tensor additions lower (add a quantized constant as a layer)")
+            return _Val(self.float_op(node, "add", [self.as_float(node, a) for a in tensors]))
+        if (fn and t is torch.flatten) or (meth and t == "flatten"):
+            return self.lower_flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        if (fn and t is torch.reshape) or (meth and t in ("view", "reshape")):
+            return self.lower_reshape(node)
+        if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout):
+            return self.value(node, node.args[0])
+        if fn and t is F.max_pool2d:
+            k = _arg(node, 1, "kernel_size")
+            return self.lower_maxpool(node, k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0),
+                                      _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False))
+        if fn and t is F.avg_pool2d:
+            k = _arg(node, 1, "kernel_size")
+            return self.lower_avgpool(node, k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0),
+                                      _arg(node, 4, "ceil_mode", False), _arg(node, 5, "count_include_pad", True),
+                                      _arg(node, 6, "divisor_override"))
+        if fn and t is F.adaptive_avg_pool2d:
+            return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
+                                      output_size=list(self.shape(node)[2:])))
+        if (fn and t is torch.mean) or (meth and t == "mean"):
+            dims = _arg(node, 1, "dim")
+            if dims is None:
+                raise self.fail(node, "a mean over every dimension (batch included) does not lower")
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            return _Val(self.float_op(node, "mean", [self.as_float(node, node.args[0])], dims=dims,
+                                      keepdim=bool(_arg(node, 2, "keepdim", False))))
+        if fn and t is operator.getitem:
+            return self.lower_slice(node)
+        if fn and t is F.pad:
+            return self.lower_pad(node)
+        if fn and t is torch.cat:
+            return self.lower_concat(node)
+        raise self.fail(node, "this operation has no integer lowering")
+
+    def lower_quantizer(self, node: fx.Node, q: ActivationQuantizer) -> _Val:
+        if q.state is not QuantizerState.FROZEN:
+            raise self.fail(node, "activation quantizer is not calibrated (run the calibrate pass)")
+        spec = q.spec
+        out_t = TensorInfo(DType.for_bits(spec.bits, spec.signed), self.shape(node),
+                           q.scale.detach().numpy().astype(np.float32), None, spec.qmin, spec.qmax)
+        v = self.value(node, node.args[0])
+        in_t = self.info(v.name)
+        if in_t.dtype is DType.FLOAT32:
+            src = self.materialize(node, v)
+            return _Val(self.g.add_op("quantize", [src], node.name, out_t, self.src(node)))
+        if in_t.dtype is DType.INT32 and q.accumulator_scale() is None:
+            # the fake-quant quantizer rounds the float value: so does the IR (DQ → Q), bit for bit
+            return _Val(self.g.add_op("quantize", [self.as_float(node, node.args[0])], node.name, out_t,
+                                      self.src(node)))
+        if in_t.dtype is DType.INT32:
+            if not np.array_equal(q.accumulator_scale().numpy().astype(np.float32), in_t.scale):
+                raise self.fail(node, "the quantizer's accumulator scale differs from the IR's (internal error)")
+            mult = (in_t.scale.astype(np.float64) / float(out_t.scale)).astype(np.float32)
+            attrs: dict[str, Any] = {"relu": v.relu}
+            if self.dyadic:
+                mant, shift = dyadic(mult)
+                attrs.update(mode="dyadic",
+                             mantissa=self.g.add_constant(f"{node.name}__m", mant, TensorInfo(DType.INT32, mant.shape)),
+                             shift=self.g.add_constant(f"{node.name}__shift", shift, TensorInfo(DType.INT32, shift.shape)))
+            else:
+                attrs.update(mode="float32", multiplier=self.g.add_constant(
+                    f"{node.name}__mult", mult, TensorInfo(DType.FLOAT32, mult.shape)))
+            return _Val(self.g.add_op("requantize", [v.name], node.name, out_t, self.src(node), **attrs))
+        src = self.materialize(node, v)
+        same_grid = (in_t.dtype, in_t.qmin, in_t.qmax) == (out_t.dtype, out_t.qmin, out_t.qmax) and np.array_equal(
+            in_t.scale, out_t.scale)
+        if same_grid:
+            return _Val(src)
+        return _Val(self.g.add_op("quantize", [self.as_float(node, node.args[0])], node.name, out_t, self.src(node)))
+
+    def lower_layer(self, node: fx.Node, m: nn.Conv2d | nn.Linear) -> _Val:
+        quantized = parametrize.is_parametrized(m, "weight")
+        if isinstance(m, nn.Conv2d):
+            if isinstance(m.padding, str) or m.padding_mode != "zeros":
+                raise self.fail(node, f"conv padding {m.padding!r} / mode {m.padding_mode!r} does not lower; "
+                                      "use explicit integer zero padding")
+            attrs: dict[str, Any] = dict(stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation),
+                                         groups=m.groups)
+            kind = "conv2d"
+        else:
+            attrs, kind = {}, "dense"
+        if not quantized:
+            x = self.as_float(node, node.args[0])
+            w = self.g.add_constant(f"{node.target}.weight", m.weight.detach().numpy().astype(np.float32),
+                                    TensorInfo(DType.FLOAT32, tuple(m.weight.shape)))
+            inputs = [x, w]
+            if m.bias is not None:
+                inputs.append(self.g.add_constant(f"{node.target}.bias", m.bias.detach().numpy().astype(np.float32),
+                                                  TensorInfo(DType.FLOAT32, tuple(m.bias.shape))))
+            return _Val(self.float_op(node, kind, inputs, **attrs))
+        v = self.value(node, node.args[0])
+        x = self.materialize(node, v)
+        xt = self.info(x)
+        if not xt.dtype.is_int or xt.dtype is DType.INT32 or xt.per_channel:
+            raise self.fail(node, "a quantized layer must consume a per-tensor quantized activation")
+        wq = next(p for p in m.parametrizations.weight if isinstance(p, WeightQuantizer))
+        w_float = m.parametrizations.weight.original.detach()
+        s_w = wq.scale_for(w_float)
+        codes = torch.round(w_float / s_w).clamp(wq.spec.qmin, wq.spec.qmax).to(torch.int32).numpy()
+        s_w = s_w.reshape(-1).numpy().astype(np.float32)
+        w = self.g.add_constant(
+            f"{node.target}.weight", codes,
+            TensorInfo(DType.for_bits(wq.spec.bits, True), codes.shape, s_w, 0, wq.spec.qmin, wq.spec.qmax))
+        s_acc = (torch.from_numpy(xt.scale) * torch.from_numpy(s_w)).numpy().astype(np.float32)
+        inputs = [x, w]
+        if m.bias is not None:
+            bq = next(p for p in m.parametrizations.bias if isinstance(p, BiasQuantizer))
+            b = torch.round(m.parametrizations.bias.original.detach() / bq.scale()).to(torch.int64).numpy()
+            if np.abs(b).max(initial=0) > 2**31 - 1:
+                raise self.fail(node, "the int32 bias overflows; the layer's input or weight scale is too small")
+            inputs.append(self.g.add_constant(f"{node.target}.bias", b.astype(np.int32),
+                                              TensorInfo(DType.INT32, b.shape, s_acc, 0)))
+        return _Val(self.g.add_op(kind, inputs, node.name, TensorInfo(DType.INT32, self.shape(node), s_acc, 1),
+                                  self.src(node), **attrs))
+
+    def lower_relu(self, node: fx.Node) -> _Val:
+        v = self.value(node, node.args[0])
+        t = self.info(v.name)
+        if t.dtype is DType.INT32:
+            return _Val(v.name, relu=True)  # folded into the requantize that follows
+        return _Val(self.same(node, "relu", [self.materialize(node, v)]))
+
+    def lower_maxpool(self, node: fx.Node, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> _Val:
+        if ceil:
+            raise self.fail(node, "max pooling with ceil_mode=True does not lower")
+        x = self.materialize(node, self.value(node, node.args[0]))
+        return _Val(self.same(node, "maxpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
+                              padding=list(_pair(p)), dilation=list(_pair(d))))
+
+    def lower_avgpool(self, node: fx.Node, k: Any, s: Any, p: Any, ceil: bool, include_pad: bool,
+                      divisor: Any) -> _Val:
+        if ceil or divisor is not None:
+            raise self.fail(node, "average pooling with ceil_mode or divisor_override does not lower")
+        x = self.as_float(node, node.args[0])
+        return _Val(self.float_op(node, "avgpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
+                                  padding=list(_pair(p)), count_include_pad=bool(include_pad)))
+
+    def lower_flatten(self, node: fx.Node, start: int, end: int) -> _Val:
+        if start == 0:
+            raise self.fail(node, "flattening the batch dimension does not lower")
+        x = self.operand(node, node.args[0], keeps_channels=False)
+        return _Val(self.same(node, "flatten", [x], start_dim=int(start), end_dim=int(end)))
+
+    def lower_reshape(self, node: fx.Node) -> _Val:
+        src = node.args[0]
+        out, inp = self.shape(node), self.shape(src)  # type: ignore[arg-type]
+        if not out or not inp or out[0] != inp[0]:
+            raise self.fail(node, "a reshape that moves the batch dimension does not lower")
+        x = self.operand(node, src, keeps_channels=False)
+        return _Val(self.same(node, "reshape", [x], shape=[-1, *out[1:]]))
+
+    def lower_slice(self, node: fx.Node) -> _Val:
+        src, index = node.args[0], node.args[1]
+        if not isinstance(src, fx.Node) or self.env.get(src) is None:
+            raise self.fail(node, "indexing a non-tensor")
+        items = []
+        for it in index if isinstance(index, tuple) else (index,):
+            if isinstance(it, slice):
+                if any(isinstance(b, fx.Node) for b in (it.start, it.stop, it.step)):
+                    raise self.fail(node, "slice bounds computed at run time do not lower")
+                items.append({"slice": [it.start, it.stop, it.step]})
+            elif isinstance(it, int):
+                if not items and it is not None:
+                    raise self.fail(node, "indexing the batch dimension does not lower")
+                items.append({"index": it})
+            elif it is Ellipsis:
+                items.append({"ellipsis": True})
+            elif it is None:
+                items.append({"none": True})
+            else:
+                raise self.fail(node, f"index {it!r} does not lower (tensor indices are not supported)")
+        if items and "slice" in items[0] and items[0]["slice"] != [None, None, None]:
+            raise self.fail(node, "slicing the batch dimension does not lower")
+        plain = all("slice" in it for it in items[:2])
+        keeps = plain and (len(items) < 2 or items[1]["slice"] == [None, None, None])
+        x = self.operand(node, src, keeps_channels=keeps)
+        return _Val(self.same(node, "slice", [x], index=items))
+
+    def lower_pad(self, node: fx.Node) -> _Val:
+        pads = list(_arg(node, 1, "pad"))
+        mode = _arg(node, 2, "mode", "constant")
+        value = _arg(node, 3, "value", None) or 0.0
+        if mode != "constant":
+            raise self.fail(node, f"padding mode {mode!r} does not lower (constant only)")
+        if value == 0:
+            x = self.operand(node, node.args[0], keeps_channels=len(pads) <= 4)
+            return _Val(self.same(node, "pad", [x], pads=pads, value=0))
+        return _Val(self.float_op(node, "pad", [self.as_float(node, node.args[0])], pads=pads, value=float(value)))
+
+    def lower_concat(self, node: fx.Node) -> _Val:
+        parts = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", 0)
+        if dim % len(self.shape(node)) == 0:
+            raise self.fail(node, "concatenating along the batch dimension does not lower")
+        names = [self.materialize(node, self.value(node, p)) for p in parts]
+        types = [self.info(n) for n in names]
+        first = types[0]
+        on_one_grid = all(
+            t.dtype is first.dtype and t.dtype is not DType.INT32 and (t.qmin, t.qmax) == (first.qmin, first.qmax)
+            and t.scale is not None and first.scale is not None and not t.per_channel
+            and np.array_equal(t.scale, first.scale)
+            for t in types
+        )
+        if on_one_grid:
+            return _Val(self.same(node, "concat", names, dim=int(dim)))
+        return _Val(self.float_op(node, "concat", [self.as_float(node, p) for p in parts], dim=int(dim)))
+
+
+class LowerInteger(Pass):
+    """Lower the calibrated fake-quant graph to ``ctx.ir`` (the graph module itself is unchanged)."""
+
+    name = "lower_integer"
+    requires = frozenset({QUANTIZERS, CALIBRATED})
+    guarantees = frozenset({LOWERED})
+
+    def __init__(self, dyadic: bool = False) -> None:
+        self.dyadic = dyadic
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        ir = _Lowerer(gm, self.dyadic).lower()
+        ir.metadata.update(recipe=ctx.recipe.name, width=ctx.width, requantize="dyadic" if self.dyadic else "float32")
+        ctx.ir = ir
+        return gm

@@ -1,0 +1,83 @@
+"""The integer IR: a straight-line list of typed ops over named values.
+
+Every value has a :class:`TensorInfo`; constants (weights at their real width, int32 biases, requantize
+multipliers) live in ``constants``. Ops and their semantics are documented in :mod:`qcompile.ir.reference`,
+which is the executable definition every backend is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qcompile.ir.types import DType, TensorInfo
+
+OP_KINDS = frozenset({
+    "quantize", "dequantize", "requantize", "conv2d", "dense", "relu", "maxpool2d", "avgpool2d",
+    "adaptive_avgpool2d", "mean", "add", "flatten", "reshape", "slice", "pad", "concat",
+})
+
+
+@dataclass
+class Op:
+    """One IR operation. ``source`` names the fx node (and user code line) it was lowered from."""
+
+    kind: str
+    inputs: list[str]
+    output: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"unknown IR op kind {self.kind!r}")
+
+
+@dataclass
+class IRGraph:
+    """Inputs, outputs, typed values, constants and ops in execution order."""
+
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    values: dict[str, TensorInfo] = field(default_factory=dict)
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    ops: list[Op] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def add_value(self, name: str, info: TensorInfo) -> str:
+        if name in self.values:
+            raise ValueError(f"IR value {name!r} defined twice")
+        self.values[name] = info
+        return name
+
+    def add_constant(self, name: str, data: np.ndarray, info: TensorInfo) -> str:
+        self.add_value(name, info)
+        self.constants[name] = data
+        return name
+
+    def add_op(self, kind: str, inputs: list[str], output: str, info: TensorInfo, source: str = "",
+               **attrs: Any) -> str:
+        for i in inputs:
+            if i not in self.values:
+                raise ValueError(f"op {kind} -> {output}: input {i!r} is not defined")
+        self.add_value(output, info)
+        self.ops.append(Op(kind, inputs, output, attrs, source))
+        return output
+
+    def producer(self, name: str) -> Op | None:
+        return next((op for op in self.ops if op.output == name), None)
+
+    def summary(self) -> str:
+        """One line per op, for humans."""
+        lines = []
+        for op in self.ops:
+            t = self.values[op.output]
+            scale = "" if t.scale is None else (f" s[{t.scale.size}]" if t.per_channel else f" s={float(t.scale):.4g}")
+            lines.append(f"{op.output:<32} = {op.kind}({', '.join(op.inputs)}) : {t.dtype.value}{list(t.shape)}{scale}")
+        return "\n".join(lines)
+
+
+def is_int(info: TensorInfo) -> bool:
+    return info.dtype is not DType.FLOAT32

@@ -1,0 +1,232 @@
+"""The numpy reference interpreter: the executable definition of the integer IR (no torch needed).
+
+Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 unless said otherwise):
+
+- ``quantize``: ``clip(rhe(x / s_out), qmin, qmax)``.
+- ``dequantize``: ``float32(q) * s_in`` (per tensor or per channel).
+- ``conv2d`` / ``dense`` on integers: exact integer accumulation of ``q_x · q_w`` plus the int32 bias; an
+  accumulator outside int32 raises :class:`IntegerOverflowError`. On float32 operands: a float convolution.
+- ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
+  in; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and integer-only rounding.
+- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``slice``, ``pad`` (zero), ``concat``: on codes directly
+  (they commute with a positive scale and a zero point of 0).
+- ``add``, ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between dequantize and quantize (ONNX
+  DQ → op → Q); sums are taken in float64 and rounded once to float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qcompile.ir.graph import IRGraph, Op
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_EXACT_F64 = 2**53
+
+
+class IntegerOverflowError(ArithmeticError):
+    """An accumulator left the int32 range: an integer kernel would silently wrap."""
+
+
+def rhe(x: np.ndarray) -> np.ndarray:
+    """Round half to even (numpy's rint), as ONNX QuantizeLinear and torch.round."""
+    return np.rint(x)
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32, copy=False)
+
+
+def _conv_windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int], pad_value: float) -> np.ndarray:
+    """(N, C, OH, OW, kh, kw) windows of ``x`` (a view where possible)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    win = sliding_window_view(x, span, axis=(2, 3))
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+def exact_gemm_dtype(a: np.ndarray, b: np.ndarray, k: int) -> type:
+    """The cheapest dtype whose GEMM of integer ``a`` and ``b`` over ``k`` terms is exact (2^24 / 2^53 bounds)."""
+    bound = int(np.abs(a).max(initial=0)) * int(np.abs(b).max(initial=0)) * k
+    if bound < 2**24:
+        return np.float32
+    return np.float64 if bound < _EXACT_F64 else np.int64
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
+           dilation: tuple[int, int], groups: int) -> np.ndarray:
+    """Grouped 2-d convolution as im2col + GEMM; integer inputs accumulate exactly (int64 result)."""
+    n, c, h, wd = x.shape
+    cout, cg, kh, kw = w.shape
+    integer = np.issubdtype(x.dtype, np.integer)
+    acc_t = exact_gemm_dtype(x, w, cg * kh * kw) if integer else np.float64
+    wg = w.reshape(groups, cout // groups, cg * kh * kw).astype(acc_t)
+    chunk = max(1, 2**24 // max(1, c * kh * kw * h * wd))  # bound the im2col buffer
+    outs = []
+    for start in range(0, n, chunk):
+        win = _conv_windows(x[start:start + chunk], (kh, kw), stride, padding, dilation, 0)
+        b, _, oh, ow = win.shape[:4]
+        per_group = []
+        for g in range(groups):
+            part = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5)  # (b, OH, OW, Cg, kh, kw)
+            cols = np.ascontiguousarray(part, dtype=acc_t).reshape(b * oh * ow, cg * kh * kw)
+            per_group.append((cols @ wg[g].T).reshape(b, oh, ow, -1))
+        outs.append(np.concatenate(per_group, axis=3).transpose(0, 3, 1, 2))
+    out = np.concatenate(outs)
+    return out.astype(np.int64) if integer else out
+
+
+def _check_int32(acc: np.ndarray, op: Op) -> np.ndarray:
+    lo, hi = int(acc.min(initial=0)), int(acc.max(initial=0))
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise IntegerOverflowError(
+            f"{op.kind} {op.output} ({op.source}): accumulator range [{lo}, {hi}] exceeds int32; an integer "
+            "kernel would wrap. Use fewer bits, a smaller bound, or split the reduction."
+        )
+    return acc.astype(np.int32)
+
+
+def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float) -> np.ndarray:
+    return _conv_windows(x, tuple(attrs["kernel"]), tuple(attrs["stride"]), tuple(attrs["padding"]),
+                         tuple(attrs.get("dilation", (1, 1))), pad_value)
+
+
+def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    n, c, h, w = x.shape
+    oh, ow = out_size
+    out = np.empty((n, c, oh, ow), dtype=np.float64)
+    for i in range(oh):
+        h0, h1 = (i * h) // oh, math.ceil((i + 1) * h / oh)
+        for j in range(ow):
+            w0, w1 = (j * w) // ow, math.ceil((j + 1) * w / ow)
+            out[:, :, i, j] = x[:, :, h0:h1, w0:w1].astype(np.float64).mean(axis=(2, 3))
+    return _as_f32(out)
+
+
+def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
+    out: list[object] = []
+    for it in items:
+        if "slice" in it:
+            out.append(slice(*it["slice"]))
+        elif "index" in it:
+            out.append(it["index"])
+        elif "ellipsis" in it:
+            out.append(Ellipsis)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    """Execute one op on numpy arrays (integers as int32, floats as float32)."""
+    out_t = graph.values[op.output]
+    a = op.attrs
+    k = op.kind
+    if k == "quantize":
+        q = rhe(_as_f32(args[0]) / out_t.broadcast_scale(args[0].ndim))
+        return np.clip(q, out_t.qmin, out_t.qmax).astype(np.int32)
+    if k == "dequantize":
+        in_t = graph.values[op.inputs[0]]
+        return _as_f32(args[0]).astype(np.float32) * in_t.broadcast_scale(args[0].ndim)
+    if k == "requantize":
+        lo = max(out_t.qmin, 0) if a.get("relu") else out_t.qmin
+        x = args[0]
+        if a.get("mode", "float32") == "dyadic":
+            m = graph.constants[a["mantissa"]].astype(np.int64)
+            shift = graph.constants[a["shift"]].astype(np.int64)
+            shape = [1] * x.ndim
+            if m.ndim == 1:
+                shape[1] = -1
+            v = x.astype(np.int64) * m.reshape(shape)
+            s = shift.reshape(shape)
+            q = v >> s
+            r = v - (q << s)
+            half = np.left_shift(1, s - 1)
+            q = q + ((r > half) | ((r == half) & (q & 1 == 1))).astype(np.int64)
+        else:
+            mult = graph.constants[a["multiplier"]]
+            shape = [1] * x.ndim
+            if mult.ndim == 1:
+                shape[1] = -1
+            q = rhe(_as_f32(x) * mult.reshape(shape))
+        return np.clip(q, lo, out_t.qmax).astype(np.int32)
+    if k == "conv2d":
+        x, w = args[0], args[1]
+        acc = conv2d(x, w, tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), a["groups"])
+        if len(args) > 2:
+            acc = acc + args[2].reshape(1, -1, 1, 1).astype(acc.dtype)
+        return _check_int32(acc, op) if np.issubdtype(x.dtype, np.integer) else _as_f32(acc)
+    if k == "dense":
+        x, w = args[0], args[1]
+        if np.issubdtype(x.dtype, np.integer):
+            acc_t = exact_gemm_dtype(x, w, w.shape[1])
+            acc = (x.astype(acc_t) @ w.astype(acc_t).T).astype(np.int64)
+            if len(args) > 2:
+                acc = acc + args[2].astype(np.int64)
+            return _check_int32(acc, op)
+        out = x.astype(np.float64) @ w.astype(np.float64).T
+        return _as_f32(out + args[2] if len(args) > 2 else out)
+    if k == "relu":
+        return np.maximum(args[0], 0).astype(args[0].dtype)
+    if k == "maxpool2d":
+        x = args[0]
+        pad = np.iinfo(np.int32).min if np.issubdtype(x.dtype, np.integer) else -np.inf
+        return _pool_windows(x, a, pad).max(axis=(-2, -1)).astype(x.dtype)
+    if k == "avgpool2d":
+        win = _pool_windows(args[0].astype(np.float64), a, 0.0)
+        if a.get("count_include_pad", True) or not any(a["padding"]):
+            return _as_f32(win.mean(axis=(-2, -1)))
+        ones = _pool_windows(np.ones_like(args[0][:1, :1], dtype=np.float64), a, 0.0)
+        return _as_f32(win.sum(axis=(-2, -1)) / ones.sum(axis=(-2, -1)))
+    if k == "adaptive_avgpool2d":
+        return _adaptive_avg(args[0], tuple(a["output_size"]))
+    if k == "mean":
+        return _as_f32(args[0].astype(np.float64).mean(axis=tuple(a["dims"]), keepdims=a["keepdim"]))
+    if k == "add":
+        return (_as_f32(args[0]) + _as_f32(args[1])).astype(np.float32)
+    if k == "flatten":
+        x = args[0]
+        s, e = a["start_dim"], a["end_dim"] % x.ndim
+        return x.reshape(*x.shape[:s], -1, *x.shape[e + 1:])
+    if k == "reshape":
+        return args[0].reshape(args[0].shape[0], *a["shape"][1:])
+    if k == "slice":
+        return np.ascontiguousarray(args[0][_index(a["index"])])
+    if k == "pad":
+        pads = a["pads"]
+        x = args[0]
+        width = [(0, 0)] * x.ndim
+        for i in range(len(pads) // 2):
+            width[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+        return np.pad(x, width, constant_values=a.get("value", 0))
+    if k == "concat":
+        return np.concatenate(args, axis=a["dim"])
+    raise NotImplementedError(f"reference: no implementation for op {k}")
+
+
+def run(graph: IRGraph, *inputs: np.ndarray, keep: bool = False) -> dict[str, np.ndarray]:
+    """Run the graph. Returns the outputs by name, and with ``keep`` every intermediate value too."""
+    if len(inputs) != len(graph.inputs):
+        raise ValueError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    env: dict[str, np.ndarray] = {n: np.asarray(x, dtype=np.float32) for n, x in zip(graph.inputs, inputs)}
+    consumers: dict[str, int] = {}
+    for op in graph.ops:
+        for i in op.inputs:
+            consumers[i] = consumers.get(i, 0) + 1
+    for op in graph.ops:
+        args = [env[i] if i in env else graph.constants[i] for i in op.inputs]
+        env[op.output] = run_op(op, args, graph)
+        if not keep:
+            for i in op.inputs:
+                consumers[i] -= 1
+                if consumers[i] == 0 and i not in graph.outputs and i in env and i not in graph.inputs:
+                    del env[i]
+    return env if keep else {n: env[n] for n in graph.outputs}
+

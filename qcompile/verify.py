@@ -1,0 +1,135 @@
+"""Verification: run the fake-quant model and the reference interpreter on the same inputs and compare.
+
+Per layer: every integer tensor the IR names after an fx node (quantizer outputs, conv/dense accumulators)
+against the fake-quant value divided by its scale. End to end: top-1 agreement of the logits, and the final
+integer outputs (the accumulators the outputs are dequantized from).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from qcompile.ir import reference
+from qcompile.ir.graph import IRGraph
+
+
+
+@dataclass
+class TensorAgreement:
+    """How one integer tensor compares: fraction of identical codes and the largest difference in LSB."""
+
+    name: str
+    elements: int = 0
+    identical: int = 0
+    max_lsb_diff: int = 0
+
+    @property
+    def identical_fraction(self) -> float:
+        return self.identical / self.elements if self.elements else 1.0
+
+    def update(self, ref: np.ndarray, other: np.ndarray) -> None:
+        diff = np.abs(ref.astype(np.int64) - other.astype(np.int64))
+        self.elements += diff.size
+        self.identical += int((diff == 0).sum())
+        self.max_lsb_diff = max(self.max_lsb_diff, int(diff.max(initial=0)))
+
+
+@dataclass
+class Verification:
+    """Reference vs fake-quant over a data set."""
+
+    images: int = 0
+    top1_agree: int = 0
+    reference_correct: int = 0
+    final: list[TensorAgreement] = field(default_factory=list)
+    layers: list[TensorAgreement] = field(default_factory=list)
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.top1_agree / self.images if self.images else float("nan")
+
+    @property
+    def reference_top1(self) -> float:
+        return self.reference_correct / self.images if self.images else float("nan")
+
+    def summary(self) -> dict[str, object]:
+        """The ``report.json`` entry."""
+        final_el = sum(t.elements for t in self.final)
+        return {
+            "images": self.images,
+            "top1_agreement": self.top1_agreement,
+            "identical_fraction": sum(t.identical for t in self.final) / final_el if final_el else 1.0,
+            "max_lsb_diff": max((t.max_lsb_diff for t in self.final), default=0),
+            "reference_top1": self.reference_top1,
+            "layers": [dict(asdict(t), identical_fraction=t.identical_fraction) for t in self.layers],
+        }
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names = names
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if n.name in self.names and isinstance(out, torch.Tensor):
+            self.seen[n.name] = out.detach().clone()  # an in-place op later must not change it
+        return out
+
+
+def _final_integers(ir: IRGraph) -> list[str]:
+    """The integer values the graph outputs are dequantized from."""
+    finals = []
+    for out in ir.outputs:
+        op = ir.producer(out)
+        if op is not None and op.kind == "dequantize":
+            finals.append(op.inputs[0].removesuffix("__relu"))
+    return finals
+
+
+def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     dtype: torch.dtype = torch.float64) -> Verification:
+    """Compare the reference interpreter with the fake-quant graph, batch by batch.
+
+    The fake-quant graph runs on a float64 copy by default: its quantized values are exact either way, and
+    float64 accumulation keeps the comparison about the integer semantics rather than float32 summation order
+    (float32 accumulation alone flips about one code in 10^3-10^4 after a deep stack of layers).
+    """
+    gm = copy.deepcopy(gm).to(dtype)
+    fx_names = {n.name for n in gm.graph.nodes}
+    compared = [name for name, t in ir.values.items()
+                if name in fx_names and t.dtype.is_int and name not in ir.constants]
+    finals = [f for f in _final_integers(ir) if f in compared]
+    result = Verification(layers=[TensorAgreement(n) for n in compared], final=[TensorAgreement(n) for n in finals])
+    by_name = {t.name: t for t in result.layers} | {f"final:{t.name}": t for t in result.final}
+    was_training = gm.training
+    gm.eval()
+    with torch.no_grad():
+        for x, y in tqdm(batches, desc="verify", unit="batch", disable=None, leave=False):
+            rec = _Recorder(gm, set(compared))
+            fq_out = rec.run(x.to(dtype))
+            env = reference.run(ir, x.numpy(), keep=True)
+            for name in compared:
+                t = ir.values[name]
+                fq = rec.seen[name].numpy().astype(np.float64) / t.broadcast_scale(rec.seen[name].ndim).astype(np.float64)
+                codes = np.rint(fq)
+                by_name[name].update(env[name], codes)
+                if f"final:{name}" in by_name:
+                    by_name[f"final:{name}"].update(env[name], codes)
+            logits_ref = env[ir.outputs[0]]
+            logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
+            result.images += len(y)
+            result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
+            result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
+    gm.train(was_training)
+    return result
+
+

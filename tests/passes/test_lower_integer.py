@@ -1,0 +1,138 @@
+"""Lowering is general: the tensor code real CNN model files contain lowers, and verifies bit-exactly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile import Pipeline, get_recipe
+from qcompile.ir import reference
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+from qcompile.passes.lower_integer import LoweringError
+from qcompile.verify import verify_reference
+from tests.conftest import randomize_bn
+
+
+class Lambda(nn.Module):
+    """A module wrapping a lambda, as many CIFAR ResNet files define it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class OptionAShortcut(nn.Module):
+    """He et al.'s option-A block: the shortcut is strided slicing plus zero channel padding, not a conv."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        pad = (cout - cin) // 2
+        self.shortcut = Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class FunctionalNet(nn.Module):
+    """Functional relu / pooling / add, view with x.size(0), mean, option-A shortcut, torch.cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = OptionAShortcut(8, 16)
+        self.left = nn.Conv2d(16, 8, 1)
+        self.right = nn.Conv2d(16, 8, 3, padding=1)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        x = self.block(x)
+        x = torch.cat([F.relu(self.left(x)), torch.relu(self.right(x))], dim=1)
+        x = torch.add(F.relu(self.mix(x)), F.avg_pool2d(x, 3, 1, 1))
+        x = x.mean((2, 3), keepdim=True)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class ModuleNet(nn.Module):
+    """Module forms: nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, reshape, grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=4), nn.ReLU(inplace=True), nn.AvgPool2d(2),
+            nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).reshape(-1, 32))
+
+
+def _lowered(model, recipe, size=16):
+    torch.manual_seed(0)
+    model = randomize_bn(model, data=torch.randn(16, 3, size, size))
+    calib = [(torch.randn(8, 3, size, size), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    res = Pipeline([FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]).run(
+        model, torch.randn(1, 3, size, size), recipe=get_recipe(recipe), calibration_data=calib)
+    return res
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit", "int4"])
+@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet])
+def test_lowers_and_verifies_bit_exactly(build, recipe):
+    res = _lowered(build(), recipe)
+    kinds = {op.kind for op in res.context.ir.ops}
+    if build is FunctionalNet:
+        assert {"slice", "pad", "concat", "mean", "reshape", "avgpool2d", "maxpool2d", "add", "requantize"} <= kinds
+    else:
+        assert {"adaptive_avgpool2d", "avgpool2d", "flatten", "reshape", "maxpool2d"} <= kinds
+    batches = [(torch.randn(16, 3, 16, 16), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    v = verify_reference(res.graph_module, res.context.ir, batches).summary()
+    assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
+    assert all(layer["max_lsb_diff"] == 0 for layer in v["layers"])
+
+
+def test_float32_fake_quant_agrees_too():
+    res = _lowered(FunctionalNet(), "int8")
+    batches = [(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))]
+    v = verify_reference(res.graph_module, res.context.ir, batches, dtype=torch.float32).summary()
+    assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] <= 1 and v["identical_fraction"] >= 0.99
+
+
+def test_dyadic_requantization_is_close_to_float32():
+    torch.manual_seed(0)
+    res = _lowered(ModuleNet(), "int8")
+    x = torch.randn(8, 3, 16, 16).numpy()
+    ref = reference.run(res.context.ir, x)[res.context.ir.outputs[0]]
+    dy = Pipeline([LowerInteger(dyadic=True)]).run_graph(res.graph_module, res.context)
+    assert dy is res.graph_module and any(op.attrs.get("mode") == "dyadic" for op in res.context.ir.ops)
+    out = reference.run(res.context.ir, x)[res.context.ir.outputs[0]]
+    assert abs(out - ref).max() <= abs(ref).max() * 0.05
+
+
+class Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x)).mean((2, 3))
+
+
+def test_unlowerable_op_names_node_op_and_line():
+    with pytest.raises(LoweringError) as err:
+        _lowered(Sigmoid(), "int8")
+    msg = str(err.value)
+    assert "node sigmoid (call_function sigmoid)" in msg and "test_lower_integer.py" in msg
+    assert "no integer lowering" in msg
