@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from qcompile.capture import source_location
+from qcompile.tracing import source_location
 from qcompile.errors import QCompileError
 from qcompile.graph import module_of
 from qcompile.ir.graph import IRGraph

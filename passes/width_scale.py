@@ -12,7 +12,7 @@ import math
 
 from torch import fx, nn
 
-from qcompile.capture import propagate_shapes
+from qcompile.tracing import propagate_shapes
 from qcompile.cost import layer_macs, weight_count
 from qcompile.errors import PipelineError, QCompileError
 from qcompile.graph import compute_nodes, module_of

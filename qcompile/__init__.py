@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "capture": "qcompile.capture",
-    "propagate_shapes": "qcompile.capture",
+    "capture": "qcompile.tracing",
+    "propagate_shapes": "qcompile.tracing",
     "QCompileError": "qcompile.errors",
     "Pass": "qcompile.pipeline",
     "PassContext": "qcompile.pipeline",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from qcompile.capture import LeafSpec, capture
+from qcompile.tracing import LeafSpec, capture
 from qcompile.cost import CostTotals
 from qcompile.errors import PipelineError
 from qcompile.graph import compute_nodes, format_graph

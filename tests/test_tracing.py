@@ -47,7 +47,7 @@ def test_untraceable_model_names_module_line_and_leaf_option():
     msg = str(err.value)
     assert "\n" not in msg
     assert "module 'gate' (Gate)" in msg
-    assert "test_capture.py" in msg and "if x.sum() > 0" in msg
+    assert "test_tracing.py" in msg and "if x.sum() > 0" in msg
     assert "--leaf-module gate" in msg and "leaf_modules=['gate']" in msg
 
 
