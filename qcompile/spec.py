@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 from torch.fx import Node
 
+from qcompile.ir.types import code_range
+
 META_KEY = "qcompile"
 
 
@@ -74,13 +76,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest code: symmetric signed ranges drop -2^(b-1) so that +-bound map to +-qmax."""
-        return -(2 ** (self.bits - 1) - 1) if self.signed else 0
+        return code_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        """Largest code; unsigned tensors (after ReLU) gain the sign bit as one extra bit of range."""
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return code_range(self.bits, self.signed)[1]
 
     def with_signed(self, signed: bool) -> QuantSpec:
         return replace(self, signed=signed)

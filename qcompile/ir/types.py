@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of b-bit codes: symmetric when signed (int8 is [-127, 127], so +-bound map to +-qmax);
+    unsigned tensors (after ReLU) gain the sign bit as one extra bit of range ([0, 2^b - 1])."""
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
 class DType(enum.Enum):
     INT4 = "int4"
     UINT4 = "uint4"
@@ -30,12 +36,11 @@ class DType(enum.Enum):
 
     @property
     def qmin(self) -> int:
-        """Symmetric signed ranges, as the quantizers use: int8 is [-127, 127]."""
-        return -(2 ** (self.bits - 1) - 1) if self.signed else 0
+        return code_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return code_range(self.bits, self.signed)[1]
 
     @classmethod
     def for_bits(cls, bits: int, signed: bool) -> DType:
