@@ -1,0 +1,299 @@
+"""ONNX backend: the integer IR transcribed as an opset-21 QDQ model that onnxruntime runs.
+
+Flavours:
+
+- ``serving``: every quantized tensor in an 8-bit container (unsigned activations ``uint8``, weights ``int8``);
+  4-bit codes stay in range through their quantization bounds, with a ``Clip`` only where ``QuantizeLinear``'s
+  container range is wider than the code range. onnxruntime fuses DQ → Conv → Q into its integer kernels.
+- ``compact``: 4-bit weights as packed ``INT4`` initializers, so the file is as small as the memory cost says.
+
+Value mapping: an IR integer tensor (≤ 8 bits) is an ONNX tensor of codes; an IR int32 accumulator is the float
+output of the ONNX ``Conv``/``Gemm`` (its dequantized value, ``acc · s_x · s_w``); float values are float.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.types import DType, TensorInfo
+
+Flavour = Literal["serving", "compact"]
+OPSET = 21
+IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
+
+
+class OnnxExportError(QCompileError):
+    """An IR construct with no ONNX transcription."""
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise OnnxExportError("the ONNX backend needs the onnx extra: pip install 'qcompile[onnx]'") from None
+    return onnx
+
+
+class _Exporter:
+    def __init__(self, ir: IRGraph, flavour: Flavour) -> None:
+        self.onnx = _onnx()
+        self.ir = ir
+        self.flavour = flavour
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def uid(self, base: str) -> str:
+        self._n += 1
+        return f"{base}__{self._n}"
+
+    def const(self, base: str, array: np.ndarray, elem: int | None = None) -> str:
+        name = self.uid(base)
+        helper, TP = self.onnx.helper, self.onnx.TensorProto
+        if elem in (TP.INT4, TP.UINT4):
+            t = helper.make_tensor(name, elem, list(array.shape), array.reshape(-1).astype(np.int32).tolist())
+        else:
+            t = self.onnx.numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d scalars
+        self.inits.append(t)
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
+        output = output or self.uid(op)
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=self.uid(f"n_{op}"), **attrs))
+        return output
+
+    @staticmethod
+    def container(t: TensorInfo) -> type:
+        return np.int8 if t.dtype.signed else np.uint8
+
+    def scale_zp(self, base: str, t: TensorInfo, elem: int | None = None) -> tuple[str, str]:
+        assert t.scale is not None
+        zp_dtype = self.container(t)
+        zeros = np.zeros(t.scale.shape, dtype=zp_dtype)
+        zp = self.const(f"{base}_zp", zeros, elem) if elem is not None else self.const(f"{base}_zp", zeros)
+        return self.const(f"{base}_scale", t.scale.astype(np.float32)), zp
+
+    def quantize_to(self, src: str, out: str, t: TensorInfo) -> str:
+        """QuantizeLinear into the 8-bit container, then Clip to the code range when it is narrower."""
+        s, zp = self.scale_zp(out, t)
+        lo_c, hi_c = (-128, 127) if t.dtype.signed else (0, 255)
+        if (t.qmin, t.qmax) == (lo_c, hi_c):
+            return self.node("QuantizeLinear", [src, s, zp], out)
+        q = self.node("QuantizeLinear", [src, s, zp])
+        ty = self.container(t)
+        return self.node("Clip", [q, self.const(f"{out}_lo", np.array(t.qmin, ty)),
+                                  self.const(f"{out}_hi", np.array(t.qmax, ty))], out)
+
+    def dq(self, name: str) -> str:
+        """The float view of an IR value."""
+        t = self.ir.values[name]
+        if t.dtype is DType.FLOAT32 or t.dtype is DType.INT32:
+            return name
+        s, zp = self.scale_zp(name, t)
+        return self.node("DequantizeLinear", [name, s, zp], self.uid(f"{name}_dq"))
+
+    # --- ops ---------------------------------------------------------------------------------------------
+    def export(self) -> Any:
+        helper, TP = self.onnx.helper, self.onnx.TensorProto
+        for op in self.ir.ops:
+            getattr(self, f"op_{op.kind}", self.unsupported)(op)
+        inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]]) for n in self.ir.inputs]
+        outputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]])
+                   for n in self.ir.outputs]
+        graph = helper.make_graph(self.nodes, "qcompile", inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompile")
+        model.ir_version = IR_VERSION
+        return model
+
+    def unsupported(self, op: Op) -> None:
+        raise OnnxExportError(f"IR op {op.kind} ({op.source}) has no ONNX transcription")
+
+    def op_quantize(self, op: Op) -> None:
+        self.quantize_to(op.inputs[0], op.output, self.ir.values[op.output])
+
+    def op_dequantize(self, op: Op) -> None:
+        src = self.ir.values[op.inputs[0]]
+        if src.dtype is DType.INT32:
+            self.node("Identity", [op.inputs[0]], op.output)
+        else:
+            s, zp = self.scale_zp(op.inputs[0], src)
+            self.node("DequantizeLinear", [op.inputs[0], s, zp], op.output)
+
+    def op_requantize(self, op: Op) -> None:
+        if op.attrs.get("mode") == "dyadic":
+            raise OnnxExportError("dyadic requantization has no ONNX QDQ form; lower without --dyadic")
+        t = self.ir.values[op.output]
+        src = op.inputs[0]
+        if op.attrs.get("relu") and t.qmin < 0:
+            src = self.node("Relu", [src])
+        self.quantize_to(src, op.output, t)
+
+    def _weights(self, name: str) -> str:
+        t = self.ir.values[name]
+        codes = self.ir.constants[name]
+        if t.dtype is DType.FLOAT32:
+            return self.const(name, codes.astype(np.float32))
+        TP = self.onnx.TensorProto
+        packed = self.flavour == "compact" and t.dtype in (DType.INT4, DType.UINT4)
+        elem = (TP.INT4 if t.dtype.signed else TP.UINT4) if packed else None
+        w = self.const(name, codes.astype(self.container(t)) if not packed else codes, elem)
+        s, zp = self.scale_zp(name, t, elem)
+        return self.node("DequantizeLinear", [w, s, zp], self.uid(f"{name}_dq"), axis=0)
+
+    def _bias(self, name: str) -> str:
+        t = self.ir.values[name]
+        data = self.ir.constants[name]
+        if t.dtype is DType.FLOAT32:
+            return self.const(name, data.astype(np.float32))
+        b = self.const(name, data.astype(np.int32))
+        s = self.const(f"{name}_scale", t.scale.astype(np.float32))
+        zp = self.const(f"{name}_zp", np.zeros(t.scale.shape, np.int32))
+        return self.node("DequantizeLinear", [b, s, zp], self.uid(f"{name}_dq"), axis=0)
+
+    def op_conv2d(self, op: Op) -> None:
+        a = op.attrs
+        inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
+        if len(op.inputs) > 2:
+            inputs.append(self._bias(op.inputs[2]))
+        w_shape = self.ir.constants[op.inputs[1]].shape
+        self.node("Conv", inputs, op.output, strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                  dilations=list(a["dilation"]), group=a["groups"], kernel_shape=list(w_shape[2:]))
+
+    def op_dense(self, op: Op) -> None:
+        inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
+        if len(op.inputs) > 2:
+            inputs.append(self._bias(op.inputs[2]))
+        self.node("Gemm", inputs, op.output, transB=1)
+
+    def op_relu(self, op: Op) -> None:
+        t = self.ir.values[op.output]
+        if t.dtype is DType.FLOAT32 or t.dtype is DType.INT32:
+            self.node("Relu", [op.inputs[0]], op.output)
+            return
+        ty = self.container(t)
+        self.node("Clip", [op.inputs[0], self.const("zero", np.array(0, ty)), self.const("max", np.array(t.qmax, ty))],
+                  op.output)
+
+    def op_maxpool2d(self, op: Op) -> None:
+        a = op.attrs
+        self.node("MaxPool", [op.inputs[0]], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                  pads=list(a["padding"]) * 2, dilations=list(a["dilation"]))
+
+    def op_avgpool2d(self, op: Op) -> None:
+        a = op.attrs
+        self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                  pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]))
+
+    def op_adaptive_avgpool2d(self, op: Op) -> None:
+        out = tuple(op.attrs["output_size"])
+        h, w = self.ir.values[op.inputs[0]].shape[2:]
+        if out == (1, 1):
+            self.node("GlobalAveragePool", [op.inputs[0]], op.output)
+        elif h % out[0] == 0 and w % out[1] == 0:
+            k = [h // out[0], w // out[1]]
+            self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=k, strides=k)
+        else:
+            self.unsupported(op)
+
+    def op_mean(self, op: Op) -> None:
+        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
+        self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
+
+    def op_add(self, op: Op) -> None:
+        self.node("Add", list(op.inputs), op.output)
+
+    def op_flatten(self, op: Op) -> None:
+        if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):
+            self.unsupported(op)
+        self.node("Flatten", [op.inputs[0]], op.output, axis=op.attrs["start_dim"])
+
+    def op_reshape(self, op: Op) -> None:
+        self.node("Reshape", [op.inputs[0], self.const("shape", np.array(op.attrs["shape"], np.int64))], op.output)
+
+    def op_slice(self, op: Op) -> None:
+        items = op.attrs["index"]
+        if not all("slice" in it for it in items):
+            self.unsupported(op)
+        big = np.iinfo(np.int64).max
+        starts, ends, axes, steps = [], [], [], []
+        for axis, it in enumerate(items):
+            start, stop, step = it["slice"]
+            if (start, stop, step) == (None, None, None):
+                continue
+            step = 1 if step is None else step
+            starts.append(0 if start is None else start)
+            ends.append(big if stop is None else stop)
+            axes.append(axis)
+            steps.append(step)
+        if not axes:
+            self.node("Identity", [op.inputs[0]], op.output)
+            return
+        c = [self.const(n, np.array(v, np.int64)) for n, v in (("starts", starts), ("ends", ends), ("axes", axes),
+                                                               ("steps", steps))]
+        self.node("Slice", [op.inputs[0], *c], op.output)
+
+    def op_pad(self, op: Op) -> None:
+        pads = op.attrs["pads"]
+        rank = len(self.ir.values[op.inputs[0]].shape)
+        begin, end = [0] * rank, [0] * rank
+        for i in range(len(pads) // 2):
+            begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+        t = self.ir.values[op.inputs[0]]
+        ty = np.float32 if t.dtype in (DType.FLOAT32, DType.INT32) else self.container(t)
+        value = self.const("pad_value", np.array(op.attrs.get("value", 0), ty))
+        self.node("Pad", [op.inputs[0], self.const("pads", np.array(begin + end, np.int64)), value], op.output,
+                  mode="constant")
+
+    def op_concat(self, op: Op) -> None:
+        self.node("Concat", list(op.inputs), op.output, axis=op.attrs["dim"])
+
+
+def to_onnx(ir: IRGraph, flavour: Flavour = "serving", metadata: dict[str, str] | None = None) -> Any:
+    """The IR as an ONNX ModelProto of the given flavour, checked by onnx.checker."""
+    if flavour not in ("serving", "compact"):
+        raise OnnxExportError(f"unknown ONNX flavour {flavour!r}; use serving or compact")
+    model = _Exporter(ir, flavour).export()
+    meta = {"qcompile.flavour": flavour, **{f"qcompile.{k}": str(v) for k, v in ir.metadata.items()}}
+    meta.update(metadata or {})
+    onnx = _onnx()
+    onnx.helper.set_model_props(model, meta)
+    onnx.checker.check_model(model)
+    return model
+
+
+def save(model: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a model atomically."""
+    from qcompile.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        _onnx().save(model, str(tmp))
+    return Path(path)
+
+
+def session(model: Any, threads: int = 2, optimized_path: str | None = None) -> Any:
+    """An onnxruntime CPU session on ``model`` (a ModelProto or a path), at full graph optimisation."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxExportError("running ONNX models needs the onnx extra: pip install 'qcompile[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, inputs: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Run a session on float32 inputs in graph order."""
+    names = [i.name for i in sess.get_inputs()]
+    return sess.run(None, {n: np.asarray(x, np.float32) for n, x in zip(names, inputs)})

@@ -1,0 +1,46 @@
+"""The ONNX transcription of the IR runs in onnxruntime and matches the reference interpreter."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from qcompile.backends import onnx as qonnx  # noqa: E402
+from qcompile.ir import reference  # noqa: E402
+from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
+
+
+@pytest.mark.parametrize("flavour", ["serving", "compact"])
+@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet])
+def test_onnxruntime_matches_reference_mostly4bit(build, flavour):
+    ir = _lowered(build(), "mostly4bit").context.ir
+    model = qonnx.to_onnx(ir, flavour)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["qcompile.flavour"] == flavour and meta["qcompile.recipe"] == "mostly4bit"
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    ref = reference.run(ir, x)[ir.outputs[0]]
+    out = qonnx.run(qonnx.session(model), [x])[0]
+    acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].scale
+    diff = np.abs(np.rint(ref / acc_scale) - np.rint(out / acc_scale))
+    assert (diff == 0).mean() >= 0.999
+    assert (ref.argmax(1) == out.argmax(1)).all()
+
+
+def test_compact_stores_packed_int4():
+    from onnx import TensorProto
+
+    ir = _lowered(ModuleNet(), "mostly4bit").context.ir
+    compact, serving = qonnx.to_onnx(ir, "compact"), qonnx.to_onnx(ir, "serving")
+    assert any(t.data_type == TensorProto.INT4 for t in compact.graph.initializer)
+    assert not any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in serving.graph.initializer)
+    assert compact.ByteSize() < serving.ByteSize()
+
+
+def test_dyadic_ir_is_refused():
+    from qcompile.passes import LowerInteger
+    from qcompile.pipeline import Pipeline
+
+    res = _lowered(ModuleNet(), "int8")
+    Pipeline([LowerInteger(dyadic=True)]).run_graph(res.graph_module, res.context)
+    with pytest.raises(qonnx.OnnxExportError, match="dyadic"):
+        qonnx.to_onnx(res.context.ir)
