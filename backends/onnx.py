@@ -2,9 +2,11 @@
 
 Flavours:
 
-- ``serving``: every quantized tensor in an 8-bit container (unsigned activations ``uint8``, weights ``int8``);
+- ``serving``: every quantized tensor in an 8-bit container (activations ``uint8``, weights ``int8``);
   4-bit codes stay in range through their quantization bounds, with a ``Clip`` only where ``QuantizeLinear``'s
-  container range is wider than the code range. onnxruntime fuses DQ → Conv → Q into its integer kernels.
+  container range is wider than the code range. onnxruntime fuses DQ → Conv → Q into its integer kernels,
+  whose fast path wants unsigned activations: a signed activation code ``q`` is stored as ``q + 128`` in
+  ``uint8`` with ONNX zero point 128, which dequantizes to exactly the same value (the IR's zero point stays 0).
 - ``compact``: 4-bit weights as packed ``INT4`` initializers, so the file is as small as the memory cost says.
 
 Value mapping: an IR integer tensor (≤ 8 bits) is an ONNX tensor of codes; an IR int32 accumulator is the float
@@ -70,27 +72,30 @@ class _Exporter:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=self.uid(f"n_{op}"), **attrs))
         return output
 
-    @staticmethod
-    def container(t: TensorInfo) -> type:
-        return np.int8 if t.dtype.signed else np.uint8
+    def container(self, t: TensorInfo, weight: bool = False) -> tuple[type, int]:
+        """(numpy type, code offset) of a tensor: weights int8 as they are; activations uint8, signed ones
+        shifted by 128 (ONNX zero point 128)."""
+        if weight:
+            return (np.int8 if t.dtype.signed else np.uint8), 0
+        return np.uint8, (128 if t.dtype.signed else 0)
 
-    def scale_zp(self, base: str, t: TensorInfo, elem: int | None = None) -> tuple[str, str]:
+    def scale_zp(self, base: str, t: TensorInfo, elem: int | None = None, weight: bool = False) -> tuple[str, str]:
         assert t.scale is not None
-        zp_dtype = self.container(t)
-        zeros = np.zeros(t.scale.shape, dtype=zp_dtype)
+        ty, offset = self.container(t, weight)
+        zeros = np.full(t.scale.shape, offset, dtype=ty)
         zp = self.const(f"{base}_zp", zeros, elem) if elem is not None else self.const(f"{base}_zp", zeros)
         return self.const(f"{base}_scale", t.scale.astype(np.float32)), zp
 
     def quantize_to(self, src: str, out: str, t: TensorInfo) -> str:
         """QuantizeLinear into the 8-bit container, then Clip to the code range when it is narrower."""
         s, zp = self.scale_zp(out, t)
-        lo_c, hi_c = (-128, 127) if t.dtype.signed else (0, 255)
-        if (t.qmin, t.qmax) == (lo_c, hi_c):
+        ty, offset = self.container(t)
+        lo, hi = t.qmin + offset, t.qmax + offset
+        if (lo, hi) == (0, 255):
             return self.node("QuantizeLinear", [src, s, zp], out)
         q = self.node("QuantizeLinear", [src, s, zp])
-        ty = self.container(t)
-        return self.node("Clip", [q, self.const(f"{out}_lo", np.array(t.qmin, ty)),
-                                  self.const(f"{out}_hi", np.array(t.qmax, ty))], out)
+        return self.node("Clip", [q, self.const(f"{out}_lo", np.array(lo, ty)),
+                                  self.const(f"{out}_hi", np.array(hi, ty))], out)
 
     def dq(self, name: str) -> str:
         """The float view of an IR value."""
@@ -144,8 +149,8 @@ class _Exporter:
         TP = self.onnx.TensorProto
         packed = self.flavour == "compact" and t.dtype in (DType.INT4, DType.UINT4)
         elem = (TP.INT4 if t.dtype.signed else TP.UINT4) if packed else None
-        w = self.const(name, codes.astype(self.container(t)) if not packed else codes, elem)
-        s, zp = self.scale_zp(name, t, elem)
+        w = self.const(name, codes.astype(self.container(t, weight=True)[0]) if not packed else codes, elem)
+        s, zp = self.scale_zp(name, t, elem, weight=True)
         return self.node("DequantizeLinear", [w, s, zp], self.uid(f"{name}_dq"), axis=0)
 
     def _bias(self, name: str) -> str:
@@ -178,9 +183,9 @@ class _Exporter:
         if t.dtype is DType.FLOAT32 or t.dtype is DType.INT32:
             self.node("Relu", [op.inputs[0]], op.output)
             return
-        ty = self.container(t)
-        self.node("Clip", [op.inputs[0], self.const("zero", np.array(0, ty)), self.const("max", np.array(t.qmax, ty))],
-                  op.output)
+        ty, offset = self.container(t)
+        self.node("Clip", [op.inputs[0], self.const("zero", np.array(offset, ty)),
+                           self.const("max", np.array(t.qmax + offset, ty))], op.output)
 
     def op_maxpool2d(self, op: Op) -> None:
         a = op.attrs
@@ -247,8 +252,11 @@ class _Exporter:
         for i in range(len(pads) // 2):
             begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
         t = self.ir.values[op.inputs[0]]
-        ty = np.float32 if t.dtype in (DType.FLOAT32, DType.INT32) else self.container(t)
-        value = self.const("pad_value", np.array(op.attrs.get("value", 0), ty))
+        if t.dtype in (DType.FLOAT32, DType.INT32):
+            ty, offset = np.float32, 0
+        else:
+            ty, offset = self.container(t)
+        value = self.const("pad_value", np.array(op.attrs.get("value", 0) + offset, ty))
         self.node("Pad", [op.inputs[0], self.const("pads", np.array(begin + end, np.int64)), value], op.output,
                   mode="constant")
 
