@@ -213,7 +213,9 @@ class _Exporter:
         self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
 
     def op_add(self, op: Op) -> None:
-        self.node("Add", list(op.inputs), op.output)
+        # Sum, not Add: onnxruntime fuses DQ → Add → Q into QLinearAdd, whose zero-point-folded float arithmetic
+        # rounds differently from DQ → add → Q (the IR's semantics); the float add is cheap next to the convs
+        self.node("Sum", list(op.inputs), op.output)
 
     def op_flatten(self, op: Op) -> None:
         if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):
