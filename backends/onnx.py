@@ -50,6 +50,7 @@ class _Exporter:
         self.flavour = flavour
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
         self._n = 0
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class _Exporter:
         if op.attrs.get("mode") == "dyadic":
             raise OnnxExportError("dyadic requantization has no ONNX QDQ form; lower without --dyadic")
         t = self.ir.values[op.output]
-        src = op.inputs[0]
+        src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
         if op.attrs.get("relu") and t.qmin < 0:
             src = self.node("Relu", [src])
         self.quantize_to(src, op.output, t)
@@ -163,20 +164,35 @@ class _Exporter:
         zp = self.const(f"{name}_zp", np.zeros(t.scale.shape, np.int32))
         return self.node("DequantizeLinear", [b, s, zp], self.uid(f"{name}_dq"), axis=0)
 
+    def copies(self, op: Op) -> list[str]:
+        """Output names for a conv/dense: one per requantize that reads it, so that each DQ → Conv → Q chain
+        fuses into an integer kernel (a shared float output would stay a float Conv); else the output itself."""
+        readers = [o for o in self.ir.ops if op.output in o.inputs]
+        if len(readers) > 1 and all(o.kind == "requantize" for o in readers):
+            names = []
+            for o in readers:
+                alias = f"{op.output}__for_{o.output}"
+                self.alias[(o.output, op.output)] = alias
+                names.append(alias)
+            return names
+        return [op.output]
+
     def op_conv2d(self, op: Op) -> None:
         a = op.attrs
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
         if len(op.inputs) > 2:
             inputs.append(self._bias(op.inputs[2]))
         w_shape = self.ir.constants[op.inputs[1]].shape
-        self.node("Conv", inputs, op.output, strides=list(a["stride"]), pads=list(a["padding"]) * 2,
-                  dilations=list(a["dilation"]), group=a["groups"], kernel_shape=list(w_shape[2:]))
+        for out in self.copies(op):
+            self.node("Conv", inputs, out, strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                      dilations=list(a["dilation"]), group=a["groups"], kernel_shape=list(w_shape[2:]))
 
     def op_dense(self, op: Op) -> None:
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
         if len(op.inputs) > 2:
             inputs.append(self._bias(op.inputs[2]))
-        self.node("Gemm", inputs, op.output, transB=1)
+        for out in self.copies(op):
+            self.node("Gemm", inputs, out, transB=1)
 
     def op_relu(self, op: Op) -> None:
         t = self.ir.values[op.output]
@@ -307,3 +323,63 @@ def run(sess: Any, inputs: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Run a session on float32 inputs in graph order."""
     names = [i.name for i in sess.get_inputs()]
     return sess.run(None, {n: np.asarray(x, np.float32) for n, x in zip(names, inputs)})
+
+
+def _final_scale(ir: IRGraph) -> tuple[str, np.ndarray]:
+    op = ir.producer(ir.outputs[0])
+    if op is None or op.kind != "dequantize":
+        raise OnnxExportError("the IR's output is not a dequantized integer tensor")
+    src = op.inputs[0].removesuffix("__relu")
+    return src, ir.values[src].broadcast_scale(2)
+
+
+def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:
+    """Per integer tensor: onnxruntime's codes (exposed as extra graph outputs) against the reference's."""
+    onnx = _onnx()
+    from qcompile.ir import reference
+    from qcompile.verify import TensorAgreement
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [op.output for op in ir.ops
+             if ir.values[op.output].dtype.is_int and ir.values[op.output].dtype is not DType.INT32]
+    for n in names:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None))
+    outs = run(session(probe), [x])[1:]
+    env = reference.run(ir, x, keep=True)
+    rows = []
+    for n, o in zip(names, outs):
+        agreement = TensorAgreement(n)
+        agreement.update(env[n] + (128 if ir.values[n].dtype.signed else 0), o.astype(np.int64))
+        rows.append({"name": n, "identical_fraction": agreement.identical_fraction,
+                     "max_lsb_diff": agreement.max_lsb_diff})
+    return rows
+
+
+def reference_logits(ir: IRGraph, batches: Iterable[tuple[Any, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, reference logits) per batch, computed once for every flavour's comparison."""
+    from qcompile.ir import reference
+
+    out = []
+    for x, _ in batches:
+        x = np.asarray(x, dtype=np.float32)
+        out.append((x, reference.run(ir, x)[ir.outputs[0]]))
+    return out
+
+
+def compare_with_reference(ir: IRGraph, model: Any, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """onnxruntime vs the reference interpreter on ``(inputs, reference logits)`` pairs: top-1 agreement and
+    the final integer outputs (the accumulators the logits are dequantized from)."""
+    from qcompile.verify import TensorAgreement
+
+    sess = session(model)
+    final, scale = _final_scale(ir)
+    agreement = TensorAgreement(final)
+    images = agree = 0
+    for x, ref in pairs:
+        out = run(sess, [x])[0]
+        agreement.update(np.rint(ref / scale), np.rint(out / scale))
+        images += len(x)
+        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+    return {"images": images, "top1_agreement": agree / images if images else float("nan"),
+            "identical_fraction": agreement.identical_fraction, "max_lsb_diff": agreement.max_lsb_diff}

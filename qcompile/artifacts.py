@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the current umask (mkstemp's are 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``path`` only if the block succeeds."""
@@ -18,6 +25,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, default_mode())
     try:
         yield Path(tmp)
         os.replace(tmp, target)

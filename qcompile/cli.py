@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,6 +15,7 @@ from qcompile.artifacts import write_json
 from qcompile.data import iterate_batches, load_split
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
+from qcompile.ir.graph import IRGraph
 from qcompile.ir.serialize import save as save_ir
 from qcompile.model_file import ModelFile, load_model_file, load_weights, parse_model_args
 from qcompile.passes import (
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify-size", type=int, default=2000, metavar="N",
                     help="images on which the integer reference is checked against the fake-quant model "
                          "(default 2000; 0 skips verification)")
+    ap.add_argument("--backend", dest="backends", action="append", choices=["onnx", "none"], default=None,
+                    help="artifacts to build from the integer IR (default: onnx, when the onnx extra is installed); "
+                         "onnx writes model.onnx (serving) and model.compact.onnx")
     ap.add_argument("--dyadic", action="store_true",
                     help="integer-only requantization (int32 multiplier and shift) instead of float32 multipliers")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
@@ -74,6 +80,54 @@ def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[Batches | Non
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
     calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
+
+
+def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """model.onnx (serving) and model.compact.onnx, each checked against the reference in onnxruntime."""
+    wanted = args.backends or ["onnx"]
+    if "onnx" not in wanted:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        if args.backends:
+            raise QCompileError("--backend onnx needs the onnx extra: pip install 'qcompile[onnx]'")
+        report["warnings"].append("ONNX artifacts skipped: the onnx extra is not installed (pip install 'qcompile[onnx]')")
+        return
+    from qcompile.backends import onnx as qonnx
+
+    pairs = qonnx.reference_logits(ir, batches)
+    for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
+        model = qonnx.to_onnx(ir, flavour)
+        path = qonnx.save(model, out / name)
+        report.setdefault("artifacts", {})[f"onnx_{flavour}"] = str(path)
+        if not pairs:
+            continue
+        result = qonnx.compare_with_reference(ir, model, pairs)
+        report.setdefault("verification", {}).setdefault("onnx_vs_reference", {})[flavour] = result
+        if within_tolerance(result):
+            continue
+        if flavour == "compact":  # runs as DQ -> float Conv in onnxruntime: float32 sums may round a code off
+            report["warnings"].append(
+                f"onnxruntime (compact, float convolutions) differs from the integer reference: identical "
+                f"{result['identical_fraction']:.5f}, max {result['max_lsb_diff']} LSB")
+            continue
+        rows = qonnx.layer_diff(ir, model, pairs[0][0])
+        first = next((r for r in rows if r["max_lsb_diff"] > 0), None)
+        result["layers"] = rows
+        write_json(out / "report.json", report)
+        where = (f"; first differing tensor {first['name']} ({first['identical_fraction']:.5f} identical, "
+                 f"max {first['max_lsb_diff']} LSB)" if first else "")
+        raise QCompileError(
+            f"onnxruntime ({flavour}) disagrees with the integer reference: identical "
+            f"{result['identical_fraction']:.5f}, max {result['max_lsb_diff']} LSB, top-1 agreement "
+            f"{result['top1_agreement']:.4f}{where}; per-layer diff in {out / 'report.json'}")
+
+
+def within_tolerance(result: dict[str, Any]) -> bool:
+    """An artifact agrees with the reference: >= 99.9% identical final integers, max 1 LSB, top-1 >= 99.9%."""
+    return result["identical_fraction"] >= 0.999 and result["max_lsb_diff"] <= 1 and result["top1_agreement"] >= 0.999
 
 
 def compile_model(args: argparse.Namespace) -> int:
@@ -115,10 +169,11 @@ def compile_model(args: argparse.Namespace) -> int:
         ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
         report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
         checked = evald if evald is not None else calib
+        build_onnx_artifacts(args, ir, out, report, take_images(checked or [], args.verify_size))
         if args.verify_size and checked:
             v = verify_reference(result.graph_module, ir, take_images(checked, args.verify_size))
             summary = v.summary()
-            report["verification"] = {"reference_vs_fakequant": summary}
+            report.setdefault("verification", {})["reference_vs_fakequant"] = summary
             if summary["top1_agreement"] < 0.999 or summary["max_lsb_diff"] > 1:
                 report["warnings"].append(
                     f"integer reference disagrees with the fake-quant model: top-1 agreement "

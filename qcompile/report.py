@@ -100,5 +100,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
                       f"{ver['top1_agreement'] * 100:.2f}% · identical final outputs {ver['identical_fraction'] * 100:.3f}% "
                       f"· max diff {ver['max_lsb_diff']} LSB · reference top-1 {ver['reference_top1'] * 100:.2f}%")
+    for flavour, res in report.get("verification", {}).get("onnx_vs_reference", {}).items():
+        console.print(f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
+                      f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "
+                      f"· max diff {res['max_lsb_diff']} LSB")
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")

@@ -240,6 +240,36 @@ def test_integer_ir_is_written_and_verified(tmp_path, capsys):
     assert report["artifacts"]["ir"] == str(out / "ir")
     assert {op.kind for op in ir.ops} >= {"quantize", "conv2d", "requantize", "add", "dense"}
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
+        assert report["artifacts"][f"onnx_{flavour}"] == str(out / name) and (out / name).is_file()
+        onnx_ver = report["verification"]["onnx_vs_reference"][flavour]
+        assert onnx_ver["images"] == 100 and onnx_ver["top1_agreement"] >= 0.99
+        if flavour == "serving":  # integer kernels: exact; compact runs float convolutions
+            assert onnx_ver["identical_fraction"] == 1.0 and onnx_ver["max_lsb_diff"] == 0
+
+
+def test_onnx_mismatch_fails_with_a_per_layer_diff(tmp_path, capsys, monkeypatch):
+    from qcompile.backends import onnx as qonnx
+
+    real = qonnx.compare_with_reference
+
+    def skewed(ir, model, pairs):
+        result = real(ir, model, pairs)
+        return dict(result, identical_fraction=0.9, max_lsb_diff=3)
+
+    monkeypatch.setattr(qonnx, "compare_with_reference", skewed)
+    code, captured, out = run([R20, "--recipe", "int8", *FAST], tmp_path, capsys)
+    assert code == 2
+    line = captured.err.strip()
+    assert "\n" not in line and "onnxruntime (serving) disagrees with the integer reference" in line
+    layers = json.loads((out / "report.json").read_text())["verification"]["onnx_vs_reference"]["serving"]["layers"]
+    assert layers and all({"name", "identical_fraction", "max_lsb_diff"} <= set(row) for row in layers)
+
+
+def test_backend_none_skips_onnx(tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "int8", "--backend", "none", *FAST], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert not (out / "model.onnx").exists() and (out / "ir").is_dir()
 
 
 def test_image_folder_directory(tmp_path, capsys):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from qcompile.artifacts import default_mode
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
 
@@ -79,6 +80,7 @@ def save(graph: IRGraph, directory: str | os.PathLike[str]) -> Path:
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         arrays = {}
         values = {}

@@ -44,3 +44,25 @@ def test_dyadic_ir_is_refused():
     Pipeline([LowerInteger(dyadic=True)]).run_graph(res.graph_module, res.context)
     with pytest.raises(qonnx.OnnxExportError, match="dyadic"):
         qonnx.to_onnx(res.context.ir)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+def test_serving_runs_every_conv_and_dense_as_integer_kernels(recipe, tmp_path):
+    import onnx
+    import torch
+
+    from qcompile import Pipeline, get_recipe
+    from qcompile.models import resnet20_cifar
+    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(resnet20_cifar(), data=torch.randn(16, 3, 32, 32))
+    calib = [(torch.randn(16, 3, 32, 32), torch.zeros(16)) for _ in range(2)]
+    ir = Pipeline([FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]).run(
+        model, torch.randn(1, 3, 32, 32), recipe=get_recipe(recipe), calibration_data=calib).context.ir
+    optimized = tmp_path / "opt.onnx"
+    qonnx.session(qonnx.to_onnx(ir, "serving"), optimized_path=str(optimized))
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert ops.count("QLinearConv") >= 21 and ops.count("QGemm") == 1
+    assert not {"Conv", "Gemm", "MatMul", "ConvInteger"} & set(ops)
