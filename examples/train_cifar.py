@@ -60,6 +60,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", required=True, help="where to write the state dict (.pt); a .json with results beside it")
     ap.add_argument("--resume", help="training-state file to write each epoch and resume from")
+    ap.add_argument("--init", help="start from these weights (a state dict) with a fresh schedule: fine-tuning")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
@@ -70,6 +71,8 @@ def main() -> int:
 
     train, test = load_split(args.data, "train"), load_split(args.data, "test")
     model = CifarResNet(args.depth, num_classes=len(train.classes), width=args.width)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, weights_only=True))
     model = model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import fx
 
 from qcompile.artifacts import write_json
 from qcompile.data import iterate_batches, load_split
@@ -95,6 +96,9 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
             raise QCompileError("--backend onnx needs the onnx extra: pip install 'qcompile[onnx]'")
         report["warnings"].append("ONNX artifacts skipped: the onnx extra is not installed (pip install 'qcompile[onnx]')")
         return
+    if ir.metadata.get("requantize") == "dyadic":
+        report["warnings"].append("ONNX artifacts skipped: dyadic requantization has no ONNX QDQ form")
+        return
     from qcompile.backends import onnx as qonnx
 
     pairs = qonnx.reference_logits(ir, batches)
@@ -130,11 +134,30 @@ def within_tolerance(result: dict[str, Any]) -> bool:
     return result["identical_fraction"] >= 0.999 and result["max_lsb_diff"] <= 1 and result["top1_agreement"] >= 0.999
 
 
+def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IRGraph, out: Path,
+                            report: dict[str, Any], checked: Batches) -> None:
+    """OUT/ir and the backends' artifacts, each verified on the first ``--verify-size`` images."""
+    ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
+    report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
+    build_onnx_artifacts(args, ir, out, report, take_images(checked, args.verify_size))
+    if not args.verify_size or not checked:
+        return
+    summary = verify_reference(gm, ir, take_images(checked, args.verify_size)).summary()
+    report.setdefault("verification", {})["reference_vs_fakequant"] = summary
+    if not within_tolerance(summary):
+        report["warnings"].append(
+            f"integer reference disagrees with the fake-quant model: top-1 agreement "
+            f"{summary['top1_agreement']:.4f}, identical {summary['identical_fraction']:.5f}, "
+            f"max difference {summary['max_lsb_diff']} LSB")
+
+
 def compile_model(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     if args.calibrator:
         recipe = replace(recipe, act_calibrator=parse_calibrator(args.calibrator, "--calibrator"))
     overrides = parse_set(args.sets) + (load_overrides(args.overrides) if args.overrides else [])
+    if args.dyadic and "onnx" in (args.backends or []):
+        raise QCompileError("--backend onnx cannot carry --dyadic requantization (ONNX QDQ has no such form)")
     if args.width <= 0:
         raise QCompileError(f"--width must be positive, got {args.width}")
     if args.weights and args.width != 1.0:
@@ -164,27 +187,16 @@ def compile_model(args: argparse.Namespace) -> int:
     report = build_report(result.graph_module, result.context, model=str(args.model))
     report["warnings"] += notes
     out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}"
-    ir = result.context.ir
-    if ir is not None:
-        ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
-        report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
+    if result.context.ir is not None:
         checked = evald if evald is not None else calib
-        build_onnx_artifacts(args, ir, out, report, take_images(checked or [], args.verify_size))
-        if args.verify_size and checked:
-            v = verify_reference(result.graph_module, ir, take_images(checked, args.verify_size))
-            summary = v.summary()
-            report.setdefault("verification", {})["reference_vs_fakequant"] = summary
-            if summary["top1_agreement"] < 0.999 or summary["max_lsb_diff"] > 1:
-                report["warnings"].append(
-                    f"integer reference disagrees with the fake-quant model: top-1 agreement "
-                    f"{summary['top1_agreement']:.4f}, max difference {summary['max_lsb_diff']} LSB")
+        write_integer_artifacts(args, result.graph_module, result.context.ir, out, report, checked or [])
     if evald is not None and (not recipe.quantized or calib is not None):
         float_top1, n = top1(model, evald, desc="eval float")
         quant_top1 = top1(result.graph_module, evald, desc="eval quantized")[0] if recipe.quantized else float_top1
         report["accuracy"] = {"float_top1": float_top1, "quant_top1": quant_top1, "n": n,
                               "calibration_images": result.context.calibration_images}
-        if "verification" in report and evald is not None:
-            ref = report["verification"]["reference_vs_fakequant"]
+        ref = report.get("verification", {}).get("reference_vs_fakequant")
+        if ref is not None and evald is not None:
             report["accuracy"].update(reference_top1=ref["reference_top1"], reference_n=ref["images"])
     write_json(out / "report.json", report)
     if not args.quiet:

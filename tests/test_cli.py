@@ -294,3 +294,15 @@ def test_image_folder_directory(tmp_path, capsys):
 def test_data_errors(args, fragment, tmp_path, capsys):
     code, captured, out = run([R20, "--recipe", "int8", *args], tmp_path, capsys)
     assert_one_line_error(code, captured, out, fragment)
+
+
+def test_dyadic_lowering_skips_onnx_with_a_warning(tmp_path, capsys):
+    code, captured, out = run([R20, "--recipe", "int8", "--dyadic", *FAST], tmp_path, capsys)
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert any("dyadic" in w for w in report["warnings"]) and not (out / "model.onnx").exists()
+    assert json.loads((out / "ir" / "graph.json").read_text())["metadata"]["requantize"] == "dyadic"
+    (tmp_path / "b").mkdir()
+    code, captured, out = run([R20, "--recipe", "int8", "--dyadic", "--backend", "onnx", *FAST], tmp_path / "b",
+                              capsys)
+    assert_one_line_error(code, captured, out, "--backend onnx cannot carry --dyadic")
