@@ -326,11 +326,10 @@ def run(sess: Any, inputs: Iterable[np.ndarray]) -> list[np.ndarray]:
 
 
 def _final_scale(ir: IRGraph) -> tuple[str, np.ndarray]:
-    op = ir.producer(ir.outputs[0])
-    if op is None or op.kind != "dequantize":
+    finals = ir.final_integers()
+    if not finals:
         raise OnnxExportError("the IR's output is not a dequantized integer tensor")
-    src = op.inputs[0].removesuffix("__relu")
-    return src, ir.values[src].broadcast_scale(2)
+    return finals[0], ir.values[finals[0]].broadcast_scale(2)
 
 
 def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
-from qcompile.graph import compute_nodes, is_nonnegative, module_of
+from qcompile.graph import compute_nodes, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
@@ -126,9 +126,9 @@ class InsertQuantizers(Pass):
                 continue
             src = node.args[0]
             while isinstance(src, fx.Node) and (
-                isinstance(module_of(gm, src), nn.ReLU | nn.MaxPool2d)
-                or (src.op == "call_function" and src.target in (F.relu, torch.relu, F.max_pool2d))
-                or (src.op == "call_method" and src.target == "relu")
+                is_relu(gm, src)
+                or isinstance(module_of(gm, src), nn.MaxPool2d)
+                or (src.op == "call_function" and src.target is F.max_pool2d)
             ):
                 src = src.args[0]
             layer = module_of(gm, src) if isinstance(src, fx.Node) else None

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from qcompile.tracing import source_location
 from qcompile.errors import QCompileError
-from qcompile.graph import module_of
+from qcompile.graph import is_relu, module_of
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
@@ -41,7 +41,6 @@ class _Val:
     relu: bool = False
 
 
-_RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _ADD_FUNCS = {operator.add, torch.add}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout)
 
@@ -163,12 +162,12 @@ class _Lowerer:
             self.g.outputs.append(name)
 
     def lower_module(self, node: fx.Node, m: nn.Module) -> _Val | None:
+        if is_relu(self.gm, node):
+            return self.lower_relu(node)
         if isinstance(m, ActivationQuantizer):
             return self.lower_quantizer(node, m)
         if isinstance(m, nn.Conv2d | nn.Linear):
             return self.lower_layer(node, m)
-        if isinstance(m, nn.ReLU):
-            return self.lower_relu(node)
         if isinstance(m, _ALIAS_MODULES):
             return self.value(node, node.args[0])
         if isinstance(m, nn.MaxPool2d):
@@ -187,7 +186,7 @@ class _Lowerer:
         t = node.target
         fn = node.op == "call_function"
         meth = node.op == "call_method"
-        if (fn and t in _RELU_FUNCS) or (meth and t in ("relu", "relu_")):
+        if is_relu(self.gm, node):
             return self.lower_relu(node)
         if (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             tensors = [a for a in node.args if isinstance(a, fx.Node)]

@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+BatchList = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[Batches | None, Batches | None]:
+def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[BatchList | None, BatchList | None]:
     """Calibration and evaluation batches from --data (train / test splits) or the model file's hooks."""
     if args.calib_size < 0 or (args.eval_size is not None and args.eval_size < 0):
         raise QCompileError("--calib-size and --eval-size must not be negative")
@@ -136,7 +136,7 @@ def within_tolerance(result: dict[str, Any]) -> bool:
 
 
 def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IRGraph, out: Path,
-                            report: dict[str, Any], checked: Batches) -> None:
+                            report: dict[str, Any], checked: BatchList) -> None:
     """OUT/ir and the backends' artifacts, each verified on the first ``--verify-size`` images."""
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
     report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}

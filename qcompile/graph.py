@@ -14,9 +14,6 @@ from qcompile.spec import LayerRole
 
 COMPUTE_MODULES = (_ConvNd, nn.Linear)
 
-_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
-_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.relu_}
-_NONNEG_METHODS = {"relu", "relu_"}
 _PASS_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Dropout, nn.Identity,
@@ -26,6 +23,19 @@ _PASS_FUNCTIONS = {
     F.dropout, torch.cat, operator.add, torch.add, operator.getitem, torch.reshape, F.pad,
 }
 _PASS_METHODS = {"view", "reshape", "flatten", "mean", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU in any of its forms: ``nn.ReLU``, ``F.relu``/``torch.relu(_)``, ``x.relu()``/``x.relu_()``."""
+    return (
+        isinstance(module_of(gm, node), nn.ReLU)
+        or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _RELU_METHODS)
+    )
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -93,9 +103,7 @@ def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool]
     memo[node] = False
     m = module_of(gm, node)
     tensor_inputs = [a for a in node.all_input_nodes]
-    if isinstance(m, _NONNEG_MODULES) or (node.op == "call_function" and node.target in _NONNEG_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _NONNEG_METHODS
-    ):
+    if is_relu(gm, node) or isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
         result = True
     elif isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
         node.op == "call_method" and node.target in _PASS_METHODS

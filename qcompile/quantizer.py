@@ -127,10 +127,7 @@ class ActivationQuantizer(nn.Module):
 
     def accumulator_scale(self) -> torch.Tensor | None:
         """``s_x · s_w[c]`` (float32, per channel) of the accumulator this quantizer requantizes, if any."""
-        if self._accumulator is None:
-            return None
-        layer, aq, wq = self._accumulator
-        return aq.scale.float() * wq.scale_for(layer.parametrizations.weight.original).reshape(-1).float()
+        return None if self._accumulator is None else accumulator_scale(*self._accumulator)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -211,6 +208,13 @@ class WeightQuantizer(nn.Module):
 INT32_QMAX = 2**31 - 1
 
 
+def accumulator_scale(layer: nn.Module, input_quantizer: ActivationQuantizer,
+                      weight_quantizer: WeightQuantizer) -> torch.Tensor:
+    """``s_x · s_w[c]`` in float32: the scale of a quantized layer's int32 accumulator and of its bias."""
+    w = layer.parametrizations.weight.original
+    return input_quantizer.scale.float() * weight_quantizer.scale_for(w).reshape(-1)
+
+
 class BiasQuantizer(nn.Module):
     """Rounds a layer's bias to int32 at scale ``s_x · s_w[c]``, as the integer kernel adds it (a parametrization).
 
@@ -224,9 +228,7 @@ class BiasQuantizer(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """Per-output-channel bias scale ``s_x · s_w[c]``."""
-        layer, aq, wq = self._refs
-        w = layer.parametrizations.weight.original
-        return (aq.scale.float() * wq.scale_for(w).reshape(-1)).detach()
+        return accumulator_scale(*self._refs).detach()
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         _, aq, wq = self._refs

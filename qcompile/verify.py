@@ -85,16 +85,6 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _final_integers(ir: IRGraph) -> list[str]:
-    """The integer values the graph outputs are dequantized from."""
-    finals = []
-    for out in ir.outputs:
-        op = ir.producer(out)
-        if op is not None and op.kind == "dequantize":
-            finals.append(op.inputs[0].removesuffix("__relu"))
-    return finals
-
-
 def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      dtype: torch.dtype = torch.float64) -> Verification:
     """Compare the reference interpreter with the fake-quant graph, batch by batch.
@@ -107,7 +97,7 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
     fx_names = {n.name for n in gm.graph.nodes}
     compared = [name for name, t in ir.values.items()
                 if name in fx_names and t.dtype.is_int and name not in ir.constants]
-    finals = [f for f in _final_integers(ir) if f in compared]
+    finals = [f for f in ir.final_integers() if f in compared]
     result = Verification(layers=[TensorAgreement(n) for n in compared], final=[TensorAgreement(n) for n in finals])
     by_name = {t.name: t for t in result.layers} | {f"final:{t.name}": t for t in result.final}
     was_training = gm.training

@@ -69,6 +69,17 @@ class IRGraph:
     def producer(self, name: str) -> Op | None:
         return next((op for op in self.ops if op.output == name), None)
 
+    def final_integers(self) -> list[str]:
+        """The integer values the outputs are dequantized from (through a ReLU applied to them, if any)."""
+        finals = []
+        for out in self.outputs:
+            op = self.producer(out)
+            if op is None or op.kind != "dequantize":
+                continue
+            src = self.producer(op.inputs[0])
+            finals.append(src.inputs[0] if src is not None and src.kind == "relu" else op.inputs[0])
+        return finals
+
     def summary(self) -> str:
         """One line per op, for humans."""
         lines = []
