@@ -51,6 +51,11 @@ class _Exporter:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
+        self.done: set[str] = set()  # outputs of ops already written as part of an earlier op's rewrite
+        self.readers: dict[str, list[Op]] = {}
+        for o in ir.ops:
+            for name in o.inputs:
+                self.readers.setdefault(name, []).append(o)
         self._n = 0
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -110,7 +115,8 @@ class _Exporter:
     def export(self) -> Any:
         helper, TP = self.onnx.helper, self.onnx.TensorProto
         for op in self.ir.ops:
-            getattr(self, f"op_{op.kind}", self.unsupported)(op)
+            if op.output not in self.done:
+                getattr(self, f"op_{op.kind}", self.unsupported)(op)
         inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]]) for n in self.ir.inputs]
         outputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]])
                    for n in self.ir.outputs]
@@ -167,7 +173,7 @@ class _Exporter:
     def copies(self, op: Op) -> list[str]:
         """Output names for a conv/dense: one per requantize that reads it, so that each DQ → Conv → Q chain
         fuses into an integer kernel (a shared float output would stay a float Conv); else the output itself."""
-        readers = [o for o in self.ir.ops if op.output in o.inputs]
+        readers = self.readers.get(op.output, [])
         if len(readers) > 1 and all(o.kind == "requantize" for o in readers):
             names = []
             for o in readers:
@@ -177,15 +183,51 @@ class _Exporter:
             return names
         return [op.output]
 
+    def pooled_requantizes(self, op: Op) -> tuple[list[Op], list[Op]] | None:
+        """A conv's ``relu``/``maxpool2d`` chain ending in requantizes (a ResNet stem), when the chain pools.
+
+        The IR pools the int32 accumulators and requantizes after; onnxruntime fuses a conv into QLinearConv only
+        when a QuantizeLinear follows it directly. Requantizing is monotone per channel (positive multipliers,
+        zero maps to zero), so it commutes with ReLU and max pooling: Conv → Q → MaxPool on the codes computes
+        the same integers, once per requantize that reads the chain."""
+        chain: list[Op] = []
+        readers = self.readers.get(op.output, [])
+        while len(readers) == 1 and readers[0].kind in ("relu", "maxpool2d"):
+            chain.append(readers[0])
+            readers = self.readers.get(readers[0].output, [])
+        if (not any(c.kind == "maxpool2d" for c in chain) or not readers
+                or not all(r.kind == "requantize" and r.attrs.get("mode") != "dyadic" for r in readers)):
+            return None
+        return chain, readers
+
+    def conv_then_pool(self, inputs: list[str], conv_attrs: dict[str, Any], chain: list[Op],
+                       requantizes: list[Op]) -> None:
+        """Per requantize: Conv → ReLU → Q (one integer kernel) → the chain's max pools on the codes."""
+        for rq in requantizes:
+            src = self.node("Conv", inputs, **conv_attrs)
+            if any(c.kind == "relu" for c in chain) or (rq.attrs.get("relu") and self.ir.values[rq.output].qmin < 0):
+                src = self.node("Relu", [src])
+            pools = [c for c in chain if c.kind == "maxpool2d"]
+            src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"), self.ir.values[rq.output])
+            for i, pool in enumerate(pools):
+                src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
+            self.done.add(rq.output)
+        self.done.update(c.output for c in chain)
+
     def op_conv2d(self, op: Op) -> None:
         a = op.attrs
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
         if len(op.inputs) > 2:
             inputs.append(self._bias(op.inputs[2]))
         w_shape = self.ir.constants[op.inputs[1]].shape
+        attrs = dict(strides=list(a["stride"]), pads=list(a["padding"]) * 2, dilations=list(a["dilation"]),
+                     group=a["groups"], kernel_shape=list(w_shape[2:]))
+        pooled = self.pooled_requantizes(op)
+        if pooled is not None:
+            self.conv_then_pool(inputs, attrs, *pooled)
+            return
         for out in self.copies(op):
-            self.node("Conv", inputs, out, strides=list(a["stride"]), pads=list(a["padding"]) * 2,
-                      dilations=list(a["dilation"]), group=a["groups"], kernel_shape=list(w_shape[2:]))
+            self.node("Conv", inputs, out, **attrs)
 
     def op_dense(self, op: Op) -> None:
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
@@ -203,10 +245,13 @@ class _Exporter:
         self.node("Clip", [op.inputs[0], self.const("zero", np.array(offset, ty)),
                            self.const("max", np.array(t.qmax + offset, ty))], op.output)
 
-    def op_maxpool2d(self, op: Op) -> None:
+    def maxpool(self, src: str, op: Op, output: str | None = None) -> str:
         a = op.attrs
-        self.node("MaxPool", [op.inputs[0]], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                  pads=list(a["padding"]) * 2, dilations=list(a["dilation"]))
+        return self.node("MaxPool", [src], output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                         pads=list(a["padding"]) * 2, dilations=list(a["dilation"]))
+
+    def op_maxpool2d(self, op: Op) -> None:
+        self.maxpool(op.inputs[0], op, op.output)
 
     def op_avgpool2d(self, op: Op) -> None:
         a = op.attrs

@@ -66,3 +66,32 @@ def test_serving_runs_every_conv_and_dense_as_integer_kernels(recipe, tmp_path):
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     assert ops.count("QLinearConv") >= 21 and ops.count("QGemm") == 1
     assert not {"Conv", "Gemm", "MatMul", "ConvInteger"} & set(ops)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+def test_pooled_stem_runs_as_integer_kernels_and_matches_reference(recipe, tmp_path):
+    """A ResNet-18 stem (conv → ReLU → max pool) read at two precisions (mostly4bit: the 4-bit conv and the
+    8-bit identity shortcut) still fuses into QLinearConv, and pooling the codes matches the reference."""
+    import onnx
+    import torch
+
+    from qcompile import Pipeline, get_recipe
+    from qcompile.models import resnet18
+    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+    from tests.conftest import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(resnet18(width=0.25, num_classes=10), data=torch.randn(8, 3, 48, 48))
+    calib = [(torch.randn(8, 3, 48, 48), torch.zeros(8)) for _ in range(2)]
+    ir = Pipeline([FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]).run(
+        model, torch.randn(1, 3, 48, 48), recipe=get_recipe(recipe), calibration_data=calib).context.ir
+    optimized = tmp_path / "opt.onnx"
+    model_proto = qonnx.to_onnx(ir, "serving")
+    sess = qonnx.session(model_proto, optimized_path=str(optimized))
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger"} & set(ops)
+    x = np.random.default_rng(1).standard_normal((16, 3, 48, 48)).astype(np.float32)
+    ref = reference.run(ir, x)[ir.outputs[0]]
+    out = qonnx.run(sess, [x])[0]
+    acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].scale
+    assert np.array_equal(np.rint(ref / acc_scale), np.rint(out / acc_scale))

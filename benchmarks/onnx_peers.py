@@ -1,0 +1,220 @@
+"""qcompile's ONNX artifacts against the tool a user would pick instead: onnxruntime's own ``quantize_static``.
+
+For each model the same float weights are exported three ways and timed side by side in one process:
+
+- ``float``       — ``torch.onnx.export`` of the float model, run by onnxruntime;
+- ``ort_u8s8``    — that file quantized by ``onnxruntime.quantization.quantize_static`` (QDQ, uint8 activations,
+  int8 per-channel weights, MinMax calibration): the peer;
+- ``qc_int8`` / ``qc_mostly4bit`` — qcompile's ``serving`` artifacts of the two recipes
+  (``qc_mostly4bit_compact`` is listed for its size only: it runs as DequantizeLinear → float Conv).
+
+Latencies are medians over interleaved rounds (every artifact runs once per round, so machine noise hits all
+of them alike), onnxruntime with 2 intra-op threads. On the CIFAR ResNet-20 checkpoint the script also measures
+the top-1 of every artifact. Print-only: nothing here is a test.
+
+    python benchmarks/onnx_peers.py                       # ResNet-18/50 224x224 (batch 1, 8) and ResNet-20
+    python benchmarks/onnx_peers.py --models resnet20 --data ../shared/data/cifar10-jpeg.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qcompile import Pipeline, get_recipe
+from qcompile.backends import onnx as qonnx
+from qcompile.data import iterate_batches, load_split
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+@dataclass
+class Case:
+    """One model: how to build it, its input size, calibration batches and (optionally) labelled test data."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    size: int
+    batches: tuple[int, ...]
+    calib: list[torch.Tensor] = field(default_factory=list)
+    test: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def settle_bn(model: torch.nn.Module, size: int, seed: int = 0) -> torch.nn.Module:
+    """Give a randomly initialised model realistic BatchNorm statistics (so activations neither vanish nor
+    explode through 50 layers) by running random images through it in train mode with cumulative averaging."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 3, size, size, generator=gen))
+    return model.eval()
+
+
+def imagenet_case(name: str) -> Case:
+    from qcompile.models import resnet18, resnet50
+
+    ctor = {"resnet18": resnet18, "resnet50": resnet50}[name]
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(4)]
+    return Case(name, lambda: settle_bn(ctor(), 224), 224, (1, 8), calib)
+
+
+def cifar_case(data: str | None, eval_size: int | None) -> Case:
+    from qcompile.model_file import load_weights
+    from qcompile.models import resnet20_cifar
+
+    source = data or str(REPO / "examples" / "data" / "cifar10-sample.tar.gz")
+
+    def build() -> torch.nn.Module:
+        model = resnet20_cifar()
+        load_weights(model, REPO / "examples" / "weights" / "resnet20_cifar.pt")
+        return model.eval()
+
+    train = load_split(source, "train").subset(512)
+    test = load_split(source, "test").subset(eval_size)
+    calib = [x for x, _ in iterate_batches(train, 128)]
+    labelled = [(x.numpy(), y.numpy()) for x, y in iterate_batches(test, 500)]
+    return Case("resnet20", build, 32, (1, 8), calib, labelled)
+
+
+def export_float(model: torch.nn.Module, size: int, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+
+
+def ort_quantize(float_path: Path, calib: list[torch.Tensor], out: Path) -> None:
+    """onnxruntime's documented static-quantization flow: pre-process, then QDQ u8s8 per-channel."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    prepped = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(float_path), str(prepped))
+    quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepped.unlink()
+
+
+def qcompile_artifacts(model: torch.nn.Module, case: Case, recipe: str, workdir: Path) -> dict[str, Path]:
+    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]
+    with torch.no_grad():
+        result = Pipeline(passes).run(model, torch.zeros(1, 3, case.size, case.size), recipe=get_recipe(recipe),
+                                      calibration_data=[(x, None) for x in case.calib])
+    paths = {}
+    for flavour, suffix in (("serving", ""), ("compact", "_compact")):
+        path = workdir / f"qc_{recipe}{suffix}.onnx"
+        qonnx.save(qonnx.to_onnx(result.context.ir, flavour), path)
+        paths[f"qc_{recipe}{suffix}"] = path
+    return paths
+
+
+def time_sessions(sessions: dict[str, object], x: np.ndarray, rounds: int, per_round: int) -> dict[str, float]:
+    """Median per-run latency (ms) of each session; the rounds interleave the sessions."""
+    for sess in sessions.values():
+        for _ in range(3):
+            qonnx.run(sess, [x])
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                qonnx.run(sess, [x])
+            samples[key].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def accuracy(sess: object, test: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    correct = total = 0
+    for x, y in test:
+        correct += int((qonnx.run(sess, [x])[0].argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
+    print(f"\n== {case.name} ({case.size}x{case.size}) ==", flush=True)
+    model = case.build()
+    paths = {"float": workdir / f"{case.name}_float.onnx", "ort_u8s8": workdir / f"{case.name}_ort_u8s8.onnx"}
+    export_float(model, case.size, paths["float"])
+    ort_quantize(paths["float"], case.calib, paths["ort_u8s8"])
+    for recipe in ("int8", "mostly4bit"):
+        paths.update(qcompile_artifacts(model, case, recipe, workdir))
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    timed = [k for k in paths if not k.endswith("_compact")]
+    sessions = {k: qonnx.session(str(paths[k]), threads=THREADS) for k in timed}
+    result: dict[str, object] = {"sizes_bytes": sizes, "latency_ms": {}}
+    for batch in case.batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
+        per_round = max(1, int(8 // batch)) if case.size > 32 else 20
+        result["latency_ms"][batch] = time_sessions(sessions, x, rounds, per_round)
+    if case.test:
+        sessions["qc_mostly4bit_compact"] = qonnx.session(str(paths["qc_mostly4bit_compact"]), threads=THREADS)
+        result["top1"] = {k: accuracy(s, case.test) for k, s in sessions.items()}
+        result["top1_images"] = sum(len(y) for _, y in case.test)
+    report(case, result)
+    return result
+
+
+def report(case: Case, result: dict[str, object]) -> None:
+    sizes = result["sizes_bytes"]
+    print(f"{'artifact':<24}{'size MB':>10}{'vs float':>10}")
+    for k, v in sizes.items():
+        print(f"{k:<24}{v / 1e6:>10.2f}{v / sizes['float']:>10.3f}")
+    for batch, lat in result["latency_ms"].items():
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
+        peer = lat["ort_u8s8"]
+        print(f"  vs ort_u8s8: qc_int8 {lat['qc_int8'] / peer:.3f}x, qc_mostly4bit {lat['qc_mostly4bit'] / peer:.3f}x, "
+              f"float {lat['float'] / peer:.3f}x; qc_mostly4bit / qc_int8 {lat['qc_mostly4bit'] / lat['qc_int8']:.3f}")
+    if "top1" in result:
+        print(f"top-1 on {result['top1_images']} test images: "
+              + ", ".join(f"{k} {v * 100:.2f}%" for k, v in result["top1"].items()))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,resnet50,resnet20")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median over them)")
+    ap.add_argument("--data", help="CIFAR-10 archive for ResNet-20's calibration and top-1 (default: the sample)")
+    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            case = cifar_case(args.data, args.eval_size) if name == "resnet20" else imagenet_case(name)
+            results[name] = run_case(case, args.rounds, Path(tmp))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
