@@ -157,7 +157,9 @@ class _Exporter:
         packed = self.flavour == "compact" and t.dtype in (DType.INT4, DType.UINT4)
         elem = (TP.INT4 if t.dtype.signed else TP.UINT4) if packed else None
         w = self.const(name, codes.astype(self.container(t, weight=True)[0]) if not packed else codes, elem)
-        s, zp = self.scale_zp(name, t, elem, weight=True)
+        if packed:  # widened once at session start (constant folding), so the conv still fuses into QLinearConv
+            w = self.node("Cast", [w], to=TP.INT8 if t.dtype.signed else TP.UINT8)
+        s, zp = self.scale_zp(name, t, weight=True)
         return self.node("DequantizeLinear", [w, s, zp], self.uid(f"{name}_dq"), axis=0)
 
     def _bias(self, name: str) -> str:
