@@ -76,9 +76,7 @@ class TvmModel:
     def run_batch(self, x: np.ndarray) -> list[np.ndarray]:
         """One call of the compiled function (``len(x)`` must be the artifact's batch if it has one)."""
         out = self.vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), self.device), *self.params)
-        outs = list(out) if isinstance(out, (list, tuple)) or hasattr(out, "__len__") and not hasattr(out, "numpy") \
-            else [out]
-        return [o.numpy() for o in outs]
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs for every image; a fixed-batch artifact runs in chunks, the last one zero-padded."""

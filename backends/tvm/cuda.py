@@ -9,7 +9,9 @@ dp4a), with its software-pipeline annotations removed: 0.27's ``InjectSoftwarePi
 from __future__ import annotations
 
 import hashlib
+import inspect
 import shutil
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,6 +28,8 @@ def _int8_rule() -> Any:
         """dlight's int8 wmma schedule without software pipelining."""
 
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not _is_int8_gemm(func):
+                return None
             sch = super().apply(func, target, tunable)
             if sch is None:
                 return None
@@ -33,6 +37,23 @@ def _int8_rule() -> Any:
             return sch
 
     return Int8TensorCore()
+
+
+def _is_int8_gemm(func: Any) -> bool:
+    """One reduction block reading two int8 buffers into int32, with a GEMM-shaped index map."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map, get_reduction_blocks
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    sch = s_tir.Schedule(func)
+    blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if blocks is None:
+        return False
+    block = sch.get(blocks[0])
+    reads = [r.source.dtype for r in block.reads]
+    return (len(reads) >= 2 and reads[:2] == ["int8", "int8"] and block.writes[0].source.dtype == "int32"
+            and get_index_map(block) is not None)
 
 
 def _strip_pipeline(sch: Any, block: Any) -> None:
@@ -44,6 +65,32 @@ def _strip_pipeline(sch: Any, block: Any) -> None:
         _strip_pipeline(sch, child)
 
 
+def _import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin.cuda`` (which the int8 rule needs) in seconds rather than minutes.
+
+    It parses ~250 TVMScript functions, each calling ``inspect.stack()``; for every ``<frozen importlib>`` frame
+    that walks all of ``sys.modules`` in ``inspect.getmodule`` (77 s of CPU with torch loaded). The module of a
+    frame's file does not change during the import, so it is looked up once per file name.
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        return
+    original = inspect.getmodule
+    memo: dict[str, Any] = {}
+
+    def getmodule(obj: Any, _filename: str | None = None) -> Any:
+        if _filename is None:
+            return original(obj)
+        if _filename not in memo:
+            memo[_filename] = original(obj, _filename)
+        return memo[_filename]
+
+    inspect.getmodule = getmodule
+    try:
+        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
+    finally:
+        inspect.getmodule = original
+
+
 def relax_pipeline(target: Any) -> Any:
     """The default CUDA pipeline of 0.27 with the int8 tensor-core rule first among the dlight rules."""
     import tvm
@@ -51,6 +98,7 @@ def relax_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
+    _import_tensor_intrinsics()
     legalize = [
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR(),

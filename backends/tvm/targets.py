@@ -53,7 +53,7 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 # plain x86-64 (AVX2): for hosts without VNNI, e.g. to test the CPU path on an older CI machine
-GENERIC_CPU = TargetSpec("cpu-generic", "llvm", (("mcpu", "x86-64-v3"),), cpu_flags=("avx2", "fma"))
+TARGETS["cpu-generic"] = TargetSpec("cpu-generic", "llvm", (("mcpu", "x86-64-v3"),), cpu_flags=("avx2", "fma"))
 
 
 def get_target(name: str) -> TargetSpec:
