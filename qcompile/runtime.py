@@ -73,9 +73,17 @@ class TvmModel:
         self.batch: int | None = self.meta["batch"]
         self._tvm = tvm
 
+    def to_device(self, x: np.ndarray) -> Any:
+        """Images as a TVM tensor on the artifact's device (to time the model without the copy)."""
+        return self._tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), self.device)
+
+    def run_device(self, x: Any) -> Any:
+        """One call on a device tensor; the outputs stay on the device."""
+        return self.vm["main"](x, *self.params)
+
     def run_batch(self, x: np.ndarray) -> list[np.ndarray]:
         """One call of the compiled function (``len(x)`` must be the artifact's batch if it has one)."""
-        out = self.vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), self.device), *self.params)
+        out = self.run_device(self.to_device(x))
         return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
