@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--work", help="folder for the artifacts (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="tvm_cpu_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
     model = resnet18().eval()
     ir = lowered(model, args.recipe)
