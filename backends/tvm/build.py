@@ -9,7 +9,6 @@ says so) and ``kernels.cu``. TVM 0.27 exports CUDA modules as source compiled wh
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
