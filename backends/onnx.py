@@ -372,13 +372,6 @@ def run(sess: Any, inputs: Iterable[np.ndarray]) -> list[np.ndarray]:
     return sess.run(None, {n: np.asarray(x, np.float32) for n, x in zip(names, inputs)})
 
 
-def _final_scale(ir: IRGraph) -> tuple[str, np.ndarray]:
-    finals = ir.final_integers()
-    if not finals:
-        raise OnnxExportError("the IR's output is not a dequantized integer tensor")
-    return finals[0], ir.values[finals[0]].broadcast_scale(2)
-
-
 def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:
     """Per integer tensor: onnxruntime's codes (exposed as extra graph outputs) against the reference's."""
     onnx = _onnx()
@@ -416,16 +409,7 @@ def reference_logits(ir: IRGraph, batches: Iterable[tuple[Any, Any]]) -> list[tu
 def compare_with_reference(ir: IRGraph, model: Any, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """onnxruntime vs the reference interpreter on ``(inputs, reference logits)`` pairs: top-1 agreement and
     the final integer outputs (the accumulators the logits are dequantized from)."""
-    from qcompile.verify import TensorAgreement
+    from qcompile.verify import compare_backend
 
     sess = session(model)
-    final, scale = _final_scale(ir)
-    agreement = TensorAgreement(final)
-    images = agree = 0
-    for x, ref in pairs:
-        out = run(sess, [x])[0]
-        agreement.update(np.rint(ref / scale), np.rint(out / scale))
-        images += len(x)
-        agree += int((ref.argmax(1) == out.argmax(1)).sum())
-    return {"images": images, "top1_agreement": agree / images if images else float("nan"),
-            "identical_fraction": agreement.identical_fraction, "max_lsb_diff": agreement.max_lsb_diff}
+    return compare_backend(ir, lambda x: run(sess, [x])[0], pairs)

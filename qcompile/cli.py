@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify-size", type=int, default=2000, metavar="N",
                     help="images on which the integer reference is checked against the fake-quant model "
                          "(default 2000; 0 skips verification)")
-    ap.add_argument("--backend", dest="backends", action="append", choices=["onnx", "none"], default=None,
+    ap.add_argument("--backend", dest="backends", action="append", choices=["onnx", "tvm", "none"], default=None,
                     help="artifacts to build from the integer IR (default: onnx, when the onnx extra is installed); "
-                         "onnx writes model.onnx (serving) and model.compact.onnx")
+                         "onnx writes model.onnx (serving) and model.compact.onnx; tvm writes tvm/<target>/")
+    ap.add_argument("--target", dest="targets", action="append", choices=["cpu", "sm80", "sm90", "cpu-generic"],
+                    default=None, help="TVM target (repeatable; default cpu): cpu = x86-64 with AVX-512 VNNI, "
+                                       "sm80 = A100, sm90 = H100, cpu-generic = x86-64 AVX2")
     ap.add_argument("--dyadic", action="store_true",
                     help="integer-only requantization (int32 multiplier and shift) instead of float32 multipliers")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
@@ -125,6 +128,46 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
             f"{result['top1_agreement']:.4f}{where}; per-layer diff in {out / 'report.json'}")
 
 
+def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.runtime and checked against the
+    reference."""
+    if "tvm" not in (args.backends or []):
+        if args.targets:
+            raise QCompileError("--target applies to --backend tvm")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("tvm") is None:
+        raise QCompileError("--backend tvm needs the tvm extra: pip install 'qcompile[tvm]'")
+    from qcompile import runtime
+    from qcompile.backends.onnx import reference_logits
+    from qcompile.backends.tvm.build import build
+    from qcompile.backends.tvm.targets import get_target
+    from qcompile.verify import compare_backend
+
+    pairs = None
+    for name in dict.fromkeys(args.targets or ["cpu"]):
+        artifact = build(ir, name, out)
+        report.setdefault("artifacts", {})[f"tvm_{name}"] = str(artifact.path)
+        spec = get_target(name)
+        if spec.is_cuda:
+            continue
+        if not spec.host_can_run():
+            report["warnings"].append(f"TVM {name} artifact not verified: this CPU lacks {', '.join(spec.cpu_flags)}")
+            continue
+        pairs = pairs if pairs is not None else reference_logits(ir, batches)
+        if not pairs:
+            continue
+        model = runtime.load(artifact.path)
+        result = compare_backend(ir, lambda x: model(x)[0], pairs)
+        report.setdefault("verification", {})[f"tvm_{name.replace('-', '_')}_vs_reference"] = result
+        if not within_tolerance(result):
+            raise QCompileError(
+                f"TVM ({name}) disagrees with the integer reference: identical {result['identical_fraction']:.5f}, "
+                f"max {result['max_lsb_diff']} LSB, top-1 agreement {result['top1_agreement']:.4f}")
+
+
 def within_tolerance(result: dict[str, Any]) -> bool:
     """An artifact agrees with the reference: >= 99.9% identical final integers, max 1 LSB, top-1 >= 99.9%."""
     return result["identical_fraction"] >= 0.999 and result["max_lsb_diff"] <= 1 and result["top1_agreement"] >= 0.999
@@ -136,6 +179,7 @@ def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IR
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
     report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
     build_onnx_artifacts(args, ir, out, report, take_images(checked, args.verify_size))
+    build_tvm_artifacts(args, ir, out, report, take_images(checked, args.verify_size))
     if not args.verify_size or not checked:
         return
     summary = verify_reference(gm, ir, take_images(checked, args.verify_size)).summary()

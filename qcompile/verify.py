@@ -8,7 +8,7 @@ integer outputs (the accumulators the outputs are dequantized from).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
+from qcompile.errors import QCompileError
 from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph
 
@@ -123,3 +124,22 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
     return result
 
 
+
+
+def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
+                    pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
+    """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
+    agreement and the final integer outputs (the accumulators the logits are dequantized from)."""
+    finals = ir.final_integers()
+    if not finals:
+        raise QCompileError("the IR's output is not a dequantized integer tensor")
+    scale = ir.values[finals[0]].broadcast_scale(2)
+    agreement = TensorAgreement(finals[0])
+    images = agree = 0
+    for x, ref in pairs:
+        out = run(x)
+        agreement.update(np.rint(ref / scale), np.rint(out / scale))
+        images += len(x)
+        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+    return {"images": images, "top1_agreement": agree / images if images else float("nan"),
+            "identical_fraction": agreement.identical_fraction, "max_lsb_diff": agreement.max_lsb_diff}

@@ -1,0 +1,79 @@
+"""Compile the Relax module for a target and export an artifact folder ``DIR/tvm/<target>/``.
+
+Contents: ``model.so`` (the VM executable), ``params.npz`` (weights, 4-bit ones packed), ``meta.json`` (input
+and output shapes, parameter order, target); for CUDA also ``model.fatbin`` (SASS, and PTX where the target
+says so) and ``kernels.cu``. TVM 0.27 exports CUDA modules as source compiled when loaded; the loader
+(:mod:`qcompile.runtime`) hands the shipped fatbin to that step instead, so serving needs no compiler.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.artifacts import atomic_path, write_json, write_text
+from qcompile.backends.tvm import require_tvm
+from qcompile.backends.tvm import cuda as tvm_cuda
+from qcompile.backends.tvm.relax_builder import RelaxModel, to_relax
+from qcompile.backends.tvm.targets import TargetSpec, get_target
+from qcompile.ir.graph import IRGraph
+
+
+@dataclass
+class Artifact:
+    """A built artifact: its folder, and the compiled executable (for inspection in this process)."""
+
+    path: Path
+    executable: Any
+    seconds: float
+
+
+def compile_relax(model: RelaxModel, spec: TargetSpec) -> Any:
+    """``tvm.compile`` with the CUDA tensor-core pipeline for GPU targets, the default one on CPU."""
+    tvm = require_tvm()
+    target = spec.tvm_target()
+    pipeline = tvm_cuda.relax_pipeline(target) if spec.is_cuda else "default"
+    return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
+
+
+def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{f"p{i}": a for i, (_, a) in enumerate(params)})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None) -> Artifact:
+    """Build ``out/tvm/<target>/``; ``batch=None`` compiles a symbolic batch dimension."""
+    spec = get_target(target)
+    start = time.perf_counter()
+    model = to_relax(ir, batch)
+    executable = compile_relax(model, spec)
+    folder = Path(out) / "tvm" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "target": spec.name, "tvm_target": str(spec.tvm_target()), "batch": model.batch,
+        "input": {"name": ir.inputs[0], "shape": list(ir.values[ir.inputs[0]].shape[1:])},
+        "outputs": [{"name": o, "shape": list(ir.values[o].shape[1:])} for o in ir.outputs],
+        "params": [name for name, _ in model.params],
+        "ir": {k: str(v) for k, v in ir.metadata.items()},
+    }
+    if spec.is_cuda:
+        source = tvm_cuda.cuda_source(executable)
+        write_text(folder / "kernels.cu", source)
+        with atomic_path(folder / "model.fatbin") as tmp:
+            tmp.write_bytes(tvm_cuda.nvcc(source, spec))
+        meta["cuda"] = {"fatbin": "model.fatbin", "source_sha256": tvm_cuda.source_digest(source),
+                        "gencode": list(spec.gencode)}
+    with atomic_path(folder / "model.so") as tmp:
+        lib = tmp.with_suffix(".so")
+        executable.export_library(str(lib))
+        lib.replace(tmp)
+    _save_params(folder / "params.npz", model.params)
+    write_json(folder / "meta.json", meta)
+    return Artifact(folder, executable, time.perf_counter() - start)

@@ -1,0 +1,153 @@
+"""CUDA specifics: int8 conv/dense on tensor cores (wmma IMMA), and the kernels compiled to a fatbin here.
+
+The int8 rule is dlight's ``MatmulInt8Tensorization`` applied to every int8 x int8 -> int32 reduction (dlight's
+``Matmul`` only tries it when every GEMM dimension exceeds 64, which leaves ResNet's 64-channel layers on
+dp4a), with its software-pipeline annotations removed: 0.27's ``InjectSoftwarePipeline`` crashes on them
+(``GetWmmaFragmentSize``). Fused epilogues (bias, requantize, ReLU) are inlined after the tensor-core store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import shutil
+import sys
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qcompile.backends.tvm import TvmBackendError
+from qcompile.backends.tvm.targets import TargetSpec
+
+
+def _int8_rule() -> Any:
+    from tvm.s_tir.dlight.gpu.matmul import MatmulInt8Tensorization
+
+    class Int8TensorCore(MatmulInt8Tensorization):
+        """dlight's int8 wmma schedule without software pipelining."""
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not _is_int8_gemm(func):
+                return None
+            from tvm.s_tir.schedule import ScheduleError
+
+            try:
+                sch = super().apply(func, target, tunable)
+            except ScheduleError:  # e.g. strided convs (compute-at fails): dlight's Matmul (dp4a) takes them
+                return None
+            if sch is None:
+                return None
+            _strip_pipeline(sch, sch.get_sblock("root"))
+            return sch
+
+    return Int8TensorCore()
+
+
+def _is_int8_gemm(func: Any) -> bool:
+    """One reduction block reading two int8 buffers into int32, with a GEMM-shaped index map."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map, get_reduction_blocks
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    sch = s_tir.Schedule(func)
+    blocks = get_reduction_blocks(sch, sch.get_child_blocks(sch.get_sblock("root")))
+    if blocks is None:
+        return False
+    block = sch.get(blocks[0])
+    reads = [r.source.dtype for r in block.reads]
+    return (len(reads) >= 2 and reads[:2] == ["int8", "int8"] and block.writes[0].source.dtype == "int32"
+            and get_index_map(block) is not None)
+
+
+def _strip_pipeline(sch: Any, block: Any) -> None:
+    for loop in sch.get_loops(block):
+        for key in list(sch.get(loop).annotations.keys()):
+            if key.startswith("software_pipeline"):
+                sch.unannotate(loop, key)
+    for child in sch.get_child_blocks(block):
+        _strip_pipeline(sch, child)
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin.cuda`` (which the int8 rule needs) in seconds rather than minutes.
+
+    It parses ~250 TVMScript functions, each calling ``inspect.stack()``; for every ``<frozen importlib>`` frame
+    that walks all of ``sys.modules`` in ``inspect.getmodule`` (77 s of CPU with torch loaded). The module of a
+    frame's file does not change during the import, so it is looked up once per file name.
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        return
+    original = inspect.getmodule
+    memo: dict[str, Any] = {}
+
+    def getmodule(obj: Any, _filename: str | None = None) -> Any:
+        if _filename is None:
+            return original(obj)
+        if _filename not in memo:
+            memo[_filename] = original(obj, _filename)
+        return memo[_filename]
+
+    inspect.getmodule = getmodule
+    try:
+        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
+    finally:
+        inspect.getmodule = original
+
+
+def relax_pipeline(target: Any) -> Any:
+    """The default CUDA pipeline of 0.27 with the int8 tensor-core rule first among the dlight rules."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    _import_tensor_intrinsics()
+    legalize = [
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(_int8_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+                                           + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def cuda_source(executable: Any) -> str:
+    """The generated CUDA C of a compiled executable (its ``cuda`` module)."""
+    stack = [executable.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source()
+        stack.extend(m.imports)
+    raise TvmBackendError("the CUDA build produced no CUDA module")
+
+
+def source_digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
+    """Compile CUDA C with nvcc to a fatbin (the target's SASS and PTX) or to PTX for inspection; no fast-math,
+    so that quantize's division and requantize's rounding are those of the reference."""
+    exe = shutil.which("nvcc")
+    if exe is None:
+        raise TvmBackendError(f"--target {spec.name} needs nvcc on PATH (the CUDA toolkit) to build the fatbin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
+        src.write_text(source)
+        arch = dict(spec.attrs)["arch"].replace("sm_", "compute_")
+        codes = [f"-gencode={g}" for g in spec.gencode] if fmt == "fatbin" else [f"-arch={arch}"]
+        proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TvmBackendError(f"nvcc failed for {spec.name}: {proc.stderr.strip().splitlines()[-1:]}")
+        return out.read_bytes()

@@ -1,0 +1,323 @@
+"""The integer IR transcribed op by op into a Relax module (BlockBuilder), with the reference's numerics.
+
+Layout: 4-d activations are NHWC inside the module (what the CUDA tensor-core schedules want); the input and
+4-d outputs are NCHW, as in the IR. Ops whose attributes index NCHW axes (slice, pad, flatten, reshape) see an
+NCHW view. Containers: codes in [-128, 127] are ``int8``, unsigned 8-bit codes ``uint8``, accumulators ``int32``.
+
+Conv and dense run as ``int8 x int8 -> int32``: a ``uint8`` activation is padded with its zero code, shifted
+by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. 4-bit weights are
+parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results).
+Float ops that the reference sums in float64 (pooling, mean) are computed in float64 and rounded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qcompile.backends.tvm import TvmBackendError, require_tvm
+from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.types import DType, TensorInfo
+
+NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
+
+
+@dataclass
+class RelaxModel:
+    """The Relax module, its parameters in argument order (after the input), and the batch it was built for."""
+
+    mod: Any
+    params: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    batch: int | None = None
+
+
+def container(t: TensorInfo) -> str:
+    """The Relax dtype holding a value's codes."""
+    if t.dtype is DType.FLOAT32:
+        return "float32"
+    if t.dtype is DType.INT32:
+        return "int32"
+    if t.qmin >= -128 and t.qmax <= 127:
+        return "int8"
+    if t.qmin >= 0 and t.qmax <= 255:
+        return "uint8"
+    raise TvmBackendError(f"codes in [{t.qmin}, {t.qmax}] do not fit an 8-bit container")
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Two signed 4-bit codes per byte, element 2i in the low nibble and 2i+1 in the high one."""
+    flat = codes.reshape(-1).astype(np.int8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    return ((flat[0::2] & 0x0F) | (flat[1::2] << 4)).astype(np.int8)
+
+
+class _Builder:
+    def __init__(self, ir: IRGraph, batch: int | None) -> None:
+        self.tvm = require_tvm()
+        from tvm import relax
+
+        self.relax = relax
+        self.op = relax.op
+        self.ir = ir
+        self.batch = batch if batch is not None else self.tvm.tirx.Var("n", "int64")
+        self.bb = relax.BlockBuilder()
+        self.env: dict[str, Any] = {}
+        self.nhwc: set[str] = set()
+        self.params: list[tuple[str, np.ndarray]] = []
+        self.param_vars: dict[str, Any] = {}
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def emit(self, expr: Any) -> Any:
+        return self.bb.emit(expr)
+
+    def const(self, array: np.ndarray, dtype: str) -> Any:
+        return self.relax.const(np.asarray(array).astype(dtype), dtype)
+
+    def shape(self, name: str) -> tuple[Any, ...]:
+        return (self.batch, *self.ir.values[name].shape[1:])
+
+    def param(self, key: str, array: np.ndarray, dtype: str) -> Any:
+        var = self.relax.Var(key, self.relax.TensorType(array.shape, dtype))
+        self.params.append((key, np.ascontiguousarray(array.astype(dtype))))
+        self.param_vars[key] = var
+        return var
+
+    def nchw(self, name: str) -> Any:
+        if name in self.nhwc:
+            return self.emit(self.op.permute_dims(self.env[name], [0, 3, 1, 2]))
+        return self.env[name]
+
+    def as_nhwc(self, name: str) -> Any:
+        if name in self.nhwc or len(self.ir.values[name].shape) != 4:
+            return self.env[name]
+        return self.emit(self.op.permute_dims(self.env[name], [0, 2, 3, 1]))
+
+    def set(self, name: str, expr: Any, nhwc: bool) -> None:
+        self.env[name] = self.emit(expr)
+        if nhwc and len(self.ir.values[name].shape) == 4:
+            self.nhwc.add(name)
+
+    def channel_vector(self, vec: np.ndarray, ndim: int, nhwc: bool, dtype: str) -> Any:
+        """A per-channel constant shaped to broadcast over channel axis 1 (NCHW) or the last axis (NHWC)."""
+        vec = np.asarray(vec)
+        if vec.ndim == 0:
+            return self.const(vec, dtype)
+        shape = [1] * ndim
+        shape[ndim - 1 if (nhwc and ndim == 4) else 1] = -1
+        return self.const(vec.reshape(shape), dtype)
+
+    def weights(self, name: str, layout: tuple[int, ...]) -> Any:
+        """A conv/dense weight parameter in int8 (4-bit codes packed two per byte and unpacked here)."""
+        t = self.ir.values[name]
+        codes = np.transpose(self.ir.constants[name], layout)
+        if t.dtype not in (DType.INT4, DType.UINT4):
+            return self.param(name, codes, "int8")
+        nibbles = pack_int4(codes)
+        packed = self.param(name, nibbles, "int8")
+        four = self.const(4, "int8")
+        lo = self.op.right_shift(self.op.left_shift(packed, four), four)
+        hi = self.op.right_shift(packed, four)
+        flat = self.emit(self.op.reshape(self.op.stack([lo, hi], axis=1), (2 * nibbles.size,)))
+        if codes.size % 2:
+            flat = self.emit(self.op.strided_slice(flat, [0], [0], [codes.size]))
+        return self.emit(self.op.reshape(flat, codes.shape))
+
+    def int8_operand(self, name: str, pad: tuple[int, int] | None) -> tuple[Any, bool]:
+        """Activation codes as int8 (NHWC for conv), explicitly zero-padded when shifted; (expr, shifted)."""
+        t = self.ir.values[name]
+        x = self.as_nhwc(name) if pad is not None else self.env[name]
+        if container(t) == "int8":
+            return x, False
+        if pad is not None and any(pad):
+            x = self.emit(self.op.nn.pad(x, [0, 0, pad[0], pad[0], pad[1], pad[1], 0, 0], pad_value=0.0))
+        shifted = self.op.subtract(self.op.astype(x, "int16"), self.const(128, "int16"))
+        return self.emit(self.op.astype(shifted, "int8")), True
+
+    # --- build -------------------------------------------------------------------------------------------
+    def build(self) -> RelaxModel:
+        relax = self.relax
+        (inp,) = self.ir.inputs
+        x = relax.Var(inp, relax.TensorType(self.shape(inp), "float32"))
+        with self.bb.function("main", pure=True):
+            with self.bb.dataflow():
+                self.env[inp] = x
+                for op in self.ir.ops:
+                    getattr(self, f"op_{op.kind}", self.unsupported)(op)
+                outs = [self.nchw(o) for o in self.ir.outputs]
+                result = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+            self.bb.emit_func_output(result, params=[x, *self.param_vars.values()])
+        mod = self.bb.get()
+        return RelaxModel(mod, self.params, self.batch if isinstance(self.batch, int) else None)
+
+    def unsupported(self, op: Op) -> None:
+        raise TvmBackendError(f"IR op {op.kind} ({op.source}) has no Relax transcription")
+
+    # --- ops ---------------------------------------------------------------------------------------------
+    def op_quantize(self, op: Op) -> None:
+        src, t = op.inputs[0], self.ir.values[op.output]
+        nhwc = src in self.nhwc
+        x = self.env[src]
+        s = self.channel_vector(t.scale, len(t.shape), nhwc, "float32")
+        q = self.op.clip(self.op.round(self.op.divide(x, s)), t.qmin, t.qmax)
+        self.set(op.output, self.op.astype(q, container(t)), nhwc)
+
+    def op_dequantize(self, op: Op) -> None:
+        src = op.inputs[0]
+        t = self.ir.values[src]
+        nhwc = src in self.nhwc
+        s = self.channel_vector(t.scale, len(t.shape), nhwc, "float32")
+        self.set(op.output, self.op.multiply(self.op.astype(self.env[src], "float32"), s), nhwc)
+
+    def op_requantize(self, op: Op) -> None:
+        src, t, a = op.inputs[0], self.ir.values[op.output], op.attrs
+        nhwc = src in self.nhwc
+        ndim = len(t.shape)
+        x = self.env[src]
+        lo = max(t.qmin, 0) if a.get("relu") else t.qmin
+        if a.get("mode", "float32") == "dyadic":
+            m = self.channel_vector(self.ir.constants[a["mantissa"]], ndim, nhwc, "int64")
+            s_np = self.ir.constants[a["shift"]].astype(np.int64)
+            s = self.channel_vector(s_np, ndim, nhwc, "int64")
+            half = self.channel_vector(np.left_shift(np.int64(1), s_np - 1), ndim, nhwc, "int64")
+            v = self.emit(self.op.multiply(self.op.astype(x, "int64"), m))
+            q = self.emit(self.op.right_shift(v, s))
+            r = self.emit(self.op.subtract(v, self.op.left_shift(q, s)))
+            odd = self.op.equal(self.op.bitwise_and(q, self.const(1, "int64")), self.const(1, "int64"))
+            up = self.op.logical_or(self.op.greater(r, half), self.op.logical_and(self.op.equal(r, half), odd))
+            q = self.op.add(q, self.op.astype(up, "int64"))
+        else:
+            mult = self.channel_vector(self.ir.constants[a["multiplier"]], ndim, nhwc, "float32")
+            q = self.op.round(self.op.multiply(self.op.astype(x, "float32"), mult))
+        self.set(op.output, self.op.astype(self.op.clip(q, lo, t.qmax), container(t)), nhwc)
+
+    def op_conv2d(self, op: Op) -> None:
+        a = op.attrs
+        xt = self.ir.values[op.inputs[0]]
+        w_codes = self.ir.constants[op.inputs[1]]
+        pad = tuple(a["padding"])
+        conv = dict(strides=tuple(a["stride"]), dilation=tuple(a["dilation"]), groups=a["groups"],
+                    data_layout="NHWC", kernel_layout="OHWI")
+        if xt.dtype is DType.FLOAT32:
+            w = self.const(np.transpose(w_codes, (0, 2, 3, 1)), "float64")
+            x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
+            acc = self.op.nn.conv2d(x, w, padding=pad, out_dtype="float64", **conv)
+            if len(op.inputs) > 2:
+                acc = self.op.add(acc, self.channel_vector(self.ir.constants[op.inputs[2]], 4, True, "float64"))
+            self.set(op.output, self.op.astype(acc, "float32"), True)
+            return
+        w = self.weights(op.inputs[1], (0, 2, 3, 1))
+        x, shifted = self.int8_operand(op.inputs[0], pad)
+        acc = self.op.nn.conv2d(x, w, padding=(0, 0) if shifted else pad, out_dtype="int32", **conv)
+        self.set(op.output, self._bias(op, acc, w_codes.reshape(len(w_codes), -1), shifted, 4), True)
+
+    def op_dense(self, op: Op) -> None:
+        xt = self.ir.values[op.inputs[0]]
+        w_codes = self.ir.constants[op.inputs[1]]
+        if xt.dtype is DType.FLOAT32:
+            x = self.op.astype(self.env[op.inputs[0]], "float64")
+            acc = self.op.matmul(x, self.const(w_codes.T, "float64"), out_dtype="float64")
+            if len(op.inputs) > 2:
+                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], "float64"))
+            self.set(op.output, self.op.astype(acc, "float32"), False)
+            return
+        w = self.weights(op.inputs[1], (1, 0))
+        x, shifted = self.int8_operand(op.inputs[0], None)
+        acc = self.op.matmul(x, w, out_dtype="int32")
+        self.set(op.output, self._bias(op, acc, w_codes, shifted, 2), False)
+
+    def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool, ndim: int) -> Any:
+        """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8."""
+        bias = np.zeros(len(w_rows), np.int64)
+        if len(op.inputs) > 2:
+            bias += self.ir.constants[op.inputs[2]].astype(np.int64)
+        if shifted:
+            bias += 128 * w_rows.astype(np.int64).sum(axis=1)
+        if not bias.any():
+            return acc
+        if np.abs(bias).max() > 2**31 - 1:
+            raise TvmBackendError(f"{op.kind} {op.output} ({op.source}): its bias correction overflows int32")
+        return self.op.add(acc, self.channel_vector(bias, ndim, True, "int32"))
+
+    def op_relu(self, op: Op) -> None:
+        src = op.inputs[0]
+        zero = self.const(0, container(self.ir.values[src]))
+        self.set(op.output, self.op.maximum(self.env[src], zero), src in self.nhwc)
+
+    def _pool_args(self, a: dict[str, Any]) -> dict[str, Any]:
+        return dict(pool_size=tuple(a["kernel"]), strides=tuple(a["stride"]), padding=tuple(a["padding"]),
+                    dilation=tuple(a.get("dilation", (1, 1))), layout="NHWC")
+
+    def op_maxpool2d(self, op: Op) -> None:
+        self.set(op.output, self.op.nn.max_pool2d(self.as_nhwc(op.inputs[0]), **self._pool_args(op.attrs)), True)
+
+    def op_avgpool2d(self, op: Op) -> None:
+        x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
+        pooled = self.op.nn.avg_pool2d(x, count_include_pad=bool(op.attrs.get("count_include_pad", True)),
+                                       **self._pool_args(op.attrs))
+        self.set(op.output, self.op.astype(pooled, "float32"), True)
+
+    def op_adaptive_avgpool2d(self, op: Op) -> None:
+        x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
+        pooled = self.op.nn.adaptive_avg_pool2d(x, tuple(op.attrs["output_size"]), layout="NHWC")
+        self.set(op.output, self.op.astype(pooled, "float32"), True)
+
+    def op_mean(self, op: Op) -> None:
+        src, dims, keep = op.inputs[0], [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]], \
+            op.attrs["keepdim"]
+        nhwc = src in self.nhwc and (keep or sorted(dims) == [2, 3])
+        x = self.env[src] if nhwc else self.nchw(src)
+        axes = [NHWC_AXIS[d] for d in dims] if nhwc else dims
+        m = self.op.mean(self.op.astype(x, "float64"), axis=axes, keepdims=keep)
+        self.set(op.output, self.op.astype(m, "float32"), nhwc)
+
+    def op_add(self, op: Op) -> None:
+        a, b = op.inputs
+        four = len(self.ir.values[op.output].shape) == 4
+        xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.env[a], self.env[b])
+        self.set(op.output, self.op.add(xa, xb), four)
+
+    def op_flatten(self, op: Op) -> None:
+        self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)
+
+    def op_reshape(self, op: Op) -> None:
+        self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)
+
+    def op_slice(self, op: Op) -> None:
+        shape = self.ir.values[op.inputs[0]].shape
+        axes, begin, end, steps = [], [], [], []
+        for axis, it in enumerate(op.attrs["index"]):
+            if "slice" not in it:
+                self.unsupported(op)
+            if tuple(it["slice"]) == (None, None, None):
+                continue
+            if axis == 0:
+                self.unsupported(op)
+            start, stop, step = slice(*it["slice"]).indices(shape[axis])
+            axes.append(axis), begin.append(start), end.append(stop), steps.append(step)
+        x = self.nchw(op.inputs[0])
+        self.set(op.output, self.op.strided_slice(x, axes, begin, end, steps) if axes else x, False)
+
+    def op_pad(self, op: Op) -> None:
+        pads, x = op.attrs["pads"], self.nchw(op.inputs[0])
+        rank = len(self.ir.values[op.inputs[0]].shape)
+        width = [0] * (2 * rank)
+        for i in range(len(pads) // 2):
+            width[2 * (rank - 1 - i)], width[2 * (rank - 1 - i) + 1] = pads[2 * i], pads[2 * i + 1]
+        self.set(op.output, self.op.nn.pad(x, width, pad_value=float(op.attrs.get("value", 0))), False)
+
+    def op_concat(self, op: Op) -> None:
+        dim = op.attrs["dim"] % len(self.ir.values[op.output].shape)
+        if len(self.ir.values[op.output].shape) == 4:
+            self.set(op.output, self.op.concat([self.as_nhwc(i) for i in op.inputs], axis=NHWC_AXIS[dim]), True)
+        else:
+            self.set(op.output, self.op.concat([self.env[i] for i in op.inputs], axis=dim), False)
+
+
+def to_relax(ir: IRGraph, batch: int | None = None) -> RelaxModel:
+    """The IR as a Relax module ``main(x, *params)``; ``batch=None`` builds a symbolic batch dimension."""
+    if len(ir.inputs) != 1:
+        raise TvmBackendError(f"the TVM backend takes one input, the IR has {len(ir.inputs)}")
+    return _Builder(ir, batch).build()

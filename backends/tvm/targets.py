@@ -1,0 +1,62 @@
+"""What the CLI's ``--target`` names mean: a TVM target, and for CUDA the nvcc code it ships."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qcompile.backends.tvm import TvmBackendError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One artifact target. ``gencode`` are nvcc's -gencode pairs (CUDA only)."""
+
+    name: str
+    kind: str
+    attrs: tuple[tuple[str, str], ...]
+    gencode: tuple[str, ...] = ()
+    cpu_flags: tuple[str, ...] = ()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def tvm_target(self) -> Any:
+        """The ``tvm.target.Target`` (0.27 wants a dict, not a string); CUDA builds on an LLVM host."""
+        import tvm
+
+        config = {"kind": self.kind, **dict(self.attrs)}
+        if self.is_cuda:
+            config["host"] = {"kind": "llvm"}
+        return tvm.target.Target(config)
+
+    def host_can_run(self) -> bool:
+        """Whether this machine's CPU has the instructions the code was compiled for (CPU targets only)."""
+        if self.is_cuda:
+            return False
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        except (OSError, StopIteration):
+            return False
+        return set(self.cpu_flags) <= set(flags.split(":", 1)[1].split())
+
+
+TARGETS: dict[str, TargetSpec] = {
+    # x86-64 with AVX-512 VNNI (vpdpbusd): Cascade Lake and later Intel, Zen 4 and later AMD
+    "cpu": TargetSpec("cpu", "llvm", (("mcpu", "cascadelake"),), cpu_flags=("avx512f", "avx512bw", "avx512_vnni")),
+    # A100: SASS for sm_80 plus compute_80 PTX, so later GPUs can JIT the same artifact
+    "sm80": TargetSpec("sm80", "cuda", (("arch", "sm_80"),),
+                       gencode=("arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80")),
+    "sm90": TargetSpec("sm90", "cuda", (("arch", "sm_90"),), gencode=("arch=compute_90,code=sm_90",)),
+}
+
+# plain x86-64 (AVX2): for hosts without VNNI, e.g. to test the CPU path on an older CI machine
+TARGETS["cpu-generic"] = TargetSpec("cpu-generic", "llvm", (("mcpu", "x86-64-v3"),), cpu_flags=("avx2", "fma"))
+
+
+def get_target(name: str) -> TargetSpec:
+    if name not in TARGETS:
+        raise TvmBackendError(f"unknown TVM target {name!r}; use one of: {', '.join(TARGETS)}")
+    return TARGETS[name]

@@ -1,0 +1,186 @@
+"""The TVM backend: CPU artifacts bit-exact with the reference, runnable with the runtime library alone;
+CUDA artifacts built here with int8 layers on tensor cores."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from qcompile import runtime  # noqa: E402
+from qcompile.backends.tvm.build import build  # noqa: E402
+from qcompile.backends.tvm.relax_builder import pack_int4  # noqa: E402
+from qcompile.backends.tvm.targets import get_target  # noqa: E402
+from qcompile.ir import reference  # noqa: E402
+from qcompile.verify import compare_backend  # noqa: E402
+from tests.conftest import TinyNet  # noqa: E402
+from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
+
+# the VNNI target where this CPU has it; plain AVX2 code elsewhere (same Relax module, same numerics)
+CPU = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def _agreement(ir, model, x):
+    pairs = [(x, reference.run(ir, x)[ir.outputs[0]])]
+    return compare_backend(ir, lambda b: model(b)[0], pairs)
+
+
+@pytest.mark.parametrize(("net", "recipe"), [(FunctionalNet, "mostly4bit"), (ModuleNet, "int8")])
+def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
+    ir = _lowered(net(), recipe).context.ir
+    art = build(ir, CPU, tmp_path)
+    assert art.path == tmp_path / "tvm" / CPU
+    result = _agreement(ir, runtime.load(art.path), _images(24))
+    assert result == {"images": 24, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
+
+
+def test_dyadic_requantization_is_bit_exact(tmp_path):
+    from qcompile.passes import LowerInteger
+    from qcompile.pipeline import Pipeline
+
+    res = _lowered(TinyNet(), "int8")
+    Pipeline([LowerInteger(dyadic=True)]).run_graph(res.graph_module, res.context)
+    ir = res.context.ir
+    assert any(op.attrs.get("mode") == "dyadic" for op in ir.ops)
+    result = _agreement(ir, runtime.load(build(ir, CPU, tmp_path).path), _images(16))
+    assert result["identical_fraction"] == 1.0 and result["top1_agreement"] == 1.0
+
+
+def test_four_bit_weights_are_stored_packed_and_unpacked_exactly(tmp_path):
+    codes = np.array([-7, 7, 0, -1, 3, -6, 5], dtype=np.int32)
+    packed = pack_int4(codes)
+    lo, hi = (packed << 4).astype(np.int8) >> 4, packed >> 4
+    assert np.array_equal(np.stack([lo, hi], 1).reshape(-1)[:7], codes)
+    ir = _lowered(ModuleNet(), "int4").context.ir
+    art = build(ir, CPU, tmp_path)
+    meta = json.loads((art.path / "meta.json").read_text())
+    with np.load(art.path / "params.npz") as params:
+        sizes = {name: params[f"p{i}"].size for i, name in enumerate(meta["params"])}
+    four_bit = [n for n, t in ir.values.items() if n in ir.constants and t.dtype.bits == 4]
+    assert four_bit and all(sizes[n] == (ir.constants[n].size + 1) // 2 for n in four_bit)
+    result = _agreement(ir, runtime.load(art.path), _images(16))
+    assert result["identical_fraction"] == 1.0 and result["top1_agreement"] == 1.0
+
+
+def test_fixed_batch_artifact_runs_any_number_of_images(tmp_path):
+    ir = _lowered(TinyNet(), "mostly4bit").context.ir
+    model = runtime.load(build(ir, CPU, tmp_path, batch=4).path)
+    assert model.batch == 4
+    result = _agreement(ir, model, _images(10))
+    assert result["images"] == 10 and result["identical_fraction"] == 1.0
+
+
+def test_artifact_runs_with_the_runtime_library_only(tmp_path):
+    ir = _lowered(TinyNet(), "int8").context.ir
+    art = build(ir, CPU, tmp_path)
+    x = _images(6)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np\n"
+        "from qcompile import runtime\n"
+        "out = runtime.load(sys.argv[1])(np.load(sys.argv[2]))[0]\n"
+        "np.save(sys.argv[3], out)\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert 'libtvm_runtime' in maps and 'libtvm_compiler' not in maps, 'compiler library was loaded'\n"
+        "try:\n"
+        "    from tvm import relax\n"
+        "except Exception:\n"
+        "    print('no relax')\n"
+    )
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script, str(art.path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no relax" in proc.stdout  # really the runtime-only package
+    ref = reference.run(ir, x)[ir.outputs[0]]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), ref)
+
+
+def _kernels(source: str) -> dict[str, str]:
+    parts = re.split(r'extern "C" __global__ void', source)[1:]
+    return {re.match(r"\s*(?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", p).group(1): p for p in parts}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
+    """mostly4bit TinyNet: 8-bit stem and head, a 4-bit body conv (unpacked to int8 for the mma)."""
+    from qcompile.backends.tvm.cuda import nvcc
+
+    ir = _lowered(TinyNet(), "mostly4bit").context.ir
+    layers = [op for op in ir.ops if op.kind in ("conv2d", "dense")]
+    gencode = {"sm80": ["arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80"],
+               "sm90": ["arch=compute_90,code=sm_90"]}
+    for name in ("sm80", "sm90"):
+        art = build(ir, name, tmp_path, batch=32)
+        source = (art.path / "kernels.cu").read_text()
+        meta = json.loads((art.path / "meta.json").read_text())
+        assert meta["cuda"]["source_sha256"] == hashlib.sha256(source.encode()).hexdigest()
+        assert meta["cuda"]["gencode"] == gencode[name]
+        assert (art.path / "model.fatbin").stat().st_size > 0 and (art.path / "model.so").is_file()
+        mma = [k for k, body in _kernels(source).items() if "wmma::mma_sync" in body]
+        assert len(mma) == len(layers), (name, mma)  # one tensor-core kernel per conv/dense, epilogue fused
+        ptx = nvcc(source, get_target(name), "ptx").decode()
+        assert ptx.count("wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32") >= len(layers)
+
+
+TINY_MODEL_FILE = """
+import torch
+from tests.conftest import TinyNet, randomize_bn
+
+def build_model():
+    torch.manual_seed(0)
+    return randomize_bn(TinyNet(), data=torch.randn(16, 3, 16, 16))
+
+def example_input():
+    return torch.randn(1, 3, 16, 16)
+
+def calibration_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 3, 16, 16, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+
+def eval_data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 3, 16, 16, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+"""
+
+
+def test_cli_builds_and_verifies_the_cpu_artifact(tmp_path, capsys, monkeypatch):
+    from qcompile.cli import main
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_MODEL_FILE)
+    out = tmp_path / "out"
+    code = main([str(model_file), "--recipe", "mostly4bit", "--verify-size", "32", "--backend", "tvm",
+                 "--target", CPU, "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifacts"][f"tvm_{CPU}"] == str(out / "tvm" / CPU)
+    ver = report["verification"][f"tvm_{CPU.replace('-', '_')}_vs_reference"]
+    assert ver == {"images": 32, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
+
+
+def test_cli_without_tvm_names_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from qcompile.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tvm" else real(name, *a))
+    code = main([str(ROOT / "examples" / "resnet20_cifar.py"), "--recipe", "int8", "--calib-size", "16",
+                 "--eval-size", "16", "--verify-size", "16", "--backend", "tvm", "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "pip install 'qcompile[tvm]'" in err
