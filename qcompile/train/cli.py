@@ -108,13 +108,13 @@ def run_subcommand(argv: list[str]) -> int:
     cfg = _config(args)
     mf = load_model_file(args.model)
     model_args = parse_model_args(args.model_args)
-    dist = init_from_env(args.device)
-    splits = _splits(args, dist.device)
     stem = Path(args.model).stem
     if command == "train":
         recipe = get_recipe(args.recipe)
         if args.width is not None and args.weights:
             raise QCompileError("--weights cannot be combined with --width: width_scale re-initialises every layer")
+        dist = init_from_env(args.device)
+        splits = _splits(args, dist.device)
         model = mf.build(**model_args)
         if args.weights:
             load_weights(model, args.weights)
@@ -128,6 +128,8 @@ def run_subcommand(argv: list[str]) -> int:
     widths = _floats(args.widths, "--widths")
     recipes = [get_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
     pairs = [Pair(w, r.name) for w in widths for r in recipes]
+    dist = init_from_env(args.device)
+    splits = _splits(args, dist.device)
     out = Path(args.out) if args.out else Path("qcompile-out") / f"sweep-{stem}"
 
     def make_spec(pair: Pair) -> RunSpec:

@@ -1,8 +1,8 @@
 """The Pareto sweep: train every (width, recipe) pair, tabulate accuracy against cost, draw the plots.
 
 Each finished pair leaves ``runs/<pair>/result.json``; a rerun skips those and resumes an interrupted pair from
-its checkpoint, so a sweep can be spread over several sessions. ``sweep.csv``, ``sweep.json`` and the PNGs are
-rewritten after every pair from all results so far.
+its checkpoint, so a sweep can be spread over several sessions. ``sweep.csv`` and ``sweep.json`` are rewritten after every
+pair from all results so far; the PNGs are drawn at the end.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], split
             assert row is not None
             rows.append(row)
             write_tables(rows, out)
-            plot_sweep(rows, out, title)
             if on_pair is not None:
                 on_pair(pair, row, reused)
+    if dist.is_main:
+        plot_sweep(rows, out, title)
     return rows
 
 
