@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,8 @@ def init_from_env(requested_device: str | None = None) -> DistContext:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # generous: the other processes wait while the main one lowers, evaluates and verifies a model
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
 
