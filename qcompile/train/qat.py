@@ -12,6 +12,7 @@ activation bounds QAT froze (:class:`~qcompile.passes.load_bounds.LoadBounds`) i
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,8 @@ from qcompile.quantizer import QuantizerState
 from qcompile.recipes import Override, Recipe
 from qcompile.spec import Calibrator
 from qcompile.tracing import LeafSpec
+
+_PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")
 
 
 @dataclass
@@ -106,10 +109,7 @@ def set_rank_sync(gm: nn.Module, on: bool) -> None:
 
 def float_state_dict(gm: nn.Module) -> dict[str, torch.Tensor]:
     """The trained graph's float parameters and buffers under their unparametrized names (quantizers dropped)."""
-    out = {}
-    for key, value in gm.state_dict().items():
-        out[key.replace("parametrizations.", "").replace(".original", "")] = value
-    return out
+    return {_PARAMETRIZED.sub(r"\1", key): value for key, value in gm.state_dict().items()}
 
 
 def lower_trained(qm: QATModel) -> tuple[fx.GraphModule, PassContext]:
