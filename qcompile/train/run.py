@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +37,9 @@ class Splits:
     def from_imagesets(cls, train: ImageSet, test: ImageSet, device: torch.device,
                        train_eval_size: int | None = 10_000) -> Splits:
         dev_train = DeviceData.from_imageset(train, device)
-        dev_eval = DeviceData.from_imageset(test, device)
+        order = np.random.default_rng(0).permutation(len(test))  # splits are class-sorted: mix the classes so
+        dev_eval = DeviceData.from_imageset(  # the first --verify-size images are a fair sample
+            ImageSet(test.images[order], test.labels[order], test.classes), device)
         sub = train.subset(train_eval_size, seed=1)
         dev_sub = dev_train if len(sub) == len(train) else DeviceData.from_imageset(sub, device)
         return cls(dev_train, dev_eval, dev_sub)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompile.artifacts import write_json, write_text
+from qcompile.errors import QCompileError
 from qcompile.train.distributed import DistContext
 from qcompile.train.plots import plot_sweep
 from qcompile.train.run import RunSpec, Splits, train_and_lower
@@ -41,10 +42,17 @@ def run_dir(out: Path, pair: Pair) -> Path:
     return out / "runs" / pair.key
 
 
-def finished(out: Path, pair: Pair) -> dict[str, Any] | None:
-    """The pair's result if a previous run finished it."""
+def finished(out: Path, pair: Pair, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The pair's result if a previous run finished it with the same settings (a different one is an error:
+    mixing them in one table would compare unlike runs)."""
     f = run_dir(out, pair) / "result.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    row = json.loads(f.read_text())
+    differs = [f"{k} {row.get(k)} (now {v})" for k, v in expected.items() if row.get(k) != v]
+    if differs:
+        raise QCompileError(f"{f} was trained with other settings: {', '.join(differs)}; use another --out")
+    return row
 
 
 def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], splits: Splits, cfg: TrainConfig,
@@ -52,8 +60,9 @@ def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], split
               on_pair: Callable[[Pair, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
     """Train the pairs not yet finished under ``out``, in order; returns every pair's row."""
     rows = []
+    expected = {"epochs": cfg.epochs, "train_images": len(splits.train), "eval_images": len(splits.eval)}
     for pair in pairs:
-        row = finished(out, pair)
+        row = finished(out, pair, expected)
         reused = row is not None
         if row is None:
             row = train_and_lower(make_spec(pair), splits, cfg, dist, run_dir(out, pair), verify_size)
