@@ -247,9 +247,13 @@ def compile_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qcompile`` console script; user errors are one line and exit status 2."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return compile_model(args)
+        if argv and argv[0] in ("train", "sweep"):  # subcommands; anything else is a model file
+            from qcompile.train.cli import run_subcommand
+
+            return run_subcommand(argv)
+        return compile_model(build_parser().parse_args(argv))
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return 2

@@ -109,6 +109,7 @@ class ActivationQuantizer(nn.Module):
         self.percentile = percentile
         self.state = QuantizerState.OBSERVING
         self.enabled = True
+        self.sync_across_ranks = False  # data-parallel training: observe the max over every process's shard
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("ema_max", torch.tensor(0.0))
         self.register_buffer("running_max", torch.tensor(0.0))
@@ -133,6 +134,8 @@ class ActivationQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Update the statistics the calibrator needs from one batch."""
         batch_max = x.detach().abs().max().float()
+        if self.sync_across_ranks:
+            torch.distributed.all_reduce(batch_max, op=torch.distributed.ReduceOp.MAX)
         if not torch.isfinite(batch_max):
             raise ValueError("activation quantizer observed a non-finite value")
         self.ema_max.copy_(batch_max if self.batches == 0 else EMA_DECAY * self.ema_max + (1 - EMA_DECAY) * batch_max)

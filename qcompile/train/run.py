@@ -1,0 +1,102 @@
+"""One training run end to end: build, prepare for QAT, train, evaluate the trained model, lower it to the
+integer IR and evaluate that too. Shared by ``qcompile train`` and each pair of ``qcompile sweep``."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qcompile.artifacts import write_json
+from qcompile.data import ImageSet
+from qcompile.evaluate import take_images
+from qcompile.ir.serialize import save as save_ir
+from qcompile.recipes import Override, Recipe
+from qcompile.train.data import DeviceData
+from qcompile.train.distributed import DistContext
+from qcompile.train.qat import lower_trained, prepare_qat, qat_recipe
+from qcompile.train.trainer import TrainConfig, evaluate, train
+from qcompile.tracing import LeafSpec
+from qcompile.verify import verify_reference
+
+
+@dataclass
+class Splits:
+    """Training images, evaluation images, and a fixed train subset on which the train loss is measured."""
+
+    train: DeviceData
+    eval: DeviceData
+    train_eval: DeviceData
+
+    @classmethod
+    def from_imagesets(cls, train: ImageSet, test: ImageSet, device: torch.device,
+                       train_eval_size: int | None = 10_000) -> Splits:
+        dev_train = DeviceData.from_imageset(train, device)
+        order = np.random.default_rng(0).permutation(len(test))  # splits are class-sorted: mix the classes so
+        dev_eval = DeviceData.from_imageset(  # the first --verify-size images are a fair sample
+            ImageSet(test.images[order], test.labels[order], test.classes), device)
+        sub = train.subset(train_eval_size, seed=1)
+        dev_sub = dev_train if len(sub) == len(train) else DeviceData.from_imageset(sub, device)
+        return cls(dev_train, dev_eval, dev_sub)
+
+
+@dataclass
+class RunSpec:
+    """What to train: a model at a width (None: as built, weights kept) under a recipe."""
+
+    model: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    recipe: Recipe
+    width: float | None = None
+    overrides: list[Override] = field(default_factory=list)
+    leaf_modules: list[LeafSpec] = field(default_factory=list)
+
+
+def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistContext,
+                    out: Path | None = None, verify_size: int = 500) -> dict[str, Any] | None:
+    """Train and lower one model; the main process returns the result row (others None). With ``out``, the
+    checkpoint lives there and the main process writes ``out/ir`` and ``out/result.json``."""
+    torch.manual_seed(cfg.seed)  # width_scale re-initialises the weights: same seed, same start
+    qm = prepare_qat(spec.model, spec.example_inputs, qat_recipe(spec.recipe) if spec.recipe.quantized
+                     else spec.recipe, spec.width, spec.overrides, spec.leaf_modules)
+    if out is not None:
+        cfg = copy.copy(cfg)
+        cfg.checkpoint = out / "checkpoint.pt"
+    result = train(qm.graph, splits.train, cfg, dist)
+    if not dist.is_main:
+        dist.barrier()
+        return None
+    float_top1, eval_loss, n_eval = evaluate(qm.graph, splits.eval.eval_batches())
+    train_top1, train_loss, _ = evaluate(qm.graph, splits.train_eval.eval_batches())
+    qm.graph.cpu()
+    gm, ctx = lower_trained(qm)
+    assert ctx.cost is not None
+    row: dict[str, Any] = {
+        "width": ctx.width, "recipe": spec.recipe.name, "params": ctx.cost.params, "macs": ctx.cost.macs,
+        "linear_cost": ctx.cost.linear_vs_bf16_width1, "quadratic_cost": ctx.cost.quadratic_vs_bf16_width1,
+        "memory_cost": ctx.cost.memory_vs_bf16_width1,
+        "float_top1": float_top1, "int_top1": None, "top1": float_top1,
+        "train_loss": train_loss, "eval_loss": eval_loss, "generalization_gap": eval_loss - train_loss,
+        "train_top1": train_top1, "epochs": cfg.epochs, "train_images": len(splits.train),
+        "eval_images": n_eval, "train_seconds": result.seconds, "processes": dist.world,
+        "reference_top1": None, "reference_agreement": None, "reference_images": 0,
+    }
+    if ctx.ir is not None:
+        int_top1, _, _ = evaluate(copy.deepcopy(gm).to(dist.device), splits.eval.eval_batches())
+        row.update(int_top1=int_top1, top1=int_top1)
+        if verify_size:
+            checked = take_images(((x.cpu(), y.cpu()) for x, y in splits.eval.eval_batches(250)), verify_size)
+            v = verify_reference(gm, ctx.ir, checked)
+            row.update(reference_top1=v.reference_top1, reference_agreement=v.top1_agreement,
+                       reference_images=v.images)
+        if out is not None:
+            save_ir(ctx.ir, out / "ir")
+    if out is not None:
+        write_json(out / "result.json", row)
+    dist.barrier()
+    return row
