@@ -116,7 +116,7 @@ class AdaQuant(Pass):
     name = "adaquant"
     requires = frozenset({QUANTIZERS, CALIBRATED})
 
-    def __init__(self, iterations: int = 300, batch_size: int = 128, lr: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0) -> None:
         self.iterations = iterations
         self.batch_size = batch_size
         self.lr = lr

@@ -58,27 +58,23 @@ class MixedPrecision(Pass):
             units.setdefault(str(node.target), []).append(names[node])
         pinned = {n: c.precision for n, c in resolve_overrides(names.values(), ctx.overrides).items() if c.precision}
         free = {u: sites for u, sites in units.items() if not any(s in pinned for s in sites)}
-        table, cache = sensitivities(gm, ctx, free, self.candidates, data)
         field = BUDGET_KINDS[self.budget.kind] if self.budget else "linear"
         site_costs = {names[n]: get_annotation(n).cost for n in compute_nodes(gm)}  # type: ignore[union-attr]
-        options: dict[str, list[Option]] = {}
-        for unit, sites in units.items():
-            choices = [pinned[sites[0]]] if unit not in free else self.candidates
-            options[unit] = [
-                Option(p, sum(getattr(layer_cost(site_costs[s].macs, site_costs[s].weights, p), field) for s in sites),
-                       table[unit][str(p)] if unit in free else 0.0)
-                for p in choices
-            ]
+        choices = {u: [pinned[sites[0]]] if u not in free else self.candidates for u, sites in units.items()}
+        costs = {u: {p: sum(getattr(layer_cost(site_costs[s].macs, site_costs[s].weights, p), field) for s in sites)
+                     for p in choices[u]} for u, sites in units.items()}
         bf16 = {"linear": ctx.cost.macs * BF16_BITS, "quadratic": ctx.cost.macs * BF16_BITS ** 2,
                 "memory_bits": ctx.cost.params * BF16_BITS}[field]
         limit = self.budget.limit(bf16) if self.budget else None
-        try:
-            plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)
-        except RecipeError as exc:
-            cheapest = sum(min(o.cost for o in opts) for opts in options.values())
-            raise RecipeError(f"budget {self.budget}: {exc} ({float(Fraction(cheapest, bf16)):.4f} of bf16 "
-                              f"with widths {', '.join(str(p) for p in self.candidates)})"
-                              if self.budget else str(exc)) from None
+        cheapest = sum(min(c.values()) for c in costs.values())
+        if limit is not None and cheapest > limit:  # before measuring anything
+            raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
+                              f"{float(Fraction(cheapest, bf16)):.4f} of bf16 (widths "
+                              f"{', '.join(str(p) for p in self.candidates)})")
+        table, cache = sensitivities(gm, ctx, free, self.candidates, data)
+        options = {u: [Option(p, c, table[u][str(p)] if u in free else 0.0) for p, c in costs[u].items()]
+                   for u in units}
+        plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)
         ctx.overrides = [*ctx.overrides, *(Override(glob.escape(s), plan[u].precision, "mixed-precision plan")
                                            for u, sites in units.items() for s in sites)]
         AssignPrecision().run(gm, ctx)

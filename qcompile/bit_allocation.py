@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
-from qcompile.errors import RecipeError
+from qcompile.errors import QCompileError, RecipeError
 from qcompile.spec import Precision
 
 BUDGET_KINDS = {"linear": "linear", "quadratic": "quadratic", "memory": "memory_bits"}  # kind → LayerCost field
@@ -68,6 +67,10 @@ def allocate(options: Mapping[str, Sequence[Option]], max_cost: int | None = Non
     degradation <= ``max_degradation`` (exactly one of the two)."""
     if (max_cost is None) == (max_degradation is None):
         raise ValueError("give exactly one of max_cost and max_degradation")
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:
+        raise QCompileError("mixed precision needs scipy's MILP solver: pip install 'qcompile[ptq]'") from None
     layers = list(options)
     flat = [(layer, o) for layer in layers for o in options[layer]]
     if not layers or any(not options[layer] for layer in layers):

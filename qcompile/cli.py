@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-degradation", type=float, metavar="LOSS",
                     help="--recipe auto: cheapest plan whose predicted calibration-loss increase is at most LOSS")
     ap.add_argument("--bits", default="4,8", metavar="B,B", help="--recipe auto: candidate widths (default 4,8; 2-8)")
-    ap.add_argument("--adaquant-iters", type=int, default=300, metavar="N", help="AdaQuant Adam steps per layer")
+    ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N", help="AdaQuant Adam steps per layer (default 200)")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
     return ap

@@ -29,7 +29,7 @@ def parse_bits(text: str) -> list[int]:
 
 
 def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_degradation: float | None = None,
-               bits: list[int] | None = None, adaquant_iterations: int = 300, dyadic: bool = False,
+               bits: list[int] | None = None, adaquant_iterations: int = 200, dyadic: bool = False,
                has_calibration: bool = True) -> list[Pass]:
     """The passes after capture (and width scaling) for a PTQ mode and/or an IP-chosen precision plan."""
     if mode is not None and mode not in PTQ_MODES:
