@@ -190,7 +190,7 @@ def compile_model(args: argparse.Namespace) -> int:
     if ptq:
         passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
                              args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,
-                             has_calibration=calib is not None)
+                             has_calibration=calib is not None, quantized=recipe.quantized)
     else:
         passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
     if recipe.quantized and calib is not None and not ptq:

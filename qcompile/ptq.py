@@ -30,12 +30,14 @@ def parse_bits(text: str) -> list[int]:
 
 def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_degradation: float | None = None,
                bits: list[int] | None = None, adaquant_iterations: int = 200, dyadic: bool = False,
-               has_calibration: bool = True) -> list[Pass]:
+               has_calibration: bool = True, quantized: bool = True) -> list[Pass]:
     """The passes after capture (and width scaling) for a PTQ mode and/or an IP-chosen precision plan."""
     if mode is not None and mode not in PTQ_MODES:
         raise RecipeError(f"unknown --ptq mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
     if not auto and (budget is not None or max_degradation is not None):
         raise RecipeError("--budget and --max-degradation choose widths for --recipe auto; add --recipe auto")
+    if not quantized:
+        raise RecipeError("--ptq quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), not bf16")
     if not has_calibration:
         raise QCompileError("--ptq and --recipe auto need calibration data (define calibration_data() in the model "
                             "file or pass --data)")

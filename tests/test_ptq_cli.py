@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from qcompile.cli import main
 from tests.test_cli import assert_one_line_error, run
 
 TINY = """
@@ -80,14 +81,20 @@ def test_advanced_ptq_lowers_and_verifies(tiny_file, tmp_path, capsys):
 
 
 def test_auto_budget_plan_is_reported_within_budget_and_verifies(tiny_file, tmp_path, capsys):
-    code, captured, out = run([tiny_file, "--recipe", "auto", "--budget", "linear=0.4", "--ptq", "light",
-                               "--backend", "none"], tmp_path, capsys)
+    out = tmp_path / "out"
+    code = main([tiny_file, "--recipe", "auto", "--budget", "linear=0.4", "--ptq", "light", "--backend", "none",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert "bn_tune: 2 BatchNorms re-estimated on 48 images" in captured.out
     report = report_of(out)
     mp = report["ptq"]["mixed_precision"]
     assert report["total"]["linear_vs_bf16"] <= 0.4 and mp["plan_cost_vs_bf16"] == report["total"]["linear_vs_bf16"]
     assert {layer["name"]: f"w{layer['w_bits']}a{layer['a_bits']}" for layer in report["layers"]} == mp["plan"]
     assert "mixed_precision" in [p["name"] for p in report["passes"]]
+    assert (f"mixed precision (least loss increase with linear=0.4): cost {mp['plan_cost_vs_bf16']:.4f} of bf16"
+            in captured.out)
+    assert "plan: " + ", ".join(f"{k}={v}" for k, v in mp["plan"].items()) in captured.out
     assert_verified(report)
 
 
@@ -97,6 +104,7 @@ def test_auto_budget_plan_is_reported_within_budget_and_verifies(tiny_file, tmp_
     (["--recipe", "auto", "--budget", "linear=0.1"], "cannot be met"),
     (["--recipe", "auto", "--budget", "speed=0.3"], "KIND=RATIO"),
     (["--recipe", "auto", "--budget", "linear=0.5", "--bits", "4,9"], "candidate bit widths"),
+    (["--recipe", "bf16", "--ptq", "light"], "choose a quantized recipe"),
 ])
 def test_ptq_misuse_is_a_one_line_error(args, fragment, tiny_file, tmp_path, capsys):
     code, captured, out = run([tiny_file, *args], tmp_path, capsys)
