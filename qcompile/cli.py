@@ -193,11 +193,11 @@ def compile_model(args: argparse.Namespace) -> int:
                              has_calibration=calib is not None, quantized=recipe.quantized)
     else:
         passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
-    if recipe.quantized and calib is not None and not ptq:
-        passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
-    elif recipe.quantized and not ptq:
-        notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
-                     "costs only, no calibration or accuracy")
+        if recipe.quantized and calib is not None:
+            passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
+        elif recipe.quantized:
+            notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
+                         "costs only, no calibration or accuracy")
     pipeline = Pipeline(passes, dump_after=args.dump_after)
     with torch.no_grad():
         result = pipeline.run(model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,

@@ -17,7 +17,7 @@ def logits_mse(gm, ref, data):
 def test_adaquant_reduces_mse_and_keeps_integer_weights(tiny):
     data = batches()
     plain = quantize(tiny, data)
-    tuned = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=150)])
+    tuned = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=60)])
     rows = tuned.context.results["adaquant"]["layers"]
     assert [r["layer"] for r in rows] == ["stem", "body", "head"]
     assert all(r["mse_after"] < r["mse_before"] for r in rows if r["kept"]) and sum(r["kept"] for r in rows) >= 2
