@@ -14,11 +14,12 @@ import torch
 from torch import fx, nn
 
 from qcompile.errors import DataError, PipelineError
+from qcompile.passes.fold_bn import fold_bn
 from qcompile.pipeline import BN_FOLDED, PassContext
 from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
 from qcompile.spec import META_KEY, NodeQuant
 
-Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+BatchList = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -40,7 +41,7 @@ def sub_context(ctx: PassContext, **fields: object) -> PassContext:
     return PassContext(**base)  # type: ignore[arg-type]
 
 
-def calibration_batches(ctx: PassContext, who: str) -> Batches:
+def calibration_batches(ctx: PassContext, who: str) -> BatchList:
     """The calibration set as a re-iterable list; PTQ passes read it many times."""
     if ctx.calibration_data is None:
         raise PipelineError(f"{who} needs calibration data (a model file's calibration_data() or --data)")
@@ -67,8 +68,6 @@ def float_reference(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.float_reference = ref
     if BN_FOLDED in ctx.properties and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                            for m in ctx.float_reference.modules()):
-        from qcompile.passes.fold_bn import fold_bn
-
         ctx.float_reference = fold_bn(graph_copy(ctx.float_reference))
     return ctx.float_reference.eval()
 
@@ -113,7 +112,7 @@ def channel_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.double().sum(dims), torch.tensor([float(count)], dtype=torch.float64)])
 
 
-def channel_mean(model: nn.Module, module: nn.Module, batches: Batches) -> torch.Tensor:
+def channel_mean(model: nn.Module, module: nn.Module, batches: BatchList) -> torch.Tensor:
     """Per-output-channel mean of what ``module`` returns over the batches."""
     sums = capture(model, module, batches, output=True, reduce=channel_sums)
     return (sums[:-1] / sums[-1]).float()

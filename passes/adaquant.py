@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from qcompile.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
-from qcompile.passes._layerwise import Batches, calibration_batches, capture, float_reference
+from qcompile.passes._layerwise import calibration_batches, capture, float_reference
+from qcompile.passes.insert_quantizers import weight_quantizers
 from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
 
 CHUNK = 256  # images per forward when measuring MSE over the whole calibration set
@@ -129,10 +130,11 @@ class AdaQuant(Pass):
         names = layer_names(gm)
         sites = Counter(str(n.target) for n in nodes)
         calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        quantizers = weight_quantizers(gm)
         rows = []
         for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
             layer = module_of(gm, node)
-            wq = _weight_quantizer(layer)
+            wq = quantizers.get(str(node.target))
             if wq is None:
                 continue
             if sites[str(node.target)] > 1:
@@ -165,15 +167,3 @@ class AdaQuant(Pass):
             view.store()
         return {"mse_before": before, "mse_after": after, "kept": kept}
 
-
-def _weight_quantizer(layer: nn.Module | None) -> WeightQuantizer | None:
-    if layer is None or not parametrize.is_parametrized(layer, "weight"):
-        return None
-    return next((p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer)), None)  # type: ignore[union-attr]
-
-
-def layer_mse(gm: fx.GraphModule, ref: fx.GraphModule, target: str, data: Batches) -> float:
-    """MSE between a layer's output in ``gm`` and in the float ``ref`` over the calibration batches."""
-    ours = capture(gm, gm.get_submodule(target), data, output=True)
-    theirs = capture(ref, ref.get_submodule(target), data, output=True)
-    return float(((ours - theirs) ** 2).mean())
