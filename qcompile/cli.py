@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from qcompile.artifacts import write_json
+from qcompile.bit_allocation import parse_budget
 from qcompile.data import iterate_batches, load_split
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
@@ -23,6 +24,7 @@ from qcompile.passes import (
     AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
 )
 from qcompile.pipeline import Pass, Pipeline
+from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
 from qcompile.verify import verify_reference
@@ -64,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sm80 = A100, sm90 = H100, cpu-generic = x86-64 AVX2")
     ap.add_argument("--dyadic", action="store_true",
                     help="integer-only requantization (int32 multiplier and shift) instead of float32 multipliers")
+    ap.add_argument("--ptq", choices=PTQ_MODES, help="post-training pipeline (Hubara et al.): light = BN tuning "
+                                                     "(+ mixed precision with --recipe auto); advanced = AdaQuant + "
+                                                     "BN tuning + bias correction (+ mixed precision)")
+    ap.add_argument("--budget", metavar="KIND=RATIO", help="--recipe auto: cost budget vs bf16, KIND linear, "
+                                                           "quadratic or memory, e.g. linear=0.30")
+    ap.add_argument("--max-degradation", type=float, metavar="LOSS",
+                    help="--recipe auto: cheapest plan whose predicted calibration-loss increase is at most LOSS")
+    ap.add_argument("--bits", default="4,8", metavar="B,B", help="--recipe auto: candidate widths (default 4,8; 2-8)")
+    ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N", help="AdaQuant Adam steps per layer (default 200)")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
     return ap
@@ -213,20 +224,29 @@ def compile_model(args: argparse.Namespace) -> int:
     inputs = mf.example_input()
     calib, evald = resolve_data(args, mf)
     passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
-    passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
     notes = []
-    if recipe.quantized and calib is not None:
-        passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
-    elif recipe.quantized:
-        notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
-                     "costs only, no calibration or accuracy")
+    ptq = bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None
+    if ptq:
+        passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
+                             args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,
+                             has_calibration=calib is not None, quantized=recipe.quantized)
+    else:
+        passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
+        if recipe.quantized and calib is not None:
+            passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
+        elif recipe.quantized:
+            notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
+                         "costs only, no calibration or accuracy")
     pipeline = Pipeline(passes, dump_after=args.dump_after)
     with torch.no_grad():
         result = pipeline.run(model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,
                               width=args.width, calibration_data=calib)
     report = build_report(result.graph_module, result.context, model=str(args.model))
     report["warnings"] += notes
-    out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}"
+    if ptq:
+        report["ptq"] = {"mode": args.ptq or "plain", **result.context.results}
+    suffix = "".join(f"-{v}" for v in (args.ptq, args.budget) if v)
+    out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}{suffix}"
     if result.context.ir is not None:
         checked = evald if evald is not None else calib
         write_integer_artifacts(args, result.graph_module, result.context.ir, out, report, checked or [])

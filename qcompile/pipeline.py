@@ -58,6 +58,8 @@ class PassContext:
     calibration_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     calibration_images: int = 0
     ir: Any = None  # the integer IR (qcompile.ir.IRGraph) once lower_integer has run
+    float_reference: fx.GraphModule | None = None  # the float graph PTQ passes match (set by bn_tune / adaquant)
+    results: dict[str, Any] = field(default_factory=dict)  # per-pass findings for the report (PTQ, plans)
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, **kwargs: object) -> PassContext:

@@ -57,6 +57,9 @@ RECIPES: dict[str, Recipe] = {
             act_calibrator=Calibrator.PERCENTILE,
         ),
         Recipe("int4", "W4A4 everywhere, first and last layers included", Precision(4, 4)),
+        # widths chosen per layer by the mixed-precision search (passes/mixed_precision.py) under --budget
+        Recipe("auto", "per-layer widths from an integer program under --budget (or --max-degradation)",
+               Precision(8, 8), act_calibrator=Calibrator.PERCENTILE),
     )
 }
 

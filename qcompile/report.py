@@ -104,5 +104,34 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
                       f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "
                       f"· max diff {res['max_lsb_diff']} LSB")
+    print_ptq(report, console)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
+
+
+def print_ptq(report: dict[str, Any], console: Console) -> None:
+    """The PTQ summary: the mixed-precision plan with its cost and accuracy, and what each PTQ pass did."""
+    ptq = report.get("ptq")
+    if not ptq:
+        return
+    acc = report.get("accuracy", {}).get("quant_top1")
+    plan = ptq.get("mixed_precision")
+    if plan:
+        widths = ", ".join(f"{k}={v}" for k, v in plan["plan"].items())
+        console.print(f"mixed precision ({plan['objective']}): cost {plan['plan_cost_vs_bf16']:.4f} of bf16, "
+                      f"predicted loss increase {plan['predicted_loss_increase']:.4f}"
+                      + (f", measured top-1 {acc * 100:.2f}%" if acc is not None else "")
+                      + f"; sensitivities {plan['sensitivity_measured']} measured, {plan['sensitivity_reused']} "
+                        f"reused from {plan['sensitivity_cache']}")
+        console.print(f"plan: {widths}")
+    ada = ptq.get("adaquant")
+    if ada:
+        kept = sum(r["kept"] for r in ada["layers"])
+        console.print(f"adaquant: {kept}/{len(ada['layers'])} layers improved; layer MSE "
+                      f"{sum(r['mse_before'] for r in ada['layers']):.4g} -> "
+                      f"{sum(min(r['mse_after'], r['mse_before']) for r in ada['layers']):.4g} (sum over layers)")
+    if "bn_tune" in ptq:
+        console.print(f"bn_tune: {ptq['bn_tune']['batchnorms']} BatchNorms re-estimated on "
+                      f"{ptq['bn_tune']['images']} images")
+    if "bias_correct" in ptq:
+        console.print(f"bias_correct: {len(ptq['bias_correct']['layers'])} layer biases corrected")

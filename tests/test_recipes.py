@@ -10,7 +10,7 @@ FIRST, LAST, HIDDEN = (frozenset({r}) for r in (LayerRole.FIRST, LayerRole.LAST,
 
 
 def test_the_four_recipes():
-    assert set(RECIPES) == {"bf16", "int8", "mostly4bit", "int4"}
+    assert set(RECIPES) == {"bf16", "int8", "mostly4bit", "int4", "auto"}
     m4 = get_recipe("mostly4bit")
     assert m4.precision_for(FIRST) == Precision(8, 8)
     assert m4.precision_for(LAST) == Precision(8, 8)

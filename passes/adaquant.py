@@ -1,0 +1,169 @@
+"""AdaQuant (Hubara et al., 2021): optimise each quantized layer on the calibration set, layer by layer.
+
+Sequential mode: layer k is fed what the already-quantized network (layers before k optimised) gives it, and
+its output is matched in mean squared error to the float network's layer k. Adam optimises the layer's
+weights, bias, per-channel weight step sizes and, when the layer is the only reader of its input quantizer, that
+quantizer's step size, through straight-through rounding. What is kept is integer-rounded: each weight is stored
+as ``code · step`` with the step no larger than max|w|/qmax, so the existing per-channel weight quantizer
+(bound max|w|) re-derives exactly that step and those codes, and lowering and verification see a plain
+calibrated graph. A layer whose optimised MSE is not below its starting MSE is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+from tqdm import tqdm
+
+from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
+from qcompile.passes._layerwise import calibration_batches, capture, float_reference
+from qcompile.passes.insert_quantizers import weight_quantizers
+from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
+
+CHUNK = 256  # images per forward when measuring MSE over the whole calibration set
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Fake quantization with straight-through rounding whose gradient also reaches the step (LSQ)."""
+    q = x / step
+    q = q + (torch.round(q) - q).detach()
+    return q.clamp(qmin, qmax) * step
+
+
+def _apply(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    return layer._conv_forward(x, w, b)  # type: ignore[operator,union-attr]
+
+
+@dataclass
+class _Layer:
+    """The trainable view of one quantized layer: weights in units of their starting step, log step factors."""
+
+    layer: nn.Module
+    wq: WeightQuantizer
+    aq: ActivationQuantizer | None  # the input quantizer, when this layer alone reads it
+    out_scale: float
+
+    def __post_init__(self) -> None:
+        w0 = self.layer.parametrizations.weight.original.detach()  # type: ignore[union-attr]
+        self.s0 = self.wq.scale_for(w0)
+        self.v = (w0 / self.s0).clone().requires_grad_()
+        self.log_step = torch.zeros_like(self.s0, requires_grad=True)
+        b0 = self.bias_tensor()
+        self.b0 = None if b0 is None else b0.detach().clone()
+        self.db = None if b0 is None else torch.zeros_like(b0, requires_grad=True)
+        self.a0 = None if self.aq is None else self.aq.scale.detach().clone()
+        self.log_act = torch.zeros((), requires_grad=True)
+
+    def bias_tensor(self) -> torch.Tensor | None:
+        if getattr(self.layer, "bias", None) is None:
+            return None
+        if parametrize.is_parametrized(self.layer, "bias"):
+            return self.layer.parametrizations.bias.original  # type: ignore[union-attr]
+        return self.layer.bias  # type: ignore[return-value]
+
+    def groups(self, lr: float) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = [{"params": [self.v], "lr": lr}, {"params": [self.log_step], "lr": lr / 5}]
+        if self.db is not None:
+            out.append({"params": [self.db], "lr": lr / 5})
+        if self.aq is not None:
+            out.append({"params": [self.log_act], "lr": lr / 5})
+        return out
+
+    def step(self) -> torch.Tensor:
+        """The learned per-channel step, capped at max|w|/qmax so the weight quantizer re-derives it."""
+        w = self.v * self.s0
+        cap = w.abs().flatten(1).amax(1).view_as(self.s0) / self.wq.spec.qmax
+        return torch.minimum(self.s0 * self.log_step.exp(), cap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.wq.spec
+        w = lsq_quantize(self.v * self.s0, self.step(), spec.qmin, spec.qmax)
+        if self.aq is not None:
+            a = self.aq.spec
+            x = lsq_quantize(x, self.a0 * self.log_act.exp(), a.qmin, a.qmax)
+        b = None if self.b0 is None else self.b0 + self.db * self.out_scale  # type: ignore[operator]
+        return _apply(self.layer, x, w, b)
+
+    @torch.no_grad()
+    def mse(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
+        total = sum(float(((self.forward(inputs[i:i + CHUNK]) - target[i:i + CHUNK]) ** 2).sum())
+                    for i in range(0, len(inputs), CHUNK))
+        return total / target.numel()
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """Write integer-rounded weights (codes · step), the bias and the input step back into the graph."""
+        step = self.step()
+        spec = self.wq.spec
+        codes = torch.round(self.v * self.s0 / step).clamp(spec.qmin, spec.qmax)
+        self.layer.parametrizations.weight.original.copy_(codes * step)  # type: ignore[union-attr]
+        if self.db is not None:
+            self.bias_tensor().copy_(self.b0 + self.db * self.out_scale)  # type: ignore[union-attr,operator]
+        if self.aq is not None:
+            self.aq.scale.copy_(self.a0 * self.log_act.exp())  # type: ignore[operator]
+
+
+class AdaQuant(Pass):
+    """Layer-wise optimisation of quantized weights, biases and step sizes (sequential AdaQuant)."""
+
+    name = "adaquant"
+    requires = frozenset({QUANTIZERS, CALIBRATED})
+
+    def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0) -> None:
+        self.iterations = iterations
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        data = calibration_batches(ctx, "adaquant")
+        ref = float_reference(gm, ctx)
+        nodes = compute_nodes(gm)
+        names = layer_names(gm)
+        sites = Counter(str(n.target) for n in nodes)
+        calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        quantizers = weight_quantizers(gm)
+        rows = []
+        for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
+            layer = module_of(gm, node)
+            wq = quantizers.get(str(node.target))
+            if wq is None:
+                continue
+            if sites[str(node.target)] > 1:
+                ctx.warnings.append(f"adaquant: {names[node]} is one module called at several sites; left as calibrated")
+                continue
+            src = node.args[0]
+            aq = module_of(gm, src) if isinstance(src, fx.Node) else None
+            own = isinstance(aq, ActivationQuantizer) and len(src.users) == 1 and calls[str(src.target)] == 1
+            target = capture(ref, ref.get_submodule(str(node.target)), data, output=True)
+            inputs = capture(gm, aq if own else layer, data, output=False)  # type: ignore[arg-type]
+            rows.append({"layer": names[node], **self._optimise(
+                _Layer(layer, wq, aq if own else None, float(target.std()) or 1.0), inputs, target)})
+        ctx.results["adaquant"] = {"iterations": self.iterations, "layers": rows}
+        return gm
+
+    def _optimise(self, view: _Layer, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, float | bool]:
+        before = view.mse(inputs, target)
+        opt = torch.optim.Adam(view.groups(self.lr))
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.enable_grad():  # pipelines run under no_grad
+            for _ in range(self.iterations):
+                idx = torch.randint(len(inputs), (min(self.batch_size, len(inputs)),), generator=gen)
+                loss = F.mse_loss(view.forward(inputs[idx]), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        after = view.mse(inputs, target)
+        kept = after < before
+        if kept:
+            view.store()
+        return {"mse_before": before, "mse_after": after, "kept": kept}
+

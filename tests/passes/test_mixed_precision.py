@@ -1,0 +1,84 @@
+"""The mixed-precision pass: measured sensitivities, an optimal plan within the budget, and the on-disk cache."""
+
+import itertools
+
+import pytest
+import torch
+
+from qcompile import Pipeline, get_recipe
+from qcompile import sensitivity
+from qcompile.bit_allocation import parse_budget
+from qcompile.cost import BF16_BITS, layer_cost
+from qcompile.errors import RecipeError
+from qcompile.graph import compute_nodes, layer_names
+from qcompile.passes import AnnotateCost, AssignPrecision
+from qcompile.passes.mixed_precision import MixedPrecision
+from qcompile.recipes import parse_set
+from qcompile.spec import Precision, get_annotation
+from tests.passes.ptq_helpers import batches
+
+W4, W8 = Precision(4, 4), Precision(8, 8)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def search(model, data, budget, overrides=()):
+    passes = [AssignPrecision(), AnnotateCost(), MixedPrecision(parse_budget(budget))]
+    with torch.no_grad():
+        return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe("auto"), calibration_data=data,
+                                    overrides=parse_set(overrides))
+
+
+def test_plan_is_the_best_within_the_budget_and_is_annotated(tiny):
+    data = batches()
+    result = search(tiny, data, "linear=0.4")
+    gm, ctx = result.graph_module, result.context
+    mp = ctx.results["mixed_precision"]
+    names = layer_names(gm)
+    nodes = compute_nodes(gm)
+    bf16 = ctx.cost.macs * BF16_BITS
+    assert ctx.cost.linear <= 0.4 * bf16 and mp["plan_cost"] == ctx.cost.linear  # the annotated graph is the plan
+    for n in nodes:
+        assert str(get_annotation(n).precision) == mp["plan"][names[n]]
+    # enumerate every plan: none within the budget has a smaller predicted loss increase
+    best = None
+    for combo in itertools.product((W4, W8), repeat=len(nodes)):
+        cost = sum(layer_cost(get_annotation(n).cost.macs, 0, p).linear for n, p in zip(nodes, combo))
+        loss = sum(mp["sensitivity"][names[n]][str(p)] for n, p in zip(nodes, combo))
+        if cost <= 0.4 * bf16 and (best is None or loss < best):
+            best = loss
+    assert mp["predicted_loss_increase"] == pytest.approx(best)
+    assert mp["sensitivity_measured"] == 6 and mp["sensitivity_reused"] == 0
+    assert all(v["w4a4"] > v["w8a8"] - 1e-3 for v in mp["sensitivity"].values())  # 4 bits hurt more than 8
+
+
+def test_second_budget_reuses_cached_sensitivities(tiny, cache, monkeypatch):
+    data = batches()
+    first = search(tiny, data, "linear=0.4").context.results["mixed_precision"]
+    assert len(list((cache / "sensitivity").glob("*.json"))) == 1
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("sensitivity re-measured although cached")
+
+    monkeypatch.setattr(sensitivity, "measure_one", must_not_measure)
+    second = search(tiny, data, "linear=0.3").context.results["mixed_precision"]
+    assert second["sensitivity_measured"] == 0 and second["sensitivity_reused"] == 6
+    assert second["sensitivity"] == first["sensitivity"] and second["plan_cost_vs_bf16"] <= 0.3
+    with pytest.raises(AssertionError, match="re-measured"):  # other calibration data is another key
+        search(tiny, batches(seed=7), "linear=0.3")
+
+
+def test_pinned_layers_keep_their_precision(tiny):
+    data = batches()
+    mp = search(tiny, data, "linear=0.5", overrides=["head=w8a8", "stem=4"]).context.results["mixed_precision"]
+    assert mp["plan"]["head"] == "w8a8" and mp["plan"]["stem"] == "w4a4" and mp["pinned"] == ["head", "stem"]
+    assert set(mp["sensitivity"]) == {"body"}
+
+
+def test_budget_below_the_cheapest_plan_is_a_user_error(tiny):
+    with pytest.raises(RecipeError, match=r"budget linear=0.2 cannot be met: .*0.2500 of bf16"):
+        search(tiny, batches(), "linear=0.2")
