@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcompile.data import ImageSet
