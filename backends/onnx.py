@@ -43,6 +43,15 @@ def _onnx() -> Any:
     return onnx
 
 
+def pack_nibbles(codes: np.ndarray) -> bytes:
+    """4-bit codes as ONNX stores INT4/UINT4 raw data: two per byte, the first in the low nibble. (The
+    ``int32_data`` field that ``make_tensor`` fills otherwise costs up to two bytes per pair as varints.)"""
+    nibbles = (np.asarray(codes).reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
 class _Exporter:
     def __init__(self, ir: IRGraph, flavour: Flavour) -> None:
         self.onnx = _onnx()
@@ -67,7 +76,7 @@ class _Exporter:
         name = self.uid(base)
         helper, TP = self.onnx.helper, self.onnx.TensorProto
         if elem in (TP.INT4, TP.UINT4):
-            t = helper.make_tensor(name, elem, list(array.shape), array.reshape(-1).astype(np.int32).tolist())
+            t = helper.make_tensor(name, elem, list(array.shape), pack_nibbles(array), raw=True)
         else:
             t = self.onnx.numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d scalars
         self.inits.append(t)

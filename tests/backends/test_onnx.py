@@ -101,3 +101,12 @@ def test_pooled_stem_runs_as_integer_kernels_and_matches_reference(recipe, flavo
     out = qonnx.run(sess, [x])[0]
     acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].scale
     assert np.array_equal(np.rint(ref / acc_scale), np.rint(out / acc_scale))
+
+
+def test_packed_int4_costs_half_a_byte_per_weight():
+    from onnx import TensorProto, numpy_helper
+
+    codes = np.random.default_rng(3).integers(-7, 8, size=(9, 3, 3, 3)).astype(np.int8)
+    t = qonnx._onnx().helper.make_tensor("w", TensorProto.INT4, list(codes.shape), qonnx.pack_nibbles(codes), raw=True)
+    assert len(t.raw_data) == (codes.size + 1) // 2
+    assert np.array_equal(numpy_helper.to_array(t), codes)
