@@ -7,7 +7,8 @@ Flavours:
   container range is wider than the code range. onnxruntime fuses DQ → Conv → Q into its integer kernels,
   whose fast path wants unsigned activations: a signed activation code ``q`` is stored as ``q + 128`` in
   ``uint8`` with ONNX zero point 128, which dequantizes to exactly the same value (the IR's zero point stays 0).
-- ``compact``: 4-bit weights as packed ``INT4`` initializers, so the file is as small as the memory cost says.
+- ``compact``: 4-bit weights as packed ``INT4``/``UINT4`` initializers, so the file is as small as the memory
+  cost says, each cast to 8 bits in the graph (constant-folded by onnxruntime, so the integer kernels still run).
 
 Value mapping: an IR integer tensor (≤ 8 bits) is an ONNX tensor of codes; an IR int32 accumulator is the float
 output of the ONNX ``Conv``/``Gemm`` (its dequantized value, ``acc · s_x · s_w``); float values are float.
@@ -94,11 +95,10 @@ class _Exporter:
             return (np.int8 if t.dtype.signed else np.uint8), 0
         return np.uint8, (128 if t.dtype.signed else 0)
 
-    def scale_zp(self, base: str, t: TensorInfo, elem: int | None = None, weight: bool = False) -> tuple[str, str]:
+    def scale_zp(self, base: str, t: TensorInfo, weight: bool = False) -> tuple[str, str]:
         assert t.scale is not None
         ty, offset = self.container(t, weight)
-        zeros = np.full(t.scale.shape, offset, dtype=ty)
-        zp = self.const(f"{base}_zp", zeros, elem) if elem is not None else self.const(f"{base}_zp", zeros)
+        zp = self.const(f"{base}_zp", np.full(t.scale.shape, offset, dtype=ty))
         return self.const(f"{base}_scale", t.scale.astype(np.float32)), zp
 
     def quantize_to(self, src: str, out: str, t: TensorInfo) -> str:
@@ -214,11 +214,12 @@ class _Exporter:
     def conv_then_pool(self, inputs: list[str], conv_attrs: dict[str, Any], chain: list[Op],
                        requantizes: list[Op]) -> None:
         """Per requantize: Conv → ReLU → Q (one integer kernel) → the chain's max pools on the codes."""
+        pools = [c for c in chain if c.kind == "maxpool2d"]
+        chain_relu = any(c.kind == "relu" for c in chain)
         for rq in requantizes:
             src = self.node("Conv", inputs, **conv_attrs)
-            if any(c.kind == "relu" for c in chain) or (rq.attrs.get("relu") and self.ir.values[rq.output].qmin < 0):
+            if chain_relu or (rq.attrs.get("relu") and self.ir.values[rq.output].qmin < 0):
                 src = self.node("Relu", [src])
-            pools = [c for c in chain if c.kind == "maxpool2d"]
             src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"), self.ir.values[rq.output])
             for i, pool in enumerate(pools):
                 src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
@@ -285,8 +286,9 @@ class _Exporter:
         self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
 
     def op_add(self, op: Op) -> None:
-        # Sum, not Add: onnxruntime fuses DQ → Add → Q into QLinearAdd, whose zero-point-folded float arithmetic
-        # rounds differently from DQ → add → Q (the IR's semantics); the float add is cheap next to the convs
+        # Sum, not Add: onnxruntime fuses DQ → Add → Q into QLinearAdd, whose fixed-point arithmetic rounds
+        # differently from DQ → add → Q (the IR's semantics). Exactness has a price: the float DQ/Sum/Q passes
+        # are most of the gap to quantize_static's latency (README, ONNX peer benchmark)
         self.node("Sum", list(op.inputs), op.output)
 
     def op_flatten(self, op: Op) -> None:

@@ -24,18 +24,18 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qcompile import Pipeline, get_recipe
-from qcompile.backends import onnx as qonnx
-from qcompile.data import iterate_batches, load_split
-from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import float_onnx, lowered  # noqa: E402
+
+from qcompile.backends import onnx as qonnx  # noqa: E402
+from qcompile.data import iterate_batches, load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -95,14 +95,6 @@ def cifar_case(data: str | None, eval_size: int | None) -> Case:
     return Case("resnet20", build, 32, (1, 8), calib, labelled)
 
 
-def export_float(model: torch.nn.Module, size: int, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
-
-
 def ort_quantize(float_path: Path, calib: list[torch.Tensor], out: Path) -> None:
     """onnxruntime's documented static-quantization flow: pre-process, then QDQ u8s8 per-channel."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -123,14 +115,11 @@ def ort_quantize(float_path: Path, calib: list[torch.Tensor], out: Path) -> None
 
 
 def qcompile_artifacts(model: torch.nn.Module, case: Case, recipe: str, workdir: Path) -> dict[str, Path]:
-    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]
-    with torch.no_grad():
-        result = Pipeline(passes).run(model, torch.zeros(1, 3, case.size, case.size), recipe=get_recipe(recipe),
-                                      calibration_data=[(x, None) for x in case.calib])
+    ir = lowered(model, recipe, case.size, calib=case.calib)
     paths = {}
     for flavour, suffix in (("serving", ""), ("compact", "_compact")):
         path = workdir / f"qc_{recipe}{suffix}.onnx"
-        qonnx.save(qonnx.to_onnx(result.context.ir, flavour), path)
+        qonnx.save(qonnx.to_onnx(ir, flavour), path)
         paths[f"qc_{recipe}{suffix}"] = path
     return paths
 
@@ -162,7 +151,7 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
     print(f"\n== {case.name} ({case.size}x{case.size}) ==", flush=True)
     model = case.build()
     paths = {"float": workdir / f"{case.name}_float.onnx", "ort_u8s8": workdir / f"{case.name}_ort_u8s8.onnx"}
-    export_float(model, case.size, paths["float"])
+    float_onnx(model, case.size, paths["float"])
     ort_quantize(paths["float"], case.calib, paths["ort_u8s8"])
     for recipe in ("int8", "mostly4bit"):
         paths.update(qcompile_artifacts(model, case, recipe, workdir))

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import lowered, median_ms  # noqa: E402
+from _common import float_onnx, lowered, median_ms  # noqa: E402
 
 from qcompile import runtime  # noqa: E402
 from qcompile.backends import onnx as qonnx  # noqa: E402
@@ -29,13 +29,6 @@ from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.models import resnet18  # noqa: E402
 
 THREADS = 2
-
-
-def float_onnx(model: torch.nn.Module, path: Path) -> Path:
-    """The float model through torch's TorchScript ONNX exporter (dynamic batch)."""
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
-    return path
 
 
 def main() -> None:
@@ -52,7 +45,7 @@ def main() -> None:
     model = resnet18().eval()
     ir = lowered(model, args.recipe)
     int8_sess = qonnx.session(qonnx.to_onnx(ir, "serving"), threads=THREADS)
-    float_sess = qonnx.session(str(float_onnx(model, work / "float.onnx")), threads=THREADS)
+    float_sess = qonnx.session(str(float_onnx(model, 224, work / "float.onnx")), threads=THREADS)
     print(f"ResNet-18 224x224 {args.recipe}, {THREADS} threads, target {args.target}, median of {args.repeat}")
     print(f"{'batch':>5} {'TVM ms':>10} {'ORT int8 ms':>12} {'ORT float ms':>13} {'TVM/ORT int8':>13} {'TVM/float':>10}"
           f" {'build s':>8}")
