@@ -406,17 +406,6 @@ def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:
     return rows
 
 
-def reference_logits(ir: IRGraph, batches: Iterable[tuple[Any, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, reference logits) per batch, computed once for every flavour's comparison."""
-    from qcompile.ir import reference
-
-    out = []
-    for x, _ in batches:
-        x = np.asarray(x, dtype=np.float32)
-        out.append((x, reference.run(ir, x)[ir.outputs[0]]))
-    return out
-
-
 def compare_with_reference(ir: IRGraph, model: Any, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """onnxruntime vs the reference interpreter on ``(inputs, reference logits)`` pairs: top-1 agreement and
     the final integer outputs (the accumulators the logits are dequantized from)."""

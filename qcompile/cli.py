@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -27,7 +29,7 @@ from qcompile.pipeline import Pass, Pipeline
 from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
-from qcompile.verify import verify_reference
+from qcompile.verify import reference_logits, verify_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +100,11 @@ def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[BatchList | N
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
 
 
+ReferencePairs = Callable[[], list[tuple[np.ndarray, np.ndarray]]]
+
+
 def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
-                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                         reference_pairs: ReferencePairs) -> None:
     """model.onnx (serving) and model.compact.onnx, each checked against the reference in onnxruntime."""
     wanted = args.backends or ["onnx"]
     if "onnx" not in wanted:
@@ -116,7 +121,7 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
         return
     from qcompile.backends import onnx as qonnx
 
-    pairs = qonnx.reference_logits(ir, batches)
+    pairs = reference_pairs()
     for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
         model = qonnx.to_onnx(ir, flavour)
         path = qonnx.save(model, out / name)
@@ -140,7 +145,7 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
 
 
 def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
-                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                        reference_pairs: ReferencePairs) -> None:
     """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.runtime and checked against the
     reference."""
     if "tvm" not in (args.backends or []):
@@ -152,12 +157,10 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
     if importlib.util.find_spec("tvm") is None:
         raise QCompileError("--backend tvm needs the tvm extra: pip install 'qcompile[tvm]'")
     from qcompile import runtime
-    from qcompile.backends.onnx import reference_logits
     from qcompile.backends.tvm.build import build
     from qcompile.backends.tvm.targets import get_target
     from qcompile.verify import compare_backend
 
-    pairs = None
     for name in dict.fromkeys(args.targets or ["cpu"]):
         artifact = build(ir, name, out)
         report.setdefault("artifacts", {})[f"tvm_{name}"] = str(artifact.path)
@@ -167,7 +170,7 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
         if not spec.host_can_run():
             report["warnings"].append(f"TVM {name} artifact not verified: this CPU lacks {', '.join(spec.cpu_flags)}")
             continue
-        pairs = pairs if pairs is not None else reference_logits(ir, batches)
+        pairs = reference_pairs()
         if not pairs:
             continue
         model = runtime.load(artifact.path)
@@ -189,8 +192,10 @@ def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IR
     """OUT/ir and the backends' artifacts, each verified on the first ``--verify-size`` images."""
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
     report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
-    build_onnx_artifacts(args, ir, out, report, take_images(checked, args.verify_size))
-    build_tvm_artifacts(args, ir, out, report, take_images(checked, args.verify_size))
+    # the reference interpreter runs once, on the first backend that checks against it
+    reference_pairs = functools.cache(lambda: reference_logits(ir, take_images(checked, args.verify_size)))
+    build_onnx_artifacts(args, ir, out, report, reference_pairs)
+    build_tvm_artifacts(args, ir, out, report, reference_pairs)
     if not args.verify_size or not checked:
         return
     summary = verify_reference(gm, ir, take_images(checked, args.verify_size)).summary()

@@ -126,6 +126,16 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
 
 
 
+def reference_logits(ir: IRGraph, batches: Iterable[tuple[object, object]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, reference logits) per batch: the reference interpreter's side of every backend comparison,
+    computed once and shared by all of them."""
+    out = []
+    for x, _ in batches:
+        x = np.asarray(x, dtype=np.float32)
+        out.append((x, reference.run(ir, x)[ir.outputs[0]]))
+    return out
+
+
 def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
                     pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
     """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
