@@ -16,6 +16,7 @@ output of the ONNX ``Conv``/``Gemm`` (its dequantized value, ``acc · s_x · s_w
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,35 @@ def pack_nibbles(codes: np.ndarray) -> bytes:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
 
 
+def fused_add_is_exact(a: TensorInfo, b: TensorInfo, out: TensorInfo) -> bool:
+    """Whether onnxruntime's ``QLinearAdd`` (what it fuses DQ → Add → Q into) computes exactly the IR's
+    ``Q(DQ(a) + DQ(b))`` for every pair of codes.
+
+    The IR's form is float32: two products, a sum, a division, round half to even. The x86 kernel computes
+    ``a·(s_a/s_out) + b·(s_b/s_out) + fixed`` in float32 with FMAs, then rounds half to even. Both give the
+    same integers whenever every value in the kernel is exact (power-of-two scale ratios, short mantissas:
+    passes/align_add_scales.py) and the float32 form rounds to the exact result, which is checked here on all
+    code pairs (at most 255 × 255)."""
+    scales = [float(t.scale) for t in (a, b, out) if t.scale is not None and t.scale.ndim == 0]
+    if len(scales) != 3:
+        return False
+    sa, sb, sc = scales
+    ra, rb = sa / sc, sb / sc
+    if any(not r > 0 or math.frexp(r)[0] != 0.5 or np.float32(r) != r for r in (ra, rb)):
+        return False  # not powers of two: the kernel's ratios are rounded
+    qa = np.arange(a.qmin, a.qmax + 1, dtype=np.float64)[:, None]
+    qb = np.arange(b.qmin, b.qmax + 1, dtype=np.float64)[None, :]
+    exact = qa * ra + qb * rb  # exact in float64: small integers times powers of two
+    za, zb, zc = (128.0 if t.dtype.signed else 0.0 for t in (a, b, out))  # the 8-bit containers' zero points
+    fixed = zc - (za * ra + zb * rb)
+    kernel = [np.float64(fixed), (qb + zb) * rb + fixed, exact + zc]  # every value the kernel forms
+    if any(not np.array_equal(np.asarray(v, np.float32).astype(np.float64), v) for v in kernel):
+        return False
+    f32 = np.float32
+    ours = np.rint((qa.astype(f32) * f32(sa) + qb.astype(f32) * f32(sb)) / f32(sc))
+    return bool(np.array_equal(ours, np.rint(exact)))  # both then clamp to the same range
+
+
 class _Exporter:
     def __init__(self, ir: IRGraph, flavour: Flavour) -> None:
         self.onnx = _onnx()
@@ -63,6 +93,7 @@ class _Exporter:
         self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
         self.done: set[str] = set()  # outputs of ops already written as part of an earlier op's rewrite
         self.readers: dict[str, list[Op]] = {}
+        self.producer = {o.output: o for o in ir.ops}
         for o in ir.ops:
             for name in o.inputs:
                 self.readers.setdefault(name, []).append(o)
@@ -109,8 +140,8 @@ class _Exporter:
         if (lo, hi) == (0, 255):
             return self.node("QuantizeLinear", [src, s, zp], out)
         q = self.node("QuantizeLinear", [src, s, zp])
-        return self.node("Clip", [q, self.const(f"{out}_lo", np.array(lo, ty)),
-                                  self.const(f"{out}_hi", np.array(hi, ty))], out)
+        low = "" if lo == 0 else self.const(f"{out}_lo", np.array(lo, ty))  # saturation already clamps at 0
+        return self.node("Clip", [q, low, self.const(f"{out}_hi", np.array(hi, ty))], out)
 
     def dq(self, name: str) -> str:
         """The float view of an IR value."""
@@ -138,7 +169,8 @@ class _Exporter:
         raise OnnxExportError(f"IR op {op.kind} ({op.source}) has no ONNX transcription")
 
     def op_quantize(self, op: Op) -> None:
-        self.quantize_to(op.inputs[0], op.output, self.ir.values[op.output])
+        src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
+        self.quantize_to(src, op.output, self.ir.values[op.output])
 
     def op_dequantize(self, op: Op) -> None:
         src = self.ir.values[op.inputs[0]]
@@ -285,11 +317,29 @@ class _Exporter:
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
         self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
 
+    def codes_behind(self, name: str) -> TensorInfo | None:
+        """The 8-bit code tensor a float value dequantizes, if it is a dequantize's output."""
+        src = self.producer.get(name)
+        if src is None or src.kind != "dequantize":
+            return None
+        t = self.ir.values[src.inputs[0]]
+        return t if t.dtype is not DType.INT32 else None
+
     def op_add(self, op: Op) -> None:
-        # Sum, not Add: onnxruntime fuses DQ → Add → Q into QLinearAdd, whose fixed-point arithmetic rounds
-        # differently from DQ → add → Q (the IR's semantics). Exactness has a price: the float DQ/Sum/Q passes
-        # are most of the gap to quantize_static's latency (README, ONNX peer benchmark)
-        self.node("Sum", list(op.inputs), op.output)
+        """One ``Add`` per quantize reading the sum where onnxruntime's fused QLinearAdd is provably exact
+        (:func:`fused_add_is_exact`), so each DQ → Add → Q becomes that integer kernel; elsewhere a ``Sum``,
+        which onnxruntime leaves unfused: float DQ → add → Q, the IR's semantics, at the price of three float
+        passes over the tensor."""
+        a, b = (self.codes_behind(n) for n in op.inputs)
+        rest = op.output in self.ir.outputs
+        for r in self.readers.get(op.output, []):
+            if r.kind == "quantize" and a is not None and b is not None and fused_add_is_exact(
+                    a, b, self.ir.values[r.output]):
+                self.alias[(r.output, op.output)] = self.node("Add", list(op.inputs))
+            else:
+                rest = True
+        if rest:
+            self.node("Sum", list(op.inputs), op.output)
 
     def op_flatten(self, op: Op) -> None:
         if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):
@@ -362,8 +412,11 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def session(model: Any, threads: int = 2, optimized_path: str | None = None) -> Any:
-    """An onnxruntime CPU session on ``model`` (a ModelProto or a path), at full graph optimisation."""
+def session(model: Any, threads: int = 2, optimized_path: str | None = None, spin: bool = True) -> Any:
+    """An onnxruntime CPU session on ``model`` (a ModelProto or a path), at full graph optimisation.
+
+    ``spin=False`` stops its worker threads from spinning after each run: a benchmark that alternates between
+    sessions needs it, or the idle sessions' spinning threads take the cores from the one being timed."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -371,6 +424,8 @@ def session(model: Any, threads: int = 2, optimized_path: str | None = None) -> 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)

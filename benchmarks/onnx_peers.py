@@ -6,10 +6,12 @@ For each model the same float weights are exported three ways and timed side by 
 - ``ort_u8s8``    — that file quantized by ``onnxruntime.quantization.quantize_static`` (QDQ, uint8 activations,
   int8 per-channel weights, MinMax calibration): the peer;
 - ``qc_int8`` / ``qc_mostly4bit`` — qcompile's ``serving`` artifacts of the two recipes
-  (``qc_mostly4bit_compact`` is listed for its size only: it runs as DequantizeLinear → float Conv).
+  (``qc_mostly4bit_compact`` is listed for its size and top-1: it runs the same kernels as the serving file).
 
 Latencies are medians over interleaved rounds (every artifact runs once per round, so machine noise hits all
-of them alike), onnxruntime with 2 intra-op threads. On the CIFAR ResNet-20 checkpoint the script also measures
+of them alike), onnxruntime with 2 intra-op threads that do not spin between runs (spinning threads of the
+sessions not being timed would otherwise take the cores from the one that is: that inflated every latency
+here by up to 1.7x before). On the CIFAR ResNet-20 checkpoint the script also measures
 the top-1 of every artifact. Print-only: nothing here is a test.
 
     python benchmarks/onnx_peers.py                       # ResNet-18/50 224x224 (batch 1, 8) and ResNet-20
@@ -157,7 +159,7 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
         paths.update(qcompile_artifacts(model, case, recipe, workdir))
     sizes = {k: p.stat().st_size for k, p in paths.items()}
     timed = [k for k in paths if not k.endswith("_compact")]
-    sessions = {k: qonnx.session(str(paths[k]), threads=THREADS) for k in timed}
+    sessions = {k: qonnx.session(str(paths[k]), threads=THREADS, spin=False) for k in timed}
     result: dict[str, object] = {"sizes_bytes": sizes, "latency_ms": {}}
     for batch in case.batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)

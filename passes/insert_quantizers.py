@@ -2,8 +2,8 @@
 
 Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
 shared by consumers that agree). Each residual add gets quantizers on those inputs that are not already on a
-quantizer's grid, and one on its output, at the recipe's residual width: in the integer IR an add is
-DQ → add → Q. Signedness comes from the graph. Weights are quantized through a parametrization, so layers stay
+quantizer's grid, and one on its output (after the ReLU that follows it, if any), at the recipe's residual
+width: in the integer IR an add is DQ → add → Q. Signedness comes from the graph. Weights are quantized through a parametrization, so layers stay
 ``nn.Conv2d`` / ``nn.Linear``.
 """
 
@@ -103,17 +103,53 @@ class InsertQuantizers(Pass):
                         a = self._quantize_edge(gm, a, self._spec(gm, a, residual, ctx, memo))
                     new_args.append(a)
                 node.args = tuple(new_args)
-                spec = self._spec(gm, node, residual, ctx, memo)
-                annotate(node).output_act = spec
-                users = list(node.users)
-                q = self._quantize_edge(gm, node, spec)
-                for u in users:
-                    u.replace_input_with(node, q)
+                self._quantize_sum(gm, node, residual, ctx, memo)
         for node in reversed(list(gm.graph.nodes)):  # no-op calls the quantizers made unused
             if not node.users and isinstance(module_of(gm, node), _NO_OPS):
                 gm.graph.erase_node(node)
+        self._chain_narrower(gm)
         self._link_requantizers(gm)
         return gm
+
+    @staticmethod
+    def _chain_narrower(gm: fx.GraphModule) -> None:
+        """Where several quantizers of one signedness read a value that is not a residual sum (a ResNet stem
+        read by the 8-bit residual and by a 4-bit layer), the narrower ones requantize the widest one's codes:
+        the layer producing the value then runs once as an integer kernel, followed by an elementwise
+        requantize, instead of once per reader. A sum stays read in float by each quantizer: each becomes its
+        own integer add in onnxruntime."""
+        for node in list(gm.graph.nodes):
+            src = node.args[0] if is_relu(gm, node) and node.args else node
+            if isinstance(src, fx.Node) and is_add(src):
+                continue
+            readers = [(u, q) for u in node.users if isinstance(q := module_of(gm, u), ActivationQuantizer)]
+            if len(readers) < 2:
+                continue
+            widest, wq = max(readers, key=lambda r: r[1].spec.bits)
+            for u, q in readers:
+                if q.spec.bits < wq.spec.bits and q.spec.signed == wq.spec.signed:
+                    u.replace_input_with(node, widest)
+
+    def _quantize_sum(self, gm: fx.GraphModule, add: fx.Node, bits: int, ctx: PassContext,
+                      memo: dict[fx.Node, bool]) -> None:
+        """The residual quantizer of an add, read by every non-quantizer consumer of the sum.
+
+        When a ReLU is the sum's only reader, the ReLU's output is quantized: unsigned codes, one more bit of
+        range than a signed sum (the paper's scheme). Quantizers already reading the sum (a layer's input at
+        another width) keep reading it in float, so each of them rounds once from the same value; the ONNX
+        backend then writes every one of them as its own integer add (QLinearAdd)."""
+        out = add
+        if len(add.users) == 1 and is_relu(gm, next(iter(add.users))):
+            out = next(iter(add.users))
+        users = [u for u in out.users if not isinstance(module_of(gm, u), ActivationQuantizer)]
+        if not users:
+            return  # only layers read the sum (a downsampling block's input): no residual tensor to quantize
+        spec = self._spec(gm, out, bits, ctx, memo)
+        annotate(add).output_act = spec
+        q = self._quantize_edge(gm, out, spec)
+        for u in users:
+            if u is not q:
+                u.replace_input_with(out, q)
 
     @staticmethod
     def _link_requantizers(gm: fx.GraphModule) -> None:

@@ -35,7 +35,7 @@ class LoweringError(QCompileError):
 
 @dataclass
 class _Val:
-    """What an fx node lowered to: an IR value, with a ReLU still to apply (folded into a later requantize)."""
+    """What an fx node lowered to: an IR value, with a ReLU still to apply (folded into a later (re)quantize)."""
 
     name: str
     relu: bool = False
@@ -235,7 +235,8 @@ class _Lowerer:
         v = self.value(node, node.args[0])
         in_t = self.info(v.name)
         if in_t.dtype is DType.FLOAT32:
-            src = self.materialize(node, v)
+            # an unsigned quantize clamps at 0, so a pending ReLU is already in it: Q(relu(x)) = Q(x)
+            src = v.name if v.relu and out_t.qmin >= 0 else self.materialize(node, v)
             return _Val(self.g.add_op("quantize", [src], node.name, out_t, self.src(node)))
         if in_t.dtype is DType.INT32 and q.accumulator_scale() is None:
             # the fake-quant quantizer rounds the float value: so does the IR (DQ → Q), bit for bit
@@ -310,8 +311,8 @@ class _Lowerer:
     def lower_relu(self, node: fx.Node) -> _Val:
         v = self.value(node, node.args[0])
         t = self.info(v.name)
-        if t.dtype is DType.INT32:
-            return _Val(v.name, relu=True)  # folded into the requantize that follows
+        if t.dtype in (DType.INT32, DType.FLOAT32):
+            return _Val(v.name, relu=True)  # folded into the (re)quantize that follows, else applied where read
         return _Val(self.same(node, "relu", [self.materialize(node, v)]))
 
     def lower_maxpool(self, node: fx.Node, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> _Val:

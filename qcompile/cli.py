@@ -23,7 +23,7 @@ from qcompile.ir.graph import IRGraph
 from qcompile.ir.serialize import save as save_ir
 from qcompile.model_file import ModelFile, load_model_file, load_weights, parse_model_args
 from qcompile.passes import (
-    AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
+    AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
 )
 from qcompile.pipeline import Pass, Pipeline
 from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
@@ -238,7 +238,7 @@ def compile_model(args: argparse.Namespace) -> int:
     else:
         passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
         if recipe.quantized and calib is not None:
-            passes += [InsertQuantizers(), Calibrate(), LowerInteger(dyadic=args.dyadic)]
+            passes += [InsertQuantizers(), Calibrate(), AlignAddScales(), LowerInteger(dyadic=args.dyadic)]
         elif recipe.quantized:
             notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
                          "costs only, no calibration or accuracy")

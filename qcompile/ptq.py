@@ -11,8 +11,8 @@ from __future__ import annotations
 from qcompile.bit_allocation import Budget
 from qcompile.errors import QCompileError, RecipeError
 from qcompile.passes import (
-    AdaQuant, AnnotateCost, AssignPrecision, BiasCorrect, BnTune, Calibrate, FoldBatchNorm, InsertQuantizers,
-    LowerInteger,
+    AdaQuant, AlignAddScales, AnnotateCost, AssignPrecision, BiasCorrect, BnTune, Calibrate, FoldBatchNorm,
+    InsertQuantizers, LowerInteger,
 )
 from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.pipeline import Pass
@@ -46,7 +46,7 @@ def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_d
         passes.append(MixedPrecision(budget, max_degradation, bits or [4, 8]))
     if mode is not None:
         passes.append(BnTune())
-    passes += [FoldBatchNorm(), InsertQuantizers(), Calibrate()]
+    passes += [FoldBatchNorm(), InsertQuantizers(), Calibrate(), AlignAddScales()]
     if mode == "advanced":
         passes += [AdaQuant(iterations=adaquant_iterations), BiasCorrect()]
     return passes + [LowerInteger(dyadic=dyadic)]

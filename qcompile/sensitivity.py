@@ -23,7 +23,7 @@ from qcompile.pipeline import BN_FOLDED, Pass, PassContext, Pipeline
 from qcompile.recipes import Override
 from qcompile.spec import BF16, Precision
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: residuals quantized after the ReLU, add scales aligned
 
 
 @torch.no_grad()
@@ -57,13 +57,13 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
 def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], precision: Precision,
                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Calibration loss with only ``sites`` (layer names) at ``precision``, every other layer bf16."""
-    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
+    from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
     from qcompile.passes._layerwise import graph_copy, sub_context
 
     copy = graph_copy(gm)
     overrides = [Override("*", BF16, "sensitivity")] + [Override(glob.escape(s), precision, "sensitivity") for s in sites]
     passes: list[Pass] = [] if BN_FOLDED in ctx.properties else [FoldBatchNorm()]
-    passes += [AssignPrecision(), InsertQuantizers(), Calibrate()]
+    passes += [AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales()]
     Pipeline(passes).run_graph(copy, sub_context(ctx, overrides=overrides, calibration_data=batches))
     return calibration_loss(copy, batches)
 

@@ -71,7 +71,7 @@ def test_advanced_ptq_lowers_and_verifies(tiny_file, tmp_path, capsys):
     assert code == 0, captured.err
     report = report_of(out)
     assert [p["name"] for p in report["passes"]] == [
-        "assign_precision", "annotate_cost", "bn_tune", "fold_bn", "insert_quantizers", "calibrate", "adaquant",
+        "assign_precision", "annotate_cost", "bn_tune", "fold_bn", "insert_quantizers", "calibrate", "align_add_scales", "adaquant",
         "bias_correct", "lower_integer"]
     ptq = report["ptq"]
     assert ptq["mode"] == "advanced" and [r["layer"] for r in ptq["adaquant"]["layers"]] == ["stem", "body", "head"]

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale
+from qcompile.passes.align_add_scales import align_add_scales
 from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import LoadBounds, activation_bounds
 from qcompile.pipeline import Pass, PassContext, Pipeline
@@ -72,6 +73,7 @@ class ActivationSchedule:
     def __init__(self, gm: nn.Module, total_steps: int, fraction: float) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"the observe fraction must be in (0, 1], got {fraction}")
+        self.gm = gm
         self.quantizers = activation_quantizers(gm) if isinstance(gm, fx.GraphModule) else {}
         self.freeze_step = max(1, round(fraction * total_steps))
 
@@ -87,8 +89,12 @@ class ActivationSchedule:
         return True
 
     def freeze(self) -> None:
+        """Freeze every bound, then align the residual adds' scales (passes/align_add_scales.py), so training
+        adapts to the scales the exported model runs with."""
         for name, q in self.quantizers.items():
             q.freeze(name)
+        if isinstance(self.gm, fx.GraphModule):
+            align_add_scales(self.gm)
 
     def state_dict(self) -> dict[str, dict[str, object]]:
         """The quantizers' Python-side state (their tensors are in the module's state dict)."""

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("onnxruntime")
 
@@ -49,26 +51,121 @@ def test_dyadic_ir_is_refused():
         qonnx.to_onnx(res.context.ir)
 
 
-@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
-def test_serving_runs_every_conv_and_dense_as_integer_kernels(recipe, tmp_path):
-    import onnx
+def _resnet20_ir(recipe, align=True):
     import torch
 
     from qcompile import Pipeline, get_recipe
     from qcompile.models import resnet20_cifar
-    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+    from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
     from tests.conftest import randomize_bn
 
     torch.manual_seed(0)
     model = randomize_bn(resnet20_cifar(), data=torch.randn(16, 3, 32, 32))
     calib = [(torch.randn(16, 3, 32, 32), torch.zeros(16)) for _ in range(2)]
-    ir = Pipeline([FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]).run(
+    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate()]
+    passes += [AlignAddScales()] if align else []
+    return Pipeline(passes + [LowerInteger()]).run(
         model, torch.randn(1, 3, 32, 32), recipe=get_recipe(recipe), calibration_data=calib).context.ir
+
+
+def _optimized_ops(model_proto, tmp_path):
+    import onnx
+
     optimized = tmp_path / "opt.onnx"
-    qonnx.session(qonnx.to_onnx(ir, "serving"), optimized_path=str(optimized))
-    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    sess = qonnx.session(model_proto, optimized_path=str(optimized))
+    return sess, [n.op_type for n in onnx.load(str(optimized)).graph.node]
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+def test_serving_runs_every_conv_dense_and_add_as_integer_kernels(recipe, tmp_path):
+    """With aligned add scales every residual add is a QLinearAdd (one per quantizer reading the sum: the
+    residual, and a 4-bit layer's input), and the model still equals the reference."""
+    import torch
+
+    ir = _resnet20_ir(recipe)
+    model_proto = qonnx.to_onnx(ir, "serving")
+    sess, ops = _optimized_ops(model_proto, tmp_path)
     assert ops.count("QLinearConv") >= 21 and ops.count("QGemm") == 1
-    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger"} & set(ops)
+    # mostly4bit: 8 of the 9 sums are read by a 4-bit layer, 7 by the next shortcut or the pooling head (the
+    # two entering downsampling blocks are not); int8: the 8-bit residual is the next layer's input
+    assert ops.count("QLinearAdd") == (9 if recipe == "int8" else 15)
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger", "Sum", "Add"} & set(ops)
+    # the logits', and in mostly4bit the stem's 8-bit codes requantized to 4 bits
+    assert ops.count("DequantizeLinear") == (1 if recipe == "int8" else 2)
+    x = torch.randn(32, 3, 32, 32).numpy()
+    pairs = [(x, reference.run(ir, x)[ir.outputs[0]])]
+    v = qonnx.compare_with_reference(ir, model_proto, pairs)
+    assert v["identical_fraction"] == 1.0 and v["max_lsb_diff"] == 0
+
+
+def test_unaligned_adds_stay_exact_float_sums(tmp_path):
+    import torch
+
+    ir = _resnet20_ir("int8", align=False)
+    model_proto = qonnx.to_onnx(ir, "serving")
+    _, ops = _optimized_ops(model_proto, tmp_path)
+    assert "QLinearAdd" not in ops and ops.count("Sum") == 9
+    x = torch.randn(16, 3, 32, 32).numpy()
+    v = qonnx.compare_with_reference(ir, model_proto, [(x, reference.run(ir, x)[ir.outputs[0]])])
+    assert v["identical_fraction"] == 1.0 and v["max_lsb_diff"] == 0
+
+
+def _add_model(a, b, out):
+    """DQ → Add → Q (+ Clip to a narrower code range) on two code tensors, as the exporter writes an add."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    def zp(t):
+        return np.uint8(128 if t.dtype.signed else 0)
+
+    c = [numpy_helper.from_array(np.array(v), n) for n, v in [
+        ("sa", a.scale), ("sb", b.scale), ("sc", out.scale), ("za", zp(a)), ("zb", zp(b)), ("zc", zp(out)),
+        ("lo", np.uint8(out.qmin + zp(out))), ("hi", np.uint8(out.qmax + zp(out)))]]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             helper.make_node("Add", ["fa", "fb"], ["s"]), helper.make_node("QuantizeLinear", ["s", "sc", "zc"], ["q"]),
+             helper.make_node("Clip", ["q", "lo", "hi"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TP.UINT8, ["N"]) for n in ("a", "b", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "add", io[:2], io[2:], c), opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = qonnx.IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(128, 255), ea=st.integers(-3, 3), eb=st.integers(-3, 3), e4=st.integers(2, 5),
+       signed_a=st.booleans(), out_bits=st.sampled_from([4, 8]))
+def test_fused_add_is_exact_when_it_says_so(m, ea, eb, e4, signed_a, out_bits):
+    """onnxruntime's fused QLinearAdd against the IR's float32 DQ → add → Q on every pair of codes."""
+    from qcompile.ir.types import DType, TensorInfo
+
+    sc = np.float32(m / 128 * 2.0**-6)
+    a = TensorInfo(DType.INT8 if signed_a else DType.UINT8, (), np.float32(sc * 2.0**ea))
+    b = TensorInfo(DType.UINT8, (), np.float32(sc * 2.0**eb))
+    out = TensorInfo(DType.for_bits(out_bits, False), (), np.float32(sc * (2.0**e4 if out_bits == 4 else 1.0)))
+    assert qonnx.fused_add_is_exact(a, b, out)
+    sess = qonnx.session(_add_model(a, b, out))
+    qa, qb = np.meshgrid(np.arange(a.qmin, a.qmax + 1), np.arange(b.qmin, b.qmax + 1))
+    qa, qb = qa.reshape(-1), qb.reshape(-1)
+    got = sess.run(None, {"a": (qa + (128 if signed_a else 0)).astype(np.uint8), "b": qb.astype(np.uint8)})[0]
+    f32 = np.float32
+    want = np.clip(np.rint((qa.astype(f32) * a.scale + qb.astype(f32) * b.scale) / out.scale), out.qmin, out.qmax)
+    np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
+
+
+def test_fused_add_is_refused_for_unaligned_scales():
+    from qcompile.ir.types import DType, TensorInfo
+
+    a = TensorInfo(DType.INT8, (), np.float32(0.0237))
+    b = TensorInfo(DType.UINT8, (), np.float32(0.0098))
+    out = TensorInfo(DType.UINT8, (), np.float32(0.0153))
+    assert not qonnx.fused_add_is_exact(a, b, out)
+    long_mantissa = np.float32(1 / 3)  # power-of-two ratios, but the float32 products round: ties move
+    a = TensorInfo(DType.INT8, (), long_mantissa * 4)
+    b = TensorInfo(DType.UINT8, (), long_mantissa)
+    out = TensorInfo(DType.UINT8, (), long_mantissa * 2)
+    assert not qonnx.fused_add_is_exact(a, b, out)
 
 
 @pytest.mark.parametrize("flavour", ["serving", "compact"])

@@ -8,6 +8,7 @@ from qcompile.models import resnet20_cifar
 from qcompile.passes import AssignPrecision, FoldBatchNorm, InsertQuantizers
 from qcompile.passes.insert_quantizers import activation_quantizers, is_add
 from qcompile.recipes import parse_set
+from qcompile.quantizer import ActivationQuantizer
 from qcompile.spec import Calibrator, get_annotation
 
 
@@ -25,10 +26,22 @@ def test_every_layer_and_residual_add_is_quantized():
         assert src.spec == get_annotation(n).input_act  # the layer's input passes its own quantizer
     adds = [n for n in gm.graph.nodes if is_add(n)]
     assert len(adds) == 9
+    residuals = 0
     for add in adds:
-        users = list(add.users)
-        assert len(users) == 1 and gm.get_submodule(users[0].target).spec.bits == 8
-        assert get_annotation(add).output_act.bits == 8
+        (relu,) = add.users  # the residual is quantized after the ReLU: unsigned, 8 bits
+        readers = [gm.get_submodule(u.target) for u in relu.users]
+        assert all(isinstance(q, ActivationQuantizer) for q in readers)  # each reads the float sum once
+        if any(q.spec.bits == 8 and not q.spec.signed for q in readers):
+            residuals += 1
+            assert get_annotation(add).output_act.bits == 8 and not get_annotation(add).output_act.signed
+    assert residuals == 7  # the sums entering the two downsampling blocks are read by 4-bit layers only
+
+
+def test_int8_residual_and_next_layer_input_share_one_quantizer():
+    gm = _insert(resnet20_cifar(), "int8")
+    for add in [n for n in gm.graph.nodes if is_add(n)]:
+        (relu,) = add.users
+        assert len(relu.users) == 1, [u.name for u in relu.users]
 
 
 def test_quantizers_are_shared_per_tensor_and_spec():

@@ -1,0 +1,99 @@
+"""Align the scales around each residual add to powers of two of one shared 8-bit mantissa.
+
+The IR adds in float between dequantize and quantize (ONNX DQ → Add → Q). onnxruntime runs that pattern as its
+integer ``QLinearAdd`` kernel, which computes with the scale *ratios* instead, so it rounds differently on a few
+elements in 10^5, unless every value on the way is exact in float32. It is when the ratios between the add's
+input and output scales are powers of two and the scales have short mantissas: then the sum is the exact rational
+result in both forms and both round it half to even. This pass moves each calibrated scale to the nearest such
+value (by at most a factor of 2^(1/2), i.e. half a bit of resolution or of range), so the exported model is both
+exact and as fast as onnxruntime's own quantizer.
+
+Every quantizer of an add's inputs and of its sum (the residual quantizer and any layer input reading the sum)
+joins one class; classes that share a quantizer merge. Each class gets the 8-bit mantissa that moves its scales
+least (in log2), each scale the nearest power-of-two multiple of it. Run after calibration, before any pass that
+learns weights against the activation scales (AdaQuant, bias correction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from qcompile.graph import is_relu, module_of
+from qcompile.passes.insert_quantizers import is_add, quantizer_of
+from qcompile.pipeline import CALIBRATED, Pass, PassContext
+from qcompile.quantizer import ActivationQuantizer, QuantizerState
+
+MANTISSA_BITS = 8
+
+
+def add_groups(gm: fx.GraphModule) -> list[list[str]]:
+    """Names of the activation quantizers tied together by residual adds, one list per class."""
+    parent: dict[str, str] = {}
+    name_of = {id(m): n for n, m in gm.named_modules()}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for node in gm.graph.nodes:
+        if not is_add(node):
+            continue
+        ins = [quantizer_of(gm, a) for a in node.args if isinstance(a, fx.Node)]
+        if any(q is None for q in ins):
+            continue  # an input off any grid: nothing to align (the export keeps the exact float add)
+        readers = list(node.users)
+        readers += [r for u in node.users if is_relu(gm, u) for r in u.users]
+        outs = [r for r in readers if isinstance(module_of(gm, r), ActivationQuantizer)]
+        names = [name_of[id(q)] for q in ins] + [str(r.target) for r in outs]
+        for other in names[1:]:
+            parent[find(other)] = find(names[0])
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), []).append(name)
+    return [sorted(g) for g in groups.values()]
+
+
+def best_mantissa(scales: list[float], bits: int = MANTISSA_BITS) -> float:
+    """The ``bits``-bit mantissa in [1, 2) whose nearest power-of-two multiples move ``scales`` least (log2)."""
+    logs = [math.log2(s) for s in scales]
+    best, best_err = 1.0, math.inf
+    for k in range(2 ** (bits - 1)):
+        m = 1.0 + k / 2 ** (bits - 1)
+        lm = math.log2(m)
+        err = sum((x - lm - round(x - lm)) ** 2 for x in logs)
+        if err < best_err:
+            best, best_err = m, err
+    return best
+
+
+def snap(scale: float, mantissa: float) -> float:
+    """The power-of-two multiple of ``mantissa`` nearest to ``scale`` in log2 (exact in float32)."""
+    return math.ldexp(mantissa, round(math.log2(scale / mantissa)))
+
+
+def align_add_scales(gm: fx.GraphModule) -> int:
+    """Snap every frozen quantizer tied to a residual add (see the module docstring); the number of classes."""
+    modules = dict(gm.named_modules())
+    groups = add_groups(gm)
+    for group in groups:
+        qs = [modules[n] for n in group]
+        assert all(isinstance(q, ActivationQuantizer) and q.state is QuantizerState.FROZEN for q in qs)
+        m = best_mantissa([float(q.scale) for q in qs])  # type: ignore[arg-type]
+        with torch.no_grad():
+            for q in qs:
+                q.scale.copy_(torch.tensor(snap(float(q.scale), m), dtype=q.scale.dtype))  # type: ignore[union-attr,arg-type]
+    return len(groups)
+
+
+class AlignAddScales(Pass):
+    name = "align_add_scales"
+    requires = frozenset({CALIBRATED})
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        align_add_scales(gm)
+        return gm
