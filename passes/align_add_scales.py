@@ -21,8 +21,8 @@ import math
 import torch
 from torch import fx
 
-from qcompile.graph import is_relu, module_of
-from qcompile.passes.insert_quantizers import is_add, quantizer_of
+from qcompile.graph import module_of
+from qcompile.passes.insert_quantizers import is_add, quantizer_of, sum_value
 from qcompile.pipeline import CALIBRATED, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, QuantizerState
 
@@ -46,9 +46,7 @@ def add_groups(gm: fx.GraphModule) -> list[list[str]]:
         ins = [quantizer_of(gm, a) for a in node.args if isinstance(a, fx.Node)]
         if any(q is None for q in ins):
             continue  # an input off any grid: nothing to align (the export keeps the exact float add)
-        readers = list(node.users)
-        readers += [r for u in node.users if is_relu(gm, u) for r in u.users]
-        outs = [r for r in readers if isinstance(module_of(gm, r), ActivationQuantizer)]
+        outs = [r for r in sum_value(gm, node).users if isinstance(module_of(gm, r), ActivationQuantizer)]
         names = [name_of[id(q)] for q in ins] + [str(r.target) for r in outs]
         for other in names[1:]:
             parent[find(other)] = find(names[0])

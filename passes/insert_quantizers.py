@@ -37,6 +37,13 @@ def is_add(node: fx.Node) -> bool:
     return is_call and len(tensor_args) == 2
 
 
+def sum_value(gm: fx.GraphModule, add: fx.Node) -> fx.Node:
+    """The node whose output a residual add's readers read: the ReLU when it is the sum's only reader (the
+    residual is quantized after it), else the sum itself."""
+    users = list(add.users)
+    return users[0] if len(users) == 1 and is_relu(gm, users[0]) else add
+
+
 def quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActivationQuantizer | None:
     """The activation quantizer whose grid ``node``'s values lie on (through ReLU, max-pool, flatten), if any."""
     while True:
@@ -138,9 +145,7 @@ class InsertQuantizers(Pass):
         range than a signed sum (the paper's scheme). Quantizers already reading the sum (a layer's input at
         another width) keep reading it in float, so each of them rounds once from the same value; the ONNX
         backend then writes every one of them as its own integer add (QLinearAdd)."""
-        out = add
-        if len(add.users) == 1 and is_relu(gm, next(iter(add.users))):
-            out = next(iter(add.users))
+        out = sum_value(gm, add)
         users = [u for u in out.users if not isinstance(module_of(gm, u), ActivationQuantizer)]
         if not users:
             return  # only layers read the sum (a downsampling block's input): no residual tensor to quantize

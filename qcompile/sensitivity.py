@@ -26,7 +26,7 @@ from qcompile.artifacts import write_json
 from qcompile.data import cache_dir
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext, Pipeline
 from qcompile.recipes import Override
-from qcompile.spec import BF16, Precision
+from qcompile.spec import Precision
 
 CACHE_VERSION = 3  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference
 
@@ -60,7 +60,7 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
 
 
 def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], precision: Precision,
-                batches: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: Precision = BF16) -> float:
+                batches: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: Precision) -> float:
     """Calibration loss with only ``sites`` (layer names) at ``precision``, every other layer at ``reference``."""
     from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
     from qcompile.passes._layerwise import graph_copy, sub_context
@@ -90,9 +90,9 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
     todo = [(u, p) for u in units for p in candidates if p != widest and str(p) not in table.get(u, {})]
     if todo:
         if reference_loss is None:
-            reference_loss = measure_one(gm, ctx, [], widest, batches, reference=widest)
+            reference_loss = measure_one(gm, ctx, [], widest, batches, widest)
         for unit, p in tqdm(todo, desc="sensitivity", unit="run", disable=None, leave=False):
-            loss = measure_one(gm, ctx, units[unit], p, batches, reference=widest)
+            loss = measure_one(gm, ctx, units[unit], p, batches, widest)
             table.setdefault(unit, {})[str(p)] = loss - reference_loss
         write_json(path, {"version": CACHE_VERSION, "reference": str(widest), "reference_loss": reference_loss,
                           "layers": table})
