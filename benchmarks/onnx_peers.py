@@ -12,10 +12,13 @@ Latencies are medians over interleaved rounds (every artifact runs once per roun
 of them alike), onnxruntime with 2 intra-op threads that do not spin between runs (spinning threads of the
 sessions not being timed would otherwise take the cores from the one that is: that inflated every latency
 here by up to 1.7x before). On the CIFAR ResNet-20 checkpoint the script also measures
-the top-1 of every artifact. Print-only: nothing here is a test.
+the top-1 of every artifact. With ``--breakdown`` it also profiles each quantized artifact at the largest batch
+and prints the kernel time per operator type (onnxruntime's own profiler), which shows where one artifact spends
+the time another does not. Print-only: nothing here is a test.
 
     python benchmarks/onnx_peers.py                       # ResNet-18/50 224x224 (batch 1, 8) and ResNet-20
     python benchmarks/onnx_peers.py --models resnet20 --data ../shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/onnx_peers.py --models resnet50 --breakdown
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter, defaultdict
 import sys
 import tempfile
 import time
@@ -141,6 +145,53 @@ def time_sessions(sessions: dict[str, object], x: np.ndarray, rounds: int, per_r
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def op_breakdowns(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int = 3,
+                  ) -> dict[str, dict[str, tuple[int, float]]]:
+    """Per artifact and operator type of onnxruntime's optimized graph: (nodes, kernel ms per run), from its
+    profiler over ``runs`` interleaved runs after ``warmup``."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for key, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = THREADS
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(path.with_suffix(""))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(warmup + runs):
+        for sess in sessions.values():
+            sess.run(None, {sess.get_inputs()[0].name: x})
+    tables = {}
+    for key, sess in sessions.items():
+        trace = Path(sess.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink()
+        start = [e for e in events if e.get("name") == "model_run"][warmup]["ts"]
+        micros: dict[str, float] = defaultdict(float)
+        calls: Counter[str] = Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+                micros[e["args"]["op_name"]] += e["dur"]
+                calls[e["args"]["op_name"]] += 1
+        tables[key] = {op: (calls[op] // runs, micros[op] / runs / 1e3) for op in sorted(micros)}
+    return tables
+
+
+def print_breakdown(tables: dict[str, dict[str, tuple[int, float]]], batch: int) -> None:
+    def cell(table: dict[str, tuple[int, float]], op: str) -> str:
+        nodes, ms = table.get(op, (0, 0.0))
+        return f"{nodes:>10} {ms:>10.2f} ms"
+
+    ops = sorted({op for t in tables.values() for op in t}, key=lambda op: -max(t.get(op, (0, 0.0))[1]
+                                                                                for t in tables.values()))
+    print(f"kernel time per operator type at batch {batch} (nodes, ms per run):")
+    print(f"  {'operator':<26}" + "".join(f"{k:>24}" for k in tables))
+    for op in ops:
+        print(f"  {op:<26}" + "".join(cell(t, op) for t in tables.values()))
+    print(f"  {'total':<26}" + "".join(f"{'':>10} {sum(v for _, v in t.values()):>10.2f} ms" for t in tables.values()))
+
+
 def accuracy(sess: object, test: list[tuple[np.ndarray, np.ndarray]]) -> float:
     correct = total = 0
     for x, y in test:
@@ -149,7 +200,7 @@ def accuracy(sess: object, test: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return correct / total
 
 
-def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
+def run_case(case: Case, rounds: int, workdir: Path, breakdown: bool = False) -> dict[str, object]:
     print(f"\n== {case.name} ({case.size}x{case.size}) ==", flush=True)
     model = case.build()
     paths = {"float": workdir / f"{case.name}_float.onnx", "ort_u8s8": workdir / f"{case.name}_ort_u8s8.onnx"}
@@ -165,6 +216,11 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
         per_round = max(1, int(8 // batch)) if case.size > 32 else 20
         result["latency_ms"][batch] = time_sessions(sessions, x, rounds, per_round)
+    if breakdown:
+        batch = max(case.batches)
+        x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
+        tables = op_breakdowns({k: paths[k] for k in ("ort_u8s8", "qc_int8", "qc_mostly4bit")}, x, rounds)
+        result["breakdown"] = {"batch": batch, "ops": tables}
     if case.test:
         sessions["qc_mostly4bit_compact"] = qonnx.session(str(paths["qc_mostly4bit_compact"]), threads=THREADS)
         result["top1"] = {k: accuracy(s, case.test) for k, s in sessions.items()}
@@ -183,6 +239,8 @@ def report(case: Case, result: dict[str, object]) -> None:
         peer = lat["ort_u8s8"]
         print(f"  vs ort_u8s8: qc_int8 {lat['qc_int8'] / peer:.3f}x, qc_mostly4bit {lat['qc_mostly4bit'] / peer:.3f}x, "
               f"float {lat['float'] / peer:.3f}x; qc_mostly4bit / qc_int8 {lat['qc_mostly4bit'] / lat['qc_int8']:.3f}")
+    if "breakdown" in result:
+        print_breakdown(result["breakdown"]["ops"], result["breakdown"]["batch"])
     if "top1" in result:
         print(f"top-1 on {result['top1_images']} test images: "
               + ", ".join(f"{k} {v * 100:.2f}%" for k, v in result["top1"].items()))
@@ -195,13 +253,14 @@ def main() -> int:
     ap.add_argument("--data", help="CIFAR-10 archive for ResNet-20's calibration and top-1 (default: the sample)")
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--breakdown", action="store_true", help="also print kernel time per operator type")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             case = cifar_case(args.data, args.eval_size) if name == "resnet20" else imagenet_case(name)
-            results[name] = run_case(case, args.rounds, Path(tmp))
+            results[name] = run_case(case, args.rounds, Path(tmp), args.breakdown)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

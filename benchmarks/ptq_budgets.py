@@ -26,20 +26,24 @@ from qcompile.model_file import load_model_file
 from qcompile.pipeline import Pipeline
 from qcompile.ptq import ptq_passes
 from qcompile.recipes import get_recipe
+from qcompile.sensitivity import METRICS
 from qcompile.verify import verify_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["name", "recipe", "ptq", "budget", "linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16", "top1",
+FIELDS = ["name", "recipe", "ptq", "budget", "sensitivity", "linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16", "top1",
           "float_top1", "images", "verified_images", "verify_identical", "verify_top1_agreement", "seconds"]
 
 
-def configurations(budgets: list[str], modes: list[str]) -> list[tuple[str, str, str | None, str | None]]:
-    """(name, recipe, ptq mode, budget) in the order they are worth measuring."""
+def configurations(budgets: list[str], modes: list[str], metric: str = "kl",
+                   ) -> list[tuple[str, str, str | None, str | None]]:
+    """(name, recipe, ptq mode, budget) in the order they are worth measuring; IP plans measured with a
+    non-default sensitivity metric are named for it (``auto-linear0.30-plain-loss``)."""
     out = []
+    suffix = "" if metric == "kl" else f"-{metric}"
     for mode in modes:
         ptq = None if mode == "plain" else mode
         out += [(f"mostly4bit-{mode}", "mostly4bit", ptq, None)]
-        out += [(f"auto-linear{b}-{mode}", "auto", ptq, f"linear={b}") for b in budgets]
+        out += [(f"auto-linear{b}-{mode}{suffix}", "auto", ptq, f"linear={b}") for b in budgets]
         out += [(f"{r}-{mode}", r, ptq, None) for r in ("int8", "int4")]
     return out
 
@@ -58,7 +62,8 @@ def write_rows(path: Path, rows: list[dict[str, object]]) -> None:
 
 
 def plot(csv_path: Path, png_path: Path) -> None:
-    """Top-1 against linear cost: one line of IP plans per PTQ mode, uniform recipes as labelled points."""
+    """Top-1 against linear cost: one line of IP plans per PTQ mode and sensitivity metric, uniform recipes as
+    labelled points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,10 +73,11 @@ def plot(csv_path: Path, png_path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"plain": "tab:blue", "light": "tab:green", "advanced": "tab:red"}
     for mode, color in colors.items():
-        ip = sorted((float(r["linear_vs_bf16"]), 100 * float(r["top1"])) for r in rows
-                    if r["recipe"] == "auto" and r["ptq"] == mode)
-        if ip:
-            ax.plot(*zip(*ip), "o-", color=color, label=f"IP plans ({mode})")
+        for metric, style in (("kl", "o-"), ("loss", "^--")):
+            ip = sorted((float(r["linear_vs_bf16"]), 100 * float(r["top1"])) for r in rows
+                        if r["recipe"] == "auto" and r["ptq"] == mode and (r.get("sensitivity") or "loss") == metric)
+            if ip:
+                ax.plot(*zip(*ip), style, color=color, label=f"IP plans ({mode}, {metric} sensitivity)")
         uni = [r for r in rows if r["recipe"] != "auto" and r["ptq"] == mode]
         for r in uni:
             ax.plot(float(r["linear_vs_bf16"]), 100 * float(r["top1"]), "s", color=color, mfc="none", ms=8)
@@ -101,6 +107,7 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,advanced,light", help="PTQ modes: plain, light, advanced")
     ap.add_argument("--only", help="comma-separated configuration names to run (default: all)")
     ap.add_argument("--adaquant-iters", type=int, default=200)
+    ap.add_argument("--sensitivity", choices=METRICS, default="kl", help="per-layer degradation measure of the IP")
     ap.add_argument("--out", default=str(ROOT / "results" / "ptq"))
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -118,7 +125,7 @@ def main() -> None:
     plans = json.loads(plans_path.read_text()) if plans_path.exists() else {}
     float_top1, n = top1(model, evald, desc="eval float")
     print(f"float top-1 {float_top1:.4f} on {n} images", flush=True)
-    configs = {c[0]: c for c in configurations(args.budgets.split(","), args.modes.split(","))}
+    configs = {c[0]: c for c in configurations(args.budgets.split(","), args.modes.split(","), args.sensitivity)}
     for name in (args.only.split(",") if args.only else configs):
         if name in done:
             continue
@@ -127,13 +134,14 @@ def main() -> None:
         _, recipe, ptq, budget = configs[name]
         start = time.time()
         passes = ptq_passes(ptq, recipe == "auto", parse_budget(budget) if budget else None,
-                            adaquant_iterations=args.adaquant_iters)
+                            adaquant_iterations=args.adaquant_iters, metric=args.sensitivity)
         with torch.no_grad():
             result = Pipeline(passes).run(model, mf.example_input(), recipe=get_recipe(recipe), calibration_data=calib)
         acc, images = top1(result.graph_module, evald, desc=name)
         ver = verify_reference(result.graph_module, result.context.ir, take_images(evald, args.verify_size)).summary()
         cost = result.context.cost
         row = {"name": name, "recipe": recipe, "ptq": ptq or "plain", "budget": budget or "",
+               "sensitivity": args.sensitivity if recipe == "auto" else "",
                "linear_vs_bf16": f"{cost.linear_vs_bf16:.6f}", "quadratic_vs_bf16": f"{cost.quadratic_vs_bf16:.6f}",
                "memory_vs_bf16": f"{cost.memory_vs_bf16:.6f}", "top1": f"{acc:.4f}", "float_top1": f"{float_top1:.4f}",
                "images": images, "verified_images": ver["images"], "verify_identical": ver["identical_fraction"],
@@ -142,7 +150,7 @@ def main() -> None:
         mp = result.context.results.get("mixed_precision")
         if mp:
             plans[name] = {k: mp[k] for k in ("budget", "budget_cost", "plan_cost", "plan_cost_vs_bf16",
-                                              "predicted_loss_increase", "plan")}
+                                              "predicted_degradation", "sensitivity_metric", "plan")}
             write_json(plans_path, plans)
         print(json.dumps(row), flush=True)
         plot(csv_path, out / "ptq_budgets.png")

@@ -23,7 +23,7 @@ from qcompile.passes._layerwise import calibration_batches
 from qcompile.passes.annotate_cost import AnnotateCost
 from qcompile.passes.assign_precision import AssignPrecision
 from qcompile.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
-from qcompile.sensitivity import sensitivities
+from qcompile.sensitivity import METRICS, sensitivities
 from qcompile.spec import Precision, get_annotation
 
 DEFAULT_BITS = (4, 8)
@@ -35,7 +35,7 @@ class MixedPrecision(Pass):
     guarantees = frozenset({PRECISION, COST})
 
     def __init__(self, budget: Budget | None = None, max_degradation: float | None = None,
-                 bits: Sequence[int] = DEFAULT_BITS) -> None:
+                 bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl") -> None:
         if (budget is None) == (max_degradation is None):
             raise RecipeError("mixed precision needs either a cost budget (--budget linear=0.30) or a degradation "
                               "bound (--max-degradation), not both")
@@ -45,7 +45,10 @@ class MixedPrecision(Pass):
                               f"got {', '.join(map(str, bits)) or 'none'}")
         self.budget = budget
         self.max_degradation = max_degradation
+        if metric not in METRICS:
+            raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
         self.candidates = [Precision(b, b) for b in sorted(set(bits))]
+        self.metric = metric
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if QUANTIZERS in ctx.properties:
@@ -71,7 +74,7 @@ class MixedPrecision(Pass):
             raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
                               f"{float(Fraction(cheapest, bf16)):.4f} of bf16 (widths "
                               f"{', '.join(str(p) for p in self.candidates)})")
-        table, cache = sensitivities(gm, ctx, free, self.candidates, data)
+        table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric)
         options = {u: [Option(p, c, table[u][str(p)] if u in free else 0.0) for p, c in costs[u].items()]
                    for u in units}
         plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)
@@ -81,13 +84,13 @@ class MixedPrecision(Pass):
         AnnotateCost().run(gm, ctx)
         total = sum(o.cost for o in plan.values())
         ctx.results["mixed_precision"] = {
-            "objective": f"least loss increase with {self.budget}" if self.budget
-            else f"least {field} cost with loss increase <= {self.max_degradation}",
+            "objective": f"least {self.metric} degradation with {self.budget}" if self.budget
+            else f"least {field} cost with {self.metric} degradation <= {self.max_degradation}",
             "budget": str(self.budget) if self.budget else None,
             "budget_cost": limit, "plan_cost": total, "plan_cost_vs_bf16": total / bf16,
             "max_degradation": self.max_degradation,
             "candidates": [str(p) for p in self.candidates],
-            "predicted_loss_increase": sum(o.degradation for o in plan.values()),
+            "predicted_degradation": sum(o.degradation for o in plan.values()),
             "plan": {s: str(plan[u].precision) for u, sites in units.items() for s in sites},
             "sensitivity": table, "pinned": sorted(pinned), **{f"sensitivity_{k}": v for k, v in cache.items()},
         }

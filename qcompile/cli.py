@@ -27,6 +27,7 @@ from qcompile.passes import (
 )
 from qcompile.pipeline import Pass, Pipeline
 from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
+from qcompile.sensitivity import METRICS
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
 from qcompile.verify import reference_logits, verify_reference
@@ -74,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", metavar="KIND=RATIO", help="--recipe auto: cost budget vs bf16, KIND linear, "
                                                            "quadratic or memory, e.g. linear=0.30")
     ap.add_argument("--max-degradation", type=float, metavar="LOSS",
-                    help="--recipe auto: cheapest plan whose predicted calibration-loss increase is at most LOSS")
+                    help="--recipe auto: cheapest plan whose predicted degradation (in --sensitivity units) is at "
+                         "most LOSS")
     ap.add_argument("--bits", default="4,8", metavar="B,B", help="--recipe auto: candidate widths (default 4,8; 2-8)")
+    ap.add_argument("--sensitivity", choices=METRICS, default="kl",
+                    help="--recipe auto: per-layer degradation measure, kl = KL divergence from the all-widest "
+                         "network's outputs (default), loss = calibration cross-entropy change")
     ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N", help="AdaQuant Adam steps per layer (default 200)")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
@@ -234,7 +239,7 @@ def compile_model(args: argparse.Namespace) -> int:
     if ptq:
         passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
                              args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,
-                             has_calibration=calib is not None, quantized=recipe.quantized)
+                             has_calibration=calib is not None, quantized=recipe.quantized, metric=args.sensitivity)
     else:
         passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
         if recipe.quantized and calib is not None:

@@ -119,7 +119,7 @@ def print_ptq(report: dict[str, Any], console: Console) -> None:
     if plan:
         widths = ", ".join(f"{k}={v}" for k, v in plan["plan"].items())
         console.print(f"mixed precision ({plan['objective']}): cost {plan['plan_cost_vs_bf16']:.4f} of bf16, "
-                      f"predicted loss increase {plan['predicted_loss_increase']:.4f}"
+                      f"predicted {plan['sensitivity_metric']} degradation {plan['predicted_degradation']:.4g}"
                       + (f", measured top-1 {acc * 100:.2f}%" if acc is not None else "")
                       + f"; sensitivities {plan['sensitivity_measured']} measured, {plan['sensitivity_reused']} "
                         f"reused from {plan['sensitivity_cache']}")

@@ -92,7 +92,8 @@ def test_auto_budget_plan_is_reported_within_budget_and_verifies(tiny_file, tmp_
     assert report["total"]["linear_vs_bf16"] <= 0.4 and mp["plan_cost_vs_bf16"] == report["total"]["linear_vs_bf16"]
     assert {layer["name"]: f"w{layer['w_bits']}a{layer['a_bits']}" for layer in report["layers"]} == mp["plan"]
     assert "mixed_precision" in [p["name"] for p in report["passes"]]
-    assert (f"mixed precision (least loss increase with linear=0.4): cost {mp['plan_cost_vs_bf16']:.4f} of bf16"
+    assert mp["sensitivity_metric"] == "kl"
+    assert (f"mixed precision (least kl degradation with linear=0.4): cost {mp['plan_cost_vs_bf16']:.4f} of bf16"
             in captured.out)
     assert "plan: " + ", ".join(f"{k}={v}" for k, v in mp["plan"].items()) in captured.out
     assert_verified(report)

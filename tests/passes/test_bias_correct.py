@@ -1,8 +1,6 @@
 """Bias correction removes each quantized layer's per-channel output shift relative to the float network, down to
 the int32 bias grid the integer kernel adds on."""
 
-import torch
-
 from qcompile.passes import BiasCorrect
 from qcompile.passes._layerwise import channel_mean, float_reference
 from qcompile.verify import verify_reference

@@ -26,8 +26,8 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def search(model, data, budget, overrides=()):
-    passes = [AssignPrecision(), AnnotateCost(), MixedPrecision(parse_budget(budget))]
+def search(model, data, budget, overrides=(), metric="kl"):
+    passes = [AssignPrecision(), AnnotateCost(), MixedPrecision(parse_budget(budget), metric=metric)]
     with torch.no_grad():
         return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe("auto"), calibration_data=data,
                                     overrides=parse_set(overrides))
@@ -51,7 +51,7 @@ def test_plan_is_the_best_within_the_budget_and_is_annotated(tiny):
         loss = sum(mp["sensitivity"][names[n]][str(p)] for n, p in zip(nodes, combo))
         if cost <= 0.4 * bf16 and (best is None or loss < best):
             best = loss
-    assert mp["predicted_loss_increase"] == pytest.approx(best)
+    assert mp["predicted_degradation"] == pytest.approx(best)
     assert mp["sensitivity_measured"] == 3 and mp["sensitivity_reused"] == 0  # w8a8 is the reference: 0
     assert all(v["w8a8"] == 0.0 and v["w4a4"] > -1e-3 for v in mp["sensitivity"].values())  # 4 bits hurt
 
@@ -70,6 +70,22 @@ def test_second_budget_reuses_cached_sensitivities(tiny, cache, monkeypatch):
     assert second["sensitivity"] == first["sensitivity"] and second["plan_cost_vs_bf16"] <= 0.3
     with pytest.raises(AssertionError, match="re-measured"):  # other calibration data is another key
         search(tiny, batches(seed=7), "linear=0.3")
+    with pytest.raises(AssertionError, match="re-measured"):  # and so is another metric
+        search(tiny, data, "linear=0.3", metric="loss")
+
+
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_entries_are_the_metric_of_the_one_layer_plan_against_the_all_widest_plan(tiny, metric):
+    data = batches()
+    result = search(tiny, data, "linear=0.4", metric=metric)
+    mp = result.context.results["mixed_precision"]
+    assert mp["sensitivity_metric"] == metric and mp["objective"] == f"least {metric} degradation with linear=0.4"
+    reference = sensitivity.measure_one(result.graph_module, result.context, [], W8, data, W8)
+    assert mp["sensitivity_reference_loss"] == pytest.approx(sensitivity.calibration_loss(reference, data))
+    for layer, entry in mp["sensitivity"].items():
+        lowered = sensitivity.measure_one(result.graph_module, result.context, [layer], W4, data, W8)
+        assert entry["w8a8"] == 0.0
+        assert entry["w4a4"] == pytest.approx(sensitivity.degradation(metric, reference, lowered, data), abs=1e-6)
 
 
 def test_pinned_layers_keep_their_precision(tiny):
