@@ -57,6 +57,13 @@ class RunSpec:
     leaf_modules: list[LeafSpec] = field(default_factory=list)
 
 
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The hyper-parameters a result depends on, recorded with it so that a sweep never reuses a pair trained
+    differently."""
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+
+
 def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistContext,
                     out: Path | None = None, verify_size: int = 500) -> dict[str, Any] | None:
     """Train and lower one model; the main process returns the result row (others None). With ``out``, the
@@ -82,7 +89,7 @@ def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistC
         "memory_cost": ctx.cost.memory_vs_bf16_width1,
         "float_top1": float_top1, "int_top1": None, "top1": float_top1,
         "train_loss": train_loss, "eval_loss": eval_loss, "generalization_gap": eval_loss - train_loss,
-        "train_top1": train_top1, "epochs": cfg.epochs, "train_images": len(splits.train),
+        "train_top1": train_top1, **training_settings(cfg), "train_images": len(splits.train),
         "eval_images": n_eval, "train_seconds": result.seconds, "processes": dist.world,
         "reference_top1": None, "reference_agreement": None, "reference_images": 0,
     }

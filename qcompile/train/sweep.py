@@ -19,7 +19,7 @@ from qcompile.artifacts import write_json, write_text
 from qcompile.errors import QCompileError
 from qcompile.train.distributed import DistContext
 from qcompile.train.plots import plot_sweep
-from qcompile.train.run import RunSpec, Splits, train_and_lower
+from qcompile.train.run import RunSpec, Splits, train_and_lower, training_settings
 from qcompile.train.trainer import TrainConfig
 
 COLUMNS = ("width", "recipe", "params", "macs", "linear_cost", "quadratic_cost", "memory_cost", "top1",
@@ -60,7 +60,7 @@ def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], split
               on_pair: Callable[[Pair, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
     """Train the pairs not yet finished under ``out``, in order; returns every pair's row."""
     rows = []
-    expected = {"epochs": cfg.epochs, "train_images": len(splits.train), "eval_images": len(splits.eval)}
+    expected = {**training_settings(cfg), "train_images": len(splits.train), "eval_images": len(splits.eval)}
     for pair in pairs:
         row = finished(out, pair, expected)
         reused = row is not None

@@ -45,9 +45,9 @@ def example_input():
 PNGS = ("top1_vs_linear.png", "top1_vs_quadratic.png", "top1_vs_memory.png", "top1_vs_width.png")
 
 
-def _sweep(model, out, capsys, epochs="1"):
+def _sweep(model, out, capsys, epochs="1", lr="0.05"):
     code = main(["sweep", str(model), "--data", str(SAMPLE), "--widths", "0.5,1.0", "--recipes", "bf16,int8",
-                 "--epochs", epochs, "--batch-size", "64", "--lr", "0.05", "--train-size", "256", "--eval-size", "200",
+                 "--epochs", epochs, "--batch-size", "64", "--lr", lr, "--train-size", "256", "--eval-size", "200",
                  "--train-eval-size", "128", "--verify-size", "32", "--device", "cpu", "--out", str(out), "--quiet"])
     return code, capsys.readouterr()
 
@@ -95,6 +95,8 @@ def test_tiny_sweep_writes_tables_and_plots_and_resumes(tmp_path, capsys):
 
     code, captured = _sweep(model, out, capsys, epochs="2")  # other settings must not mix into the table
     assert code == 2 and "trained with other settings: epochs 1 (now 2)" in captured.err
+    code, captured = _sweep(model, out, capsys, lr="0.1")
+    assert code == 2 and "trained with other settings: lr 0.05 (now 0.1)" in captured.err
 
 
 def test_sweep_rejects_bad_widths_in_one_line(tmp_path, capsys):
