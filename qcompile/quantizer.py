@@ -27,9 +27,10 @@ class _RoundClip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
         s = scale.float()
-        q = torch.round(x.float() / s)  # float32 whatever the model's dtype: the IR's arithmetic
-        ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return (q.clamp(qmin, qmax) * s).to(x.dtype)
+        q = (x.float() / s).round_()  # float32 whatever the model's dtype: the IR's arithmetic
+        if ctx.needs_input_grad[0]:  # evaluation and calibration skip the mask (and its two passes)
+            ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        return q.clamp_(qmin, qmax).mul_(s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -54,11 +55,12 @@ class _Requantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, s_acc: torch.Tensor, s_out: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
-        acc = torch.round(y.double() / s_acc.double()).float()
+        acc = y.to(torch.float64, copy=True).div_(s_acc.double()).round_().float()
         mult = (s_acc.double() / s_out.double()).float()
-        q = torch.round(acc * mult)
-        ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return (q.clamp(qmin, qmax) * s_out.float()).to(y.dtype)
+        q = acc.mul_(mult).round_()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        return q.clamp_(qmin, qmax).mul_(s_out.float()).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

@@ -77,6 +77,32 @@ def test_ste_gradient_identity_inside_zero_outside(x, s, b, sg):
     assert torch.equal(x.grad, inside.float())
 
 
+@settings(max_examples=30, deadline=None)
+@given(tensors, scales, bits, signed, st.sampled_from([torch.float32, torch.float64]))
+def test_no_grad_evaluation_gives_the_same_values_and_leaves_the_input_alone(x, s, b, sg, dtype):
+    spec = QuantSpec(b, sg)
+    x = x.to(dtype)
+    before = x.clone()
+    with torch.no_grad():
+        evaluated = fake_quantize(x, s, spec.qmin, spec.qmax)
+    trained = fake_quantize(x.clone().requires_grad_(True), s, spec.qmin, spec.qmax)
+    assert torch.equal(x, before) and evaluated.dtype == dtype
+    assert torch.equal(evaluated, trained.detach())
+
+
+def test_requantize_leaves_the_accumulator_input_alone():
+    from qcompile.quantizer import _Requantize
+
+    y = torch.linspace(-3, 3, 97, dtype=torch.float64).reshape(1, 97, 1, 1)
+    before = y.clone()
+    s_acc, s_out = torch.full((1, 97, 1, 1), 0.01), torch.tensor(0.05)
+    with torch.no_grad():
+        out = _Requantize.apply(y, s_acc, s_out, -127, 127)
+    trained = _Requantize.apply(y.clone().requires_grad_(True), s_acc, s_out, -127, 127)
+    assert torch.equal(y, before) and torch.equal(out, trained.detach())
+    assert out.dtype == torch.float64 and out.abs().max() <= 127 * s_out + 1e-6
+
+
 def test_degenerate_ranges_get_a_safe_scale():
     with pytest.warns(UserWarning, match="degenerate"):
         s = safe_scale(torch.tensor([0.0, 2.0, float("nan")]), 127, "t")
