@@ -12,6 +12,7 @@ calibrated graph. A layer whose optimised MSE is not below its starting MSE is l
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -117,11 +118,15 @@ class AdaQuant(Pass):
     name = "adaquant"
     requires = frozenset({QUANTIZERS, CALIBRATED})
 
-    def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0,
+                 layers: Collection[str] | None = None) -> None:
+        """``layers``: the layer names to optimise (default every quantized layer); the mixed-precision search
+        optimises only the layer whose sensitivity it is measuring."""
         self.iterations = iterations
         self.batch_size = batch_size
         self.lr = lr
         self.seed = seed
+        self.layers = None if layers is None else frozenset(layers)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         data = calibration_batches(ctx, "adaquant")
@@ -135,7 +140,7 @@ class AdaQuant(Pass):
         for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
             layer = module_of(gm, node)
             wq = quantizers.get(str(node.target))
-            if wq is None:
+            if wq is None or (self.layers is not None and names[node] not in self.layers):
                 continue
             if sites[str(node.target)] > 1:
                 ctx.warnings.append(f"adaquant: {names[node]} is one module called at several sites; left as calibrated")

@@ -1,5 +1,7 @@
 """Mixed-precision search: measure each layer's sensitivity at each candidate width, then let an integer program
-pick one width per layer under a cost budget (or the cheapest plan under a degradation bound).
+pick one width per layer under a cost budget (or the cheapest plan under a degradation bound). In the advanced
+pipeline each lowered layer is AdaQuant-optimised before it is measured (Hubara et al.), so the plan prices a
+layer by the error AdaQuant leaves.
 
 The plan becomes ordinary per-layer overrides (later ones win), and assign_precision and annotate_cost run again,
 so every later pass, the cost report and the IR see it as they would see ``--set`` overrides. Layers the user
@@ -35,7 +37,7 @@ class MixedPrecision(Pass):
     guarantees = frozenset({PRECISION, COST})
 
     def __init__(self, budget: Budget | None = None, max_degradation: float | None = None,
-                 bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl") -> None:
+                 bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl", adaquant_iterations: int = 0) -> None:
         if (budget is None) == (max_degradation is None):
             raise RecipeError("mixed precision needs either a cost budget (--budget linear=0.30) or a degradation "
                               "bound (--max-degradation), not both")
@@ -49,6 +51,7 @@ class MixedPrecision(Pass):
             raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
         self.candidates = [Precision(b, b) for b in sorted(set(bits))]
         self.metric = metric
+        self.adaquant_iterations = adaquant_iterations
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if QUANTIZERS in ctx.properties:
@@ -74,7 +77,7 @@ class MixedPrecision(Pass):
             raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
                               f"{float(Fraction(cheapest, bf16)):.4f} of bf16 (widths "
                               f"{', '.join(str(p) for p in self.candidates)})")
-        table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric)
+        table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric, self.adaquant_iterations)
         options = {u: [Option(p, c, table[u][str(p)] if u in free else 0.0) for p, c in costs[u].items()]
                    for u in units}
         plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)

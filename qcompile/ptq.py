@@ -43,7 +43,8 @@ def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_d
                             "file or pass --data)")
     passes: list[Pass] = [AssignPrecision(), AnnotateCost()]
     if auto:
-        passes.append(MixedPrecision(budget, max_degradation, bits or [4, 8], metric))
+        passes.append(MixedPrecision(budget, max_degradation, bits or [4, 8], metric,
+                                    adaquant_iterations if mode == "advanced" else 0))
     if mode is not None:
         passes.append(BnTune())
     passes += [FoldBatchNorm(), InsertQuantizers(), Calibrate(), AlignAddScales()]

@@ -73,12 +73,12 @@ def degradation(metric: str, reference: Sequence[torch.Tensor], logits: Sequence
 
 
 def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              candidates: Sequence[Precision], ctx: PassContext, metric: str) -> str:
+              candidates: Sequence[Precision], ctx: PassContext, metric: str, adaquant_iterations: int = 0) -> str:
     """What the measurements depend on: graph, weights, calibration data, candidates, calibrator, residual width,
-    metric."""
+    metric, AdaQuant."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|{gm.code}|{[str(p) for p in candidates]}|{ctx.recipe.act_calibrator.value}|"
-             f"{ctx.recipe.residual_bits}|{metric}".encode())
+             f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}".encode())
     for name, t in sorted(gm.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -89,10 +89,11 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
 
 
 def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], precision: Precision,
-                batches: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: Precision) -> list[torch.Tensor]:
+                batches: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: Precision,
+                adaquant_iterations: int = 0) -> list[torch.Tensor]:
     """Logits on the calibration batches with only ``sites`` (layer names) at ``precision``, every other layer at
-    ``reference``."""
-    from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
+    ``reference``; with ``adaquant_iterations``, the ``sites`` are AdaQuant-optimised first."""
+    from qcompile.passes import AdaQuant, AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
     from qcompile.passes._layerwise import graph_copy, sub_context
 
     copy = graph_copy(gm)
@@ -100,19 +101,24 @@ def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], prec
     overrides += [Override(glob.escape(s), precision, "sensitivity") for s in sites]
     passes: list[Pass] = [] if BN_FOLDED in ctx.properties else [FoldBatchNorm()]
     passes += [AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales()]
+    if adaquant_iterations and sites:
+        passes.append(AdaQuant(iterations=adaquant_iterations, layers=sites))
     Pipeline(passes).run_graph(copy, sub_context(ctx, overrides=overrides, calibration_data=batches))
     return outputs(copy, batches)
 
 
 def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequence[str]],
                   candidates: Sequence[Precision], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  metric: str = "kl") -> tuple[dict[str, dict[str, float]], dict[str, object]]:
+                  metric: str = "kl", adaquant_iterations: int = 0,
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
     """Degradation from the widest-candidate network per unit (a module, by its call sites) and candidate, read
-    from the cache where measured before; also what the report says about the cache."""
+    from the cache where measured before; also what the report says about the cache. With
+    ``adaquant_iterations`` each lowered unit is AdaQuant-optimised before it is measured, as in Hubara et al.'s
+    advanced pipeline: the search then prices a layer by what is left after AdaQuant."""
     if metric not in METRICS:
         raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
     widest = max(candidates, key=lambda p: (p.w_bits, p.a_bits))
-    key = cache_key(gm, batches, candidates, ctx, metric)
+    key = cache_key(gm, batches, candidates, ctx, metric, adaquant_iterations)
     path = cache_dir() / "sensitivity" / f"{key}.json"
     table: dict[str, dict[str, float]] = {}
     reference_loss = None
@@ -124,13 +130,15 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
         reference = measure_one(gm, ctx, [], widest, batches, widest)
         reference_loss = calibration_loss(reference, batches)
         for unit, p in tqdm(todo, desc="sensitivity", unit="run", disable=None, leave=False):
-            logits = measure_one(gm, ctx, units[unit], p, batches, widest)
+            logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations)
             table.setdefault(unit, {})[str(p)] = degradation(metric, reference, logits, batches)
-        write_json(path, {"version": CACHE_VERSION, "metric": metric, "reference": str(widest),
+        write_json(path, {"version": CACHE_VERSION, "metric": metric, "adaquant_iterations": adaquant_iterations,
+                          "reference": str(widest),
                           "reference_loss": reference_loss, "layers": table})
     for u in units:
         table.setdefault(u, {})[str(widest)] = 0.0
     info = {"cache": str(path), "measured": len(todo),
             "reused": sum(len(table[u]) - 1 for u in units) - len(todo),
-            "metric": metric, "reference": str(widest), "reference_loss": reference_loss}
+            "metric": metric, "adaquant_iterations": adaquant_iterations, "reference": str(widest),
+            "reference_loss": reference_loss}
     return {u: table[u] for u in units}, info

@@ -46,3 +46,13 @@ def test_adaquant_graph_lowers_and_verifies_bit_exactly(tiny):
     result = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=50)])
     summary = verify_reference(result.graph_module, result.context.ir, data).summary()
     assert summary["identical_fraction"] == 1.0 and summary["max_lsb_diff"] == 0 and summary["top1_agreement"] == 1.0
+
+
+def test_adaquant_can_be_limited_to_named_layers(tiny):
+    data = batches()
+    plain = quantize(tiny, data)
+    only = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=40, layers=["body"])])
+    assert [r["layer"] for r in only.context.results["adaquant"]["layers"]] == ["body"]
+    for name in ("stem", "head"):  # the others keep their calibrated weights
+        assert torch.equal(only.graph_module.get_submodule(name).parametrizations.weight.original,
+                           plain.graph_module.get_submodule(name).parametrizations.weight.original)

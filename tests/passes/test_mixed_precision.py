@@ -26,8 +26,9 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def search(model, data, budget, overrides=(), metric="kl"):
-    passes = [AssignPrecision(), AnnotateCost(), MixedPrecision(parse_budget(budget), metric=metric)]
+def search(model, data, budget, overrides=(), metric="kl", adaquant_iterations=0):
+    passes = [AssignPrecision(), AnnotateCost(),
+              MixedPrecision(parse_budget(budget), metric=metric, adaquant_iterations=adaquant_iterations)]
     with torch.no_grad():
         return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe("auto"), calibration_data=data,
                                     overrides=parse_set(overrides))
@@ -98,3 +99,22 @@ def test_pinned_layers_keep_their_precision(tiny):
 def test_budget_below_the_cheapest_plan_is_a_user_error(tiny):
     with pytest.raises(RecipeError, match=r"budget linear=0.2 cannot be met: .*0.2500 of bf16"):
         search(tiny, batches(), "linear=0.2")
+
+
+def test_advanced_search_measures_each_layer_after_adaquant(tiny, monkeypatch):
+    data = batches()
+    plain = search(tiny, data, "linear=0.4").context.results["mixed_precision"]
+    measured = []
+    real = sensitivity.measure_one
+
+    def spy(gm, ctx, sites, precision, batches_, reference, adaquant_iterations=0):
+        measured.append((tuple(sites), adaquant_iterations))
+        return real(gm, ctx, sites, precision, batches_, reference, adaquant_iterations)
+
+    monkeypatch.setattr(sensitivity, "measure_one", spy)
+    tuned = search(tiny, data, "linear=0.4", adaquant_iterations=30).context.results["mixed_precision"]
+    assert tuned["sensitivity_measured"] == 3  # another cache entry, not the plain one
+    assert sorted(measured) == sorted([((), 0), *(((s,), 30) for s in plain["sensitivity"])])  # reference: plain
+    assert tuned["sensitivity_adaquant_iterations"] == 30
+    assert tuned["sensitivity"] != plain["sensitivity"]
+    assert all(v["w4a4"] >= 0 for v in tuned["sensitivity"].values())
