@@ -73,8 +73,8 @@ class ActivationSchedule:
     def __init__(self, gm: nn.Module, total_steps: int, fraction: float) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"the observe fraction must be in (0, 1], got {fraction}")
-        self.gm = gm
-        self.quantizers = activation_quantizers(gm) if isinstance(gm, fx.GraphModule) else {}
+        self.graph = gm if isinstance(gm, fx.GraphModule) else None  # a float model has nothing to schedule
+        self.quantizers = activation_quantizers(self.graph) if self.graph is not None else {}
         self.freeze_step = max(1, round(fraction * total_steps))
 
     @property
@@ -93,8 +93,8 @@ class ActivationSchedule:
         adapts to the scales the exported model runs with."""
         for name, q in self.quantizers.items():
             q.freeze(name)
-        if isinstance(self.gm, fx.GraphModule):
-            align_add_scales(self.gm)
+        if self.graph is not None:
+            align_add_scales(self.graph)
 
     def state_dict(self) -> dict[str, dict[str, object]]:
         """The quantizers' Python-side state (their tensors are in the module's state dict)."""
