@@ -21,7 +21,6 @@ from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph
 
 
-
 @dataclass
 class TensorAgreement:
     """How one integer tensor compares: fraction of identical codes and the largest difference in LSB."""
