@@ -9,13 +9,15 @@ Two measures of degradation on the calibration set:
 - ``loss``: the change of the mean cross-entropy against the labels (Hubara et al.'s measure).
 
 The reference network has every layer at the widest candidate (8 bits for ``--bits 4,8``), so a layer's entry
-at width b is the loss increase of the plan "this layer at b, every other layer as wide as the search allows":
+at width b is the degradation of the plan "this layer at b, every other layer as wide as the search allows":
 the quantization of the neighbours and of the residuals, which every plan has, is already in the reference
-rather than counted again in each layer's entry. The widest candidate's entries are 0 by definition.
+rather than counted again in each layer's entry. The widest candidate's entries are 0 by definition. In the
+advanced pipeline the lowered layer is AdaQuant-optimised before it is measured.
 
 Measuring costs one calibration run per layer and narrower candidate, so the table is cached on disk under
 ``$QCOMPILE_CACHE/sensitivity``, keyed by the captured graph's code, its weights, the calibration set, the
-candidate precisions and the calibrator: a re-run with another budget reads it back instead of re-measuring.
+candidate precisions, the calibrator, the measure and the AdaQuant iterations: a re-run with another budget
+reads it back instead of re-measuring.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def test_plan_is_the_best_within_the_budget_and_is_annotated(tiny):
     assert ctx.cost.linear <= 0.4 * bf16 and mp["plan_cost"] == ctx.cost.linear  # the annotated graph is the plan
     for n in nodes:
         assert str(get_annotation(n).precision) == mp["plan"][names[n]]
-    # enumerate every plan: none within the budget has a smaller predicted loss increase
+    # enumerate every plan: none within the budget has a smaller predicted degradation
     best = None
     for combo in itertools.product((W4, W8), repeat=len(nodes)):
         cost = sum(layer_cost(get_annotation(n).cost.macs, 0, p).linear for n, p in zip(nodes, combo))
