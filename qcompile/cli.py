@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
 from qcompile.sensitivity import METRICS
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
-from qcompile.verify import reference_logits, verify_reference
+from qcompile.verify import verify_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +103,11 @@ def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[BatchList | N
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
 
 
-ReferencePairs = Callable[[], list[tuple[np.ndarray, np.ndarray]]]
+ReferencePairs = list[tuple[np.ndarray, np.ndarray]]  # (inputs, reference logits) per batch
 
 
 def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
-                         reference_pairs: ReferencePairs) -> None:
+                         pairs: ReferencePairs) -> None:
     """model.onnx (serving) and model.compact.onnx, each checked against the reference in onnxruntime."""
     wanted = args.backends or ["onnx"]
     if "onnx" not in wanted:
@@ -126,7 +124,6 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
         return
     from qcompile.backends import onnx as qonnx
 
-    pairs = reference_pairs()
     for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
         model = qonnx.to_onnx(ir, flavour)
         path = qonnx.save(model, out / name)
@@ -150,7 +147,7 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
 
 
 def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
-                        reference_pairs: ReferencePairs) -> None:
+                        pairs: ReferencePairs) -> None:
     """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.runtime and checked against the
     reference."""
     if "tvm" not in (args.backends or []):
@@ -175,7 +172,6 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
         if not spec.host_can_run():
             report["warnings"].append(f"TVM {name} artifact not verified: this CPU lacks {', '.join(spec.cpu_flags)}")
             continue
-        pairs = reference_pairs()
         if not pairs:
             continue
         model = runtime.load(artifact.path)
@@ -197,13 +193,15 @@ def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IR
     """OUT/ir and the backends' artifacts, each verified on the first ``--verify-size`` images."""
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
     report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
-    # the reference interpreter runs once, on the first backend that checks against it
-    reference_pairs = functools.cache(lambda: reference_logits(ir, take_images(checked, args.verify_size)))
-    build_onnx_artifacts(args, ir, out, report, reference_pairs)
-    build_tvm_artifacts(args, ir, out, report, reference_pairs)
-    if not args.verify_size or not checked:
+    # the reference interpreter runs once: the fake-quant comparison keeps its logits for the backends
+    verification = (verify_reference(gm, ir, take_images(checked, args.verify_size))
+                    if args.verify_size and checked else None)
+    pairs = verification.reference_outputs if verification is not None else []
+    build_onnx_artifacts(args, ir, out, report, pairs)
+    build_tvm_artifacts(args, ir, out, report, pairs)
+    if verification is None:
         return
-    summary = verify_reference(gm, ir, take_images(checked, args.verify_size)).summary()
+    summary = verification.summary()
     report.setdefault("verification", {})["reference_vs_fakequant"] = summary
     if not within_tolerance(summary):
         report["warnings"].append(

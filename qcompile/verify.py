@@ -50,6 +50,9 @@ class Verification:
     reference_correct: int = 0
     final: list[TensorAgreement] = field(default_factory=list)
     layers: list[TensorAgreement] = field(default_factory=list)
+    reference_outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    """(inputs, reference logits) per batch: what the backends are compared against, so that the reference
+    interpreter runs once for all of them."""
 
     @property
     def top1_agreement(self) -> float:
@@ -115,24 +118,13 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
                 if f"final:{name}" in by_name:
                     by_name[f"final:{name}"].update(env[name], codes)
             logits_ref = env[ir.outputs[0]]
+            result.reference_outputs.append((x.numpy().astype(np.float32), logits_ref))
             logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
             result.images += len(y)
             result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
             result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
     gm.train(was_training)
     return result
-
-
-
-
-def reference_logits(ir: IRGraph, batches: Iterable[tuple[object, object]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, reference logits) per batch: the reference interpreter's side of every backend comparison,
-    computed once and shared by all of them."""
-    out = []
-    for x, _ in batches:
-        x = np.asarray(x, dtype=np.float32)
-        out.append((x, reference.run(ir, x)[ir.outputs[0]]))
-    return out
 
 
 def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],

@@ -225,12 +225,17 @@ def test_model_file_data_hooks_are_the_default(tmp_path, capsys):
     assert acc["n"] == 100 and acc["calibration_images"] == 128
 
 
-def test_integer_ir_is_written_and_verified(tmp_path, capsys):
+def test_integer_ir_is_written_and_verified(tmp_path, capsys, monkeypatch):
+    from qcompile.ir import reference
     from qcompile.ir.serialize import load
 
+    interpreted = []
+    real_run = reference.run
+    monkeypatch.setattr(reference, "run", lambda ir, x, **kw: interpreted.append(len(x)) or real_run(ir, x, **kw))
     code, captured, out = run([R20, "--recipe", "mostly4bit", "--calib-size", "64", "--eval-size", "100"],
                               tmp_path, capsys)
     assert code == 0, captured.err
+    assert sum(interpreted) == 100  # one interpreter pass serves the fake-quant and both ONNX comparisons
     report = json.loads((out / "report.json").read_text())
     ver = report["verification"]["reference_vs_fakequant"]
     assert ver["images"] == 100 and ver["top1_agreement"] == 1.0
