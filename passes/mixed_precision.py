@@ -25,7 +25,7 @@ from qcompile.passes._layerwise import calibration_batches
 from qcompile.passes.annotate_cost import AnnotateCost
 from qcompile.passes.assign_precision import AssignPrecision
 from qcompile.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
-from qcompile.sensitivity import METRICS, sensitivities
+from qcompile.sensitivity import check_metric, sensitivities
 from qcompile.spec import Precision, get_annotation
 
 DEFAULT_BITS = (4, 8)
@@ -47,8 +47,7 @@ class MixedPrecision(Pass):
                               f"got {', '.join(map(str, bits)) or 'none'}")
         self.budget = budget
         self.max_degradation = max_degradation
-        if metric not in METRICS:
-            raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        check_metric(metric)
         self.candidates = [Precision(b, b) for b in sorted(set(bits))]
         self.metric = metric
         self.adaquant_iterations = adaquant_iterations

@@ -66,6 +66,12 @@ def mean_kl(reference: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -
     return total / sum(len(r) for r in reference)
 
 
+def check_metric(metric: str) -> None:
+    """A one-line error for a measure that is not one of METRICS."""
+    if metric not in METRICS:
+        raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
+
+
 def degradation(metric: str, reference: Sequence[torch.Tensor], logits: Sequence[torch.Tensor],
                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """How much worse ``logits`` are than the reference network's, by ``metric``."""
@@ -117,8 +123,7 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
     from the cache where measured before; also what the report says about the cache. With
     ``adaquant_iterations`` each lowered unit is AdaQuant-optimised before it is measured, as in Hubara et al.'s
     advanced pipeline: the search then prices a layer by what is left after AdaQuant."""
-    if metric not in METRICS:
-        raise RecipeError(f"unknown sensitivity metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    check_metric(metric)
     widest = max(candidates, key=lambda p: (p.w_bits, p.a_bits))
     key = cache_key(gm, batches, candidates, ctx, metric, adaquant_iterations)
     path = cache_dir() / "sensitivity" / f"{key}.json"
