@@ -412,11 +412,13 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def session(model: Any, threads: int = 2, optimized_path: str | None = None, spin: bool = True) -> Any:
+def session(model: Any, threads: int = 2, optimized_path: str | None = None, spin: bool = True,
+            profile_prefix: str | None = None) -> Any:
     """An onnxruntime CPU session on ``model`` (a ModelProto or a path), at full graph optimisation.
 
     ``spin=False`` stops its worker threads from spinning after each run: a benchmark that alternates between
-    sessions needs it, or the idle sessions' spinning threads take the cores from the one being timed."""
+    sessions needs it, or the idle sessions' spinning threads take the cores from the one being timed.
+    ``profile_prefix`` turns on onnxruntime's profiler, writing its trace there (``end_profiling()``)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -428,6 +430,9 @@ def session(model: Any, threads: int = 2, optimized_path: str | None = None, spi
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import Counter, defaultdict
 import sys
 import tempfile
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,19 +149,11 @@ def op_breakdowns(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int 
                   ) -> dict[str, dict[str, tuple[int, float]]]:
     """Per artifact and operator type of onnxruntime's optimized graph: (nodes, kernel ms per run), from its
     profiler over ``runs`` interleaved runs after ``warmup``."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for key, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = THREADS
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(path.with_suffix(""))
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sessions = {key: qonnx.session(str(path), threads=THREADS, spin=False, profile_prefix=str(path.with_suffix("")))
+                for key, path in paths.items()}
     for _ in range(warmup + runs):
         for sess in sessions.values():
-            sess.run(None, {sess.get_inputs()[0].name: x})
+            qonnx.run(sess, [x])
     tables = {}
     for key, sess in sessions.items():
         trace = Path(sess.end_profiling())
@@ -189,7 +181,8 @@ def print_breakdown(tables: dict[str, dict[str, tuple[int, float]]], batch: int)
     print(f"  {'operator':<26}" + "".join(f"{k:>24}" for k in tables))
     for op in ops:
         print(f"  {op:<26}" + "".join(cell(t, op) for t in tables.values()))
-    print(f"  {'total':<26}" + "".join(f"{'':>10} {sum(v for _, v in t.values()):>10.2f} ms" for t in tables.values()))
+    print(f"  {'total':<26}"
+          + "".join(f"{'':>10} {sum(v for _, v in t.values()):>10.2f} ms" for t in tables.values()))
 
 
 def accuracy(sess: object, test: list[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -30,8 +30,8 @@ from qcompile.sensitivity import METRICS
 from qcompile.verify import verify_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["name", "recipe", "ptq", "budget", "sensitivity", "linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16", "top1",
-          "float_top1", "images", "verified_images", "verify_identical", "verify_top1_agreement", "seconds"]
+FIELDS = ["name", "recipe", "ptq", "budget", "sensitivity", "linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16",
+          "top1", "float_top1", "images", "verified_images", "verify_identical", "verify_top1_agreement", "seconds"]
 
 
 def configurations(budgets: list[str], modes: list[str], metric: str = "kl",

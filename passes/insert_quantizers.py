@@ -3,8 +3,8 @@
 Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
 shared by consumers that agree). Each residual add gets quantizers on those inputs that are not already on a
 quantizer's grid, and one on its output (after the ReLU that follows it, if any), at the recipe's residual
-width: in the integer IR an add is DQ → add → Q. Signedness comes from the graph. Weights are quantized through a parametrization, so layers stay
-``nn.Conv2d`` / ``nn.Linear``.
+width: in the integer IR an add is DQ → add → Q. Signedness comes from the graph. Weights are quantized through
+a parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from qcompile.passes import (
 )
 from qcompile.pipeline import Pass, Pipeline
 from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
-from qcompile.sensitivity import METRICS
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
+from qcompile.sensitivity import METRICS
 from qcompile.verify import verify_reference
 
 

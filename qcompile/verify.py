@@ -109,7 +109,8 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
         for x, y in tqdm(batches, desc="verify", unit="batch", disable=None, leave=False):
             rec = _Recorder(gm, set(compared))
             fq_out = rec.run(x.to(dtype))
-            env = reference.run(ir, x.numpy(), keep=True)
+            inputs = np.asarray(x.numpy(), np.float32)
+            env = reference.run(ir, inputs, keep=True)
             for name in compared:
                 t = ir.values[name]
                 fq = rec.seen[name].numpy().astype(np.float64) / t.broadcast_scale(rec.seen[name].ndim).astype(np.float64)
@@ -118,7 +119,7 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
                 if f"final:{name}" in by_name:
                     by_name[f"final:{name}"].update(env[name], codes)
             logits_ref = env[ir.outputs[0]]
-            result.reference_outputs.append((x.numpy().astype(np.float32), logits_ref))
+            result.reference_outputs.append((inputs, logits_ref))
             logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
             result.images += len(y)
             result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
