@@ -105,6 +105,36 @@ def capture(model: nn.Module, module: nn.Module, batches: Iterable[tuple[torch.T
     return torch.stack(seen).sum(0) if reduce else torch.cat(seen)
 
 
+@torch.no_grad()
+def capture_node(gm: fx.GraphModule, node: fx.Node, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """What ``node`` of ``gm`` computes on every batch, concatenated; for values no module returns (a residual
+    add, a graph input). The graph is interpreted up to that node."""
+
+    seen: list[torch.Tensor] = []
+
+    class Tap(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            out = super().run_node(n)
+            if n is node:
+                seen.append(out.detach().clone())
+                raise _Stop
+            return out
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        for x, _ in batches:
+            try:
+                Tap(gm).run(x)
+            except _Stop:
+                pass
+    finally:
+        gm.train(was_training)
+    if not seen:
+        raise PipelineError(f"{node.name} was never computed on the calibration data")
+    return torch.cat(seen)
+
+
 def channel_sums(t: torch.Tensor) -> torch.Tensor:
     """Per-channel (dim 1) sum and element count of one batch, stacked as ``[sum..., count]``."""
     dims = [d for d in range(t.dim()) if d != 1]

@@ -12,7 +12,7 @@ calibrated graph. A layer whose optimised MSE is not below its starting MSE is l
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,10 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.errors import PipelineError, RecipeError
+from qcompile.graph import Region, compute_nodes, is_compute, layer_names, module_of, regions
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
-from qcompile.passes._layerwise import calibration_batches, capture, float_reference
+from qcompile.passes._layerwise import BatchList, calibration_batches, capture, capture_node, float_reference
 from qcompile.passes.insert_quantizers import weight_quantizers
 from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
 
@@ -94,12 +95,6 @@ class _Layer:
         return _apply(self.layer, x, w, b)
 
     @torch.no_grad()
-    def mse(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
-        total = sum(float(((self.forward(inputs[i:i + CHUNK]) - target[i:i + CHUNK]) ** 2).sum())
-                    for i in range(0, len(inputs), CHUNK))
-        return total / target.numel()
-
-    @torch.no_grad()
     def store(self) -> None:
         """Write integer-rounded weights (codes · step), the bias and the input step back into the graph."""
         step = self.step()
@@ -112,63 +107,159 @@ class _Layer:
             self.aq.scale.copy_(self.a0 * self.log_act.exp())  # type: ignore[operator]
 
 
+SCOPES = ("layer", "block")
+
+
 class AdaQuant(Pass):
-    """Layer-wise optimisation of quantized weights, biases and step sizes (sequential AdaQuant)."""
+    """Optimisation of quantized weights, biases and step sizes against the float network, one layer at a time
+    (sequential AdaQuant) or one block at a time (the stem, each residual block, the head: BRECQ's granularity,
+    Li et al., 2021), which lets the layers of a block compensate each other's rounding."""
 
     name = "adaquant"
     requires = frozenset({QUANTIZERS, CALIBRATED})
 
     def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0,
-                 layers: Collection[str] | None = None) -> None:
+                 layers: Collection[str] | None = None, scope: str = "layer") -> None:
         """``layers``: the layer names to optimise (default every quantized layer); the mixed-precision search
-        optimises only the layer whose sensitivity it is measuring."""
+        optimises only the layer whose sensitivity it is measuring. ``scope``: what one optimisation matches to
+        the float network, a layer's output or a block's (graph.regions)."""
+        if scope not in SCOPES:
+            raise RecipeError(f"unknown AdaQuant scope {scope!r}; choose one of: {', '.join(SCOPES)}")
         self.iterations = iterations
         self.batch_size = batch_size
         self.lr = lr
         self.seed = seed
         self.layers = None if layers is None else frozenset(layers)
+        self.scope = scope
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         data = calibration_batches(ctx, "adaquant")
         ref = float_reference(gm, ctx)
-        nodes = compute_nodes(gm)
         names = layer_names(gm)
-        sites = Counter(str(n.target) for n in nodes)
+        sites = Counter(str(n.target) for n in compute_nodes(gm))
         calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         quantizers = weight_quantizers(gm)
-        rows = []
-        for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
-            layer = module_of(gm, node)
+
+        def view(node: fx.Node, out_scale: Callable[[], float]) -> _Layer | None:
+            """The trainable view of ``node``'s layer, or None where it is not optimised; ``out_scale`` gives the
+            size of the layer's float output, by which its bias moves."""
             wq = quantizers.get(str(node.target))
             if wq is None or (self.layers is not None and names[node] not in self.layers):
-                continue
+                return None
             if sites[str(node.target)] > 1:
                 ctx.warnings.append(f"adaquant: {names[node]} is one module called at several sites; left as calibrated")
-                continue
+                return None
             src = node.args[0]
             aq = module_of(gm, src) if isinstance(src, fx.Node) else None
             own = isinstance(aq, ActivationQuantizer) and len(src.users) == 1 and calls[str(src.target)] == 1
-            target = capture(ref, ref.get_submodule(str(node.target)), data, output=True)
-            inputs = capture(gm, aq if own else layer, data, output=False)  # type: ignore[arg-type]
-            rows.append({"layer": names[node], **self._optimise(
-                _Layer(layer, wq, aq if own else None, float(target.std()) or 1.0), inputs, target)})
-        ctx.results["adaquant"] = {"iterations": self.iterations, "layers": rows}
+            return _Layer(module_of(gm, node), wq, aq if own else None, out_scale() or 1.0)  # type: ignore[arg-type]
+
+        blocks = regions(gm) if self.scope == "block" else []
+        rows = [row for region in tqdm(blocks, desc="adaquant", unit="block", disable=None, leave=False)
+                if (row := self._region(gm, ref, data, region, names, view)) is not None]
+        covered = {n for region in blocks for n in region.nodes}
+        rows += self._by_layer(gm, ref, data, [n for n in compute_nodes(gm) if n not in covered], names, view)
+        ctx.results["adaquant"] = {"iterations": self.iterations, "scope": self.scope, "units": rows}
         return gm
 
-    def _optimise(self, view: _Layer, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, float | bool]:
-        before = view.mse(inputs, target)
-        opt = torch.optim.Adam(view.groups(self.lr))
+    def _by_layer(self, gm: fx.GraphModule, ref: fx.GraphModule, data: BatchList, nodes: list[fx.Node],
+                  names: dict[fx.Node, str], view: Callable[[fx.Node, Callable[[], float]], _Layer | None],
+                  ) -> list[dict[str, object]]:
+        """Optimise each of ``nodes`` (in order) alone on its own output: every layer in layer scope, those in no
+        block in block scope."""
+        rows = []
+        for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
+            target = None
+
+            def out_scale() -> float:
+                nonlocal target
+                target = capture(ref, ref.get_submodule(str(node.target)), data, output=True)
+                return float(target.std())
+
+            v = view(node, out_scale)
+            if v is None or target is None:
+                continue
+            inputs = capture(gm, v.aq if v.aq is not None else v.layer, data, output=False)
+            fit = self._optimise([v], lambda x, v=v: v.forward(x), inputs, target)  # type: ignore[misc]
+            rows.append({"unit": names[node], "layers": [names[node]], **fit})
+        return rows
+
+    def _region(self, gm: fx.GraphModule, ref: fx.GraphModule, data: BatchList, region: Region,
+                names: dict[fx.Node, str], view: Callable[[fx.Node, Callable[[], float]], _Layer | None],
+                ) -> dict[str, object] | None:
+        """Optimise every selected layer of ``region`` together on the region's output."""
+        views: dict[fx.Node, _Layer] = {}
+        for node in region.nodes:
+            if is_compute(gm, node):
+                module = ref.get_submodule(str(node.target))
+                v = view(node, lambda m=module: float(capture(ref, m, data[:1], output=True).std()))
+                if v is not None:
+                    views[node] = v
+        if not views:
+            return None
+        ref_output = {n.name: n for n in ref.graph.nodes}.get(region.output.name)
+        if ref_output is None:
+            raise PipelineError(f"adaquant: the float reference has no node {region.output.name}")
+        owned = {node.args[0] for node, v in views.items() if v.aq is not None and node.args[0] in region.nodes}
+        target = capture_node(ref, ref_output, data)
+        inputs = capture_node(gm, region.entry, data)
+        interp = fx.Interpreter(gm)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            env: dict[fx.Node, object] = {region.entry: x}
+
+            def value(a: fx.Node) -> object:
+                return env[a] if a in env else interp.fetch_attr(str(a.target))
+
+            for n in region.nodes:
+                args = fx.node.map_arg(n.args, value)
+                if n in views:
+                    env[n] = views[n].forward(args[0])  # type: ignore[arg-type,index]
+                elif n in owned:
+                    env[n] = args[0]  # type: ignore[index]  # the reading layer's view quantizes with its own step
+                else:
+                    env[n] = getattr(interp, n.op)(n.target, args, fx.node.map_arg(n.kwargs, value))
+            return env[region.output]  # type: ignore[return-value]
+
+        fit = self._optimise(list(views.values()), forward, inputs, target)
+        layers = [names[n] for n in views]
+        return {"unit": _common_prefix(layers), "layers": layers, **fit}
+
+    def _optimise(self, views: list[_Layer], forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                  target: torch.Tensor) -> dict[str, float | bool]:
+        before = _mse(forward, inputs, target)
+        opt = torch.optim.Adam([g for v in views for g in v.groups(self.lr)])
         gen = torch.Generator().manual_seed(self.seed)
         with torch.enable_grad():  # pipelines run under no_grad
             for _ in range(self.iterations):
                 idx = torch.randint(len(inputs), (min(self.batch_size, len(inputs)),), generator=gen)
-                loss = F.mse_loss(view.forward(inputs[idx]), target[idx])
+                loss = F.mse_loss(forward(inputs[idx]), target[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        after = view.mse(inputs, target)
+        after = _mse(forward, inputs, target)
         kept = after < before
         if kept:
-            view.store()
+            for v in views:
+                v.store()
         return {"mse_before": before, "mse_after": after, "kept": kept}
 
+
+@torch.no_grad()
+def _mse(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean squared error over the whole calibration set, in chunks (copied: a block may start with an in-place
+    ReLU)."""
+    total = sum(float(((forward(inputs[i:i + CHUNK].clone()) - target[i:i + CHUNK]) ** 2).sum())
+                for i in range(0, len(inputs), CHUNK))
+    return total / target.numel()
+
+
+def _common_prefix(names: list[str]) -> str:
+    """``layer2.0.conv1``, ``layer2.0.conv2`` → ``layer2.0``: a block's name from its layers' module paths."""
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or "+".join(names)

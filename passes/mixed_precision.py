@@ -37,7 +37,8 @@ class MixedPrecision(Pass):
     guarantees = frozenset({PRECISION, COST})
 
     def __init__(self, budget: Budget | None = None, max_degradation: float | None = None,
-                 bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl", adaquant_iterations: int = 0) -> None:
+                 bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl", adaquant_iterations: int = 0,
+                 adaquant_scope: str = "layer") -> None:
         if (budget is None) == (max_degradation is None):
             raise RecipeError("mixed precision needs either a cost budget (--budget linear=0.30) or a degradation "
                               "bound (--max-degradation), not both")
@@ -51,6 +52,7 @@ class MixedPrecision(Pass):
         self.candidates = [Precision(b, b) for b in sorted(set(bits))]
         self.metric = metric
         self.adaquant_iterations = adaquant_iterations
+        self.adaquant_scope = adaquant_scope
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if QUANTIZERS in ctx.properties:
@@ -76,7 +78,8 @@ class MixedPrecision(Pass):
             raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
                               f"{float(Fraction(cheapest, bf16)):.4f} of bf16 (widths "
                               f"{', '.join(str(p) for p in self.candidates)})")
-        table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric, self.adaquant_iterations)
+        table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric, self.adaquant_iterations,
+                                     self.adaquant_scope)
         options = {u: [Option(p, c, table[u][str(p)] if u in free else 0.0) for p, c in costs[u].items()]
                    for u in units}
         plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)

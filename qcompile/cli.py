@@ -24,6 +24,7 @@ from qcompile.passes import (
     AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
 )
 from qcompile.pipeline import Pass, Pipeline
+from qcompile.passes.adaquant import SCOPES
 from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", help="CIFAR-style archive (.tar.gz) or ImageFolder directory with train/ and test/ "
                                    "splits; overrides the model file's calibration_data()/eval_data()")
     ap.add_argument("--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)")
+    ap.add_argument("--calib-seed", type=int, default=0, metavar="S",
+                    help="--data: which --calib-size training images calibrate (a seeded draw; default 0)")
     ap.add_argument("--eval-size", type=int, default=None, metavar="N", help="evaluation images (default: all)")
     ap.add_argument("--calibrator", help="activation calibrator for every layer: ema_max, max, percentile, mse "
                                          "(default: the recipe's)")
@@ -79,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sensitivity", choices=METRICS, default="kl",
                     help="--recipe auto: per-layer degradation measure, kl = KL divergence from the all-widest "
                          "network's outputs (default), loss = calibration cross-entropy change")
-    ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N", help="AdaQuant Adam steps per layer (default 200)")
+    ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N",
+                    help="AdaQuant Adam steps per layer or block (default 200)")
+    ap.add_argument("--adaquant-scope", choices=SCOPES, default="layer",
+                    help="--ptq advanced: match each layer's output to the float network (layer, Hubara et al.) "
+                         "or each block's (block: the stem, every residual block, the head; BRECQ)")
     ap.add_argument("--out", help="output directory (default: qcompile-out/<model>-<recipe>)")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
     return ap
@@ -93,7 +100,7 @@ def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[BatchList | N
     if args.calib_size < 0 or (args.eval_size is not None and args.eval_size < 0):
         raise QCompileError("--calib-size and --eval-size must not be negative")
     if args.data:
-        train = load_split(args.data, "train").subset(args.calib_size)
+        train = load_split(args.data, "train").subset(args.calib_size, seed=args.calib_seed)
         test = load_split(args.data, "test").subset(args.eval_size)
         calib = list(iterate_batches(train, args.batch_size)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
@@ -237,7 +244,8 @@ def compile_model(args: argparse.Namespace) -> int:
     if ptq:
         passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
                              args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,
-                             has_calibration=calib is not None, quantized=recipe.quantized, metric=args.sensitivity)
+                             has_calibration=calib is not None, quantized=recipe.quantized, metric=args.sensitivity,
+                             adaquant_scope=args.adaquant_scope)
     else:
         passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
         if recipe.quantized and calib is not None:

@@ -10,16 +10,19 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> tuple[float, int]:
-    """(accuracy, number of images)."""
+def hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> torch.Tensor:
+    """Per image, in order: whether the model's top-1 class is the label (for paired comparisons of models)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        total += len(y)
+    out = [model(x).argmax(dim=1) == y for x, y in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False)]
     model.train(was_training)
-    return (correct / total if total else float("nan")), total
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> tuple[float, int]:
+    """(accuracy, number of images)."""
+    h = hits(model, batches, desc)
+    return (int(h.sum()) / len(h) if len(h) else float("nan")), len(h)
 
 
 def take_images(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter, deque
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +149,52 @@ def format_graph(gm: fx.GraphModule) -> str:
             line += "  {" + " ".join(bits) + "}"
         lines.append(line)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A stretch of the graph that only one earlier value flows into: ``entry``, then ``nodes`` in order, whose
+    last node is the region's output."""
+
+    entry: fx.Node
+    nodes: tuple[fx.Node, ...]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[-1]
+
+
+def regions(gm: fx.GraphModule) -> list[Region]:
+    """The graph cut at every node through which all values pass (one live value after it), grouped so that each
+    region ends at a compute layer or at the node that joins its branches (a residual add): in a ResNet, the stem
+    and each residual block, whose internal values and weights can then be optimised together. Nodes between the
+    last compute layer and the output, and in a graph with several inputs those before the inputs are joined,
+    belong to no region."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    remaining = {n: len(n.users) for n in gm.graph.nodes}
+    live = set(placeholders)
+    start = placeholders[0] if len(placeholders) == 1 else None
+    body: list[fx.Node] = []  # since the region's entry
+    segment: list[fx.Node] = []  # since the last cut
+    out: list[Region] = []
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        body.append(n)
+        segment.append(n)
+        for a in n.all_input_nodes:
+            if a.op != "get_attr":
+                remaining[a] -= 1
+                if remaining[a] == 0:
+                    live.discard(a)
+        if n.users:
+            live.add(n)
+        if live != {n}:
+            continue
+        if start is None:
+            start, body = n, []
+        elif any(is_compute(gm, m) for m in segment):
+            out.append(Region(start, tuple(body)))
+            start, body = n, []
+        segment = []
+    return out

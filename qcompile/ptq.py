@@ -30,7 +30,8 @@ def parse_bits(text: str) -> list[int]:
 
 def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_degradation: float | None = None,
                bits: list[int] | None = None, adaquant_iterations: int = 200, dyadic: bool = False,
-               has_calibration: bool = True, quantized: bool = True, metric: str = "kl") -> list[Pass]:
+               has_calibration: bool = True, quantized: bool = True, metric: str = "kl",
+               adaquant_scope: str = "layer") -> list[Pass]:
     """The passes after capture (and width scaling) for a PTQ mode and/or an IP-chosen precision plan."""
     if mode is not None and mode not in PTQ_MODES:
         raise RecipeError(f"unknown --ptq mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
@@ -44,10 +45,10 @@ def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_d
     passes: list[Pass] = [AssignPrecision(), AnnotateCost()]
     if auto:
         passes.append(MixedPrecision(budget, max_degradation, bits or [4, 8], metric,
-                                    adaquant_iterations if mode == "advanced" else 0))
+                                    adaquant_iterations if mode == "advanced" else 0, adaquant_scope))
     if mode is not None:
         passes.append(BnTune())
     passes += [FoldBatchNorm(), InsertQuantizers(), Calibrate(), AlignAddScales()]
     if mode == "advanced":
-        passes += [AdaQuant(iterations=adaquant_iterations), BiasCorrect()]
+        passes += [AdaQuant(iterations=adaquant_iterations, scope=adaquant_scope), BiasCorrect()]
     return passes + [LowerInteger(dyadic=dyadic)]

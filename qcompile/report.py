@@ -126,10 +126,11 @@ def print_ptq(report: dict[str, Any], console: Console) -> None:
         console.print(f"plan: {widths}")
     ada = ptq.get("adaquant")
     if ada:
-        kept = sum(r["kept"] for r in ada["layers"])
-        console.print(f"adaquant: {kept}/{len(ada['layers'])} layers improved; layer MSE "
-                      f"{sum(r['mse_before'] for r in ada['layers']):.4g} -> "
-                      f"{sum(min(r['mse_after'], r['mse_before']) for r in ada['layers']):.4g} (sum over layers)")
+        units = ada["units"]
+        kept = sum(r["kept"] for r in units)
+        console.print(f"adaquant ({ada['scope']} by {ada['scope']}): {kept}/{len(units)} {ada['scope']}s improved; MSE "
+                      f"{sum(r['mse_before'] for r in units):.4g} -> "
+                      f"{sum(min(r['mse_after'], r['mse_before']) for r in units):.4g} (sum over {ada['scope']}s)")
     if "bn_tune" in ptq:
         console.print(f"bn_tune: {ptq['bn_tune']['batchnorms']} BatchNorms re-estimated on "
                       f"{ptq['bn_tune']['images']} images")

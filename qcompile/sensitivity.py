@@ -39,7 +39,8 @@ from qcompile.pipeline import BN_FOLDED, Pass, PassContext, Pipeline
 from qcompile.recipes import Override
 from qcompile.spec import Precision
 
-CACHE_VERSION = 4  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference; 4: metrics
+CACHE_VERSION = 5  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference; 4: metrics;
+# 5: AdaQuant scope
 METRICS = ("kl", "loss")
 
 
@@ -81,12 +82,13 @@ def degradation(metric: str, reference: Sequence[torch.Tensor], logits: Sequence
 
 
 def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              candidates: Sequence[Precision], ctx: PassContext, metric: str, adaquant_iterations: int = 0) -> str:
+              candidates: Sequence[Precision], ctx: PassContext, metric: str, adaquant_iterations: int = 0,
+              adaquant_scope: str = "layer") -> str:
     """What the measurements depend on: graph, weights, calibration data, candidates, calibrator, residual width,
-    metric, AdaQuant."""
+    metric, AdaQuant (iterations and scope)."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|{gm.code}|{[str(p) for p in candidates]}|{ctx.recipe.act_calibrator.value}|"
-             f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}".encode())
+             f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}|{adaquant_scope}".encode())
     for name, t in sorted(gm.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -98,9 +100,10 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
 
 def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], precision: Precision,
                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: Precision,
-                adaquant_iterations: int = 0) -> list[torch.Tensor]:
+                adaquant_iterations: int = 0, adaquant_scope: str = "layer") -> list[torch.Tensor]:
     """Logits on the calibration batches with only ``sites`` (layer names) at ``precision``, every other layer at
-    ``reference``; with ``adaquant_iterations``, the ``sites`` are AdaQuant-optimised first."""
+    ``reference``; with ``adaquant_iterations``, the ``sites`` are AdaQuant-optimised first (alone, or within
+    their block with ``adaquant_scope="block"``)."""
     from qcompile.passes import AdaQuant, AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
     from qcompile.passes._layerwise import graph_copy, sub_context
 
@@ -110,14 +113,14 @@ def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], prec
     passes: list[Pass] = [] if BN_FOLDED in ctx.properties else [FoldBatchNorm()]
     passes += [AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales()]
     if adaquant_iterations and sites:
-        passes.append(AdaQuant(iterations=adaquant_iterations, layers=sites))
+        passes.append(AdaQuant(iterations=adaquant_iterations, layers=sites, scope=adaquant_scope))
     Pipeline(passes).run_graph(copy, sub_context(ctx, overrides=overrides, calibration_data=batches))
     return outputs(copy, batches)
 
 
 def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequence[str]],
                   candidates: Sequence[Precision], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  metric: str = "kl", adaquant_iterations: int = 0,
+                  metric: str = "kl", adaquant_iterations: int = 0, adaquant_scope: str = "layer",
                   ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
     """Degradation from the widest-candidate network per unit (a module, by its call sites) and candidate, read
     from the cache where measured before; also what the report says about the cache. With
@@ -125,7 +128,7 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
     advanced pipeline: the search then prices a layer by what is left after AdaQuant."""
     check_metric(metric)
     widest = max(candidates, key=lambda p: (p.w_bits, p.a_bits))
-    key = cache_key(gm, batches, candidates, ctx, metric, adaquant_iterations)
+    key = cache_key(gm, batches, candidates, ctx, metric, adaquant_iterations, adaquant_scope)
     path = cache_dir() / "sensitivity" / f"{key}.json"
     table: dict[str, dict[str, float]] = {}
     reference_loss = None
@@ -137,15 +140,17 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
         reference = measure_one(gm, ctx, [], widest, batches, widest)
         reference_loss = calibration_loss(reference, batches)
         for unit, p in tqdm(todo, desc="sensitivity", unit="run", disable=None, leave=False):
-            logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations)
+            logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations, adaquant_scope)
             table.setdefault(unit, {})[str(p)] = degradation(metric, reference, logits, batches)
         write_json(path, {"version": CACHE_VERSION, "metric": metric, "adaquant_iterations": adaquant_iterations,
+                          "adaquant_scope": adaquant_scope,
                           "reference": str(widest),
                           "reference_loss": reference_loss, "layers": table})
     for u in units:
         table.setdefault(u, {})[str(widest)] = 0.0
     info = {"cache": str(path), "measured": len(todo),
             "reused": sum(len(table[u]) - 1 for u in units) - len(todo),
-            "metric": metric, "adaquant_iterations": adaquant_iterations, "reference": str(widest),
+            "metric": metric, "adaquant_iterations": adaquant_iterations, "adaquant_scope": adaquant_scope,
+            "reference": str(widest),
             "reference_loss": reference_loss}
     return {u: table[u] for u in units}, info

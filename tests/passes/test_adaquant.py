@@ -1,9 +1,11 @@
 """AdaQuant lowers each layer's MSE to the float network, keeps integer weights, and lowers bit-exactly."""
 
+import pytest
 import torch
 
+from qcompile.errors import RecipeError
 from qcompile.passes import AdaQuant
-from qcompile.passes._layerwise import capture, float_reference, set_quantization
+from qcompile.passes._layerwise import capture, capture_node, float_reference, set_quantization
 from qcompile.passes.insert_quantizers import weight_quantizers
 from qcompile.verify import verify_reference
 from tests.passes.ptq_helpers import batches, quantize
@@ -18,8 +20,8 @@ def test_adaquant_reduces_mse_and_keeps_integer_weights(tiny):
     data = batches()
     plain = quantize(tiny, data)
     tuned = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=60)])
-    rows = tuned.context.results["adaquant"]["layers"]
-    assert [r["layer"] for r in rows] == ["stem", "body", "head"]
+    rows = tuned.context.results["adaquant"]["units"]
+    assert [r["unit"] for r in rows] == ["stem", "body", "head"]
     assert all(r["mse_after"] < r["mse_before"] for r in rows if r["kept"]) and sum(r["kept"] for r in rows) >= 2
     ref = float_reference(tuned.graph_module, tuned.context)
     assert logits_mse(tuned.graph_module, ref, data) < logits_mse(plain.graph_module, ref, data)
@@ -52,7 +54,42 @@ def test_adaquant_can_be_limited_to_named_layers(tiny):
     data = batches()
     plain = quantize(tiny, data)
     only = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=40, layers=["body"])])
-    assert [r["layer"] for r in only.context.results["adaquant"]["layers"]] == ["body"]
+    assert [r["unit"] for r in only.context.results["adaquant"]["units"]] == ["body"]
     for name in ("stem", "head"):  # the others keep their calibrated weights
         assert torch.equal(only.graph_module.get_submodule(name).parametrizations.weight.original,
                            plain.graph_module.get_submodule(name).parametrizations.weight.original)
+
+
+def test_block_scope_optimises_each_region_and_lowers_bit_exactly(tiny):
+    data = batches()
+    plain = quantize(tiny, data)
+    tuned = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=60, scope="block")])
+    result = tuned.context.results["adaquant"]
+    assert result["scope"] == "block"
+    assert [(r["unit"], r["layers"]) for r in result["units"]] == [("stem", ["stem"]), ("body", ["body"]),
+                                                                    ("head", ["head"])]
+    assert all(r["mse_after"] < r["mse_before"] for r in result["units"] if r["kept"])
+    assert sum(r["kept"] for r in result["units"]) >= 2
+    ref = float_reference(tuned.graph_module, tuned.context)
+    assert logits_mse(tuned.graph_module, ref, data) < logits_mse(plain.graph_module, ref, data)
+    summary = verify_reference(tuned.graph_module, tuned.context.ir, data).summary()
+    assert summary["identical_fraction"] == 1.0 and summary["max_lsb_diff"] == 0
+
+
+def test_block_scope_matches_the_block_output_not_each_layer(tiny):
+    """The body block ends at the residual add: its target is the float add, which no module returns."""
+    data = batches()
+    only = quantize(tiny, data, after_calibrate=[AdaQuant(iterations=40, scope="block", layers=["body"])])
+    rows = only.context.results["adaquant"]["units"]
+    assert [r["layers"] for r in rows] == [["body"]]
+    gm, ref = only.graph_module, only.context.float_reference
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and "add" in n.name)
+    ref_add = next(n for n in ref.graph.nodes if n.name == add.name)
+    before = rows[0]["mse_before"]
+    expected = float(((capture_node(gm, add, data) - capture_node(ref, ref_add, data)) ** 2).mean())
+    assert expected == pytest.approx(min(rows[0]["mse_after"], before), rel=1e-2)  # stored weights: rounded
+
+
+def test_unknown_scope_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="unknown AdaQuant scope 'net'"):
+        AdaQuant(scope="net")

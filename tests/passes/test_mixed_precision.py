@@ -26,9 +26,10 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def search(model, data, budget, overrides=(), metric="kl", adaquant_iterations=0):
+def search(model, data, budget, overrides=(), metric="kl", adaquant_iterations=0, adaquant_scope="layer"):
     passes = [AssignPrecision(), AnnotateCost(),
-              MixedPrecision(parse_budget(budget), metric=metric, adaquant_iterations=adaquant_iterations)]
+              MixedPrecision(parse_budget(budget), metric=metric, adaquant_iterations=adaquant_iterations,
+                             adaquant_scope=adaquant_scope)]
     with torch.no_grad():
         return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe("auto"), calibration_data=data,
                                     overrides=parse_set(overrides))
@@ -107,14 +108,19 @@ def test_advanced_search_measures_each_layer_after_adaquant(tiny, monkeypatch):
     measured = []
     real = sensitivity.measure_one
 
-    def spy(gm, ctx, sites, precision, batches_, reference, adaquant_iterations=0):
-        measured.append((tuple(sites), adaquant_iterations))
-        return real(gm, ctx, sites, precision, batches_, reference, adaquant_iterations)
+    def spy(gm, ctx, sites, precision, batches_, reference, adaquant_iterations=0, adaquant_scope="layer"):
+        measured.append((tuple(sites), adaquant_iterations, adaquant_scope))
+        return real(gm, ctx, sites, precision, batches_, reference, adaquant_iterations, adaquant_scope)
 
     monkeypatch.setattr(sensitivity, "measure_one", spy)
     tuned = search(tiny, data, "linear=0.4", adaquant_iterations=30).context.results["mixed_precision"]
     assert tuned["sensitivity_measured"] == 3  # another cache entry, not the plain one
-    assert sorted(measured) == sorted([((), 0), *(((s,), 30) for s in plain["sensitivity"])])  # reference: plain
+    assert sorted(measured) == sorted([((), 0, "layer"), *(((s,), 30, "layer") for s in plain["sensitivity"])])
     assert tuned["sensitivity_adaquant_iterations"] == 30
     assert tuned["sensitivity"] != plain["sensitivity"]
     assert all(v["w4a4"] >= 0 for v in tuned["sensitivity"].values())
+    measured.clear()
+    block = search(tiny, data, "linear=0.4", adaquant_iterations=30, adaquant_scope="block")
+    block = block.context.results["mixed_precision"]
+    assert block["sensitivity_measured"] == 3 and block["sensitivity_adaquant_scope"] == "block"  # its own entry
+    assert sorted(measured) == sorted([((), 0, "layer"), *(((s,), 30, "block") for s in plain["sensitivity"])])
