@@ -44,6 +44,33 @@ def _int8_rule() -> Any:
     return Int8TensorCore()
 
 
+def _matmul_rule() -> Any:
+    """dlight's Matmul; where its own int8 tensorization raises (it tries it when every GEMM dimension exceeds 64,
+    e.g. ResNet-50's 128-channel 28x28 convs: "not a stage pipeline"), the same rule again with that path off,
+    i.e. its CUDA-core schedule."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.gpu import matmul as dl_matmul
+    from tvm.s_tir.schedule import ScheduleError
+
+    class _NoTensorization:
+        def apply(self, *_: Any) -> None:
+            return None
+
+    class MatmulFallback(dl.gpu.Matmul):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            try:
+                return super().apply(func, target, tunable)
+            except ScheduleError:
+                saved = dl_matmul.MatmulInt8Tensorization
+                dl_matmul.MatmulInt8Tensorization = _NoTensorization
+                try:
+                    return super().apply(func, target, tunable)
+                finally:
+                    dl_matmul.MatmulInt8Tensorization = saved
+
+    return MatmulFallback()
+
+
 def _is_int8_gemm(func: Any) -> bool:
     """One reduction block reading two int8 buffers into int32, with a GEMM-shaped index map."""
     from tvm import s_tir, tirx
@@ -107,7 +134,7 @@ def relax_pipeline(target: Any) -> Any:
     legalize = [
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(_int8_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+        dl.ApplyDefaultSchedule(_int8_rule(), _matmul_rule(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
     ]
 

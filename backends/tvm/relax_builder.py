@@ -117,9 +117,11 @@ class _Builder:
             return self.param(name, codes, "int8")
         nibbles = pack_int4(codes)
         packed = self.param(name, nibbles, "int8")
-        four = self.const(4, "int8")
-        lo = self.op.right_shift(self.op.left_shift(packed, four), four)
-        hi = self.op.right_shift(packed, four)
+        # the low nibble sign-extended as ((p & 15) ^ 8) - 8, not (p << 4) >> 4: CUDA C promotes int8 to int
+        # before shifting, so the shift pair leaves the whole byte there (mostly4bit on GPUs gave wrong logits)
+        lo = self.op.subtract(self.op.bitwise_xor(self.op.bitwise_and(packed, self.const(15, "int8")),
+                                                  self.const(8, "int8")), self.const(8, "int8"))
+        hi = self.op.right_shift(packed, self.const(4, "int8"))
         flat = self.emit(self.op.reshape(self.op.stack([lo, hi], axis=1), (2 * nibbles.size,)))
         if codes.size % 2:
             flat = self.emit(self.op.strided_slice(flat, [0], [0], [codes.size]))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("tvm")
 
@@ -134,6 +136,29 @@ def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
         assert len(mma) == len(layers), (name, mma)  # one tensor-core kernel per conv/dense, epilogue fused
         ptx = nvcc(source, get_target(name), "ptx").decode()
         assert ptx.count("wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32") >= len(layers)
+        # CUDA C promotes int8 to int before a shift, so (p << 4) >> 4 keeps the whole byte (wrong 4-bit weights
+        # on the GPU, seen on an H100); the low nibble is masked instead
+        assert "<< (signed char)4)" not in source and "& (signed char)15)" in source
+
+
+class WideConv(nn.Module):
+    """A 128-channel 3x3 conv at 28x28 (ResNet-50's layer2): dlight's Matmul tries its own int8 tensorization
+    there (every GEMM dimension > 64) and raises "not a stage pipeline"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 128, 1)
+        self.conv = nn.Conv2d(128, 128, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(torch.relu(self.stem(x))))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_build_of_a_layer_dlight_cannot_tensorize(tmp_path):
+    ir = _lowered(WideConv(), "int8", size=28).context.ir
+    art = build(ir, "sm90", tmp_path)  # symbolic batch, as benchmarks/tvm_gpu.py builds
+    assert (art.path / "model.so").is_file()
 
 
 TINY_MODEL_FILE = """
