@@ -183,7 +183,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
         ax.axhline(100 * float(rows[0]["float_top1"]), color="gray", ls="--", lw=1, label="float")
     ax.set_xlabel("linear cost vs bf16")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("ResNet-20 CIFAR-10: IP mixed precision vs uniform recipes (squares)")
+    ax.set_title("ResNet-20 CIFAR-10: IP plans vs uniform recipes (squares); mean and range over calibration draws",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
