@@ -154,6 +154,31 @@ class WideConv(nn.Module):
         return torch.relu(self.conv(torch.relu(self.stem(x))))
 
 
+class PoolNet(nn.Module):
+    """ResNet's pools: a 3x3 max pool after the stem, a global average pool over 8x8 before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 7, stride=2, padding=3)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.gap(self.pool(torch.relu(self.conv(x)))), 1))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_pools_reduce_in_one_thread_per_output(tmp_path):
+    """dlight's reduction rules gave every pooled element a 256-thread block and a warp-shuffle reduction over
+    its 9 inputs: 49.7 ms of a 114.6 ms ResNet-50 batch on an H100."""
+    ir = _lowered(PoolNet(), "int8", size=32).context.ir
+    source = (build(ir, "sm90", tmp_path, batch=4).path / "kernels.cu").read_text()
+    pools = {k: body for k, body in _kernels(source).items() if "pool" in k}
+    assert any("max_pool" in k for k in pools) and any("avg_pool" in k for k in pools)
+    assert not [k for k, body in pools.items() if "__shfl" in body]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_cuda_build_of_a_layer_dlight_cannot_tensorize(tmp_path):
     ir = _lowered(WideConv(), "int8", size=28).context.ir
