@@ -7,6 +7,12 @@ quantizer's step size, through straight-through rounding. What is kept is intege
 as ``code · step`` with the step no larger than max|w|/qmax, so the existing per-channel weight quantizer
 (bound max|w|) re-derives exactly that step and those codes, and lowering and verification see a plain
 calibrated graph. A layer whose optimised MSE is not below its starting MSE is left as it was.
+
+Block scope (``scope="block"``) optimises the layers of each ``graph.regions`` block (the stem, a residual block,
+the head) together, matching the block's output, for a residual block the float network's sum. The block is
+run from its captured input by interpreting its nodes, with each layer replaced by its trainable view. On the
+ResNet-20 checkpoint this was level with layer scope except at linear=0.30 (+0.18 points on the mean of three
+calibration draws; README).
 """
 
 from __future__ import annotations
@@ -180,7 +186,7 @@ class AdaQuant(Pass):
             if v is None or target is None:
                 continue
             inputs = capture(gm, v.aq if v.aq is not None else v.layer, data, output=False)
-            fit = self._optimise([v], lambda x, v=v: v.forward(x), inputs, target)  # type: ignore[misc]
+            fit = self._optimise([v], v.forward, inputs, target)
             rows.append({"unit": names[node], "layers": [names[node]], **fit})
         return rows
 

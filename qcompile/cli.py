@@ -240,7 +240,8 @@ def compile_model(args: argparse.Namespace) -> int:
     calib, evald = resolve_data(args, mf)
     passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
     notes = []
-    ptq = bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None
+    ptq = (bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None
+           or args.adaquant_scope != "layer")
     if ptq:
         passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
                              args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,

@@ -37,6 +37,8 @@ def ptq_passes(mode: str | None, auto: bool, budget: Budget | None = None, max_d
         raise RecipeError(f"unknown --ptq mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
     if not auto and (budget is not None or max_degradation is not None):
         raise RecipeError("--budget and --max-degradation choose widths for --recipe auto; add --recipe auto")
+    if adaquant_scope != "layer" and mode != "advanced":
+        raise RecipeError(f"--adaquant-scope {adaquant_scope} sets how --ptq advanced runs AdaQuant; add --ptq advanced")
     if not quantized:
         raise RecipeError("--ptq quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), not bf16")
     if not has_calibration:

@@ -80,6 +80,17 @@ def test_advanced_ptq_lowers_and_verifies(tiny_file, tmp_path, capsys):
     assert out.name == "out"
 
 
+def test_advanced_ptq_with_block_adaquant(tiny_file, tmp_path, capsys):
+    code, captured, out = run([tiny_file, "--recipe", "mostly4bit", "--ptq", "advanced", "--adaquant-iters", "30",
+                               "--adaquant-scope", "block", "--backend", "none"], tmp_path, capsys)
+    assert code == 0, captured.err
+    report = report_of(out)
+    ada = report["ptq"]["adaquant"]
+    assert ada["scope"] == "block" and [r["layers"] for r in ada["units"]] == [["stem"], ["body"], ["head"]]
+    assert "adaquant (block by block): " in captured.out
+    assert_verified(report)
+
+
 def test_auto_budget_plan_is_reported_within_budget_and_verifies(tiny_file, tmp_path, capsys):
     out = tmp_path / "out"
     code = main([tiny_file, "--recipe", "auto", "--budget", "linear=0.4", "--ptq", "light", "--backend", "none",
@@ -106,6 +117,8 @@ def test_auto_budget_plan_is_reported_within_budget_and_verifies(tiny_file, tmp_
     (["--recipe", "auto", "--budget", "speed=0.3"], "KIND=RATIO"),
     (["--recipe", "auto", "--budget", "linear=0.5", "--bits", "4,9"], "candidate bit widths"),
     (["--recipe", "bf16", "--ptq", "light"], "choose a quantized recipe"),
+    (["--recipe", "mostly4bit", "--ptq", "light", "--adaquant-scope", "block"], "add --ptq advanced"),
+    (["--recipe", "mostly4bit", "--adaquant-scope", "block"], "add --ptq advanced"),
 ])
 def test_ptq_misuse_is_a_one_line_error(args, fragment, tiny_file, tmp_path, capsys):
     code, captured, out = run([tiny_file, *args], tmp_path, capsys)

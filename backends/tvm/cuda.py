@@ -4,6 +4,8 @@ The int8 rule is dlight's ``MatmulInt8Tensorization`` applied to every int8 x in
 ``Matmul`` only tries it when every GEMM dimension exceeds 64, which leaves ResNet's 64-channel layers on
 dp4a), with its software-pipeline annotations removed: 0.27's ``InjectSoftwarePipeline`` crashes on them
 (``GetWmmaFragmentSize``). Fused epilogues (bias, requantize, ReLU) are inlined after the tensor-core store.
+Where dlight's Matmul raises on its own int8 tensorization it is re-run without it, and pooling windows are
+reduced one output element per thread.
 """
 
 from __future__ import annotations
