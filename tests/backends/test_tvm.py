@@ -234,3 +234,31 @@ def test_cli_without_tvm_names_the_extra(tmp_path, capsys, monkeypatch):
                  "--eval-size", "16", "--verify-size", "16", "--backend", "tvm", "--out", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "pip install 'qcompile[tvm]'" in err
+
+
+def test_cli_builds_a_fixed_batch_artifact(tmp_path, capsys, monkeypatch):
+    """--tvm-batch 16: the artifact is compiled for 16 images; 40 verified images run as 16 + 16 + 8 (padded)."""
+    from qcompile.cli import main
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_MODEL_FILE.replace("for _ in range(2)", "for _ in range(3)"))
+    out = tmp_path / "out"
+    code = main([str(model_file), "--recipe", "int8", "--verify-size", "40", "--backend", "tvm", "--target", CPU,
+                 "--tvm-batch", "16", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "tvm" / CPU / "meta.json").read_text())["batch"] == 16
+    ver = json.loads((out / "report.json").read_text())["verification"][f"tvm_{CPU.replace('-', '_')}_vs_reference"]
+    assert ver["images"] == 40 and ver["identical_fraction"] == 1.0
+
+
+def test_tvm_batch_without_the_tvm_backend_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from qcompile.cli import main
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_MODEL_FILE)
+    code = main([str(model_file), "--recipe", "int8", "--tvm-batch", "16", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--tvm-batch apply to --backend tvm" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before any work
