@@ -31,7 +31,7 @@ import torch
 from qcompile.artifacts import atomic_path, write_json
 from qcompile.bit_allocation import parse_budget
 from qcompile.cli import build_parser, resolve_data
-from qcompile.evaluate import hits, take_images
+from qcompile.evaluate import accuracy, hits, take_images
 from qcompile.model_file import load_model_file
 from qcompile.passes.adaquant import SCOPES
 from qcompile.pipeline import Pipeline
@@ -117,19 +117,20 @@ def compare(out: Path) -> list[dict[str, object]]:
     draws. Printed and written to ``OUT/comparison.csv``."""
     rows, table = read_rows(out / "ptq_budgets.csv"), read_hits(out / "hits.npz")
 
-    def key(r: dict[str, str]) -> tuple[str, str, str]:
-        return r["ptq"], r.get("adaquant_scope") or "layer", r.get("sensitivity") or "kl"
+    def setting(r: dict[str, str]) -> tuple[str, str, str]:
+        """What an IP plan and a uniform recipe must share to be compared: mode, AdaQuant scope, draw."""
+        return r["ptq"], r.get("adaquant_scope") or "layer", r.get("calib_seed") or "0"
 
     result: list[dict[str, object]] = []
     for ip in (r for r in rows if r["recipe"] == "auto" and r["name"] in table):
         for uni in rows:
-            if (uni["recipe"] in UNIFORM and uni["name"] in table and key(uni)[:2] == key(ip)[:2]
-                    and (uni.get("calib_seed") or "0") == (ip.get("calib_seed") or "0")
+            if (uni["recipe"] in UNIFORM and uni["name"] in table and setting(uni) == setting(ip)
                     and float(uni["linear_vs_bf16"]) >= float(ip["linear_vs_bf16"]) - 1e-9):
                 d = table[ip["name"]].astype(float) - table[uni["name"]].astype(float)
                 se = float(d.std(ddof=1) / math.sqrt(len(d)))
-                result.append({"mode": ip["ptq"], "scope": key(ip)[1], "sensitivity": key(ip)[2],
-                               "budget": ip["budget"], "calib_seed": ip.get("calib_seed") or "0",
+                mode, scope, seed = setting(ip)
+                result.append({"mode": mode, "scope": scope, "sensitivity": ip.get("sensitivity") or "kl",
+                               "budget": ip["budget"], "calib_seed": seed,
                                "uniform": uni["recipe"], "ip_top1": 100 * float(ip["top1"]),
                                "uniform_top1": 100 * float(uni["top1"]), "diff": 100 * float(d.mean()),
                                "ci95": 196 * se, "disagree": int((d != 0).sum())})
@@ -232,7 +233,7 @@ def main() -> None:
     done = {r["name"] for r in read_rows(csv_path)}
     plans = json.loads(plans_path.read_text()) if plans_path.exists() else {}
     float_hits = hits(model, evald, desc="eval float")
-    float_top1 = int(float_hits.sum()) / len(float_hits)
+    float_top1 = accuracy(float_hits)
     print(f"float top-1 {float_top1:.4f} on {len(float_hits)} images", flush=True)
     configs = {c[0]: c for c in configurations(args.budgets.split(","), args.modes.split(","), args.sensitivity,
                                                args.adaquant_scope, args.calib_seed)}
@@ -255,7 +256,7 @@ def main() -> None:
                "sensitivity": args.sensitivity if recipe == "auto" else "",
                "adaquant_scope": args.adaquant_scope if ptq == "advanced" else "", "calib_seed": args.calib_seed,
                "linear_vs_bf16": f"{cost.linear_vs_bf16:.6f}", "quadratic_vs_bf16": f"{cost.quadratic_vs_bf16:.6f}",
-               "memory_vs_bf16": f"{cost.memory_vs_bf16:.6f}", "top1": f"{int(got.sum()) / len(got):.4f}",
+               "memory_vs_bf16": f"{cost.memory_vs_bf16:.6f}", "top1": f"{accuracy(got):.4f}",
                "float_top1": f"{float_top1:.4f}", "images": len(got), "verified_images": ver["images"],
                "verify_identical": ver["identical_fraction"], "verify_top1_agreement": ver["top1_agreement"],
                "seconds": round(time.time() - start)}

@@ -114,6 +114,7 @@ class _Layer:
 
 
 SCOPES = ("layer", "block")
+_Quantizers = tuple[WeightQuantizer, ActivationQuantizer | None]  # a layer's, and its input's where it alone reads it
 
 
 class AdaQuant(Pass):
@@ -146,9 +147,9 @@ class AdaQuant(Pass):
         calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         quantizers = weight_quantizers(gm)
 
-        def view(node: fx.Node, out_scale: Callable[[], float]) -> _Layer | None:
-            """The trainable view of ``node``'s layer, or None where it is not optimised; ``out_scale`` gives the
-            size of the layer's float output, by which its bias moves."""
+        def quantizers_of(node: fx.Node) -> _Quantizers | None:
+            """The weight quantizer of ``node``'s layer and its input quantizer where the layer alone reads it, or
+            None where the layer is not optimised."""
             wq = quantizers.get(str(node.target))
             if wq is None or (self.layers is not None and names[node] not in self.layers):
                 return None
@@ -158,49 +159,45 @@ class AdaQuant(Pass):
             src = node.args[0]
             aq = module_of(gm, src) if isinstance(src, fx.Node) else None
             own = isinstance(aq, ActivationQuantizer) and len(src.users) == 1 and calls[str(src.target)] == 1
-            return _Layer(module_of(gm, node), wq, aq if own else None, out_scale() or 1.0)  # type: ignore[arg-type]
+            return wq, aq if own else None  # type: ignore[return-value]
 
         blocks = regions(gm) if self.scope == "block" else []
         rows = [row for region in tqdm(blocks, desc="adaquant", unit="block", disable=None, leave=False)
-                if (row := self._region(gm, ref, data, region, names, view)) is not None]
+                if (row := self._region(gm, ref, data, region, names, quantizers_of)) is not None]
         covered = {n for region in blocks for n in region.nodes}
-        rows += self._by_layer(gm, ref, data, [n for n in compute_nodes(gm) if n not in covered], names, view)
+        rows += self._by_layer(gm, ref, data, [n for n in compute_nodes(gm) if n not in covered], names,
+                               quantizers_of)
         ctx.results["adaquant"] = {"iterations": self.iterations, "scope": self.scope, "units": rows}
         return gm
 
     def _by_layer(self, gm: fx.GraphModule, ref: fx.GraphModule, data: BatchList, nodes: list[fx.Node],
-                  names: dict[fx.Node, str], view: Callable[[fx.Node, Callable[[], float]], _Layer | None],
+                  names: dict[fx.Node, str], quantizers_of: Callable[[fx.Node], _Quantizers | None],
                   ) -> list[dict[str, object]]:
         """Optimise each of ``nodes`` (in order) alone on its own output: every layer in layer scope, those in no
         block in block scope."""
         rows = []
         for node in tqdm(nodes, desc="adaquant", unit="layer", disable=None, leave=False):
-            target = None
-
-            def out_scale() -> float:
-                nonlocal target
-                target = capture(ref, ref.get_submodule(str(node.target)), data, output=True)
-                return float(target.std())
-
-            v = view(node, out_scale)
-            if v is None or target is None:
+            found = quantizers_of(node)
+            if found is None:
                 continue
+            target = capture(ref, ref.get_submodule(str(node.target)), data, output=True)
+            v = _Layer(module_of(gm, node), *found, float(target.std()) or 1.0)  # type: ignore[arg-type]
             inputs = capture(gm, v.aq if v.aq is not None else v.layer, data, output=False)
             fit = self._optimise([v], v.forward, inputs, target)
             rows.append({"unit": names[node], "layers": [names[node]], **fit})
         return rows
 
     def _region(self, gm: fx.GraphModule, ref: fx.GraphModule, data: BatchList, region: Region,
-                names: dict[fx.Node, str], view: Callable[[fx.Node, Callable[[], float]], _Layer | None],
+                names: dict[fx.Node, str], quantizers_of: Callable[[fx.Node], _Quantizers | None],
                 ) -> dict[str, object] | None:
-        """Optimise every selected layer of ``region`` together on the region's output."""
+        """Optimise every selected layer of ``region`` together on the region's output (each layer's bias moves
+        by the size of its float output on the first calibration batch)."""
         views: dict[fx.Node, _Layer] = {}
         for node in region.nodes:
-            if is_compute(gm, node):
-                module = ref.get_submodule(str(node.target))
-                v = view(node, lambda m=module: float(capture(ref, m, data[:1], output=True).std()))
-                if v is not None:
-                    views[node] = v
+            found = quantizers_of(node) if is_compute(gm, node) else None
+            if found is not None:
+                size = float(capture(ref, ref.get_submodule(str(node.target)), data[:1], output=True).std())
+                views[node] = _Layer(module_of(gm, node), *found, size or 1.0)  # type: ignore[arg-type]
         if not views:
             return None
         ref_output = {n.name: n for n in ref.graph.nodes}.get(region.output.name)

@@ -19,10 +19,15 @@ def hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
+def accuracy(h: torch.Tensor) -> float:
+    """Top-1 accuracy from per-image hits (NaN for no images)."""
+    return int(h.sum()) / len(h) if len(h) else float("nan")
+
+
 def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> tuple[float, int]:
     """(accuracy, number of images)."""
     h = hits(model, batches, desc)
-    return (int(h.sum()) / len(h) if len(h) else float("nan")), len(h)
+    return accuracy(h), len(h)
 
 
 def take_images(

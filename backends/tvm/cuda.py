@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import shutil
 import sys
 import subprocess
@@ -100,10 +101,7 @@ def _window_rule() -> Any:
                 extents = [it.dom for it, kind in zip(info.iters, info.dom_kind()) if kind == "R"]
                 if not all(isinstance(e, int | tirx.IntImm) for e in extents):
                     return None
-                window = 1
-                for e in extents:
-                    window *= int(e)
-                if window > SMALL_WINDOW or len(info.read_bufs(sch)) != 1:
+                if math.prod(int(e) for e in extents) > SMALL_WINDOW or len(info.read_bufs(sch)) != 1:
                     return None
             return super().apply(func, target, tunable)
 
