@@ -292,7 +292,8 @@ class _Exporter:
     def maxpool(self, src: str, op: Op, output: str | None = None) -> str:
         a = op.attrs
         return self.node("MaxPool", [src], output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                         pads=list(a["padding"]) * 2, dilations=list(a["dilation"]))
+                         pads=list(a["padding"]) * 2, dilations=list(a["dilation"]),
+                         ceil_mode=int(a.get("ceil_mode", False)))
 
     def op_maxpool2d(self, op: Op) -> None:
         self.maxpool(op.inputs[0], op, op.output)
@@ -300,9 +301,12 @@ class _Exporter:
     def op_avgpool2d(self, op: Op) -> None:
         a = op.attrs
         self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                  pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]))
+                  pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
+                  ceil_mode=int(a.get("ceil_mode", False)))
 
     def op_adaptive_avgpool2d(self, op: Op) -> None:
+        """Global or fixed-window pooling where the output size divides the input; otherwise PyTorch's windows
+        of two lengths, one ``ReduceMean`` per output cell, concatenated."""
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
         if out == (1, 1):
@@ -311,7 +315,18 @@ class _Exporter:
             k = [h // out[0], w // out[1]]
             self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=k, strides=k)
         else:
-            self.unsupported(op)
+            rows = [self.node("Concat", [self.window_mean(op.inputs[0], (i, out[0], h), (j, out[1], w))
+                                         for j in range(out[1])], axis=3) for i in range(out[0])]
+            self.node("Concat", rows, op.output, axis=2)
+
+    def window_mean(self, src: str, row: tuple[int, int, int], col: tuple[int, int, int]) -> str:
+        """The mean over adaptive window (i of n over size) × (j of m over size), kept 4-d."""
+        (i, n, h), (j, m, w) = row, col
+        starts = [(i * h) // n, (j * w) // m]
+        ends = [math.ceil((i + 1) * h / n), math.ceil((j + 1) * w / m)]
+        c = [self.const(n_, np.array(v, np.int64)) for n_, v in (("starts", starts), ("ends", ends), ("axes", [2, 3]))]
+        window = self.node("Slice", [src, *c])
+        return self.node("ReduceMean", [window, self.const("axes", np.array([2, 3], np.int64))], keepdims=1)
 
     def op_mean(self, op: Op) -> None:
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
@@ -340,6 +355,36 @@ class _Exporter:
                 rest = True
         if rest:
             self.node("Sum", list(op.inputs), op.output)
+
+    def op_mul(self, op: Op) -> None:
+        """A float ``Mul``, its inputs dequantized by ``Cast`` → ``Sub`` → ``Mul`` (the same float32 values as
+        DequantizeLinear): onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``, which rounds differently."""
+        self.node("Mul", [self.unfused_dq(n) for n in op.inputs], op.output)
+
+    def unfused_dq(self, name: str) -> str:
+        src = self.producer.get(name)
+        if src is None or src.kind != "dequantize" or self.ir.values[src.inputs[0]].dtype is DType.INT32:
+            return name
+        t = self.ir.values[src.inputs[0]]
+        ty, offset = self.container(t)
+        x = self.node("Cast", [src.inputs[0]], to=self.onnx.TensorProto.FLOAT)
+        if offset:
+            x = self.node("Sub", [x, self.const("zp", np.array(offset, np.float32))])
+        return self.node("Mul", [x, self.const(f"{name}_scale", t.scale.astype(np.float32))])
+
+    def op_lut(self, op: Op) -> None:
+        """``Gather`` from a 256-entry table over the 8-bit container's values (codes shifted by the container's
+        zero point on both sides; container values outside the code range read the nearest code's entry)."""
+        t_in, t_out = self.ir.values[op.inputs[0]], self.ir.values[op.output]
+        _, off_in = self.container(t_in)
+        ty, off_out = self.container(t_out)
+        codes = np.clip(np.arange(256) - off_in, t_in.qmin, t_in.qmax)
+        table = self.ir.constants[op.inputs[1]][codes - t_in.qmin] + off_out
+        index = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.INT32)
+        self.node("Gather", [self.const(f"{op.output}_table", table.astype(ty)), index], op.output, axis=0)
+
+    def op_transpose(self, op: Op) -> None:
+        self.node("Transpose", [op.inputs[0]], op.output, perm=list(op.attrs["perm"]))
 
     def op_flatten(self, op: Op) -> None:
         if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):

@@ -1,10 +1,13 @@
 """Insert fake quantizers: per-channel weights, per-tensor activations on compute inputs and residual adds.
 
 Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
-shared by consumers that agree). Each residual add gets quantizers on those inputs that are not already on a
-quantizer's grid, and one on its output (after the ReLU that follows it, if any), at the recipe's residual
-width: in the integer IR an add is DQ → add → Q. Signedness comes from the graph. Weights are quantized through
-a parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
+shared by consumers that agree). Each residual add and each product of two tensors gets quantizers on those
+inputs that are not already on a quantizer's grid, and one on its output (after the ReLU that follows an add, if
+any), at the recipe's residual width: in the integer IR they are DQ → op → Q. A unary function (SiLU, sigmoid,
+a clamp, ``x + 3``) gets a quantizer on its input unless it is on a grid already, and one on its output unless
+only quantizers read it: the IR tabulates it from input codes to output codes. A clamp of a layer's output needs
+no input quantizer: it folds into the layer's requantize. Signedness comes from the graph. Weights are quantized
+through a parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from qcompile.elementwise import is_binary_mul, tensor_input, unary_of
 from qcompile.errors import PipelineError
 from qcompile.graph import compute_nodes, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
@@ -74,6 +78,26 @@ def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
     return out
 
 
+def _through_monotone(gm: fx.GraphModule, node: object) -> object:
+    """Back from ``node`` through ReLUs, clamps and max pooling: per-channel monotone maps that commute with
+    requantizing an accumulator (the IR folds them into the requantize or applies them to its codes)."""
+    while isinstance(node, fx.Node) and (
+        is_relu(gm, node)
+        or isinstance(module_of(gm, node), nn.MaxPool2d)
+        or (node.op == "call_function" and node.target is F.max_pool2d)
+        or ((u := unary_of(gm, node)) is not None and u.clamp is not None)
+    ):
+        node = tensor_input(node)
+    return node
+
+
+def _quantized_layer_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a quantized conv/dense layer's output, seen through ReLUs and clamps."""
+    src = _through_monotone(gm, node)
+    layer = module_of(gm, src) if isinstance(src, fx.Node) else None
+    return layer is not None and parametrize.is_parametrized(layer, "weight")
+
+
 class InsertQuantizers(Pass):
     name = "insert_quantizers"
     requires = frozenset({SHAPES, PRECISION})
@@ -103,6 +127,7 @@ class InsertQuantizers(Pass):
         if any_quantized:
             residual = ctx.recipe.residual_bits
             memo: dict[fx.Node, bool] = {}
+            self._quantize_elementwise(gm, residual, ctx, memo)
             for node in [n for n in gm.graph.nodes if is_add(n)]:
                 new_args = []
                 for a in node.args:
@@ -117,6 +142,28 @@ class InsertQuantizers(Pass):
         self._chain_narrower(gm)
         self._link_requantizers(gm)
         return gm
+
+    def _quantize_elementwise(self, gm: fx.GraphModule, bits: int, ctx: PassContext,
+                              memo: dict[fx.Node, bool]) -> None:
+        """Quantizers around unary functions and products of tensors, in graph order (so a function's output
+        quantizer is in place before its readers ask whether their input is on a grid)."""
+        for node in list(gm.graph.nodes):
+            u = unary_of(gm, node)
+            if u is not None:
+                src = tensor_input(node)
+                if quantizer_of(gm, src) is None and not (u.clamp is not None and _quantized_layer_output(gm, src)):
+                    node.replace_input_with(src, self._quantize_edge(gm, src, self._spec(gm, src, bits, ctx, memo)))
+            elif is_binary_mul(node):
+                for a in dict.fromkeys(node.args):
+                    if quantizer_of(gm, a) is None:
+                        node.replace_input_with(a, self._quantize_edge(gm, a, self._spec(gm, a, bits, ctx, memo)))
+            else:
+                continue
+            readers = [r for r in node.users if not isinstance(module_of(gm, r), ActivationQuantizer)]
+            if readers:
+                q = self._quantize_edge(gm, node, self._spec(gm, node, bits, ctx, memo))
+                for r in readers:
+                    r.replace_input_with(node, q)
 
     @staticmethod
     def _chain_narrower(gm: fx.GraphModule) -> None:
@@ -165,13 +212,7 @@ class InsertQuantizers(Pass):
             q = module_of(gm, node)
             if not isinstance(q, ActivationQuantizer):
                 continue
-            src = node.args[0]
-            while isinstance(src, fx.Node) and (
-                is_relu(gm, src)
-                or isinstance(module_of(gm, src), nn.MaxPool2d)
-                or (src.op == "call_function" and src.target is F.max_pool2d)
-            ):
-                src = src.args[0]
+            src = _through_monotone(gm, node.args[0])
             layer = module_of(gm, src) if isinstance(src, fx.Node) else None
             if layer is None or not parametrize.is_parametrized(layer, "weight"):
                 continue

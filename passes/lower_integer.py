@@ -1,17 +1,20 @@
 """Lower a calibrated fake-quant graph to the integer IR (:mod:`qcompile.ir`).
 
 Each fake-quant construct becomes its integer meaning: an activation quantizer on a float tensor is
-``quantize``, on a conv/dense accumulator a ``requantize`` (a ReLU between them folds into its clipping), on
-codes of another grid ``dequantize`` → ``quantize``; a quantized conv/dense is an integer conv/dense with int32
-accumulation and bias; ReLU, max-pool, reshapes, slices, zero padding and same-grid concatenation act on codes;
-add, average pooling and mean run in float between dequantize and quantize (ONNX QDQ semantics). A node it
-cannot lower is an error naming the node, the op and the source line.
+``quantize``, on a conv/dense accumulator a ``requantize`` (a ReLU or a clamp such as ReLU6 between them folds
+into its clipping), on codes of another grid ``dequantize`` → ``quantize``, and on a unary function of codes
+(SiLU, sigmoid, Hardswish, a clamp, ``x + 3``) a ``lut``: the table of the quantizer's output code for every
+input code, computed with the function the fake-quant model calls. A quantized conv/dense is an integer
+conv/dense with int32 accumulation and bias; ReLU, max-pool, reshapes, transposes, slices (``chunk`` and
+``split`` pieces included), zero padding and same-grid concatenation act on codes; add, mul, average pooling and
+mean run in float between dequantize and quantize (ONNX QDQ semantics). A node it cannot lower is an error
+naming the node, the op and the source line.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from qcompile.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
 from qcompile.tracing import source_location
 from qcompile.errors import QCompileError
 from qcompile.graph import is_relu, module_of
@@ -35,14 +39,18 @@ class LoweringError(QCompileError):
 
 @dataclass
 class _Val:
-    """What an fx node lowered to: an IR value, with a ReLU still to apply (folded into a later (re)quantize)."""
+    """What an fx node lowered to: an IR value, with a ReLU or clamp still to apply to an accumulator (folded
+    into the requantize that follows), or a unary function of codes (tabulated by the quantizer that follows)."""
 
     name: str
     relu: bool = False
+    clamp: Bounds | None = None
+    unary: Unary | None = None
 
 
 _ADD_FUNCS = {operator.add, torch.add}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout)
+_SPLITS = {"chunk", "split"}
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -98,7 +106,10 @@ class _Lowerer:
         return self.env[arg]  # type: ignore[return-value]
 
     def materialize(self, node: fx.Node, v: _Val) -> str:
-        """The value with any pending ReLU applied."""
+        """The value with any pending ReLU applied (a pending clamp or unary function needs a quantizer)."""
+        if v.clamp is not None or v.unary is not None:
+            raise self.fail(node, f"reads the result of {(v.unary.name if v.unary else 'a clamp')} without a "
+                                  "quantizer between them (run insert_quantizers)")
         if not v.relu:
             return v.name
         out = f"{v.name}__relu"
@@ -148,8 +159,8 @@ class _Lowerer:
             return None
         if node.op == "get_attr":
             raise self.fail(node, "tensors read from attributes are not supported in the integer IR")
-        if "tensor_meta" not in node.meta:
-            return None  # sizes and other Python values: consumers read shapes from tensor_meta instead
+        if "tensor_meta" not in node.meta or _is_split(node):
+            return None  # sizes and other Python values, chunk/split tuples: consumers read what they need
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
@@ -164,6 +175,8 @@ class _Lowerer:
     def lower_module(self, node: fx.Node, m: nn.Module) -> _Val | None:
         if is_relu(self.gm, node):
             return self.lower_relu(node)
+        if (u := unary_of(self.gm, node)) is not None:
+            return self.lower_unary(node, u)
         if isinstance(m, ActivationQuantizer):
             return self.lower_quantizer(node, m)
         if isinstance(m, nn.Conv2d | nn.Linear):
@@ -188,6 +201,10 @@ class _Lowerer:
         meth = node.op == "call_method"
         if is_relu(self.gm, node):
             return self.lower_relu(node)
+        if (u := unary_of(self.gm, node)) is not None:
+            return self.lower_unary(node, u)
+        if is_binary_mul(node):
+            return _Val(self.float_op(node, "mul", [self.as_float(node, a) for a in node.args]))
         if (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             tensors = [a for a in node.args if isinstance(a, fx.Node)]
             if len(tensors) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -199,6 +216,8 @@ class _Lowerer:
             return self.lower_reshape(node)
         if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout):
             return self.value(node, node.args[0])
+        if (fn and t in (torch.permute, torch.transpose)) or (meth and t in ("permute", "transpose")):
+            return self.lower_transpose(node)
         if fn and t is F.max_pool2d:
             k = _arg(node, 1, "kernel_size")
             return self.lower_maxpool(node, k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0),
@@ -218,6 +237,8 @@ class _Lowerer:
             dims = [dims] if isinstance(dims, int) else list(dims)
             return _Val(self.float_op(node, "mean", [self.as_float(node, node.args[0])], dims=dims,
                                       keepdim=bool(_arg(node, 2, "keepdim", False))))
+        if fn and t is operator.getitem and isinstance(node.args[0], fx.Node) and _is_split(node.args[0]):
+            return self.lower_split_piece(node)
         if fn and t is operator.getitem:
             return self.lower_slice(node)
         if fn and t is F.pad:
@@ -233,6 +254,8 @@ class _Lowerer:
         out_t = TensorInfo(DType.for_bits(spec.bits, spec.signed), self.shape(node),
                            q.scale.detach().numpy().astype(np.float32), None, spec.qmin, spec.qmax)
         v = self.value(node, node.args[0])
+        if v.unary is not None:
+            return _Val(self.lut(node, v, q, out_t))
         in_t = self.info(v.name)
         if in_t.dtype is DType.FLOAT32:
             # an unsigned quantize clamps at 0, so a pending ReLU is already in it: Q(relu(x)) = Q(x)
@@ -247,6 +270,9 @@ class _Lowerer:
                 raise self.fail(node, "the quantizer's accumulator scale differs from the IR's (internal error)")
             mult = (in_t.scale.astype(np.float64) / float(out_t.scale)).astype(np.float32)
             attrs: dict[str, Any] = {"relu": v.relu}
+            if v.clamp is not None:
+                out_t = self.clamped(node, q, v.clamp, out_t)
+                attrs["relu"] = False
             if self.dyadic:
                 mant, shift = dyadic(mult)
                 attrs.update(mode="dyadic",
@@ -262,6 +288,79 @@ class _Lowerer:
         if same_grid:
             return _Val(src)
         return _Val(self.g.add_op("quantize", [self.as_float(node, node.args[0])], node.name, out_t, self.src(node)))
+
+    def clamped(self, node: fx.Node, q: ActivationQuantizer, bounds: Bounds, out_t: TensorInfo) -> TensorInfo:
+        """The requantize's code range narrowed to the clamp's bounds: the fake-quant model requantizes the
+        clamped accumulator, which (requantizing being monotone) is the requantized codes clipped to the codes of
+        the bounds. Those are computed by the quantizer itself; they must agree across channels."""
+        channels = int(np.asarray(self.info(self.value(node, node.args[0]).name).scale).size)
+        lo, hi = out_t.qmin, out_t.qmax
+        for i, b in enumerate(bounds):
+            if b is None:
+                continue
+            codes = q.codes(torch.full((1, channels), b, dtype=torch.float32)).unique()
+            if codes.numel() != 1:
+                raise self.fail(node, f"the clamp bound {b} requantizes to different codes per channel "
+                                      f"({codes.tolist()}); quantize the clamp's input explicitly")
+            lo, hi = (max(lo, int(codes)), hi) if i == 0 else (lo, min(hi, int(codes)))
+        return replace(out_t, qmin=lo, qmax=hi)
+
+    def lut(self, node: fx.Node, v: _Val, q: ActivationQuantizer, out_t: TensorInfo) -> str:
+        """``lut``: the quantizer's code of the unary function of every input code's dequantized value, computed
+        as the fake-quant model computes it (float32 ``q · s``, the model's own function, the quantizer)."""
+        assert v.unary is not None
+        in_t = self.info(v.name)
+        x = torch.arange(in_t.qmin, in_t.qmax + 1, dtype=torch.float32) * torch.from_numpy(in_t.scale).float()
+        y = v.unary.fn(x)
+        if not bool(torch.isfinite(y).all()):
+            raise self.fail(node, f"{v.unary.name} is not finite on the codes of its input")
+        table = q.codes(y).numpy().astype(np.int32)
+        name = self.g.add_constant(f"{node.name}__table", table, TensorInfo(DType.INT32, table.shape))
+        return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name)
+
+    def lower_unary(self, node: fx.Node, u: Unary) -> _Val:
+        """A clamp of an accumulator stays pending until its requantize; a function of codes until the
+        quantizer that tabulates it."""
+        v = self.value(node, tensor_input(node))
+        t = self.info(v.name)
+        if u.clamp is not None and t.dtype is DType.INT32 and v.unary is None:
+            lows = [b for b in (u.clamp[0], 0.0 if v.relu else None, v.clamp and v.clamp[0]) if b is not None]
+            highs = [b for b in (u.clamp[1], v.clamp and v.clamp[1]) if b is not None]
+            return _Val(v.name, clamp=(max(lows) if lows else None, min(highs) if highs else None))
+        if not t.dtype.is_int or t.dtype is DType.INT32 or t.per_channel or v.unary is not None or v.clamp:
+            raise self.fail(node, f"{u.name} of a value that is not quantized per tensor does not lower "
+                                  "(insert_quantizers quantizes its input)")
+        return _Val(self.materialize(node, v), unary=u)
+
+    def lower_transpose(self, node: fx.Node) -> _Val:
+        src = node.args[0]
+        rank = len(self.shape(src))  # type: ignore[arg-type]
+        if node.target in (torch.transpose, "transpose"):
+            perm = list(range(rank))
+            d0, d1 = _arg(node, 1, "dim0") % rank, _arg(node, 2, "dim1") % rank
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        else:
+            dims = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims")
+            perm = [int(d) % rank for d in dims]
+        if perm[0] != 0:
+            raise self.fail(node, "a transpose that moves the batch dimension does not lower")
+        x = self.operand(node, src, keeps_channels=perm[1] == 1)
+        return _Val(self.same(node, "transpose", [x], perm=perm))
+
+    def lower_split_piece(self, node: fx.Node) -> _Val:
+        """Piece i of ``chunk``/``split``: a slice along the split dimension, bounds from the recorded shapes."""
+        split, i = node.args[0], node.args[1]
+        src = split.args[0]
+        rank = len(self.shape(src))
+        dim = int(_arg(split, 2, "dim", 0)) % rank
+        if dim == 0:
+            raise self.fail(node, "splitting the batch dimension does not lower")
+        pieces = [tuple(p.shape) for p in split.meta["tensor_meta"]]
+        i = int(i) % len(pieces)
+        start = sum(p[dim] for p in pieces[:i])
+        items = [{"slice": [None, None, None]}] * dim + [{"slice": [start, start + pieces[i][dim], None]}]
+        x = self.operand(node, src, keeps_channels=dim != 1)
+        return _Val(self.same(node, "slice", [x], index=items))
 
     def lower_layer(self, node: fx.Node, m: nn.Conv2d | nn.Linear) -> _Val:
         quantized = parametrize.is_parametrized(m, "weight")
@@ -311,24 +410,26 @@ class _Lowerer:
     def lower_relu(self, node: fx.Node) -> _Val:
         v = self.value(node, node.args[0])
         t = self.info(v.name)
+        if v.clamp is not None:
+            lo, hi = v.clamp
+            return _Val(v.name, clamp=(0.0 if lo is None else max(lo, 0.0), hi))
         if t.dtype in (DType.INT32, DType.FLOAT32):
             return _Val(v.name, relu=True)  # folded into the (re)quantize that follows, else applied where read
         return _Val(self.same(node, "relu", [self.materialize(node, v)]))
 
     def lower_maxpool(self, node: fx.Node, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> _Val:
-        if ceil:
-            raise self.fail(node, "max pooling with ceil_mode=True does not lower")
-        x = self.materialize(node, self.value(node, node.args[0]))
+        v = self.value(node, node.args[0])
+        x = v.name if v.clamp is not None else self.materialize(node, v)  # max pooling commutes with a clamp
         return _Val(self.same(node, "maxpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
-                              padding=list(_pair(p)), dilation=list(_pair(d))))
+                              padding=list(_pair(p)), dilation=list(_pair(d)), ceil_mode=bool(ceil)), clamp=v.clamp)
 
     def lower_avgpool(self, node: fx.Node, k: Any, s: Any, p: Any, ceil: bool, include_pad: bool,
                       divisor: Any) -> _Val:
-        if ceil or divisor is not None:
-            raise self.fail(node, "average pooling with ceil_mode or divisor_override does not lower")
+        if divisor is not None:
+            raise self.fail(node, "average pooling with divisor_override does not lower")
         x = self.as_float(node, node.args[0])
         return _Val(self.float_op(node, "avgpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
-                                  padding=list(_pair(p)), count_include_pad=bool(include_pad)))
+                                  padding=list(_pair(p)), count_include_pad=bool(include_pad), ceil_mode=bool(ceil)))
 
     def lower_flatten(self, node: fx.Node, start: int, end: int) -> _Val:
         if start == 0:
@@ -399,6 +500,11 @@ class _Lowerer:
         if on_one_grid:
             return _Val(self.same(node, "concat", names, dim=int(dim)))
         return _Val(self.float_op(node, "concat", [self.as_float(node, p) for p in parts], dim=int(dim)))
+
+
+def _is_split(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _SPLITS) or (
+        node.op == "call_function" and node.target in (torch.chunk, torch.split))
 
 
 class LowerInteger(Pass):

@@ -172,6 +172,10 @@ class ActivationQuantizer(nn.Module):
         self.state = QuantizerState.FROZEN
         self._samples = []
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes this frozen quantizer gives ``x`` (what the integer IR holds), by its own forward."""
+        return torch.round(self(x).float() / self.scale.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state is QuantizerState.OBSERVING:
             self.observe(x)

@@ -250,7 +250,8 @@ class _Builder:
 
     def _pool_args(self, a: dict[str, Any]) -> dict[str, Any]:
         return dict(pool_size=tuple(a["kernel"]), strides=tuple(a["stride"]), padding=tuple(a["padding"]),
-                    dilation=tuple(a.get("dilation", (1, 1))), layout="NHWC")
+                    dilation=tuple(a.get("dilation", (1, 1))), ceil_mode=bool(a.get("ceil_mode", False)),
+                    layout="NHWC")
 
     def op_maxpool2d(self, op: Op) -> None:
         self.set(op.output, self.op.nn.max_pool2d(self.as_nhwc(op.inputs[0]), **self._pool_args(op.attrs)), True)
@@ -276,10 +277,28 @@ class _Builder:
         self.set(op.output, self.op.astype(m, "float32"), nhwc)
 
     def op_add(self, op: Op) -> None:
+        self.binary(op, self.op.add)
+
+    def op_mul(self, op: Op) -> None:
+        self.binary(op, self.op.multiply)
+
+    def binary(self, op: Op, fn: Any) -> None:
+        """An elementwise float op of two values, NHWC when both are 4-d (broadcasting either way)."""
         a, b = op.inputs
-        four = len(self.ir.values[op.output].shape) == 4
-        xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.env[a], self.env[b])
-        self.set(op.output, self.op.add(xa, xb), four)
+        four = all(len(self.ir.values[n].shape) == 4 for n in (a, b, op.output))
+        xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.nchw(a), self.nchw(b))
+        self.set(op.output, fn(xa, xb), four)
+
+    def op_lut(self, op: Op) -> None:
+        """``take`` from the table, indexed by the code minus the input's lowest code."""
+        src, t_out = op.inputs[0], self.ir.values[op.output]
+        t_in = self.ir.values[src]
+        table = self.const(self.ir.constants[op.inputs[1]], container(t_out))
+        index = self.op.subtract(self.op.astype(self.env[src], "int32"), self.const(t_in.qmin, "int32"))
+        self.set(op.output, self.op.take(table, index, axis=0), src in self.nhwc)
+
+    def op_transpose(self, op: Op) -> None:
+        self.set(op.output, self.op.permute_dims(self.nchw(op.inputs[0]), list(op.attrs["perm"])), False)
 
     def op_flatten(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)

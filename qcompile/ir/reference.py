@@ -8,10 +8,15 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   accumulator outside int32 raises :class:`IntegerOverflowError`. On float32 operands: a float convolution.
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and integer-only rounding.
-- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``slice``, ``pad`` (zero), ``concat``: on codes directly
-  (they commute with a positive scale and a zero point of 0).
-- ``add``, ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between dequantize and quantize (ONNX
-  DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``transpose``, ``slice``, ``pad`` (zero), ``concat``: on
+  codes directly (they commute with a positive scale and a zero point of 0).
+- ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
+  most 8 bits, tabulated at lowering (exact by construction in every backend).
+- ``add``, ``mul`` (both broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
+  dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- Pooling with ``ceil_mode`` follows PyTorch: the last window may hang over the (padded) input; max pooling
+  ignores the overhang, average pooling divides by the window's part inside the padded input
+  (``count_include_pad``) or inside the input.
 """
 
 from __future__ import annotations
@@ -93,9 +98,42 @@ def _check_int32(acc: np.ndarray, op: Op) -> np.ndarray:
     return acc.astype(np.int32)
 
 
-def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float) -> np.ndarray:
-    return _conv_windows(x, tuple(attrs["kernel"]), tuple(attrs["stride"]), tuple(attrs["padding"]),
-                         tuple(attrs.get("dilation", (1, 1))), pad_value)
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil: bool) -> int:
+    """PyTorch's pooled length: with ``ceil``, a last window that starts inside the padded input counts."""
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    if not ceil:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pad else out
+
+
+def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float,
+                  overhang_value: float | None = None) -> np.ndarray:
+    """(N, C, OH, OW, kh, kw) windows over ``x`` padded with ``pad_value``; a ``ceil_mode`` window's part past
+    the padded input reads ``overhang_value`` (by default ``pad_value``)."""
+    kernel, stride, padding = tuple(attrs["kernel"]), tuple(attrs["stride"]), tuple(attrs["padding"])
+    dilation = tuple(attrs.get("dilation", (1, 1)))
+    extra = [0, 0]
+    if attrs.get("ceil_mode"):
+        for i, (size, k, s, p, d) in enumerate(zip(x.shape[2:], kernel, stride, padding, dilation)):
+            out = pool_output_size(size, k, s, p, d, True)
+            extra[i] = max(0, (out - 1) * s + d * (k - 1) + 1 - (size + 2 * p))
+    x = np.pad(x, ((0, 0), (0, 0), (padding[0], padding[0]), (padding[1], padding[1])), constant_values=pad_value)
+    if any(extra):
+        fill = pad_value if overhang_value is None else overhang_value
+        x = np.pad(x, ((0, 0), (0, 0), (0, extra[0]), (0, extra[1])), constant_values=fill)
+    return _conv_windows(x, kernel, stride, (0, 0), dilation, pad_value)
+
+
+def _avgpool(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    """Window sums in float64 over the divisor PyTorch uses, rounded once to float32."""
+    sums = _pool_windows(x.astype(np.float64), attrs, 0.0).sum(axis=(-2, -1))
+    include_pad = attrs.get("count_include_pad", True)
+    if include_pad and not attrs.get("ceil_mode"):
+        return _as_f32(sums / float(np.prod(attrs["kernel"])))
+    ones = np.ones((1, 1, *x.shape[2:]), dtype=np.float64)  # the padding counts when included, the overhang never
+    counts = _pool_windows(ones, attrs, 1.0 if include_pad else 0.0, 0.0).sum(axis=(-2, -1))
+    return _as_f32(sums / counts)
 
 
 def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -180,17 +218,19 @@ def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
         pad = np.iinfo(np.int32).min if np.issubdtype(x.dtype, np.integer) else -np.inf
         return _pool_windows(x, a, pad).max(axis=(-2, -1)).astype(x.dtype)
     if k == "avgpool2d":
-        win = _pool_windows(args[0].astype(np.float64), a, 0.0)
-        if a.get("count_include_pad", True) or not any(a["padding"]):
-            return _as_f32(win.mean(axis=(-2, -1)))
-        ones = _pool_windows(np.ones_like(args[0][:1, :1], dtype=np.float64), a, 0.0)
-        return _as_f32(win.sum(axis=(-2, -1)) / ones.sum(axis=(-2, -1)))
+        return _avgpool(args[0], a)
     if k == "adaptive_avgpool2d":
         return _adaptive_avg(args[0], tuple(a["output_size"]))
     if k == "mean":
         return _as_f32(args[0].astype(np.float64).mean(axis=tuple(a["dims"]), keepdims=a["keepdim"]))
     if k == "add":
         return (_as_f32(args[0]) + _as_f32(args[1])).astype(np.float32)
+    if k == "mul":
+        return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
+    if k == "lut":
+        return args[1][args[0] - graph.values[op.inputs[0]].qmin].astype(np.int32)
+    if k == "transpose":
+        return np.ascontiguousarray(np.transpose(args[0], a["perm"]))
     if k == "flatten":
         x = args[0]
         s, e = a["start_dim"], a["end_dim"] % x.ndim

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qcompile import capture
@@ -34,16 +35,19 @@ def test_fold_is_exact_on_random_data(build, size, dtype, tol):
     assert (ref - out).abs().max().item() < tol
 
 
-def test_unfoldable_bn_is_left_and_reported():
-    class PreAct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(3)
-            self.conv = nn.Conv2d(3, 4, 3)
+class PreAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn2 = nn.BatchNorm2d(4)
 
-        def forward(self, x):
-            return self.conv(torch.relu(self.bn(x)))
+    def forward(self, x):
+        x = self.conv(torch.relu(self.bn(x)))
+        return F.batch_norm(x, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias, False)
 
+
+def test_unfoldable_bn_becomes_a_depthwise_conv_and_is_reported():
     from qcompile.passes import FoldBatchNorm
     from qcompile.pipeline import PassContext
 
@@ -52,9 +56,20 @@ def test_unfoldable_bn_is_left_and_reported():
     gm = capture(model, x)
     ctx = PassContext.for_graph(gm)
     gm = FoldBatchNorm()(gm, ctx)
-    assert len(_bn_nodes(gm)) == 1
-    assert any("bn follows no single-use conv" in w for w in ctx.warnings)
-    assert torch.allclose(gm(x), model(x))
+    assert not _bn_nodes(gm)
+    bn = gm.get_submodule("bn")
+    assert isinstance(bn, nn.Conv2d) and bn.groups == 3 and bn.kernel_size == (1, 1)
+    assert any("bn follows no single-use conv" in w and "depthwise" in w for w in ctx.warnings)
+    assert not any(n.op == "call_function" for n in gm.graph.nodes if "batch_norm" in n.name)  # folded into conv
+    assert (gm(x) - model(x)).abs().max().item() < 1e-5
+
+
+def test_functional_batch_norm_on_attributes_folds_into_its_conv():
+    model = randomize_bn(PreAct()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fold_bn.fold_bn(capture(model, x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["bn", "conv"]
+    assert (gm(x) - model(x)).abs().max().item() < 1e-5
 
 
 def test_dense_followed_by_batchnorm1d_folds():

@@ -1,0 +1,139 @@
+"""Elementwise functions of a captured graph: which node computes which float function of one tensor.
+
+The integer IR runs a unary function of a quantized tensor of at most 8 bits as a table of output codes, one per
+input code (DESIGN.md), computed once at lowering from the very function the fake-quant model calls. So any
+function of one tensor and constants qualifies: activations (SiLU, Hardswish, GELU, sigmoid, ...), clamps, and
+arithmetic with a Python number (``x + 3``, ``x / 6``). Clamps (ReLU6, Hardtanh, ``clamp``) are recorded with
+their bounds as well: right after a conv or dense layer they fold into the requantize's clipping instead.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+Bounds = tuple[float | None, float | None]
+
+
+@dataclass(frozen=True)
+class Unary:
+    """A node's float function of its one tensor input; ``clamp`` holds the bounds when it is a clamp."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    clamp: Bounds | None = None
+
+
+_MODULES = (
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
+)
+_FUNCTIONS = {
+    F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.sigmoid, torch.sigmoid, F.gelu, torch.tanh, F.tanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, torch.clamp, torch.clip, torch.clamp_min,
+    torch.clamp_max,
+}
+_METHODS = {"sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "hardswish"}
+_ARITHMETIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                         torch.mul, torch.div}
+_ARITHMETIC_METHODS = {"add", "sub", "mul", "div"}
+_CLAMP_ARGS = {  # callable -> (positional index, keyword) of its lower and upper bound
+    F.hardtanh: ((1, "min_val"), (2, "max_val")),
+    torch.clamp: ((1, "min"), (2, "max")),
+    torch.clip: ((1, "min"), (2, "max")),
+    "clamp": ((1, "min"), (2, "max")),
+    "clip": ((1, "min"), (2, "max")),
+    torch.clamp_min: ((1, "min"), None),
+    "clamp_min": ((1, "min"), None),
+    torch.clamp_max: (None, (1, "max")),
+    "clamp_max": (None, (1, "max")),
+}
+
+
+def _constant(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _bound(node: fx.Node, where: tuple[int, str] | None, default: float | None) -> float | None:
+    if where is None:
+        return None
+    index, key = where
+    v = node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+    return None if v is None else float(v)
+
+
+def _name(target: object) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
+    """The float function ``node`` applies to its one tensor input, when it is elementwise and its other
+    arguments are constants; None otherwise (ReLU is not one: the IR keeps it as an op on codes)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if not isinstance(m, _MODULES) or len(node.args) != 1 or node.kwargs:
+            return None
+        clamp = (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None
+        return Unary(type(m).__name__, m, clamp)
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    t = node.target
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if not all(_constant(a) for a in (*rest, *kwargs.values())):
+        return _scalar_arithmetic(node)
+    if node.op == "call_function" and t in _FUNCTIONS:
+        fn: Callable[..., torch.Tensor] = t  # type: ignore[assignment]
+    elif node.op == "call_method" and t in _METHODS:
+        def fn(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            return getattr(x, str(t))(*a, **k)
+    else:
+        return _scalar_arithmetic(node)
+    kwargs.pop("inplace", None)
+    clamp = None
+    if t is F.relu6:
+        clamp = (0.0, 6.0)
+    elif t in _CLAMP_ARGS:
+        lo, hi = _CLAMP_ARGS[t]  # type: ignore[index]
+        clamp = (_bound(node, lo, -1.0 if t is F.hardtanh else None), _bound(node, hi, 1.0 if t is F.hardtanh else None))
+    return Unary(_name(t), lambda x: fn(x, *rest, **kwargs), clamp)
+
+
+def _scalar_arithmetic(node: fx.Node) -> Unary | None:
+    """``x + c``, ``c * x``, ``x / c``, ``c - x`` and the like with a Python number ``c``."""
+    t = node.target
+    if not ((node.op == "call_function" and t in _ARITHMETIC_FUNCTIONS)
+            or (node.op == "call_method" and t in _ARITHMETIC_METHODS)):
+        return None
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        op = getattr(torch.Tensor, f"__{_dunder(t)}__")
+        return Unary(_name(t), lambda x: op(x, b))
+    if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool) and node.op == "call_function":
+        op = getattr(torch.Tensor, f"__r{_dunder(t)}__")
+        return Unary(_name(t), lambda x: op(x, a))
+    return None
+
+
+def _dunder(target: object) -> str:
+    name = _name(target)
+    return {"add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "div": "truediv"}[name]
+
+
+def tensor_input(node: fx.Node) -> fx.Node:
+    """The one tensor argument of a unary node (first for calls, either side of scalar arithmetic)."""
+    return next(a for a in node.args if isinstance(a, fx.Node))
+
+
+def is_binary_mul(node: fx.Node) -> bool:
+    """A product of two tensors (a squeeze-and-excitation gate, an attention map), with broadcasting."""
+    is_call = (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+        node.op == "call_method" and node.target == "mul")
+    return is_call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs

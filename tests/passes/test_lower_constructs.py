@@ -1,0 +1,241 @@
+"""One small graph per construct of the torchvision / timm CNN classifiers: each lowers, the reference equals
+the fake-quant model, and onnxruntime (and, in the slow set, the TVM CPU library) equals the reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile import Pipeline, get_recipe
+from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+from qcompile.verify import compare_backend, verify_reference
+from tests.conftest import randomize_bn
+
+
+class ConvAct(nn.Module):
+    """conv → BN → activation → conv → classifier: the activation on a requantized accumulator."""
+
+    def __init__(self, act: nn.Module | None = None, fn=None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = act if act is not None else nn.Identity()
+        self.fn = fn
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        if self.fn is not None:
+            x = self.fn(x)
+        x = F.relu(self.conv2(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ClampOfSum(nn.Module):
+    """ReLU6 of a residual sum (codes, not an accumulator): a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu6(self.conv(x))
+        x = F.relu6(x + self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """timm's SE: mean → conv1x1 → ReLU → conv1x1 → sigmoid, gate broadcast over H×W (a product of tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = nn.SiLU()
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.proj = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        s = x.mean((2, 3), keepdim=True)
+        s = self.fc2(F.relu(self.fc1(s)))
+        x = x * s.sigmoid()
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.proj(x), (1, 1)), 1))
+
+
+class HandHardswish(nn.Module):
+    """MobileNetV3's hand-written hard swish: scalar arithmetic, a clamp of codes and a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * F.relu6(x + 3.0) / 6.0
+        return self.fc(x.mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2: chunk, channel shuffle (view → transpose → view), concat, permute round trip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat((a, F.relu(self.branch(b))), dim=1)
+        n = x.size(0)
+        x = x.view(n, 2, 8, 16, 16).transpose(1, 2).contiguous().view(n, 16, 16, 16)
+        left, right = torch.split(x, [6, 10], dim=1)
+        x = torch.cat([right, left], 1).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(F.relu(self.conv2(x)).mean([2, 3]))
+
+
+class Pools(nn.Module):
+    """Max pooling with ceil_mode, ResNet-D's average-pool shortcut (ceil_mode, count_include_pad=False),
+    adaptive average pooling to a size that does not divide the input (VGG's 7×7 on other inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.down = nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv(x)))  # 16 -> 8 (ceil)
+        x = F.relu(self.conv2(self.down(x)))  # 8 -> 4
+        x = F.avg_pool2d(x, 2, 1, ceil_mode=True, count_include_pad=True)  # 4 -> 3
+        x = nn.functional.adaptive_avg_pool2d(x, 3)
+        return self.fc(x.flatten(1))
+
+
+class PreAct(nn.Module):
+    """A pre-activation block: BatchNorms that follow no conv (a module and a functional one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        out = self.conv2(F.relu(self.bn1(x)))
+        x = x + out
+        x = F.batch_norm(x, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias, False)
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+ACTIVATIONS = {
+    "relu6": ConvAct(nn.ReLU6()),
+    "hardtanh": ConvAct(nn.Hardtanh(-1.0, 1.0)),
+    "clamp": ConvAct(fn=lambda x: torch.clamp(x, min=0.0, max=4.0)),
+    "clamp_min": ConvAct(fn=lambda x: x.clamp_min(0.5)),
+    "hardswish": ConvAct(nn.Hardswish()),
+    "hardsigmoid": ConvAct(nn.Hardsigmoid()),
+    "silu": ConvAct(nn.SiLU()),
+    "sigmoid": ConvAct(nn.Sigmoid()),
+    "gelu": ConvAct(nn.GELU()),
+    "tanh": ConvAct(fn=torch.tanh),
+    "leaky_relu": ConvAct(nn.LeakyReLU(0.1)),
+    "elu": ConvAct(fn=F.elu),
+}
+MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum(), "squeeze_excite": SqueezeExcite(),
+          "hand_hardswish": HandHardswish(), "shuffle": Shuffle(), "pools": Pools(), "preact": PreAct()}
+EXPECTED_OPS = {"relu6": set(), "hardtanh": set(), "clamp": set(), "clamp_min": set(), "clamp_of_sum": {"lut"},
+                "squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
+                "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"}}
+
+
+def lowered(name: str, recipe: str):
+    torch.manual_seed(0)
+    model = randomize_bn(MODELS[name], data=torch.randn(16, 3, 16, 16))
+    calib = [(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales(), LowerInteger()]
+    return Pipeline(passes).run(model, torch.randn(1, 3, 16, 16), recipe=get_recipe(recipe), calibration_data=calib)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(64, 3, 16, 16, generator=g), torch.zeros(64, dtype=torch.long)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_construct_lowers_and_reference_equals_fake_quant(name, recipe):
+    res = lowered(name, recipe)
+    ir = res.context.ir
+    kinds = {op.kind for op in ir.ops}
+    if name in ACTIVATIONS and ACTIVATIONS[name].fn is None and not isinstance(ACTIVATIONS[name].act, nn.Hardtanh):
+        assert "lut" in kinds
+    assert EXPECTED_OPS.get(name, set()) <= kinds
+    v = verify_reference(res.graph_module, ir, _batches()).summary()
+    assert v["top1_agreement"] >= 0.99 and v["identical_fraction"] >= 0.999 and v["max_lsb_diff"] <= 1
+
+
+def test_clamps_after_a_layer_fold_into_the_requantize():
+    ir = lowered("relu6", "int8").context.ir
+    assert "lut" not in {op.kind for op in ir.ops}
+    ir = lowered("clamp_min", "int8").context.ir
+    rq = next(op for op in ir.ops if op.kind == "requantize")
+    assert ir.values[rq.output].qmin > 0  # clamp_min(0.5): the lowest code is that of 0.5
+
+
+def _reference_pairs(ir, batches):
+    from qcompile.ir import reference
+
+    return [(x.numpy(), reference.run(ir, x.numpy())[ir.outputs[0]]) for x, _ in batches]
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnx_equals_reference(name, recipe):
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered(name, recipe).context.ir
+    pairs = _reference_pairs(ir, _batches())
+    for flavour in ("serving", "compact"):
+        model = qonnx.to_onnx(ir, flavour)
+        sess = qonnx.session(model)
+        result = compare_backend(ir, lambda x: qonnx.run(sess, [x])[0], pairs)
+        assert result["identical_fraction"] == 1.0 and result["top1_agreement"] == 1.0, (flavour, result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
+    from qcompile import runtime
+    from qcompile.backends.tvm.build import build
+
+    ir = lowered(name, recipe).context.ir
+    pairs = _reference_pairs(ir, _batches())
+    model = runtime.load(build(ir, "cpu", tmp_path).path)
+    result = compare_backend(ir, lambda x: model(x)[0], pairs)
+    assert result["identical_fraction"] == 1.0 and result["top1_agreement"] == 1.0, result
+
+
+def test_every_table_entry_is_the_function_of_its_code():
+    ir = lowered("silu", "int8").context.ir
+    lut = next(op for op in ir.ops if op.kind == "lut")
+    table = ir.constants[lut.inputs[1]]
+    t_in, t_out = ir.values[lut.inputs[0]], ir.values[lut.output]
+    x = np.arange(t_in.qmin, t_in.qmax + 1, dtype=np.float32) * t_in.scale
+    expected = np.clip(np.rint(F.silu(torch.from_numpy(x)).numpy() / t_out.scale), t_out.qmin, t_out.qmax)
+    assert np.array_equal(table, expected)
