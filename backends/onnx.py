@@ -357,11 +357,13 @@ class _Exporter:
             self.node("Sum", list(op.inputs), op.output)
 
     def op_mul(self, op: Op) -> None:
-        """A float ``Mul``, its inputs dequantized by ``Cast`` → ``Sub`` → ``Mul`` (the same float32 values as
-        DequantizeLinear): onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``, which rounds differently."""
+        """A float ``Mul`` of unfused dequantizations: onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``,
+        which rounds differently."""
         self.node("Mul", [self.unfused_dq(n) for n in op.inputs], op.output)
 
     def unfused_dq(self, name: str) -> str:
+        """``name`` itself unless it dequantizes codes: then ``Cast`` → ``Sub`` → ``Mul``, the same float32 values,
+        in a form onnxruntime fuses into no integer kernel of its own."""
         src = self.producer.get(name)
         if src is None or src.kind != "dequantize" or self.ir.values[src.inputs[0]].dtype is DType.INT32:
             return name
@@ -432,7 +434,9 @@ class _Exporter:
                   mode="constant")
 
     def op_concat(self, op: Op) -> None:
-        self.node("Concat", list(op.inputs), op.output, axis=op.attrs["dim"])
+        """Codes of one grid concatenate as they are; dequantized ones unfused (onnxruntime's ``QLinearConcat``,
+        which DQ → Concat → Q becomes, requantizes each input its own way)."""
+        self.node("Concat", [self.unfused_dq(n) for n in op.inputs], op.output, axis=op.attrs["dim"])
 
 
 def to_onnx(ir: IRGraph, flavour: Flavour = "serving", metadata: dict[str, str] | None = None) -> Any:

@@ -12,6 +12,10 @@ Every quantizer of an add's inputs and of its sum (the residual quantizer and an
 joins one class; classes that share a quantizer merge. Each class gets the 8-bit mantissa that moves its scales
 least (in log2), each scale the nearest power-of-two multiple of it. Run after calibration, before any pass that
 learns weights against the activation scales (AdaQuant, bias correction).
+
+The quantizers of a concatenation's inputs (one spec each, ``insert_quantizers``) join a class too, and after
+snapping all take the largest of their scales (still a power-of-two multiple of the class's mantissa): the
+concatenation then joins codes of one grid, an integer ``Concat`` in every backend instead of a float one.
 """
 
 from __future__ import annotations
@@ -22,15 +26,28 @@ import torch
 from torch import fx
 
 from qcompile.graph import module_of
-from qcompile.passes.insert_quantizers import is_add, quantizer_of, sum_value
+from qcompile.passes.insert_quantizers import is_add, is_concat, quantizer_of, sum_value
 from qcompile.pipeline import CALIBRATED, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, QuantizerState
 
 MANTISSA_BITS = 8
 
 
+def concat_inputs(gm: fx.GraphModule) -> list[list[ActivationQuantizer]]:
+    """Per concatenation whose inputs are all read through quantizers of one spec: those quantizers."""
+    out = []
+    for node in gm.graph.nodes:
+        if not is_concat(node):
+            continue
+        qs = [module_of(gm, p) for p in node.args[0]]
+        if all(isinstance(q, ActivationQuantizer) for q in qs) and len({q.spec for q in qs}) == 1:  # type: ignore[union-attr]
+            out.append(qs)
+    return out  # type: ignore[return-value]
+
+
 def add_groups(gm: fx.GraphModule) -> list[list[str]]:
-    """Names of the activation quantizers tied together by residual adds, one list per class."""
+    """Names of the activation quantizers tied together by residual adds and concatenations, one list per
+    class."""
     parent: dict[str, str] = {}
     name_of = {id(m): n for n, m in gm.named_modules()}
 
@@ -48,6 +65,10 @@ def add_groups(gm: fx.GraphModule) -> list[list[str]]:
             continue  # an input off any grid: nothing to align (the export keeps the exact float add)
         outs = [r for r in sum_value(gm, node).users if isinstance(module_of(gm, r), ActivationQuantizer)]
         names = [name_of[id(q)] for q in ins] + [str(r.target) for r in outs]
+        for other in names[1:]:
+            parent[find(other)] = find(names[0])
+    for qs in concat_inputs(gm):
+        names = [name_of[id(q)] for q in qs]
         for other in names[1:]:
             parent[find(other)] = find(names[0])
     groups: dict[str, list[str]] = {}
@@ -85,7 +106,26 @@ def align_add_scales(gm: fx.GraphModule) -> int:
         with torch.no_grad():
             for q in qs:
                 q.scale.copy_(torch.tensor(snap(float(q.scale), m), dtype=q.scale.dtype))  # type: ignore[union-attr,arg-type]
+    _tie_concat_scales(gm)
     return len(groups)
+
+
+def _tie_concat_scales(gm: fx.GraphModule) -> None:
+    """One scale, the largest, for every quantizer joined by concatenations (transitively: DenseNet
+    concatenates each layer's output into every later concatenation of its block)."""
+    owner: dict[int, list[ActivationQuantizer]] = {}
+    for qs in concat_inputs(gm):
+        merged = {id(q): q for q in qs}
+        for q in qs:
+            merged.update({id(o): o for o in owner.get(id(q), [])})
+        component = list(merged.values())
+        for q in component:
+            owner[id(q)] = component
+    with torch.no_grad():
+        for component in {id(c): c for c in owner.values()}.values():
+            widest = max(q.scale.item() for q in component)
+            for q in component:
+                q.scale.fill_(widest)
 
 
 class AlignAddScales(Pass):

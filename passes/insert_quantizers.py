@@ -6,8 +6,12 @@ inputs that are not already on a quantizer's grid, and one on its output (after 
 any), at the recipe's residual width: in the integer IR they are DQ → op → Q. A unary function (SiLU, sigmoid,
 a clamp, ``x + 3``) gets a quantizer on its input unless it is on a grid already, and one on its output unless
 only quantizers read it: the IR tabulates it from input codes to output codes. A clamp of a layer's output needs
-no input quantizer: it folds into the layer's requantize. Signedness comes from the graph. Weights are quantized
-through a parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
+no input quantizer: it folds into the layer's requantize. The inputs of a concatenation get quantizers of one
+spec (``align_add_scales`` then gives them one scale, so the concatenation moves codes). Last, a quantized
+layer's accumulator is never read in float: where anything but a quantizer, a ReLU, a clamp or max pooling
+reads it (pooling, a mean, a reshape), it is quantized first, so every layer runs as an integer kernel and no
+backend's float accumulation order can show. Signedness comes from the graph. Weights are quantized through a
+parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from qcompile.elementwise import is_binary_mul, tensor_input, unary_of
 from qcompile.errors import PipelineError
-from qcompile.graph import compute_nodes, is_nonnegative, is_relu, module_of
+from qcompile.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
@@ -30,6 +34,12 @@ _ADD_TARGETS = {operator.add, torch.add}
 _NO_OPS = (nn.Identity, nn.Dropout)
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
 _TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
+
+
+def is_concat(node: fx.Node) -> bool:
+    """``torch.cat`` of a list of tensors along a dimension other than the batch."""
+    return (node.op == "call_function" and node.target is torch.cat and bool(node.args)
+            and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in node.args[0]))
 
 
 def is_add(node: fx.Node) -> bool:
@@ -79,10 +89,11 @@ def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
 
 
 def _through_monotone(gm: fx.GraphModule, node: object) -> object:
-    """Back from ``node`` through ReLUs, clamps and max pooling: per-channel monotone maps that commute with
-    requantizing an accumulator (the IR folds them into the requantize or applies them to its codes)."""
+    """Back from ``node`` through ReLUs, clamps, max pooling and no-ops: per-channel monotone maps that commute
+    with requantizing an accumulator (the IR folds them into the requantize or applies them to its codes)."""
     while isinstance(node, fx.Node) and (
         is_relu(gm, node)
+        or isinstance(module_of(gm, node), _NO_OPS)
         or isinstance(module_of(gm, node), nn.MaxPool2d)
         or (node.op == "call_function" and node.target is F.max_pool2d)
         or ((u := unary_of(gm, node)) is not None and u.clamp is not None)
@@ -136,6 +147,9 @@ class InsertQuantizers(Pass):
                     new_args.append(a)
                 node.args = tuple(new_args)
                 self._quantize_sum(gm, node, residual, ctx, memo)
+            for node in [n for n in gm.graph.nodes if is_concat(n)]:
+                self._quantize_concat(gm, node, residual, ctx, memo)
+            self._quantize_accumulators(gm, residual, ctx, memo)
         for node in reversed(list(gm.graph.nodes)):  # no-op calls the quantizers made unused
             if not node.users and isinstance(module_of(gm, node), _NO_OPS):
                 gm.graph.erase_node(node)
@@ -164,6 +178,37 @@ class InsertQuantizers(Pass):
                 q = self._quantize_edge(gm, node, self._spec(gm, node, bits, ctx, memo))
                 for r in readers:
                     r.replace_input_with(node, q)
+
+    def _quantize_concat(self, gm: fx.GraphModule, node: fx.Node, bits: int, ctx: PassContext,
+                         memo: dict[fx.Node, bool]) -> None:
+        """Every input of a concatenation through a quantizer of one spec (signed unless all are >= 0)."""
+        parts = list(node.args[0])
+        signed = not all(is_nonnegative(gm, p, memo) for p in parts)
+        spec = QuantSpec(bits, signed, Granularity.PER_TENSOR, ctx.recipe.act_calibrator)
+        quantized = []
+        for p in parts:
+            m = module_of(gm, p)
+            quantized.append(p if isinstance(m, ActivationQuantizer) and m.spec == spec
+                             else self._quantize_edge(gm, p, spec))
+        node.args = (type(node.args[0])(quantized), *node.args[1:])
+
+    def _quantize_accumulators(self, gm: fx.GraphModule, bits: int, ctx: PassContext,
+                               memo: dict[fx.Node, bool]) -> None:
+        """A quantizer wherever something other than a quantizer, a layer or the graph output reads a quantized
+        layer's output (or its ReLU, clamp or max pool)."""
+        for layer in compute_nodes(gm):
+            if not _quantized_layer_output(gm, layer):
+                continue
+            frontier = [layer]
+            while frontier:
+                v = frontier.pop()
+                for r in list(v.users):
+                    if r.op == "output" or isinstance(module_of(gm, r), ActivationQuantizer) or is_compute(gm, r):
+                        continue
+                    if _through_monotone(gm, r) is not r or isinstance(module_of(gm, r), nn.modules.batchnorm._BatchNorm):
+                        frontier.append(r)  # a BatchNorm still in place (bn_tune's copy) belongs to its layer
+                        continue
+                    r.replace_input_with(v, self._quantize_edge(gm, v, self._spec(gm, v, bits, ctx, memo)))
 
     @staticmethod
     def _chain_narrower(gm: fx.GraphModule) -> None:

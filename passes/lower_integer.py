@@ -14,6 +14,7 @@ naming the node, the op and the source line.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -309,12 +310,9 @@ class _Lowerer:
         """``lut``: the quantizer's code of the unary function of every input code's dequantized value, computed
         as the fake-quant model computes it (float32 ``q · s``, the model's own function, the quantizer)."""
         assert v.unary is not None
-        in_t = self.info(v.name)
-        x = torch.arange(in_t.qmin, in_t.qmax + 1, dtype=torch.float32) * torch.from_numpy(in_t.scale).float()
-        y = v.unary.fn(x)
-        if not bool(torch.isfinite(y).all()):
+        table = tabulate(v.unary.fn, self.info(v.name), q)
+        if table is None:
             raise self.fail(node, f"{v.unary.name} is not finite on the codes of its input")
-        table = q.codes(y).numpy().astype(np.int32)
         name = self.g.add_constant(f"{node.name}__table", table, TensorInfo(DType.INT32, table.shape))
         return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name)
 
@@ -500,6 +498,16 @@ class _Lowerer:
         if on_one_grid:
             return _Val(self.same(node, "concat", names, dim=int(dim)))
         return _Val(self.float_op(node, "concat", [self.as_float(node, p) for p in parts], dim=int(dim)))
+
+
+def tabulate(fn: Callable[[torch.Tensor], torch.Tensor], in_t: TensorInfo, q: ActivationQuantizer) -> np.ndarray | None:
+    """The output code of ``fn`` for every input code ``qmin..qmax`` of ``in_t``: quantizer ``q`` of ``fn`` of
+    the float32 dequantized code ``code · s_in``, as the fake-quant model computes it; None if not finite."""
+    x = torch.arange(in_t.qmin, in_t.qmax + 1, dtype=torch.float32) * torch.from_numpy(in_t.scale).float()
+    y = fn(x)
+    if not bool(torch.isfinite(y).all()):
+        return None
+    return q.codes(y).numpy().astype(np.int32)
 
 
 def _is_split(node: fx.Node) -> bool:

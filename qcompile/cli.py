@@ -14,7 +14,7 @@ from torch import fx
 
 from qcompile.artifacts import write_json
 from qcompile.bit_allocation import parse_budget
-from qcompile.data import iterate_batches, load_split
+from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recipe", default="mostly4bit", help=f"one of: {', '.join(RECIPES)} (default: mostly4bit)")
     ap.add_argument("--width", type=float, default=1.0, help="global filter multiplier c (re-initialises weights)")
     ap.add_argument("--weights", help="state dict to load (torch.load with weights_only=True)")
+    ap.add_argument("--weights-key", metavar="KEY",
+                    help="--weights: take checkpoint[KEY], e.g. model_ema (default: the state dict itself, or "
+                         "the one under state_dict, model, model_state_dict or net)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="PATTERN=BITS",
                     help="per-layer override, e.g. 'layer1.*=8', 'fc=w8a8', 'conv1=bf16' (repeatable)")
     ap.add_argument("--overrides", help="TOML or JSON file of PATTERN = BITS overrides")
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the graph after this pass ('all' for every pass; repeatable)")
     ap.add_argument("--data", help="CIFAR-style archive (.tar.gz) or ImageFolder directory with train/ and test/ "
                                    "splits; overrides the model file's calibration_data()/eval_data()")
+    ap.add_argument("--normalize", metavar="cifar|imagenet|MEAN,STD",
+                    help="--data: input normalisation, cifar, imagenet, or six numbers: three RGB means, then "
+                         "three standard deviations, e.g. 0.5,0.5,0.5,0.25,0.25,0.25 (default: cifar for 32x32 "
+                         "images, imagenet otherwise)")
     ap.add_argument("--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)")
     ap.add_argument("--calib-seed", type=int, default=0, metavar="S",
                     help="--data: which --calib-size training images calibrate (a seeded draw; default 0)")
@@ -98,16 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
 BatchList = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_data(args: argparse.Namespace, mf: ModelFile) -> tuple[BatchList | None, BatchList | None]:
-    """Calibration and evaluation batches from --data (train / test splits) or the model file's hooks."""
+def _image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """The (H, W) --data images are resized to: the example input's, which must be one (N, 3, H, W) tensor."""
+    shape = tuple(example[0].shape) if len(example) == 1 else ()
+    if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in example)
+        raise QCompileError(f"--data needs one (N, 3, H, W) example input to size the images; example_input() "
+                            f"gives {shapes}")
+    return shape[2], shape[3]
+
+
+def resolve_data(
+    args: argparse.Namespace, mf: ModelFile, example: tuple[torch.Tensor, ...] | None = None
+) -> tuple[BatchList | None, BatchList | None]:
+    """Calibration and evaluation batches from --data (train / test splits) or the model file's hooks.
+
+    --data images are resized to the example input's size (``mf.example_input()`` when none is given).
+    """
     if args.calib_size < 0 or (args.eval_size is not None and args.eval_size < 0):
         raise QCompileError("--calib-size and --eval-size must not be negative")
+    if args.normalize is not None and not args.data:
+        raise QCompileError("--normalize applies to --data")
     if args.data:
-        train = load_split(args.data, "train").subset(args.calib_size, seed=args.calib_seed)
-        test = load_split(args.data, "test").subset(args.eval_size)
-        calib = list(iterate_batches(train, args.batch_size)) if args.calib_size else []
+        asked = parse_normalization(args.normalize) if args.normalize is not None else None
+        size = _image_size(example if example is not None else mf.example_input())
+        train = load_split(args.data, "train", size).subset(args.calib_size, seed=args.calib_seed)
+        test = load_split(args.data, "test", size).subset(args.eval_size)
+        stats = asked or default_normalization(train, test)
+        calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
-        return calib, list(iterate_batches(test, args.batch_size, shuffle=True))
+        return calib, list(iterate_batches(test, args.batch_size, shuffle=True, stats=stats))
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
     calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
@@ -236,13 +263,15 @@ def compile_model(args: argparse.Namespace) -> int:
             "--weights cannot be combined with --width other than 1: width_scale re-initialises every layer; "
             "pass the trained width to build_model instead (--model-arg width=C)"
         )
+    if args.weights_key is not None and not args.weights:
+        raise QCompileError("--weights-key applies to --weights")
     mf = load_model_file(args.model)
     model = mf.build(**parse_model_args(args.model_args))
     if args.weights:
-        load_weights(model, args.weights)
+        load_weights(model, args.weights, key=args.weights_key)
     model.eval()
     inputs = mf.example_input()
-    calib, evald = resolve_data(args, mf)
+    calib, evald = resolve_data(args, mf, inputs)
     passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
     notes = []
     ptq = (bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None

@@ -1,36 +1,54 @@
 """Image data for calibration, evaluation and training: ImageFolder directories and the CIFAR-10 archive.
 
 JPEG decoding is the slow part (about a minute for CIFAR-10), so each split is decoded once with Pillow and
-cached as a uint8 ``.npy`` array keyed by the source's path, size and modification time.
+cached as a uint8 ``.npz`` array keyed by the source's path, size and modification time, and by the size the
+images are resized to (an image that already has it is stored as decoded).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from qcompile.errors import DataError
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+CROP_FRACTION = 0.875  # torchvision's evaluation transform: Resize(size / 0.875), CenterCrop(size)
+
+Size = tuple[int, int]  # (height, width)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Decoded images (N, H, W, 3) uint8 with integer labels and the class names they index."""
+    """Decoded images (N, H, W, 3) uint8 with integer labels and the class names they index.
+
+    ``source_size`` is the (H, W) all source images had before any resizing (None when they differ): it
+    tells CIFAR-sized data from other data when choosing a normalisation.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    source_size: Size | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,7 +58,7 @@ class ImageSet:
         if n is None or n >= len(self):
             return self
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source_size)
 
 
 def cache_dir() -> Path:
@@ -53,27 +71,53 @@ def _source_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _decode(data: bytes) -> np.ndarray:
+def resize_center_crop(im: PILImage, size: Size) -> PILImage:
+    """torchvision's evaluation transform: the shorter side to round(min(size) / 0.875), bilinear (Pillow
+    antialiases when shrinking), then the centre (H, W), placed as ``transforms.CenterCrop`` places it."""
+    from PIL import Image
+
+    h, w = size
+    short = round(min(h, w) / CROP_FRACTION)
+    if im.width <= im.height:
+        new_w, new_h = short, int(short * im.height / im.width)
+    else:
+        new_w, new_h = int(short * im.width / im.height), short
+    if new_h < h or new_w < w:
+        raise DataError(f"a {im.width}x{im.height} image resized to {new_w}x{new_h} does not cover the model's "
+                        f"{w}x{h} input; resize the images to its aspect ratio")
+    resized = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
+    return resized.crop((left, top, left + w, top + h))
+
+
+def _decode(data: bytes, size: Size | None) -> tuple[np.ndarray, Size]:
+    """RGB pixels, resized to ``size`` when they have another, and the source (H, W)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        rgb = im.convert("RGB")
+    source = (rgb.height, rgb.width)
+    if size is not None and source != size:
+        rgb = resize_center_crop(rgb, size)
+    return np.asarray(rgb, dtype=np.uint8), source
 
 
-def _stack(images: list[np.ndarray], labels: list[int], classes: tuple[str, ...], where: str) -> ImageSet:
-    if not images:
+def _stack(decoded: list[tuple[np.ndarray, Size]], labels: list[int], classes: tuple[str, ...], where: str) -> ImageSet:
+    if not decoded:
         raise DataError(f"no images found in {where}")
-    shapes = {im.shape for im in images}
+    shapes = {im.shape for im, _ in decoded}
     if len(shapes) != 1:
         raise DataError(f"images in {where} have different sizes {sorted(shapes)[:3]}; resize them to one size")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+    sources = {source for _, source in decoded}
+    source_size = sources.pop() if len(sources) == 1 else None
+    return ImageSet(np.stack([im for im, _ in decoded]), np.asarray(labels, dtype=np.int64), classes, source_size)
 
 
-def _read_archive(path: Path) -> dict[str, ImageSet]:
+def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
     """Decode every split of an ImageFolder-layout tar archive (``root/<split>/<class>/<image>``) in one pass."""
     from tqdm import tqdm
 
-    found: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+    found: dict[str, list[tuple[str, str, tuple[np.ndarray, Size]]]] = {}
     try:
         with tarfile.open(path) as tar:
             for member in tqdm(tar, desc=f"decode {path.name}", unit="file", disable=None, leave=False):
@@ -83,7 +127,7 @@ def _read_archive(path: Path) -> dict[str, ImageSet]:
                 split, cls = parts[-3], parts[-2]
                 fh = tar.extractfile(member)
                 assert fh is not None
-                found.setdefault(split, []).append((cls, member.name, _decode(fh.read())))
+                found.setdefault(split, []).append((cls, member.name, _decode(fh.read(), size)))
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"cannot read archive {path}: {exc}") from None
     out = {}
@@ -95,53 +139,86 @@ def _read_archive(path: Path) -> dict[str, ImageSet]:
     return out
 
 
-def _read_folder(root: Path) -> ImageSet:
+def _read_folder(root: Path, size: Size | None) -> ImageSet:
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    images, labels = [], []
+    decoded, labels = [], []
     for i, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_decode(f.read_bytes()))
+                decoded.append(_decode(f.read_bytes(), size))
                 labels.append(i)
-    return _stack(images, labels, classes, str(root))
+    return _stack(decoded, labels, classes, str(root))
 
 
-def _cached(path: Path, split: str) -> ImageSet | None:
-    f = cache_dir() / f"{path.name}-{_source_key(path)}-{split}.npz"
+def _cache_file(path: Path, split: str, size: Size | None) -> Path:
+    resized = f"-{size[0]}x{size[1]}" if size is not None else ""
+    return cache_dir() / f"{path.name}-{_source_key(path)}-{split}{resized}.npz"
+
+
+def _cached(path: Path, split: str, size: Size | None) -> ImageSet | None:
+    f = _cache_file(path, split, size)
     if not f.exists():
         return None
     with np.load(f) as z:
-        return ImageSet(z["images"], z["labels"], tuple(str(c) for c in z["classes"]))
+        # entries written before source_size was recorded hold images at their source size
+        source = tuple(int(v) for v in z["source_size"]) if "source_size" in z.files else z["images"].shape[1:3]
+        return ImageSet(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), source or None)
 
 
-def _store(path: Path, split: str, data: ImageSet) -> None:
-    d = cache_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / f"{path.name}-{_source_key(path)}-{split}.npz"
+def _store(path: Path, split: str, size: Size | None, data: ImageSet) -> None:
+    final = _cache_file(path, split, size)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=data.images, labels=data.labels, classes=np.asarray(data.classes))
+    np.savez(tmp, images=data.images, labels=data.labels, classes=np.asarray(data.classes),
+             source_size=np.asarray(data.source_size or (), dtype=np.int64))
     os.replace(tmp, final)
 
 
-def load_split(path: str | os.PathLike[str], split: str) -> ImageSet:
-    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*`` or ``DIR/<class>/*``."""
+def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None) -> ImageSet:
+    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*`` or ``DIR/<class>/*``.
+
+    With ``size`` (H, W), images of another size go through :func:`resize_center_crop`.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
-    hit = _cached(p, split)
+    hit = _cached(p, split, size)
     if hit is not None:
         return hit
     if p.is_file():
-        splits = _read_archive(p)
+        splits = _read_archive(p, size)
         for name, data in splits.items():
-            _store(p, name, data)
+            _store(p, name, size, data)
         if split not in splits:
             raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(splits)) or 'none'})")
         return splits[split]
     candidates = [c for c in (p / split, *(q / split for q in p.iterdir() if q.is_dir())) if c.is_dir()]
-    data = _read_folder(candidates[0] if candidates else p)
-    _store(p, split, data)
+    data = _read_folder(candidates[0] if candidates else p, size)
+    _store(p, split, size, data)
     return data
+
+
+def parse_normalization(text: str) -> Stats:
+    """``cifar``, ``imagenet`` or ``MEAN,MEAN,MEAN,STD,STD,STD`` (six numbers: RGB means, then RGB stds)."""
+    if text.strip().lower() in NORMALIZATIONS:
+        return NORMALIZATIONS[text.strip().lower()]
+    hint = ("expected cifar, imagenet or six comma-separated numbers (three RGB means, then three standard "
+            "deviations), e.g. 0.5,0.5,0.5,0.25,0.25,0.25")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise DataError(f"--normalize {text!r}: {hint}") from None
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        raise DataError(f"--normalize {text!r}: {hint}")
+    if min(values[3:]) <= 0:
+        raise DataError(f"--normalize {text!r}: the standard deviations (the last three numbers) must be positive")
+    return tuple(values[:3]), tuple(values[3:])
+
+
+def default_normalization(*splits: ImageSet) -> Stats:
+    """CIFAR statistics for 32x32 source images (CIFAR's own size), ImageNet statistics otherwise."""
+    cifar = all(s.source_size == (32, 32) for s in splits)
+    return NORMALIZATIONS["cifar" if cifar else "imagenet"]
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> torch.Tensor:
@@ -153,13 +230,14 @@ def normalize(images: np.ndarray, mean: tuple[float, ...] = CIFAR_MEAN, std: tup
 
 
 def iterate_batches(
-    data: ImageSet, batch_size: int = 256, shuffle: bool = False, seed: int = 0
+    data: ImageSet, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
+    stats: Stats = (CIFAR_MEAN, CIFAR_STD),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised ``(inputs, labels)`` batches in order, or shuffled with a fixed seed."""
     order = np.random.default_rng(seed).permutation(len(data)) if shuffle else np.arange(len(data))
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
-        yield normalize(data.images[idx]), torch.from_numpy(data.labels[idx])
+        yield normalize(data.images[idx], *stats), torch.from_numpy(data.labels[idx])
 
 
 class Batches:

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import operator
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
 from qcompile.spec import LayerRole
 
 COMPUTE_MODULES = (_ConvNd, nn.Linear)
-
-_PASS_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.Flatten, nn.Dropout, nn.Identity,
-)
-_PASS_FUNCTIONS = {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.mean,
-    F.dropout, torch.cat, operator.add, torch.add, operator.getitem, torch.reshape, F.pad,
-}
-_PASS_METHODS = {"view", "reshape", "flatten", "mean", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
-
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -96,28 +87,137 @@ def layer_roles(gm: fx.GraphModule) -> dict[fx.Node, frozenset[LayerRole]]:
     return roles
 
 
-def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool] | None = None) -> bool:
-    """Whether the graph guarantees ``node``'s output is >= 0 (a ReLU, or pooling/adding/reshaping of such)."""
-    memo = {} if _memo is None else _memo
-    if node in memo:
-        return memo[node]
-    memo[node] = False
+# --- signedness: which tensors the graph proves >= 0 (quantized unsigned, one more bit of range) ---------------
+
+_Nonneg = Callable[[object], bool]  # a tensor node proven >= 0, or a number >= 0
+_Rule = Callable[[fx.Node, _Nonneg], bool]
+
+
+def _argument(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Positional argument ``index`` or keyword ``name`` of a call (a method's ``self`` is argument 0)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _always(node: fx.Node, nonneg: _Nonneg) -> bool:
+    return True
+
+
+def _first(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """Ops that move, select, pool or average their input's elements: >= 0 if the input is."""
+    return nonneg(_argument(node, 0, "input"))
+
+
+def _both(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """Sums and products: >= 0 if both operands are (and ``add``'s alpha)."""
+    operands = (_argument(node, 0, "input"), _argument(node, 1, "other"), node.kwargs.get("alpha", 1))
+    return all(nonneg(a) for a in operands)
+
+
+def _either(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """An elementwise maximum is >= 0 if one operand is."""
+    return nonneg(_argument(node, 0, "input")) or nonneg(_argument(node, 1, "other"))
+
+
+def _max(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """``torch.max(a, b)`` is an elementwise maximum; ``torch.max(x[, dim])`` a reduction of ``x``."""
+    return (_either if isinstance(_argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
+
+
+def _all_tensors(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """``torch.cat`` / ``torch.stack``: >= 0 if every part is."""
+    parts = _argument(node, 0, "tensors")
+    return isinstance(parts, list | tuple) and bool(parts) and all(nonneg(p) for p in parts)
+
+
+def _pad(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """Constant padding adds its value (None is 0); the other modes copy the input's elements."""
+    value = _argument(node, 3, "value")
+    if _argument(node, 2, "mode", "constant") == "constant" and value is not None and not nonneg(value):
+        return False
+    return _first(node, nonneg)
+
+
+def _clamped(lo: object, hi: object, input_nonnegative: Callable[[], bool], nonneg: _Nonneg) -> bool:
+    """``min(max(x, lo), hi) >= 0`` when ``hi`` is absent or >= 0 and either ``lo`` or ``x`` is >= 0."""
+    return (hi is None or nonneg(hi)) and (nonneg(lo) or input_nonnegative())
+
+
+def _clamp(lo_name: str, hi_name: str, lo_default: object = None, hi_default: object = None) -> _Rule:
+    """The rule of a clamp whose bounds are arguments 1 and 2 (``clamp``, ``clamp_min``, ``hardtanh``)."""
+
+    def rule(node: fx.Node, nonneg: _Nonneg) -> bool:
+        lo, hi = _argument(node, 1, lo_name, lo_default), _argument(node, 2, hi_name, hi_default)
+        return _clamped(lo, hi, lambda: _first(node, nonneg), nonneg)
+
+    return rule
+
+
+_PASS_MODULES = (
+    _MaxPoolNd, _AvgPoolNd, _AdaptiveMaxPoolNd, _AdaptiveAvgPoolNd, nn.Flatten, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+_CLAMP = _clamp("min", "max")
+_HARDTANH = _clamp("min_val", "max_val", -1.0, 1.0)
+_FUNCTION_RULES: dict[object, _Rule] = {
+    **dict.fromkeys((
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+        torch.unsqueeze, torch.chunk, torch.split, operator.getitem, torch.mean, F.dropout,
+    ), _first),
+    **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6), _always),
+    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul), _both),
+    **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
+    **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
+    **dict.fromkeys((F.hardtanh, F.hardtanh_), _HARDTANH),
+    torch.maximum: _either,
+    torch.max: _max,
+    F.pad: _pad,
+}
+_METHOD_RULES: dict[str, _Rule] = {
+    **dict.fromkeys((
+        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk", "split",
+        "mean",
+    ), _first),
+    **dict.fromkeys(("add", "mul"), _both),
+    **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
+    "sigmoid": _always,
+    "maximum": _either,
+    "max": _max,
+}
+
+
+def _module_nonnegative(m: nn.Module, node: fx.Node, nonneg: _Nonneg) -> bool:
+    if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Hardsigmoid):
+        return True
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
+        return _clamped(m.min_val, m.max_val, lambda: _first(node, nonneg), nonneg)
+    return isinstance(m, _PASS_MODULES) and _first(node, nonneg)
+
+
+def _proven_nonnegative(gm: fx.GraphModule, node: fx.Node, nonneg: _Nonneg) -> bool:
     m = module_of(gm, node)
-    tensor_inputs = [a for a in node.all_input_nodes]
-    if is_relu(gm, node) or isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
-        result = True
-    elif isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _PASS_METHODS
-    ):
-        result = bool(tensor_inputs) and all(is_nonnegative(gm, a, memo) for a in tensor_inputs)
-        if node.target in (operator.add, torch.add) and any(
-            isinstance(a, (int, float)) and a < 0 for a in node.args
-        ):
-            result = False
-    else:
-        result = False
-    memo[node] = result
-    return result
+    if m is not None:
+        return _module_nonnegative(m, node, nonneg)
+    rules = _FUNCTION_RULES if node.op == "call_function" else _METHOD_RULES if node.op == "call_method" else {}
+    rule = rules.get(node.target)
+    return is_relu(gm, node) or (rule is not None and rule(node, nonneg))
+
+
+def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether the graph guarantees ``node``'s output is >= 0: a ReLU, a sigmoid, a clamp at >= 0, or moving,
+    pooling, padding, concatenating, adding, multiplying or taking the maximum of such (the rules above)."""
+    memo = {} if _memo is None else _memo
+    if node not in memo:
+        memo[node] = False
+
+        def nonneg(value: object) -> bool:
+            if isinstance(value, fx.Node):
+                return is_nonnegative(gm, value, memo)
+            return isinstance(value, int | float) and value >= 0
+
+        memo[node] = _proven_nonnegative(gm, node, nonneg)
+    return memo[node]
 
 
 def format_graph(gm: fx.GraphModule) -> str:

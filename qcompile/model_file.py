@@ -11,10 +11,12 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,15 +135,8 @@ def parse_model_args(items: Iterable[str]) -> dict[str, object]:
     return out
 
 
-def _unwrap(obj: object) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise CheckpointError("it is not a state dict (a mapping of parameter names to tensors)")
+CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 
 
 def _listing(keys: list[str], limit: int = 3) -> str:
@@ -149,8 +144,111 @@ def _listing(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict with ``torch.load(weights_only=True)``; any mismatch is one line naming the keys."""
+def _names(keys: Iterable[object], limit: int = 5) -> str:
+    return _listing([str(k) for k in keys], limit) or "none"
+
+
+def _select(obj: object, key: str | None) -> object:
+    """``obj[key]`` when a key is asked for, so an EMA copy is taken only on request."""
+    if key is None:
+        return obj
+    if not isinstance(obj, Mapping) or key not in obj:
+        found = _names(obj) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"it has no entry {key!r} (--weights-key; found: {found})")
+    return obj[key]
+
+
+def _unwrap(obj: object) -> Mapping[str, object]:
+    """Descend through training-script containers (``{"model": {"state_dict": ...}, "epoch": 3}``)."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = f"; its keys: {_names(obj)} (pick one with --weights-key)" if isinstance(obj, Mapping) else ""
+        raise CheckpointError(
+            "it is not a state dict (a mapping of parameter names to tensors) and holds none under "
+            f"{', '.join(CONTAINER_KEYS)}{keys}"
+        )
+    return obj
+
+
+def _check_tensors(state: Mapping[str, object]) -> None:
+    """Every entry is a tensor, except a module's ``_extra_state``, which PyTorch loads as any value."""
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"its state dict has a key {k!r} that is not a string")
+        if not isinstance(v, torch.Tensor) and not k.endswith("_extra_state"):
+            raise CheckpointError(f"entry {k!r} of its state dict is a {type(v).__name__}, not a tensor")
+
+
+def _strip_wrappers(state: Mapping[str, object]) -> Mapping[str, object]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes, nested too, renaming the ``_metadata`` entries alike."""
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        stripped = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+                ("" if k == prefix[:-1] else k[len(prefix):], v)
+                for k, v in metadata.items()
+                if k == prefix[:-1] or k.startswith(prefix)
+            )
+        state = stripped
+    return state
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, object], missing: list[str], unexpected: list[str]) -> str:
+    """The keys PyTorch reported and the shapes that differ, as one clause list."""
+    expected = model.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_listing(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({_listing(shapes, 2)})")
+    return "; ".join(parts)
+
+
+def _strict_load(model: nn.Module, state: Mapping[str, object], where: str) -> None:
+    """PyTorch decides (module-specific legacy handling applies); its key lists come from a post-hook."""
+    found: dict[str, list[str]] = {}
+
+    def record(module: nn.Module, keys: Any) -> None:
+        found.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys))
+
+    handle = model.register_load_state_dict_post_hook(record)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = _mismatch(model, state, found.get("missing", []), found.get("unexpected", []))
+        if not detail:
+            lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+            detail = lines[0] if lines else _short(exc)
+        raise CheckpointError(
+            f"{where} does not match the model: {detail}; was it saved from another model, width or --model-arg?"
+        ) from None
+    finally:
+        handle.remove()
+
+
+def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> None:
+    """Load a checkpoint exactly when ``model.load_state_dict(strict=True)`` accepts it; a refusal is one line.
+
+    ``torch.load(weights_only=True)`` never runs pickled code. Training containers are unwrapped (``key``
+    picks an entry such as ``model_ema`` first) and DataParallel / torch.compile prefixes stripped, keeping the
+    ``_metadata`` versions that BatchNorm's legacy loading reads. As with PyTorch, a refused load may have
+    copied the matching tensors already.
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
@@ -159,29 +257,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     except Exception as exc:
         raise CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {_short(exc)}") from None
     try:
-        state = dict(_unwrap(obj))
+        state = _unwrap(_select(obj, key))
+        _check_tensors(state)
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {p}: {exc}") from None
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_listing(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({_listing(shapes, 2)})")
-        raise CheckpointError(
-            f"checkpoint {p} does not match the model: {'; '.join(parts)}; "
-            "was it saved from another model, width or --model-arg?"
-        )
-    model.load_state_dict(state)
+    _strict_load(model, _strip_wrappers(state), f"checkpoint {p}")

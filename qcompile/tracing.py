@@ -1,25 +1,38 @@
 """Graph capture: torch.fx symbolic tracing plus shape propagation, with errors that say what to do.
 
 Tracing happens on a deep copy, so passes never mutate the user's model.
+
+Shape arithmetic (``x.size()[3]``, ``c // groups``, ``x.dim()``) traces to nodes that compute Python numbers,
+which the integer lowering cannot take as, say, a pooling kernel. :func:`capture` runs the model at the example's
+batch size and at one more, and replaces every such number that is the same in both by its value; those that
+change (``x.size(0)``, ``x.numel()``) stay nodes, so the graph module still runs at any batch size. torch.export
+would need dynamic-shape specifications from the user and produces aten-level graphs the passes do not work on.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_aggregate
+from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError
 
 LeafSpec = str | type[nn.Module]
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_PLUMBING = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"))
 _HERE = os.path.abspath(__file__)
+_QCOMPILE_DIR = os.path.dirname(_HERE) + os.sep
+_BUNDLED_MODELS = os.path.join(_QCOMPILE_DIR, "models") + os.sep
+_FRAME = re.compile(r'File "(.+)", line (\d+)')
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
 
 
 class _SiteTracer(fx.Tracer):
@@ -48,16 +61,36 @@ class _SiteTracer(fx.Tracer):
             raise
 
 
+def _is_model_code(path: str) -> bool:
+    """Anything but torch and qcompile: the user's files and installed packages (torchvision is not torch).
+    qcompile's bundled models are model code too."""
+    if path.startswith(_TORCH_DIR):
+        return False
+    return not path.startswith(_QCOMPILE_DIR) or path.startswith(_BUNDLED_MODELS)
+
+
+def _is_torch_model_code(path: str) -> bool:
+    """torch's own modules (a root ``nn.Sequential``'s forward), not the tracer or the module-call wrapper."""
+    return path.startswith(_TORCH_DIR) and not path.startswith(_TORCH_PLUMBING)
+
+
+def _blamed_frame(paths: Sequence[str]) -> int | None:
+    """Index of the innermost frame in model code, else of the innermost in torch's own modules (better than no
+    location when the whole model is torch's), else None."""
+    for wanted in (_is_model_code, _is_torch_model_code):
+        hits = [i for i, p in enumerate(paths) if wanted(p)]
+        if hits:
+            return hits[-1]
+    return None
+
+
 def _user_frame(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame outside torch and qcompile's capture: the user's offending line."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if not os.path.abspath(f.filename).startswith(_TORCH_DIR) and os.path.abspath(f.filename) != _HERE
-    ]
-    if not frames:
+    """``file:line`` and the code of the frame to blame for ``exc``: the user's offending line where there is one."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    i = _blamed_frame([os.path.abspath(f.filename) for f in frames])
+    if i is None:
         return "unknown location"
-    f = frames[-1]
+    f = frames[i]
     code = f" `{f.line.strip()}`" if f.line else ""
     return f"{f.filename}:{f.lineno}{code}"
 
@@ -81,16 +114,10 @@ def _split_leaves(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[s
 
 
 def source_location(node: fx.Node) -> str:
-    """``file:line`` of the user code that created ``node`` (recorded at trace time), or ``unknown location``."""
-    found = "unknown location"
-    for line in (node.stack_trace or "").splitlines():
-        line = line.strip()
-        if line.startswith("File "):
-            parts = line.split(",")
-            path = os.path.abspath(parts[0][5:].strip().strip('"'))
-            if not path.startswith(_TORCH_DIR) and path != _HERE:
-                found = f"{path}:{parts[1].strip().removeprefix('line ')}"
-    return found
+    """``file:line`` of the code that created ``node`` (recorded at trace time), or ``unknown location``."""
+    frames = _FRAME.findall(node.stack_trace or "")
+    i = _blamed_frame([os.path.abspath(path) for path, _ in frames])
+    return "unknown location" if i is None else f"{os.path.abspath(frames[i][0])}:{frames[i][1]}"
 
 
 class _NodeFailure(Exception):
@@ -100,27 +127,42 @@ class _NodeFailure(Exception):
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """torch.fx's ShapeProp without its traceback printing: records ``tensor_meta`` and names the failing node."""
+    """torch.fx's ShapeProp without its traceback printing: names the failing node, records ``tensor_meta``
+    (with ``record_meta``) and keeps the values of the ``watched`` nodes."""
+
+    def __init__(self, gm: fx.GraphModule, watched: Collection[fx.Node] = (), record_meta: bool = True) -> None:
+        super().__init__(gm)
+        self.watched = set(watched)
+        self.record_meta = record_meta
+        self.values: dict[fx.Node, object] = {}
 
     def run_node(self, n: fx.Node) -> object:
         try:
             result = super().run_node(n)
         except Exception as exc:
             raise _NodeFailure(n, exc) from exc
-        found = False
-
-        def extract(obj: object) -> object:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, extract)
-        if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
+        if n in self.watched:
+            self.values[n] = result
+        if self.record_meta:
+            _record_meta(n, result)
         return result
+
+
+def _record_meta(n: fx.Node, result: object) -> None:
+    """``tensor_meta`` for the tensors in ``result`` (none for a Python value), and its type."""
+    found = False
+
+    def extract(obj: object) -> object:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(result, extract)
+    if found:
+        n.meta["tensor_meta"] = meta
+    n.meta["type"] = type(result)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,13 +170,28 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running the example inputs in eval mode."""
+def _run(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], recorder: _ShapeRecorder) -> None:
+    """Run ``recorder`` in eval mode without gradients, leaving ``gm``'s train/eval mode as it was."""
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            _ShapeRecorder(gm).run(*example_inputs)
+            recorder.run(*inputs)
+    finally:
+        gm.train(was_training)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record ``tensor_meta`` (shape, dtype) on every node by running the example inputs in eval mode."""
+    _propagate(gm, example_inputs, watched=())
+
+
+def _propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+               watched: Collection[fx.Node]) -> dict[fx.Node, object]:
+    """:func:`propagate_shapes`, returning the ``watched`` nodes' values from the same run."""
+    recorder = _ShapeRecorder(gm, watched)
+    try:
+        _run(gm, example_inputs, recorder)
     except _NodeFailure as fail:
         n = fail.node
         raise CaptureError(
@@ -143,8 +200,87 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         ) from None
     except Exception as exc:
         raise CaptureError(f"the example input does not run through the model: {_first_line(exc)}") from None
-    finally:
-        gm.train(was_training)
+    return recorder.values
+
+
+def _reads_shape(n: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()``, ``x.numel()``, ``x.shape``, ``x.ndim``: where shape arithmetic starts."""
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    return n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRS
+
+
+def _shape_arithmetic(graph: fx.Graph) -> list[fx.Node]:
+    """Shape reads and the operators (``[]``, ``//``, ``*``, ...) applied to them only, in graph order.
+
+    Only these are specialised: a number computed from tensor data (``x.max().item()``) is not a constant even
+    when two runs on the same data agree."""
+    found: dict[fx.Node, None] = {}
+    for n in graph.nodes:
+        is_operator = n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator"
+        if _reads_shape(n) or (is_operator and n.all_input_nodes and all(a in found for a in n.all_input_nodes)):
+            found[n] = None
+    return list(found)
+
+
+def _literal(value: object) -> object | None:
+    """``value`` as a constant fx can write into code (a ``torch.Size`` as a tuple), or None if it is none."""
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, tuple):
+        items = tuple(_literal(v) for v in value)
+        return None if any(v is None for v in items) else items
+    return None
+
+
+def _one_more_sample(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The inputs with their first sample repeated at the end (batch b+1, also from b = 1); None if none has a
+    batch dimension."""
+    grown = [torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() and len(x) else x
+             for x in example_inputs]
+    return None if all(g is x for g, x in zip(grown, example_inputs)) else grown
+
+
+def _batch_dependent(nodes: Sequence[fx.Node], here: dict[fx.Node, object],
+                     there: dict[fx.Node, object]) -> set[fx.Node]:
+    """Nodes whose value differs between the two batch sizes, or computed from a number that does: two batch
+    sizes can agree by chance (``n // 4`` at 1 and 2), but arithmetic on the batch size is never a constant."""
+    dependent: set[fx.Node] = set()
+    for n in nodes:
+        value = _literal(here.get(n))
+        from_batch = any(a in dependent and isinstance(here.get(a), bool | int | float) for a in n.all_input_nodes)
+        if value is None or value != _literal(there.get(n)) or from_batch:
+            dependent.add(n)
+    return dependent
+
+
+def _substitute(node: fx.Node, value: object) -> None:
+    """Write ``value`` into the arguments of ``node``'s users in its place."""
+    for user in list(node.users):
+        user.args = map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = map_arg(user.kwargs, lambda a: value if a is node else a)
+
+
+def _specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], nodes: Sequence[fx.Node],
+                       here: dict[fx.Node, object]) -> None:
+    """Fold the shape arithmetic that does not depend on the batch size into constants (``here``: the values at
+    the example's batch size). A model that does not run at another batch size is left as traced."""
+    grown = _one_more_sample(example_inputs)
+    if grown is None:
+        return
+    recorder = _ShapeRecorder(gm, nodes, record_meta=False)
+    try:
+        _run(gm, grown, recorder)
+    except _NodeFailure:
+        return
+    dependent = _batch_dependent(nodes, here, recorder.values)
+    for n in nodes:
+        if n not in dependent:
+            _substitute(n, _literal(here[n]))
+    for n in reversed(nodes):
+        if not n.users:
+            gm.graph.erase_node(n)
+    gm.recompile()
 
 
 def capture(
@@ -152,7 +288,7 @@ def capture(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     leaf_modules: Iterable[LeafSpec] = (),
 ) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx and propagate shapes to every node.
+    """Trace ``model`` with torch.fx, fold batch-independent shape arithmetic, and propagate shapes to every node.
 
     ``leaf_modules`` (qualified names such as ``"layer1.0"``, class names, or classes) are kept as opaque calls:
     the way around Python control flow that tracing cannot follow. Each call site becomes its own node, so a
@@ -178,5 +314,8 @@ def capture(
         raise CaptureError(f"cannot trace the model{where} at {_user_frame(exc)}: {msg}; {hint}") from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(model.training)
-    propagate_shapes(gm, example_inputs)
+    shape_nodes = _shape_arithmetic(gm.graph)
+    values = _propagate(gm, example_inputs, shape_nodes)
+    if shape_nodes:
+        _specialize_shapes(gm, example_inputs, shape_nodes, values)
     return gm

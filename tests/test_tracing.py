@@ -1,12 +1,23 @@
+import importlib
+import operator
+import os
+import sys
+
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
-from qcompile import capture
+from qcompile import Pipeline, capture, get_recipe
 from qcompile.errors import CaptureError
 from qcompile.graph import compute_nodes
 from qcompile.models import resnet18
+from qcompile.passes import (AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm,
+                             InsertQuantizers, LowerInteger)
 from qcompile.spec import LayerRole, annotate, get_annotation
+from qcompile.tracing import _is_model_code, source_location
+from qcompile.verify import verify_reference
+from tests.conftest import randomize_bn
 
 
 class Gate(nn.Module):
@@ -77,3 +88,155 @@ def test_reused_module_is_annotated_per_call_site():
     a.role = frozenset({LayerRole.FIRST})
     assert a is not b and get_annotation(relu_sites[1]).role == frozenset()
     assert len(compute_nodes(gm)) == 21  # 20 convs (3 projections) + fc
+
+
+class Stem(nn.Module):
+    """conv-bn-relu, then ``tail``: one shape-arithmetic pattern from model files in the wild."""
+
+    def __init__(self, tail) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self, F.relu(self.bn(self.conv(x))))
+
+
+def _channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+TAILS = {  # name: (tail, number of values left in the graph: the batch size's, and numbers computed from it)
+    "avg_pool2d_size": (lambda m, x: m.fc(F.avg_pool2d(x, x.size()[3]).flatten(1)), 0),
+    "view_size0": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x, 1).view(x.size(0), -1)), 1),
+    "reshape_shape0": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], -1)), 2),
+    "flatten": (lambda m, x: m.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), 0),
+    "mean_keepdim": (lambda m, x: m.fc(x.mean((2, 3), keepdim=True).flatten(x.dim() - 3)), 0),
+    "numel": (lambda m, x: m.fc(x.mean((2, 3)).reshape(-1, x.numel() // x.size(0) // 64)), 4),
+    "channel_shuffle": (lambda m, x: m.fc(_channel_shuffle(x).mean((2, 3))), 2),
+}
+
+
+def _values_left(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes computing Python values rather than tensors."""
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and "tensor_meta" not in n.meta]
+
+
+def _changes_with_batch(gm: fx.GraphModule, node: fx.Node) -> bool:
+    seen = []
+    for batch in (1, 5):
+        interp = fx.Interpreter(gm, garbage_collect_values=False)
+        interp.run(torch.randn(batch, 3, 8, 8))
+        seen.append(interp.env[node])
+    return seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("example_batch", [1, 3])
+@pytest.mark.parametrize("name", list(TAILS))
+def test_shape_arithmetic_is_folded_except_the_batch(name, example_batch):
+    tail, left = TAILS[name]
+    torch.manual_seed(0)
+    model = Stem(tail).eval()
+    gm = capture(model, torch.randn(example_batch, 3, 8, 8))
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(gm(x), model(x))
+    values = _values_left(gm)
+    assert len(values) == left
+    assert all(_changes_with_batch(gm, n) or set(n.all_input_nodes) & set(values) for n in values)
+
+
+def test_pooling_kernel_from_size_becomes_an_int():
+    gm = capture(Stem(TAILS["avg_pool2d_size"][0]), torch.randn(1, 3, 8, 8))
+    pool = next(n for n in gm.graph.nodes if n.target is F.avg_pool2d)
+    assert pool.args[1] == 8 and type(pool.args[1]) is int
+
+
+def test_view_keeps_the_batch_size_a_node():
+    gm = capture(Stem(TAILS["view_size0"][0]), torch.randn(1, 3, 8, 8))
+    view = next(n for n in gm.graph.nodes if n.target == "view")
+    assert view.args[1].target == "size" and view.args[1].args[1:] == (0,) and view.args[2] == -1
+
+
+def test_channel_shuffle_folds_channels_and_spatial_sizes():
+    gm = capture(Stem(TAILS["channel_shuffle"][0]), torch.randn(2, 3, 8, 8))
+    first, second = [n for n in gm.graph.nodes if n.target == "view"]
+    assert first.args[2:] == (2, 4, 8, 8) and second.args[2:] == (-1, 8, 8)
+    assert first.args[1] is second.args[1] and first.args[1].target is operator.getitem
+
+
+def test_model_that_runs_at_one_batch_size_only_is_left_as_traced():
+    class FixedBatch(nn.Module):
+        def forward(self, x):
+            return x.view(2, 12)[:, : x.size(1)]
+
+    gm = capture(FixedBatch(), torch.randn(2, 3, 4))
+    assert [n.target for n in _values_left(gm)] == ["size"]
+
+
+@pytest.mark.parametrize("name", ["avg_pool2d_size", "view_size0", "reshape_shape0", "flatten", "mean_keepdim"])
+def test_shape_arithmetic_lowers_and_verifies(name):
+    torch.manual_seed(0)
+    model = randomize_bn(Stem(TAILS[name][0]), data=torch.randn(16, 3, 8, 8))
+    calib = [(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    passes = [FoldBatchNorm(), AssignPrecision(), AnnotateCost(), InsertQuantizers(), Calibrate(), AlignAddScales(),
+              LowerInteger()]
+    res = Pipeline(passes).run(model, torch.randn(1, 3, 8, 8), recipe=get_recipe("int8"), calibration_data=calib)
+    batches = [(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))]
+    v = verify_reference(res.graph_module, res.context.ir, batches).summary()
+    assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
+
+
+ZOO = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class Gated(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+'''
+
+
+def test_locations_in_an_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "site-packages" / "qc_zoo"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(ZOO)
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    nets = importlib.import_module("qc_zoo.nets")
+    for name in ("qc_zoo", "qc_zoo.nets"):
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again afterwards
+    gm = capture(nets.Net(), torch.randn(1, 3, 8, 8))
+    conv = next(n for n in gm.graph.nodes if n.target == "conv")
+    assert source_location(conv) == f"{package / 'nets.py'}:12"
+    with pytest.raises(CaptureError) as err:
+        capture(nets.Gated(), torch.randn(1, 3, 8, 8))
+    assert f"at {package / 'nets.py'}:17 `if x.sum() > 0:`" in str(err.value)
+
+
+def test_packages_named_torch_something_are_model_code():
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    assert _is_model_code(os.path.join(site, "torchvision", "models", "resnet.py"))
+    assert not _is_model_code(os.path.join(site, "torch", "nn", "modules", "conv.py"))
+
+
+def test_a_model_made_of_torch_modules_is_located_in_torch():
+    gm = capture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8))
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module")
+    path, _, line = source_location(conv).rpartition(":")
+    assert path == os.path.join(os.path.dirname(torch.__file__), "nn", "modules", "container.py") and line.isdigit()

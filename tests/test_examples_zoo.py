@@ -1,0 +1,254 @@
+"""The example model zoo (examples/mobilenet_v2.py ... densenet.py): each file keeps the model-file contract,
+runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qcompile import Pipeline, get_recipe
+from qcompile.model_file import ModelFile, load_model_file
+from qcompile.models.init import randomize_batchnorm
+from qcompile.passes import AnnotateCost, AssignPrecision
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# parameter names of the torchvision / timm / kuangliu originals that the CIFAR builds must keep
+KEYS = {
+    "mobilenet_v2": [
+        "features.0.0.weight", "features.0.1.running_var", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+        "features.1.conv.2.running_mean", "features.2.conv.0.0.weight", "features.2.conv.1.0.weight",
+        "features.2.conv.2.weight", "features.2.conv.3.bias", "features.17.conv.2.weight", "features.18.0.weight",
+        "features.18.1.bias", "classifier.1.weight", "classifier.1.bias",
+    ],
+    "se_resnet": [
+        "conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.0.bn2.weight",
+        "layer1.0.se.fc1.weight", "layer1.0.se.fc1.bias", "layer1.0.se.fc2.weight", "layer1.0.se.fc2.bias",
+        "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_var", "layer4.1.se.fc2.weight",
+        "fc.weight", "fc.bias",
+    ],
+    "efficientnet_b0": [
+        "conv_stem.weight", "bn1.running_mean", "blocks.0.0.conv_dw.weight", "blocks.0.0.bn1.weight",
+        "blocks.0.0.se.conv_reduce.weight", "blocks.0.0.se.conv_expand.bias", "blocks.0.0.conv_pw.weight",
+        "blocks.0.0.bn2.running_var", "blocks.1.0.conv_pw.weight", "blocks.1.0.conv_dw.weight",
+        "blocks.1.0.se.conv_reduce.bias", "blocks.1.0.conv_pwl.weight", "blocks.1.0.bn3.weight",
+        "blocks.6.0.conv_pwl.weight", "conv_head.weight", "bn2.running_mean", "classifier.weight",
+    ],
+    "preact_resnet18": [
+        "conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn2.running_var",
+        "layer1.0.conv2.weight", "layer2.0.shortcut.0.weight", "layer4.1.conv2.weight", "bn.weight",
+        "linear.weight", "linear.bias",
+    ],
+    "shufflenet_v2": [
+        "conv1.0.weight", "conv1.1.running_mean", "stage2.0.branch1.0.weight", "stage2.0.branch1.1.weight",
+        "stage2.0.branch1.2.weight", "stage2.0.branch1.3.bias", "stage2.0.branch2.0.weight",
+        "stage2.0.branch2.3.weight", "stage2.0.branch2.5.weight", "stage2.1.branch2.6.weight",
+        "stage4.3.branch2.5.weight", "conv5.0.weight", "conv5.1.running_var", "fc.weight", "fc.bias",
+    ],
+    "densenet": [
+        "features.conv0.weight", "features.norm0.running_mean", "features.denseblock1.denselayer1.norm1.weight",
+        "features.denseblock1.denselayer1.conv1.weight", "features.denseblock1.denselayer1.norm2.running_var",
+        "features.denseblock1.denselayer1.conv2.weight", "features.transition1.norm.weight",
+        "features.transition1.conv.weight", "features.denseblock3.denselayer4.conv2.weight",
+        "features.norm5.weight", "classifier.weight", "classifier.bias",
+    ],
+}
+
+# the originals' configuration (1000 classes, the original stem) and what torchvision / timm / kuangliu build
+ORIGINAL = {
+    "mobilenet_v2": (dict(cifar=False), 3_504_872, {"features.18.0.weight": (1280, 320, 1, 1),
+                                                   "features.1.conv.0.0.weight": (32, 1, 3, 3)}),
+    "se_resnet": (dict(stem="imagenet"), 11_779_624, {"conv1.weight": (64, 3, 7, 7),
+                                                      "layer1.0.se.fc1.weight": (8, 64, 1, 1),
+                                                      "layer4.0.se.fc1.weight": (32, 512, 1, 1)}),
+    "efficientnet_b0": (dict(cifar=False), 5_288_548, {"blocks.0.0.se.conv_reduce.weight": (8, 32, 1, 1),
+                                                       "blocks.1.0.se.conv_reduce.weight": (4, 96, 1, 1),
+                                                       "blocks.5.3.conv_dw.weight": (1152, 1, 5, 5),
+                                                       "conv_head.weight": (1280, 320, 1, 1)}),
+    # kuangliu's PreActResNet18 (10 classes, no final BatchNorm)
+    "preact_resnet18": (dict(final_bn=False, num_classes=10), 11_171_146, {"linear.weight": (10, 512)}),
+    "shufflenet_v2": (dict(cifar=False), 2_278_604, {"stage2.0.branch1.0.weight": (24, 1, 3, 3),
+                                                     "conv5.0.weight": (1024, 464, 1, 1)}),
+    "densenet": (dict(stem="imagenet", growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+                 7_978_856, {"features.conv0.weight": (64, 3, 7, 7),
+                             "features.denseblock1.denselayer1.conv1.weight": (128, 64, 1, 1),
+                             "features.transition1.conv.weight": (128, 256, 1, 1),
+                             "classifier.weight": (1000, 1024)}),
+}
+
+# MACs of one 32x32 image through the CIFAR build (convs and dense layers)
+MACS = {
+    "mobilenet_v2": 87_976_448,
+    "se_resnet": 140_274_688,
+    "efficientnet_b0": 31_979_392,
+    "preact_resnet18": 555_422_720,
+    "shufflenet_v2": 45_002_112,
+    "densenet": 43_740_036,
+}
+
+NAMES = sorted(KEYS)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def example(request: pytest.FixtureRequest) -> tuple[str, ModelFile, nn.Module]:
+    mf = load_model_file(EXAMPLES / f"{request.param}.py")
+    return request.param, mf, mf.build()
+
+
+def test_forward_at_32x32(example):
+    name, mf, model = example
+    assert not model.training
+    assert tuple(mf.example_input()[0].shape) == (1, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    assert (logits[0] - logits[1]).abs().max() > 1e-4, "the logits should depend on the input"
+
+
+def test_original_parameter_names(example):
+    name, _, model = example
+    keys = set(model.state_dict())
+    missing = [k for k in KEYS[name] if k not in keys]
+    assert not missing, f"{name} lacks {missing}"
+
+
+def test_module_docstring(example):
+    _, mf, _ = example
+    assert mf.module.__doc__ and len(mf.module.__doc__) > 200
+
+
+def test_data_hooks(example):
+    _, mf, _ = example
+    for hook in ("calibration_data", "eval_data"):
+        x, y = next(iter(mf.data(hook)))
+        assert x.shape[1:] == (3, 32, 32) and len(y) == len(x)
+
+
+def test_batchnorm_statistics_are_not_trivial(example):
+    _, _, model = example
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    for m in norms:
+        assert not torch.allclose(m.running_var, torch.ones_like(m.running_var))
+        assert not torch.allclose(m.running_mean, torch.zeros_like(m.running_mean))
+        assert not torch.allclose(m.weight, torch.ones_like(m.weight))
+
+
+def test_macs(example):
+    """qcompile.cost's MACs equal a count by forward hooks, and the pinned figure."""
+    name, mf, model = example
+    counted = []
+
+    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            counted.append(out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size))
+        else:
+            counted.append(out.numel() * mod.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(mf.example_input()[0])
+    finally:
+        for h in handles:
+            h.remove()
+    res = Pipeline([AssignPrecision(), AnnotateCost()]).run(model, mf.example_input(), recipe=get_recipe("bf16"))
+    assert res.context.cost.macs == sum(counted) == MACS[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_original_configuration(name):
+    """In the original's configuration the build has exactly the original's parameter count and shapes."""
+    kwargs, params, shapes = ORIGINAL[name]
+    model = load_model_file(EXAMPLES / f"{name}.py").build(**{"num_classes": 1000, **kwargs})
+    assert sum(p.numel() for p in model.parameters()) == params
+    state = model.state_dict()
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet"])
+def test_seeded(name):
+    mf = load_model_file(EXAMPLES / f"{name}.py")
+    rng = torch.get_rng_state()
+    a, b, c = mf.build(), mf.build(), mf.build(seed=1)
+    assert torch.equal(torch.get_rng_state(), rng), "building must not move the global RNG"
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "shufflenet_v2", "se_resnet"])
+def test_width(name):
+    mf = load_model_file(EXAMPLES / f"{name}.py")
+    half = mf.build(width=0.5)
+    full_params = sum(p.numel() for p in mf.build().parameters())
+    assert sum(p.numel() for p in half.parameters()) < full_params
+    with torch.no_grad():
+        assert half(mf.example_input()[0]).shape == (1, 10)
+
+
+def test_randomize_batchnorm_ranges():
+    bn = nn.BatchNorm2d(4096)
+    randomize_batchnorm(bn, seed=3)
+    assert 0.5 <= bn.weight.min() and bn.weight.max() <= 1.5
+    assert 0.5 <= bn.running_var.min() and bn.running_var.max() <= 2.0
+    assert abs(bn.bias.std().item() - 0.1) < 0.01 and abs(bn.running_mean.std().item() - 0.1) < 0.01
+    again = randomize_batchnorm(nn.BatchNorm2d(4096), seed=3)
+    assert torch.equal(again.running_var, bn.running_var)
+
+
+def test_randomize_batchnorm_measures_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(16, 3, 8, 8) * 3 + 1
+    randomize_batchnorm(model, seed=0, data=[x[:8], x[8:]])
+    assert not model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        halves = [model[0](x[:8]), model[0](x[8:])]
+    # the cumulative average of the per-batch statistics (PyTorch keeps the unbiased variance)
+    mean = sum(h.mean((0, 2, 3)) for h in halves) / 2
+    var = sum(h.var((0, 2, 3)) for h in halves) / 2
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+
+
+def _zoo():
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    try:
+        import zoo
+    finally:
+        sys.path.pop(0)
+    return zoo
+
+
+def test_zoo_table_from_reports():
+    zoo = _zoo()
+    agree = {"images": 8, "identical_fraction": 1.0, "top1_agreement": 1.0, "max_lsb_diff": 0}
+    report = {"total": {"macs": 87_976_448, "params": 2_202_560, "linear_vs_bf16": 0.25263},
+              "artifacts": {"tvm_cpu": "x"},
+              "verification": {"reference_vs_fakequant": agree,
+                               "onnx_vs_reference": {"serving": {**agree, "identical_fraction": 0.5,
+                                                                 "max_lsb_diff": 7}}}}
+    ok = zoo.row_of("mobilenet_v2", "mostly4bit", 0, "", report, report["total"], 12.0)
+    failed = zoo.row_of("densenet", "int8", 2, "onnxruntime (serving) disagrees | x", None, None, 3.0)
+    table = zoo.markdown([ok, failed])
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | recipe | compiles |")
+    assert "| mobilenet_v2 | mostly4bit | yes | 100.00% · 100.0% | 50.00% · 100.0% (max 7 LSB) | — | " \
+           "built, not verified | 87.98M | 2.20M | 0.2526 | 12 |" in lines
+    assert "| densenet | int8 | onnxruntime (serving) disagrees \\| x | — |" in table
+
+
+def test_zoo_reports_a_failure_in_one_line(tmp_path):
+    zoo = _zoo()
+    rc, error = zoo.run_cli([str(tmp_path / "missing.py"), "--quiet", "--out", str(tmp_path / "out")])
+    assert rc == 2 and error == f"model file {tmp_path / 'missing.py'} does not exist"
+    rc, error = zoo.run_cli([str(EXAMPLES / "densenet.py"), "--recipe", "nope", "--out", str(tmp_path / "o")])
+    assert rc == 2 and error.startswith("unknown recipe 'nope'")

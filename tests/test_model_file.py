@@ -1,0 +1,223 @@
+"""load_weights accepts exactly what PyTorch's strict load_state_dict accepts, once training containers and
+DataParallel / torch.compile prefixes are taken off; what it refuses is one line naming the keys."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from qcompile.cli import main
+from qcompile.errors import CheckpointError
+from qcompile.model_file import load_model_file, load_weights
+from tests.conftest import TinyNet, randomize_bn
+
+BN_MODULES = ("stem_bn", "body_bn")
+BN_VERSIONS = {"bn_v1": 1, "bn_v2": 2}
+
+
+def trained(seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(TinyNet(), seed=seed)
+
+
+def legacy(state: OrderedDict, case: str, prefix: str = "") -> OrderedDict:
+    """``state`` as an older PyTorch saved it: no ``num_batches_tracked``; no metadata, or BN at a version."""
+    out = OrderedDict((k, v) for k, v in state.items() if case == "current" or not k.endswith("num_batches_tracked"))
+    if case == "no_metadata":
+        return out
+    out._metadata = copy.deepcopy(state._metadata)
+    for name in BN_MODULES if case in BN_VERSIONS else ():
+        out._metadata[prefix + name]["version"] = BN_VERSIONS[case]
+    return out
+
+
+def pytorch_accepts(state: OrderedDict) -> bool:
+    try:
+        TinyNet().load_state_dict(state, strict=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+def assert_loaded(model: nn.Module, state: dict) -> None:
+    loaded = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_weights_only_load_keeps_metadata(tmp_path):
+    state = trained().state_dict()
+    torch.save({"state_dict": state}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert loaded._metadata == state._metadata and loaded._metadata["stem_bn"]["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "loads"),
+    [("current", True), ("no_metadata", True), ("bn_v1", True), ("bn_v2", False)],
+)
+def test_legacy_checkpoint_loads_exactly_when_pytorch_does(case, loads, tmp_path):
+    model = trained()
+    plain = legacy(model.state_dict(), case)
+    wrapped = legacy(nn.DataParallel(model).state_dict(), case, prefix="module.")
+    torch.save({"state_dict": wrapped, "best_prec1": 91.2, "epoch": 200}, tmp_path / "w.pt")
+    assert pytorch_accepts(plain) is loads
+    target = TinyNet()
+    if loads:
+        load_weights(target, tmp_path / "w.pt")
+        assert_loaded(target, plain)
+    else:
+        with pytest.raises(CheckpointError, match=r"2 missing \(stem_bn.num_batches_tracked, body_bn"):
+            load_weights(target, tmp_path / "w.pt")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_are_stripped(prefix, tmp_path):
+    state = trained().state_dict()
+    torch.save({f"{prefix}{k}": v for k, v in state.items()}, tmp_path / "w.pt")
+    model = TinyNet()
+    load_weights(model, tmp_path / "w.pt")
+    assert_loaded(model, state)
+
+
+@pytest.mark.parametrize(
+    "container",
+    [
+        lambda s: s,
+        lambda s: {"model": s, "optimizer": {"lr": 0.1}},
+        lambda s: {"model_state_dict": s, "epoch": 3},
+        lambda s: {"net": s},
+        lambda s: {"model": {"state_dict": s}, "best_prec1": 91.2},
+    ],
+    ids=["bare", "model", "model_state_dict", "net", "nested"],
+)
+def test_containers_are_unwrapped(container, tmp_path):
+    state = trained().state_dict()
+    torch.save(container(state), tmp_path / "w.pt")
+    model = TinyNet()
+    load_weights(model, tmp_path / "w.pt")
+    assert_loaded(model, state)
+
+
+def test_weights_key_picks_the_ema_weights(tmp_path):
+    live, ema = trained(1).state_dict(), trained(2).state_dict()
+    torch.save({"state_dict": live, "model_ema": ema, "epoch": 90}, tmp_path / "w.pt")
+    model = TinyNet()
+    load_weights(model, tmp_path / "w.pt")
+    assert_loaded(model, live)
+    load_weights(model, tmp_path / "w.pt", key="model_ema")
+    assert_loaded(model, ema)
+    with pytest.raises(CheckpointError, match=r"no entry 'ema' \(--weights-key; found: state_dict, model_ema, epoch"):
+        load_weights(model, tmp_path / "w.pt", key="ema")
+
+
+def _drop(state: dict, key: str) -> dict:
+    return {k: v for k, v in state.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda s: _drop(s, "head.bias"), ["1 missing (head.bias)"]),
+        (lambda s: {**s, "extra.weight": torch.zeros(2)}, ["1 unexpected (extra.weight)"]),
+        (lambda s: {**s, "head.weight": torch.zeros(3, 8)},
+         ["1 shape mismatches (head.weight (3, 8) vs model (5, 8))"]),
+        (lambda s: {**_drop(s, "stem.weight"), "stem.wieght": s["stem.weight"]},
+         ["1 missing (stem.weight)", "1 unexpected (stem.wieght)"]),
+    ],
+    ids=["missing", "unexpected", "shape", "renamed"],
+)
+def test_mismatch_is_one_line_naming_the_keys(edit, fragments, tmp_path):
+    torch.save(edit(trained().state_dict()), tmp_path / "w.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_weights(TinyNet(), tmp_path / "w.pt")
+    message = str(info.value)
+    assert "\n" not in message and "does not match the model" in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ({"state_dict": {"head.bias": torch.zeros(5), "head.note": "ok"}},
+         "entry 'head.note' of its state dict is a str"),
+        ({"model_ema": {"head.bias": torch.zeros(5)}, "epoch": 3},
+         "its keys: model_ema, epoch (pick one with --weights-key)"),
+        ([torch.zeros(3)], "not a state dict"),
+    ],
+    ids=["non_tensor_value", "only_ema", "list"],
+)
+def test_not_a_state_dict(content, fragment, tmp_path):
+    torch.save(content, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="^checkpoint .*w.pt: ") as info:
+        load_weights(TinyNet(), tmp_path / "w.pt")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+class Payload:
+    """Unpickling this creates a file: what weights_only must never let happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Payload(marker)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_weights(TinyNet(), tmp_path / "w.pt")
+    assert not marker.exists()
+
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+
+def build_model(classes=2):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, classes))
+
+
+def example_input():
+    return torch.randn(1, 3, 8, 8)
+"""
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def _cli(tiny_file, tmp_path, capsys, *args):
+    out = tmp_path / "out"
+    code = main([str(tiny_file), "--recipe", "bf16", "--backend", "none", "--quiet", "--out", str(out), *args])
+    return code, capsys.readouterr()
+
+
+def test_cli_mismatch_is_one_stderr_line(tiny_file, tmp_path, capsys):
+    other = load_model_file(tiny_file).build(classes=3)
+    torch.save({"state_dict": other.state_dict(), "epoch": 1}, tmp_path / "w.pt")
+    code, captured = _cli(tiny_file, tmp_path, capsys, "--weights", str(tmp_path / "w.pt"))
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error: checkpoint "), captured.err
+    assert "2 shape mismatches (5.weight (3, 4) vs model (2, 4), 5.bias (3,) vs model (2,))" in lines[0]
+
+
+def test_cli_weights_key_loads_a_legacy_ema_checkpoint(tiny_file, tmp_path, capsys):
+    ema = legacy(nn.DataParallel(load_model_file(tiny_file).build()).state_dict(), "no_metadata")
+    torch.save({"state_dict": {"junk": torch.zeros(1)}, "model_ema": ema}, tmp_path / "w.pt")
+    weights = str(tmp_path / "w.pt")
+    code, captured = _cli(tiny_file, tmp_path, capsys, "--weights", weights, "--weights-key", "model_ema")
+    assert code == 0, captured.err
+    code, captured = _cli(tiny_file, tmp_path, capsys, "--weights-key", "model_ema")
+    assert code == 2 and captured.err.strip() == "qcompile: error: --weights-key applies to --weights"
