@@ -11,7 +11,9 @@ Flavours:
   cost says, each cast to 8 bits in the graph (constant-folded by onnxruntime, so the integer kernels still run).
 
 Value mapping: an IR integer tensor (≤ 8 bits) is an ONNX tensor of codes; an IR int32 accumulator is the float
-output of the ONNX ``Conv``/``Gemm`` (its dequantized value, ``acc · s_x · s_w``); float values are float.
+output of the ONNX ``Conv``/``Gemm`` (its dequantized value, ``acc · s_x · s_w``); float values are float. A dense
+layer on a channels-last tensor runs as a 2-d ``Gemm`` (the only one onnxruntime fuses into its integer kernel):
+its input codes are reshaped to 2-d and its requantized codes back, both exact on codes.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class _Exporter:
         self.inits: list[Any] = []
         self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
         self.done: set[str] = set()  # outputs of ops already written as part of an earlier op's rewrite
+        self.flat: dict[str, str] = {}  # N-d dense output (or its copy) -> the 2-d Gemm output it reshapes
         self.readers: dict[str, list[Op]] = {}
         self.producer = {o.output: o for o in ir.ops}
         for o in ir.ops:
@@ -143,13 +146,17 @@ class _Exporter:
         low = "" if lo == 0 else self.const(f"{out}_lo", np.array(lo, ty))  # saturation already clamps at 0
         return self.node("Clip", [q, low, self.const(f"{out}_hi", np.array(hi, ty))], out)
 
-    def dq(self, name: str) -> str:
-        """The float view of an IR value."""
+    def dq(self, name: str, src: str | None = None) -> str:
+        """The float view of an IR value, or of ``src``, an ONNX tensor holding it in another shape."""
         t = self.ir.values[name]
+        src = src or name
         if t.dtype is DType.FLOAT32 or t.dtype is DType.INT32:
-            return name
+            return src
         s, zp = self.scale_zp(name, t)
-        return self.node("DequantizeLinear", [name, s, zp], self.uid(f"{name}_dq"))
+        return self.node("DequantizeLinear", [src, s, zp], self.uid(f"{name}_dq"))
+
+    def reshape(self, src: str, shape: list[int], output: str | None = None) -> str:
+        return self.node("Reshape", [src, self.const("shape", np.array(shape, np.int64))], output)
 
     # --- ops ---------------------------------------------------------------------------------------------
     def export(self) -> Any:
@@ -185,9 +192,15 @@ class _Exporter:
             raise OnnxExportError("dyadic requantization has no ONNX QDQ form; lower without --dyadic")
         t = self.ir.values[op.output]
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
+        flat = self.flat.get(src)
+        src = flat or src
         if op.attrs.get("relu") and t.qmin < 0:
             src = self.node("Relu", [src])
-        self.quantize_to(src, op.output, t)
+        if flat is None:
+            self.quantize_to(src, op.output, t)
+            return
+        codes = self.quantize_to(src, self.uid(f"{op.output}_2d"), t)
+        self.reshape(codes, [-1, *t.shape[1:]], op.output)
 
     def _weights(self, name: str) -> str:
         t = self.ir.values[name]
@@ -274,11 +287,23 @@ class _Exporter:
             self.node("Conv", inputs, out, **attrs)
 
     def op_dense(self, op: Op) -> None:
-        inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
+        """``Gemm``; on a channels-last input, of the codes reshaped to 2-d, the requantizes reading it reshaping
+        their codes back (``op_requantize``), any other reader the float output."""
+        x, shape = op.inputs[0], self.ir.values[op.output].shape
+        nd = len(shape) > 2
+        src = self.reshape(x, [-1, self.ir.values[x].shape[-1]]) if nd else x
+        inputs = [self.dq(x, src), self._weights(op.inputs[1])]
         if len(op.inputs) > 2:
             inputs.append(self._bias(op.inputs[2]))
+        float_readers = any(r.kind != "requantize" for r in self.readers.get(op.output, [])) or (
+            op.output in self.ir.outputs)
         for out in self.copies(op):
-            self.node("Gemm", inputs, out, transB=1)
+            if not nd:
+                self.node("Gemm", inputs, out, transB=1)
+                continue
+            self.flat[out] = self.node("Gemm", inputs, transB=1)
+            if out == op.output and float_readers:
+                self.reshape(self.flat[out], [-1, *shape[1:]], out)
 
     def op_relu(self, op: Op) -> None:
         t = self.ir.values[op.output]
@@ -373,6 +398,22 @@ class _Exporter:
         if offset:
             x = self.node("Sub", [x, self.const("zp", np.array(offset, np.float32))])
         return self.node("Mul", [x, self.const(f"{name}_scale", t.scale.astype(np.float32))])
+
+    def op_layer_norm(self, op: Op) -> None:
+        """``LayerNormalization`` in double (Cast in and out) on the input centred first. onnxruntime's kernel
+        takes the variance as E[x²] - mean², which cancels where the mean is large against the spread; centred,
+        it agrees with the reference's two-pass float64 form but for reduction order (measured: every float32
+        output equal on millions of random dequantized codes; on adversarial ones, codes 250..255, at most one in
+        10^6 a unit in the last place apart). Its epsilon attribute is a float32, hence the IR's float32 eps."""
+        TP = self.onnx.TensorProto
+        x, w, b = op.inputs
+        k = self.ir.constants[w].ndim
+        xd = self.node("Cast", [x], to=TP.DOUBLE)
+        mean = self.node("ReduceMean", [xd, self.const("axes", np.arange(-k, 0, dtype=np.int64))], keepdims=1)
+        affine = [self.const(n, self.ir.constants[n].astype(np.float64)) for n in (w, b)]
+        y = self.node("LayerNormalization", [self.node("Sub", [xd, mean]), *affine], axis=-k,
+                      epsilon=float(op.attrs["eps"]))
+        self.node("Cast", [y], op.output, to=TP.FLOAT)
 
     def op_lut(self, op: Op) -> None:
         """``Gather`` from a 256-entry table over the 8-bit container's values (codes shifted by the container's

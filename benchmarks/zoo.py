@@ -2,7 +2,8 @@
 
     python benchmarks/zoo.py [--models mobilenet_v2 densenet ...] [--recipes int8 mostly4bit]
                              [--data examples/data/cifar10-sample.tar.gz] [--calib-size 256] [--eval-size N]
-                             [--verify-size 500] [--out /tmp/qcompile-zoo] [--markdown FILE] [--threads N]
+                             [--verify-size 500] [--batch-size 100] [--out /tmp/qcompile-zoo] [--markdown FILE]
+                             [--threads N]
 
 For each example model file x recipe it runs ``qcompile MODEL --recipe R --data ... --backend onnx
 --backend tvm --out OUT/<model>-<recipe> --quiet`` in-process (``qcompile.cli.main``), then reads that run's
@@ -31,7 +32,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-MODELS = ("mobilenet_v2", "se_resnet", "efficientnet_b0", "preact_resnet18", "shufflenet_v2", "densenet")
+MODELS = ("mobilenet_v2", "se_resnet", "efficientnet_b0", "preact_resnet18", "shufflenet_v2", "densenet",
+          "convnext")
 RECIPES = ("int8", "mostly4bit")
 COLUMNS = ("model", "recipe", "compiles", "reference vs fake-quant", "ONNX serving vs ref", "ONNX compact vs ref",
            "TVM CPU vs ref", "MACs", "params", "linear vs bf16", "seconds")
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="images the artifacts are checked on, the first of the evaluation images (default 500)")
     ap.add_argument("--out", default="/tmp/qcompile-zoo", help="one OUT/<model>-<recipe> folder per run")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    ap.add_argument("--batch-size", type=int, default=100, metavar="N",
+                    help="batch size of calibration, verification and evaluation (default 100: verification "
+                         "keeps every intermediate tensor of a batch)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
 
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         out = out_root / f"{label}-{recipe}"
         shutil.rmtree(out, ignore_errors=True)  # never read a previous run's report
         cli_args = [str(path), "--recipe", recipe, "--data", args.data, "--calib-size", str(args.calib_size),
-                    "--verify-size", str(args.verify_size), "--backend", "onnx", "--backend", "tvm",
+                    "--verify-size", str(args.verify_size), "--batch-size", str(args.batch_size), "--backend", "onnx", "--backend", "tvm",
                     "--out", str(out), "--quiet"]
         if args.eval_size is not None:
             cli_args += ["--eval-size", str(args.eval_size)]

@@ -123,6 +123,7 @@ class AdaQuant(Pass):
     Li et al., 2021), which lets the layers of a block compensate each other's rounding."""
 
     name = "adaquant"
+    single_threaded = True
     requires = frozenset({QUANTIZERS, CALIBRATED})
 
     def __init__(self, iterations: int = 200, batch_size: int = 32, lr: float = 1e-2, seed: int = 0,

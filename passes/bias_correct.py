@@ -22,6 +22,7 @@ from qcompile.passes._layerwise import calibration_batches, channel_mean, float_
 
 class BiasCorrect(Pass):
     name = "bias_correct"
+    single_threaded = True
     requires = frozenset({QUANTIZERS, CALIBRATED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

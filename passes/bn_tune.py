@@ -24,6 +24,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 class BnTune(Pass):
     name = "bn_tune"
+    single_threaded = True
     requires = frozenset({SHAPES, PRECISION})
 
     def __init__(self, variance: bool = False) -> None:

@@ -6,11 +6,19 @@ computes, a per-channel affine map: a depthwise 1×1 conv with weight γ/σ and 
 function), which then quantizes and lowers like any layer. Its per-channel weight quantizes exactly (one weight
 per channel sits at the channel's bound), so only its input and int32 bias are rounded. It is one more layer
 in the cost report: C·H·W MACs. ``F.batch_norm`` called with statistics read from attributes (fused
-norm-activation layers do this) is first made a BatchNorm module, so it folds or converts the same way.
+norm-activation layers do this) is first made a BatchNorm module, so it folds or converts the same way;
+``F.layer_norm`` with weights read from attributes (timm's and torchvision's ``LayerNorm2d``) likewise becomes an
+``nn.LayerNorm``, which lowers as a float op.
+
+A layer scale, ``gamma * y`` with a parameter ``gamma`` that scales each output channel of the single-use
+conv/dense computing ``y`` (ConvNeXt; torchvision multiplies after permuting the channels back, so permutes may
+sit between), is the same kind of per-channel affine map and folds the same way: ``w' = w·γ``, ``b' = b·γ``,
+exact up to the rounding of each product to float32 (done once, from float64).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -18,9 +26,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from qcompile.elementwise import is_mul
 from qcompile.graph import is_compute, module_of
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
 from qcompile.passes._modules import set_submodule
+from qcompile.quantizer import channel_axis
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -55,33 +65,137 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
+def _holder(*args: object) -> str:
+    """The module path that holds the first attribute among ``args`` (``stem.1`` for ``stem.1.weight``)."""
+    return next((str(a.target).rpartition(".")[0] for a in args if isinstance(a, fx.Node) and a.op == "get_attr"), "")
+
+
+def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.batch_norm(x, mean, var, weight, bias, False, momentum, eps)`` on attribute tensors as a module and the
+    name to give it; None when the call is not one (training mode, computed statistics)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    mean, var = _attr(gm, args.get("running_mean")), _attr(gm, args.get("running_var"))
+    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    if mean is None or var is None or args.get("training", False) is not False or mean.dim() != 1:
+        return None
+    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
+        return None
+    bn = nn.BatchNorm2d(mean.numel(), eps=float(args.get("eps", 1e-5)), affine=weight is not None)
+    bn.running_mean.copy_(mean.detach())
+    bn.running_var.copy_(var.detach())
+    if weight is not None:
+        bn.weight.data.copy_(weight.detach())
+        bn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros_like(weight))
+    holder = _holder(args["running_mean"])
+    return bn, f"{holder}.bn" if holder else "batch_norm"
+
+
+def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.layer_norm(x, shape, weight, bias, eps)`` with weight and bias read from attributes (or None) as an
+    ``nn.LayerNorm`` and the name to give it; None when either is computed."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
+        return None
+    affine = weight is not None or bias is not None
+    ln = nn.LayerNorm(tuple(args["normalized_shape"]), eps=float(args.get("eps", 1e-5)), elementwise_affine=affine,
+                      bias=bias is not None)
+    if affine:
+        ln.weight.data.copy_(weight.detach() if weight is not None else torch.ones_like(bias))
+    if bias is not None:
+        ln.bias.data.copy_(bias.detach())
+    holder = _holder(args.get("weight"), args.get("bias"))
+    return ln, f"{holder}.layer_norm" if holder else "layer_norm"
+
+
+_FUNCTIONAL_NORMS = {F.batch_norm: _batch_norm_module, F.layer_norm: _layer_norm_module}
+
+
 def _functional_to_modules(gm: fx.GraphModule) -> None:
-    """``F.batch_norm(x, mean, var, weight, bias, False, momentum, eps)`` on attribute tensors → a module."""
+    """Functional batch and layer norms on attribute tensors → modules (then folded, converted or lowered)."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not F.batch_norm:
+        make = _FUNCTIONAL_NORMS.get(node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
+        made = make(gm, node) if make is not None else None
+        if made is None:
             continue
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        args = dict(zip(names, node.args)) | dict(node.kwargs)
-        mean, var = _attr(gm, args.get("running_mean")), _attr(gm, args.get("running_var"))
-        weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
-        if mean is None or var is None or args.get("training", False) is not False or mean.dim() != 1:
-            continue
-        if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
-            continue
-        bn = nn.BatchNorm2d(mean.numel(), eps=float(args.get("eps", 1e-5)), affine=weight is not None)
-        bn.running_mean.copy_(mean.detach())
-        bn.running_var.copy_(var.detach())
-        if weight is not None:
-            bn.weight.data.copy_(weight.detach())
-            bn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros_like(weight))
-        holder = str(args["running_mean"].target).rpartition(".")[0]
-        name = _free_name(gm, f"{holder}.bn" if holder else "batch_norm")
-        gm.add_submodule(name, bn.eval())
+        module, base = made
+        name = _free_name(gm, base)
+        gm.add_submodule(name, module.eval())
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (args["input"],))
+            call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+
+
+def _rank(node: fx.Node) -> int:
+    tm = node.meta.get("tensor_meta")
+    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else -1
+
+
+def _layer_scale(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor, int] | None:
+    """``gamma * y`` (either order) with a parameter ``gamma`` that has one factor along a single axis of ``y``:
+    ``(y, gamma as a vector, that axis)``."""
+    if not is_mul(mul):
+        return None
+    params = [a for a in mul.args if _attr(gm, a) is not None]
+    if len(params) != 1:
+        return None
+    gamma = _attr(gm, params[0]).detach()
+    y = next(a for a in mul.args if a is not params[0])
+    rank = _rank(y)
+    if gamma.dim() > rank:
+        return None
+    shape = (1,) * (rank - gamma.dim()) + tuple(gamma.shape)
+    axis = max(range(rank), key=lambda i: shape[i])
+    return (y, gamma.reshape(-1), axis) if math.prod(shape) == shape[axis] else None
+
+
+def _scaled_layer(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """For a layer scale, the single-use conv/dense node it scales per output channel (seen through single-use
+    permutes, which move that axis) and its factors; None for any other product."""
+    found = _layer_scale(gm, mul)
+    if found is None:
+        return None
+    y, gamma, axis = found
+    while len(y.users) == 1 and (perm := _permutation(y)) is not None:
+        axis, y = perm[axis], y.args[0]  # type: ignore[assignment]
+    layer = module_of(gm, y)
+    if not isinstance(layer, nn.Conv2d | nn.Linear) or len(y.users) != 1 or axis != channel_axis(layer, _rank(y)):
+        return None
+    return (y, gamma) if len(gamma) == layer.weight.shape[0] else None
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    """The dims of a ``permute`` node (output axis i is input axis ``perm[i]``), else None."""
+    if not ((node.op == "call_function" and node.target is torch.permute)
+            or (node.op == "call_method" and node.target == "permute")):
+        return None
+    dims = node.args[1:] or (node.kwargs["dims"],)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return [int(d) % _rank(node) for d in dims]  # type: ignore[union-attr]
+
+
+def _fold_layer_scales(gm: fx.GraphModule) -> None:
+    """Every layer scale folded into its conv/dense's weight and bias (per output channel, from float64)."""
+    sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for mul in list(gm.graph.nodes):
+        found = _scaled_layer(gm, mul)
+        if found is None or sites[found[0].target] != 1:
+            continue
+        y, gamma = found
+        layer = module_of(gm, y)
+        g = gamma.double()
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.double() * g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias.double() * g)
+        mul.replace_all_uses_with(next(a for a in mul.args if _attr(gm, a) is None))
+        gm.graph.erase_node(mul)
     gm.graph.eliminate_dead_code()
 
 
@@ -120,6 +234,7 @@ class FoldBatchNorm(Pass):
                                     "it runs as a depthwise 1x1 conv")
             else:
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; left unfolded")
+        _fold_layer_scales(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm

@@ -2,12 +2,16 @@
 
 Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
 shared by consumers that agree). Each residual add and each product of two tensors gets quantizers on those
-inputs that are not already on a quantizer's grid, and one on its output (after the ReLU that follows an add, if
-any), at the recipe's residual width: in the integer IR they are DQ → op → Q. A unary function (SiLU, sigmoid,
-a clamp, ``x + 3``) gets a quantizer on its input unless it is on a grid already, and one on its output unless
-only quantizers read it: the IR tabulates it from input codes to output codes. A clamp of a layer's output needs
-no input quantizer: it folds into the layer's requantize. The inputs of a concatenation get quantizers of one
-spec (``align_add_scales`` then gives them one scale, so the concatenation moves codes). Last, a quantized
+inputs that are not already on a quantizer's grid (an add's before the permutes and reshapes producing it, which
+then move codes), and one on its output (after the ReLU that follows an add, if any), at the recipe's residual
+width: in the integer IR they are DQ → op → Q. A unary function (SiLU, sigmoid, a clamp, ``x + 3``) gets a
+quantizer on its input unless it is on a grid already, and one on its output unless only quantizers read it:
+the IR tabulates it from input codes to output codes. A clamp of a layer's output needs no input quantizer: it
+folds into the layer's requantize. A LayerNorm needs no quantizer of its own: it reads its input in float like
+any float op, and whatever reads its output either quantizes it (a layer, an add, a product, a unary function),
+is exact on floats (permutes, reshapes) or is a float op the IR defines anyway (pooling), so every backend
+computes the same float32 values. The inputs of a concatenation get quantizers of one spec
+(``align_add_scales`` then gives them one scale, so the concatenation moves codes). Last, a quantized
 layer's accumulator is never read in float: where anything but a quantizer, a ReLU, a clamp or max pooling
 reads it (pooling, a mean, a reshape), it is quantized first, so every layer runs as an integer kernel and no
 backend's float accumulation order can show. Signedness comes from the graph. Weights are quantized through a
@@ -33,7 +37,10 @@ from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
 _ADD_TARGETS = {operator.add, torch.add}
 _NO_OPS = (nn.Identity, nn.Dropout)
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
-_TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, torch.flatten, F.dropout}
+_MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose}
+_MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous"}
+_TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, F.dropout} | _MOVE_FUNCTIONS
+_TRANSPARENT_METHODS = {"relu"} | _MOVE_METHODS
 
 
 def is_concat(node: fx.Node) -> bool:
@@ -58,15 +65,23 @@ def sum_value(gm: fx.GraphModule, add: fx.Node) -> fx.Node:
     return users[0] if len(users) == 1 and is_relu(gm, users[0]) else add
 
 
+def is_move(node: fx.Node) -> bool:
+    """Pure data movement of one tensor: a reshape or a permute (a per-tensor quantizer commutes with it)."""
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and (
+        (node.op == "call_function" and node.target in _MOVE_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _MOVE_METHODS))
+
+
 def quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActivationQuantizer | None:
-    """The activation quantizer whose grid ``node``'s values lie on (through ReLU, max-pool, flatten), if any."""
+    """The activation quantizer whose grid ``node``'s values lie on (through ReLU, max-pool, reshapes and
+    permutes), if any."""
     while True:
         m = module_of(gm, node)
         if isinstance(m, ActivationQuantizer):
             return m
         transparent = isinstance(m, _TRANSPARENT_MODULES) or (
             node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS
-        ) or (node.op == "call_method" and node.target in ("relu", "flatten", "view", "reshape"))
+        ) or (node.op == "call_method" and node.target in _TRANSPARENT_METHODS)
         if not transparent or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]
@@ -143,7 +158,7 @@ class InsertQuantizers(Pass):
                 new_args = []
                 for a in node.args:
                     if isinstance(a, fx.Node) and quantizer_of(gm, a) is None:
-                        a = self._quantize_edge(gm, a, self._spec(gm, a, residual, ctx, memo))
+                        a = self._quantize_before_moves(gm, a, residual, ctx, memo)
                     new_args.append(a)
                 node.args = tuple(new_args)
                 self._quantize_sum(gm, node, residual, ctx, memo)
@@ -178,6 +193,21 @@ class InsertQuantizers(Pass):
                 q = self._quantize_edge(gm, node, self._spec(gm, node, bits, ctx, memo))
                 for r in readers:
                     r.replace_input_with(node, q)
+
+    def _quantize_before_moves(self, gm: fx.GraphModule, value: fx.Node, bits: int, ctx: PassContext,
+                               memo: dict[fx.Node, bool]) -> fx.Node:
+        """A quantizer for ``value`` placed before the single-use permutes, reshapes and no-ops that produce it,
+        which then move codes; returns what to read instead of ``value``. A layer's output permuted back to channels
+        first (ConvNeXt's residual branch) is then requantized once, instead of requantized before the permute
+        (a layer's accumulator is never read in float) and quantized again after it."""
+        move, src = None, value
+        while len(src.users) == 1 and (is_move(src) or isinstance(module_of(gm, src), _NO_OPS)):
+            move, src = src, src.args[0]
+        q = self._quantize_edge(gm, src, self._spec(gm, src, bits, ctx, memo))
+        if move is None:
+            return q
+        move.replace_input_with(src, q)
+        return value
 
     def _quantize_concat(self, gm: fx.GraphModule, node: fx.Node, bits: int, ctx: PassContext,
                          memo: dict[fx.Node, bool]) -> None:

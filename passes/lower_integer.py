@@ -5,8 +5,9 @@ Each fake-quant construct becomes its integer meaning: an activation quantizer o
 into its clipping), on codes of another grid ``dequantize`` → ``quantize``, and on a unary function of codes
 (SiLU, sigmoid, Hardswish, a clamp, ``x + 3``) a ``lut``: the table of the quantizer's output code for every
 input code, computed with the function the fake-quant model calls. A quantized conv/dense is an integer
-conv/dense with int32 accumulation and bias; ReLU, max-pool, reshapes, transposes, slices (``chunk`` and
-``split`` pieces included), zero padding and same-grid concatenation act on codes; add, mul, average pooling and
+conv/dense with int32 accumulation and bias (a dense on a channels-last tensor has its channels, and its
+accumulator's scales, on the last axis); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
+pieces included), zero padding and same-grid concatenation act on codes; add, mul, LayerNorm, average pooling and
 mean run in float between dequantize and quantize (ONNX QDQ semantics). A node it cannot lower is an error
 naming the node, the op and the source line.
 """
@@ -28,10 +29,11 @@ from qcompile.elementwise import Bounds, Unary, is_binary_mul, tensor_input, una
 from qcompile.tracing import source_location
 from qcompile.errors import QCompileError
 from qcompile.graph import is_relu, module_of
+from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
-from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, QuantizerState, WeightQuantizer
+from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, QuantizerState, WeightQuantizer, channel_axis
 
 
 class LoweringError(QCompileError):
@@ -159,7 +161,7 @@ class _Lowerer:
             self.lower_output(node)
             return None
         if node.op == "get_attr":
-            raise self.fail(node, "tensors read from attributes are not supported in the integer IR")
+            return None  # a parameter read as a tensor: its reader fails, naming itself
         if "tensor_meta" not in node.meta or _is_split(node):
             return None  # sizes and other Python values, chunk/split tuples: consumers read what they need
         m = module_of(self.gm, node)
@@ -182,6 +184,8 @@ class _Lowerer:
             return self.lower_quantizer(node, m)
         if isinstance(m, nn.Conv2d | nn.Linear):
             return self.lower_layer(node, m)
+        if isinstance(m, nn.LayerNorm):
+            return self.lower_layer_norm(node, m)
         if isinstance(m, _ALIAS_MODULES):
             return self.value(node, node.args[0])
         if isinstance(m, nn.MaxPool2d):
@@ -200,6 +204,10 @@ class _Lowerer:
         t = node.target
         fn = node.op == "call_function"
         meth = node.op == "call_method"
+        params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if params:
+            raise self.fail(node, f"reads parameter {params[0]} as a tensor; parameters lower only as a layer's "
+                                  "weights or as a layer scale right after a conv/dense (folded by fold_bn)")
         if is_relu(self.gm, node):
             return self.lower_relu(node)
         if (u := unary_of(self.gm, node)) is not None:
@@ -402,8 +410,22 @@ class _Lowerer:
                 raise self.fail(node, "the int32 bias overflows; the layer's input or weight scale is too small")
             inputs.append(self.g.add_constant(f"{node.target}.bias", b.astype(np.int32),
                                               TensorInfo(DType.INT32, b.shape, s_acc, 0)))
-        return _Val(self.g.add_op(kind, inputs, node.name, TensorInfo(DType.INT32, self.shape(node), s_acc, 1),
+        shape = self.shape(node)
+        return _Val(self.g.add_op(kind, inputs, node.name,
+                                  TensorInfo(DType.INT32, shape, s_acc, channel_axis(m, len(shape))),
                                   self.src(node), **attrs))
+
+    def lower_layer_norm(self, node: fx.Node, m: nn.LayerNorm) -> _Val:
+        """Float ``layer_norm`` of the dequantized input; the quantizer of whatever reads it (the next layer's
+        input) rounds it. A missing weight or bias is ones or zeros (exact); eps is kept as the float32 that
+        PyTorch adds."""
+        shape = tuple(m.normalized_shape)
+        affine = {"weight": m.weight if m.weight is not None else torch.ones(shape),
+                  "bias": m.bias if m.bias is not None else torch.zeros(shape)}
+        consts = [self.g.add_constant(f"{node.name}.{k}", t.detach().numpy().astype(np.float32),
+                                      TensorInfo(DType.FLOAT32, shape)) for k, t in affine.items()]
+        return _Val(self.float_op(node, "layer_norm", [self.as_float(node, node.args[0]), *consts],
+                                  eps=float(np.float32(m.eps))))
 
     def lower_relu(self, node: fx.Node) -> _Val:
         v = self.value(node, node.args[0])
@@ -516,7 +538,8 @@ def _is_split(node: fx.Node) -> bool:
 
 
 class LowerInteger(Pass):
-    """Lower the calibrated fake-quant graph to ``ctx.ir`` (the graph module itself is unchanged)."""
+    """Lower the calibrated fake-quant graph to ``ctx.ir`` (the graph module itself is unchanged); a layer whose
+    int32 accumulator some input could overflow is refused (:func:`qcompile.ir.bounds.check_int32`)."""
 
     name = "lower_integer"
     requires = frozenset({QUANTIZERS, CALIBRATED})
@@ -527,6 +550,7 @@ class LowerInteger(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ir = _Lowerer(gm, self.dyadic).lower()
+        check_int32(ir)  # proven for every input, not only the verification images
         ir.metadata.update(recipe=ctx.recipe.name, width=ctx.width, requantize="dyadic" if self.dyadic else "float32")
         ctx.ir = ir
         return gm

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,14 +14,14 @@ import numpy as np
 import torch
 from torch import fx
 
-from qcompile.artifacts import write_json
+from qcompile.artifacts import check_output_dir, failed_path, file_digests, keep_failed, output_transaction, write_json
 from qcompile.bit_allocation import parse_budget
 from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.serialize import save as save_ir
-from qcompile.model_file import ModelFile, load_model_file, load_weights, parse_model_args
+from qcompile.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
 from qcompile.passes import (
     AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
 )
@@ -143,6 +145,11 @@ def resolve_data(
 ReferencePairs = list[tuple[np.ndarray, np.ndarray]]  # (inputs, reference logits) per batch
 
 
+class VerificationFailed(QCompileError):
+    """A backend's artifact disagrees with the integer reference. The run is not swapped into --out: it is kept
+    beside it (``keep_failed``) with its report, for the diff to be read and the artifact to be run."""
+
+
 def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
                          pairs: ReferencePairs) -> None:
     """model.onnx (serving) and model.compact.onnx, each checked against the reference in onnxruntime."""
@@ -174,13 +181,12 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
         rows = qonnx.layer_diff(ir, model, pairs[0][0])
         first = next((r for r in rows if r["max_lsb_diff"] > 0), None)
         result["layers"] = rows
-        write_json(out / "report.json", report)
         where = (f"; first differing tensor {first['name']} ({first['identical_fraction']:.5f} identical, "
                  f"max {first['max_lsb_diff']} LSB)" if first else "")
-        raise QCompileError(
+        raise VerificationFailed(
             f"onnxruntime ({flavour}) disagrees with the integer reference: identical "
             f"{result['identical_fraction']:.5f}, max {result['max_lsb_diff']} LSB, top-1 agreement "
-            f"{result['top1_agreement']:.4f}{where}; per-layer diff in {out / 'report.json'}")
+            f"{result['top1_agreement']:.4f}{where}; per-layer diff in report.json")
 
 
 def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
@@ -213,7 +219,7 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
         result = compare_backend(ir, lambda x: model(x)[0], pairs)
         report.setdefault("verification", {})[f"tvm_{name.replace('-', '_')}_vs_reference"] = result
         if not within_tolerance(result):
-            raise QCompileError(
+            raise VerificationFailed(
                 f"TVM ({name}) disagrees with the integer reference: identical {result['identical_fraction']:.5f}, "
                 f"max {result['max_lsb_diff']} LSB, top-1 agreement {result['top1_agreement']:.4f}")
 
@@ -225,7 +231,8 @@ def within_tolerance(result: dict[str, Any]) -> bool:
 
 def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IRGraph, out: Path,
                             report: dict[str, Any], checked: BatchList) -> None:
-    """OUT/ir and the backends' artifacts, each verified on the first ``--verify-size`` images."""
+    """OUT/ir and the backends' artifacts, written under ``out`` (the run's staging folder) and each verified on
+    the first ``--verify-size`` images."""
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
     report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
     # the reference interpreter runs once: the fake-quant comparison keeps its logits for the backends
@@ -245,6 +252,32 @@ def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IR
             f"max difference {summary['max_lsb_diff']} LSB")
 
 
+def output_dir(args: argparse.Namespace, recipe: str) -> Path:
+    """--out, or qcompile-out/<model>-<recipe>[-<ptq>][-<budget>]."""
+    if args.out:
+        return Path(args.out)
+    suffix = "".join(f"-{v}" for v in (args.ptq, args.budget) if v)
+    return Path("qcompile-out") / f"{Path(args.model).stem}-{recipe}{suffix}"
+
+
+def seal_report(report: dict[str, Any], staging: Path, out: Path) -> dict[str, Any]:
+    """The report as it reads once the run is in ``out``: artifact paths under ``out``, not under the staging
+    folder they were written to, and the size and sha256 of every file of the run, so that a folder can be
+    checked to hold exactly the run its report describes."""
+    sealed = dict(report, files=file_digests(staging))
+    if "artifacts" in report:
+        sealed["artifacts"] = {k: str(out / Path(v).relative_to(staging)) for k, v in report["artifacts"].items()}
+    return sealed
+
+
+def keep_failed_run(exc: VerificationFailed, report: dict[str, Any], staging: Path, out: Path) -> QCompileError:
+    """Move a run whose artifact failed verification beside --out, its report written; the error to raise."""
+    kept = failed_path(out.resolve())
+    write_json(staging / "report.json", seal_report(report, staging, kept))
+    keep_failed(staging, out)
+    return QCompileError(f"{exc}; run kept in {kept} (--out {out} unchanged)")
+
+
 def compile_model(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     if args.calibrator:
@@ -252,8 +285,8 @@ def compile_model(args: argparse.Namespace) -> int:
     overrides = parse_set(args.sets) + (load_overrides(args.overrides) if args.overrides else [])
     if args.dyadic and "onnx" in (args.backends or []):
         raise QCompileError("--backend onnx cannot carry --dyadic requantization (ONNX QDQ has no such form)")
-    if args.width <= 0:
-        raise QCompileError(f"--width must be positive, got {args.width}")
+    if not math.isfinite(args.width) or args.width <= 0:
+        raise QCompileError(f"--width must be a positive number, got {args.width}")
     if "tvm" not in (args.backends or []) and (args.targets or args.tvm_batch is not None):
         raise QCompileError("--target and --tvm-batch apply to --backend tvm")
     if args.tvm_batch is not None and args.tvm_batch < 1:
@@ -265,6 +298,8 @@ def compile_model(args: argparse.Namespace) -> int:
         )
     if args.weights_key is not None and not args.weights:
         raise QCompileError("--weights-key applies to --weights")
+    out = output_dir(args, recipe.name)
+    check_output_dir(out)
     mf = load_model_file(args.model)
     model = mf.build(**parse_model_args(args.model_args))
     if args.weights:
@@ -272,6 +307,8 @@ def compile_model(args: argparse.Namespace) -> int:
     model.eval()
     inputs = mf.example_input()
     calib, evald = resolve_data(args, mf, inputs)
+    check_batches(inputs, calib, "calibration")
+    check_batches(inputs, evald, "evaluation")
     passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
     notes = []
     ptq = (bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None
@@ -296,29 +333,45 @@ def compile_model(args: argparse.Namespace) -> int:
     report["warnings"] += notes
     if ptq:
         report["ptq"] = {"mode": args.ptq or "plain", **result.context.results}
-    suffix = "".join(f"-{v}" for v in (args.ptq, args.budget) if v)
-    out = Path(args.out) if args.out else Path("qcompile-out") / f"{Path(args.model).stem}-{recipe.name}{suffix}"
-    if result.context.ir is not None:
-        checked = evald if evald is not None else calib
-        write_integer_artifacts(args, result.graph_module, result.context.ir, out, report, checked or [])
-    if evald is not None and (not recipe.quantized or calib is not None):
-        float_top1, n = top1(model, evald, desc="eval float")
-        quant_top1 = top1(result.graph_module, evald, desc="eval quantized")[0] if recipe.quantized else float_top1
-        report["accuracy"] = {"float_top1": float_top1, "quant_top1": quant_top1, "n": n,
-                              "calibration_images": result.context.calibration_images}
-        ref = report.get("verification", {}).get("reference_vs_fakequant")
-        if ref is not None and evald is not None:
-            report["accuracy"].update(reference_top1=ref["reference_top1"], reference_n=ref["images"])
-    write_json(out / "report.json", report)
+    with output_transaction(out) as staging:  # out keeps the previous complete run until the swap at the end
+        if result.context.ir is not None:
+            checked = evald if evald is not None else calib
+            try:
+                write_integer_artifacts(args, result.graph_module, result.context.ir, staging, report, checked or [])
+            except VerificationFailed as exc:
+                raise keep_failed_run(exc, report, staging, out) from None
+        if evald is not None and (not recipe.quantized or calib is not None):
+            float_top1, n = top1(model, evald, desc="eval float")
+            quant_top1 = (top1(result.graph_module, evald, desc="eval quantized")[0] if recipe.quantized
+                          else float_top1)
+            report["accuracy"] = {"float_top1": float_top1, "quant_top1": quant_top1, "n": n,
+                                  "calibration_images": result.context.calibration_images}
+            ref = report.get("verification", {}).get("reference_vs_fakequant")
+            if ref is not None and evald is not None:
+                report["accuracy"].update(reference_top1=ref["reference_top1"], reference_n=ref["images"])
+        report = seal_report(report, staging, out)
+        write_json(staging / "report.json", report)
     if not args.quiet:
         print_report(report)
     print(f"wrote {out / 'report.json'}")
     return 0
 
 
+def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
+    text = str(message).strip()
+    print(f"qcompile: warning: {text.splitlines()[0] if text else type(message).__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qcompile`` console script; user errors are one line and exit status 2."""
+    """Entry point of the ``qcompile`` console script; user errors are one line and exit status 2, warnings
+    (a cache entry recomputed, a degenerate range) one line each."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] in ("train", "sweep"):  # subcommands; anything else is a model file
             from qcompile.train.cli import run_subcommand

@@ -2,7 +2,8 @@
 
 JPEG decoding is the slow part (about a minute for CIFAR-10), so each split is decoded once with Pillow and
 cached as a uint8 ``.npz`` array keyed by the source's path, size and modification time, and by the size the
-images are resized to (an image that already has it is stored as decoded).
+images are resized to (an image that already has it is stored as decoded). Entries are :mod:`qcompile.cache`
+entries: one that is damaged, changed or of another format version is deleted and decoded again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import io
 import math
 import os
 import tarfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from qcompile import cache
 from qcompile.errors import DataError
 
 if TYPE_CHECKING:
@@ -32,6 +36,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CROP_FRACTION = 0.875  # torchvision's evaluation transform: Resize(size / 0.875), CenterCrop(size)
+SPLITS = ("train", "test")
+LAYOUT = "train/<class>/<image> and test/<class>/<image>"
+CACHE_KIND = "images"
+CACHE_VERSION = 2  # 2: qcompile.cache header (version, content hash); 1 had none
 
 Size = tuple[int, int]  # (height, width)
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
@@ -61,11 +69,6 @@ class ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source_size)
 
 
-def cache_dir() -> Path:
-    """Where decoded splits are cached: ``$QCOMPILE_CACHE`` or ``~/.cache/qcompile``."""
-    return Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
-
-
 def _source_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -90,12 +93,16 @@ def resize_center_crop(im: PILImage, size: Size) -> PILImage:
     return resized.crop((left, top, left + w, top + h))
 
 
-def _decode(data: bytes, size: Size | None) -> tuple[np.ndarray, Size]:
-    """RGB pixels, resized to ``size`` when they have another, and the source (H, W)."""
+def _decode(data: bytes, size: Size | None, where: str) -> tuple[np.ndarray, Size]:
+    """RGB pixels, resized to ``size`` when they have another, and the source (H, W); ``where`` names the image
+    in the one-line error a file Pillow cannot decode gets."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises all of these
+        raise DataError(f"cannot decode image {where}: {cache.first_line(exc)}") from None
     source = (rgb.height, rgb.width)
     if size is not None and source != size:
         rgb = resize_center_crop(rgb, size)
@@ -113,13 +120,25 @@ def _stack(decoded: list[tuple[np.ndarray, Size]], labels: list[int], classes: t
     return ImageSet(np.stack([im for im, _ in decoded]), np.asarray(labels, dtype=np.int64), classes, source_size)
 
 
+def _open_archive(path: Path) -> tarfile.TarFile:
+    """The tar archive at ``path``, or a one-line error saying what --data takes instead."""
+    try:
+        return tarfile.open(path)
+    except tarfile.ReadError:
+        what = "a zip archive" if zipfile.is_zipfile(path) else "not a tar archive"
+        raise DataError(f"data file {path} is {what}; expected a tar archive (.tar, .tar.gz, .tgz, .tar.bz2, "
+                        f".tar.xz) or a directory holding {LAYOUT}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read archive {path}: {cache.first_line(exc)}") from None
+
+
 def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
     """Decode every split of an ImageFolder-layout tar archive (``root/<split>/<class>/<image>``) in one pass."""
     from tqdm import tqdm
 
     found: dict[str, list[tuple[str, str, tuple[np.ndarray, Size]]]] = {}
     try:
-        with tarfile.open(path) as tar:
+        with _open_archive(path) as tar:
             for member in tqdm(tar, desc=f"decode {path.name}", unit="file", disable=None, leave=False):
                 parts = Path(member.name).parts
                 if not member.isfile() or len(parts) < 4 or not member.name.lower().endswith(IMAGE_SUFFIXES):
@@ -127,9 +146,10 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
                 split, cls = parts[-3], parts[-2]
                 fh = tar.extractfile(member)
                 assert fh is not None
-                found.setdefault(split, []).append((cls, member.name, _decode(fh.read(), size)))
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot read archive {path}: {exc}") from None
+                decoded = _decode(fh.read(), size, f"{path}:{member.name}")
+                found.setdefault(split, []).append((cls, member.name, decoded))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # a damaged or truncated archive
+        raise DataError(f"cannot read archive {path}: {cache.first_line(exc)}") from None
     out = {}
     for split, items in found.items():
         items.sort(key=lambda t: t[1])
@@ -139,63 +159,77 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
     return out
 
 
+def _split_dir(root: Path, split: str) -> Path | None:
+    """``root/<split>``, or ``root/<one folder>/<split>`` (a directory an archive was unpacked into)."""
+    candidates = [root / split, *(q / split for q in sorted(root.iterdir()) if q.is_dir())]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
 def _read_folder(root: Path, size: Size | None) -> ImageSet:
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     decoded, labels = [], []
     for i, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                decoded.append(_decode(f.read_bytes(), size))
+                decoded.append(_decode(f.read_bytes(), size, str(f)))
                 labels.append(i)
     return _stack(decoded, labels, classes, str(root))
 
 
 def _cache_file(path: Path, split: str, size: Size | None) -> Path:
     resized = f"-{size[0]}x{size[1]}" if size is not None else ""
-    return cache_dir() / f"{path.name}-{_source_key(path)}-{split}{resized}.npz"
+    return cache.cache_dir() / f"{path.name}-{_source_key(path)}-{split}{resized}.npz"
 
 
 def _cached(path: Path, split: str, size: Size | None) -> ImageSet | None:
-    f = _cache_file(path, split, size)
-    if not f.exists():
+    """The split as cached, or None when it is not (or was unusable: then it is deleted with a warning)."""
+    arrays = cache.load_arrays(_cache_file(path, split, size), CACHE_KIND, CACHE_VERSION)
+    if arrays is None:
         return None
-    with np.load(f) as z:
-        # entries written before source_size was recorded hold images at their source size
-        source = tuple(int(v) for v in z["source_size"]) if "source_size" in z.files else z["images"].shape[1:3]
-        return ImageSet(z["images"], z["labels"], tuple(str(c) for c in z["classes"]), source or None)
+    source = tuple(int(v) for v in arrays["source_size"])
+    return ImageSet(arrays["images"], arrays["labels"], tuple(str(c) for c in arrays["classes"]), source or None)
 
 
 def _store(path: Path, split: str, size: Size | None, data: ImageSet) -> None:
-    final = _cache_file(path, split, size)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=data.images, labels=data.labels, classes=np.asarray(data.classes),
-             source_size=np.asarray(data.source_size or (), dtype=np.int64))
-    os.replace(tmp, final)
+    arrays = {"images": data.images, "labels": data.labels, "classes": np.asarray(data.classes),
+              "source_size": np.asarray(data.source_size or (), dtype=np.int64)}
+    cache.store_arrays(_cache_file(path, split, size), CACHE_KIND, CACHE_VERSION, arrays)
+
+
+def _missing_splits(root: Path, split: str) -> str:
+    """A one-line error for a directory without ``split``, naming every standard split it lacks."""
+    missing = [s for s in dict.fromkeys((split, *SPLITS)) if _split_dir(root, s) is None]
+    names = " and no ".join(f"{s}/" for s in missing)
+    return f"data directory {root} has no {names} subdirectory; expected {LAYOUT} inside it"
 
 
 def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None) -> ImageSet:
-    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*`` or ``DIR/<class>/*``.
+    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*``.
 
-    With ``size`` (H, W), images of another size go through :func:`resize_center_crop`.
+    With ``size`` (H, W), images of another size go through :func:`resize_center_crop`. A directory without
+    the split is an error rather than a fallback to the directory's own images: calibrating and evaluating on
+    the same images would report an accuracy that means nothing.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
+    where = _split_dir(p, split) if p.is_dir() else None
+    if p.is_dir() and where is None:
+        raise DataError(_missing_splits(p, split))
     hit = _cached(p, split, size)
     if hit is not None:
         return hit
-    if p.is_file():
-        splits = _read_archive(p, size)
-        for name, data in splits.items():
-            _store(p, name, size, data)
-        if split not in splits:
-            raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(splits)) or 'none'})")
-        return splits[split]
-    candidates = [c for c in (p / split, *(q / split for q in p.iterdir() if q.is_dir())) if c.is_dir()]
-    data = _read_folder(candidates[0] if candidates else p, size)
-    _store(p, split, size, data)
-    return data
+    if where is not None:
+        data = _read_folder(where, size)
+        _store(p, split, size, data)
+        return data
+    splits = _read_archive(p, size)
+    for name, data in splits.items():
+        _store(p, name, size, data)
+    if split not in splits:
+        raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(splits)) or 'none'}; "
+                        f"expected {LAYOUT})")
+    return splits[split]
 
 
 def parse_normalization(text: str) -> Stats:

@@ -132,8 +132,14 @@ def tensor_input(node: fx.Node) -> fx.Node:
     return next(a for a in node.args if isinstance(a, fx.Node))
 
 
-def is_binary_mul(node: fx.Node) -> bool:
-    """A product of two tensors (a squeeze-and-excitation gate, an attention map), with broadcasting."""
+def is_mul(node: fx.Node) -> bool:
+    """``a * b``, ``torch.mul(a, b)`` or ``a.mul(b)`` of two graph values, whatever they are."""
     is_call = (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
         node.op == "call_method" and node.target == "mul")
     return is_call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
+
+
+def is_binary_mul(node: fx.Node) -> bool:
+    """A product of two computed tensors (a squeeze-and-excitation gate, an attention map), with broadcasting.
+    A product with a parameter (a layer scale) is not one: fold_bn folds it into the layer before it."""
+    return is_mul(node) and all(a.op != "get_attr" for a in node.args)  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ import inspect
 import sys
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcompile.errors import CheckpointError, ModelFileError
+from qcompile.errors import CheckpointError, DataError, ModelFileError
 
 REQUIRED = ("build_model", "example_input")
 OPTIONAL = ("calibration_data", "eval_data", "train_data")
@@ -262,3 +262,17 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {p}: {exc}") from None
     _strict_load(model, _strip_wrappers(state), f"checkpoint {p}")
+
+
+def check_batches(example: Sequence[torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+                  what: str) -> None:
+    """The first batch has the example input's shape except for the batch size. Calibrating, verifying or
+    measuring accuracy on another shape would silently use costs and scales of the wrong model."""
+    first = next(iter(batches), None) if batches is not None else None
+    if first is None:
+        return
+    got, want = tuple(first[0].shape), tuple(example[0].shape)
+    if got[1:] != want[1:]:
+        raise DataError(f"the {what} images have shape {got} but example_input() is {want}; they must agree except "
+                        "for the batch size")
+

@@ -7,8 +7,9 @@ so a broken rewrite is caught at the pass that broke it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -81,6 +82,9 @@ class Pass(abc.ABC):
     requires: ClassVar[frozenset[str]] = frozenset({CAPTURED, SHAPES})
     guarantees: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
+    # runs on one torch thread: its result rests on float reductions (batch statistics, gradient sums) whose order
+    # would otherwise follow the machine's thread count, and it must be the same on every machine
+    single_threaded: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -93,6 +97,17 @@ class Pass(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch limited to one thread for the block (then restored)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def lint(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -170,7 +185,8 @@ class Pipeline:
         lint(gm, ctx)
         for p in self.passes:
             start = time.perf_counter()
-            gm = p.run(gm, ctx)
+            with one_thread() if p.single_threaded else contextlib.nullcontext():
+                gm = p.run(gm, ctx)
             ctx.timings.append((p.name, time.perf_counter() - start))
             ctx.properties = (ctx.properties - p.invalidates) | p.guarantees
             gm.recompile()

@@ -185,7 +185,7 @@ class ActivationQuantizer(nn.Module):
         s_acc = self.accumulator_scale()
         if s_acc is not None and self._accumulator[1].state is QuantizerState.FROZEN and self._accumulator[2].enabled:  # type: ignore[index]
             shape = [1] * x.dim()
-            shape[1] = -1
+            shape[channel_axis(self._accumulator[0], x.dim())] = -1  # type: ignore[index]
             return _Requantize.apply(x, s_acc.reshape(shape), self.scale, self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax)
 
@@ -215,6 +215,12 @@ class WeightQuantizer(nn.Module):
 
 
 INT32_QMAX = 2**31 - 1
+
+
+def channel_axis(layer: nn.Module, ndim: int) -> int:
+    """The output-channel axis of a layer's ``ndim``-d result: the last for ``nn.Linear``, which contracts its
+    input's last axis whatever the rank (a channels-last tensor in ConvNeXt), else 1 (a convolution)."""
+    return ndim - 1 if isinstance(layer, nn.Linear) else 1
 
 
 def accumulator_scale(layer: nn.Module, input_quantizer: ActivationQuantizer,

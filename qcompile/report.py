@@ -6,10 +6,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from torch import fx, nn
 
 import qcompile
 from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.ir.bounds import accumulator_bounds
 from qcompile.pipeline import PassContext
 from qcompile.spec import get_annotation
 
@@ -29,6 +31,7 @@ def build_report(gm: fx.GraphModule, ctx: PassContext, model: str) -> dict[str, 
     if ctx.cost is None:
         raise ValueError("build_report needs the annotate_cost pass to have run")
     names = layer_names(gm)
+    bounds = {b.op: b for b in accumulator_bounds(ctx.ir)} if ctx.ir is not None else {}
     layers = []
     for n in compute_nodes(gm):
         ann = get_annotation(n)
@@ -48,6 +51,9 @@ def build_report(gm: fx.GraphModule, ctx: PassContext, model: str) -> dict[str, 
                 "memory_bits": ann.cost.memory_bits,
             }
         )
+        if n.name in bounds:  # the worst-case |int32 accumulator| over every input, and its distance from 2^31
+            layers[-1].update(accumulator_bound=bounds[n.name].bound,
+                              int32_headroom_bits=round(bounds[n.name].headroom_bits, 2))
     return {
         "model": model,
         "recipe": ctx.recipe.name,
@@ -67,46 +73,59 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _say(console: Console, line: str) -> None:
+    """Print a line of names, paths and messages as it is: "pip install 'qcompile[onnx]'" is not rich markup
+    (which would eat "[onnx]"), nor ":name:" an emoji code."""
+    console.print(line, markup=False, emoji=False)
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """A table row printed as it is (layer names and paths are data, not markup: see :func:`_say`)."""
+    table.add_row(*(Text(c) for c in cells))
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Per-layer table and totals with ratios to bf16."""
     console = console or Console(width=None if Console().is_terminal else 140)
-    table = Table(title=f"{report['model']} · recipe {report['recipe']} · width {report['width']}")
+    table = Table(title=Text(f"{report['model']} · recipe {report['recipe']} · width {report['width']}",
+                             style="table.title"))
     for col in ("layer", "op", "MACs", "w/a bits", "act", "linear", "quadratic", "memory"):
         table.add_column(col, justify="left" if col in ("layer", "op", "act") else "right")
     for layer in report["layers"]:
         sign = "-" if layer["a_signed"] is None else ("signed" if layer["a_signed"] else "unsigned")
         bits = "bf16" if layer["w_bits"] == 16 else f"{layer['w_bits']}/{layer['a_bits']}"
-        table.add_row(
-            layer["name"], layer["op"], _si(layer["macs"]), bits, sign,
+        _add_row(
+            table, layer["name"], layer["op"], _si(layer["macs"]), bits, sign,
             _si(layer["linear"]), _si(layer["quadratic"]), _si(layer["memory_bits"] / 8) + "B",
         )
     t = report["total"]
     table.add_section()
-    table.add_row("total", "", _si(t["macs"]), "", "", _si(t["linear"]), _si(t["quadratic"]), _si(t["memory_bits"] / 8) + "B")
-    table.add_row("vs bf16", "", "", "", "", f"{t['linear_vs_bf16']:.4f}", f"{t['quadratic_vs_bf16']:.4f}",
-                  f"{t['memory_vs_bf16']:.4f}")
+    _add_row(table, "total", "", _si(t["macs"]), "", "", _si(t["linear"]), _si(t["quadratic"]),
+             _si(t["memory_bits"] / 8) + "B")
+    _add_row(table, "vs bf16", "", "", "", "", f"{t['linear_vs_bf16']:.4f}", f"{t['quadratic_vs_bf16']:.4f}",
+             f"{t['memory_vs_bf16']:.4f}")
     if report["width"] != 1.0:
-        table.add_row("vs bf16 width 1", "", "", "", "", f"{t['linear_vs_bf16_width1']:.4f}",
-                      f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}")
+        _add_row(table, "vs bf16 width 1", "", "", "", "", f"{t['linear_vs_bf16_width1']:.4f}",
+                 f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}")
     console.print(table)
-    console.print(f"params {t['params']:,} · MACs per batch {t['macs']:,}")
+    _say(console, f"params {t['params']:,} · MACs per batch {t['macs']:,}")
     acc = report.get("accuracy")
     if acc:
-        console.print(f"top-1 on {acc['n']} images: float {acc['float_top1'] * 100:.2f}% · "
+        _say(console, f"top-1 on {acc['n']} images: float {acc['float_top1'] * 100:.2f}% · "
                       f"{report['recipe']} {acc['quant_top1'] * 100:.2f}% "
                       f"(calibrated on {acc['calibration_images']} images)")
     ver = report.get("verification", {}).get("reference_vs_fakequant")
     if ver:
-        console.print(f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
+        _say(console, f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
                       f"{ver['top1_agreement'] * 100:.2f}% · identical final outputs {ver['identical_fraction'] * 100:.3f}% "
                       f"· max diff {ver['max_lsb_diff']} LSB · reference top-1 {ver['reference_top1'] * 100:.2f}%")
     for flavour, res in report.get("verification", {}).get("onnx_vs_reference", {}).items():
-        console.print(f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
+        _say(console, f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
                       f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "
                       f"· max diff {res['max_lsb_diff']} LSB")
     print_ptq(report, console)
     for w in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(Text.assemble(("warning:", "yellow"), f" {w}"))
 
 
 def print_ptq(report: dict[str, Any], console: Console) -> None:
@@ -118,21 +137,21 @@ def print_ptq(report: dict[str, Any], console: Console) -> None:
     plan = ptq.get("mixed_precision")
     if plan:
         widths = ", ".join(f"{k}={v}" for k, v in plan["plan"].items())
-        console.print(f"mixed precision ({plan['objective']}): cost {plan['plan_cost_vs_bf16']:.4f} of bf16, "
+        _say(console, f"mixed precision ({plan['objective']}): cost {plan['plan_cost_vs_bf16']:.4f} of bf16, "
                       f"predicted {plan['sensitivity_metric']} degradation {plan['predicted_degradation']:.4g}"
                       + (f", measured top-1 {acc * 100:.2f}%" if acc is not None else "")
                       + f"; sensitivities {plan['sensitivity_measured']} measured, {plan['sensitivity_reused']} "
                         f"reused from {plan['sensitivity_cache']}")
-        console.print(f"plan: {widths}")
+        _say(console, f"plan: {widths}")
     ada = ptq.get("adaquant")
     if ada:
         units = ada["units"]
         kept = sum(r["kept"] for r in units)
-        console.print(f"adaquant ({ada['scope']} by {ada['scope']}): {kept}/{len(units)} {ada['scope']}s improved; MSE "
+        _say(console, f"adaquant ({ada['scope']} by {ada['scope']}): {kept}/{len(units)} {ada['scope']}s improved; MSE "
                       f"{sum(r['mse_before'] for r in units):.4g} -> "
                       f"{sum(min(r['mse_after'], r['mse_before']) for r in units):.4g} (sum over {ada['scope']}s)")
     if "bn_tune" in ptq:
-        console.print(f"bn_tune: {ptq['bn_tune']['batchnorms']} BatchNorms re-estimated on "
+        _say(console, f"bn_tune: {ptq['bn_tune']['batchnorms']} BatchNorms re-estimated on "
                       f"{ptq['bn_tune']['images']} images")
     if "bias_correct" in ptq:
-        console.print(f"bias_correct: {len(ptq['bias_correct']['layers'])} layer biases corrected")
+        _say(console, f"bias_correct: {len(ptq['bias_correct']['layers'])} layer biases corrected")

@@ -89,6 +89,10 @@ class TvmModel:
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs for every image; a fixed-batch artifact runs in chunks, the last one zero-padded."""
         x = np.asarray(x, np.float32)
+        expected = tuple(self.meta["input"]["shape"])
+        if tuple(x.shape[1:]) != expected:
+            raise ArtifactError(f"{self.folder}: the artifact takes inputs of shape (N, {', '.join(map(str, expected))}), "
+                                f"got {tuple(x.shape)}")
         if self.batch is None or len(x) == self.batch:
             return self.run_batch(x)
         chunks: list[list[np.ndarray]] = []

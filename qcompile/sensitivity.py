@@ -15,32 +15,36 @@ rather than counted again in each layer's entry. The widest candidate's entries 
 advanced pipeline the lowered layer is AdaQuant-optimised before it is measured.
 
 Measuring costs one calibration run per layer and narrower candidate, so the table is cached on disk under
-``$QCOMPILE_CACHE/sensitivity``, keyed by the captured graph's code, its weights, the calibration set, the
-candidate precisions, the calibrator, the measure and the AdaQuant iterations: a re-run with another budget
-reads it back instead of re-measuring.
+``$QCOMPILE_CACHE/sensitivity``, keyed by the captured graph's code, its weights, the layers searched, the
+calibration set, the candidate precisions, the calibrator, the measure and the AdaQuant iterations and scope: a
+re-run with another budget reads it back instead of re-measuring. The entry is a :mod:`qcompile.cache` entry,
+and a table is checked both before it is written and when it is read back (every layer and candidate present,
+every value finite, no negative KL divergence), because the search would otherwise build a plan on it silently.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
+import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from tqdm import tqdm
 
-from qcompile.artifacts import write_json
-from qcompile.data import cache_dir
-from qcompile.errors import RecipeError
+from qcompile import cache
+from qcompile.errors import PipelineError, RecipeError
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext, Pipeline
 from qcompile.recipes import Override
 from qcompile.spec import Precision
 
-CACHE_VERSION = 5  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference; 4: metrics;
-# 5: AdaQuant scope
+CACHE_KIND = "sensitivity"
+CACHE_VERSION = 6  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference; 4: metrics;
+# 5: AdaQuant scope; 6: qcompile.cache entry (content hash), keyed by the layers searched, KL clamped at 0
 METRICS = ("kl", "loss")
 
 
@@ -61,10 +65,14 @@ def calibration_loss(logits: Sequence[torch.Tensor], batches: Sequence[tuple[tor
 
 
 def mean_kl(reference: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]) -> float:
-    """Mean over images of KL(softmax(reference) || softmax(logits))."""
+    """Mean over images of KL(softmax(reference) || softmax(logits)).
+
+    Clamped at 0: float32 rounding can take the divergence of near-identical outputs a hair below it, and a
+    negative KL divergence is what the cache check rejects as impossible.
+    """
     total = sum(float(F.kl_div(F.log_softmax(z, 1), F.log_softmax(r, 1), reduction="sum", log_target=True))
                 for r, z in zip(reference, logits))
-    return total / sum(len(r) for r in reference)
+    return max(total / sum(len(r) for r in reference), 0.0)
 
 
 def check_metric(metric: str) -> None:
@@ -82,13 +90,14 @@ def degradation(metric: str, reference: Sequence[torch.Tensor], logits: Sequence
 
 
 def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              candidates: Sequence[Precision], ctx: PassContext, metric: str, adaquant_iterations: int = 0,
-              adaquant_scope: str = "layer") -> str:
-    """What the measurements depend on: graph, weights, calibration data, candidates, calibrator, residual width,
-    metric, AdaQuant (iterations and scope)."""
+              candidates: Sequence[Precision], ctx: PassContext, metric: str, units: Mapping[str, Sequence[str]],
+              adaquant_iterations: int = 0, adaquant_scope: str = "layer") -> str:
+    """What the measurements depend on: graph, weights, the units measured (so an entry is complete for exactly
+    them), calibration data, candidates, calibrator, residual width, metric, AdaQuant (iterations and scope)."""
     h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|{gm.code}|{[str(p) for p in candidates]}|{ctx.recipe.act_calibrator.value}|"
-             f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}|{adaquant_scope}".encode())
+    h.update(f"{gm.code}|{[str(p) for p in candidates]}|{ctx.recipe.act_calibrator.value}|"
+             f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}|{adaquant_scope}|"
+             f"{sorted((u, list(sites)) for u, sites in units.items())}".encode())
     for name, t in sorted(gm.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -118,6 +127,63 @@ def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], prec
     return outputs(copy, batches)
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def table_problem(stored: Mapping[str, Any], units: Sequence[str], lowered: Sequence[str], metric: str) -> str | None:
+    """What is wrong with a sensitivity table (phrased to follow its name), or None when the search may use it.
+
+    Every unit needs an entry per lowered candidate, each a finite number; ``kl`` entries are divergences and
+    cannot be negative, ``loss`` entries can (a lowered layer may lower the calibration loss by chance).
+    """
+    if stored.get("metric") != metric:
+        return f"measures {stored.get('metric')!r}, not {metric!r}"
+    if not _finite(stored.get("reference_loss")):
+        return f"has reference loss {stored.get('reference_loss')!r}, not a finite number"
+    layers = stored.get("layers")
+    if not isinstance(layers, dict) or set(layers) != set(units):
+        found = set(layers) if isinstance(layers, dict) else set()
+        missing, extra = sorted(set(units) - found), sorted(found - set(units))
+        return f"has the wrong layers (missing: {', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'})"
+    for unit in units:
+        entry = layers[unit]
+        if not isinstance(entry, dict) or set(entry) != set(lowered):
+            got = ", ".join(sorted(entry)) if isinstance(entry, dict) else repr(entry)
+            return f"has candidates [{got}] for layer {unit}, expected [{', '.join(sorted(lowered))}]"
+        for precision, value in entry.items():
+            if not _finite(value):
+                return f"gives layer {unit} at {precision} {value!r}, not a finite number"
+            if metric == "kl" and value < 0:
+                return f"gives layer {unit} at {precision} a negative KL divergence ({value})"
+    return None
+
+
+def _measure_table(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequence[str]],
+                   lowered: Sequence[Precision], widest: Precision,
+                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: str, adaquant_iterations: int,
+                   adaquant_scope: str) -> dict[str, Any]:
+    """A fresh table: each unit's degradation at each ``lowered`` candidate, and the reference network's loss."""
+    reference = measure_one(gm, ctx, [], widest, batches, widest)
+    layers: dict[str, dict[str, float]] = {u: {} for u in units}
+    todo = [(u, p) for u in units for p in lowered]
+    for unit, p in tqdm(todo, desc="sensitivity", unit="run", disable=None, leave=False):
+        logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations, adaquant_scope)
+        layers[unit][str(p)] = degradation(metric, reference, logits, batches)
+    return {"metric": metric, "adaquant_iterations": adaquant_iterations, "adaquant_scope": adaquant_scope,
+            "reference": str(widest), "reference_loss": calibration_loss(reference, batches), "layers": layers}
+
+
+def _cached_table(path: Path, units: Sequence[str], lowered: Sequence[str], metric: str) -> dict[str, Any] | None:
+    """The table cached at ``path``; None when there is none or it is unusable (then deleted, with a warning)."""
+    stored = cache.load_json(path, CACHE_KIND, CACHE_VERSION)
+    problem = table_problem(stored, units, lowered, metric) if stored is not None else None
+    if problem is not None:
+        cache.discard(path, problem)
+        return None
+    return stored
+
+
 def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequence[str]],
                   candidates: Sequence[Precision], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                   metric: str = "kl", adaquant_iterations: int = 0, adaquant_scope: str = "layer",
@@ -128,29 +194,22 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
     advanced pipeline: the search then prices a layer by what is left after AdaQuant."""
     check_metric(metric)
     widest = max(candidates, key=lambda p: (p.w_bits, p.a_bits))
-    key = cache_key(gm, batches, candidates, ctx, metric, adaquant_iterations, adaquant_scope)
-    path = cache_dir() / "sensitivity" / f"{key}.json"
-    table: dict[str, dict[str, float]] = {}
-    reference_loss = None
-    if path.exists():
-        stored = json.loads(path.read_text())
-        table, reference_loss = stored["layers"], stored["reference_loss"]
-    todo = [(u, p) for u in units for p in candidates if p != widest and str(p) not in table.get(u, {})]
-    if todo:
-        reference = measure_one(gm, ctx, [], widest, batches, widest)
-        reference_loss = calibration_loss(reference, batches)
-        for unit, p in tqdm(todo, desc="sensitivity", unit="run", disable=None, leave=False):
-            logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations, adaquant_scope)
-            table.setdefault(unit, {})[str(p)] = degradation(metric, reference, logits, batches)
-        write_json(path, {"version": CACHE_VERSION, "metric": metric, "adaquant_iterations": adaquant_iterations,
-                          "adaquant_scope": adaquant_scope,
-                          "reference": str(widest),
-                          "reference_loss": reference_loss, "layers": table})
-    for u in units:
-        table.setdefault(u, {})[str(widest)] = 0.0
-    info = {"cache": str(path), "measured": len(todo),
-            "reused": sum(len(table[u]) - 1 for u in units) - len(todo),
+    lowered = [p for p in candidates if p != widest]
+    names = [str(p) for p in lowered]
+    key = cache_key(gm, batches, candidates, ctx, metric, units, adaquant_iterations, adaquant_scope)
+    path = cache.cache_dir() / "sensitivity" / f"{key}.json"
+    stored = _cached_table(path, list(units), names, metric)
+    runs = len(units) * len(lowered)
+    measured = runs if stored is None else 0
+    if stored is None:
+        stored = _measure_table(gm, ctx, units, lowered, widest, batches, metric, adaquant_iterations,
+                                adaquant_scope)
+        problem = table_problem(stored, list(units), names, metric)
+        if problem is not None:  # e.g. a lowered network whose outputs are not finite: no plan can rest on it
+            raise PipelineError(f"mixed_precision: the measured sensitivity table {problem}; nothing was cached")
+        cache.store_json(path, CACHE_KIND, CACHE_VERSION, stored)
+    table = {u: {**stored["layers"][u], str(widest): 0.0} for u in units}
+    info = {"cache": str(path), "measured": measured, "reused": runs - measured,
             "metric": metric, "adaquant_iterations": adaquant_iterations, "adaquant_scope": adaquant_scope,
-            "reference": str(widest),
-            "reference_loss": reference_loss}
-    return {u: table[u] for u in units}, info
+            "reference": str(widest), "reference_loss": stored["reference_loss"]}
+    return table, info

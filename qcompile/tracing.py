@@ -283,6 +283,17 @@ def _specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor
     gm.recompile()
 
 
+def check_finite(model: nn.Module) -> None:
+    """Every parameter and floating-point buffer (BatchNorm statistics) finite: a NaN or Inf would calibrate to
+    a meaningless scale and lower to garbage codes, far from where it came in."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise CaptureError(f"model {kind} {name} has {bad} non-finite value(s) (NaN or Inf) of {t.numel()}; "
+                                   "the weights are broken (a diverged training run or a corrupt checkpoint)")
+
+
 def capture(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -296,6 +307,7 @@ def capture(
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    check_finite(model)
     model = copy.deepcopy(model)
     names, types, type_names = _split_leaves(model, leaf_modules)
     tracer = _SiteTracer(names, types, type_names)

@@ -267,8 +267,12 @@ def test_onnx_mismatch_fails_with_a_per_layer_diff(tmp_path, capsys, monkeypatch
     assert code == 2
     line = captured.err.strip()
     assert "\n" not in line and "onnxruntime (serving) disagrees with the integer reference" in line
-    layers = json.loads((out / "report.json").read_text())["verification"]["onnx_vs_reference"]["serving"]["layers"]
+    kept = tmp_path / "out.qcompile-failed"  # the failed run, beside --out: out holds complete runs only
+    assert not out.exists() and f"run kept in {kept}" in line
+    report = json.loads((kept / "report.json").read_text())
+    layers = report["verification"]["onnx_vs_reference"]["serving"]["layers"]
     assert layers and all({"name", "identical_fraction", "max_lsb_diff"} <= set(row) for row in layers)
+    assert report["artifacts"]["onnx_serving"] == str(kept / "model.onnx") and (kept / "model.onnx").is_file()
 
 
 def test_backend_none_skips_onnx(tmp_path, capsys):
@@ -311,3 +315,64 @@ def test_dyadic_lowering_skips_onnx_with_a_warning(tmp_path, capsys):
     code, captured, out = run([R20, "--recipe", "int8", "--dyadic", "--backend", "onnx", *FAST], tmp_path / "b",
                               capsys)
     assert_one_line_error(code, captured, out, "--backend onnx cannot carry --dyadic")
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("out_is_a_file", "is a file, not a folder"),
+        ("out_under_a_file", "is not a folder"),
+        ("out_is_a_users_folder", "is a folder without report.json"),
+        ("width_nan", "--width must be a positive number, got nan"),
+        ("width_inf", "--width must be a positive number, got inf"),
+    ],
+)
+def test_out_and_width_are_checked_before_any_work(case, fragment, tmp_path, capsys):
+    somefile, users = tmp_path / "somefile", tmp_path / "mine"
+    somefile.write_text("kept")
+    users.mkdir()
+    (users / "notes.txt").write_text("kept")
+    out = {"out_is_a_file": somefile, "out_under_a_file": somefile / "sub", "out_is_a_users_folder": users}.get(
+        case, tmp_path / "out")
+    width = {"width_nan": "nan", "width_inf": "inf"}.get(case, "1")
+    # a model file that does not exist: the error must come before it is loaded
+    code = main([str(tmp_path / "missing.py"), "--width", width, "--out", str(out)])
+    assert_one_line_error(code, capsys.readouterr(), tmp_path / "out", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "somefile"]
+    assert somefile.read_text() == "kept" and [p.name for p in users.iterdir()] == ["notes.txt"]
+
+
+def test_a_rerun_replaces_the_whole_folder_and_its_report_lists_every_file(tmp_path, capsys):
+    from hashlib import sha256
+
+    from tests.test_ptq_cli import TINY  # test_ptq_cli imports this module: not at the top
+
+    model = _write(tmp_path, "tiny.py", TINY)
+    code, captured, out = run([model, "--recipe", "mostly4bit", "--verify-size", "16"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert (out / "model.onnx").is_file()
+    code, captured, out = run([model, "--recipe", "int8", "--backend", "none", "--verify-size", "16"], tmp_path,
+                              capsys)
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(files) == {"report.json", "ir/graph.json", "ir/tensors.npz"}  # no model.onnx of the first run
+    assert report["files"] == {rel: {"bytes": len(data), "sha256": sha256(data).hexdigest()}
+                               for rel, data in files.items() if rel != "report.json"}
+    assert report["artifacts"] == {"ir": str(out / "ir")}  # the final folder, not the staging one
+    assert json.loads(files["ir/graph.json"])["metadata"]["recipe"] == report["recipe"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.py"]
+
+
+def test_messages_are_printed_as_they_are_not_as_rich_markup(capsys):
+    from qcompile.report import print_report
+
+    total = {k: 1 for k in ("macs", "params", "linear", "quadratic", "memory_bits", "linear_vs_bf16",
+                            "quadratic_vs_bf16", "memory_vs_bf16")}
+    layer = {"name": "features[0]", "op": "conv2d", "macs": 1, "w_bits": 8, "a_bits": 8, "a_signed": True,
+             "linear": 1, "quadratic": 1, "memory_bits": 8}
+    print_report({"model": "models/[v2]/net.py", "recipe": "int8", "width": 1.0, "layers": [layer],
+                  "total": total, "warnings": ["ONNX artifacts skipped (pip install 'qcompile[onnx]') :cd:"]})
+    printed = capsys.readouterr().out
+    assert "warning: ONNX artifacts skipped (pip install 'qcompile[onnx]') :cd:" in printed
+    assert "models/[v2]/net.py" in printed and "features[0]" in printed

@@ -1,7 +1,12 @@
 """--data images are resized to the model's input (torchvision's evaluation transform) and normalised as asked;
-CIFAR-sized data at a 32x32 model is exactly what it was before either existed."""
+CIFAR-sized data at a 32x32 model is exactly what it was before either existed. A cache entry that is damaged,
+changed or of another format version is decoded again; data qcompile cannot use is a one-line error."""
 
 import json
+import shutil
+import tarfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from qcompile import cache as qcache
+from qcompile import data as data_module
 from qcompile.cli import build_parser, main, resolve_data
 from qcompile.data import (
     CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, default_normalization, iterate_batches, load_split,
@@ -171,3 +178,147 @@ def test_cli_resizes_other_sized_data_to_the_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"]["n"] == 2 and report["accuracy"]["calibration_images"] == 4
+
+
+def image_archive(root: Path) -> Path:
+    """The image folder as a CIFAR-style archive: ``imgs/<split>/<class>/<image>`` in a .tar.gz."""
+    folder = image_folder(root / "imgs", 32, 32)
+    archive = root / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="imgs")
+    return archive
+
+
+def rewrite_npz(path: Path, change) -> None:
+    """Rewrite an entry's arrays (header member included, unchanged) after ``change`` edits them in place."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def older_version(path: Path) -> None:
+    """A well-formed entry, hash and all, from the previous format version."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != qcache.HEADER}
+    qcache.store_arrays(path, data_module.CACHE_KIND, data_module.CACHE_VERSION - 1, arrays)
+
+
+TAMPER = {
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    "garbage": lambda f: f.write_bytes(np.random.default_rng(0).bytes(5000)),
+    "empty": lambda f: f.write_bytes(b""),
+    "all-zero images": lambda f: rewrite_npz(f, lambda a: a["images"].fill(0)),
+    "relabelled": lambda f: rewrite_npz(f, lambda a: a["labels"].fill(0)),
+    "no header (written before headers)": lambda f: rewrite_npz(f, lambda a: a.pop(qcache.HEADER)),
+    "older format version": older_version,
+}
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+@pytest.mark.parametrize("tamper", list(TAMPER))
+def test_an_unusable_cache_entry_is_decoded_again_with_a_warning(source, tamper, tmp_path, cache):
+    src = image_archive(tmp_path) if source == "archive" else image_folder(tmp_path / "imgs", 32, 32)
+    fresh = load_split(src, "test", (32, 32))
+    (entry,) = cache.glob("*-test-32x32.npz")
+    TAMPER[tamper](entry)
+    with pytest.warns(qcache.CacheWarning) as record:
+        again = load_split(src, "test", (32, 32))
+    (w,) = record
+    assert str(entry) in str(w.message)
+    assert warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line).count("\n") == 1
+    for got in (again, load_split(src, "test", (32, 32))):  # the second read is of the rewritten entry
+        np.testing.assert_array_equal(got.images, fresh.images)
+        np.testing.assert_array_equal(got.labels, fresh.labels)
+        assert got.classes == fresh.classes and got.source_size == fresh.source_size
+
+
+def test_a_sound_cache_entry_is_read_without_decoding(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "imgs")
+    fresh = load_split(root, "train", (32, 32))
+
+    def must_not_decode(*args):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(data_module, "_decode", must_not_decode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qcache.CacheWarning)
+        np.testing.assert_array_equal(load_split(root, "train", (32, 32)).images, fresh.images)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8)),  # same bytes, another shape
+        (np.zeros(4, np.uint8), np.zeros(1, np.int32)),  # same bytes, another dtype
+        (np.asarray(("cat", "dog")), np.asarray(("dog", "cat"))),
+    ],
+)
+def test_the_content_hash_covers_shape_dtype_and_bytes(a, b):
+    assert qcache.digest_arrays({"x": a}) != qcache.digest_arrays({"x": b})
+    assert qcache.digest_arrays({"x": a}) == qcache.digest_arrays({"x": a.copy()})
+
+
+def tiny_model_file(tmp_path: Path) -> str:
+    model = tmp_path / "tiny.py"
+    model.write_text("import torch\n\ndef build_model():\n    return torch.nn.Conv2d(3, 2, 3)\n\n"
+                     "def example_input():\n    return torch.randn(1, 3, 8, 8)\n")
+    return str(model)
+
+
+def flat_folder(root: Path) -> Path:
+    """``<class>/<image>`` with no splits: what used to be calibrated and evaluated on the same images."""
+    for split_dir in image_folder(root).iterdir():
+        for cls in split_dir.iterdir():
+            cls.rename(root / f"{split_dir.name}-{cls.name}")
+        split_dir.rmdir()
+    return root
+
+
+def train_only(root: Path) -> Path:
+    shutil.rmtree(image_folder(root) / "test")
+    return root
+
+
+def zip_file(root: Path) -> Path:
+    root.mkdir()
+    with zipfile.ZipFile(root / "data.zip", "w") as z:
+        z.writestr("train/cat/0.png", b"x")
+    return root / "data.zip"
+
+
+def corrupt_image(root: Path) -> Path:
+    image_folder(root)
+    (root / "train" / "cat" / "0.png").write_bytes(b"not a png")
+    return root
+
+
+def truncated_archive(root: Path) -> Path:
+    archive = image_archive(root)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return archive
+
+
+def text_named_tar(root: Path) -> Path:
+    root.mkdir()
+    (root / "x.tar.gz").write_text("hello\n")
+    return root / "x.tar.gz"
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (text_named_tar, "x.tar.gz is not a tar archive; expected a tar archive (.tar, .tar.gz"),
+        (zip_file, "data.zip is a zip archive; expected a tar archive"),
+        (truncated_archive, "cannot read archive"),
+        (flat_folder, "has no train/ and no test/ subdirectory; expected train/<class>/<image> and "
+                      "test/<class>/<image> inside it"),
+        (train_only, "has no test/ subdirectory; expected train/<class>/<image> and test/<class>/<image>"),
+        (corrupt_image, "cannot decode image"),
+    ],
+)
+def test_cli_unusable_data_is_one_line(make, fragment, tmp_path, capsys):
+    data = str(make(tmp_path / "d"))
+    code = main([tiny_model_file(tmp_path), "--data", data, "--out", str(tmp_path / "out"), "--quiet"])
+    assert fragment in _error_line(code, capsys.readouterr())

@@ -1,4 +1,4 @@
-"""The example model zoo (examples/mobilenet_v2.py ... densenet.py): each file keeps the model-file contract,
+"""The example model zoo (examples/mobilenet_v2.py ... convnext.py): each file keeps the model-file contract,
 runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ KEYS = {
         "features.transition1.conv.weight", "features.denseblock3.denselayer4.conv2.weight",
         "features.norm5.weight", "classifier.weight", "classifier.bias",
     ],
+    "convnext": [
+        "features.0.0.weight", "features.0.0.bias", "features.0.1.weight", "features.0.1.bias",
+        "features.1.0.layer_scale", "features.1.0.block.0.weight", "features.1.0.block.2.weight",
+        "features.1.0.block.3.weight", "features.1.0.block.5.bias", "features.2.0.weight", "features.2.1.weight",
+        "features.7.1.layer_scale", "classifier.0.weight", "classifier.2.weight", "classifier.2.bias",
+    ],
 }
 
 # the originals' configuration (1000 classes, the original stem) and what torchvision / timm / kuangliu build
@@ -79,6 +85,10 @@ ORIGINAL = {
                              "features.denseblock1.denselayer1.conv1.weight": (128, 64, 1, 1),
                              "features.transition1.conv.weight": (128, 256, 1, 1),
                              "classifier.weight": (1000, 1024)}),
+    "convnext": (dict(cifar=False, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), 28_589_128,
+                 {"features.0.0.weight": (96, 3, 4, 4), "features.1.0.block.3.weight": (384, 96),
+                  "features.1.0.layer_scale": (96, 1, 1), "features.6.1.weight": (768, 384, 2, 2),
+                  "classifier.2.weight": (1000, 768)}),
 }
 
 # MACs of one 32x32 image through the CIFAR build (convs and dense layers)
@@ -89,6 +99,7 @@ MACS = {
     "preact_resnet18": 555_422_720,
     "shufflenet_v2": 45_002_112,
     "densenet": 43_740_036,
+    "convnext": 44_657_280,
 }
 
 NAMES = sorted(KEYS)
@@ -130,14 +141,16 @@ def test_data_hooks(example):
         assert x.shape[1:] == (3, 32, 32) and len(y) == len(x)
 
 
-def test_batchnorm_statistics_are_not_trivial(example):
+def test_norms_are_not_trivial(example):
     _, _, model = example
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.LayerNorm)]
     assert norms
     for m in norms:
-        assert not torch.allclose(m.running_var, torch.ones_like(m.running_var))
-        assert not torch.allclose(m.running_mean, torch.zeros_like(m.running_mean))
         assert not torch.allclose(m.weight, torch.ones_like(m.weight))
+        assert not torch.allclose(m.bias, torch.zeros_like(m.bias))
+        if isinstance(m, nn.BatchNorm2d):
+            assert not torch.allclose(m.running_var, torch.ones_like(m.running_var))
+            assert not torch.allclose(m.running_mean, torch.zeros_like(m.running_mean))
 
 
 def test_macs(example):
@@ -173,7 +186,7 @@ def test_original_configuration(name):
         assert tuple(state[key].shape) == shape, key
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "densenet", "convnext"])
 def test_seeded(name):
     mf = load_model_file(EXAMPLES / f"{name}.py")
     rng = torch.get_rng_state()
@@ -184,7 +197,7 @@ def test_seeded(name):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "shufflenet_v2", "se_resnet"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "shufflenet_v2", "se_resnet", "convnext"])
 def test_width(name):
     mf = load_model_file(EXAMPLES / f"{name}.py")
     half = mf.build(width=0.5)

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
-from torch import fx
+from torch import fx, nn
 
-from qcompile import Pass, PassContext, Pipeline
+from qcompile import Pass, PassContext, Pipeline, get_recipe
 from qcompile.errors import PipelineError
 from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION
@@ -57,3 +58,46 @@ def test_a_pass_runs_alone_on_a_graph(tiny):
     gm = capture(tiny, torch.randn(1, 3, 8, 8))
     gm = FoldBatchNorm()(gm)
     assert not any("bn" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_single_threaded_passes_run_on_one_thread_and_restore_the_count():
+    seen = []
+
+    class Reduces(Pass):
+        name = "reduces"
+        single_threaded = True
+
+        def run(self, gm, ctx):
+            seen.append(torch.get_num_threads())
+            return gm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Pipeline([Reduces()]).run(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    from qcompile.passes import AdaQuant, BiasCorrect, BnTune
+
+    assert AdaQuant.single_threaded and BiasCorrect.single_threaded and BnTune.single_threaded
+
+
+@pytest.mark.slow
+def test_ptq_advanced_writes_the_same_ir_with_one_and_two_threads(tmp_path):
+    """On the bundled checkpoint, where two threads' reductions did change 59 of 65 IR constants."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}"
+        subprocess.run([sys.executable, "-m", "qcompile", "examples/resnet20_cifar.py", "--recipe", "mostly4bit",
+                        "--ptq", "advanced", "--adaquant-iters", "20", "--calib-size", "128", "--eval-size", "100",
+                        "--verify-size", "50", "--backend", "none", "--out", str(out), "--quiet"],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True)
+        digests.append([hashlib.sha256((out / "ir" / f).read_bytes()).hexdigest()
+                        for f in ("graph.json", "tensors.npz")])
+    assert digests[0] == digests[1]

@@ -7,7 +7,9 @@ NCHW view. Containers: codes in [-128, 127] are ``int8``, unsigned 8-bit codes `
 Conv and dense run as ``int8 x int8 -> int32``: a ``uint8`` activation is padded with its zero code, shifted
 by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. 4-bit weights are
 parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results).
-Float ops that the reference sums in float64 (pooling, mean) are computed in float64 and rounded once.
+Float ops that the reference sums in float64 (pooling, mean, layer norm) are computed in float64 and rounded
+once. A dense layer contracts the last axis in the IR's own order (a channels-last tensor after a permute is a
+plain 4-d value here, not NHWC), so its channels and its accumulator's scales run along the last axis.
 """
 
 from __future__ import annotations
@@ -100,13 +102,16 @@ class _Builder:
         if nhwc and len(self.ir.values[name].shape) == 4:
             self.nhwc.add(name)
 
-    def channel_vector(self, vec: np.ndarray, ndim: int, nhwc: bool, dtype: str) -> Any:
-        """A per-channel constant shaped to broadcast over channel axis 1 (NCHW) or the last axis (NHWC)."""
+    def channel_vector(self, vec: np.ndarray, t: TensorInfo, nhwc: bool, dtype: str) -> Any:
+        """A per-channel constant of value ``t`` shaped to broadcast along its channel axis (IR axis ``t.axis``,
+        1 unless a dense layer put the channels last), moved to where NHWC holds that axis."""
         vec = np.asarray(vec)
         if vec.ndim == 0:
             return self.const(vec, dtype)
+        ndim = len(t.shape)
+        axis = 1 if t.axis is None else t.axis
         shape = [1] * ndim
-        shape[ndim - 1 if (nhwc and ndim == 4) else 1] = -1
+        shape[NHWC_AXIS[axis] if (nhwc and ndim == 4) else axis] = -1
         return self.const(vec.reshape(shape), dtype)
 
     def weights(self, name: str, layout: tuple[int, ...]) -> Any:
@@ -130,7 +135,7 @@ class _Builder:
     def int8_operand(self, name: str, pad: tuple[int, int] | None) -> tuple[Any, bool]:
         """Activation codes as int8 (NHWC for conv), explicitly zero-padded when shifted; (expr, shifted)."""
         t = self.ir.values[name]
-        x = self.as_nhwc(name) if pad is not None else self.env[name]
+        x = self.as_nhwc(name) if pad is not None else self.nchw(name)
         if container(t) == "int8":
             return x, False
         if pad is not None and any(pad):
@@ -162,7 +167,7 @@ class _Builder:
         src, t = op.inputs[0], self.ir.values[op.output]
         nhwc = src in self.nhwc
         x = self.env[src]
-        s = self.channel_vector(t.scale, len(t.shape), nhwc, "float32")
+        s = self.channel_vector(t.scale, t, nhwc, "float32")
         q = self.op.clip(self.op.round(self.op.divide(x, s)), t.qmin, t.qmax)
         self.set(op.output, self.op.astype(q, container(t)), nhwc)
 
@@ -170,20 +175,20 @@ class _Builder:
         src = op.inputs[0]
         t = self.ir.values[src]
         nhwc = src in self.nhwc
-        s = self.channel_vector(t.scale, len(t.shape), nhwc, "float32")
+        s = self.channel_vector(t.scale, t, nhwc, "float32")
         self.set(op.output, self.op.multiply(self.op.astype(self.env[src], "float32"), s), nhwc)
 
     def op_requantize(self, op: Op) -> None:
         src, t, a = op.inputs[0], self.ir.values[op.output], op.attrs
         nhwc = src in self.nhwc
-        ndim = len(t.shape)
+        acc = self.ir.values[src]
         x = self.env[src]
         lo = max(t.qmin, 0) if a.get("relu") else t.qmin
         if a.get("mode", "float32") == "dyadic":
-            m = self.channel_vector(self.ir.constants[a["mantissa"]], ndim, nhwc, "int64")
+            m = self.channel_vector(self.ir.constants[a["mantissa"]], acc, nhwc, "int64")
             s_np = self.ir.constants[a["shift"]].astype(np.int64)
-            s = self.channel_vector(s_np, ndim, nhwc, "int64")
-            half = self.channel_vector(np.left_shift(np.int64(1), s_np - 1), ndim, nhwc, "int64")
+            s = self.channel_vector(s_np, acc, nhwc, "int64")
+            half = self.channel_vector(np.left_shift(np.int64(1), s_np - 1), acc, nhwc, "int64")
             v = self.emit(self.op.multiply(self.op.astype(x, "int64"), m))
             q = self.emit(self.op.right_shift(v, s))
             r = self.emit(self.op.subtract(v, self.op.left_shift(q, s)))
@@ -191,7 +196,7 @@ class _Builder:
             up = self.op.logical_or(self.op.greater(r, half), self.op.logical_and(self.op.equal(r, half), odd))
             q = self.op.add(q, self.op.astype(up, "int64"))
         else:
-            mult = self.channel_vector(self.ir.constants[a["multiplier"]], ndim, nhwc, "float32")
+            mult = self.channel_vector(self.ir.constants[a["multiplier"]], acc, nhwc, "float32")
             q = self.op.round(self.op.multiply(self.op.astype(x, "float32"), mult))
         self.set(op.output, self.op.astype(self.op.clip(q, lo, t.qmax), container(t)), nhwc)
 
@@ -207,19 +212,19 @@ class _Builder:
             x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
             acc = self.op.nn.conv2d(x, w, padding=pad, out_dtype="float64", **conv)
             if len(op.inputs) > 2:
-                acc = self.op.add(acc, self.channel_vector(self.ir.constants[op.inputs[2]], 4, True, "float64"))
+                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], "float64"))
             self.set(op.output, self.op.astype(acc, "float32"), True)
             return
         w = self.weights(op.inputs[1], (0, 2, 3, 1))
         x, shifted = self.int8_operand(op.inputs[0], pad)
         acc = self.op.nn.conv2d(x, w, padding=(0, 0) if shifted else pad, out_dtype="int32", **conv)
-        self.set(op.output, self._bias(op, acc, w_codes.reshape(len(w_codes), -1), shifted, 4), True)
+        self.set(op.output, self._bias(op, acc, w_codes.reshape(len(w_codes), -1), shifted), True)
 
     def op_dense(self, op: Op) -> None:
         xt = self.ir.values[op.inputs[0]]
         w_codes = self.ir.constants[op.inputs[1]]
         if xt.dtype is DType.FLOAT32:
-            x = self.op.astype(self.env[op.inputs[0]], "float64")
+            x = self.op.astype(self.nchw(op.inputs[0]), "float64")
             acc = self.op.matmul(x, self.const(w_codes.T, "float64"), out_dtype="float64")
             if len(op.inputs) > 2:
                 acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], "float64"))
@@ -228,10 +233,11 @@ class _Builder:
         w = self.weights(op.inputs[1], (1, 0))
         x, shifted = self.int8_operand(op.inputs[0], None)
         acc = self.op.matmul(x, w, out_dtype="int32")
-        self.set(op.output, self._bias(op, acc, w_codes, shifted, 2), False)
+        self.set(op.output, self._bias(op, acc, w_codes, shifted), False)
 
-    def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool, ndim: int) -> Any:
-        """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8."""
+    def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool) -> Any:
+        """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8 (a vector
+        along the last axis: NHWC for a conv, the channels of a dense layer)."""
         bias = np.zeros(len(w_rows), np.int64)
         if len(op.inputs) > 2:
             bias += self.ir.constants[op.inputs[2]].astype(np.int64)
@@ -241,7 +247,7 @@ class _Builder:
             return acc
         if np.abs(bias).max() > 2**31 - 1:
             raise TvmBackendError(f"{op.kind} {op.output} ({op.source}): its bias correction overflows int32")
-        return self.op.add(acc, self.channel_vector(bias, ndim, True, "int32"))
+        return self.op.add(acc, self.const(bias, "int32"))
 
     def op_relu(self, op: Op) -> None:
         src = op.inputs[0]
@@ -289,13 +295,27 @@ class _Builder:
         xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.nchw(a), self.nchw(b))
         self.set(op.output, fn(xa, xb), four)
 
+    def op_layer_norm(self, op: Op) -> None:
+        """The reference's float64 form op by op (TOPI's ``layer_norm`` takes float32 and float16 only), over the
+        last axes in the IR's order: mean, centred values, biased variance, ``d / sqrt(var + eps) · w + b``."""
+        x, w, b = op.inputs
+        rank, k = len(self.ir.values[x].shape), self.ir.constants[w].ndim
+        axes = list(range(rank - k, rank))
+        xd = self.emit(self.op.astype(self.nchw(x), "float64"))
+        d = self.emit(self.op.subtract(xd, self.op.mean(xd, axis=axes, keepdims=True)))
+        var = self.emit(self.op.mean(self.op.multiply(d, d), axis=axes, keepdims=True))
+        norm = self.op.divide(d, self.op.sqrt(self.op.add(var, self.const(op.attrs["eps"], "float64"))))
+        y = self.op.add(self.op.multiply(norm, self.const(self.ir.constants[w], "float64")),
+                        self.const(self.ir.constants[b], "float64"))
+        self.set(op.output, self.op.astype(y, "float32"), False)
+
     def op_lut(self, op: Op) -> None:
         """``take`` from the table, indexed by the code minus the input's lowest code."""
         src, t_out = op.inputs[0], self.ir.values[op.output]
         t_in = self.ir.values[src]
         table = self.const(self.ir.constants[op.inputs[1]], container(t_out))
         index = self.op.subtract(self.op.astype(self.env[src], "int32"), self.const(t_in.qmin, "int32"))
-        self.set(op.output, self.op.take(table, index, axis=0), src in self.nhwc)
+        self.set(op.output, self.op.take(table, index, axis=0, mode="clip"), src in self.nhwc)
 
     def op_transpose(self, op: Op) -> None:
         self.set(op.output, self.op.permute_dims(self.nchw(op.inputs[0]), list(op.attrs["perm"])), False)

@@ -16,7 +16,8 @@ from qcompile.ir.types import DType, TensorInfo
 
 OP_KINDS = frozenset({
     "quantize", "dequantize", "requantize", "conv2d", "dense", "relu", "maxpool2d", "avgpool2d",
-    "adaptive_avgpool2d", "mean", "add", "mul", "lut", "flatten", "reshape", "transpose", "slice", "pad", "concat",
+    "adaptive_avgpool2d", "mean", "add", "mul", "layer_norm", "lut", "flatten", "reshape", "transpose", "slice",
+    "pad", "concat",
 })
 
 

@@ -6,14 +6,22 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``dequantize``: ``float32(q) * s_in`` (per tensor or per channel).
 - ``conv2d`` / ``dense`` on integers: exact integer accumulation of ``q_x · q_w`` plus the int32 bias; an
   accumulator outside int32 raises :class:`IntegerOverflowError`. On float32 operands: a float convolution.
+  ``dense`` contracts the last axis of an input of any rank (``nn.Linear`` on a channels-last tensor), so its
+  output channels, and the accumulator's per-channel scale, run along the last axis (the value's ``axis``).
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
-  in; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and integer-only rounding.
+  in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
+  integer-only rounding.
 - ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``transpose``, ``slice``, ``pad`` (zero), ``concat``: on
   codes directly (they commute with a positive scale and a zero point of 0).
 - ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
   most 8 bits, tabulated at lowering (exact by construction in every backend).
 - ``add``, ``mul`` (both broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
   dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
+  ``var = mean(d²)`` (biased), ``d / sqrt(var + eps) · w + b``, rounded once to float32. ``eps`` is a float32
+  value (what PyTorch adds in float32 and ONNX's attribute holds); a norm without weight or bias has ones and
+  zeros (exact). A float op between dequantize and quantize: the backends compute it in float64 too, so only a
+  reduction order can differ, far below a float32 rounding step.
 - Pooling with ``ceil_mode`` follows PyTorch: the last window may hang over the (padded) input; max pooling
   ignores the overhang, average pooling divides by the window's part inside the padded input
   (``count_include_pad``) or inside the input.
@@ -27,14 +35,20 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.types import TensorInfo
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EXACT_F64 = 2**53
 
 
-class IntegerOverflowError(ArithmeticError):
-    """An accumulator left the int32 range: an integer kernel would silently wrap."""
+class IntegerOverflowError(QCompileError, ArithmeticError):
+    """An accumulator left (or could leave) the int32 range: an integer kernel would silently wrap."""
+
+
+class InputShapeError(QCompileError, ValueError):
+    """Inputs that are not of the shape the graph was compiled for (batch size aside)."""
 
 
 def rhe(x: np.ndarray) -> np.ndarray:
@@ -78,12 +92,13 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple
     for start in range(0, n, chunk):
         win = _conv_windows(x[start:start + chunk], (kh, kw), stride, padding, dilation, 0)
         b, _, oh, ow = win.shape[:4]
-        per_group = []
-        for g in range(groups):
-            part = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5)  # (b, OH, OW, Cg, kh, kw)
-            cols = np.ascontiguousarray(part, dtype=acc_t).reshape(b * oh * ow, cg * kh * kw)
-            per_group.append((cols @ wg[g].T).reshape(b, oh, ow, -1))
-        outs.append(np.concatenate(per_group, axis=3).transpose(0, 3, 1, 2))
+        if groups > 1:  # all groups in one contraction (a Python loop over a depthwise conv's groups is slow)
+            part = np.ascontiguousarray(win, dtype=acc_t).reshape(b, groups, cg, oh, ow, kh * kw)
+            wk = wg.reshape(groups, cout // groups, cg, kh * kw)
+            outs.append(np.einsum("bgchwk,gock->bgohw", part, wk, optimize=True).reshape(b, cout, oh, ow))
+            continue
+        cols = np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5), dtype=acc_t).reshape(b * oh * ow, c * kh * kw)
+        outs.append((cols @ wg[0].T).reshape(b, oh, ow, -1).transpose(0, 3, 1, 2))
     out = np.concatenate(outs)
     return out.astype(np.int64) if integer else out
 
@@ -148,6 +163,26 @@ def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     return _as_f32(out)
 
 
+def along_channels(v: np.ndarray, acc: TensorInfo, ndim: int) -> np.ndarray:
+    """A per-channel vector (a requantize multiplier) shaped to broadcast along ``acc``'s channel axis: 1 for a
+    conv, the last for a dense layer on a channels-last tensor. Scalars stay as they are."""
+    if v.ndim != 1:
+        return v
+    shape = [1] * ndim
+    shape[1 if acc.axis is None else acc.axis] = -1
+    return v.reshape(shape)
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """Layer normalisation over the last ``w.ndim`` axes in float64 (two passes: the mean, then the biased
+    variance of the centred values), rounded once to float32."""
+    axes = tuple(range(x.ndim - w.ndim, x.ndim))
+    x64 = x.astype(np.float64)
+    d = x64 - x64.mean(axis=axes, keepdims=True)
+    var = (d * d).mean(axis=axes, keepdims=True)
+    return _as_f32(d / np.sqrt(var + float(eps)) * w.astype(np.float64) + b.astype(np.float64))
+
+
 def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
     out: list[object] = []
     for it in items:
@@ -177,23 +212,17 @@ def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
         lo = max(out_t.qmin, 0) if a.get("relu") else out_t.qmin
         x = args[0]
         if a.get("mode", "float32") == "dyadic":
-            m = graph.constants[a["mantissa"]].astype(np.int64)
-            shift = graph.constants[a["shift"]].astype(np.int64)
-            shape = [1] * x.ndim
-            if m.ndim == 1:
-                shape[1] = -1
-            v = x.astype(np.int64) * m.reshape(shape)
-            s = shift.reshape(shape)
+            acc_t = graph.values[op.inputs[0]]
+            m = along_channels(graph.constants[a["mantissa"]].astype(np.int64), acc_t, x.ndim)
+            s = along_channels(graph.constants[a["shift"]].astype(np.int64), acc_t, x.ndim)
+            v = x.astype(np.int64) * m
             q = v >> s
             r = v - (q << s)
             half = np.left_shift(1, s - 1)
             q = q + ((r > half) | ((r == half) & (q & 1 == 1))).astype(np.int64)
         else:
-            mult = graph.constants[a["multiplier"]]
-            shape = [1] * x.ndim
-            if mult.ndim == 1:
-                shape[1] = -1
-            q = rhe(_as_f32(x) * mult.reshape(shape))
+            mult = along_channels(graph.constants[a["multiplier"]], graph.values[op.inputs[0]], x.ndim)
+            q = rhe(_as_f32(x) * mult)
         return np.clip(q, lo, out_t.qmax).astype(np.int32)
     if k == "conv2d":
         x, w = args[0], args[1]
@@ -227,6 +256,8 @@ def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
         return (_as_f32(args[0]) + _as_f32(args[1])).astype(np.float32)
     if k == "mul":
         return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
+    if k == "layer_norm":
+        return layer_norm(args[0], args[1], args[2], a["eps"])
     if k == "lut":
         return args[1][args[0] - graph.values[op.inputs[0]].qmin].astype(np.int32)
     if k == "transpose":
@@ -254,7 +285,12 @@ def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 def run(graph: IRGraph, *inputs: np.ndarray, keep: bool = False) -> dict[str, np.ndarray]:
     """Run the graph. Returns the outputs by name, and with ``keep`` every intermediate value too."""
     if len(inputs) != len(graph.inputs):
-        raise ValueError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+        raise InputShapeError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    for name, x in zip(graph.inputs, inputs):
+        want = graph.values[name].shape
+        if np.ndim(x) != len(want) or tuple(np.shape(x)[1:]) != tuple(want[1:]):
+            raise InputShapeError(f"input {name} has shape {tuple(np.shape(x))}; the graph was compiled for "
+                                  f"(N, {', '.join(map(str, want[1:]))})")
     env: dict[str, np.ndarray] = {n: np.asarray(x, dtype=np.float32) for n, x in zip(graph.inputs, inputs)}
     consumers: dict[str, int] = {}
     for op in graph.ops:

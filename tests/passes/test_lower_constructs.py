@@ -142,6 +142,71 @@ class PreAct(nn.Module):
         return self.fc(F.relu(x).mean((2, 3)))
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block (timm / torchvision): 7×7 depthwise conv → channels last → LayerNorm → Linear →
+    GELU → Linear → layer scale → channels first → residual add, after a patchify stem, before a classifier.
+    ``channels_first_scale``: torchvision's order, a (C, 1, 1) layer scale after permuting back."""
+
+    def __init__(self, channels_first_scale: bool = False) -> None:
+        super().__init__()
+        self.channels_first_scale = channels_first_scale
+        self.stem = nn.Conv2d(3, 16, 2, 2)
+        self.dwconv = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm = nn.LayerNorm(16, eps=1e-6)
+        self.pwconv1 = nn.Linear(16, 64)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(64, 16)
+        self.gamma = nn.Parameter(torch.rand((16, 1, 1) if channels_first_scale else (16,)) + 0.5)
+        self.drop_path = nn.Identity()
+        self.fc = nn.Linear(16, 5)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_(0.0, 0.1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        shortcut = x
+        x = self.dwconv(x)
+        x = x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = self.pwconv1(x)
+        x = self.act(x)
+        x = self.pwconv2(x)
+        if self.channels_first_scale:
+            x = self.gamma * x.permute(0, 3, 1, 2)
+        else:
+            x = (self.gamma * x).permute(0, 3, 1, 2)
+        x = shortcut + self.drop_path(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: the functional layer norm over the channels of a permuted NCHW tensor."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class LayerNorm2dStem(nn.Module):
+    """A ConvNeXt stem: patchify conv → LayerNorm2d → conv, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, 2)
+        self.norm = LayerNorm2d(16, eps=1e-6)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_(0.0, 0.1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(self.norm(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -157,15 +222,18 @@ ACTIVATIONS = {
     "elu": lambda: ConvAct(fn=F.elu),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
-          "shuffle": Shuffle, "pools": Pools, "preact": PreAct}
-TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum"}
+          "shuffle": Shuffle, "pools": Pools, "preact": PreAct, "convnext_block": ConvNeXtBlock,
+          "layernorm2d": LayerNorm2dStem}
+TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
+             "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
-                "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"}}
+                "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
+                "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}}
 
 
-def lowered(name: str, recipe: str):
+def lowered(name: str, recipe: str, models: dict = MODELS):
     torch.manual_seed(0)
-    model = randomize_bn(MODELS[name](), data=torch.randn(16, 3, 16, 16))
+    model = randomize_bn(models[name](), data=torch.randn(16, 3, 16, 16))
     calib = [(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
     passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales(), LowerInteger()]
     return Pipeline(passes).run(model, torch.randn(1, 3, 16, 16), recipe=get_recipe(recipe), calibration_data=calib)
@@ -238,3 +306,52 @@ def test_every_table_entry_is_the_function_of_its_code():
     x = np.arange(t_in.qmin, t_in.qmax + 1, dtype=np.float32) * t_in.scale
     expected = np.clip(np.rint(F.silu(torch.from_numpy(x)).numpy() / t_out.scale), t_out.qmin, t_out.qmax)
     assert np.array_equal(table, expected)
+
+
+def test_reference_layer_norm_is_float64_layer_norm():
+    """The reference's layer_norm is PyTorch's in float64, rounded once to float32 (eps taken as a float32)."""
+    from qcompile.ir.reference import layer_norm
+
+    g = torch.Generator().manual_seed(0)
+    eps = float(np.float32(1e-6))
+    for shape, normalized in (((8, 5, 7, 24), (24,)), ((8, 5, 6, 24), (6, 24)), ((16, 320), (320,))):
+        x = torch.randint(-127, 128, shape, generator=g).float() * 0.037
+        w, b = torch.rand(normalized, generator=g) + 0.5, torch.randn(normalized, generator=g) * 0.1
+        expected = F.layer_norm(x.double(), normalized, w.double(), b.double(), eps).float().numpy()
+        assert np.array_equal(layer_norm(x.numpy(), w.numpy(), b.numpy(), eps), expected)
+
+
+@pytest.mark.parametrize("channels_first_scale", [False, True])
+def test_layer_scale_folds_into_the_linear_before_it(channels_first_scale):
+    from qcompile.tracing import capture
+
+    torch.manual_seed(0)
+    model = ConvNeXtBlock(channels_first_scale).eval()
+    gm = FoldBatchNorm()(capture(model, (torch.randn(1, 3, 16, 16),)))
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(gm(x), model(x))
+    assert "mul" not in {op.kind for op in lowered("convnext_block", "int8").context.ir.ops}
+
+
+class ScaledSum(nn.Module):
+    """A layer scale on a sum, which no layer computes: nothing to fold it into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.gamma * (x + F.relu(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_scale_that_follows_no_layer_is_a_one_line_error():
+    from qcompile.passes.lower_integer import LoweringError
+
+    with pytest.raises(LoweringError, match=r"cannot lower node mul .* reads parameter gamma") as err:
+        lowered("scaled_sum", "int8", {"scaled_sum": ScaledSum})
+    assert "\n" not in str(err.value)
