@@ -26,7 +26,7 @@ tensors (integer dense over the last axis), GELU (a table), permutes of codes, a
 Untrained: the weights are drawn with torchvision's initialisation from ``seed``. Every LayerNorm gets seeded
 random affine parameters (weight ~ U(0.5, 1.5), bias ~ N(0, 0.1²): torchvision's ones and zeros would make them
 trivial), and every block's layer scale is measured on 32 training images of the bundled CIFAR-10 sample
-(``statistics_images``): per channel, a seeded U(0.25, 1) fraction of the spread of the block's input over the
+(``cifar_sample.statistics_images``): per channel, a seeded U(0.25, 1) fraction of the spread of the block's input over the
 spread of its branch, so that, as in a trained network, every residual branch contributes (torchvision's 1e-6
 would make every block the identity). Calibration and evaluation use the same sample
 (``data/cifar10-sample.tar.gz``), as ``resnet20_cifar.py`` does.
@@ -36,16 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcompile.data import Batches, iterate_batches, load_split
-
-HERE = Path(__file__).resolve().parent
-SAMPLE = HERE / "data" / "cifar10-sample.tar.gz"
+from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -193,20 +189,3 @@ def measure_layer_scales(model: nn.Module, images: Tensor, seed: int = 0) -> nn.
             h.remove()
         model.train(mode)
     return model
-
-
-def statistics_images(seed: int = 0, n: int = 32) -> Tensor:
-    """``n`` training images of the bundled CIFAR-10 sample (a seeded draw), normalised as the data hooks'."""
-    return next(iterate_batches(load_split(SAMPLE, "train").subset(n, seed=seed), n))[0]
-
-
-def example_input() -> Tensor:
-    return torch.randn(1, 3, 32, 32)
-
-
-def calibration_data() -> Batches:
-    return Batches(load_split(SAMPLE, "train"), batch_size=128)
-
-
-def eval_data() -> Batches:
-    return Batches(load_split(SAMPLE, "test"), batch_size=500)

@@ -26,7 +26,7 @@ cannot be folded into a preceding conv.
 
 Untrained: the weights are drawn with torchvision's initialisation from ``seed``; every BatchNorm gets seeded
 random affine parameters (``qcompile.models.init.randomize_batchnorm``) and the running statistics it measures on
-32 training images of the bundled CIFAR-10 sample (``bn_statistics_images``), so that, as in a trained network,
+32 training images of the bundled CIFAR-10 sample (``cifar_sample.statistics_images``), so that, as in a trained network,
 each normalises what it really receives and folding and quantizing the model is a real test. Calibration and
 evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_cifar.py`` does.
 """
@@ -34,17 +34,14 @@ evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_c
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcompile.data import Batches, iterate_batches, load_split
 from qcompile.models.init import randomize_batchnorm
 
-HERE = Path(__file__).resolve().parent
-SAMPLE = HERE / "data" / "cifar10-sample.tar.gz"
+from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
 
 
 class _DenseLayer(nn.Module):
@@ -189,26 +186,4 @@ def build_model(width: float = 1.0, num_classes: int = 10, seed: int = 0, growth
         model = DenseNet(growth_rate=max(1, round(growth_rate * width)), block_config=tuple(block_config),
                          num_init_features=max(1, round(num_init_features * width)), bn_size=bn_size,
                          num_classes=num_classes, stem=stem)
-    return randomize_batchnorm(model, seed, data=[bn_statistics_images(seed)]).eval()
-
-
-def bn_statistics_images(seed: int = 0, n: int = 32) -> Tensor:
-    """``n`` training images of the bundled CIFAR-10 sample (a seeded draw), normalised as the data hooks'.
-
-    The untrained model's BatchNorm running statistics are measured on them: with random statistics instead,
-    the logits barely depend on the input; measured on noise images, they do not fit real ones (EfficientNet-B0's
-    last BatchNorms then put out 20x the spread they should).
-    """
-    return next(iterate_batches(load_split(SAMPLE, "train").subset(n, seed=seed), n))[0]
-
-
-def example_input() -> Tensor:
-    return torch.randn(1, 3, 32, 32)
-
-
-def calibration_data() -> Batches:
-    return Batches(load_split(SAMPLE, "train"), batch_size=128)
-
-
-def eval_data() -> Batches:
-    return Batches(load_split(SAMPLE, "test"), batch_size=500)
+    return randomize_batchnorm(model, seed, data=[statistics_images(seed)]).eval()

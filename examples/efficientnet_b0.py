@@ -25,7 +25,7 @@ only ~30 MMACs). ``cifar=False`` gives timm's stride.
 
 Untrained: the weights are drawn with timm's ("goog") initialisation from ``seed``; every BatchNorm gets seeded
 random affine parameters (``qcompile.models.init.randomize_batchnorm``) and the running statistics it measures on
-32 training images of the bundled CIFAR-10 sample (``bn_statistics_images``), so that, as in a trained network,
+32 training images of the bundled CIFAR-10 sample (``cifar_sample.statistics_images``), so that, as in a trained network,
 each normalises what it really receives and folding and quantizing the model is a real test. Calibration and
 evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_cifar.py`` does.
 """
@@ -33,17 +33,16 @@ evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_c
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcompile.data import Batches, iterate_batches, load_split
 from qcompile.models.init import randomize_batchnorm
 
-HERE = Path(__file__).resolve().parent
-SAMPLE = HERE / "data" / "cifar10-sample.tar.gz"
+from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
+from timm_layers import SelectAdaptivePool2d, make_divisible
+
 
 # timm's efficientnet_b0 arch_def: block type, repeats, kernel, stride, expansion, output channels (SE 0.25)
 ARCH = [
@@ -56,15 +55,6 @@ ARCH = [
     ("ir", 1, 3, 1, 6, 320),
 ]
 SE_RATIO = 0.25
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-    """timm's channel rounding (timm.layers.helpers.make_divisible)."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
 
 
 def round_channels(channels: int, multiplier: float = 1.0, divisor: int = 8) -> int:
@@ -169,21 +159,6 @@ class InvertedResidual(nn.Module):
         return x
 
 
-class SelectAdaptivePool2d(nn.Module):
-    """timm's SelectAdaptivePool2d(pool_type='avg', flatten=True): ``pool`` then ``flatten``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool_type = "avg"
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(x)
-        x = self.flatten(x)
-        return x
-
-
 class EfficientNet(nn.Module):
     def __init__(self, num_classes: int = 1000, channel_multiplier: float = 1.0, depth_multiplier: float = 1.0,
                  stem_stride: int = 2, drop_rate: float = 0.2) -> None:
@@ -264,26 +239,4 @@ def build_model(width: float = 1.0, num_classes: int = 10, seed: int = 0, depth:
         torch.manual_seed(seed)
         model = EfficientNet(num_classes=num_classes, channel_multiplier=width, depth_multiplier=depth,
                              stem_stride=1 if cifar else 2)
-    return randomize_batchnorm(model, seed, data=[bn_statistics_images(seed)]).eval()
-
-
-def bn_statistics_images(seed: int = 0, n: int = 32) -> Tensor:
-    """``n`` training images of the bundled CIFAR-10 sample (a seeded draw), normalised as the data hooks'.
-
-    The untrained model's BatchNorm running statistics are measured on them: with random statistics instead,
-    the logits barely depend on the input; measured on noise images, they do not fit real ones (EfficientNet-B0's
-    last BatchNorms then put out 20x the spread they should).
-    """
-    return next(iterate_batches(load_split(SAMPLE, "train").subset(n, seed=seed), n))[0]
-
-
-def example_input() -> Tensor:
-    return torch.randn(1, 3, 32, 32)
-
-
-def calibration_data() -> Batches:
-    return Batches(load_split(SAMPLE, "train"), batch_size=128)
-
-
-def eval_data() -> Batches:
-    return Batches(load_split(SAMPLE, "test"), batch_size=500)
+    return randomize_batchnorm(model, seed, data=[statistics_images(seed)]).eval()

@@ -17,34 +17,23 @@ multiples of 8 (timm's ResNet has no width multiplier; this is qcompile's ``scal
 
 Untrained: the weights are drawn with timm's initialisation from ``seed``; every BatchNorm gets seeded random
 affine parameters (``qcompile.models.init.randomize_batchnorm``) and the running statistics it measures on 32
-training images of the bundled CIFAR-10 sample (``bn_statistics_images``), so that, as in a trained network, each
+training images of the bundled CIFAR-10 sample (``cifar_sample.statistics_images``), so that, as in a trained network, each
 normalises what it really receives and folding and quantizing the model is a real test. Calibration and
 evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_cifar.py`` does.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcompile.data import Batches, iterate_batches, load_split
 from qcompile.models import scaled_channels
 from qcompile.models.init import randomize_batchnorm
 
-HERE = Path(__file__).resolve().parent
-SAMPLE = HERE / "data" / "cifar10-sample.tar.gz"
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-    """timm's channel rounding (timm.layers.helpers.make_divisible)."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
+from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
+from timm_layers import SelectAdaptivePool2d, make_divisible
 
 
 class SEModule(nn.Module):
@@ -110,21 +99,6 @@ def downsample_conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.
         nn.Conv2d(in_channels, out_channels, 1, stride=stride, padding=0, bias=False),
         nn.BatchNorm2d(out_channels),
     )
-
-
-class SelectAdaptivePool2d(nn.Module):
-    """timm's SelectAdaptivePool2d(pool_type='avg', flatten=True): ``pool`` then ``flatten``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool_type = "avg"
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(x)
-        x = self.flatten(x)
-        return x
 
 
 class ResNet(nn.Module):
@@ -194,26 +168,4 @@ def build_model(width: float = 1.0, num_classes: int = 10, seed: int = 0, stem: 
         torch.manual_seed(seed)
         model = ResNet([2, 2, 2, 2], num_classes=num_classes, width=width, stem=stem)
     # (this also replaces the zeros timm's zero_init_last puts in each block's bn2.weight)
-    return randomize_batchnorm(model, seed, data=[bn_statistics_images(seed)]).eval()
-
-
-def bn_statistics_images(seed: int = 0, n: int = 32) -> Tensor:
-    """``n`` training images of the bundled CIFAR-10 sample (a seeded draw), normalised as the data hooks'.
-
-    The untrained model's BatchNorm running statistics are measured on them: with random statistics instead,
-    the logits barely depend on the input; measured on noise images, they do not fit real ones (EfficientNet-B0's
-    last BatchNorms then put out 20x the spread they should).
-    """
-    return next(iterate_batches(load_split(SAMPLE, "train").subset(n, seed=seed), n))[0]
-
-
-def example_input() -> Tensor:
-    return torch.randn(1, 3, 32, 32)
-
-
-def calibration_data() -> Batches:
-    return Batches(load_split(SAMPLE, "train"), batch_size=128)
-
-
-def eval_data() -> Batches:
-    return Batches(load_split(SAMPLE, "test"), batch_size=500)
+    return randomize_batchnorm(model, seed, data=[statistics_images(seed)]).eval()

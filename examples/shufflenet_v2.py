@@ -21,23 +21,21 @@ torchvision's stem.
 Untrained: the weights are drawn with PyTorch's default initialisation (torchvision does no custom one here) from
 ``seed``; every BatchNorm gets seeded random affine parameters (``qcompile.models.init.randomize_batchnorm``) and
 the running statistics it measures on 32 training images of the bundled CIFAR-10 sample
-(``bn_statistics_images``), so that, as in a trained network, each normalises what it really receives and folding
+(``cifar_sample.statistics_images``), so that, as in a trained network, each normalises what it really receives and folding
 and quantizing the model is a real test. Calibration and evaluation use the same sample
 (``data/cifar10-sample.tar.gz``), as ``resnet20_cifar.py`` does.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from qcompile.data import Batches, iterate_batches, load_split
 from qcompile.models.init import randomize_batchnorm
 
-HERE = Path(__file__).resolve().parent
-SAMPLE = HERE / "data" / "cifar10-sample.tar.gz"
+from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
+
 
 # torchvision's shufflenet_v2_x{0_5,1_0,1_5,2_0}
 STAGES_REPEATS = [4, 8, 4]
@@ -196,26 +194,4 @@ def build_model(width: float = 1.0, num_classes: int = 10, seed: int = 0, cifar:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ShuffleNetV2(STAGES_REPEATS, stage_channels(width), num_classes=num_classes, cifar=cifar)
-    return randomize_batchnorm(model, seed, data=[bn_statistics_images(seed)]).eval()
-
-
-def bn_statistics_images(seed: int = 0, n: int = 32) -> Tensor:
-    """``n`` training images of the bundled CIFAR-10 sample (a seeded draw), normalised as the data hooks'.
-
-    The untrained model's BatchNorm running statistics are measured on them: with random statistics instead,
-    the logits barely depend on the input; measured on noise images, they do not fit real ones (EfficientNet-B0's
-    last BatchNorms then put out 20x the spread they should).
-    """
-    return next(iterate_batches(load_split(SAMPLE, "train").subset(n, seed=seed), n))[0]
-
-
-def example_input() -> Tensor:
-    return torch.randn(1, 3, 32, 32)
-
-
-def calibration_data() -> Batches:
-    return Batches(load_split(SAMPLE, "train"), batch_size=128)
-
-
-def eval_data() -> Batches:
-    return Batches(load_split(SAMPLE, "test"), batch_size=500)
+    return randomize_batchnorm(model, seed, data=[statistics_images(seed)]).eval()

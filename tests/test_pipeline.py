@@ -1,9 +1,8 @@
-import numpy as np
 import pytest
 import torch
 from torch import fx, nn
 
-from qcompile import Pass, PassContext, Pipeline, get_recipe
+from qcompile import Pass, PassContext, Pipeline
 from qcompile.errors import PipelineError
 from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION
