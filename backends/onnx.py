@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -83,6 +84,13 @@ def fused_add_is_exact(a: TensorInfo, b: TensorInfo, out: TensorInfo) -> bool:
     f32 = np.float32
     ours = np.rint((qa.astype(f32) * f32(sa) + qb.astype(f32) * f32(sb)) / f32(sc))
     return bool(np.array_equal(ours, np.rint(exact)))  # both then clamp to the same range
+
+
+def rectified(t: TensorInfo) -> TensorInfo:
+    """``t`` with its codes clipped at 0: ``Q(relu(y)) = max(Q(y), 0)``, so a ReLU before a requantize is a Clip
+    of its codes after it. (A ``Relu`` node before a signed ``QuantizeLinear``, zero point 128, would keep
+    onnxruntime from fusing the conv into its integer kernel: the float conv then rounds differently.)"""
+    return replace(t, qmin=max(t.qmin, 0))
 
 
 class _Exporter:
@@ -194,8 +202,8 @@ class _Exporter:
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
         flat = self.flat.get(src)
         src = flat or src
-        if op.attrs.get("relu") and t.qmin < 0:
-            src = self.node("Relu", [src])
+        if op.attrs.get("relu"):
+            t = rectified(t)
         if flat is None:
             self.quantize_to(src, op.output, t)
             return
@@ -263,9 +271,9 @@ class _Exporter:
         chain_relu = any(c.kind == "relu" for c in chain)
         for rq in requantizes:
             src = self.node("Conv", inputs, **conv_attrs)
-            if chain_relu or (rq.attrs.get("relu") and self.ir.values[rq.output].qmin < 0):
-                src = self.node("Relu", [src])
-            src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"), self.ir.values[rq.output])
+            t = self.ir.values[rq.output]
+            src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"),
+                                   rectified(t) if chain_relu or rq.attrs.get("relu") else t)
             for i, pool in enumerate(pools):
                 src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
             self.done.add(rq.output)
@@ -324,8 +332,10 @@ class _Exporter:
         self.maxpool(op.inputs[0], op, op.output)
 
     def op_avgpool2d(self, op: Op) -> None:
+        """A float ``AveragePool`` of unfused dequantized codes: onnxruntime fuses DQ → AveragePool → Q into its
+        ``QLinearAveragePool``, which rounds differently (a DenseNet transition disagreed on 0.6% of outputs)."""
         a = op.attrs
-        self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+        self.node("AveragePool", [self.unfused_dq(op.inputs[0])], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
                   pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
                   ceil_mode=int(a.get("ceil_mode", False)))
 
@@ -334,11 +344,12 @@ class _Exporter:
         of two lengths, one ``ReduceMean`` per output cell, concatenated."""
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
+        src = self.unfused_dq(op.inputs[0])  # onnxruntime's QLinear pooling kernels round differently
         if out == (1, 1):
-            self.node("GlobalAveragePool", [op.inputs[0]], op.output)
+            self.node("GlobalAveragePool", [src], op.output)
         elif h % out[0] == 0 and w % out[1] == 0:
             k = [h // out[0], w // out[1]]
-            self.node("AveragePool", [op.inputs[0]], op.output, kernel_shape=k, strides=k)
+            self.node("AveragePool", [src], op.output, kernel_shape=k, strides=k)
         else:
             rows = [self.node("Concat", [self.window_mean(op.inputs[0], (i, out[0], h), (j, out[1], w))
                                          for j in range(out[1])], axis=3) for i in range(out[0])]

@@ -123,6 +123,24 @@ class Pools(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class DenseTransition(nn.Module):
+    """DenseNet: a ReLU'd layer output concatenated with a signed one (so requantized to signed codes with the
+    ReLU in its clipping), then an average-pool transition read straight by the next quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv0(x))
+        x = torch.cat([x, self.conv1(x)], 1)
+        x = self.conv2(F.avg_pool2d(x, 2))
+        return self.fc(x.mean((2, 3)))
+
+
 class PreAct(nn.Module):
     """A pre-activation block: BatchNorms that follow no conv (a module and a functional one)."""
 
@@ -222,7 +240,7 @@ ACTIVATIONS = {
     "elu": lambda: ConvAct(fn=F.elu),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
-          "shuffle": Shuffle, "pools": Pools, "preact": PreAct, "convnext_block": ConvNeXtBlock,
+          "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
           "layernorm2d": LayerNorm2dStem}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
@@ -355,3 +373,21 @@ def test_a_layer_scale_that_follows_no_layer_is_a_one_line_error():
     with pytest.raises(LoweringError, match=r"cannot lower node mul .* reads parameter gamma") as err:
         lowered("scaled_sum", "int8", {"scaled_sum": ScaledSum})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel_of_its_own(recipe, tmp_path):
+    """A ReLU'd conv output requantized to signed codes stays one integer conv (the ReLU a Clip of its codes),
+    and average pooling is not fused into QLinearAveragePool, which rounds its own way."""
+    import onnx
+
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered("dense_transition", recipe).context.ir
+    optimized = tmp_path / "optimized.onnx"
+    qonnx.session(qonnx.to_onnx(ir), optimized_path=str(optimized))
+    kinds = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert kinds.count("QLinearConv") == 4 and "FusedConv" not in kinds and "Conv" not in kinds
+    assert not any(k.startswith("QLinear") and "Pool" in k for k in kinds)
+    x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()
+    assert all(row["max_lsb_diff"] == 0 for row in qonnx.layer_diff(ir, qonnx.to_onnx(ir), x))
