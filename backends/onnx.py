@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qcompile.errors import QCompileError
+from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
 
@@ -548,7 +549,6 @@ def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:
     """Per integer tensor: onnxruntime's codes (exposed as extra graph outputs) against the reference's."""
     onnx = _onnx()
     from qcompile.ir import reference
-    from qcompile.verify import TensorAgreement
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -570,7 +570,5 @@ def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:
 def compare_with_reference(ir: IRGraph, model: Any, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """onnxruntime vs the reference interpreter on ``(inputs, reference logits)`` pairs: top-1 agreement and
     the final integer outputs (the accumulators the logits are dequantized from)."""
-    from qcompile.verify import compare_backend
-
     sess = session(model)
     return compare_backend(ir, lambda x: run(sess, [x])[0], pairs)

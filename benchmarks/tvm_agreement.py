@@ -16,8 +16,8 @@ import numpy as np
 from qcompile import runtime
 from qcompile.data import iterate_batches, load_split
 from qcompile.ir import reference
+from qcompile.ir.agreement import compare_backend
 from qcompile.ir.serialize import load
-from qcompile.verify import compare_backend
 
 
 def main() -> None:

@@ -92,6 +92,12 @@ def activation_quantizers(gm: fx.GraphModule) -> dict[str, ActivationQuantizer]:
     return {name: m for name, m in gm.named_modules() if isinstance(m, ActivationQuantizer)}
 
 
+def activation_quantizer_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, ActivationQuantizer]]:
+    """Every call site of an activation quantizer, in graph order: for the passes that need the tensor a
+    quantizer reads (its node's input), not just the module :func:`activation_quantizers` gives."""
+    return [(node, q) for node in gm.graph.nodes if isinstance(q := module_of(gm, node), ActivationQuantizer)]
+
+
 def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
     """Every weight quantizer (parametrization) by the name of the layer it quantizes."""
     out = {}
@@ -283,10 +289,7 @@ class InsertQuantizers(Pass):
         """Tell each quantizer that reads a quantized layer's output (through ReLU and max-pooling, which
         commute with the accumulator's positive per-channel scale) which accumulator it requantizes, so it
         rounds exactly as the integer kernel."""
-        for node in gm.graph.nodes:
-            q = module_of(gm, node)
-            if not isinstance(q, ActivationQuantizer):
-                continue
+        for node, q in activation_quantizer_calls(gm):
             src = _through_monotone(gm, node.args[0])
             layer = module_of(gm, src) if isinstance(src, fx.Node) else None
             if layer is None or not parametrize.is_parametrized(layer, "weight"):

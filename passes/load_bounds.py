@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from qcompile.errors import PipelineError
 from qcompile.graph import is_compute, module_of
+from qcompile.passes.insert_quantizers import activation_quantizer_calls
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, QuantizerState
 from qcompile.spec import QuantSpec
@@ -39,10 +40,7 @@ def bound_key(gm: fx.GraphModule, node: fx.Node) -> BoundKey:
 def activation_bounds(gm: fx.GraphModule) -> dict[BoundKey, torch.Tensor]:
     """Every frozen activation quantizer's scale, by :func:`bound_key`; an unfrozen one is an error."""
     out = {}
-    for node in gm.graph.nodes:
-        q = module_of(gm, node)
-        if not isinstance(q, ActivationQuantizer):
-            continue
+    for node, q in activation_quantizer_calls(gm):
         if q.state is not QuantizerState.FROZEN:
             raise PipelineError(f"activation quantizer {node.target} was never frozen; train past the observe phase")
         out[bound_key(gm, node)] = q.scale.detach().clone()
@@ -58,10 +56,7 @@ class LoadBounds(Pass):
         self.bounds = dict(bounds)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        for node in gm.graph.nodes:
-            q = module_of(gm, node)
-            if not isinstance(q, ActivationQuantizer):
-                continue
+        for node, q in activation_quantizer_calls(gm):
             key = bound_key(gm, node)
             if key not in self.bounds:
                 raise PipelineError(f"load_bounds: no trained bound for {node.target} (reads {key[0]}, "

@@ -202,7 +202,7 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
     from qcompile import runtime
     from qcompile.backends.tvm.build import build
     from qcompile.backends.tvm.targets import get_target
-    from qcompile.verify import compare_backend
+    from qcompile.ir.agreement import compare_backend
 
     for name in dict.fromkeys(args.targets or ["cpu"]):
         artifact = build(ir, name, out, batch=args.tvm_batch)

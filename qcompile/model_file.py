@@ -24,7 +24,6 @@ from torch import nn
 from qcompile.errors import CheckpointError, DataError, ModelFileError
 
 REQUIRED = ("build_model", "example_input")
-OPTIONAL = ("calibration_data", "eval_data", "train_data")
 
 
 def _short(exc: BaseException) -> str:

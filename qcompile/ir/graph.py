@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.ir.types import DType, TensorInfo
+from qcompile.ir.types import TensorInfo
 
 OP_KINDS = frozenset({
     "quantize", "dequantize", "requantize", "conv2d", "dense", "relu", "maxpool2d", "avgpool2d",
@@ -89,7 +89,3 @@ class IRGraph:
             scale = "" if t.scale is None else (f" s[{t.scale.size}]" if t.per_channel else f" s={float(t.scale):.4g}")
             lines.append(f"{op.output:<32} = {op.kind}({', '.join(op.inputs)}) : {t.dtype.value}{list(t.shape)}{scale}")
         return "\n".join(lines)
-
-
-def is_int(info: TensorInfo) -> bool:
-    return info.dtype is not DType.FLOAT32

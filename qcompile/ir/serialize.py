@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.artifacts import default_mode
+from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
 
@@ -32,8 +33,9 @@ FORMAT = "qcompile-ir"
 VERSION = 1
 
 
-class IRFormatError(ValueError):
-    """A directory that is not a readable qcompile IR of a supported version."""
+class IRFormatError(QCompileError, ValueError):
+    """A directory that is not a readable qcompile IR of a supported version: a user error (the CLI reports
+    it as one line), and a ValueError for callers that load IR outside the CLI."""
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

@@ -16,8 +16,6 @@ from qcompile.train.run import RunSpec, Splits, train_and_lower
 from qcompile.train.sweep import Pair, run_sweep
 from qcompile.train.trainer import TrainConfig
 
-SUBCOMMANDS = ("train", "sweep")
-
 
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("model", help="model file defining build_model(**kwargs) and example_input()")

@@ -22,7 +22,7 @@ from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.backends.tvm.relax_builder import pack_int4  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
 from qcompile.ir import reference  # noqa: E402
-from qcompile.verify import compare_backend  # noqa: E402
+from qcompile.ir.agreement import compare_backend  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
 

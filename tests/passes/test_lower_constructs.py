@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
+from qcompile.ir.agreement import compare_backend
 from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
-from qcompile.verify import compare_backend, verify_reference
+from qcompile.verify import verify_reference
 from tests.conftest import randomize_bn
 
 

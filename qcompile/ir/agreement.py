@@ -1,0 +1,54 @@
+"""How a backend's integer results agree with the reference interpreter's (numpy only).
+
+Kept beside the IR rather than in :mod:`qcompile.verify` so that a backend artifact can be compared with the
+reference without torch: the IR, its reference interpreter and these measures are all numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import IRGraph
+
+
+@dataclass
+class TensorAgreement:
+    """How one integer tensor compares: fraction of identical codes and the largest difference in LSB."""
+
+    name: str
+    elements: int = 0
+    identical: int = 0
+    max_lsb_diff: int = 0
+
+    @property
+    def identical_fraction(self) -> float:
+        return self.identical / self.elements if self.elements else 1.0
+
+    def update(self, ref: np.ndarray, other: np.ndarray) -> None:
+        diff = np.abs(ref.astype(np.int64) - other.astype(np.int64))
+        self.elements += diff.size
+        self.identical += int((diff == 0).sum())
+        self.max_lsb_diff = max(self.max_lsb_diff, int(diff.max(initial=0)))
+
+
+def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
+                    pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
+    """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
+    agreement and the final integer outputs (the accumulators the logits are dequantized from)."""
+    finals = ir.final_integers()
+    if not finals:
+        raise QCompileError("the IR's output is not a dequantized integer tensor")
+    scale = ir.values[finals[0]].broadcast_scale(2)
+    agreement = TensorAgreement(finals[0])
+    images = agree = 0
+    for x, ref in pairs:
+        out = run(x)
+        agreement.update(np.rint(ref / scale), np.rint(out / scale))
+        images += len(x)
+        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+    return {"images": images, "top1_agreement": agree / images if images else float("nan"),
+            "identical_fraction": agreement.identical_fraction, "max_lsb_diff": agreement.max_lsb_diff}

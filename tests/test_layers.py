@@ -1,0 +1,141 @@
+"""The layering of docs/architecture.md, checked on the source so that a new cross-layer import fails here.
+
+Every ``.py`` under ``qcompile/``, ``passes/`` and ``backends/`` is parsed (never imported: the check must not
+need torch, onnx or tvm) under the name it is installed as, and every import it makes is collected, including
+relative imports and the lazy ones inside functions, since a lazy import still ties the layers together. Each
+rule is one row of :data:`RULES`; the violations that exist today are listed in the row, so the list can only
+shrink on purpose and a new one fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALLED_AS = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends": "qcompile.backends"}
+"""Source folder → package name, as pyproject.toml's package-dir maps them."""
+
+CLI = ("qcompile.__main__", "qcompile.cli", "qcompile.train.cli")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the modules of one layer may import."""
+
+    name: str
+    layer: tuple[str, ...]
+    """Module prefixes the rule applies to."""
+    forbidden: tuple[str, ...] = ()
+    """Import prefixes the layer may not use."""
+    only: tuple[str, ...] | None = None
+    """When set, every import that is not the standard library's must fall under one of these prefixes."""
+    exempt: tuple[str, ...] = ()
+    """Module prefixes inside ``layer`` that the rule does not constrain (another layer, or the CLI)."""
+    exceptions: frozenset[tuple[str, str]] = frozenset()
+    """``(module, imported prefix)`` violations that exist today, listed so that only a new one fails."""
+
+
+RULES = (
+    Rule("the IR is numpy only", layer=("qcompile.ir",),
+         only=("numpy", "qcompile.ir", "qcompile.errors"),
+         exceptions=frozenset({("qcompile.ir.serialize", "qcompile.artifacts")})),
+    Rule("backends consume the IR: no torch, no passes, no fx graph, no CLI", layer=("qcompile.backends",),
+         only=("numpy", "onnx", "onnxruntime", "tvm", "qcompile.backends", "qcompile.ir", "qcompile.errors",
+               "qcompile.artifacts")),
+    Rule("passes know no backend and no CLI", layer=("qcompile.passes",),
+         forbidden=("qcompile.backends", "qcompile.cli", "qcompile.train")),
+    Rule("the library runs no passes and knows no backend", layer=("qcompile",),
+         forbidden=("qcompile.passes", "qcompile.backends"),
+         exempt=("qcompile.passes", "qcompile.backends", *CLI),
+         exceptions=frozenset({("qcompile.ptq", "qcompile.passes"), ("qcompile.sensitivity", "qcompile.passes"),
+                               ("qcompile.train.qat", "qcompile.passes")})),
+    Rule("nothing imports the CLI but the CLI", layer=("qcompile",), forbidden=("qcompile.cli", "qcompile.train.cli"),
+         exempt=CLI),
+)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def module_name(path: Path) -> str:
+    """The installed dotted name of a source file under :data:`ROOT`."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([INSTALLED_AS[parts[0]], *parts[1:]])
+
+
+def imports(module: str, source: str, is_package: bool = False) -> Iterator[tuple[int, str]]:
+    """``(line, dotted name)`` of every import in ``source``, relative ones resolved against ``module``.
+
+    ``from a.b import c`` yields ``a.b.c``: ``c`` may be a submodule (``from qcompile import cli``), and a name
+    inside ``a.b`` still falls under ``a.b``'s prefix."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package[:len(package) - node.level + 1], *([base] if base else [])])
+            for alias in node.names:
+                yield node.lineno, base if alias.name == "*" else f"{base}.{alias.name}"
+
+
+def violations(rule: Rule, module: str, source: str, is_package: bool = False) -> list[str]:
+    """The imports of ``module`` that ``rule`` forbids and does not list as an exception."""
+    if not _under(module, rule.layer) or _under(module, rule.exempt):
+        return []
+    found = []
+    for line, name in imports(module, source, is_package):
+        bad = _under(name, rule.forbidden) or (
+            rule.only is not None and name.split(".")[0] not in sys.stdlib_module_names
+            and not _under(name, rule.only))
+        if bad and not any(m == module and _under(name, (p,)) for m, p in rule.exceptions):
+            found.append(f"{module}:{line} imports {name}")
+    return found
+
+
+def _sources() -> dict[str, tuple[str, bool]]:
+    return {module_name(p): (p.read_text(), p.name == "__init__.py")
+            for folder in INSTALLED_AS for p in sorted((ROOT / folder).rglob("*.py"))}
+
+
+SOURCES = _sources()
+
+
+def test_every_layer_is_scanned_under_its_installed_name() -> None:
+    assert {"qcompile.ir.graph", "qcompile.passes.load_bounds", "qcompile.backends.tvm.build",
+            "qcompile.train.cli"} <= SOURCES.keys()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_layer_rule_holds(rule: Rule) -> None:
+    found = [v for module, (source, pkg) in SOURCES.items() for v in violations(rule, module, source, pkg)]
+    assert not found, f"{rule.name} (see docs/architecture.md):\n" + "\n".join(found)
+
+
+IR, BACKENDS, PASSES, LIBRARY, NO_CLI = RULES
+
+
+@pytest.mark.parametrize(("rule", "module", "source"), [
+    (BACKENDS, "qcompile.backends.onnx", "from qcompile.passes import fold_bn\n"),
+    (BACKENDS, "qcompile.backends.onnx", "def export():\n    from ..passes import fold_bn\n"),
+    (IR, "qcompile.ir.graph", "import torch\n"),
+    (IR, "qcompile.ir.serialize", "from qcompile.verify import verify_reference\n"),
+    (PASSES, "qcompile.passes.calibrate", "from qcompile import cli\n"),
+    (LIBRARY, "qcompile.report", "from qcompile.passes.fold_bn import fold_bn\n"),
+    (NO_CLI, "qcompile.train.run", "from qcompile.train.cli import main\n"),
+], ids=lambda v: v.name if isinstance(v, Rule) else None)
+def test_checker_reports_a_forbidden_import(rule: Rule, module: str, source: str) -> None:
+    """The checker itself: a forbidden import (absolute, relative or lazy) placed in a real module is reported,
+    and a listed exception covers only the import it names (serialize may import artifacts, not verify)."""
+    assert violations(rule, module, source)
