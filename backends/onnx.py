@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qcompile.errors import QCompileError
+from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
@@ -47,15 +48,6 @@ def _onnx() -> Any:
     except ImportError:
         raise OnnxExportError("the ONNX backend needs the onnx extra: pip install 'qcompile[onnx]'") from None
     return onnx
-
-
-def pack_nibbles(codes: np.ndarray) -> bytes:
-    """4-bit codes as ONNX stores INT4/UINT4 raw data: two per byte, the first in the low nibble. (The
-    ``int32_data`` field that ``make_tensor`` fills otherwise costs up to two bytes per pair as varints.)"""
-    nibbles = (np.asarray(codes).reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
-    if len(nibbles) % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
 
 
 def fused_add_is_exact(a: TensorInfo, b: TensorInfo, out: TensorInfo) -> bool:
@@ -120,7 +112,7 @@ class _Exporter:
         name = self.uid(base)
         helper, TP = self.onnx.helper, self.onnx.TensorProto
         if elem in (TP.INT4, TP.UINT4):
-            t = helper.make_tensor(name, elem, list(array.shape), pack_nibbles(array), raw=True)
+            t = helper.make_tensor(name, elem, list(array.shape), int4.pack(array).tobytes(), raw=True)
         else:
             t = self.onnx.numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d scalars
         self.inits.append(t)

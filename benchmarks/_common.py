@@ -12,7 +12,7 @@ import torch
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir.graph import IRGraph
-from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+from qcompile.pipelines import lowering_passes
 
 
 def lowered(model: torch.nn.Module, recipe: str, size: int = 224, seed: int = 0,
@@ -24,7 +24,7 @@ def lowered(model: torch.nn.Module, recipe: str, size: int = 224, seed: int = 0,
     if calib is None:
         calib = [torch.randn(4, 3, size, size) for _ in range(2)]
     calib_data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib]
-    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales(), LowerInteger()]
+    passes = lowering_passes()
     with torch.no_grad():
         res = Pipeline(passes).run(model, torch.randn(1, 3, size, size), recipe=get_recipe(recipe),
                                    calibration_data=calib_data)

@@ -1,7 +1,7 @@
 """Accuracy against linear cost: integer-programming plans (--recipe auto --budget linear=B) and the uniform
 recipes, plain and with the PTQ pipelines, on the project's ResNet-20 and CIFAR-10.
 
-Each configuration runs the same passes as the CLI (qcompile.ptq.ptq_passes), is evaluated on the test split and
+Each configuration runs the same passes as the CLI (qcompile.pipelines.ptq_passes), is evaluated on the test split and
 lowered to the integer IR and verified against the fake-quant model. Rows are appended to ``OUT/ptq_budgets.csv``
 as they finish (a re-run skips configurations already there), which image each got right goes to
 ``OUT/hits.npz``, and ``OUT/ptq_budgets.png`` is redrawn from the CSV.
@@ -35,7 +35,7 @@ from qcompile.evaluate import accuracy, hits, take_images
 from qcompile.model_file import load_model_file
 from qcompile.passes.adaquant import SCOPES
 from qcompile.pipeline import Pipeline
-from qcompile.ptq import ptq_passes
+from qcompile.pipelines import ptq_passes
 from qcompile.recipes import get_recipe
 from qcompile.sensitivity import METRICS
 from qcompile.verify import verify_reference
@@ -244,16 +244,17 @@ def main() -> None:
             raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(configs)}")
         _, recipe, ptq, budget = configs[name]
         start = time.time()
-        passes = ptq_passes(ptq, recipe == "auto", parse_budget(budget) if budget else None,
+        plan = get_recipe(recipe)
+        passes = ptq_passes(plan, ptq, budget=parse_budget(budget) if budget else None,
                             adaquant_iterations=args.adaquant_iters, metric=args.sensitivity,
                             adaquant_scope=args.adaquant_scope)
         with torch.no_grad():
-            result = Pipeline(passes).run(model, mf.example_input(), recipe=get_recipe(recipe), calibration_data=calib)
+            result = Pipeline(passes).run(model, mf.example_input(), recipe=plan, calibration_data=calib)
         got = hits(result.graph_module, evald, desc=name)
         ver = verify_reference(result.graph_module, result.context.ir, take_images(evald, args.verify_size)).summary()
         cost = result.context.cost
         row = {"name": name, "recipe": recipe, "ptq": ptq or "plain", "budget": budget or "",
-               "sensitivity": args.sensitivity if recipe == "auto" else "",
+               "sensitivity": args.sensitivity if plan.searched else "",
                "adaquant_scope": args.adaquant_scope if ptq == "advanced" else "", "calib_seed": args.calib_seed,
                "linear_vs_bf16": f"{cost.linear_vs_bf16:.6f}", "quadratic_vs_bf16": f"{cost.quadratic_vs_bf16:.6f}",
                "memory_vs_bf16": f"{cost.memory_vs_bf16:.6f}", "top1": f"{accuracy(got):.4f}",

@@ -15,19 +15,16 @@ import torch
 from torch import fx
 
 from qcompile.artifacts import check_output_dir, failed_path, file_digests, keep_failed, output_transaction, write_json
-from qcompile.bit_allocation import parse_budget
 from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.evaluate import take_images, top1
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.serialize import save as save_ir
 from qcompile.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
-from qcompile.passes import (
-    AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale,
-)
-from qcompile.pipeline import Pass, Pipeline
+from qcompile.pipeline import Pipeline
 from qcompile.passes.adaquant import SCOPES
-from qcompile.ptq import PTQ_MODES, parse_bits, ptq_passes
+from qcompile.pipelines import compile_passes, uses_ptq
+from qcompile.ptq import PTQ_MODES
 from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
 from qcompile.report import build_report, print_report
 from qcompile.sensitivity import METRICS
@@ -309,22 +306,16 @@ def compile_model(args: argparse.Namespace) -> int:
     calib, evald = resolve_data(args, mf, inputs)
     check_batches(inputs, calib, "calibration")
     check_batches(inputs, evald, "evaluation")
-    passes: list[Pass] = [WidthScale(args.width)] if args.width != 1.0 else []
+    passes = compile_passes(recipe, width=args.width, ptq_mode=args.ptq, budget=args.budget,
+                            max_degradation=args.max_degradation, bits=args.bits,
+                            adaquant_iterations=args.adaquant_iters, adaquant_scope=args.adaquant_scope,
+                            metric=args.sensitivity, dyadic=args.dyadic, has_calibration=calib is not None)
     notes = []
-    ptq = (bool(args.ptq) or recipe.name == "auto" or args.budget is not None or args.max_degradation is not None
-           or args.adaquant_scope != "layer")
-    if ptq:
-        passes += ptq_passes(args.ptq, recipe.name == "auto", parse_budget(args.budget) if args.budget else None,
-                             args.max_degradation, parse_bits(args.bits), args.adaquant_iters, args.dyadic,
-                             has_calibration=calib is not None, quantized=recipe.quantized, metric=args.sensitivity,
-                             adaquant_scope=args.adaquant_scope)
-    else:
-        passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
-        if recipe.quantized and calib is not None:
-            passes += [InsertQuantizers(), Calibrate(), AlignAddScales(), LowerInteger(dyadic=args.dyadic)]
-        elif recipe.quantized:
-            notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
-                         "costs only, no calibration or accuracy")
+    ptq = uses_ptq(recipe, ptq_mode=args.ptq, budget=args.budget, max_degradation=args.max_degradation,
+                   adaquant_scope=args.adaquant_scope)
+    if not ptq and recipe.quantized and calib is None:
+        notes.append("no calibration data (define calibration_data() in the model file or pass --data): "
+                     "costs only, no calibration or accuracy")
     pipeline = Pipeline(passes, dump_after=args.dump_after)
     with torch.no_grad():
         result = pipeline.run(model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,

@@ -27,6 +27,9 @@ class Recipe:
     last: Precision | None = None
     act_calibrator: Calibrator = Calibrator.EMA_MAX
     residual_bits: int = 8  # residual-add tensors; the cost model counts conv/dense only
+    searched: bool = False
+    """Widths are chosen per layer by the mixed-precision search (passes/mixed_precision.py) under a budget;
+    ``default``/``first``/``last`` are only the starting point."""
 
     @property
     def quantized(self) -> bool:
@@ -61,7 +64,7 @@ RECIPES: dict[str, Recipe] = {
                act_calibrator=Calibrator.PERCENTILE),
         # widths chosen per layer by the mixed-precision search (passes/mixed_precision.py) under --budget
         Recipe("auto", "per-layer widths from an integer program under --budget (or --max-degradation)",
-               Precision(8, 8), act_calibrator=Calibrator.PERCENTILE),
+               Precision(8, 8), act_calibrator=Calibrator.PERCENTILE, searched=True),
     )
 }
 

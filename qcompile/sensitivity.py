@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from qcompile import cache
 from qcompile.errors import PipelineError, RecipeError
-from qcompile.pipeline import BN_FOLDED, Pass, PassContext, Pipeline
+from qcompile.pipeline import BN_FOLDED, PassContext, Pipeline
 from qcompile.recipes import Override
 from qcompile.spec import Precision
 
@@ -113,16 +113,14 @@ def measure_one(gm: fx.GraphModule, ctx: PassContext, sites: Sequence[str], prec
     """Logits on the calibration batches with only ``sites`` (layer names) at ``precision``, every other layer at
     ``reference``; with ``adaquant_iterations``, the ``sites`` are AdaQuant-optimised first (alone, or within
     their block with ``adaquant_scope="block"``)."""
-    from qcompile.passes import AdaQuant, AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
     from qcompile.passes._layerwise import graph_copy, sub_context
+    from qcompile.pipelines import sensitivity_passes
 
     copy = graph_copy(gm)
     overrides = [Override("*", reference, "sensitivity")]
     overrides += [Override(glob.escape(s), precision, "sensitivity") for s in sites]
-    passes: list[Pass] = [] if BN_FOLDED in ctx.properties else [FoldBatchNorm()]
-    passes += [AssignPrecision(), InsertQuantizers(), Calibrate(), AlignAddScales()]
-    if adaquant_iterations and sites:
-        passes.append(AdaQuant(iterations=adaquant_iterations, layers=sites, scope=adaquant_scope))
+    passes = sensitivity_passes(fold_bn=BN_FOLDED not in ctx.properties, adaquant_iterations=adaquant_iterations,
+                                adaquant_layers=sites, adaquant_scope=adaquant_scope)
     Pipeline(passes).run_graph(copy, sub_context(ctx, overrides=overrides, calibration_data=batches))
     return outputs(copy, batches)
 

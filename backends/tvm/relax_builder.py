@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.tvm import TvmBackendError, require_tvm
+from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
 
@@ -46,14 +47,6 @@ def container(t: TensorInfo) -> str:
     if t.qmin >= 0 and t.qmax <= 255:
         return "uint8"
     raise TvmBackendError(f"codes in [{t.qmin}, {t.qmax}] do not fit an 8-bit container")
-
-
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-    """Two signed 4-bit codes per byte, element 2i in the low nibble and 2i+1 in the high one."""
-    flat = codes.reshape(-1).astype(np.int8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    return ((flat[0::2] & 0x0F) | (flat[1::2] << 4)).astype(np.int8)
 
 
 class _Builder:
@@ -120,7 +113,7 @@ class _Builder:
         codes = np.transpose(self.ir.constants[name], layout)
         if t.dtype not in (DType.INT4, DType.UINT4):
             return self.param(name, codes, "int8")
-        nibbles = pack_int4(codes)
+        nibbles = int4.pack(codes).view(np.int8)  # element 2i in the low nibble, 2i+1 in the high one
         packed = self.param(name, nibbles, "int8")
         # the low nibble sign-extended as ((p & 15) ^ 8) - 8, not (p << 4) >> 4: CUDA C promotes int8 to int
         # before shifting, so the shift pair leaves the whole byte there (mostly4bit on GPUs gave wrong logits)

@@ -9,7 +9,7 @@
      "metadata": {...}}
 
 ``DIR/tensors.npz`` holds the constants at their real width: int8 / uint8 / int32 / float32 arrays as such,
-4-bit tensors packed two per byte (low nibble first, two's complement for int4) as uint8 with their shape in
+4-bit tensors packed two per byte by :mod:`qcompile.ir.int4` (low nibble first, two's complement for int4) as uint8 with their shape in
 ``graph.json``. Scales are float32 values written as JSON numbers (exact round trip). Writes are atomic.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from qcompile.artifacts import default_mode
 from qcompile.errors import QCompileError
+from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.types import DType, TensorInfo
 
@@ -36,26 +37,6 @@ VERSION = 1
 class IRFormatError(QCompileError, ValueError):
     """A directory that is not a readable qcompile IR of a supported version: a user error (the CLI reports
     it as one line), and a ValueError for callers that load IR outside the CLI."""
-
-
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-    """Two 4-bit codes per byte, low nibble first."""
-    flat = (np.asarray(codes).reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-
-
-def unpack_int4(packed: np.ndarray, shape: tuple[int, ...], signed: bool) -> np.ndarray:
-    """Inverse of :func:`pack_int4`."""
-    n = int(np.prod(shape)) if shape else 1
-    nib = np.empty(packed.size * 2, dtype=np.int32)
-    nib[0::2] = packed & 0xF
-    nib[1::2] = packed >> 4
-    nib = nib[:n]
-    if signed:
-        nib = np.where(nib >= 8, nib - 16, nib)
-    return nib.reshape(shape)
 
 
 _STORE = {DType.INT8: np.int8, DType.UINT8: np.uint8, DType.INT32: np.int32, DType.FLOAT32: np.float32}
@@ -94,7 +75,7 @@ def save(graph: IRGraph, directory: str | os.PathLike[str]) -> Path:
                 data = graph.constants[name]
                 entry["shape"] = list(data.shape)
                 if t.dtype in (DType.INT4, DType.UINT4):
-                    arrays[name] = pack_int4(data)
+                    arrays[name] = int4.pack(data)
                 else:
                     arrays[name] = np.asarray(data).astype(_STORE[t.dtype])
         doc = {
@@ -143,7 +124,7 @@ def load(directory: str | os.PathLike[str]) -> IRGraph:
         if v["constant"]:
             data = stored[name]
             if dt in (DType.INT4, DType.UINT4):
-                data = unpack_int4(data, tuple(v["shape"]), dt.signed)
+                data = int4.unpack(data, tuple(v["shape"]), dt.signed)
             elif dt is not DType.FLOAT32:
                 data = data.astype(np.int32)
             g.constants[name] = data

@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 
-from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm, InsertQuantizers, LowerInteger, WidthScale
 from qcompile.passes.align_add_scales import align_add_scales
 from qcompile.passes.insert_quantizers import activation_quantizers
-from qcompile.passes.load_bounds import LoadBounds, activation_bounds
-from qcompile.pipeline import Pass, PassContext, Pipeline
+from qcompile.passes.load_bounds import activation_bounds
+from qcompile.pipeline import PassContext, Pipeline
+from qcompile.pipelines import qat_lowering_passes, qat_prepare_passes, qat_quantizer_passes
 from qcompile.quantizer import QuantizerState
 from qcompile.recipes import Override, Recipe
 from qcompile.spec import Calibrator
@@ -55,14 +55,13 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], recipe
                 leaf_modules: Iterable[LeafSpec] = ()) -> QATModel:
     """Capture ``model`` (a copy), optionally width-scale it (re-initialising it), annotate precision and cost,
     and insert fake quantizers when the recipe quantizes. Activation quantizers start out observing."""
-    passes: list[Pass] = [WidthScale(width)] if width is not None else []
-    passes += [AssignPrecision(), AnnotateCost()]
-    result = Pipeline(passes).run(model, tuple(example_inputs), leaf_modules=leaf_modules, recipe=recipe,
-                                  overrides=list(overrides), width=1.0 if width is None else width)
+    result = Pipeline(qat_prepare_passes(width)).run(model, tuple(example_inputs), leaf_modules=leaf_modules,
+                                                     recipe=recipe, overrides=list(overrides),
+                                                     width=1.0 if width is None else width)
     gm, ctx = result.graph_module, result.context
     float_graph = copy.deepcopy(gm)
     if recipe.quantized:
-        gm = Pipeline([InsertQuantizers()]).run_graph(gm, ctx)
+        gm = Pipeline(qat_quantizer_passes()).run_graph(gm, ctx)
     return QATModel(gm.train(), float_graph, ctx)
 
 
@@ -129,9 +128,7 @@ def lower_trained(qm: QATModel) -> tuple[fx.GraphModule, PassContext]:
     src = qm.context
     ctx = PassContext(example_inputs=src.example_inputs, recipe=src.recipe, overrides=src.overrides,
                       width=src.width, width_reference=src.width_reference)
-    passes: list[Pass] = [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
-    if src.recipe.quantized:
-        passes += [InsertQuantizers(), LoadBounds(activation_bounds(qm.graph)), LowerInteger()]
+    bounds = activation_bounds(qm.graph) if src.recipe.quantized else {}
     with torch.no_grad():
-        gm = Pipeline(passes).run_graph(gm, ctx)
+        gm = Pipeline(qat_lowering_passes(src.recipe, bounds)).run_graph(gm, ctx)
     return gm, ctx

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 pytest.importorskip("onnxruntime")
 
 from qcompile.backends import onnx as qonnx  # noqa: E402
-from qcompile.ir import reference  # noqa: E402
+from qcompile.ir import int4, reference  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 
@@ -207,6 +207,6 @@ def test_packed_int4_costs_half_a_byte_per_weight():
     from onnx import TensorProto, numpy_helper
 
     codes = np.random.default_rng(3).integers(-7, 8, size=(9, 3, 3, 3)).astype(np.int8)
-    t = qonnx._onnx().helper.make_tensor("w", TensorProto.INT4, list(codes.shape), qonnx.pack_nibbles(codes), raw=True)
+    t = qonnx._onnx().helper.make_tensor("w", TensorProto.INT4, list(codes.shape), int4.pack(codes).tobytes(), raw=True)
     assert len(t.raw_data) == (codes.size + 1) // 2
     assert np.array_equal(numpy_helper.to_array(t), codes)

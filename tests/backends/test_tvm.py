@@ -19,7 +19,7 @@ pytest.importorskip("tvm")
 
 from qcompile import runtime  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
-from qcompile.backends.tvm.relax_builder import pack_int4  # noqa: E402
+from qcompile.ir import int4  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
 from qcompile.ir import reference  # noqa: E402
 from qcompile.ir.agreement import compare_backend  # noqa: E402
@@ -63,7 +63,7 @@ def test_dyadic_requantization_is_bit_exact(tmp_path):
 
 def test_four_bit_weights_are_stored_packed_and_unpacked_exactly(tmp_path):
     codes = np.array([-7, 7, 0, -1, 3, -6, 5], dtype=np.int32)
-    packed = pack_int4(codes)
+    packed = int4.pack(codes).view(np.int8)
     lo, hi = (packed << 4).astype(np.int8) >> 4, packed >> 4
     assert np.array_equal(np.stack([lo, hi], 1).reshape(-1)[:7], codes)
     ir = _lowered(ModuleNet(), "int4").context.ir

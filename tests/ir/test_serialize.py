@@ -7,7 +7,8 @@ import torch
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir import reference
-from qcompile.ir.serialize import IRFormatError, load, pack_int4, save, unpack_int4
+from qcompile.ir import int4
+from qcompile.ir.serialize import IRFormatError, load, save
 from qcompile.models import resnet20_cifar
 from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from tests.conftest import randomize_bn
@@ -18,9 +19,9 @@ def test_int4_packing_round_trip(signed):
     rng = np.random.default_rng(0)
     lo, hi = (-8, 7) if signed else (0, 15)
     codes = rng.integers(lo, hi + 1, (3, 5, 7))
-    packed = pack_int4(codes)
+    packed = int4.pack(codes)
     assert packed.dtype == np.uint8 and packed.size == (codes.size + 1) // 2
-    assert np.array_equal(unpack_int4(packed, codes.shape, signed), codes)
+    assert np.array_equal(int4.unpack(packed, codes.shape, signed), codes)
 
 
 @pytest.fixture(scope="module")
