@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from qcompile import runtime
+from qcompile.backends.tvm import runtime
 from qcompile.data import iterate_batches, load_split
 from qcompile.ir import reference
 from qcompile.ir.agreement import compare_backend

@@ -89,7 +89,7 @@ def run_step(args: argparse.Namespace) -> None:
     import torch
 
     from _common import median_ms
-    from qcompile import runtime
+    from qcompile.backends.tvm import runtime
     from qcompile.models import resnet50
 
     out = Path(args.out)

@@ -11,7 +11,7 @@ from torch import fx
 
 from qcompile.graph import is_nonnegative, layer_names, layer_roles
 from qcompile.pipeline import PRECISION, Pass, PassContext
-from qcompile.recipes import resolve_overrides
+from qcompile.recipes import activation_calibrator, resolve_overrides
 from qcompile.spec import Calibrator, Granularity, Precision, QuantSpec, annotate
 
 
@@ -41,7 +41,7 @@ class AssignPrecision(Pass):
         for node, role in roles.items():
             choice = chosen.get(names[node])
             precision = (choice and choice.precision) or ctx.recipe.precision_for(role)
-            calibrator = (choice and choice.calibrator) or ctx.recipe.act_calibrator
+            calibrator = activation_calibrator(ctx.recipe, choice and choice.calibrator)
             src = node.args[0]
             signed = not (isinstance(src, fx.Node) and is_nonnegative(gm, src, memo))
             ann = annotate(node)

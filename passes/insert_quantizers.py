@@ -32,6 +32,7 @@ from qcompile.errors import PipelineError
 from qcompile.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
+from qcompile.recipes import activation_calibrator
 from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
 
 _ADD_TARGETS = {operator.add, torch.add}
@@ -220,7 +221,7 @@ class InsertQuantizers(Pass):
         """Every input of a concatenation through a quantizer of one spec (signed unless all are >= 0)."""
         parts = list(node.args[0])
         signed = not all(is_nonnegative(gm, p, memo) for p in parts)
-        spec = QuantSpec(bits, signed, Granularity.PER_TENSOR, ctx.recipe.act_calibrator)
+        spec = QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
         quantized = []
         for p in parts:
             m = module_of(gm, p)
@@ -321,7 +322,7 @@ class InsertQuantizers(Pass):
 
     @staticmethod
     def _spec(gm: fx.GraphModule, src: fx.Node, bits: int, ctx: PassContext, memo: dict[fx.Node, bool]) -> QuantSpec:
-        return QuantSpec(bits, not is_nonnegative(gm, src, memo), Granularity.PER_TENSOR, ctx.recipe.act_calibrator)
+        return QuantSpec(bits, not is_nonnegative(gm, src, memo), Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
 
     def _quantize_edge(self, gm: fx.GraphModule, src: object, spec: QuantSpec) -> fx.Node:
         if not isinstance(src, fx.Node):

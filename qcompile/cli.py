@@ -188,7 +188,7 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
 
 def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
                         pairs: ReferencePairs) -> None:
-    """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.runtime and checked against the
+    """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.backends.tvm.runtime and checked against the
     reference."""
     if "tvm" not in (args.backends or []):
         return
@@ -196,7 +196,7 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
 
     if importlib.util.find_spec("tvm") is None:
         raise QCompileError("--backend tvm needs the tvm extra: pip install 'qcompile[tvm]'")
-    from qcompile import runtime
+    from qcompile.backends.tvm import runtime
     from qcompile.backends.tvm.build import build
     from qcompile.backends.tvm.targets import get_target
     from qcompile.ir.agreement import compare_backend

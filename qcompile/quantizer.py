@@ -95,13 +95,97 @@ def mse_bound(samples: torch.Tensor, spec: QuantSpec, max_abs: float, steps: int
     return float(candidates[int(errors.argmin())])
 
 
+class ActivationCalibrator:
+    """How an activation quantizer chooses its bound: ``observe(x)`` once per calibration batch, then ``bound()``.
+
+    The max statistics every calibrator may read (``ema_max``, ``running_max``, ``batches``) stay buffers of the
+    owning :class:`ActivationQuantizer`, which updates them before calling :meth:`observe`: they are in its state
+    dict whatever the calibrator. A calibrator keeps only its own state (samples, a generator). To add one, write a
+    subclass and give it an entry in :data:`CALIBRATORS`.
+    """
+
+    def __init__(self, owner: ActivationQuantizer) -> None:
+        self.owner = owner  # a plain reference: the calibrator is not a submodule and owns no buffers
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Collect what :meth:`bound` needs from one batch beyond the owner's max statistics."""
+
+    def bound(self) -> float:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Drop what was collected for :meth:`bound` (after freezing)."""
+
+
+class EmaMax(ActivationCalibrator):
+    """The EMA of the per-batch max|x|: the paper's activation bound."""
+
+    def bound(self) -> float:
+        return float(self.owner.ema_max)
+
+
+class Max(ActivationCalibrator):
+    """The largest max|x| of any batch."""
+
+    def bound(self) -> float:
+        return float(self.owner.running_max)
+
+
+class _Sampling(ActivationCalibrator):
+    """Keeps up to ``MAX_SAMPLES_PER_BATCH`` values of every batch (a seeded random subset of larger batches)."""
+
+    def __init__(self, owner: ActivationQuantizer) -> None:
+        super().__init__(owner)
+        self._samples: list[torch.Tensor] = []
+        self._gen = torch.Generator().manual_seed(owner.seed)
+
+    def observe(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float().cpu()
+        if flat.numel() > MAX_SAMPLES_PER_BATCH:
+            flat = flat[torch.randint(flat.numel(), (MAX_SAMPLES_PER_BATCH,), generator=self._gen)]
+        self._samples.append(flat)
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self._samples) if self._samples else torch.zeros(1)
+
+    def reset(self) -> None:
+        self._samples = []
+
+
+class Percentile(_Sampling):
+    """The owner's ``percentile`` of the sampled |x|."""
+
+    def bound(self) -> float:
+        return float(torch.quantile(self.samples().abs(), self.owner.percentile / 100.0))
+
+
+class Mse(_Sampling):
+    """The bound in (0, max|x|] minimising the quantization MSE of the samples."""
+
+    def bound(self) -> float:
+        return mse_bound(self.samples(), self.owner.spec, float(self.owner.running_max))
+
+
+CALIBRATORS: dict[Calibrator, type[ActivationCalibrator]] = {
+    Calibrator.EMA_MAX: EmaMax,
+    Calibrator.MAX: Max,
+    Calibrator.PERCENTILE: Percentile,
+    Calibrator.MSE: Mse,
+}
+"""The activation calibrators by :class:`Calibrator` value (``Calibrator.NONE`` has none: bf16)."""
+
+
 class QuantizerState(enum.Enum):
     OBSERVING = "observing"  # statistics collected, values pass through unquantized
     FROZEN = "frozen"  # bound fixed; values are fake-quantized
 
 
 class ActivationQuantizer(nn.Module):
-    """A per-tensor activation quantizer: observes during calibration, then frozen once and applied."""
+    """A per-tensor activation quantizer: observes during calibration, then frozen once and applied.
+
+    It tracks the max statistics (``ema_max``, ``running_max``, ``batches``) and delegates the choice of bound to
+    its :class:`ActivationCalibrator` (``self.calibrator``, from :data:`CALIBRATORS` by ``spec.calibrator``).
+    """
 
     def __init__(self, spec: QuantSpec, percentile: float = DEFAULT_PERCENTILE, seed: int = 0) -> None:
         super().__init__()
@@ -109,6 +193,7 @@ class ActivationQuantizer(nn.Module):
             raise ValueError("activation quantizers are per tensor")
         self.spec = spec
         self.percentile = percentile
+        self.seed = seed
         self.state = QuantizerState.OBSERVING
         self.enabled = True
         self.sync_across_ranks = False  # data-parallel training: observe the max over every process's shard
@@ -116,9 +201,9 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("ema_max", torch.tensor(0.0))
         self.register_buffer("running_max", torch.tensor(0.0))
         self.batches = 0
-        self._samples: list[torch.Tensor] = []
         self._accumulator: tuple[nn.Module, ActivationQuantizer, WeightQuantizer] | None = None
-        self._gen = torch.Generator().manual_seed(seed)
+        cls = CALIBRATORS.get(spec.calibrator)
+        self.calibrator: ActivationCalibrator | None = None if cls is None else cls(self)
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, calibrator={self.spec.calibrator.value}, state={self.state.value}"
@@ -134,7 +219,7 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Update the statistics the calibrator needs from one batch."""
+        """Update the max statistics, then what the calibrator needs, from one batch."""
         batch_max = x.detach().abs().max().float()
         if self.sync_across_ranks:
             torch.distributed.all_reduce(batch_max, op=torch.distributed.ReduceOp.MAX)
@@ -143,25 +228,14 @@ class ActivationQuantizer(nn.Module):
         self.ema_max.copy_(batch_max if self.batches == 0 else EMA_DECAY * self.ema_max + (1 - EMA_DECAY) * batch_max)
         self.running_max.copy_(torch.maximum(self.running_max, batch_max))
         self.batches += 1
-        if self.spec.calibrator in (Calibrator.PERCENTILE, Calibrator.MSE):
-            flat = x.detach().reshape(-1).float().cpu()
-            if flat.numel() > MAX_SAMPLES_PER_BATCH:
-                flat = flat[torch.randint(flat.numel(), (MAX_SAMPLES_PER_BATCH,), generator=self._gen)]
-            self._samples.append(flat)
+        if self.calibrator is not None:
+            self.calibrator.observe(x)
 
     def bound(self) -> float:
         """The bound the calibrator chooses from what was observed."""
-        cal = self.spec.calibrator
-        if cal is Calibrator.EMA_MAX:
-            return float(self.ema_max)
-        if cal is Calibrator.MAX:
-            return float(self.running_max)
-        samples = torch.cat(self._samples) if self._samples else torch.zeros(1)
-        if cal is Calibrator.PERCENTILE:
-            return float(torch.quantile(samples.abs(), self.percentile / 100.0))
-        if cal is Calibrator.MSE:
-            return mse_bound(samples, self.spec, float(self.running_max))
-        raise ValueError(f"calibrator {cal.value} cannot set an activation bound")
+        if self.calibrator is None:
+            raise ValueError(f"calibrator {self.spec.calibrator.value} cannot set an activation bound")
+        return self.calibrator.bound()
 
     @torch.no_grad()
     def freeze(self, name: str = "activation") -> None:
@@ -170,7 +244,8 @@ class ActivationQuantizer(nn.Module):
             raise RuntimeError(f"{name}: frozen without observing any batch")
         self.scale.copy_(safe_scale(torch.tensor(self.bound()), self.spec.qmax, name))
         self.state = QuantizerState.FROZEN
-        self._samples = []
+        if self.calibrator is not None:
+            self.calibrator.reset()
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes this frozen quantizer gives ``x`` (what the integer IR holds), by its own forward."""

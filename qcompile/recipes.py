@@ -44,6 +44,12 @@ class Recipe:
         return self.default
 
 
+def activation_calibrator(recipe: Recipe, override: Calibrator | None = None) -> Calibrator:
+    """The activation calibrator of a quantizer: a layer's override if any, else the recipe's. The one place the
+    recipe's calibrator is read when choosing quantizer specs (``assign_precision``, ``insert_quantizers``)."""
+    return override or recipe.act_calibrator
+
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (

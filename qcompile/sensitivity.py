@@ -39,7 +39,7 @@ from tqdm import tqdm
 from qcompile import cache
 from qcompile.errors import PipelineError, RecipeError
 from qcompile.pipeline import BN_FOLDED, PassContext, Pipeline
-from qcompile.recipes import Override
+from qcompile.recipes import Override, activation_calibrator
 from qcompile.spec import Precision
 
 CACHE_KIND = "sensitivity"
@@ -95,7 +95,7 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
     """What the measurements depend on: graph, weights, the units measured (so an entry is complete for exactly
     them), calibration data, candidates, calibrator, residual width, metric, AdaQuant (iterations and scope)."""
     h = hashlib.sha256()
-    h.update(f"{gm.code}|{[str(p) for p in candidates]}|{ctx.recipe.act_calibrator.value}|"
+    h.update(f"{gm.code}|{[str(p) for p in candidates]}|{activation_calibrator(ctx.recipe).value}|"
              f"{ctx.recipe.residual_bits}|{metric}|{adaquant_iterations}|{adaquant_scope}|"
              f"{sorted((u, list(sites)) for u, sites in units.items())}".encode())
     for name, t in sorted(gm.state_dict().items()):

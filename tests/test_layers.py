@@ -4,12 +4,15 @@ Every ``.py`` under ``qcompile/``, ``passes/`` and ``backends/`` is parsed (neve
 need torch, onnx or tvm) under the name it is installed as, and every import it makes is collected, including
 relative imports and the lazy ones inside functions, since a lazy import still ties the layers together. Each
 rule is one row of :data:`RULES`; the violations that exist today are listed in the row, so the list can only
-shrink on purpose and a new one fails.
+shrink on purpose and a new one fails. One test does import: the TVM loader, in a subprocess, to check that
+importing it (and the packages above it) loads no torch and no TVM compiler.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ INSTALLED_AS = {"qcompile": "qcompile", "passes": "qcompile.passes", "backends":
 CLI = ("qcompile.__main__", "qcompile.cli", "qcompile.train.cli")
 PIPELINES = "qcompile.pipelines"
 """The one library module that imports the passes: it assembles every pass list."""
+TVM_LOADER = "qcompile.backends.tvm.runtime"
+"""Loads and runs TVM artifacts where only ``libtvm_runtime.so`` is installed (``TVM_USE_RUNTIME_LIB=1``)."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,11 @@ RULES = (
          only=("numpy", "qcompile.ir", "qcompile.errors"),
          exceptions=frozenset({("qcompile.ir.serialize", "qcompile.artifacts")})),
     Rule("backends consume the IR: no torch, no passes, no fx graph, no CLI", layer=("qcompile.backends",),
-         only=("numpy", "onnx", "onnxruntime", "tvm", "qcompile.backends", "qcompile.ir", "qcompile.errors",
-               "qcompile.artifacts")),
+         only=("numpy", "onnx", "onnxruntime", "tvm", "tvm_ffi", "qcompile.backends", "qcompile.ir",
+               "qcompile.errors", "qcompile.artifacts")),
+    Rule("the TVM loader (qcompile.backends.tvm.runtime) runs with the runtime library alone: no compiler, no torch",
+         layer=(TVM_LOADER,), only=("numpy", "tvm", "tvm_ffi", "qcompile.errors"),
+         forbidden=("tvm.relax", "tvm.s_tir", "tvm.tirx", "tvm.target", "tvm.ir", "tvm.te", "tvm.script")),
     Rule("passes know no backend and no CLI", layer=("qcompile.passes",),
          forbidden=("qcompile.backends", "qcompile.cli", "qcompile.train")),
     Rule("the pass lists (qcompile.pipelines) know no backend", layer=(PIPELINES,),
@@ -119,7 +127,7 @@ SOURCES = _sources()
 
 
 def test_every_layer_is_scanned_under_its_installed_name() -> None:
-    assert {"qcompile.ir.graph", "qcompile.passes.load_bounds", "qcompile.backends.tvm.build",
+    assert {"qcompile.ir.graph", "qcompile.passes.load_bounds", "qcompile.backends.tvm.build", TVM_LOADER,
             "qcompile.train.cli"} <= SOURCES.keys()
 
 
@@ -129,12 +137,15 @@ def test_layer_rule_holds(rule: Rule) -> None:
     assert not found, f"{rule.name} (see docs/architecture.md):\n" + "\n".join(found)
 
 
-IR, BACKENDS, PASSES, PIPELINE_LISTS, LIBRARY, NO_CLI = RULES
+IR, BACKENDS, TVM_LOADER_RULE, PASSES, PIPELINE_LISTS, LIBRARY, NO_CLI = RULES
 
 
 @pytest.mark.parametrize(("rule", "module", "source"), [
     (BACKENDS, "qcompile.backends.onnx", "from qcompile.passes import fold_bn\n"),
     (BACKENDS, "qcompile.backends.onnx", "def export():\n    from ..passes import fold_bn\n"),
+    (TVM_LOADER_RULE, TVM_LOADER, "def load():\n    from tvm import relax\n"),
+    (TVM_LOADER_RULE, TVM_LOADER, "from qcompile.backends.tvm.build import build\n"),
+    (TVM_LOADER_RULE, TVM_LOADER, "import torch\n"),
     (IR, "qcompile.ir.graph", "import torch\n"),
     (IR, "qcompile.ir.serialize", "from qcompile.verify import verify_reference\n"),
     (PASSES, "qcompile.passes.calibrate", "from qcompile import cli\n"),
@@ -148,3 +159,17 @@ def test_checker_reports_a_forbidden_import(rule: Rule, module: str, source: str
     """The checker itself: a forbidden import (absolute, relative or lazy) placed in a real module is reported,
     and a listed exception covers only the import it names (serialize may import artifacts, not verify)."""
     assert violations(rule, module, source)
+
+
+def test_importing_the_tvm_loader_loads_no_compiler_and_no_torch() -> None:
+    """What the source rule cannot see: the packages above the loader (``qcompile``, ``qcompile.backends``,
+    ``qcompile.backends.tvm``) run on import too, and must leave torch, TVM's compiler and the builder unloaded
+    (``require_tvm`` is called by the builder, never at package import). Needs neither tvm nor torch."""
+    script = ("import sys, qcompile.backends.tvm.runtime\n"
+              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tvm', 'onnx')\n"
+              "             or m.startswith(('qcompile.backends.tvm.', 'qcompile.passes', 'qcompile.ir'))\n"
+              "             and m != 'qcompile.backends.tvm.runtime')\n"
+              "assert not bad, bad\n")
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -2,7 +2,7 @@
 
 Modules: :mod:`.relax_builder` (IR → Relax), :mod:`.targets` (what ``cpu``/``sm80``/``sm90`` mean),
 :mod:`.cuda` (tensor-core schedules and the fatbin), :mod:`.build` (compile and export an artifact).
-Artifacts are run by :mod:`qcompile.runtime`, which needs only the TVM runtime library.
+Artifacts are run by :mod:`qcompile.backends.tvm.runtime`, which needs only the TVM runtime library.
 """
 
 from __future__ import annotations

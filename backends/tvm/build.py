@@ -3,7 +3,7 @@
 Contents: ``model.so`` (the VM executable), ``params.npz`` (weights, 4-bit ones packed), ``meta.json`` (input
 and output shapes, parameter order, target); for CUDA also ``model.fatbin`` (SASS, and PTX where the target
 says so) and ``kernels.cu``. TVM 0.27 exports CUDA modules as source compiled when loaded; the loader
-(:mod:`qcompile.runtime`) hands the shipped fatbin to that step instead, so serving needs no compiler.
+(:mod:`qcompile.backends.tvm.runtime`) hands the shipped fatbin to that step instead, so serving needs no compiler.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import nn
 
 pytest.importorskip("tvm")
 
-from qcompile import runtime  # noqa: E402
+from qcompile.backends.tvm import runtime  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.ir import int4  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
@@ -92,7 +92,7 @@ def test_artifact_runs_with_the_runtime_library_only(tmp_path):
     np.save(tmp_path / "x.npy", x)
     script = (
         "import sys, numpy as np\n"
-        "from qcompile import runtime\n"
+        "from qcompile.backends.tvm import runtime\n"
         "out = runtime.load(sys.argv[1])(np.load(sys.argv[2]))[0]\n"
         "np.save(sys.argv[3], out)\n"
         "maps = open('/proc/self/maps').read()\n"

@@ -307,7 +307,7 @@ def test_onnx_equals_reference(name, recipe):
 @pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
-    from qcompile import runtime
+    from qcompile.backends.tvm import runtime
     from qcompile.backends.tvm.build import build
 
     ir = lowered(name, recipe).context.ir
