@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -96,6 +96,7 @@ class _Exporter:
         self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
         self.done: set[str] = set()  # outputs of ops already written as part of an earlier op's rewrite
         self.flat: dict[str, str] = {}  # N-d dense output (or its copy) -> the 2-d Gemm output it reshapes
+        self.unfused: dict[str, str] = {}  # dequantized value -> its Cast → Sub → Mul form, written once
         self.readers: dict[str, list[Op]] = {}
         self.producer = {o.output: o for o in ir.ops}
         for o in ir.ops:
@@ -328,8 +329,8 @@ class _Exporter:
         """A float ``AveragePool`` of unfused dequantized codes: onnxruntime fuses DQ → AveragePool → Q into its
         ``QLinearAveragePool``, which rounds differently (a DenseNet transition disagreed on 0.6% of outputs)."""
         a = op.attrs
-        self.node("AveragePool", [self.unfused_dq(op.inputs[0])], op.output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                  pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
+        self.node("AveragePool", [self.unfused_dq(op.inputs[0])], op.output, kernel_shape=list(a["kernel"]),
+                  strides=list(a["stride"]), pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
                   ceil_mode=int(a.get("ceil_mode", False)))
 
     def op_adaptive_avgpool2d(self, op: Op) -> None:
@@ -396,12 +397,14 @@ class _Exporter:
         src = self.producer.get(name)
         if src is None or src.kind != "dequantize" or self.ir.values[src.inputs[0]].dtype is DType.INT32:
             return name
-        t = self.ir.values[src.inputs[0]]
-        ty, offset = self.container(t)
-        x = self.node("Cast", [src.inputs[0]], to=self.onnx.TensorProto.FLOAT)
-        if offset:
-            x = self.node("Sub", [x, self.const("zp", np.array(offset, np.float32))])
-        return self.node("Mul", [x, self.const(f"{name}_scale", t.scale.astype(np.float32))])
+        if name not in self.unfused:
+            t = self.ir.values[src.inputs[0]]
+            _, offset = self.container(t)
+            x = self.node("Cast", [src.inputs[0]], to=self.onnx.TensorProto.FLOAT)
+            if offset:
+                x = self.node("Sub", [x, self.const("zp", np.array(offset, np.float32))])
+            self.unfused[name] = self.node("Mul", [x, self.const(f"{name}_scale", t.scale.astype(np.float32))])
+        return self.unfused[name]
 
     def op_layer_norm(self, op: Op) -> None:
         """``LayerNormalization`` in double (Cast in and out) on the input centred first. onnxruntime's kernel

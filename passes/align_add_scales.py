@@ -48,15 +48,8 @@ def concat_inputs(gm: fx.GraphModule) -> list[list[ActivationQuantizer]]:
 def add_groups(gm: fx.GraphModule) -> list[list[str]]:
     """Names of the activation quantizers tied together by residual adds and concatenations, one list per
     class."""
-    parent: dict[str, str] = {}
     name_of = {id(m): n for n, m in gm.named_modules()}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    ties = []
     for node in gm.graph.nodes:
         if not is_add(node):
             continue
@@ -64,17 +57,28 @@ def add_groups(gm: fx.GraphModule) -> list[list[str]]:
         if any(q is None for q in ins):
             continue  # an input off any grid: nothing to align (the export keeps the exact float add)
         outs = [r for r in sum_value(gm, node).users if isinstance(module_of(gm, r), ActivationQuantizer)]
-        names = [name_of[id(q)] for q in ins] + [str(r.target) for r in outs]
-        for other in names[1:]:
-            parent[find(other)] = find(names[0])
-    for qs in concat_inputs(gm):
-        names = [name_of[id(q)] for q in qs]
+        ties.append([name_of[id(q)] for q in ins] + [str(r.target) for r in outs])
+    ties += [[name_of[id(q)] for q in qs] for qs in concat_inputs(gm)]
+    return [sorted(g) for g in _components(ties)]
+
+
+def _components(ties: list[list[str]]) -> list[list[str]]:
+    """The classes of names that ``ties`` join, each tie putting its names in one class (union-find)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for names in ties:
         for other in names[1:]:
             parent[find(other)] = find(names[0])
     groups: dict[str, list[str]] = {}
     for name in parent:
         groups.setdefault(find(name), []).append(name)
-    return [sorted(g) for g in groups.values()]
+    return list(groups.values())
 
 
 def best_mantissa(scales: list[float], bits: int = MANTISSA_BITS) -> float:
@@ -113,18 +117,13 @@ def align_add_scales(gm: fx.GraphModule) -> int:
 def _tie_concat_scales(gm: fx.GraphModule) -> None:
     """One scale, the largest, for every quantizer joined by concatenations (transitively: DenseNet
     concatenates each layer's output into every later concatenation of its block)."""
-    owner: dict[int, list[ActivationQuantizer]] = {}
-    for qs in concat_inputs(gm):
-        merged = {id(q): q for q in qs}
-        for q in qs:
-            merged.update({id(o): o for o in owner.get(id(q), [])})
-        component = list(merged.values())
-        for q in component:
-            owner[id(q)] = component
+    modules = dict(gm.named_modules())
+    name_of = {id(m): n for n, m in modules.items()}
     with torch.no_grad():
-        for component in {id(c): c for c in owner.values()}.values():
-            widest = max(q.scale.item() for q in component)
-            for q in component:
+        for component in _components([[name_of[id(q)] for q in qs] for qs in concat_inputs(gm)]):
+            qs = [modules[n] for n in component]
+            widest = max(q.scale.item() for q in qs)
+            for q in qs:
                 q.scale.fill_(widest)
 
 

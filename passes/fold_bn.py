@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from qcompile.elementwise import is_mul
-from qcompile.graph import is_compute, module_of
+from qcompile.graph import is_compute, module_of, permutation
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
 from qcompile.passes._modules import set_submodule
 from qcompile.quantizer import channel_axis
@@ -156,28 +156,17 @@ def _layer_scale(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tenso
 
 def _scaled_layer(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
     """For a layer scale, the single-use conv/dense node it scales per output channel (seen through single-use
-    permutes, which move that axis) and its factors; None for any other product."""
+    permutes and transposes, which move that axis) and its factors; None for any other product."""
     found = _layer_scale(gm, mul)
     if found is None:
         return None
     y, gamma, axis = found
-    while len(y.users) == 1 and (perm := _permutation(y)) is not None:
+    while len(y.users) == 1 and (perm := permutation(y, _rank(y))) is not None:
         axis, y = perm[axis], y.args[0]  # type: ignore[assignment]
     layer = module_of(gm, y)
     if not isinstance(layer, nn.Conv2d | nn.Linear) or len(y.users) != 1 or axis != channel_axis(layer, _rank(y)):
         return None
     return (y, gamma) if len(gamma) == layer.weight.shape[0] else None
-
-
-def _permutation(node: fx.Node) -> list[int] | None:
-    """The dims of a ``permute`` node (output axis i is input axis ``perm[i]``), else None."""
-    if not ((node.op == "call_function" and node.target is torch.permute)
-            or (node.op == "call_method" and node.target == "permute")):
-        return None
-    dims = node.args[1:] or (node.kwargs["dims"],)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = dims[0]
-    return [int(d) % _rank(node) for d in dims]  # type: ignore[union-attr]
 
 
 def _fold_layer_scales(gm: fx.GraphModule) -> None:

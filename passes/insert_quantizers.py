@@ -110,25 +110,30 @@ def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
     return out
 
 
-def _through_monotone(gm: fx.GraphModule, node: object) -> object:
-    """Back from ``node`` through ReLUs, clamps, max pooling and no-ops: per-channel monotone maps that commute
-    with requantizing an accumulator (the IR folds them into the requantize or applies them to its codes)."""
-    while isinstance(node, fx.Node) and (
+def _is_monotone(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU, clamp, max pooling or no-op: per-channel monotone maps that commute with requantizing an
+    accumulator (the IR folds them into the requantize or applies them to its codes)."""
+    return (
         is_relu(gm, node)
-        or isinstance(module_of(gm, node), _NO_OPS)
-        or isinstance(module_of(gm, node), nn.MaxPool2d)
+        or isinstance(module_of(gm, node), (*_NO_OPS, nn.MaxPool2d))
         or (node.op == "call_function" and node.target is F.max_pool2d)
         or ((u := unary_of(gm, node)) is not None and u.clamp is not None)
-    ):
+    )
+
+
+def _quantized_layer(gm: fx.GraphModule, node: object) -> fx.Node | None:
+    """The quantized conv/dense call whose output ``node`` is, seen back through monotone maps; else None."""
+    while isinstance(node, fx.Node) and _is_monotone(gm, node):
         node = tensor_input(node)
-    return node
+    if not isinstance(node, fx.Node):
+        return None
+    layer = module_of(gm, node)
+    return node if layer is not None and parametrize.is_parametrized(layer, "weight") else None
 
 
-def _quantized_layer_output(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` is a quantized conv/dense layer's output, seen through ReLUs and clamps."""
-    src = _through_monotone(gm, node)
-    layer = module_of(gm, src) if isinstance(src, fx.Node) else None
-    return layer is not None and parametrize.is_parametrized(layer, "weight")
+def _activation_spec(bits: int, signed: bool, ctx: PassContext) -> QuantSpec:
+    """A per-tensor activation quantizer at ``bits`` with the recipe's calibrator."""
+    return QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
 
 
 class InsertQuantizers(Pass):
@@ -187,12 +192,11 @@ class InsertQuantizers(Pass):
             u = unary_of(gm, node)
             if u is not None:
                 src = tensor_input(node)
-                if quantizer_of(gm, src) is None and not (u.clamp is not None and _quantized_layer_output(gm, src)):
-                    node.replace_input_with(src, self._quantize_edge(gm, src, self._spec(gm, src, bits, ctx, memo)))
+                if u.clamp is None or _quantized_layer(gm, src) is None:  # a clamp of a layer folds instead
+                    self._quantize_input(gm, node, src, bits, ctx, memo)
             elif is_binary_mul(node):
                 for a in dict.fromkeys(node.args):
-                    if quantizer_of(gm, a) is None:
-                        node.replace_input_with(a, self._quantize_edge(gm, a, self._spec(gm, a, bits, ctx, memo)))
+                    self._quantize_input(gm, node, a, bits, ctx, memo)
             else:
                 continue
             readers = [r for r in node.users if not isinstance(module_of(gm, r), ActivationQuantizer)]
@@ -200,6 +204,12 @@ class InsertQuantizers(Pass):
                 q = self._quantize_edge(gm, node, self._spec(gm, node, bits, ctx, memo))
                 for r in readers:
                     r.replace_input_with(node, q)
+
+    def _quantize_input(self, gm: fx.GraphModule, node: fx.Node, src: fx.Node, bits: int, ctx: PassContext,
+                        memo: dict[fx.Node, bool]) -> None:
+        """``node`` reads ``src`` through a quantizer, unless ``src`` is on a quantizer's grid already."""
+        if quantizer_of(gm, src) is None:
+            node.replace_input_with(src, self._quantize_edge(gm, src, self._spec(gm, src, bits, ctx, memo)))
 
     def _quantize_before_moves(self, gm: fx.GraphModule, value: fx.Node, bits: int, ctx: PassContext,
                                memo: dict[fx.Node, bool]) -> fx.Node:
@@ -220,8 +230,7 @@ class InsertQuantizers(Pass):
                          memo: dict[fx.Node, bool]) -> None:
         """Every input of a concatenation through a quantizer of one spec (signed unless all are >= 0)."""
         parts = list(node.args[0])
-        signed = not all(is_nonnegative(gm, p, memo) for p in parts)
-        spec = QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
+        spec = _activation_spec(bits, not all(is_nonnegative(gm, p, memo) for p in parts), ctx)
         quantized = []
         for p in parts:
             m = module_of(gm, p)
@@ -234,7 +243,7 @@ class InsertQuantizers(Pass):
         """A quantizer wherever something other than a quantizer, a layer or the graph output reads a quantized
         layer's output (or its ReLU, clamp or max pool)."""
         for layer in compute_nodes(gm):
-            if not _quantized_layer_output(gm, layer):
+            if _quantized_layer(gm, layer) is None:
                 continue
             frontier = [layer]
             while frontier:
@@ -242,7 +251,7 @@ class InsertQuantizers(Pass):
                 for r in list(v.users):
                     if r.op == "output" or isinstance(module_of(gm, r), ActivationQuantizer) or is_compute(gm, r):
                         continue
-                    if _through_monotone(gm, r) is not r or isinstance(module_of(gm, r), nn.modules.batchnorm._BatchNorm):
+                    if _is_monotone(gm, r) or isinstance(module_of(gm, r), nn.modules.batchnorm._BatchNorm):
                         frontier.append(r)  # a BatchNorm still in place (bn_tune's copy) belongs to its layer
                         continue
                     r.replace_input_with(v, self._quantize_edge(gm, v, self._spec(gm, v, bits, ctx, memo)))
@@ -291,10 +300,10 @@ class InsertQuantizers(Pass):
         commute with the accumulator's positive per-channel scale) which accumulator it requantizes, so it
         rounds exactly as the integer kernel."""
         for node, q in activation_quantizer_calls(gm):
-            src = _through_monotone(gm, node.args[0])
-            layer = module_of(gm, src) if isinstance(src, fx.Node) else None
-            if layer is None or not parametrize.is_parametrized(layer, "weight"):
+            src = _quantized_layer(gm, node.args[0])
+            if src is None:
                 continue
+            layer = module_of(gm, src)
             in_q = module_of(gm, src.args[0]) if isinstance(src.args[0], fx.Node) else None
             if isinstance(in_q, ActivationQuantizer):
                 wq = next(p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer))
@@ -322,7 +331,7 @@ class InsertQuantizers(Pass):
 
     @staticmethod
     def _spec(gm: fx.GraphModule, src: fx.Node, bits: int, ctx: PassContext, memo: dict[fx.Node, bool]) -> QuantSpec:
-        return QuantSpec(bits, not is_nonnegative(gm, src, memo), Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
+        return _activation_spec(bits, not is_nonnegative(gm, src, memo), ctx)
 
     def _quantize_edge(self, gm: fx.GraphModule, src: object, spec: QuantSpec) -> fx.Node:
         if not isinstance(src, fx.Node):

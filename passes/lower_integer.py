@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from qcompile.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
 from qcompile.tracing import source_location
 from qcompile.errors import QCompileError
-from qcompile.graph import is_relu, module_of
+from qcompile.graph import argument, is_relu, module_of, permutation
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo
@@ -58,12 +58,6 @@ _SPLITS = {"chunk", "split"}
 
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def dyadic(multiplier: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +214,7 @@ class _Lowerer:
                 raise self.fail(node, "only tensor + tensor additions lower (add a quantized constant as a layer)")
             return _Val(self.float_op(node, "add", [self.as_float(node, a) for a in tensors]))
         if (fn and t is torch.flatten) or (meth and t == "flatten"):
-            return self.lower_flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            return self.lower_flatten(node, argument(node, 1, "start_dim", 0), argument(node, 2, "end_dim", -1))
         if (fn and t is torch.reshape) or (meth and t in ("view", "reshape")):
             return self.lower_reshape(node)
         if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout):
@@ -228,24 +222,25 @@ class _Lowerer:
         if (fn and t in (torch.permute, torch.transpose)) or (meth and t in ("permute", "transpose")):
             return self.lower_transpose(node)
         if fn and t is F.max_pool2d:
-            k = _arg(node, 1, "kernel_size")
-            return self.lower_maxpool(node, k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0),
-                                      _arg(node, 4, "dilation", 1), _arg(node, 5, "ceil_mode", False))
+            k = argument(node, 1, "kernel_size")
+            return self.lower_maxpool(node, k, argument(node, 2, "stride") or k, argument(node, 3, "padding", 0),
+                                      argument(node, 4, "dilation", 1), argument(node, 5, "ceil_mode", False))
         if fn and t is F.avg_pool2d:
-            k = _arg(node, 1, "kernel_size")
-            return self.lower_avgpool(node, k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0),
-                                      _arg(node, 4, "ceil_mode", False), _arg(node, 5, "count_include_pad", True),
-                                      _arg(node, 6, "divisor_override"))
+            k = argument(node, 1, "kernel_size")
+            return self.lower_avgpool(node, k, argument(node, 2, "stride") or k, argument(node, 3, "padding", 0),
+                                      argument(node, 4, "ceil_mode", False),
+                                      argument(node, 5, "count_include_pad", True),
+                                      argument(node, 6, "divisor_override"))
         if fn and t is F.adaptive_avg_pool2d:
             return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
                                       output_size=list(self.shape(node)[2:])))
         if (fn and t is torch.mean) or (meth and t == "mean"):
-            dims = _arg(node, 1, "dim")
+            dims = argument(node, 1, "dim")
             if dims is None:
                 raise self.fail(node, "a mean over every dimension (batch included) does not lower")
             dims = [dims] if isinstance(dims, int) else list(dims)
             return _Val(self.float_op(node, "mean", [self.as_float(node, node.args[0])], dims=dims,
-                                      keepdim=bool(_arg(node, 2, "keepdim", False))))
+                                      keepdim=bool(argument(node, 2, "keepdim", False))))
         if fn and t is operator.getitem and isinstance(node.args[0], fx.Node) and _is_split(node.args[0]):
             return self.lower_split_piece(node)
         if fn and t is operator.getitem:
@@ -280,7 +275,7 @@ class _Lowerer:
             mult = (in_t.scale.astype(np.float64) / float(out_t.scale)).astype(np.float32)
             attrs: dict[str, Any] = {"relu": v.relu}
             if v.clamp is not None:
-                out_t = self.clamped(node, q, v.clamp, out_t)
+                out_t = self.clamped(node, q, v.clamp, out_t, in_t.scale.size)
                 attrs["relu"] = False
             if self.dyadic:
                 mant, shift = dyadic(mult)
@@ -298,11 +293,11 @@ class _Lowerer:
             return _Val(src)
         return _Val(self.g.add_op("quantize", [self.as_float(node, node.args[0])], node.name, out_t, self.src(node)))
 
-    def clamped(self, node: fx.Node, q: ActivationQuantizer, bounds: Bounds, out_t: TensorInfo) -> TensorInfo:
+    def clamped(self, node: fx.Node, q: ActivationQuantizer, bounds: Bounds, out_t: TensorInfo,
+                channels: int) -> TensorInfo:
         """The requantize's code range narrowed to the clamp's bounds: the fake-quant model requantizes the
         clamped accumulator, which (requantizing being monotone) is the requantized codes clipped to the codes of
-        the bounds. Those are computed by the quantizer itself; they must agree across channels."""
-        channels = int(np.asarray(self.info(self.value(node, node.args[0]).name).scale).size)
+        the bounds. Those are computed by the quantizer itself; they must agree across ``channels``."""
         lo, hi = out_t.qmin, out_t.qmax
         for i, b in enumerate(bounds):
             if b is None:
@@ -330,9 +325,7 @@ class _Lowerer:
         v = self.value(node, tensor_input(node))
         t = self.info(v.name)
         if u.clamp is not None and t.dtype is DType.INT32 and v.unary is None:
-            lows = [b for b in (u.clamp[0], 0.0 if v.relu else None, v.clamp and v.clamp[0]) if b is not None]
-            highs = [b for b in (u.clamp[1], v.clamp and v.clamp[1]) if b is not None]
-            return _Val(v.name, clamp=(max(lows) if lows else None, min(highs) if highs else None))
+            return _Val(v.name, clamp=_tighter(_tighter(v.clamp, (0.0, None) if v.relu else None), u.clamp))
         if not t.dtype.is_int or t.dtype is DType.INT32 or t.per_channel or v.unary is not None or v.clamp:
             raise self.fail(node, f"{u.name} of a value that is not quantized per tensor does not lower "
                                   "(insert_quantizers quantizes its input)")
@@ -340,14 +333,8 @@ class _Lowerer:
 
     def lower_transpose(self, node: fx.Node) -> _Val:
         src = node.args[0]
-        rank = len(self.shape(src))  # type: ignore[arg-type]
-        if node.target in (torch.transpose, "transpose"):
-            perm = list(range(rank))
-            d0, d1 = _arg(node, 1, "dim0") % rank, _arg(node, 2, "dim1") % rank
-            perm[d0], perm[d1] = perm[d1], perm[d0]
-        else:
-            dims = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims")
-            perm = [int(d) % rank for d in dims]
+        perm = permutation(node, len(self.shape(src)))  # type: ignore[arg-type]
+        assert perm is not None
         if perm[0] != 0:
             raise self.fail(node, "a transpose that moves the batch dimension does not lower")
         x = self.operand(node, src, keeps_channels=perm[1] == 1)
@@ -358,7 +345,7 @@ class _Lowerer:
         split, i = node.args[0], node.args[1]
         src = split.args[0]
         rank = len(self.shape(src))
-        dim = int(_arg(split, 2, "dim", 0)) % rank
+        dim = int(argument(split, 2, "dim", 0)) % rank
         if dim == 0:
             raise self.fail(node, "splitting the batch dimension does not lower")
         pieces = [tuple(p.shape) for p in split.meta["tensor_meta"]]
@@ -431,8 +418,7 @@ class _Lowerer:
         v = self.value(node, node.args[0])
         t = self.info(v.name)
         if v.clamp is not None:
-            lo, hi = v.clamp
-            return _Val(v.name, clamp=(0.0 if lo is None else max(lo, 0.0), hi))
+            return _Val(v.name, clamp=_tighter(v.clamp, (0.0, None)))
         if t.dtype in (DType.INT32, DType.FLOAT32):
             return _Val(v.name, relu=True)  # folded into the (re)quantize that follows, else applied where read
         return _Val(self.same(node, "relu", [self.materialize(node, v)]))
@@ -493,9 +479,9 @@ class _Lowerer:
         return _Val(self.same(node, "slice", [x], index=items))
 
     def lower_pad(self, node: fx.Node) -> _Val:
-        pads = list(_arg(node, 1, "pad"))
-        mode = _arg(node, 2, "mode", "constant")
-        value = _arg(node, 3, "value", None) or 0.0
+        pads = list(argument(node, 1, "pad"))
+        mode = argument(node, 2, "mode", "constant")
+        value = argument(node, 3, "value", None) or 0.0
         if mode != "constant":
             raise self.fail(node, f"padding mode {mode!r} does not lower (constant only)")
         if value == 0:
@@ -504,8 +490,8 @@ class _Lowerer:
         return _Val(self.float_op(node, "pad", [self.as_float(node, node.args[0])], pads=pads, value=float(value)))
 
     def lower_concat(self, node: fx.Node) -> _Val:
-        parts = _arg(node, 0, "tensors")
-        dim = _arg(node, 1, "dim", 0)
+        parts = argument(node, 0, "tensors")
+        dim = argument(node, 1, "dim", 0)
         if dim % len(self.shape(node)) == 0:
             raise self.fail(node, "concatenating along the batch dimension does not lower")
         names = [self.materialize(node, self.value(node, p)) for p in parts]
@@ -520,6 +506,15 @@ class _Lowerer:
         if on_one_grid:
             return _Val(self.same(node, "concat", names, dim=int(dim)))
         return _Val(self.float_op(node, "concat", [self.as_float(node, p) for p in parts], dim=int(dim)))
+
+
+def _tighter(a: Bounds | None, b: Bounds | None) -> Bounds | None:
+    """Both clamps applied, as one: the larger of the lower bounds, the smaller of the upper ones."""
+    if a is None or b is None:
+        return a or b
+    lows = [x for x in (a[0], b[0]) if x is not None]
+    highs = [x for x in (a[1], b[1]) if x is not None]
+    return (max(lows) if lows else None, min(highs) if highs else None)
 
 
 def tabulate(fn: Callable[[torch.Tensor], torch.Tensor], in_t: TensorInfo, q: ActivationQuantizer) -> np.ndarray | None:

@@ -6,6 +6,7 @@ import operator
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,26 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, else None."""
     return gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+
+
+def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional argument ``index`` or keyword ``name`` of a call (a method's ``self`` is argument 0)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def permutation(node: fx.Node, rank: int) -> list[int] | None:
+    """The axis order a ``permute`` or ``transpose`` node produces (output axis i is input axis ``perm[i]``), in
+    any of their call forms; None for any other node."""
+    t = node.target
+    if (node.op == "call_function" and t is torch.transpose) or (node.op == "call_method" and t == "transpose"):
+        perm = list(range(rank))
+        d0, d1 = argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    if (node.op == "call_function" and t is torch.permute) or (node.op == "call_method" and t == "permute"):
+        dims = node.args[1:] if len(node.args) > 2 else argument(node, 1, "dims")
+        return [int(d) % rank for d in dims]
+    return None
 
 
 def is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -93,46 +114,41 @@ _Nonneg = Callable[[object], bool]  # a tensor node proven >= 0, or a number >= 
 _Rule = Callable[[fx.Node, _Nonneg], bool]
 
 
-def _argument(node: fx.Node, index: int, name: str, default: object = None) -> object:
-    """Positional argument ``index`` or keyword ``name`` of a call (a method's ``self`` is argument 0)."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _always(node: fx.Node, nonneg: _Nonneg) -> bool:
     return True
 
 
 def _first(node: fx.Node, nonneg: _Nonneg) -> bool:
     """Ops that move, select, pool or average their input's elements: >= 0 if the input is."""
-    return nonneg(_argument(node, 0, "input"))
+    return nonneg(argument(node, 0, "input"))
 
 
 def _both(node: fx.Node, nonneg: _Nonneg) -> bool:
     """Sums and products: >= 0 if both operands are (and ``add``'s alpha)."""
-    operands = (_argument(node, 0, "input"), _argument(node, 1, "other"), node.kwargs.get("alpha", 1))
+    operands = (argument(node, 0, "input"), argument(node, 1, "other"), node.kwargs.get("alpha", 1))
     return all(nonneg(a) for a in operands)
 
 
 def _either(node: fx.Node, nonneg: _Nonneg) -> bool:
     """An elementwise maximum is >= 0 if one operand is."""
-    return nonneg(_argument(node, 0, "input")) or nonneg(_argument(node, 1, "other"))
+    return nonneg(argument(node, 0, "input")) or nonneg(argument(node, 1, "other"))
 
 
 def _max(node: fx.Node, nonneg: _Nonneg) -> bool:
     """``torch.max(a, b)`` is an elementwise maximum; ``torch.max(x[, dim])`` a reduction of ``x``."""
-    return (_either if isinstance(_argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
+    return (_either if isinstance(argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
 
 
 def _all_tensors(node: fx.Node, nonneg: _Nonneg) -> bool:
     """``torch.cat`` / ``torch.stack``: >= 0 if every part is."""
-    parts = _argument(node, 0, "tensors")
+    parts = argument(node, 0, "tensors")
     return isinstance(parts, list | tuple) and bool(parts) and all(nonneg(p) for p in parts)
 
 
 def _pad(node: fx.Node, nonneg: _Nonneg) -> bool:
     """Constant padding adds its value (None is 0); the other modes copy the input's elements."""
-    value = _argument(node, 3, "value")
-    if _argument(node, 2, "mode", "constant") == "constant" and value is not None and not nonneg(value):
+    value = argument(node, 3, "value")
+    if argument(node, 2, "mode", "constant") == "constant" and value is not None and not nonneg(value):
         return False
     return _first(node, nonneg)
 
@@ -146,7 +162,7 @@ def _clamp(lo_name: str, hi_name: str, lo_default: object = None, hi_default: ob
     """The rule of a clamp whose bounds are arguments 1 and 2 (``clamp``, ``clamp_min``, ``hardtanh``)."""
 
     def rule(node: fx.Node, nonneg: _Nonneg) -> bool:
-        lo, hi = _argument(node, 1, lo_name, lo_default), _argument(node, 2, hi_name, hi_default)
+        lo, hi = argument(node, 1, lo_name, lo_default), argument(node, 2, hi_name, hi_default)
         return _clamped(lo, hi, lambda: _first(node, nonneg), nonneg)
 
     return rule

@@ -37,7 +37,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.types import TensorInfo
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EXACT_F64 = 2**53
@@ -163,16 +162,6 @@ def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     return _as_f32(out)
 
 
-def along_channels(v: np.ndarray, acc: TensorInfo, ndim: int) -> np.ndarray:
-    """A per-channel vector (a requantize multiplier) shaped to broadcast along ``acc``'s channel axis: 1 for a
-    conv, the last for a dense layer on a channels-last tensor. Scalars stay as they are."""
-    if v.ndim != 1:
-        return v
-    shape = [1] * ndim
-    shape[1 if acc.axis is None else acc.axis] = -1
-    return v.reshape(shape)
-
-
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     """Layer normalisation over the last ``w.ndim`` axes in float64 (two passes: the mean, then the biased
     variance of the centred values), rounded once to float32."""
@@ -213,15 +202,15 @@ def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
         x = args[0]
         if a.get("mode", "float32") == "dyadic":
             acc_t = graph.values[op.inputs[0]]
-            m = along_channels(graph.constants[a["mantissa"]].astype(np.int64), acc_t, x.ndim)
-            s = along_channels(graph.constants[a["shift"]].astype(np.int64), acc_t, x.ndim)
+            m = acc_t.along_channels(graph.constants[a["mantissa"]].astype(np.int64), x.ndim)
+            s = acc_t.along_channels(graph.constants[a["shift"]].astype(np.int64), x.ndim)
             v = x.astype(np.int64) * m
             q = v >> s
             r = v - (q << s)
             half = np.left_shift(1, s - 1)
             q = q + ((r > half) | ((r == half) & (q & 1 == 1))).astype(np.int64)
         else:
-            mult = along_channels(graph.constants[a["multiplier"]], graph.values[op.inputs[0]], x.ndim)
+            mult = graph.values[op.inputs[0]].along_channels(graph.constants[a["multiplier"]], x.ndim)
             q = rhe(_as_f32(x) * mult)
         return np.clip(q, lo, out_t.qmax).astype(np.int32)
     if k == "conv2d":

@@ -81,8 +81,13 @@ class TensorInfo:
     def broadcast_scale(self, ndim: int) -> np.ndarray:
         """The scale shaped to broadcast over a tensor of ``ndim`` dims."""
         assert self.scale is not None
-        if not self.per_channel:
-            return self.scale
+        return self.along_channels(self.scale, ndim)
+
+    def along_channels(self, vec: np.ndarray, ndim: int) -> np.ndarray:
+        """A per-channel vector of this value (its scale, a requantize multiplier) shaped to broadcast along its
+        channel axis (``axis``, else 1) over ``ndim`` dims; a scalar stays as it is."""
+        if vec.ndim != 1:
+            return vec
         shape = [1] * ndim
         shape[self.axis if self.axis is not None else 1] = -1
-        return self.scale.reshape(shape)
+        return vec.reshape(shape)
