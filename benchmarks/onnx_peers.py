@@ -84,7 +84,7 @@ def imagenet_case(name: str) -> Case:
 
 
 def cifar_case(data: str | None, eval_size: int | None) -> Case:
-    from qcompile.model_file import load_weights
+    from qcompile.frontend.model_file import load_weights
     from qcompile.models import resnet20_cifar
 
     source = data or str(REPO / "examples" / "data" / "cifar10-sample.tar.gz")

@@ -78,7 +78,7 @@ def cost_only(path: Path, recipe: str) -> dict[str, Any] | None:
     import torch
 
     from qcompile import Pipeline, get_recipe
-    from qcompile.model_file import load_model_file
+    from qcompile.frontend.model_file import load_model_file
     from qcompile.passes import AnnotateCost, AssignPrecision
 
     try:

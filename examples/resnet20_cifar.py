@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qcompile.data import Batches, load_split
-from qcompile.model_file import load_weights
+from qcompile.frontend.model_file import load_weights
 from qcompile.models import resnet20_cifar
 
 HERE = Path(__file__).resolve().parent

@@ -16,8 +16,8 @@ from torch import fx, nn
 from qcompile.errors import DataError, PipelineError
 from qcompile.passes.fold_bn import fold_bn
 from qcompile.pipeline import BN_FOLDED, PassContext
-from qcompile.quantizer import ActivationQuantizer, WeightQuantizer
-from qcompile.spec import META_KEY, NodeQuant
+from qcompile.quantization.quantizer import ActivationQuantizer, WeightQuantizer
+from qcompile.quantization.spec import META_KEY, NodeQuant
 
 BatchList = Sequence[tuple[torch.Tensor, torch.Tensor]]
 

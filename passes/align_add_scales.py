@@ -25,10 +25,10 @@ import math
 import torch
 from torch import fx
 
-from qcompile.graph import module_of
+from qcompile.frontend.graph import module_of
 from qcompile.passes.insert_quantizers import is_add, is_concat, quantizer_of, sum_value
 from qcompile.pipeline import CALIBRATED, Pass, PassContext
-from qcompile.quantizer import ActivationQuantizer, QuantizerState
+from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 
 MANTISSA_BITS = 8
 

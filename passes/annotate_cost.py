@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from qcompile.cost import CostTotals, layer_cost, layer_macs, weight_count
-from qcompile.graph import compute_nodes, module_of
+from qcompile.quantization.cost import CostTotals, layer_cost, layer_macs, weight_count
+from qcompile.frontend.graph import compute_nodes, module_of
 from qcompile.pipeline import COST, PRECISION, SHAPES, Pass, PassContext
-from qcompile.spec import get_annotation
+from qcompile.quantization.spec import get_annotation
 
 
 class AnnotateCost(Pass):

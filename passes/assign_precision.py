@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from qcompile.graph import is_nonnegative, layer_names, layer_roles
+from qcompile.frontend.graph import is_nonnegative, layer_names, layer_roles
 from qcompile.pipeline import PRECISION, Pass, PassContext
-from qcompile.recipes import activation_calibrator, resolve_overrides
-from qcompile.spec import Calibrator, Granularity, Precision, QuantSpec, annotate
+from qcompile.quantization.recipes import activation_calibrator, resolve_overrides
+from qcompile.quantization.spec import Calibrator, Granularity, Precision, QuantSpec, annotate
 
 
 def weight_spec(precision: Precision) -> QuantSpec:

@@ -15,7 +15,7 @@ from torch import fx
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.passes._layerwise import calibration_batches, channel_mean, float_reference
 

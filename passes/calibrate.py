@@ -10,7 +10,7 @@ from tqdm import tqdm
 from qcompile.errors import DataError, PipelineError
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.quantizer import QuantizerState
+from qcompile.quantization.quantizer import QuantizerState
 
 
 class Calibrate(Pass):

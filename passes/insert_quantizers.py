@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from qcompile.elementwise import is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.elementwise import is_binary_mul, tensor_input, unary_of
 from qcompile.errors import PipelineError
-from qcompile.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
+from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
-from qcompile.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
-from qcompile.recipes import activation_calibrator
-from qcompile.spec import Granularity, QuantSpec, annotate, get_annotation
+from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
+from qcompile.quantization.recipes import activation_calibrator
+from qcompile.quantization.spec import Granularity, QuantSpec, annotate, get_annotation
 
 _ADD_TARGETS = {operator.add, torch.add}
 _NO_OPS = (nn.Identity, nn.Dropout)

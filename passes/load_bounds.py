@@ -13,11 +13,11 @@ import torch
 from torch import fx, nn
 
 from qcompile.errors import PipelineError
-from qcompile.graph import is_compute, module_of
+from qcompile.frontend.graph import is_compute, module_of
 from qcompile.passes.insert_quantizers import activation_quantizer_calls
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
-from qcompile.quantizer import ActivationQuantizer, QuantizerState
-from qcompile.spec import QuantSpec
+from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
+from qcompile.quantization.spec import QuantSpec
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

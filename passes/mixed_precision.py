@@ -16,17 +16,17 @@ from fractions import Fraction
 
 from torch import fx
 
-from qcompile.bit_allocation import BUDGET_KINDS, Budget, Option, allocate
-from qcompile.cost import BF16_BITS, layer_cost
+from qcompile.search.bit_allocation import BUDGET_KINDS, Budget, Option, allocate
+from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.errors import PipelineError, RecipeError
-from qcompile.graph import compute_nodes, layer_names
+from qcompile.frontend.graph import compute_nodes, layer_names
 from qcompile.pipeline import COST, PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.passes._layerwise import calibration_batches
 from qcompile.passes.annotate_cost import AnnotateCost
 from qcompile.passes.assign_precision import AssignPrecision
-from qcompile.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
-from qcompile.sensitivity import check_metric, sensitivities
-from qcompile.spec import Precision, get_annotation
+from qcompile.quantization.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
+from qcompile.search.sensitivity import check_metric, sensitivities
+from qcompile.quantization.spec import Precision, get_annotation
 
 DEFAULT_BITS = (4, 8)
 

@@ -12,10 +12,10 @@ import math
 
 from torch import fx, nn
 
-from qcompile.tracing import propagate_shapes
-from qcompile.cost import layer_macs, weight_count
+from qcompile.frontend.tracing import propagate_shapes
+from qcompile.quantization.cost import layer_macs, weight_count
 from qcompile.errors import PipelineError, QCompileError
-from qcompile.graph import compute_nodes, module_of
+from qcompile.frontend.graph import compute_nodes, module_of
 from qcompile.models.width import scaled_channels
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference
 from qcompile.passes._modules import set_submodule

@@ -12,23 +12,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "capture": "qcompile.tracing",
-    "propagate_shapes": "qcompile.tracing",
+    "capture": "qcompile.frontend.tracing",
+    "propagate_shapes": "qcompile.frontend.tracing",
     "QCompileError": "qcompile.errors",
     "Pass": "qcompile.pipeline",
     "PassContext": "qcompile.pipeline",
     "Pipeline": "qcompile.pipeline",
     "PipelineResult": "qcompile.pipeline",
-    "RECIPES": "qcompile.recipes",
-    "Recipe": "qcompile.recipes",
-    "get_recipe": "qcompile.recipes",
-    "Calibrator": "qcompile.spec",
-    "Granularity": "qcompile.spec",
-    "LayerRole": "qcompile.spec",
-    "NodeQuant": "qcompile.spec",
-    "Precision": "qcompile.spec",
-    "QuantSpec": "qcompile.spec",
-    "get_annotation": "qcompile.spec",
+    "RECIPES": "qcompile.quantization.recipes",
+    "Recipe": "qcompile.quantization.recipes",
+    "get_recipe": "qcompile.quantization.recipes",
+    "Calibrator": "qcompile.quantization.spec",
+    "Granularity": "qcompile.quantization.spec",
+    "LayerRole": "qcompile.quantization.spec",
+    "NodeQuant": "qcompile.quantization.spec",
+    "Precision": "qcompile.quantization.spec",
+    "QuantSpec": "qcompile.quantization.spec",
+    "get_annotation": "qcompile.quantization.spec",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,19 +16,19 @@ from torch import fx
 
 from qcompile.artifacts import check_output_dir, failed_path, file_digests, keep_failed, output_transaction, write_json
 from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
-from qcompile.evaluate import take_images, top1
+from qcompile.reporting.evaluate import take_images, top1
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.serialize import save as save_ir
-from qcompile.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
+from qcompile.frontend.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
 from qcompile.pipeline import Pipeline
 from qcompile.passes.adaquant import SCOPES
 from qcompile.pipelines import compile_passes, uses_ptq
-from qcompile.ptq import PTQ_MODES
-from qcompile.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
-from qcompile.report import build_report, print_report
-from qcompile.sensitivity import METRICS
-from qcompile.verify import verify_reference
+from qcompile.quantization.ptq import PTQ_MODES
+from qcompile.quantization.recipes import RECIPES, get_recipe, load_overrides, parse_calibrator, parse_set
+from qcompile.reporting.report import build_report, print_report
+from qcompile.search.sensitivity import METRICS
+from qcompile.reporting.verify import verify_reference
 
 
 def build_parser() -> argparse.ArgumentParser:

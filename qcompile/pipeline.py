@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from qcompile.tracing import LeafSpec, capture
-from qcompile.cost import CostTotals
+from qcompile.frontend.tracing import LeafSpec, capture
+from qcompile.quantization.cost import CostTotals
 from qcompile.errors import PipelineError
-from qcompile.graph import compute_nodes, format_graph
-from qcompile.recipes import RECIPES, Override, Recipe
-from qcompile.spec import META_KEY, NodeQuant
+from qcompile.frontend.graph import compute_nodes, format_graph
+from qcompile.quantization.recipes import RECIPES, Override, Recipe
+from qcompile.quantization.spec import META_KEY, NodeQuant
 
 # Properties a graph can have; passes require and guarantee these.
 CAPTURED = "captured"

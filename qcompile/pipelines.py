@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qcompile.bit_allocation import Budget, parse_budget
+from qcompile.search.bit_allocation import Budget, parse_budget
 from qcompile.errors import QCompileError, RecipeError
 from qcompile.passes import (
     AdaQuant, AlignAddScales, AnnotateCost, AssignPrecision, BiasCorrect, BnTune, Calibrate, FoldBatchNorm,
@@ -30,8 +30,8 @@ from qcompile.passes import (
 from qcompile.passes.load_bounds import BoundKey, LoadBounds
 from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.pipeline import Pass
-from qcompile.ptq import PTQ_MODES, parse_bits
-from qcompile.recipes import Recipe
+from qcompile.quantization.ptq import PTQ_MODES, parse_bits
+from qcompile.quantization.recipes import Recipe
 
 
 def uses_ptq(recipe: Recipe, *, ptq_mode: str | None = None, budget: Budget | str | None = None,

@@ -365,7 +365,7 @@ def test_a_rerun_replaces_the_whole_folder_and_its_report_lists_every_file(tmp_p
 
 
 def test_messages_are_printed_as_they_are_not_as_rich_markup(capsys):
-    from qcompile.report import print_report
+    from qcompile.reporting.report import print_report
 
     total = {k: 1 for k in ("macs", "params", "linear", "quadratic", "memory_bits", "linear_vs_bf16",
                             "quadratic_vs_bf16", "memory_vs_bf16")}

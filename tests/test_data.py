@@ -22,7 +22,7 @@ from qcompile.data import (
     parse_normalization,
 )
 from qcompile.errors import DataError
-from qcompile.model_file import load_model_file
+from qcompile.frontend.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 R20 = str(ROOT / "examples" / "resnet20_cifar.py")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
-from qcompile.model_file import ModelFile, load_model_file
+from qcompile.frontend.model_file import ModelFile, load_model_file
 from qcompile.models.init import randomize_batchnorm
 from qcompile.passes import AnnotateCost, AssignPrecision
 
@@ -154,7 +154,7 @@ def test_norms_are_not_trivial(example):
 
 
 def test_macs(example):
-    """qcompile.cost's MACs equal a count by forward hooks, and the pinned figure."""
+    """qcompile.quantization.cost's MACs equal a count by forward hooks, and the pinned figure."""
     name, mf, model = example
     counted = []
 

@@ -1,6 +1,6 @@
 """How a backend's integer results agree with the reference interpreter's (numpy only).
 
-Kept beside the IR rather than in :mod:`qcompile.verify` so that a backend artifact can be compared with the
+Kept beside the IR rather than in :mod:`qcompile.reporting.verify` so that a backend artifact can be compared with the
 reference without torch: the IR, its reference interpreter and these measures are all numpy.
 """
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from qcompile.data import load_split
 from qcompile.errors import QCompileError
-from qcompile.model_file import load_model_file, load_weights, parse_model_args
-from qcompile.recipes import RECIPES, get_recipe, parse_set
+from qcompile.frontend.model_file import load_model_file, load_weights, parse_model_args
+from qcompile.quantization.recipes import RECIPES, get_recipe, parse_set
 from qcompile.train.distributed import init_from_env
 from qcompile.train.run import RunSpec, Splits, train_and_lower
 from qcompile.train.sweep import Pair, run_sweep

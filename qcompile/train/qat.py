@@ -24,10 +24,10 @@ from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import activation_bounds
 from qcompile.pipeline import PassContext, Pipeline
 from qcompile.pipelines import qat_lowering_passes, qat_prepare_passes, qat_quantizer_passes
-from qcompile.quantizer import QuantizerState
-from qcompile.recipes import Override, Recipe
-from qcompile.spec import Calibrator
-from qcompile.tracing import LeafSpec
+from qcompile.quantization.quantizer import QuantizerState
+from qcompile.quantization.recipes import Override, Recipe
+from qcompile.quantization.spec import Calibrator
+from qcompile.frontend.tracing import LeafSpec
 
 _PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")
 

@@ -14,15 +14,15 @@ from torch import nn
 
 from qcompile.artifacts import write_json
 from qcompile.data import ImageSet
-from qcompile.evaluate import take_images
+from qcompile.reporting.evaluate import take_images
 from qcompile.ir.serialize import save as save_ir
-from qcompile.recipes import Override, Recipe
+from qcompile.quantization.recipes import Override, Recipe
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext
 from qcompile.train.qat import lower_trained, prepare_qat, qat_recipe
 from qcompile.train.trainer import TrainConfig, evaluate, train
-from qcompile.tracing import LeafSpec
-from qcompile.verify import verify_reference
+from qcompile.frontend.tracing import LeafSpec
+from qcompile.reporting.verify import verify_reference
 
 
 @dataclass

@@ -3,11 +3,11 @@ import torch
 
 from qcompile import Pipeline, get_annotation, get_recipe
 from qcompile.errors import RecipeError
-from qcompile.graph import compute_nodes, layer_names
+from qcompile.frontend.graph import compute_nodes, layer_names
 from qcompile.models import resnet18
 from qcompile.passes import AssignPrecision, FoldBatchNorm
-from qcompile.recipes import parse_set
-from qcompile.spec import Granularity, LayerRole, Precision
+from qcompile.quantization.recipes import parse_set
+from qcompile.quantization.spec import Granularity, LayerRole, Precision
 
 
 def _plan(model, shape, recipe, sets=()):

@@ -9,8 +9,8 @@ from qcompile import Pipeline, get_recipe
 from qcompile.errors import PipelineError
 from qcompile.passes import AnnotateCost, AssignPrecision, BnTune, Calibrate, FoldBatchNorm, InsertQuantizers
 from qcompile.passes._layerwise import channel_mean, graph_copy, sub_context
-from qcompile.quantizer import WeightQuantizer, quantize
-from qcompile.spec import Calibrator, Granularity, QuantSpec
+from qcompile.quantization.quantizer import WeightQuantizer, quantize
+from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 from tests.passes.ptq_helpers import batches, quantize as quantize_model
 
 

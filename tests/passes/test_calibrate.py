@@ -6,7 +6,7 @@ from qcompile.errors import DataError, PipelineError
 from qcompile.models import resnet20_cifar
 from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.quantizer import QuantizerState
+from qcompile.quantization.quantizer import QuantizerState
 from tests.conftest import randomize_bn
 
 PASSES = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate()]

@@ -3,13 +3,13 @@ import torch
 from torch.nn.utils import parametrize
 
 from qcompile import Pipeline, get_recipe
-from qcompile.graph import compute_nodes
+from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet20_cifar
 from qcompile.passes import AssignPrecision, FoldBatchNorm, InsertQuantizers
 from qcompile.passes.insert_quantizers import activation_quantizers, is_add
-from qcompile.recipes import parse_set
-from qcompile.quantizer import ActivationQuantizer
-from qcompile.spec import Calibrator, get_annotation
+from qcompile.quantization.recipes import parse_set
+from qcompile.quantization.quantizer import ActivationQuantizer
+from qcompile.quantization.spec import Calibrator, get_annotation
 
 
 def _insert(model, recipe, sets=(), shape=(1, 3, 32, 32)):

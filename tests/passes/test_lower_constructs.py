@@ -10,7 +10,7 @@ from torch import nn
 from qcompile import Pipeline, get_recipe
 from qcompile.ir.agreement import compare_backend
 from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
-from qcompile.verify import verify_reference
+from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
 
@@ -342,7 +342,7 @@ def test_reference_layer_norm_is_float64_layer_norm():
 
 @pytest.mark.parametrize("channels_first_scale", [False, True])
 def test_layer_scale_folds_into_the_linear_before_it(channels_first_scale):
-    from qcompile.tracing import capture
+    from qcompile.frontend.tracing import capture
 
     torch.manual_seed(0)
     model = ConvNeXtBlock(channels_first_scale).eval()

@@ -9,7 +9,7 @@ from qcompile import Pipeline, get_recipe
 from qcompile.ir import reference
 from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from qcompile.passes.lower_integer import LoweringError
-from qcompile.verify import verify_reference
+from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
 

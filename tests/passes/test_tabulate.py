@@ -12,8 +12,8 @@ from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo, code_range
 from qcompile.passes.lower_integer import tabulate
-from qcompile.quantizer import ActivationQuantizer, QuantizerState
-from qcompile.spec import QuantSpec
+from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
+from qcompile.quantization.spec import QuantSpec
 
 FUNCTIONS = {
     "silu": F.silu, "sigmoid": torch.sigmoid, "hardswish": nn.Hardswish(), "hardsigmoid": F.hardsigmoid,

@@ -3,7 +3,7 @@ import torch
 
 from qcompile import capture
 from qcompile.errors import PipelineError
-from qcompile.graph import compute_nodes
+from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet20_cifar, resnet50
 from qcompile.passes import WidthScale
 from qcompile.pipeline import PassContext

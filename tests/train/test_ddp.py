@@ -10,7 +10,7 @@ from torch import nn
 
 from qcompile.data import ImageSet
 from qcompile.passes.insert_quantizers import activation_quantizers
-from qcompile.recipes import get_recipe
+from qcompile.quantization.recipes import get_recipe
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import init_from_env
 from qcompile.train.qat import prepare_qat, qat_recipe

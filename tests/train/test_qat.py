@@ -11,14 +11,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcompile.data import ImageSet
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.quantizer import QuantizerState, WeightQuantizer, quantize
-from qcompile.recipes import get_recipe
-from qcompile.spec import Calibrator, Granularity, QuantSpec
+from qcompile.quantization.quantizer import QuantizerState, WeightQuantizer, quantize
+from qcompile.quantization.recipes import get_recipe
+from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 from qcompile.train.data import DeviceData, augment
 from qcompile.train.qat import ActivationSchedule, lower_trained, prepare_qat, qat_recipe
 from qcompile.train import trainer
 from qcompile.train.trainer import TrainConfig, train
-from qcompile.verify import verify_reference
+from qcompile.reporting.verify import verify_reference
 from tests.conftest import TinyNet, randomize_bn
 
 

@@ -113,7 +113,7 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def test_cifar_resnet18_example_is_the_cifar_stem_model():
-    from qcompile.model_file import load_model_file
+    from qcompile.frontend.model_file import load_model_file
 
     mf = load_model_file(ROOT / "examples" / "resnet18_cifar.py")
     model = mf.build(width=0.5).eval()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from qcompile.spec import LayerCost, Precision
+from qcompile.quantization.spec import LayerCost, Precision
 
 BF16_BITS = 16
 

@@ -10,10 +10,10 @@ from rich.text import Text
 from torch import fx, nn
 
 import qcompile
-from qcompile.graph import compute_nodes, layer_names, module_of
+from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.ir.bounds import accumulator_bounds
 from qcompile.pipeline import PassContext
-from qcompile.spec import get_annotation
+from qcompile.quantization.spec import get_annotation
 
 
 def op_name(module: nn.Module) -> str:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile import capture
-from qcompile.graph import compute_nodes, is_compute, is_nonnegative, layer_names, regions
+from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, layer_names, regions
 from qcompile.models import resnet20_cifar
 
 

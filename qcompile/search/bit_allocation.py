@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 
 from qcompile.errors import QCompileError, RecipeError
-from qcompile.spec import Precision
+from qcompile.quantization.spec import Precision
 
 BUDGET_KINDS = {"linear": "linear", "quadratic": "quadratic", "memory": "memory_bits"}  # kind → LayerCost field
 

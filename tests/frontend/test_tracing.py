@@ -10,13 +10,13 @@ from torch import fx, nn
 
 from qcompile import Pipeline, capture, get_recipe
 from qcompile.errors import CaptureError
-from qcompile.graph import compute_nodes
+from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet18
 from qcompile.passes import (AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm,
                              InsertQuantizers, LowerInteger)
-from qcompile.spec import LayerRole, annotate, get_annotation
-from qcompile.tracing import _is_model_code, source_location
-from qcompile.verify import verify_reference
+from qcompile.quantization.spec import LayerRole, annotate, get_annotation
+from qcompile.frontend.tracing import _is_model_code, source_location
+from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from qcompile.spec import Calibrator, Granularity, QuantSpec
+from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
 MAX_SAMPLES_PER_BATCH = 1 << 16
 DEFAULT_PERCENTILE = 99.99

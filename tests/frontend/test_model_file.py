@@ -10,7 +10,7 @@ from torch import nn
 
 from qcompile.cli import main
 from qcompile.errors import CheckpointError
-from qcompile.model_file import load_model_file, load_weights
+from qcompile.frontend.model_file import load_model_file, load_weights
 from tests.conftest import TinyNet, randomize_bn
 
 BN_MODULES = ("stem_bn", "body_bn")

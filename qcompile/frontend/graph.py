@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
-from qcompile.spec import LayerRole
+from qcompile.quantization.spec import LayerRole
 
 COMPUTE_MODULES = (_ConvNd, nn.Linear)
 
@@ -238,7 +238,7 @@ def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool]
 
 def format_graph(gm: fx.GraphModule) -> str:
     """One line per node: name, op, target, output shape and the qcompile annotation if any."""
-    from qcompile.spec import get_annotation
+    from qcompile.quantization.spec import get_annotation
 
     lines = []
     for n in gm.graph.nodes:

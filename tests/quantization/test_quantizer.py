@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qcompile.quantizer import ActivationQuantizer, WeightQuantizer, fake_quantize, mse_bound, quantize, safe_scale
-from qcompile.spec import Calibrator, Granularity, QuantSpec
+from qcompile.quantization.quantizer import ActivationQuantizer, WeightQuantizer, fake_quantize, mse_bound, quantize, safe_scale
+from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
 bits = st.integers(2, 8)
 signed = st.booleans()
@@ -91,7 +91,7 @@ def test_no_grad_evaluation_gives_the_same_values_and_leaves_the_input_alone(x, 
 
 
 def test_requantize_leaves_the_accumulator_input_alone():
-    from qcompile.quantizer import _Requantize
+    from qcompile.quantization.quantizer import _Requantize
 
     y = torch.linspace(-3, 3, 97, dtype=torch.float64).reshape(1, 97, 1, 1)
     before = y.clone()

@@ -1,7 +1,7 @@
 import pytest
 from torch import fx
 
-from qcompile.spec import META_KEY, Calibrator, Granularity, NumFormat, QuantSpec, annotate, get_annotation
+from qcompile.quantization.spec import META_KEY, Calibrator, Granularity, NumFormat, QuantSpec, annotate, get_annotation
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcompile.errors import RecipeError
-from qcompile.spec import BF16, Calibrator, LayerRole, Precision
+from qcompile.quantization.spec import BF16, Calibrator, LayerRole, Precision
 
 SUPPORTED_INT_BITS = range(2, 9)  # what the integer IR and every backend can hold (8-bit containers at most)
 

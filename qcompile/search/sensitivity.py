@@ -39,8 +39,8 @@ from tqdm import tqdm
 from qcompile import cache
 from qcompile.errors import PipelineError, RecipeError
 from qcompile.pipeline import BN_FOLDED, PassContext, Pipeline
-from qcompile.recipes import Override, activation_calibrator
-from qcompile.spec import Precision
+from qcompile.quantization.recipes import Override, activation_calibrator
+from qcompile.quantization.spec import Precision
 
 CACHE_KIND = "sensitivity"
 CACHE_VERSION = 6  # 2: residuals after the ReLU, aligned add scales; 3: widest-candidate reference; 4: metrics;

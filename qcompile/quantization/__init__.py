@@ -1,0 +1,1 @@
+"""Quantization state and numerics: specs and node annotations, fake quantizers, recipes, cost models."""

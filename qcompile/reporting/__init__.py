@@ -1,0 +1,1 @@
+"""Reporting: the cost report, verification of artifacts against the reference, and accuracy."""

@@ -1,0 +1,1 @@
+"""Mixed-precision search: per-layer sensitivity and the integer program that allocates bit widths."""
