@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, require_extra
 from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.ops import OpTable
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -43,11 +44,7 @@ class OnnxExportError(QCompileError):
 
 
 def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise OnnxExportError("the ONNX backend needs the onnx extra: pip install 'qcompile[onnx]'") from None
-    return onnx
+    return require_extra("onnx", extra="onnx", needed_for="the ONNX backend", error=OnnxExportError)
 
 
 def fused_add_is_exact(a: TensorInfo, b: TensorInfo, out: TensorInfo) -> bool:
@@ -84,6 +81,10 @@ def rectified(t: TensorInfo) -> TensorInfo:
     of its codes after it. (A ``Relu`` node before a signed ``QuantizeLinear``, zero point 128, would keep
     onnxruntime from fusing the conv into its integer kernel: the float conv then rounds differently.)"""
     return replace(t, qmin=max(t.qmin, 0))
+
+
+OPS: OpTable[Callable[[_Exporter, Op], None]] = OpTable("onnx")
+"""The exporter's transcription of every op kind: ``impl(exporter, op)``."""
 
 
 class _Exporter:
@@ -165,7 +166,7 @@ class _Exporter:
         helper, TP = self.onnx.helper, self.onnx.TensorProto
         for op in self.ir.ops:
             if op.output not in self.done:
-                getattr(self, f"op_{op.kind}", self.unsupported)(op)
+                (OPS.lookup(op.kind) or _Exporter.unsupported)(self, op)
         inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]]) for n in self.ir.inputs]
         outputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]])
                    for n in self.ir.outputs]
@@ -177,10 +178,12 @@ class _Exporter:
     def unsupported(self, op: Op) -> None:
         raise OnnxExportError(f"IR op {op.kind} ({op.source}) has no ONNX transcription")
 
+    @OPS.implements("quantize")
     def op_quantize(self, op: Op) -> None:
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
         self.quantize_to(src, op.output, self.ir.values[op.output])
 
+    @OPS.implements("dequantize")
     def op_dequantize(self, op: Op) -> None:
         src = self.ir.values[op.inputs[0]]
         if src.dtype is DType.INT32:
@@ -189,14 +192,15 @@ class _Exporter:
             s, zp = self.scale_zp(op.inputs[0], src)
             self.node("DequantizeLinear", [op.inputs[0], s, zp], op.output)
 
+    @OPS.implements("requantize")
     def op_requantize(self, op: Op) -> None:
-        if op.attrs.get("mode") == "dyadic":
-            raise OnnxExportError("dyadic requantization has no ONNX QDQ form; lower without --dyadic")
+        if op.attrs["mode"] == "dyadic":
+            raise OnnxExportError.with_parameters("dyadic requantization has no ONNX QDQ form; lower without {dyadic}")
         t = self.ir.values[op.output]
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
         flat = self.flat.get(src)
         src = flat or src
-        if op.attrs.get("relu"):
+        if op.attrs["relu"]:
             t = rectified(t)
         if flat is None:
             self.quantize_to(src, op.output, t)
@@ -254,7 +258,7 @@ class _Exporter:
             chain.append(readers[0])
             readers = self.readers.get(readers[0].output, [])
         if (not any(c.kind == "maxpool2d" for c in chain) or not readers
-                or not all(r.kind == "requantize" and r.attrs.get("mode") != "dyadic" for r in readers)):
+                or not all(r.kind == "requantize" and r.attrs["mode"] != "dyadic" for r in readers)):
             return None
         return chain, readers
 
@@ -267,12 +271,13 @@ class _Exporter:
             src = self.node("Conv", inputs, **conv_attrs)
             t = self.ir.values[rq.output]
             src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"),
-                                   rectified(t) if chain_relu or rq.attrs.get("relu") else t)
+                                   rectified(t) if chain_relu or rq.attrs["relu"] else t)
             for i, pool in enumerate(pools):
                 src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
             self.done.add(rq.output)
         self.done.update(c.output for c in chain)
 
+    @OPS.implements("conv2d")
     def op_conv2d(self, op: Op) -> None:
         a = op.attrs
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
@@ -288,6 +293,7 @@ class _Exporter:
         for out in self.copies(op):
             self.node("Conv", inputs, out, **attrs)
 
+    @OPS.implements("dense")
     def op_dense(self, op: Op) -> None:
         """``Gemm``; on a channels-last input, of the codes reshaped to 2-d, the requantizes reading it reshaping
         their codes back (``op_requantize``), any other reader the float output."""
@@ -307,6 +313,7 @@ class _Exporter:
             if out == op.output and float_readers:
                 self.reshape(self.flat[out], [-1, *shape[1:]], out)
 
+    @OPS.implements("relu")
     def op_relu(self, op: Op) -> None:
         t = self.ir.values[op.output]
         if t.dtype is DType.FLOAT32 or t.dtype is DType.INT32:
@@ -320,19 +327,22 @@ class _Exporter:
         a = op.attrs
         return self.node("MaxPool", [src], output, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
                          pads=list(a["padding"]) * 2, dilations=list(a["dilation"]),
-                         ceil_mode=int(a.get("ceil_mode", False)))
+                         ceil_mode=int(a["ceil_mode"]))
 
+    @OPS.implements("maxpool2d")
     def op_maxpool2d(self, op: Op) -> None:
         self.maxpool(op.inputs[0], op, op.output)
 
+    @OPS.implements("avgpool2d")
     def op_avgpool2d(self, op: Op) -> None:
         """A float ``AveragePool`` of unfused dequantized codes: onnxruntime fuses DQ → AveragePool → Q into its
         ``QLinearAveragePool``, which rounds differently (a DenseNet transition disagreed on 0.6% of outputs)."""
         a = op.attrs
         self.node("AveragePool", [self.unfused_dq(op.inputs[0])], op.output, kernel_shape=list(a["kernel"]),
                   strides=list(a["stride"]), pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
-                  ceil_mode=int(a.get("ceil_mode", False)))
+                  ceil_mode=int(a["ceil_mode"]))
 
+    @OPS.implements("adaptive_avgpool2d")
     def op_adaptive_avgpool2d(self, op: Op) -> None:
         """Global or fixed-window pooling where the output size divides the input; otherwise PyTorch's windows
         of two lengths, one ``ReduceMean`` per output cell, concatenated."""
@@ -358,6 +368,7 @@ class _Exporter:
         window = self.node("Slice", [src, *c])
         return self.node("ReduceMean", [window, self.const("axes", np.array([2, 3], np.int64))], keepdims=1)
 
+    @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
         self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
@@ -370,6 +381,7 @@ class _Exporter:
         t = self.ir.values[src.inputs[0]]
         return t if t.dtype is not DType.INT32 else None
 
+    @OPS.implements("add")
     def op_add(self, op: Op) -> None:
         """One ``Add`` per quantize reading the sum where onnxruntime's fused QLinearAdd is provably exact
         (:func:`fused_add_is_exact`), so each DQ → Add → Q becomes that integer kernel; elsewhere a ``Sum``,
@@ -386,6 +398,7 @@ class _Exporter:
         if rest:
             self.node("Sum", list(op.inputs), op.output)
 
+    @OPS.implements("mul")
     def op_mul(self, op: Op) -> None:
         """A float ``Mul`` of unfused dequantizations: onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``,
         which rounds differently."""
@@ -406,6 +419,7 @@ class _Exporter:
             self.unfused[name] = self.node("Mul", [x, self.const(f"{name}_scale", t.scale.astype(np.float32))])
         return self.unfused[name]
 
+    @OPS.implements("layer_norm")
     def op_layer_norm(self, op: Op) -> None:
         """``LayerNormalization`` in double (Cast in and out) on the input centred first. onnxruntime's kernel
         takes the variance as E[x²] - mean², which cancels where the mean is large against the spread; centred,
@@ -422,6 +436,7 @@ class _Exporter:
                       epsilon=float(op.attrs["eps"]))
         self.node("Cast", [y], op.output, to=TP.FLOAT)
 
+    @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``Gather`` from a 256-entry table over the 8-bit container's values (codes shifted by the container's
         zero point on both sides; container values outside the code range read the nearest code's entry)."""
@@ -433,17 +448,21 @@ class _Exporter:
         index = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.INT32)
         self.node("Gather", [self.const(f"{op.output}_table", table.astype(ty)), index], op.output, axis=0)
 
+    @OPS.implements("transpose")
     def op_transpose(self, op: Op) -> None:
         self.node("Transpose", [op.inputs[0]], op.output, perm=list(op.attrs["perm"]))
 
+    @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
         if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):
             self.unsupported(op)
         self.node("Flatten", [op.inputs[0]], op.output, axis=op.attrs["start_dim"])
 
+    @OPS.implements("reshape")
     def op_reshape(self, op: Op) -> None:
         self.node("Reshape", [op.inputs[0], self.const("shape", np.array(op.attrs["shape"], np.int64))], op.output)
 
+    @OPS.implements("slice")
     def op_slice(self, op: Op) -> None:
         items = op.attrs["index"]
         if not all("slice" in it for it in items):
@@ -466,6 +485,7 @@ class _Exporter:
                                                                ("steps", steps))]
         self.node("Slice", [op.inputs[0], *c], op.output)
 
+    @OPS.implements("pad")
     def op_pad(self, op: Op) -> None:
         pads = op.attrs["pads"]
         rank = len(self.ir.values[op.inputs[0]].shape)
@@ -477,10 +497,11 @@ class _Exporter:
             ty, offset = np.float32, 0
         else:
             ty, offset = self.container(t)
-        value = self.const("pad_value", np.array(op.attrs.get("value", 0) + offset, ty))
+        value = self.const("pad_value", np.array(op.attrs["value"] + offset, ty))
         self.node("Pad", [op.inputs[0], self.const("pads", np.array(begin + end, np.int64)), value], op.output,
                   mode="constant")
 
+    @OPS.implements("concat")
     def op_concat(self, op: Op) -> None:
         """Codes of one grid concatenate as they are; dequantized ones unfused (onnxruntime's ``QLinearConcat``,
         which DQ → Concat → Q becomes, requantizes each input its own way)."""
@@ -516,10 +537,7 @@ def session(model: Any, threads: int = 2, optimized_path: str | None = None, spi
     ``spin=False`` stops its worker threads from spinning after each run: a benchmark that alternates between
     sessions needs it, or the idle sessions' spinning threads take the cores from the one being timed.
     ``profile_prefix`` turns on onnxruntime's profiler, writing its trace there (``end_profiling()``)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise OnnxExportError("running ONNX models needs the onnx extra: pip install 'qcompile[onnx]'") from None
+    ort = require_extra("onnxruntime", extra="onnx", needed_for="running ONNX models", error=OnnxExportError)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

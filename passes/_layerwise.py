@@ -44,7 +44,7 @@ def sub_context(ctx: PassContext, **fields: object) -> PassContext:
 def calibration_batches(ctx: PassContext, who: str) -> BatchList:
     """The calibration set as a re-iterable list; PTQ passes read it many times."""
     if ctx.calibration_data is None:
-        raise PipelineError(f"{who} needs calibration data (a model file's calibration_data() or --data)")
+        raise PipelineError.with_parameters(f"{who} needs calibration data (a model file's calibration_data() or {{data}})")
     data = ctx.calibration_data if isinstance(ctx.calibration_data, list) else list(ctx.calibration_data)
     ctx.calibration_data = data
     if not data:

@@ -3,8 +3,10 @@ pick one width per layer under a cost budget (or the cheapest plan under a degra
 pipeline each lowered layer is AdaQuant-optimised before it is measured (Hubara et al.), so the plan prices a
 layer by the error AdaQuant leaves.
 
-The plan becomes ordinary per-layer overrides (later ones win), and assign_precision and annotate_cost run again,
-so every later pass, the cost report and the IR see it as they would see ``--set`` overrides. Layers the user
+The pass decides; it does not apply. Its plan becomes ordinary per-layer overrides (later ones win) and the
+precision and cost it leaves are invalidated, so the pipeline runs assign_precision and annotate_cost after it
+(see :mod:`qcompile.pipelines`), and every later pass, the cost report and the IR see the plan as they would see
+``--set`` overrides. Layers the user
 pinned with ``--set`` keep their precision; a module called at several sites gets one width for all of them.
 """
 
@@ -19,11 +21,10 @@ from torch import fx
 from qcompile.search.bit_allocation import BUDGET_KINDS, Budget, Option, allocate
 from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.errors import PipelineError, RecipeError
-from qcompile.frontend.graph import compute_nodes, layer_names
+from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import COST, PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.passes._layerwise import calibration_batches
-from qcompile.passes.annotate_cost import AnnotateCost
-from qcompile.passes.assign_precision import AssignPrecision
+from qcompile.quantization.latency import LatencyProfile, layer_key
 from qcompile.quantization.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
 from qcompile.search.sensitivity import check_metric, sensitivities
 from qcompile.quantization.spec import Precision, get_annotation
@@ -34,14 +35,14 @@ DEFAULT_BITS = (4, 8)
 class MixedPrecision(Pass):
     name = "mixed_precision"
     requires = frozenset({SHAPES, PRECISION, COST})
-    guarantees = frozenset({PRECISION, COST})
+    invalidates = frozenset({PRECISION, COST})
 
     def __init__(self, budget: Budget | None = None, max_degradation: float | None = None,
                  bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl", adaquant_iterations: int = 0,
-                 adaquant_scope: str = "layer") -> None:
+                 adaquant_scope: str = "layer", profile: LatencyProfile | None = None) -> None:
         if (budget is None) == (max_degradation is None):
-            raise RecipeError("mixed precision needs either a cost budget (--budget linear=0.30) or a degradation "
-                              "bound (--max-degradation), not both")
+            raise RecipeError.with_parameters("mixed precision needs either a cost budget ({budget} linear=0.30) or a "
+                                              "degradation bound ({max_degradation}), not both")
         bad = [b for b in bits if b not in SUPPORTED_INT_BITS]
         if bad or not bits:
             raise RecipeError(f"candidate bit widths must be in {SUPPORTED_INT_BITS.start}..{SUPPORTED_INT_BITS.stop - 1}, "
@@ -53,6 +54,10 @@ class MixedPrecision(Pass):
         self.metric = metric
         self.adaquant_iterations = adaquant_iterations
         self.adaquant_scope = adaquant_scope
+        self.profile = profile
+        if budget is not None and budget.kind == "latency" and profile is None:
+            raise RecipeError.with_parameters("a latency {budget} needs a latency profile "
+                                              "({cost_model} measured:PROFILE)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if QUANTIZERS in ctx.properties:
@@ -68,15 +73,23 @@ class MixedPrecision(Pass):
         field = BUDGET_KINDS[self.budget.kind] if self.budget else "linear"
         site_costs = {names[n]: get_annotation(n).cost for n in compute_nodes(gm)}  # type: ignore[union-attr]
         choices = {u: [pinned[sites[0]]] if u not in free else self.candidates for u, sites in units.items()}
-        costs = {u: {p: sum(getattr(layer_cost(site_costs[s].macs, site_costs[s].weights, p), field) for s in sites)
-                     for p in choices[u]} for u, sites in units.items()}
+        keys = {names[n]: layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
+
+        def cost(site: str, p: Precision) -> int:
+            if field == "latency_ns":
+                return self.profile.layer_ns(keys[site], p)  # type: ignore[union-attr]
+            return getattr(layer_cost(site_costs[site].macs, site_costs[site].weights, p), field)
+
+        costs = {u: {p: sum(cost(s, p) for s in sites) for p in choices[u]} for u, sites in units.items()}
         bf16 = {"linear": ctx.cost.macs * BF16_BITS, "quadratic": ctx.cost.macs * BF16_BITS ** 2,
-                "memory_bits": ctx.cost.params * BF16_BITS}[field]
-        limit = self.budget.limit(bf16) if self.budget else None
+                "memory_bits": ctx.cost.params * BF16_BITS, "latency_ns": ctx.cost.float_latency_ns}[field]
+        # a measured plan also pays the model's time outside its layers, which no choice changes
+        fixed = self.profile.overhead_ns(quantized=True) if field == "latency_ns" else 0  # type: ignore[union-attr]
+        limit = self.budget.limit(bf16) - fixed if self.budget else None
         cheapest = sum(min(c.values()) for c in costs.values())
         if limit is not None and cheapest > limit:  # before measuring anything
             raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
-                              f"{float(Fraction(cheapest, bf16)):.4f} of bf16 (widths "
+                              f"{float(Fraction(cheapest + fixed, bf16)):.4f} of bf16 (widths "
                               f"{', '.join(str(p) for p in self.candidates)})")
         table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric, self.adaquant_iterations,
                                      self.adaquant_scope)
@@ -85,14 +98,12 @@ class MixedPrecision(Pass):
         plan = allocate(options, max_cost=limit, max_degradation=self.max_degradation)
         ctx.overrides = [*ctx.overrides, *(Override(glob.escape(s), plan[u].precision, "mixed-precision plan")
                                            for u, sites in units.items() for s in sites)]
-        AssignPrecision().run(gm, ctx)
-        AnnotateCost().run(gm, ctx)
-        total = sum(o.cost for o in plan.values())
+        total = fixed + sum(o.cost for o in plan.values())
         ctx.results["mixed_precision"] = {
             "objective": f"least {self.metric} degradation with {self.budget}" if self.budget
             else f"least {field} cost with {self.metric} degradation <= {self.max_degradation}",
             "budget": str(self.budget) if self.budget else None,
-            "budget_cost": limit, "plan_cost": total, "plan_cost_vs_bf16": total / bf16,
+            "budget_cost": None if limit is None else limit + fixed, "plan_cost": total, "plan_cost_vs_bf16": total / bf16,
             "max_degradation": self.max_degradation,
             "candidates": [str(p) for p in self.candidates],
             "predicted_degradation": sum(o.degradation for o in plan.values()),

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from qcompile.errors import QCompileError
+from qcompile.errors import OutputDirError, QCompileError
 
 STAGING = "qcompile-staging"  # NAME.qcompile-staging-PID-RANDOM: a run being written; never restored
 BACKUP = "qcompile-backup"  # NAME.qcompile-backup-PID-RANDOM: the previous run while the new one is renamed in
@@ -69,19 +69,19 @@ def check_output_dir(out: Path, marker: str = "report.json") -> None:
     swapped out and deleted)."""
     target = out.resolve()
     if target.parent == target:
-        raise QCompileError(f"--out {out} is a filesystem root; name a folder to write the run into")
+        raise OutputDirError(out, "is a filesystem root; name a folder to write the run into")
     if target.exists() and not target.is_dir():
-        raise QCompileError(f"--out {out} is a file, not a folder")
+        raise OutputDirError(out, "is a file, not a folder")
     if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
-        raise QCompileError(f"--out {out} is a folder without {marker}, not a previous run's output; qcompile "
-                            f"replaces its output folder whole, so choose an empty or new folder")
+        raise OutputDirError(out, f"is a folder without {marker}, not a previous run's output; qcompile replaces "
+                                  f"its output folder whole, so choose an empty or new folder")
     ancestor = target.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise QCompileError(f"cannot create --out {out}: {ancestor} is not a folder")
+        raise OutputDirError(out, f"{ancestor} is not a folder", action="create")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise QCompileError(f"cannot create --out {out}: {ancestor} is not writable")
+        raise OutputDirError(out, f"{ancestor} is not writable", action="create")
 
 
 @contextmanager
@@ -99,7 +99,7 @@ def output_transaction(out: Path, marker: str = "report.json") -> Iterator[Path]
         target.parent.mkdir(parents=True, exist_ok=True)
         recover(target)
     except OSError as exc:
-        raise QCompileError(f"cannot write --out {out}: {exc}") from None
+        raise OutputDirError(out, str(exc), action="write") from None
     staging = _sibling(target, STAGING)
     try:
         staging.mkdir()  # inside the try, by a name chosen before: an interrupt cannot orphan it

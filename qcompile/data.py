@@ -241,11 +241,12 @@ def parse_normalization(text: str) -> Stats:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise DataError(f"--normalize {text!r}: {hint}") from None
+        raise DataError.with_parameters(f"{{normalize}} {text!r}: {hint}") from None
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
-        raise DataError(f"--normalize {text!r}: {hint}")
+        raise DataError.with_parameters(f"{{normalize}} {text!r}: {hint}")
     if min(values[3:]) <= 0:
-        raise DataError(f"--normalize {text!r}: the standard deviations (the last three numbers) must be positive")
+        raise DataError.with_parameters(f"{{normalize}} {text!r}: the standard deviations (the last three numbers) "
+                                        "must be positive")
     return tuple(values[:3]), tuple(values[3:])
 
 

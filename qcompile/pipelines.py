@@ -30,6 +30,7 @@ from qcompile.passes import (
 from qcompile.passes.load_bounds import BoundKey, LoadBounds
 from qcompile.passes.mixed_precision import MixedPrecision
 from qcompile.pipeline import Pass
+from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.ptq import PTQ_MODES, parse_bits
 from qcompile.quantization.recipes import Recipe
 
@@ -50,10 +51,11 @@ def compile_passes(recipe: Recipe, *, width: float = 1.0, ptq_mode: str | None =
                    budget: Budget | str | None = None, max_degradation: float | None = None,
                    bits: Sequence[int] | str | None = None, adaquant_iterations: int = 200,
                    adaquant_scope: str = "layer", metric: str = "kl", dyadic: bool = False,
-                   has_calibration: bool = True) -> list[Pass]:
+                   has_calibration: bool = True, profile: LatencyProfile | None = None) -> list[Pass]:
     """The passes after capture for ``qcompile MODEL.py``: width scaling (``width`` other than 1), then either
     :func:`ptq_passes` (see :func:`uses_ptq`) or fold, assign and cost, calibrating and lowering when the recipe
-    quantizes and there is calibration data. ``budget`` and ``bits`` may be given as their CLI text."""
+    quantizes and there is calibration data. ``budget`` and ``bits`` may be given as their CLI text; a latency
+    ``profile`` adds the measured cost model (and makes a ``latency`` budget possible)."""
     passes: list[Pass] = [WidthScale(width)] if width != 1.0 else []
     if uses_ptq(recipe, ptq_mode=ptq_mode, budget=budget, max_degradation=max_degradation,
                 adaquant_scope=adaquant_scope):
@@ -63,8 +65,8 @@ def compile_passes(recipe: Recipe, *, width: float = 1.0, ptq_mode: str | None =
             bits = parse_bits(bits)
         return passes + ptq_passes(recipe, ptq_mode, budget=budget, max_degradation=max_degradation, bits=bits,
                                    adaquant_iterations=adaquant_iterations, adaquant_scope=adaquant_scope,
-                                   metric=metric, dyadic=dyadic, has_calibration=has_calibration)
-    passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost()]
+                                   metric=metric, dyadic=dyadic, has_calibration=has_calibration, profile=profile)
+    passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost(profile)]
     if recipe.quantized and has_calibration:
         passes += [*quantize_passes(), LowerInteger(dyadic=dyadic)]
     return passes
@@ -73,23 +75,26 @@ def compile_passes(recipe: Recipe, *, width: float = 1.0, ptq_mode: str | None =
 def ptq_passes(recipe: Recipe, mode: str | None, *, budget: Budget | None = None,
                max_degradation: float | None = None, bits: Sequence[int] | None = None,
                adaquant_iterations: int = 200, adaquant_scope: str = "layer", metric: str = "kl",
-               dyadic: bool = False, has_calibration: bool = True) -> list[Pass]:
+               dyadic: bool = False, has_calibration: bool = True,
+               profile: LatencyProfile | None = None) -> list[Pass]:
     """The passes after capture (and width scaling) for a PTQ mode and/or a searched precision plan."""
     if mode is not None and mode not in PTQ_MODES:
-        raise RecipeError(f"unknown --ptq mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
+        raise RecipeError.with_parameters(f"unknown {{ptq}} mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
     if not recipe.searched and (budget is not None or max_degradation is not None):
-        raise RecipeError("--budget and --max-degradation choose widths for --recipe auto; add --recipe auto")
+        raise RecipeError.with_parameters("{budget} and {max_degradation} choose widths for {recipe} auto; add {recipe} auto")
     if adaquant_scope != "layer" and mode != "advanced":
-        raise RecipeError(f"--adaquant-scope {adaquant_scope} sets how --ptq advanced runs AdaQuant; add --ptq advanced")
+        raise RecipeError.with_parameters(f"{{adaquant_scope}} {adaquant_scope} sets how {{ptq}} advanced runs AdaQuant; "
+                                          "add {ptq} advanced")
     if not recipe.quantized:
-        raise RecipeError("--ptq quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), not bf16")
+        raise RecipeError.with_parameters("{ptq} quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), not bf16")
     if not has_calibration:
-        raise QCompileError("--ptq and --recipe auto need calibration data (define calibration_data() in the model "
-                            "file or pass --data)")
-    passes: list[Pass] = [AssignPrecision(), AnnotateCost()]
+        raise QCompileError.with_parameters("{ptq} and {recipe} auto need calibration data (define calibration_data() "
+                                            "in the model file or pass {data})")
+    passes: list[Pass] = [AssignPrecision(), AnnotateCost(profile)]
     if recipe.searched:
-        passes.append(MixedPrecision(budget, max_degradation, list(bits) if bits else [4, 8], metric,
-                                     adaquant_iterations if mode == "advanced" else 0, adaquant_scope))
+        passes += [MixedPrecision(budget, max_degradation, list(bits) if bits else [4, 8], metric,
+                                  adaquant_iterations if mode == "advanced" else 0, adaquant_scope, profile),
+                   AssignPrecision(), AnnotateCost(profile)]
     if mode is not None:
         passes.append(BnTune())
     passes += [FoldBatchNorm(), *quantize_passes()]
@@ -98,9 +103,11 @@ def ptq_passes(recipe: Recipe, mode: str | None, *, budget: Budget | None = None
     return passes + [LowerInteger(dyadic=dyadic)]
 
 
-def lowering_passes(*, dyadic: bool = False) -> list[Pass]:
-    """Fold BN, assign the recipe's widths, calibrate and lower to the integer IR (no cost annotation)."""
-    return [FoldBatchNorm(), AssignPrecision(), *quantize_passes(), LowerInteger(dyadic=dyadic)]
+def lowering_passes(*, dyadic: bool = False, width: float = 1.0) -> list[Pass]:
+    """Fold BN, assign the recipe's widths, calibrate and lower to the integer IR (no cost annotation); for
+    ``bf16`` the IR holds the float model, which a backend runs as the float reference of a measurement."""
+    passes: list[Pass] = [WidthScale(width)] if width != 1.0 else []
+    return passes + [FoldBatchNorm(), AssignPrecision(), *quantize_passes(), LowerInteger(dyadic=dyadic)]
 
 
 def sensitivity_passes(*, fold_bn: bool = True, adaquant_iterations: int = 0, adaquant_layers: Sequence[str] = (),

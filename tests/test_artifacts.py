@@ -221,7 +221,7 @@ def test_a_failed_run_kept_aside_until_a_run_succeeds(out):
 
 # ---- fault injection: the CLI killed at random points ----
 
-COMPLETE_RUN = {"report.json", "ir/graph.json", "ir/tensors.npz", "model.onnx", "model.compact.onnx"}
+COMPLETE_RUN = {"report.json", "report.html", "ir/graph.json", "ir/tensors.npz", "model.onnx", "model.compact.onnx"}
 RECIPES = ("int8", "mostly4bit")
 
 

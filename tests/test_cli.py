@@ -356,7 +356,7 @@ def test_a_rerun_replaces_the_whole_folder_and_its_report_lists_every_file(tmp_p
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert set(files) == {"report.json", "ir/graph.json", "ir/tensors.npz"}  # no model.onnx of the first run
+    assert set(files) == {"report.json", "report.html", "ir/graph.json", "ir/tensors.npz"}  # no first-run ONNX
     assert report["files"] == {rel: {"bytes": len(data), "sha256": sha256(data).hexdigest()}
                                for rel, data in files.items() if rel != "report.json"}
     assert report["artifacts"] == {"ir": str(out / "ir")}  # the final folder, not the staging one

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from qcompile.artifacts import check_output_dir
 from qcompile.cli import main
+from qcompile.errors import BitWidthsError, BudgetError, InvalidValueError, OutputDirError
+from qcompile.quantization.ptq import parse_bits
+from qcompile.search.bit_allocation import parse_budget
 
 MODEL = """
 import torch
@@ -142,8 +146,38 @@ def test_user_error_is_one_line_and_leaves_the_previous_run(case, previous_run, 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
-    for out in (a_file, a_file / "sub"):
+    for out, line in ((a_file, f"--out {a_file} is a file, not a folder"),
+                      (a_file / "sub", f"cannot create --out {a_file / 'sub'}: {a_file} is not a folder")):
         code = main([str(tmp_path / "missing.py"), "--out", str(out)])
         lines = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and str(out) in lines[0]  # named before the model is even loaded
+        assert code == 2 and lines == [f"qcompile: error: {line}"]  # named before the model is even loaded
     assert a_file.read_text() == "mine"
+
+
+def test_library_errors_name_the_parameter_not_a_flag(tmp_path):
+    """From Python, a bad value is named as the library's parameter, with the value and field as attributes."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for call, kind, field, value in ((lambda: parse_budget("speed=0.3"), BudgetError, "budget", "speed=0.3"),
+                                     (lambda: parse_bits("4,x"), BitWidthsError, "bits", "4,x"),
+                                     (lambda: check_output_dir(a_file), OutputDirError, "out", a_file)):
+        with pytest.raises(kind) as caught:
+            call()
+        assert isinstance(caught.value, InvalidValueError)
+        assert (caught.value.field, caught.value.value) == (field, value)
+        assert "--" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--recipe", "auto", "--budget", "speed=0.3"],
+     "--budget 'speed=0.3': expected KIND=RATIO with KIND one of linear, quadratic, memory, latency, e.g. linear=0.30"),
+    (["--recipe", "auto", "--budget", "linear=2"], "--budget 'linear=2': the ratio to the bf16 cost must be in (0, 1]"),
+    (["--recipe", "auto", "--budget", "linear=0.5", "--bits", "4,x"],
+     "--bits '4,x': expected comma-separated bit widths, e.g. 4,8"),
+    (["--set", "conv"], "--set 'conv': expected PATTERN=BITS, e.g. --set 'layer1.*=8'"),
+    (["--set", "conv=12"], "--set conv=12: weight bit width 12 cannot be honoured"),
+])
+def test_the_cli_words_library_errors_in_its_flags(flags, line, tmp_path, capsys):
+    code = main([model_file(tmp_path, "m"), *flags, "--out", str(tmp_path / "out"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"qcompile: error: {line}"), lines

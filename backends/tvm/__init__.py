@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, require_extra
 
 
 class TvmBackendError(QCompileError):
@@ -18,12 +18,8 @@ class TvmBackendError(QCompileError):
 
 
 def require_tvm() -> Any:
-    """The ``tvm`` package, or a one-line error naming the extra to install."""
+    """The ``tvm`` package with its compiler (``tvm.relax``, not only the runtime), or a one-line error naming the
+    extra to install."""
     if os.environ.get("TVM_USE_RUNTIME_LIB") == "1":
         raise TvmBackendError("building TVM artifacts needs the TVM compiler library: unset TVM_USE_RUNTIME_LIB")
-    try:
-        import tvm
-        from tvm import relax  # noqa: F401  (the compiler library, not only the runtime)
-    except ImportError:
-        raise TvmBackendError("the TVM backend needs the tvm extra: pip install 'qcompile[tvm]'") from None
-    return tvm
+    return require_extra("tvm", "tvm.relax", extra="tvm", needed_for="the TVM backend", error=TvmBackendError)

@@ -205,7 +205,8 @@ def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
     so that quantize's division and requantize's rounding are those of the reference."""
     exe = shutil.which("nvcc")
     if exe is None:
-        raise TvmBackendError(f"--target {spec.name} needs nvcc on PATH (the CUDA toolkit) to build the fatbin")
+        raise TvmBackendError.with_parameters(f"{{target}} {spec.name} needs nvcc on PATH (the CUDA toolkit) to build "
+                                              "the fatbin")
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
         src.write_text(source)

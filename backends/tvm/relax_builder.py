@@ -14,6 +14,7 @@ plain 4-d value here, not NHWC), so its channels and its accumulator's scales ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 from qcompile.backends.tvm import TvmBackendError, require_tvm
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.ops import OpTable
 from qcompile.ir.types import DType, TensorInfo
 
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
@@ -47,6 +49,10 @@ def container(t: TensorInfo) -> str:
     if t.qmin >= 0 and t.qmax <= 255:
         return "uint8"
     raise TvmBackendError(f"codes in [{t.qmin}, {t.qmax}] do not fit an 8-bit container")
+
+
+OPS: OpTable[Callable[[_Builder, Op], None]] = OpTable("relax")
+"""The builder's transcription of every op kind: ``impl(builder, op)``."""
 
 
 class _Builder:
@@ -145,7 +151,7 @@ class _Builder:
             with self.bb.dataflow():
                 self.env[inp] = x
                 for op in self.ir.ops:
-                    getattr(self, f"op_{op.kind}", self.unsupported)(op)
+                    (OPS.lookup(op.kind) or _Builder.unsupported)(self, op)
                 outs = [self.nchw(o) for o in self.ir.outputs]
                 result = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
             self.bb.emit_func_output(result, params=[x, *self.param_vars.values()])
@@ -156,6 +162,7 @@ class _Builder:
         raise TvmBackendError(f"IR op {op.kind} ({op.source}) has no Relax transcription")
 
     # --- ops ---------------------------------------------------------------------------------------------
+    @OPS.implements("quantize")
     def op_quantize(self, op: Op) -> None:
         src, t = op.inputs[0], self.ir.values[op.output]
         nhwc = src in self.nhwc
@@ -164,6 +171,7 @@ class _Builder:
         q = self.op.clip(self.op.round(self.op.divide(x, s)), t.qmin, t.qmax)
         self.set(op.output, self.op.astype(q, container(t)), nhwc)
 
+    @OPS.implements("dequantize")
     def op_dequantize(self, op: Op) -> None:
         src = op.inputs[0]
         t = self.ir.values[src]
@@ -171,13 +179,14 @@ class _Builder:
         s = self.channel_vector(t.scale, t, nhwc, "float32")
         self.set(op.output, self.op.multiply(self.op.astype(self.env[src], "float32"), s), nhwc)
 
+    @OPS.implements("requantize")
     def op_requantize(self, op: Op) -> None:
         src, t, a = op.inputs[0], self.ir.values[op.output], op.attrs
         nhwc = src in self.nhwc
         acc = self.ir.values[src]
         x = self.env[src]
-        lo = max(t.qmin, 0) if a.get("relu") else t.qmin
-        if a.get("mode", "float32") == "dyadic":
+        lo = max(t.qmin, 0) if a["relu"] else t.qmin
+        if a["mode"] == "dyadic":
             m = self.channel_vector(self.ir.constants[a["mantissa"]], acc, nhwc, "int64")
             s_np = self.ir.constants[a["shift"]].astype(np.int64)
             s = self.channel_vector(s_np, acc, nhwc, "int64")
@@ -193,6 +202,7 @@ class _Builder:
             q = self.op.round(self.op.multiply(self.op.astype(x, "float32"), mult))
         self.set(op.output, self.op.astype(self.op.clip(q, lo, t.qmax), container(t)), nhwc)
 
+    @OPS.implements("conv2d")
     def op_conv2d(self, op: Op) -> None:
         a = op.attrs
         xt = self.ir.values[op.inputs[0]]
@@ -213,6 +223,7 @@ class _Builder:
         acc = self.op.nn.conv2d(x, w, padding=(0, 0) if shifted else pad, out_dtype="int32", **conv)
         self.set(op.output, self._bias(op, acc, w_codes.reshape(len(w_codes), -1), shifted), True)
 
+    @OPS.implements("dense")
     def op_dense(self, op: Op) -> None:
         xt = self.ir.values[op.inputs[0]]
         w_codes = self.ir.constants[op.inputs[1]]
@@ -242,6 +253,7 @@ class _Builder:
             raise TvmBackendError(f"{op.kind} {op.output} ({op.source}): its bias correction overflows int32")
         return self.op.add(acc, self.const(bias, "int32"))
 
+    @OPS.implements("relu")
     def op_relu(self, op: Op) -> None:
         src = op.inputs[0]
         zero = self.const(0, container(self.ir.values[src]))
@@ -249,23 +261,27 @@ class _Builder:
 
     def _pool_args(self, a: dict[str, Any]) -> dict[str, Any]:
         return dict(pool_size=tuple(a["kernel"]), strides=tuple(a["stride"]), padding=tuple(a["padding"]),
-                    dilation=tuple(a.get("dilation", (1, 1))), ceil_mode=bool(a.get("ceil_mode", False)),
-                    layout="NHWC")
+                    dilation=tuple(a.get("dilation", (1, 1))),  # average pooling has none
+                    ceil_mode=a["ceil_mode"], layout="NHWC")
 
+    @OPS.implements("maxpool2d")
     def op_maxpool2d(self, op: Op) -> None:
         self.set(op.output, self.op.nn.max_pool2d(self.as_nhwc(op.inputs[0]), **self._pool_args(op.attrs)), True)
 
+    @OPS.implements("avgpool2d")
     def op_avgpool2d(self, op: Op) -> None:
         x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
-        pooled = self.op.nn.avg_pool2d(x, count_include_pad=bool(op.attrs.get("count_include_pad", True)),
+        pooled = self.op.nn.avg_pool2d(x, count_include_pad=op.attrs["count_include_pad"],
                                        **self._pool_args(op.attrs))
         self.set(op.output, self.op.astype(pooled, "float32"), True)
 
+    @OPS.implements("adaptive_avgpool2d")
     def op_adaptive_avgpool2d(self, op: Op) -> None:
         x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
         pooled = self.op.nn.adaptive_avg_pool2d(x, tuple(op.attrs["output_size"]), layout="NHWC")
         self.set(op.output, self.op.astype(pooled, "float32"), True)
 
+    @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:
         src, dims, keep = op.inputs[0], [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]], \
             op.attrs["keepdim"]
@@ -275,9 +291,11 @@ class _Builder:
         m = self.op.mean(self.op.astype(x, "float64"), axis=axes, keepdims=keep)
         self.set(op.output, self.op.astype(m, "float32"), nhwc)
 
+    @OPS.implements("add")
     def op_add(self, op: Op) -> None:
         self.binary(op, self.op.add)
 
+    @OPS.implements("mul")
     def op_mul(self, op: Op) -> None:
         self.binary(op, self.op.multiply)
 
@@ -288,6 +306,7 @@ class _Builder:
         xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.nchw(a), self.nchw(b))
         self.set(op.output, fn(xa, xb), four)
 
+    @OPS.implements("layer_norm")
     def op_layer_norm(self, op: Op) -> None:
         """The reference's float64 form op by op (TOPI's ``layer_norm`` takes float32 and float16 only), over the
         last axes in the IR's order: mean, centred values, biased variance, ``d / sqrt(var + eps) · w + b``."""
@@ -302,6 +321,7 @@ class _Builder:
                         self.const(self.ir.constants[b], "float64"))
         self.set(op.output, self.op.astype(y, "float32"), False)
 
+    @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``take`` from the table, indexed by the code minus the input's lowest code."""
         src, t_out = op.inputs[0], self.ir.values[op.output]
@@ -310,15 +330,19 @@ class _Builder:
         index = self.op.subtract(self.op.astype(self.env[src], "int32"), self.const(t_in.qmin, "int32"))
         self.set(op.output, self.op.take(table, index, axis=0, mode="clip"), src in self.nhwc)
 
+    @OPS.implements("transpose")
     def op_transpose(self, op: Op) -> None:
         self.set(op.output, self.op.permute_dims(self.nchw(op.inputs[0]), list(op.attrs["perm"])), False)
 
+    @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)
 
+    @OPS.implements("reshape")
     def op_reshape(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)
 
+    @OPS.implements("slice")
     def op_slice(self, op: Op) -> None:
         shape = self.ir.values[op.inputs[0]].shape
         axes, begin, end, steps = [], [], [], []
@@ -334,14 +358,16 @@ class _Builder:
         x = self.nchw(op.inputs[0])
         self.set(op.output, self.op.strided_slice(x, axes, begin, end, steps) if axes else x, False)
 
+    @OPS.implements("pad")
     def op_pad(self, op: Op) -> None:
         pads, x = op.attrs["pads"], self.nchw(op.inputs[0])
         rank = len(self.ir.values[op.inputs[0]].shape)
         width = [0] * (2 * rank)
         for i in range(len(pads) // 2):
             width[2 * (rank - 1 - i)], width[2 * (rank - 1 - i) + 1] = pads[2 * i], pads[2 * i + 1]
-        self.set(op.output, self.op.nn.pad(x, width, pad_value=float(op.attrs.get("value", 0))), False)
+        self.set(op.output, self.op.nn.pad(x, width, pad_value=float(op.attrs["value"])), False)
 
+    @OPS.implements("concat")
     def op_concat(self, op: Op) -> None:
         dim = op.attrs["dim"] % len(self.ir.values[op.output].shape)
         if len(self.ir.values[op.output].shape) == 4:

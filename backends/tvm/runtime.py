@@ -16,20 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, require_extra
 
 
 class ArtifactError(QCompileError):
     """An artifact folder is missing files, or cannot run on this machine."""
-
-
-def _tvm() -> Any:
-    try:
-        import tvm
-        import tvm.runtime.vm  # noqa: F401
-    except ImportError:
-        raise ArtifactError("running TVM artifacts needs the TVM runtime: pip install 'qcompile[tvm]'") from None
-    return tvm
 
 
 def _serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
@@ -63,7 +54,8 @@ class TvmModel:
             self.meta = json.loads((self.folder / "meta.json").read_text())
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{self.folder}: not a TVM artifact folder ({exc})") from None
-        tvm = _tvm()
+        tvm = require_extra("tvm", "tvm.runtime.vm", extra="tvm", needed_for="running TVM artifacts",
+                            error=ArtifactError)
         if "cuda" in self.meta:
             _serve_fatbin(tvm, self.folder, self.meta)
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)

@@ -58,8 +58,9 @@ class ModelFile:
         unknown = [k for k in kwargs if k not in params and not takes_any]
         if unknown:
             accepted = ", ".join(k for k in params if params[k].kind is not inspect.Parameter.VAR_POSITIONAL)
-            raise ModelFileError(
-                f"{self.path}: build_model() takes no argument {unknown[0]!r} (--model-arg); it accepts: {accepted or 'nothing'}"
+            raise ModelFileError.with_parameters(
+                f"{self.path}: build_model() takes no argument {unknown[0]!r} ({{model_arg}}); "
+                f"it accepts: {accepted or 'nothing'}"
             )
         try:
             model = fn(**kwargs)
@@ -126,7 +127,7 @@ def parse_model_args(items: Iterable[str]) -> dict[str, object]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise ModelFileError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg stem=cifar")
+            raise ModelFileError.with_parameters(f"{{model_arg}} {item!r}: expected KEY=VALUE, e.g. {{model_arg}} stem=cifar")
         try:
             out[key.strip()] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -153,7 +154,7 @@ def _select(obj: object, key: str | None) -> object:
         return obj
     if not isinstance(obj, Mapping) or key not in obj:
         found = _names(obj) if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"it has no entry {key!r} (--weights-key; found: {found})")
+        raise CheckpointError.with_parameters(f"it has no entry {key!r} ({{weights_key}}; found: {found})")
     return obj[key]
 
 
@@ -165,8 +166,8 @@ def _unwrap(obj: object) -> Mapping[str, object]:
             break
         obj = inner
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = f"; its keys: {_names(obj)} (pick one with --weights-key)" if isinstance(obj, Mapping) else ""
-        raise CheckpointError(
+        keys = f"; its keys: {_names(obj)} (pick one with {{weights_key}})" if isinstance(obj, Mapping) else ""
+        raise CheckpointError.with_parameters(
             "it is not a state dict (a mapping of parameter names to tensors) and holds none under "
             f"{', '.join(CONTAINER_KEYS)}{keys}"
         )
@@ -233,8 +234,8 @@ def _strict_load(model: nn.Module, state: Mapping[str, object], where: str) -> N
         if not detail:
             lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
             detail = lines[0] if lines else _short(exc)
-        raise CheckpointError(
-            f"{where} does not match the model: {detail}; was it saved from another model, width or --model-arg?"
+        raise CheckpointError.with_parameters(
+            f"{where} does not match the model: {detail}; was it saved from another model, width or {{model_arg}}?"
         ) from None
     finally:
         handle.remove()
@@ -259,7 +260,7 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
         state = _unwrap(_select(obj, key))
         _check_tensors(state)
     except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {p}: {exc}") from None
+        raise CheckpointError.with_parameters(f"checkpoint {p}: {exc.template or exc}") from None
     _strict_load(model, _strip_wrappers(state), f"checkpoint {p}")
 
 

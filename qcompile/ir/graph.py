@@ -12,18 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from qcompile.ir.ops import checked_attrs
 from qcompile.ir.types import TensorInfo
-
-OP_KINDS = frozenset({
-    "quantize", "dequantize", "requantize", "conv2d", "dense", "relu", "maxpool2d", "avgpool2d",
-    "adaptive_avgpool2d", "mean", "add", "mul", "layer_norm", "lut", "flatten", "reshape", "transpose", "slice",
-    "pad", "concat",
-})
 
 
 @dataclass
 class Op:
-    """One IR operation. ``source`` names the fx node (and user code line) it was lowered from."""
+    """One IR operation. ``source`` names the fx node (and user code line) it was lowered from; ``attrs`` are
+    checked against the kind's schema (:data:`qcompile.ir.ops.OP_SCHEMAS`), defaults filled in."""
 
     kind: str
     inputs: list[str]
@@ -32,8 +28,7 @@ class Op:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in OP_KINDS:
-            raise ValueError(f"unknown IR op kind {self.kind!r}")
+        self.attrs = checked_attrs(self.kind, self.output, self.attrs)
 
 
 @dataclass
@@ -63,8 +58,9 @@ class IRGraph:
         for i in inputs:
             if i not in self.values:
                 raise ValueError(f"op {kind} -> {output}: input {i!r} is not defined")
+        op = Op(kind, inputs, output, attrs, source)  # checked before the graph changes
         self.add_value(output, info)
-        self.ops.append(Op(kind, inputs, output, attrs, source))
+        self.ops.append(op)
         return output
 
     def producer(self, name: str) -> Op | None:

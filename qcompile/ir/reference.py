@@ -30,6 +30,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.ops import OpTable
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _EXACT_F64 = 2**53
@@ -126,9 +128,9 @@ def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float,
     """(N, C, OH, OW, kh, kw) windows over ``x`` padded with ``pad_value``; a ``ceil_mode`` window's part past
     the padded input reads ``overhang_value`` (by default ``pad_value``)."""
     kernel, stride, padding = tuple(attrs["kernel"]), tuple(attrs["stride"]), tuple(attrs["padding"])
-    dilation = tuple(attrs.get("dilation", (1, 1)))
+    dilation = tuple(attrs.get("dilation", (1, 1)))  # average pooling has none
     extra = [0, 0]
-    if attrs.get("ceil_mode"):
+    if attrs["ceil_mode"]:
         for i, (size, k, s, p, d) in enumerate(zip(x.shape[2:], kernel, stride, padding, dilation)):
             out = pool_output_size(size, k, s, p, d, True)
             extra[i] = max(0, (out - 1) * s + d * (k - 1) + 1 - (size + 2 * p))
@@ -142,8 +144,8 @@ def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float,
 def _avgpool(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
     """Window sums in float64 over the divisor PyTorch uses, rounded once to float32."""
     sums = _pool_windows(x.astype(np.float64), attrs, 0.0).sum(axis=(-2, -1))
-    include_pad = attrs.get("count_include_pad", True)
-    if include_pad and not attrs.get("ceil_mode"):
+    include_pad = attrs["count_include_pad"]
+    if include_pad and not attrs["ceil_mode"]:
         return _as_f32(sums / float(np.prod(attrs["kernel"])))
     ones = np.ones((1, 1, *x.shape[2:]), dtype=np.float64)  # the padding counts when included, the overhang never
     counts = _pool_windows(ones, attrs, 1.0 if include_pad else 0.0, 0.0).sum(axis=(-2, -1))
@@ -186,89 +188,152 @@ def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
     return tuple(out)
 
 
+OPS: OpTable[Callable[[Op, list[np.ndarray], IRGraph], np.ndarray]] = OpTable("reference")
+"""The reference's implementation of every op kind: ``impl(op, args, graph)``."""
+
+
+@OPS.implements("quantize")
+def _quantize(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    out_t = graph.values[op.output]
+    q = rhe(_as_f32(args[0]) / out_t.broadcast_scale(args[0].ndim))
+    return np.clip(q, out_t.qmin, out_t.qmax).astype(np.int32)
+
+
+@OPS.implements("dequantize")
+def _dequantize(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    in_t = graph.values[op.inputs[0]]
+    return _as_f32(args[0]).astype(np.float32) * in_t.broadcast_scale(args[0].ndim)
+
+
+@OPS.implements("requantize")
+def _requantize(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    a, out_t, acc_t = op.attrs, graph.values[op.output], graph.values[op.inputs[0]]
+    lo = max(out_t.qmin, 0) if a["relu"] else out_t.qmin
+    x = args[0]
+    if a["mode"] == "dyadic":
+        m = acc_t.along_channels(graph.constants[a["mantissa"]].astype(np.int64), x.ndim)
+        s = acc_t.along_channels(graph.constants[a["shift"]].astype(np.int64), x.ndim)
+        v = x.astype(np.int64) * m
+        q = v >> s
+        r = v - (q << s)
+        half = np.left_shift(1, s - 1)
+        q = q + ((r > half) | ((r == half) & (q & 1 == 1))).astype(np.int64)
+    else:
+        q = rhe(_as_f32(x) * acc_t.along_channels(graph.constants[a["multiplier"]], x.ndim))
+    return np.clip(q, lo, out_t.qmax).astype(np.int32)
+
+
+@OPS.implements("conv2d")
+def _conv2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    a, x, w = op.attrs, args[0], args[1]
+    acc = conv2d(x, w, tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), a["groups"])
+    if len(args) > 2:
+        acc = acc + args[2].reshape(1, -1, 1, 1).astype(acc.dtype)
+    return _check_int32(acc, op) if np.issubdtype(x.dtype, np.integer) else _as_f32(acc)
+
+
+@OPS.implements("dense")
+def _dense(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    x, w = args[0], args[1]
+    if np.issubdtype(x.dtype, np.integer):
+        acc_t = exact_gemm_dtype(x, w, w.shape[1])
+        acc = (x.astype(acc_t) @ w.astype(acc_t).T).astype(np.int64)
+        if len(args) > 2:
+            acc = acc + args[2].astype(np.int64)
+        return _check_int32(acc, op)
+    out = x.astype(np.float64) @ w.astype(np.float64).T
+    return _as_f32(out + args[2] if len(args) > 2 else out)
+
+
+@OPS.implements("relu")
+def _relu(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.maximum(args[0], 0).astype(args[0].dtype)
+
+
+@OPS.implements("maxpool2d")
+def _maxpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    x = args[0]
+    pad = np.iinfo(np.int32).min if np.issubdtype(x.dtype, np.integer) else -np.inf
+    return _pool_windows(x, op.attrs, pad).max(axis=(-2, -1)).astype(x.dtype)
+
+
+@OPS.implements("avgpool2d")
+def _avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return _avgpool(args[0], op.attrs)
+
+
+@OPS.implements("adaptive_avgpool2d")
+def _adaptive_avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return _adaptive_avg(args[0], tuple(op.attrs["output_size"]))
+
+
+@OPS.implements("mean")
+def _mean(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return _as_f32(args[0].astype(np.float64).mean(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]))
+
+
+@OPS.implements("add")
+def _add(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return (_as_f32(args[0]) + _as_f32(args[1])).astype(np.float32)
+
+
+@OPS.implements("mul")
+def _mul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
+
+
+@OPS.implements("layer_norm")
+def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return layer_norm(args[0], args[1], args[2], op.attrs["eps"])
+
+
+@OPS.implements("lut")
+def _lut(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return args[1][args[0] - graph.values[op.inputs[0]].qmin].astype(np.int32)
+
+
+@OPS.implements("transpose")
+def _transpose(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(args[0], op.attrs["perm"]))
+
+
+@OPS.implements("flatten")
+def _flatten(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    x = args[0]
+    s, e = op.attrs["start_dim"], op.attrs["end_dim"] % x.ndim
+    return x.reshape(*x.shape[:s], -1, *x.shape[e + 1:])
+
+
+@OPS.implements("reshape")
+def _reshape(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return args[0].reshape(args[0].shape[0], *op.attrs["shape"][1:])
+
+
+@OPS.implements("slice")
+def _slice(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.ascontiguousarray(args[0][_index(op.attrs["index"])])
+
+
+@OPS.implements("pad")
+def _pad(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    pads, x = op.attrs["pads"], args[0]
+    width = [(0, 0)] * x.ndim
+    for i in range(len(pads) // 2):
+        width[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+    return np.pad(x, width, constant_values=op.attrs["value"])
+
+
+@OPS.implements("concat")
+def _concat(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.concatenate(args, axis=op.attrs["dim"])
+
+
 def run_op(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     """Execute one op on numpy arrays (integers as int32, floats as float32)."""
-    out_t = graph.values[op.output]
-    a = op.attrs
-    k = op.kind
-    if k == "quantize":
-        q = rhe(_as_f32(args[0]) / out_t.broadcast_scale(args[0].ndim))
-        return np.clip(q, out_t.qmin, out_t.qmax).astype(np.int32)
-    if k == "dequantize":
-        in_t = graph.values[op.inputs[0]]
-        return _as_f32(args[0]).astype(np.float32) * in_t.broadcast_scale(args[0].ndim)
-    if k == "requantize":
-        lo = max(out_t.qmin, 0) if a.get("relu") else out_t.qmin
-        x = args[0]
-        if a.get("mode", "float32") == "dyadic":
-            acc_t = graph.values[op.inputs[0]]
-            m = acc_t.along_channels(graph.constants[a["mantissa"]].astype(np.int64), x.ndim)
-            s = acc_t.along_channels(graph.constants[a["shift"]].astype(np.int64), x.ndim)
-            v = x.astype(np.int64) * m
-            q = v >> s
-            r = v - (q << s)
-            half = np.left_shift(1, s - 1)
-            q = q + ((r > half) | ((r == half) & (q & 1 == 1))).astype(np.int64)
-        else:
-            mult = graph.values[op.inputs[0]].along_channels(graph.constants[a["multiplier"]], x.ndim)
-            q = rhe(_as_f32(x) * mult)
-        return np.clip(q, lo, out_t.qmax).astype(np.int32)
-    if k == "conv2d":
-        x, w = args[0], args[1]
-        acc = conv2d(x, w, tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]), a["groups"])
-        if len(args) > 2:
-            acc = acc + args[2].reshape(1, -1, 1, 1).astype(acc.dtype)
-        return _check_int32(acc, op) if np.issubdtype(x.dtype, np.integer) else _as_f32(acc)
-    if k == "dense":
-        x, w = args[0], args[1]
-        if np.issubdtype(x.dtype, np.integer):
-            acc_t = exact_gemm_dtype(x, w, w.shape[1])
-            acc = (x.astype(acc_t) @ w.astype(acc_t).T).astype(np.int64)
-            if len(args) > 2:
-                acc = acc + args[2].astype(np.int64)
-            return _check_int32(acc, op)
-        out = x.astype(np.float64) @ w.astype(np.float64).T
-        return _as_f32(out + args[2] if len(args) > 2 else out)
-    if k == "relu":
-        return np.maximum(args[0], 0).astype(args[0].dtype)
-    if k == "maxpool2d":
-        x = args[0]
-        pad = np.iinfo(np.int32).min if np.issubdtype(x.dtype, np.integer) else -np.inf
-        return _pool_windows(x, a, pad).max(axis=(-2, -1)).astype(x.dtype)
-    if k == "avgpool2d":
-        return _avgpool(args[0], a)
-    if k == "adaptive_avgpool2d":
-        return _adaptive_avg(args[0], tuple(a["output_size"]))
-    if k == "mean":
-        return _as_f32(args[0].astype(np.float64).mean(axis=tuple(a["dims"]), keepdims=a["keepdim"]))
-    if k == "add":
-        return (_as_f32(args[0]) + _as_f32(args[1])).astype(np.float32)
-    if k == "mul":
-        return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
-    if k == "layer_norm":
-        return layer_norm(args[0], args[1], args[2], a["eps"])
-    if k == "lut":
-        return args[1][args[0] - graph.values[op.inputs[0]].qmin].astype(np.int32)
-    if k == "transpose":
-        return np.ascontiguousarray(np.transpose(args[0], a["perm"]))
-    if k == "flatten":
-        x = args[0]
-        s, e = a["start_dim"], a["end_dim"] % x.ndim
-        return x.reshape(*x.shape[:s], -1, *x.shape[e + 1:])
-    if k == "reshape":
-        return args[0].reshape(args[0].shape[0], *a["shape"][1:])
-    if k == "slice":
-        return np.ascontiguousarray(args[0][_index(a["index"])])
-    if k == "pad":
-        pads = a["pads"]
-        x = args[0]
-        width = [(0, 0)] * x.ndim
-        for i in range(len(pads) // 2):
-            width[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
-        return np.pad(x, width, constant_values=a.get("value", 0))
-    if k == "concat":
-        return np.concatenate(args, axis=a["dim"])
-    raise NotImplementedError(f"reference: no implementation for op {k}")
+    impl = OPS.lookup(op.kind)
+    if impl is None:
+        raise NotImplementedError(f"reference: no implementation for op {op.kind}")
+    return impl(op, args, graph)
 
 
 def run(graph: IRGraph, *inputs: np.ndarray, keep: bool = False) -> dict[str, np.ndarray]:

@@ -128,5 +128,8 @@ def load(directory: str | os.PathLike[str]) -> IRGraph:
             elif dt is not DType.FLOAT32:
                 data = data.astype(np.int32)
             g.constants[name] = data
-    g.ops = [Op(o["kind"], list(o["inputs"]), o["output"], o["attrs"], o.get("source", "")) for o in doc["ops"]]
+    try:
+        g.ops = [Op(o["kind"], list(o["inputs"]), o["output"], o["attrs"], o.get("source", "")) for o in doc["ops"]]
+    except ValueError as exc:  # an unknown kind, or an attribute its schema refuses
+        raise IRFormatError(f"{d}/graph.json: {exc}") from None
     return g

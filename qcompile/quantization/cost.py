@@ -46,20 +46,24 @@ def weight_count(module: nn.Module) -> int:
     return module.weight.numel()  # type: ignore[union-attr,operator]
 
 
-def layer_cost(macs: int, weights: int, precision: Precision, stored_bits: int | None = None) -> LayerCost:
-    """Cost of one layer at a precision; ``stored_bits`` overrides the weight bits its memory is counted at."""
+def layer_cost(macs: int, weights: int, precision: Precision, stored_bits: int | None = None,
+               latency_ns: int | None = None) -> LayerCost:
+    """Cost of one layer at a precision; ``stored_bits`` overrides the weight bits its memory is counted at, and
+    ``latency_ns`` is its measured time when a latency profile is in use."""
     return LayerCost(
         macs=macs,
         weights=weights,
         linear=macs * hardware_bits(max(precision.w_bits, precision.a_bits)),
         quadratic=macs * precision.w_bits * precision.a_bits,
         memory_bits=weights * (precision.w_bits if stored_bits is None else stored_bits),
+        latency_ns=latency_ns,
     )
 
 
 @dataclass(frozen=True)
 class CostTotals:
-    """Whole-model totals with ratios to bf16 at this width and to the width-1.0 bf16 model."""
+    """Whole-model totals with ratios to bf16 at this width and to the width-1.0 bf16 model; with a latency
+    profile, the predicted latency too (overhead included) and the float model's, its reference."""
 
     macs: int
     params: int
@@ -68,33 +72,27 @@ class CostTotals:
     memory_bits: int
     ref_macs: int
     ref_params: int
+    latency_ns: int | None = None
+    float_latency_ns: int | None = None
 
-    @property
-    def linear_vs_bf16(self) -> float:
-        return self.linear / (self.macs * BF16_BITS)
-
-    @property
-    def quadratic_vs_bf16(self) -> float:
-        return self.quadratic / (self.macs * BF16_BITS * BF16_BITS)
-
-    @property
-    def memory_vs_bf16(self) -> float:
-        return self.memory_bits / (self.params * BF16_BITS)
-
-    @property
-    def linear_vs_bf16_width1(self) -> float:
-        return self.linear / (self.ref_macs * BF16_BITS)
-
-    @property
-    def quadratic_vs_bf16_width1(self) -> float:
-        return self.quadratic / (self.ref_macs * BF16_BITS * BF16_BITS)
-
-    @property
-    def memory_vs_bf16_width1(self) -> float:
-        return self.memory_bits / (self.ref_params * BF16_BITS)
+    def vs_bf16(self, kind: str, width1: bool = False) -> float:
+        """``kind`` (linear, quadratic or memory) relative to bf16 at this width or, with ``width1``, at width 1;
+        ``latency`` relative to the float model's predicted latency."""
+        if kind == "latency":
+            if self.latency_ns is None or not self.float_latency_ns:
+                raise ValueError("no latency profile in this run")
+            return self.latency_ns / self.float_latency_ns
+        macs, params = (self.ref_macs, self.ref_params) if width1 else (self.macs, self.params)
+        bf16 = {"linear": macs * BF16_BITS, "quadratic": macs * BF16_BITS**2, "memory": params * BF16_BITS}
+        total = {"linear": self.linear, "quadratic": self.quadratic, "memory": self.memory_bits}
+        return total[kind] / bf16[kind]
 
     def as_dict(self) -> dict[str, float | int]:
         keys = ("macs", "params", "linear", "quadratic", "memory_bits")
-        ratios = ("linear_vs_bf16", "quadratic_vs_bf16", "memory_vs_bf16",
-                  "linear_vs_bf16_width1", "quadratic_vs_bf16_width1", "memory_vs_bf16_width1")
-        return {**{k: getattr(self, k) for k in keys}, **{k: getattr(self, k) for k in ratios}}
+        kinds = ("linear", "quadratic", "memory")
+        out = {**{k: getattr(self, k) for k in keys}, **{f"{k}_vs_bf16": self.vs_bf16(k) for k in kinds},
+               **{f"{k}_vs_bf16_width1": self.vs_bf16(k, width1=True) for k in kinds}}
+        if self.latency_ns is not None:
+            out.update(predicted_latency_ms=self.latency_ns / 1e6, float_latency_ms=(self.float_latency_ns or 0) / 1e6,
+                       latency_vs_float=self.vs_bf16("latency"))
+        return out

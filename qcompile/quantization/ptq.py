@@ -3,7 +3,7 @@ themselves are assembled in :mod:`qcompile.pipelines`."""
 
 from __future__ import annotations
 
-from qcompile.errors import RecipeError
+from qcompile.errors import BitWidthsError
 
 PTQ_MODES = ("light", "advanced")
 
@@ -13,4 +13,4 @@ def parse_bits(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise RecipeError(f"--bits {text!r}: expected comma-separated bit widths, e.g. 4,8") from None
+        raise BitWidthsError(text, "expected comma-separated bit widths, e.g. 4,8") from None

@@ -8,7 +8,9 @@ off) until frozen once; weight quantizers derive per-channel scales from the cur
 from __future__ import annotations
 
 import enum
+import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from torch import nn
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
 MAX_SAMPLES_PER_BATCH = 1 << 16
+HISTOGRAM_BINS = 1 << 14  # 128 KiB of counts per percentile quantizer, resolving 1/8192 of max|x| or better
+MSE_RESERVOIR = 1 << 18  # 1 MiB of samples per MSE quantizer: every sample of up to 4 full batches
 DEFAULT_PERCENTILE = 99.99
 EMA_DECAY = 0.9
 _TINY = 1e-12
@@ -95,20 +99,102 @@ def mse_bound(samples: torch.Tensor, spec: QuantSpec, max_abs: float, steps: int
     return float(candidates[int(errors.argmin())])
 
 
+@dataclass
+class BatchPart:
+    """Where the tensors observers see lie in their calibration batch: images ``[start, start + count)`` of
+    ``images``. The calibrate pass runs a large batch in parts to bound memory and advances one shared part
+    between forwards; the statistics are still those of the whole batch (see
+    :meth:`ActivationQuantizer.begin_batch`)."""
+
+    images: int
+    start: int = 0
+    count: int = 0
+
+
+class StreamingHistogram:
+    """Counts of non-negative values in ``bins`` equal bins over ``[0, R)``: bounded memory for a percentile of
+    any number of values.
+
+    ``R`` is a power of two above every value added; a larger value doubles it as often as needed, each doubling
+    merging adjacent bin pairs, so the counts stay exact for the current bins and the bin width ``R / bins`` stays
+    below ``2 max / bins``. :meth:`quantile` places each order statistic inside its bin, so it is within one bin
+    width of ``torch.quantile`` (linear interpolation) over the same values.
+    """
+
+    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError(f"histogram bins must be a power of two >= 2, got {bins}")
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.int64)
+        self.range = 0.0  # R; 0 while every value added was 0 (all in bin 0)
+        self.total = 0
+
+    @property
+    def bin_width(self) -> float:
+        """The resolution of :meth:`quantile`: ``R / bins``."""
+        return self.range / self.bins
+
+    def add(self, values: torch.Tensor) -> None:
+        """Count ``values`` (non-negative and finite)."""
+        v = values.detach().reshape(-1).to("cpu", torch.float64)
+        if v.numel() == 0:
+            return
+        top = float(v.max())
+        if not math.isfinite(top) or float(v.min()) < 0:
+            raise ValueError("a histogram counts non-negative finite values")
+        if top >= self.range and top > 0:
+            self._widen(math.ldexp(1.0, math.frexp(top)[1]))  # the power of two just above top
+        if self.range > 0:
+            idx = v.mul_(self.bins / self.range).floor_().long().clamp_(max=self.bins - 1)  # exact: 2^k scaling
+        else:
+            idx = torch.zeros(v.numel(), dtype=torch.int64)
+        self.counts += torch.bincount(idx, minlength=self.bins)
+        self.total += v.numel()
+
+    def _widen(self, new_range: float) -> None:
+        if self.range > 0:
+            factor = min(self.bins, round(new_range / self.range))
+            merged = self.counts.view(self.bins // factor, factor).sum(dim=1)
+            self.counts = torch.zeros_like(self.counts)
+            self.counts[: merged.numel()] = merged
+        self.range = new_range
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0..1) as ``torch.quantile`` interpolates it, within :attr:`bin_width`; 0 when empty."""
+        if self.total == 0:
+            return 0.0
+        rank = q * (self.total - 1)
+        k = math.floor(rank)
+        cum = torch.cumsum(self.counts, 0)
+        low = self._order_statistic(k, cum)
+        high = self._order_statistic(min(k + 1, self.total - 1), cum)
+        return low + (rank - k) * (high - low)
+
+    def _order_statistic(self, k: int, cum: torch.Tensor) -> float:
+        """The ``k``-th smallest value (0-based), placed inside its bin by its rank among the bin's values."""
+        i = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+        before = int(cum[i - 1]) if i else 0
+        return (i + (k - before + 0.5) / int(self.counts[i])) * self.bin_width
+
+
 class ActivationCalibrator:
-    """How an activation quantizer chooses its bound: ``observe(x)`` once per calibration batch, then ``bound()``.
+    """How an activation quantizer chooses its bound: ``observe`` every batch (whole, or part by part), then
+    ``end_batch``; after the last batch, ``bound()``.
 
     The max statistics every calibrator may read (``ema_max``, ``running_max``, ``batches``) stay buffers of the
-    owning :class:`ActivationQuantizer`, which updates them before calling :meth:`observe`: they are in its state
-    dict whatever the calibrator. A calibrator keeps only its own state (samples, a generator). To add one, write a
-    subclass and give it an entry in :data:`CALIBRATORS`.
+    owning :class:`ActivationQuantizer`, which updates them: they are in its state dict whatever the calibrator.
+    A calibrator keeps only its own state (a histogram, samples, a generator), bounded whatever the number of
+    batches. To add one, write a subclass and give it an entry in :data:`CALIBRATORS`.
     """
 
     def __init__(self, owner: ActivationQuantizer) -> None:
         self.owner = owner  # a plain reference: the calibrator is not a submodule and owns no buffers
 
-    def observe(self, x: torch.Tensor) -> None:
-        """Collect what :meth:`bound` needs from one batch beyond the owner's max statistics."""
+    def observe(self, x: torch.Tensor, part: BatchPart | None) -> None:
+        """Collect what :meth:`bound` needs from ``x``: a whole batch (``part`` None) or the part ``part`` of one."""
+
+    def end_batch(self) -> None:
+        """The batch observed since the last call is complete."""
 
     def bound(self) -> float:
         raise NotImplementedError
@@ -132,38 +218,116 @@ class Max(ActivationCalibrator):
 
 
 class _Sampling(ActivationCalibrator):
-    """Keeps up to ``MAX_SAMPLES_PER_BATCH`` values of every batch (a seeded random subset of larger batches)."""
+    """Draws ``MAX_SAMPLES_PER_BATCH`` values of every batch (a seeded draw with replacement; all of a smaller
+    batch) and hands each batch's draw to :meth:`collect`.
+
+    A batch seen in parts gets the draw it would have got whole, in the same order: the indices are drawn over
+    the whole batch's flattened values at its first part and each part gathers those that fall in it, without
+    copying the part. That needs the part's images on dim 0 (a CNN activation); a tensor without them does not
+    split with the batch (it comes from constants), so its draw is taken from its first part.
+    """
 
     def __init__(self, owner: ActivationQuantizer) -> None:
         super().__init__(owner)
-        self._samples: list[torch.Tensor] = []
         self._gen = torch.Generator().manual_seed(owner.seed)
+        self._index: torch.Tensor | None = None  # the batch's drawn flat indices; None: every value
+        self._drawn: torch.Tensor | None = None
 
-    def observe(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1).float().cpu()
-        if flat.numel() > MAX_SAMPLES_PER_BATCH:
-            flat = flat[torch.randint(flat.numel(), (MAX_SAMPLES_PER_BATCH,), generator=self._gen)]
-        self._samples.append(flat)
+    def observe(self, x: torch.Tensor, part: BatchPart | None) -> None:
+        if part is None or x.dim() == 0 or x.shape[0] != part.count:
+            if part is None or part.start == 0:
+                self._start(x.numel())
+                self._gather(x, 0)
+            return
+        per_image = x.numel() // part.count
+        if part.start == 0:
+            self._start(per_image * part.images)
+        self._gather(x, per_image * part.start)
 
-    def samples(self) -> torch.Tensor:
-        return torch.cat(self._samples) if self._samples else torch.zeros(1)
+    def _start(self, total: int) -> None:
+        self._index = (torch.randint(total, (MAX_SAMPLES_PER_BATCH,), generator=self._gen)
+                       if total > MAX_SAMPLES_PER_BATCH else None)
+        self._drawn = torch.empty(min(total, MAX_SAMPLES_PER_BATCH))
 
-    def reset(self) -> None:
-        self._samples = []
+    def _gather(self, x: torch.Tensor, offset: int) -> None:
+        assert self._drawn is not None
+        if self._index is None:
+            self._drawn[offset : offset + x.numel()] = x.reshape(-1).float().cpu()
+            return
+        where = ((self._index >= offset) & (self._index < offset + x.numel())).nonzero().squeeze(1)
+        local = (self._index[where] - offset).to(x.device)
+        self._drawn[where] = x[torch.unravel_index(local, x.shape)].float().cpu()
+
+    def end_batch(self) -> None:
+        if self._drawn is not None:
+            self.collect(self._drawn)
+        self._index = self._drawn = None
+
+    def collect(self, drawn: torch.Tensor) -> None:
+        """Keep what :meth:`bound` needs of one batch's draw."""
+        raise NotImplementedError
 
 
 class Percentile(_Sampling):
-    """The owner's ``percentile`` of the sampled |x|."""
+    """The owner's ``percentile`` of the drawn |x|, from a :class:`StreamingHistogram` of them: the draws of any
+    number of batches in ``HISTOGRAM_BINS`` counts, within one bin (< max|x| / 8192) of their exact percentile."""
+
+    def __init__(self, owner: ActivationQuantizer) -> None:
+        super().__init__(owner)
+        self.histogram = StreamingHistogram()
+
+    def collect(self, drawn: torch.Tensor) -> None:
+        self.histogram.add(drawn.abs())
 
     def bound(self) -> float:
-        return float(torch.quantile(self.samples().abs(), self.owner.percentile / 100.0))
+        return self.histogram.quantile(self.owner.percentile / 100.0)
+
+    def reset(self) -> None:
+        self.histogram = StreamingHistogram()
+
+
+class Reservoir:
+    """At most ``capacity`` of the values added, a uniform sample without replacement: every value gets a seeded
+    uniform key and the ``capacity`` smallest keys stay. Until ``capacity`` is reached it holds every value in
+    the order added."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self._gen = torch.Generator().manual_seed(seed)
+        self._values: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+        self._size = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        self._values.append(values.reshape(-1))
+        self._keys.append(torch.rand(values.numel(), generator=self._gen))
+        self._size += values.numel()
+        if self._size > self.capacity:
+            keys, values = torch.cat(self._keys), torch.cat(self._values)
+            keep = torch.topk(keys, self.capacity, largest=False).indices.sort().values
+            self._keys, self._values, self._size = [keys[keep]], [values[keep]], self.capacity
+
+    def values(self) -> torch.Tensor:
+        """The values held, one tensor (a single 0 when nothing was added)."""
+        return torch.cat(self._values) if self._values else torch.zeros(1)
 
 
 class Mse(_Sampling):
-    """The bound in (0, max|x|] minimising the quantization MSE of the samples."""
+    """The bound in (0, max|x|] minimising the quantization MSE of the drawn values, from a :class:`Reservoir`
+    of ``MSE_RESERVOIR`` of them (every draw of up to four full batches)."""
+
+    def __init__(self, owner: ActivationQuantizer) -> None:
+        super().__init__(owner)
+        self.reservoir = Reservoir(MSE_RESERVOIR, owner.seed + 1)
+
+    def collect(self, drawn: torch.Tensor) -> None:
+        self.reservoir.add(drawn)
 
     def bound(self) -> float:
-        return mse_bound(self.samples(), self.owner.spec, float(self.owner.running_max))
+        return mse_bound(self.reservoir.values(), self.owner.spec, float(self.owner.running_max))
+
+    def reset(self) -> None:
+        self.reservoir = Reservoir(MSE_RESERVOIR, self.owner.seed + 1)
 
 
 CALIBRATORS: dict[Calibrator, type[ActivationCalibrator]] = {
@@ -173,6 +337,11 @@ CALIBRATORS: dict[Calibrator, type[ActivationCalibrator]] = {
     Calibrator.MSE: Mse,
 }
 """The activation calibrators by :class:`Calibrator` value (``Calibrator.NONE`` has none: bf16)."""
+
+
+def _check_finite(batch_max: torch.Tensor) -> None:
+    if not torch.isfinite(batch_max):
+        raise ValueError("activation quantizer observed a non-finite value")
 
 
 class QuantizerState(enum.Enum):
@@ -201,6 +370,8 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("ema_max", torch.tensor(0.0))
         self.register_buffer("running_max", torch.tensor(0.0))
         self.batches = 0
+        self._part: BatchPart | None = None  # the batch being observed in parts, from begin_batch
+        self._part_max: torch.Tensor | None = None
         self._accumulator: tuple[nn.Module, ActivationQuantizer, WeightQuantizer] | None = None
         cls = CALIBRATORS.get(spec.calibrator)
         self.calibrator: ActivationCalibrator | None = None if cls is None else cls(self)
@@ -219,17 +390,43 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Update the max statistics, then what the calibrator needs, from one batch."""
-        batch_max = x.detach().abs().max().float()
+        """Update the max statistics, then what the calibrator needs, from one batch (or one part of the batch
+        begun by :meth:`begin_batch`)."""
+        x = x.detach()
+        batch_max = torch.linalg.vector_norm(x, float("inf")).float()  # max|x| in one pass, no |x| copy
+        if self._part is None:
+            self._record(batch_max)
+        else:
+            _check_finite(batch_max)
+            self._part_max = batch_max if self._part_max is None else torch.maximum(self._part_max, batch_max)
+        if self.calibrator is not None:
+            self.calibrator.observe(x, self._part)
+            if self._part is None:
+                self.calibrator.end_batch()
+
+    def begin_batch(self, part: BatchPart) -> None:
+        """Observe the next forwards as parts of one batch, ``part`` telling (as its owner advances it) which
+        images each forward holds; :meth:`end_batch` then updates the statistics once, exactly as if the batch had
+        been observed whole: the max of the parts' maxima, and the calibrator's draw of the whole batch."""
+        self._part, self._part_max = part, None
+
+    @torch.no_grad()
+    def end_batch(self) -> None:
+        """Close the batch :meth:`begin_batch` opened (a quantizer no part reached records nothing)."""
+        batch_max, self._part, self._part_max = self._part_max, None, None
+        if batch_max is None:
+            return
+        self._record(batch_max)
+        if self.calibrator is not None:
+            self.calibrator.end_batch()
+
+    def _record(self, batch_max: torch.Tensor) -> None:
         if self.sync_across_ranks:
             torch.distributed.all_reduce(batch_max, op=torch.distributed.ReduceOp.MAX)
-        if not torch.isfinite(batch_max):
-            raise ValueError("activation quantizer observed a non-finite value")
+        _check_finite(batch_max)
         self.ema_max.copy_(batch_max if self.batches == 0 else EMA_DECAY * self.ema_max + (1 - EMA_DECAY) * batch_max)
         self.running_max.copy_(torch.maximum(self.running_max, batch_max))
         self.batches += 1
-        if self.calibrator is not None:
-            self.calibrator.observe(x)
 
     def bound(self) -> float:
         """The bound the calibrator chooses from what was observed."""

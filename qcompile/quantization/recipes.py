@@ -145,14 +145,15 @@ def parse_override_value(pattern: str, value: object, source: str) -> Override:
     return Override(pattern, precision, source, calibrator)
 
 
-def parse_set(items: Iterable[str]) -> list[Override]:
-    """Parse CLI ``--set PATTERN=VALUE`` items."""
+def parse_set(items: Iterable[str], where: str = "set") -> list[Override]:
+    """Parse ``PATTERN=VALUE`` items. ``where`` names where they came from (the CLI passes its flag), as for
+    :func:`parse_calibrator`: each override keeps it as its source, for the errors that name it later."""
     out = []
     for item in items:
         pattern, sep, value = item.partition("=")
         if not sep or not pattern.strip() or not value.strip():
-            raise RecipeError(f"--set {item!r}: expected PATTERN=BITS, e.g. --set 'layer1.*=8'")
-        out.append(parse_override_value(pattern.strip(), value, f"--set {item}"))
+            raise RecipeError(f"{where} {item!r}: expected PATTERN=BITS, e.g. {where} 'layer1.*=8'")
+        out.append(parse_override_value(pattern.strip(), value, f"{where} {item}"))
     return out
 
 

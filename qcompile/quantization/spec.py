@@ -118,6 +118,8 @@ class LayerCost:
     linear: int
     quadratic: int
     memory_bits: int
+    latency_ns: int | None = None
+    """Measured: from a latency profile (:mod:`qcompile.quantization.latency`), when the run has one."""
 
 
 @dataclass

@@ -51,6 +51,8 @@ def build_report(gm: fx.GraphModule, ctx: PassContext, model: str) -> dict[str, 
                 "memory_bits": ann.cost.memory_bits,
             }
         )
+        if ann.cost.latency_ns is not None:
+            layers[-1]["predicted_ms"] = ann.cost.latency_ns / 1e6
         if n.name in bounds:  # the worst-case |int32 accumulator| over every input, and its distance from 2^31
             layers[-1].update(accumulator_bound=bounds[n.name].bound,
                               int32_headroom_bits=round(bounds[n.name].headroom_bits, 2))
@@ -89,25 +91,41 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console(width=None if Console().is_terminal else 140)
     table = Table(title=Text(f"{report['model']} · recipe {report['recipe']} · width {report['width']}",
                              style="table.title"))
-    for col in ("layer", "op", "MACs", "w/a bits", "act", "linear", "quadratic", "memory"):
+    measured = report.get("measured")
+    ms = {m["name"]: m["ms"] for m in measured["layers"]} if measured else {}
+    predicted = "predicted_latency_ms" in report["total"]
+    extra = (["predicted ms"] if predicted else []) + (["measured ms"] if measured else [])
+    for col in ("layer", "op", "MACs", "w/a bits", "act", "linear", "quadratic", "memory", *extra):
         table.add_column(col, justify="left" if col in ("layer", "op", "act") else "right")
     for layer in report["layers"]:
         sign = "-" if layer["a_signed"] is None else ("signed" if layer["a_signed"] else "unsigned")
         bits = "bf16" if layer["w_bits"] == 16 else f"{layer['w_bits']}/{layer['a_bits']}"
+        times = ([f"{layer['predicted_ms']:.3f}"] if predicted else []) + (
+            [f"{ms[layer['name']]:.3f}" if layer["name"] in ms else ""] if measured else [])
         _add_row(
             table, layer["name"], layer["op"], _si(layer["macs"]), bits, sign,
-            _si(layer["linear"]), _si(layer["quadratic"]), _si(layer["memory_bits"] / 8) + "B",
+            _si(layer["linear"]), _si(layer["quadratic"]), _si(layer["memory_bits"] / 8) + "B", *times,
         )
     t = report["total"]
+    blank = [""] * len(extra)
     table.add_section()
+    totals = ([f"{t['predicted_latency_ms']:.3f}"] if predicted else []) + (
+        [f"{sum(ms.values()):.3f}"] if measured else [])
     _add_row(table, "total", "", _si(t["macs"]), "", "", _si(t["linear"]), _si(t["quadratic"]),
-             _si(t["memory_bits"] / 8) + "B")
+             _si(t["memory_bits"] / 8) + "B", *totals)
     _add_row(table, "vs bf16", "", "", "", "", f"{t['linear_vs_bf16']:.4f}", f"{t['quadratic_vs_bf16']:.4f}",
-             f"{t['memory_vs_bf16']:.4f}")
+             f"{t['memory_vs_bf16']:.4f}", *([f"{t['latency_vs_float']:.4f}"] if predicted else []),
+             *([""] if measured else []))
     if report["width"] != 1.0:
         _add_row(table, "vs bf16 width 1", "", "", "", "", f"{t['linear_vs_bf16_width1']:.4f}",
-                 f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}")
+                 f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}", *blank)
     console.print(table)
+    if measured:
+        runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms "
+                         f"(ratio {r['ratio']:.3f})" for b, r in measured["batches"].items())
+        _say(console, f"measured ({measured['backend']}, {measured['runtime']}, {measured['threads']} threads, "
+                      f"median of {measured['rounds']} interleaved rounds): {runs}; per layer at batch "
+                      f"{measured['layers_batch']} (kernel time)")
     _say(console, f"params {t['params']:,} · MACs per batch {t['macs']:,}")
     acc = report.get("accuracy")
     if acc:

@@ -15,15 +15,17 @@ from fractions import Fraction
 
 import numpy as np
 
-from qcompile.errors import QCompileError, RecipeError
+from qcompile.errors import BudgetError, QCompileError, RecipeError
 from qcompile.quantization.spec import Precision
 
-BUDGET_KINDS = {"linear": "linear", "quadratic": "quadratic", "memory": "memory_bits"}  # kind → LayerCost field
+BUDGET_KINDS = {"linear": "linear", "quadratic": "quadratic", "memory": "memory_bits",  # kind → LayerCost field
+                "latency": "latency_ns"}  # measured: needs a latency profile
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A cost budget as a fraction of the bf16 model's cost: ``linear=0.30``."""
+    """A cost budget as a fraction of the bf16 model's cost: ``linear=0.30`` (``latency=0.7``: of the float
+    model's latency in a measured profile)."""
 
     kind: str
     ratio: Fraction
@@ -37,18 +39,17 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """``KIND=RATIO`` with KIND linear, quadratic or memory and RATIO in (0, 1]."""
+    """``KIND=RATIO`` with KIND linear, quadratic, memory or latency and RATIO in (0, 1]."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     if not sep or kind not in BUDGET_KINDS:
-        raise RecipeError(f"--budget {text!r}: expected KIND=RATIO with KIND one of {', '.join(BUDGET_KINDS)}, "
-                          "e.g. --budget linear=0.30")
+        raise BudgetError(text, f"expected KIND=RATIO with KIND one of {', '.join(BUDGET_KINDS)}, e.g. linear=0.30")
     try:
         ratio = Fraction(value.strip())
     except (ValueError, ZeroDivisionError):
-        raise RecipeError(f"--budget {text!r}: {value.strip()!r} is not a number") from None
+        raise BudgetError(text, f"{value.strip()!r} is not a number") from None
     if not 0 < ratio <= 1:
-        raise RecipeError(f"--budget {text!r}: the ratio to the bf16 cost must be in (0, 1]")
+        raise BudgetError(text, "the ratio to the bf16 cost must be in (0, 1]")
     return Budget(kind, ratio)
 
 

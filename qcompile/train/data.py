@@ -64,7 +64,8 @@ class DeviceData:
             raise DataError(f"batch size {batch_size} does not split over {world} processes")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         if len(self) < batch_size:
-            raise DataError(f"{len(self)} training images cannot fill one batch of {batch_size}; lower --batch-size")
+            raise DataError.with_parameters(f"{len(self)} training images cannot fill one batch of {batch_size}; "
+                                            "lower {batch_size}")
         local = batch_size // world
         for step in range(self.steps_per_epoch(batch_size)):
             idx = order[step * batch_size:(step + 1) * batch_size]

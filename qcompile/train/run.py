@@ -85,8 +85,8 @@ def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistC
     assert ctx.cost is not None
     row: dict[str, Any] = {
         "width": ctx.width, "recipe": spec.recipe.name, "params": ctx.cost.params, "macs": ctx.cost.macs,
-        "linear_cost": ctx.cost.linear_vs_bf16_width1, "quadratic_cost": ctx.cost.quadratic_vs_bf16_width1,
-        "memory_cost": ctx.cost.memory_vs_bf16_width1,
+        "linear_cost": ctx.cost.vs_bf16("linear", width1=True), "quadratic_cost": ctx.cost.vs_bf16("quadratic", width1=True),
+        "memory_cost": ctx.cost.vs_bf16("memory", width1=True),
         "float_top1": float_top1, "int_top1": None, "top1": float_top1,
         "train_loss": train_loss, "eval_loss": eval_loss, "generalization_gap": eval_loss - train_loss,
         "train_top1": train_top1, **training_settings(cfg), "train_images": len(splits.train),

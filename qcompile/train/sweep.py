@@ -51,7 +51,8 @@ def finished(out: Path, pair: Pair, expected: dict[str, Any]) -> dict[str, Any] 
     row = json.loads(f.read_text())
     differs = [f"{k} {row.get(k)} (now {v})" for k, v in expected.items() if row.get(k) != v]
     if differs:
-        raise QCompileError(f"{f} was trained with other settings: {', '.join(differs)}; use another --out")
+        raise QCompileError.with_parameters(f"{f} was trained with other settings: {', '.join(differs)}; "
+                                            "use another {out}")
     return row
 
 

@@ -109,7 +109,7 @@ def test_weights_key_picks_the_ema_weights(tmp_path):
     assert_loaded(model, live)
     load_weights(model, tmp_path / "w.pt", key="model_ema")
     assert_loaded(model, ema)
-    with pytest.raises(CheckpointError, match=r"no entry 'ema' \(--weights-key; found: state_dict, model_ema, epoch"):
+    with pytest.raises(CheckpointError, match=r"no entry 'ema' \(weights_key; found: state_dict, model_ema, epoch"):
         load_weights(model, tmp_path / "w.pt", key="ema")
 
 
@@ -145,7 +145,7 @@ def test_mismatch_is_one_line_naming_the_keys(edit, fragments, tmp_path):
         ({"state_dict": {"head.bias": torch.zeros(5), "head.note": "ok"}},
          "entry 'head.note' of its state dict is a str"),
         ({"model_ema": {"head.bias": torch.zeros(5)}, "epoch": 3},
-         "its keys: model_ema, epoch (pick one with --weights-key)"),
+         "its keys: model_ema, epoch (pick one with weights_key)"),
         ([torch.zeros(3)], "not a state dict"),
     ],
     ids=["non_tensor_value", "only_ema", "list"],

@@ -29,7 +29,8 @@ def cache(tmp_path, monkeypatch):
 def search(model, data, budget, overrides=(), metric="kl", adaquant_iterations=0, adaquant_scope="layer"):
     passes = [AssignPrecision(), AnnotateCost(),
               MixedPrecision(parse_budget(budget), metric=metric, adaquant_iterations=adaquant_iterations,
-                             adaquant_scope=adaquant_scope)]
+                             adaquant_scope=adaquant_scope),
+              AssignPrecision(), AnnotateCost()]  # the pass decides the plan; these two apply it
     with torch.no_grad():
         return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe("auto"), calibration_data=data,
                                     overrides=parse_set(overrides))

@@ -32,10 +32,10 @@ def test_resnet50_macs_at_batch_256():
 
 
 def test_resnet50_ratios(r50):
-    assert r50["int8"].linear_vs_bf16 == 0.5
-    assert r50["int4"].linear_vs_bf16 == 0.25
-    assert r50["int4"].quadratic_vs_bf16 == 0.0625
-    assert r50["int8"].quadratic_vs_bf16 == 0.25
+    assert r50["int8"].vs_bf16("linear") == 0.5
+    assert r50["int4"].vs_bf16("linear") == 0.25
+    assert r50["int4"].vs_bf16("quadratic") == 0.0625
+    assert r50["int8"].vs_bf16("quadratic") == 0.25
     for recipe, bits in (("bf16", 16), ("int8", 8), ("int4", 4)):
         assert r50[recipe].memory_bits == r50[recipe].params * bits
 
@@ -66,8 +66,8 @@ def test_resnet18_mostly4bit_by_hand():
     c = costs(resnet18(), (1, 3, 224, 224), "mostly4bit", "meta")
     assert c.macs == total == 1_814_073_344
     assert c.params == params
-    assert c.linear_vs_bf16 == pytest.approx((8 * eight + 4 * four) / (16 * total), rel=1e-15)
-    assert c.quadratic_vs_bf16 == pytest.approx((64 * eight + 16 * four) / (256 * total), rel=1e-15)
+    assert c.vs_bf16("linear") == pytest.approx((8 * eight + 4 * four) / (16 * total), rel=1e-15)
+    assert c.vs_bf16("quadratic") == pytest.approx((64 * eight + 16 * four) / (256 * total), rel=1e-15)
     assert c.memory_bits == 8 * (weights[0] + 512 * 1000) + 4 * (params - weights[0] - 512 * 1000)
 
 

@@ -1,0 +1,93 @@
+"""Measured latency of ONNX models in onnxruntime on this machine: end to end and per IR op.
+
+End to end, models are timed in interleaved rounds (each model runs once per round, in turn), so the machine's
+noise hits all of them alike, and a ratio is the median of the per-round ratios. Sessions do not spin their
+worker threads between runs: the spinning threads of the sessions not being timed would take the cores from the
+one that is.
+
+Per op, onnxruntime's own profiler times every kernel of its optimized graph. The exporter names each ONNX node
+``<IR op output>/<ONNX op>``, and onnxruntime keeps that name as the prefix of the node it fuses a group into
+(``QLinearConv`` from DQ → Conv → Q keeps the Conv's name), so every kernel maps back to the IR op it came from;
+nodes onnxruntime inserts itself (layout transposes) map to no op.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import numpy as np
+
+from qcompile.backends.onnx import run, session
+
+NODE_SEPARATOR = "/"
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+                             "QLinearAdd", "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool",
+                             "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid"})
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel of onnxruntime's optimized graph: its node, operator, the IR op it runs, median ms per run."""
+
+    node: str
+    op_type: str
+    ir_op: str | None
+    ms: float
+
+    @property
+    def integer(self) -> bool:
+        return self.op_type in INTEGER_KERNELS
+
+
+def ir_op_of(node: str) -> str | None:
+    """The IR op an onnxruntime node came from, by the exporter's naming (``None`` for a node it inserted)."""
+    head, sep, _ = node.rpartition(NODE_SEPARATOR)
+    return head if sep else None
+
+
+def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, threads: int,
+                        warmup: int = 3) -> dict[str, list[float]]:
+    """Per model (a ModelProto or a path), its latency in ms in each of ``rounds`` interleaved rounds."""
+    sessions = {key: session(model, threads=threads, spin=False) for key, model in models.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            run(sess, [x])
+    samples: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            run(sess, [x])
+            samples[key].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of ``a / b``: robust to a round that the machine slowed for both."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, warmup: int = 3) -> list[KernelTime]:
+    """Every kernel onnxruntime ran for ``model`` on ``x``, with its median time per run over ``runs`` runs."""
+    with TemporaryDirectory() as tmp:
+        sess = session(model, threads=threads, spin=False, profile_prefix=str(Path(tmp) / "profile"))
+        for _ in range(warmup + runs):
+            run(sess, [x])
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    starts = [e["ts"] for e in events if e.get("name") == "model_run"]
+    first = starts[warmup] if len(starts) > warmup else 0
+    durations: dict[str, list[float]] = defaultdict(list)
+    op_types: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            node = e["name"].removesuffix("_kernel_time")
+            durations[node].append(e["dur"] / 1e3)
+            op_types[node] = e["args"]["op_name"]
+    return [KernelTime(node, op_types[node], ir_op_of(node), statistics.median(times))
+            for node, times in durations.items()]

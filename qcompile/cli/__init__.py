@@ -1,0 +1,52 @@
+"""The ``qcompile`` command line: ``qcompile MODEL.py`` compiles (:mod:`qcompile.cli.compile`, its artifacts
+built and verified by :mod:`qcompile.cli.artifacts`), ``qcompile train|sweep MODEL.py`` trains
+(:mod:`qcompile.cli.train`), ``qcompile profile MODEL.py`` measures a latency profile
+(:mod:`qcompile.cli.profile`); every flag is defined and checked in :mod:`qcompile.cli.arguments`. A user error is
+one line naming the flag to fix, and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from qcompile.cli.arguments import build_parser, in_flags
+from qcompile.cli.compile import compile_model, resolve_data
+from qcompile.errors import QCompileError
+
+__all__ = ["build_parser", "main", "resolve_data"]  # the parser and data resolution serve the benchmarks too
+
+
+def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
+    text = str(message).strip()
+    print(f"qcompile: warning: {text.splitlines()[0] if text else type(message).__name__}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qcompile`` console script; user errors are one line and exit status 2, warnings
+    (a cache entry recomputed, a degenerate range) one line each."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        if argv and argv[0] in ("train", "sweep"):  # subcommands; anything else is a model file
+            from qcompile.cli.train import run_subcommand
+
+            return run_subcommand(argv)
+        if argv and argv[0] == "profile":
+            from qcompile.cli.profile import profile_model
+
+            return profile_model(argv[1:])
+        return compile_model(build_parser().parse_args(argv))
+    except QCompileError as exc:
+        print(f"qcompile: error: {in_flags(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head`: not an error of the compile
+        sys.stderr.close()
+        return 0

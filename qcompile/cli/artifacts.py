@@ -1,0 +1,144 @@
+"""The integer IR and the backends' artifacts of one run, each verified against the integer reference under
+one tolerance policy (:func:`within_tolerance`); a run that fails verification is kept beside ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from qcompile.artifacts import failed_path, file_digests, keep_failed, write_json
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import IRGraph
+from qcompile.ir.serialize import save as save_ir
+from qcompile.reporting.evaluate import take_images
+from qcompile.reporting.verify import verify_reference
+
+BatchList = list[tuple[torch.Tensor, torch.Tensor]]
+ReferencePairs = list[tuple[np.ndarray, np.ndarray]]  # (inputs, reference logits) per batch
+
+
+class VerificationFailed(QCompileError):
+    """A backend's artifact disagrees with the integer reference. The run is not swapped into --out: it is kept
+    beside it (``keep_failed``) with its report, for the diff to be read and the artifact to be run."""
+
+
+def within_tolerance(result: dict[str, Any]) -> bool:
+    """An artifact agrees with the reference: >= 99.9% identical final integers, max 1 LSB, top-1 >= 99.9%."""
+    return result["identical_fraction"] >= 0.999 and result["max_lsb_diff"] <= 1 and result["top1_agreement"] >= 0.999
+
+
+def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
+                         pairs: ReferencePairs) -> None:
+    """model.onnx (serving) and model.compact.onnx, each checked against the reference in onnxruntime."""
+    wanted = args.backends or ["onnx"]
+    if "onnx" not in wanted:
+        return
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        if args.backends:
+            raise QCompileError("--backend onnx needs the onnx extra: pip install 'qcompile[onnx]'")
+        report["warnings"].append("ONNX artifacts skipped: the onnx extra is not installed (pip install 'qcompile[onnx]')")
+        return
+    if ir.metadata.get("requantize") == "dyadic":
+        report["warnings"].append("ONNX artifacts skipped: dyadic requantization has no ONNX QDQ form")
+        return
+    from qcompile.backends import onnx as qonnx
+
+    for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
+        model = qonnx.to_onnx(ir, flavour)
+        path = qonnx.save(model, out / name)
+        report.setdefault("artifacts", {})[f"onnx_{flavour}"] = str(path)
+        if not pairs:
+            continue
+        result = qonnx.compare_with_reference(ir, model, pairs)
+        report.setdefault("verification", {}).setdefault("onnx_vs_reference", {})[flavour] = result
+        if within_tolerance(result):
+            continue
+        rows = qonnx.layer_diff(ir, model, pairs[0][0])
+        first = next((r for r in rows if r["max_lsb_diff"] > 0), None)
+        result["layers"] = rows
+        where = (f"; first differing tensor {first['name']} ({first['identical_fraction']:.5f} identical, "
+                 f"max {first['max_lsb_diff']} LSB)" if first else "")
+        raise VerificationFailed(
+            f"onnxruntime ({flavour}) disagrees with the integer reference: identical "
+            f"{result['identical_fraction']:.5f}, max {result['max_lsb_diff']} LSB, top-1 agreement "
+            f"{result['top1_agreement']:.4f}{where}; per-layer diff in report.json")
+
+
+def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
+                        pairs: ReferencePairs) -> None:
+    """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.backends.tvm.runtime and checked against the
+    reference."""
+    if "tvm" not in (args.backends or []):
+        return
+    if importlib.util.find_spec("tvm") is None:
+        raise QCompileError("--backend tvm needs the tvm extra: pip install 'qcompile[tvm]'")
+    from qcompile.backends.tvm import runtime
+    from qcompile.backends.tvm.build import build
+    from qcompile.backends.tvm.targets import get_target
+    from qcompile.ir.agreement import compare_backend
+
+    for name in dict.fromkeys(args.targets or ["cpu"]):
+        artifact = build(ir, name, out, batch=args.tvm_batch)
+        report.setdefault("artifacts", {})[f"tvm_{name}"] = str(artifact.path)
+        spec = get_target(name)
+        if spec.is_cuda:
+            continue
+        if not spec.host_can_run():
+            report["warnings"].append(f"TVM {name} artifact not verified: this CPU lacks {', '.join(spec.cpu_flags)}")
+            continue
+        if not pairs:
+            continue
+        model = runtime.load(artifact.path)
+        result = compare_backend(ir, lambda x: model(x)[0], pairs)
+        report.setdefault("verification", {})[f"tvm_{name.replace('-', '_')}_vs_reference"] = result
+        if not within_tolerance(result):
+            raise VerificationFailed(
+                f"TVM ({name}) disagrees with the integer reference: identical {result['identical_fraction']:.5f}, "
+                f"max {result['max_lsb_diff']} LSB, top-1 agreement {result['top1_agreement']:.4f}")
+
+
+def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IRGraph, out: Path,
+                            report: dict[str, Any], checked: BatchList) -> None:
+    """OUT/ir and the backends' artifacts, written under ``out`` (the run's staging folder) and each verified on
+    the first ``--verify-size`` images."""
+    ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])
+    report["artifacts"] = {"ir": str(save_ir(ir, out / "ir"))}
+    # the reference interpreter runs once: the fake-quant comparison keeps its logits for the backends
+    verification = (verify_reference(gm, ir, take_images(checked, args.verify_size))
+                    if args.verify_size and checked else None)
+    pairs = verification.reference_outputs if verification is not None else []
+    build_onnx_artifacts(args, ir, out, report, pairs)
+    build_tvm_artifacts(args, ir, out, report, pairs)
+    if verification is None:
+        return
+    summary = verification.summary()
+    report.setdefault("verification", {})["reference_vs_fakequant"] = summary
+    if not within_tolerance(summary):
+        report["warnings"].append(
+            f"integer reference disagrees with the fake-quant model: top-1 agreement "
+            f"{summary['top1_agreement']:.4f}, identical {summary['identical_fraction']:.5f}, "
+            f"max difference {summary['max_lsb_diff']} LSB")
+
+
+def seal_report(report: dict[str, Any], staging: Path, out: Path) -> dict[str, Any]:
+    """The report as it reads once the run is in ``out``: artifact paths under ``out``, not under the staging
+    folder they were written to, and the size and sha256 of every file of the run, so that a folder can be
+    checked to hold exactly the run its report describes."""
+    sealed = dict(report, files=file_digests(staging))
+    if "artifacts" in report:
+        sealed["artifacts"] = {k: str(out / Path(v).relative_to(staging)) for k, v in report["artifacts"].items()}
+    return sealed
+
+
+def keep_failed_run(exc: VerificationFailed, report: dict[str, Any], staging: Path, out: Path) -> QCompileError:
+    """Move a run whose artifact failed verification beside --out, its report written; the error to raise."""
+    kept = failed_path(out.resolve())
+    write_json(staging / "report.json", seal_report(report, staging, kept))
+    keep_failed(staging, out)
+    return QCompileError(f"{exc}; run kept in {kept} (--out {out} unchanged)")

@@ -1,0 +1,87 @@
+"""``qcompile profile MODEL.py --out PROFILE.json``: measure the latency profile the measured cost model reads.
+
+The model is lowered in float and at each candidate precision uniformly (every layer ``w{b}a{b}``), each IR
+exported as the serving ONNX model and profiled by onnxruntime (kernel times mapped back to layers, as
+``--measure`` does); every layer's time is filed under its shape and precision. The same shape measured at
+several layers gets their median. Latency does not depend on the weights' values, so calibration uses random
+inputs of the example's shape. The end-to-end latencies of the uniform models (interleaved rounds) are stored
+beside, to show how well the per-layer sum predicts the whole.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from qcompile.artifacts import atomic_path
+from qcompile.cli.arguments import build_profile_parser, check_profile_args, parse_widths
+from qcompile.frontend.graph import compute_nodes, module_of
+from qcompile.frontend.model_file import load_model_file, parse_model_args
+from qcompile.ir.layers import INPUT
+from qcompile.pipeline import Pipeline
+from qcompile.pipelines import lowering_passes
+from qcompile.quantization.latency import FLOAT, LatencyProfile, layer_key, precision_key
+from qcompile.quantization.ptq import parse_bits
+from qcompile.quantization.recipes import Override, get_recipe
+from qcompile.quantization.spec import BF16, Precision
+from qcompile.reporting.measured import RUNTIME_INSERTED, machine, per_layer
+
+
+def profile_model(argv: list[str]) -> int:
+    """Run ``qcompile profile`` (``argv`` after the subcommand)."""
+    args = build_profile_parser().parse_args(argv)
+    check_profile_args(args)
+    precisions = [BF16, *(Precision(b, b) for b in parse_bits(args.bits))]
+    widths = parse_widths(args.widths)
+    from qcompile.backends import onnx as qonnx
+    from qcompile.backends.onnx_measure import interleaved_latency, kernel_times
+
+    mf = load_model_file(args.model)
+    model = mf.build(**parse_model_args(args.model_args)).eval()
+    inputs = mf.example_input()
+    x = np.random.default_rng(0).standard_normal((args.batch, *inputs[0].shape[1:]), dtype=np.float32)
+    calib = [(torch.randn(8, *inputs[0].shape[1:]), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    profile = LatencyProfile()
+    overhead: dict[str, list[float]] = defaultdict(list)
+    whole: dict[str, dict[str, list[float]]] = {}
+    for width in widths:
+        models = {}
+        for p in precisions:
+            recipe = get_recipe("bf16" if p.is_float else "int8")
+            overrides = [] if p.is_float else [Override("*", p, "qcompile profile")]
+            with torch.no_grad():
+                result = Pipeline(lowering_passes(width=width)).run(
+                    model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,
+                    width=width, calibration_data=calib)
+            gm, ir = result.graph_module, result.context.ir
+            assert ir is not None
+            keys = {str(n.target): layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
+            models[precision_key(p)] = serving = qonnx.to_onnx(ir, "serving")
+            by_key: dict[str, list[float]] = defaultdict(list)
+            for row in per_layer(ir, kernel_times(serving, x, args.rounds, args.threads)):
+                if row["name"] in (INPUT, RUNTIME_INSERTED):
+                    overhead[FLOAT if p.is_float else "quantized"].append(row["ms"])
+                else:
+                    by_key[keys[row["name"]]].append(row["ms"])
+            for key, samples in by_key.items():
+                profile.add(key, precision_key(p), samples)
+        timed = interleaved_latency(models, x, args.rounds, args.threads)
+        whole[f"{width:g}"] = {k: round(float(np.median(v)), 4) for k, v in timed.items()}
+    profile.overhead = {k: round(float(np.median(v)), 6) for k, v in overhead.items()}
+    import onnxruntime
+
+    profile.meta = {"model": str(args.model), "backend": "onnx (serving)",
+                    "runtime": f"onnxruntime {onnxruntime.__version__}", "machine": machine(),
+                    "python": platform.python_version(), "threads": args.threads, "batch": args.batch,
+                    "rounds": args.rounds, "precisions": [precision_key(p) for p in precisions],
+                    "widths": widths, "end_to_end_ms": whole}
+    with atomic_path(args.out) as tmp:
+        profile.save(tmp)
+    print(f"wrote {args.out}: {len(profile.entries)} layer shapes x {len(precisions)} precisions; end to end (ms, "
+          f"batch {args.batch}): " + "; ".join(f"width {w}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items())
+                                              for w, r in whole.items()))
+    return 0
+

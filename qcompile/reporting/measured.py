@@ -1,0 +1,71 @@
+"""``report["measured"]``: the artifact's latency on this machine beside the float model's, and per layer.
+
+The figures come from a backend's timer and profiler (end-to-end samples from interleaved rounds, and the
+kernels it ran mapped to IR ops); this module only turns them into the report's shape, per layer as
+:mod:`qcompile.ir.layers` groups ops, so the per-layer table can show the measured time beside the cost model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from qcompile.ir.graph import IRGraph
+from qcompile.ir.layers import INPUT, LAYER_KINDS, op_layers
+
+RUNTIME_INSERTED = "(runtime)"
+
+
+class Kernel(Protocol):
+    """What a backend's profiler reports per kernel."""
+
+    op_type: str
+    ir_op: str | None
+    ms: float
+    integer: bool
+
+
+def machine() -> str:
+    """The CPU and core count the figures were taken on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def end_to_end(samples: Mapping[int, tuple[list[float], list[float]]]) -> dict[str, dict[str, float]]:
+    """Per batch size, (artifact, float) latencies of interleaved rounds → medians and the median ratio."""
+    out = {}
+    for batch, (artifact, float_) in samples.items():
+        out[str(batch)] = {"artifact_ms": round(statistics.median(artifact), 4),
+                           "float_ms": round(statistics.median(float_), 4),
+                           "ratio": round(statistics.median(a / f for a, f in zip(artifact, float_)), 4)}
+    return out
+
+
+def per_layer(ir: IRGraph, kernels: Iterable[Kernel]) -> list[dict[str, Any]]:
+    """The kernels' time summed per layer (in IR order), with the kernels that ran for it: the layer's own
+    conv/dense kernel first, so a float fallback (``Conv`` instead of ``QLinearConv``) is visible."""
+    owner = op_layers(ir)
+    kinds = {op.output: op.kind for op in ir.ops}
+    ms: dict[str, float] = defaultdict(float)
+    ran: dict[str, list[str]] = defaultdict(list)
+    integer: dict[str, bool] = {}
+    for k in kernels:
+        layer = owner.get(k.ir_op, RUNTIME_INSERTED) if k.ir_op is not None else RUNTIME_INSERTED
+        ms[layer] += k.ms
+        if k.ir_op is not None and kinds.get(k.ir_op) in LAYER_KINDS:
+            ran[layer].insert(0, k.op_type)
+            integer[layer] = k.integer
+        elif k.op_type not in ran[layer]:
+            ran[layer].append(k.op_type)
+    order = [INPUT, *dict.fromkeys(owner.values()), RUNTIME_INSERTED]
+    return [{"name": layer, "ms": round(ms[layer], 4), "kernels": ran[layer], "integer": integer.get(layer)}
+            for layer in dict.fromkeys(order) if layer in ms]
