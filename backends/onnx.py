@@ -37,6 +37,8 @@ from qcompile.ir.types import DType, TensorInfo
 Flavour = Literal["serving", "compact"]
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
+NODE_SEPARATOR = "/"
+"""Nodes are named ``<IR op output>/<ONNX op>__<n>``: a profile of the model maps every kernel back to its IR op."""
 
 
 class OnnxExportError(QCompileError):
@@ -104,6 +106,7 @@ class _Exporter:
             for name in o.inputs:
                 self.readers.setdefault(name, []).append(o)
         self._n = 0
+        self.current = ""  # the IR op being written: every node is named after it
 
     # --- helpers -----------------------------------------------------------------------------------------
     def uid(self, base: str) -> str:
@@ -122,7 +125,8 @@ class _Exporter:
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         output = output or self.uid(op)
-        self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=self.uid(f"n_{op}"), **attrs))
+        name = self.uid(f"{self.current}{NODE_SEPARATOR}{op}")
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=name, **attrs))
         return output
 
     def container(self, t: TensorInfo, weight: bool = False) -> tuple[type, int]:
@@ -166,6 +170,7 @@ class _Exporter:
         helper, TP = self.onnx.helper, self.onnx.TensorProto
         for op in self.ir.ops:
             if op.output not in self.done:
+                self.current = op.output
                 (OPS.lookup(op.kind) or _Exporter.unsupported)(self, op)
         inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]]) for n in self.ir.inputs]
         outputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]])
@@ -519,6 +524,23 @@ def to_onnx(ir: IRGraph, flavour: Flavour = "serving", metadata: dict[str, str] 
     onnx.helper.set_model_props(model, meta)
     onnx.checker.check_model(model)
     return model
+
+
+def remaining_clips(ir: IRGraph, model: Any) -> list[dict[str, str]]:
+    """Every ``Clip`` of an exported model, with the reason onnxruntime needs it: the exporter writes one only
+    where the runtime would otherwise compute other codes than the IR."""
+    clips = []
+    for node in model.graph.node:
+        if node.op_type != "Clip":
+            continue
+        op = node.name.rpartition(NODE_SEPARATOR)[0]
+        t = ir.values[op]
+        kind = next(o.kind for o in ir.ops if o.output == op)
+        why = ("ReLU of signed codes: onnxruntime has no integer ReLU" if kind == "relu" else
+               f"{t.dtype.bits}-bit codes in [{t.qmin}, {t.qmax}] stored in 8 bits: QuantizeLinear saturates only at "
+               "the container's range")
+        clips.append({"tensor": op, "why": why})
+    return clips
 
 
 def save(model: Any, path: str | os.PathLike[str]) -> Path:

@@ -7,26 +7,30 @@ one that is.
 
 Per op, onnxruntime's own profiler times every kernel of its optimized graph. The exporter names each ONNX node
 ``<IR op output>/<ONNX op>``, and onnxruntime keeps that name as the prefix of the node it fuses a group into
-(``QLinearConv`` from DQ → Conv → Q keeps the Conv's name), so every kernel maps back to the IR op it came from;
-nodes onnxruntime inserts itself (layout transposes) map to no op.
+(``QLinearConv`` from DQ → Conv → Q keeps the Conv's name), so every kernel maps back to the IR op it came from.
+Its NCHWc layout pass names a float conv after its output value instead (``<value>_nchwc``), which is an IR op's
+output too. Nodes onnxruntime inserts itself (layout reorders and transposes) map to no op.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
-from qcompile.backends.onnx import run, session
+from qcompile.backends.onnx import NODE_SEPARATOR, run, session
 
-NODE_SEPARATOR = "/"
+COMPUTE_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "QLinearConv",
+                             "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "DynamicQuantizeMatMul"})
 INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
                              "QLinearAdd", "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool",
                              "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid"})
@@ -45,11 +49,22 @@ class KernelTime:
     def integer(self) -> bool:
         return self.op_type in INTEGER_KERNELS
 
+    @property
+    def compute(self) -> bool:
+        """A convolution or matrix product: the kernel a layer is for (the rest are its epilogue)."""
+        return self.op_type in COMPUTE_KERNELS
 
-def ir_op_of(node: str) -> str | None:
-    """The IR op an onnxruntime node came from, by the exporter's naming (``None`` for a node it inserted)."""
+
+_RUNTIME_SUFFIX = re.compile(r"(_nchwc|_token_\d+)+$")
+
+
+def ir_op_of(node: str, ops: Collection[str]) -> str | None:
+    """The IR op (of ``ops``, by output) an onnxruntime node came from (``None`` for a node it inserted)."""
     head, sep, _ = node.rpartition(NODE_SEPARATOR)
-    return head if sep else None
+    if sep:
+        return head
+    value = _RUNTIME_SUFFIX.sub("", node)
+    return value if value in ops else None
 
 
 def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, threads: int,
@@ -73,8 +88,10 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, warmup: int = 3) -> list[KernelTime]:
-    """Every kernel onnxruntime ran for ``model`` on ``x``, with its median time per run over ``runs`` runs."""
+def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, ops: Collection[str],
+                 warmup: int = 3) -> list[KernelTime]:
+    """Every kernel onnxruntime ran for ``model`` (exported from an IR whose op outputs are ``ops``) on ``x``, with
+    its median time per run over ``runs`` runs."""
     with TemporaryDirectory() as tmp:
         sess = session(model, threads=threads, spin=False, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(warmup + runs):
@@ -89,5 +106,5 @@ def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, warmup: int
             node = e["name"].removesuffix("_kernel_time")
             durations[node].append(e["dur"] / 1e3)
             op_types[node] = e["args"]["op_name"]
-    return [KernelTime(node, op_types[node], ir_op_of(node), statistics.median(times))
+    return [KernelTime(node, op_types[node], ir_op_of(node, ops), statistics.median(times))
             for node, times in durations.items()]

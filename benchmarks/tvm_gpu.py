@@ -13,7 +13,7 @@ Two steps, because the GPU machine has neither TVM's compiler nor nvcc nor netwo
    images, to check the artifacts' outputs on the GPU.
 2. on the GPU machine, with a runtime-only copy of the ``tvm`` package (the installed one without
    ``lib/libtvm_compiler.so`` and ``3rdparty/``) and the matching ``apache-tvm-ffi`` wheel on ``PYTHONPATH``
-   (see README, "TVM artifacts")::
+   (see docs/backends.md, "TVM")::
 
        TVM_USE_RUNTIME_LIB=1 python benchmarks/tvm_gpu.py run --out bench-gpu --target sm90 [--profile]
 

@@ -12,7 +12,7 @@ Block scope (``scope="block"``) optimises the layers of each ``graph.regions`` b
 the head) together, matching the block's output, for a residual block the float network's sum. The block is
 run from its captured input by interpreting its nodes, with each layer replaced by its trainable view. On the
 ResNet-20 checkpoint this was level with layer scope except at linear=0.30 (+0.18 points on the mean of three
-calibration draws; README).
+calibration draws; docs/results.md).
 """
 
 from __future__ import annotations

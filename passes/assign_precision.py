@@ -23,10 +23,11 @@ def weight_spec(precision: Precision) -> QuantSpec:
 
 
 def activation_spec(precision: Precision, signed: bool, calibrator: Calibrator) -> QuantSpec:
-    """Per-tensor activations (an integer kernel cannot rescale per input channel after accumulating)."""
+    """Per-tensor activations (an integer kernel cannot rescale per input channel after accumulating), signed
+    ones over the full code range."""
     if precision.is_float:
         return QuantSpec.bf16()
-    return QuantSpec(precision.a_bits, signed, Granularity.PER_TENSOR, calibrator)
+    return QuantSpec(precision.a_bits, signed, Granularity.PER_TENSOR, calibrator, symmetric=False)
 
 
 class AssignPrecision(Pass):

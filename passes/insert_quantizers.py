@@ -133,7 +133,7 @@ def _quantized_layer(gm: fx.GraphModule, node: object) -> fx.Node | None:
 
 def _activation_spec(bits: int, signed: bool, ctx: PassContext) -> QuantSpec:
     """A per-tensor activation quantizer at ``bits`` with the recipe's calibrator."""
-    return QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe))
+    return QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe), symmetric=False)
 
 
 class InsertQuantizers(Pass):

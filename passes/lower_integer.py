@@ -112,7 +112,8 @@ class _Lowerer:
         out = f"{v.name}__relu"
         if out not in self.g.values:
             t = self.info(v.name)
-            self.g.add_op("relu", [v.name], out, TensorInfo(t.dtype, t.shape, t.scale, t.axis), self.src(node))
+            self.g.add_op("relu", [v.name], out, TensorInfo(t.dtype, t.shape, t.scale, t.axis, t.qmin, t.qmax),
+                          self.src(node))
         return out
 
     def as_float(self, node: fx.Node, arg: Any) -> str:

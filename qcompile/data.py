@@ -1,9 +1,12 @@
 """Image data for calibration, evaluation and training: ImageFolder directories and the CIFAR-10 archive.
 
 JPEG decoding is the slow part (about a minute for CIFAR-10), so each split is decoded once with Pillow and
-cached as a uint8 ``.npz`` array keyed by the source's path, size and modification time, and by the size the
-images are resized to (an image that already has it is stored as decoded). Entries are :mod:`qcompile.cache`
-entries: one that is damaged, changed or of another format version is deleted and decoded again.
+cached as a uint8 ``.npz`` array keyed by the source's path, size and modification time. A split whose images
+share one size is cached as decoded and resized to the model's input only where its images are read
+(:class:`ResizedImages`): CIFAR-10 for a 224x224 model is its 180 MB of pixels, not 9 GB of resized ones, and
+taking 512 calibration images resizes 512. A split of mixed sizes is resized as it is decoded and cached per
+target size. Entries are :mod:`qcompile.cache` entries: one that is damaged, changed or of another format
+version is deleted and decoded again.
 """
 
 from __future__ import annotations
@@ -45,15 +48,50 @@ Size = tuple[int, int]  # (height, width)
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 
 
+class ResizedImages:
+    """Images (N, H, W, 3) uint8 resized from same-sized source pixels by :func:`resize_center_crop` when they
+    are read: indexing gives numpy arrays, as indexing the resized array would, at the cost of the images read.
+
+    It stands in for the array of a split loaded at another size than its images', whose resized pixels would
+    otherwise all be held (50,000 CIFAR-10 images at 224x224: 7.5 GB) to calibrate on a few hundred.
+    """
+
+    def __init__(self, source: np.ndarray, size: Size) -> None:
+        _cover(source.shape[2], source.shape[1], size)  # a size the images cannot cover fails now, not when read
+        self.source = source
+        self.size = size
+        self.shape = (len(source), *size, source.shape[3])
+        self.dtype = source.dtype
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        picked = self.source[first]
+        if picked.ndim == 3:
+            return _resize_pixels(picked, self.size)[rest]
+        out = np.empty((len(picked), *self.shape[1:]), self.dtype)
+        for i, pixels in enumerate(picked):
+            out[i] = _resize_pixels(pixels, self.size)
+        return out[(slice(None), *rest)]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """Decoded images (N, H, W, 3) uint8 with integer labels and the class names they index.
 
     ``source_size`` is the (H, W) all source images had before any resizing (None when they differ): it
-    tells CIFAR-sized data from other data when choosing a normalisation.
+    tells CIFAR-sized data from other data when choosing a normalisation. ``images`` is a
+    :class:`ResizedImages` when the split was loaded at another size than its images'.
     """
 
-    images: np.ndarray
+    images: np.ndarray | ResizedImages
     labels: np.ndarray
     classes: tuple[str, ...]
     source_size: Size | None = None
@@ -80,22 +118,36 @@ def resize_center_crop(im: PILImage, size: Size) -> PILImage:
     from PIL import Image
 
     h, w = size
-    short = round(min(h, w) / CROP_FRACTION)
-    if im.width <= im.height:
-        new_w, new_h = short, int(short * im.height / im.width)
-    else:
-        new_w, new_h = int(short * im.width / im.height), short
-    if new_h < h or new_w < w:
-        raise DataError(f"a {im.width}x{im.height} image resized to {new_w}x{new_h} does not cover the model's "
-                        f"{w}x{h} input; resize the images to its aspect ratio")
+    new_w, new_h = _cover(im.width, im.height, size)
     resized = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
     return resized.crop((left, top, left + w, top + h))
 
 
-def _decode(data: bytes, size: Size | None, where: str) -> tuple[np.ndarray, Size]:
-    """RGB pixels, resized to ``size`` when they have another, and the source (H, W); ``where`` names the image
-    in the one-line error a file Pillow cannot decode gets."""
+def _cover(width: int, height: int, size: Size) -> tuple[int, int]:
+    """The (width, height) :func:`resize_center_crop` resizes a ``width`` x ``height`` image to, or the one-line
+    error when that does not cover ``size``."""
+    h, w = size
+    short = round(min(h, w) / CROP_FRACTION)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    if new_h < h or new_w < w:
+        raise DataError(f"a {width}x{height} image resized to {new_w}x{new_h} does not cover the model's "
+                        f"{w}x{h} input; resize the images to its aspect ratio")
+    return new_w, new_h
+
+
+def _resize_pixels(pixels: np.ndarray, size: Size) -> np.ndarray:
+    """:func:`resize_center_crop` of decoded RGB pixels (the image Pillow decoded them from, pixel for pixel)."""
+    from PIL import Image
+
+    return np.asarray(resize_center_crop(Image.fromarray(pixels), size), dtype=np.uint8)
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    """RGB pixels as decoded; ``where`` names the image in the one-line error a file Pillow cannot decode gets."""
     from PIL import Image
 
     try:
@@ -103,21 +155,23 @@ def _decode(data: bytes, size: Size | None, where: str) -> tuple[np.ndarray, Siz
             rgb = im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises all of these
         raise DataError(f"cannot decode image {where}: {cache.first_line(exc)}") from None
-    source = (rgb.height, rgb.width)
-    if size is not None and source != size:
-        rgb = resize_center_crop(rgb, size)
-    return np.asarray(rgb, dtype=np.uint8), source
+    return np.asarray(rgb, dtype=np.uint8)
 
 
-def _stack(decoded: list[tuple[np.ndarray, Size]], labels: list[int], classes: tuple[str, ...], where: str) -> ImageSet:
+def _stack(decoded: list[np.ndarray], labels: list[int], classes: tuple[str, ...], size: Size | None,
+           where: str) -> ImageSet:
+    """The split as decoded when its images share one size (:func:`load_split` resizes it when read), else each
+    image resized to ``size``."""
     if not decoded:
         raise DataError(f"no images found in {where}")
-    shapes = {im.shape for im, _ in decoded}
-    if len(shapes) != 1:
-        raise DataError(f"images in {where} have different sizes {sorted(shapes)[:3]}; resize them to one size")
-    sources = {source for _, source in decoded}
-    source_size = sources.pop() if len(sources) == 1 else None
-    return ImageSet(np.stack([im for im, _ in decoded]), np.asarray(labels, dtype=np.int64), classes, source_size)
+    sources = {im.shape[:2] for im in decoded}
+    source_size = next(iter(sources)) if len(sources) == 1 else None
+    if source_size is None:
+        if size is None:
+            shapes = sorted({im.shape for im in decoded})
+            raise DataError(f"images in {where} have different sizes {shapes[:3]}; resize them to one size")
+        decoded = [im if im.shape[:2] == size else _resize_pixels(im, size) for im in decoded]
+    return ImageSet(np.stack(decoded), np.asarray(labels, dtype=np.int64), classes, source_size)
 
 
 def _open_archive(path: Path) -> tarfile.TarFile:
@@ -136,7 +190,7 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
     """Decode every split of an ImageFolder-layout tar archive (``root/<split>/<class>/<image>``) in one pass."""
     from tqdm import tqdm
 
-    found: dict[str, list[tuple[str, str, tuple[np.ndarray, Size]]]] = {}
+    found: dict[str, list[tuple[str, str, np.ndarray]]] = {}
     try:
         with _open_archive(path) as tar:
             for member in tqdm(tar, desc=f"decode {path.name}", unit="file", disable=None, leave=False):
@@ -146,7 +200,7 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
                 split, cls = parts[-3], parts[-2]
                 fh = tar.extractfile(member)
                 assert fh is not None
-                decoded = _decode(fh.read(), size, f"{path}:{member.name}")
+                decoded = _decode(fh.read(), f"{path}:{member.name}")
                 found.setdefault(split, []).append((cls, member.name, decoded))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # a damaged or truncated archive
         raise DataError(f"cannot read archive {path}: {cache.first_line(exc)}") from None
@@ -155,7 +209,8 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
         items.sort(key=lambda t: t[1])
         classes = tuple(sorted({c for c, _, _ in items}))
         index = {c: i for i, c in enumerate(classes)}
-        out[split] = _stack([im for _, _, im in items], [index[c] for c, _, _ in items], classes, f"{path}:{split}")
+        out[split] = _stack([im for _, _, im in items], [index[c] for c, _, _ in items], classes, size,
+                            f"{path}:{split}")
     return out
 
 
@@ -171,9 +226,9 @@ def _read_folder(root: Path, size: Size | None) -> ImageSet:
     for i, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                decoded.append(_decode(f.read_bytes(), size, str(f)))
+                decoded.append(_decode(f.read_bytes(), str(f)))
                 labels.append(i)
-    return _stack(decoded, labels, classes, str(root))
+    return _stack(decoded, labels, classes, size, str(root))
 
 
 def _cache_file(path: Path, split: str, size: Size | None) -> Path:
@@ -191,9 +246,18 @@ def _cached(path: Path, split: str, size: Size | None) -> ImageSet | None:
 
 
 def _store(path: Path, split: str, size: Size | None, data: ImageSet) -> None:
-    arrays = {"images": data.images, "labels": data.labels, "classes": np.asarray(data.classes),
+    """Cache a split as :func:`_stack` made it: as decoded (keyed without a size) or, of mixed sizes, at ``size``."""
+    arrays = {"images": np.asarray(data.images), "labels": data.labels, "classes": np.asarray(data.classes),
               "source_size": np.asarray(data.source_size or (), dtype=np.int64)}
-    cache.store_arrays(_cache_file(path, split, size), CACHE_KIND, CACHE_VERSION, arrays)
+    cache.store_arrays(_cache_file(path, split, None if data.source_size else size), CACHE_KIND, CACHE_VERSION,
+                       arrays)
+
+
+def _at_size(data: ImageSet, size: Size | None) -> ImageSet:
+    """``data`` with images of ``size``: a split as decoded is resized where it is read."""
+    if size is None or data.images.shape[1:3] == size:
+        return data
+    return ImageSet(ResizedImages(np.asarray(data.images), size), data.labels, data.classes, data.source_size)
 
 
 def _missing_splits(root: Path, split: str) -> str:
@@ -206,9 +270,10 @@ def _missing_splits(root: Path, split: str) -> str:
 def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None) -> ImageSet:
     """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*``.
 
-    With ``size`` (H, W), images of another size go through :func:`resize_center_crop`. A directory without
-    the split is an error rather than a fallback to the directory's own images: calibrating and evaluating on
-    the same images would report an accuracy that means nothing.
+    With ``size`` (H, W), images of another size go through :func:`resize_center_crop` (when they are read, for
+    a split whose images share one size). A directory without the split is an error rather than a fallback to the
+    directory's own images: calibrating and evaluating on the same images would report an accuracy that means
+    nothing.
     """
     p = Path(path)
     if not p.exists():
@@ -216,20 +281,22 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
     where = _split_dir(p, split) if p.is_dir() else None
     if p.is_dir() and where is None:
         raise DataError(_missing_splits(p, split))
-    hit = _cached(p, split, size)
+    hit = _cached(p, split, None)
+    if hit is None and size is not None:
+        hit = _cached(p, split, size)
     if hit is not None:
-        return hit
+        return _at_size(hit, size)
     if where is not None:
         data = _read_folder(where, size)
         _store(p, split, size, data)
-        return data
+        return _at_size(data, size)
     splits = _read_archive(p, size)
     for name, data in splits.items():
         _store(p, name, size, data)
     if split not in splits:
         raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(splits)) or 'none'}; "
                         f"expected {LAYOUT})")
-    return splits[split]
+    return _at_size(splits[split], size)
 
 
 def parse_normalization(text: str) -> Stats:

@@ -121,10 +121,11 @@ def sensitivity_passes(*, fold_bn: bool = True, adaquant_iterations: int = 0, ad
     return passes
 
 
-def qat_prepare_passes(width: float | None = None) -> list[Pass]:
-    """QAT's capture: optional width scaling (re-initialising), precision and cost; BN is kept for training."""
+def qat_prepare_passes(width: float | None = None, profile: LatencyProfile | None = None) -> list[Pass]:
+    """QAT's capture: optional width scaling (re-initialising), precision and cost (with a latency ``profile``,
+    the predicted latency too); BN is kept for training."""
     passes: list[Pass] = [WidthScale(width)] if width is not None else []
-    return passes + [AssignPrecision(), AnnotateCost()]
+    return passes + [AssignPrecision(), AnnotateCost(profile)]
 
 
 def qat_quantizer_passes() -> list[Pass]:

@@ -18,8 +18,8 @@ from qcompile import cache as qcache
 from qcompile import data as data_module
 from qcompile.cli import build_parser, main, resolve_data
 from qcompile.data import (
-    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, default_normalization, iterate_batches, load_split,
-    parse_normalization,
+    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ResizedImages, default_normalization, iterate_batches,
+    load_split, parse_normalization,
 )
 from qcompile.errors import DataError
 from qcompile.frontend.model_file import load_model_file
@@ -64,15 +64,39 @@ def test_resize_matches_pillow_resize_and_centre_crop(width, height, resized, bo
     np.testing.assert_array_equal(train.images[0], expected)
 
 
-def test_cache_is_keyed_by_the_target_size(tmp_path, cache):
+def test_a_split_of_one_size_is_cached_once_and_resized_where_it_is_read(tmp_path, cache, monkeypatch):
     root = image_folder(tmp_path / "imgs")
     assert load_split(root, "train", (32, 32)).images.shape[1:3] == (32, 32)
     assert load_split(root, "train", (24, 24)).images.shape[1:3] == (24, 24)
     assert load_split(root, "train").images.shape[1:3] == (40, 50)
-    assert sorted(p.name.split("-", 2)[2] for p in cache.iterdir()) == ["train-24x24.npz", "train-32x32.npz",
-                                                                       "train.npz"]
+    assert sorted(p.name.split("-", 2)[2] for p in cache.iterdir()) == ["train.npz"]  # the pixels as decoded
     again = load_split(root, "train", (32, 32))
-    assert again.images.shape[1:3] == (32, 32) and again.source_size == (40, 50)
+    assert isinstance(again.images, ResizedImages) and again.source_size == (40, 50)
+    resized = []
+    monkeypatch.setattr(data_module, "_resize_pixels", lambda px, size: resized.append(px) or
+                        np.zeros((*size, 3), np.uint8))
+    assert again.subset(1).images.shape == (1, 32, 32, 3) and len(resized) == 1  # only the images taken
+
+
+def test_resized_images_index_as_the_resized_array_would(tmp_path):
+    lazy = load_split(image_folder(tmp_path / "imgs"), "train", (32, 32)).images
+    eager = np.asarray(lazy)
+    assert eager.shape == lazy.shape == (4, 32, 32, 3) and eager.dtype == lazy.dtype == np.uint8
+    for key in (2, -1, slice(1, 3), np.array([3, 0]), (1, 5), (np.array([0, 2]), 0, slice(None), 1)):
+        np.testing.assert_array_equal(lazy[key], eager[key])
+    assert lazy[np.array([], dtype=np.int64)].shape == (0, 32, 32, 3)
+
+
+def test_a_split_of_mixed_sizes_is_resized_as_decoded_and_cached_per_size(tmp_path, cache):
+    root = image_folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((60, 44, 3), np.uint8)).save(root / "train" / "dog" / "2.png")
+    for size in ((32, 32), (24, 24)):
+        data = load_split(root, "train", size)
+        assert isinstance(data.images, np.ndarray) and data.images.shape == (5, *size, 3)
+        assert data.source_size is None
+    assert sorted(p.name.split("-", 2)[2] for p in cache.iterdir()) == ["train-24x24.npz", "train-32x32.npz"]
+    with pytest.raises(DataError, match="have different sizes"):
+        load_split(root, "train")
 
 
 def test_a_crop_the_resized_image_cannot_cover_is_refused(tmp_path):
@@ -221,7 +245,7 @@ TAMPER = {
 def test_an_unusable_cache_entry_is_decoded_again_with_a_warning(source, tamper, tmp_path, cache):
     src = image_archive(tmp_path) if source == "archive" else image_folder(tmp_path / "imgs", 32, 32)
     fresh = load_split(src, "test", (32, 32))
-    (entry,) = cache.glob("*-test-32x32.npz")
+    (entry,) = cache.glob("*-test.npz")
     TAMPER[tamper](entry)
     with pytest.warns(qcache.CacheWarning) as record:
         again = load_split(src, "test", (32, 32))

@@ -187,6 +187,8 @@ def build_train_parser(command: str) -> argparse.ArgumentParser:
                                  "and plot accuracy against cost; resumable.")
     _train_common(ap)
     ap.add_argument("--widths", default="0.5,0.75,1.0,1.5,2.0", help="comma-separated width multipliers")
+    ap.add_argument("--cost-model", metavar="measured:PROFILE",
+                    help="also plot top-1 against the latency a profile from qcompile profile predicts")
     ap.add_argument("--recipes", default="bf16,int8,mostly4bit,int4", help="comma-separated recipes")
     return ap
 

@@ -53,6 +53,8 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
         model = qonnx.to_onnx(ir, flavour)
         path = qonnx.save(model, out / name)
         report.setdefault("artifacts", {})[f"onnx_{flavour}"] = str(path)
+        if flavour == "serving":
+            report["onnx_clips"] = qonnx.remaining_clips(ir, model)
         if not pairs:
             continue
         result = qonnx.compare_with_reference(ir, model, pairs)

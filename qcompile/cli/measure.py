@@ -47,7 +47,7 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
         timed = interleaved_latency({"artifact": serving, "float": reference}, x, args.measure, args.measure_threads)
         samples[batch] = (timed["artifact"], timed["float"])
     x = rng.standard_normal((args.measure_batches[0], *shape), dtype=np.float32)
-    kernels = kernel_times(serving, x, args.measure, args.measure_threads)
+    kernels = kernel_times(serving, x, args.measure, args.measure_threads, [op.output for op in ir.ops])
     return {
         "backend": "onnx (serving)",
         "runtime": f"onnxruntime {onnxruntime.__version__}",

@@ -61,7 +61,8 @@ def profile_model(argv: list[str]) -> int:
             keys = {str(n.target): layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
             models[precision_key(p)] = serving = qonnx.to_onnx(ir, "serving")
             by_key: dict[str, list[float]] = defaultdict(list)
-            for row in per_layer(ir, kernel_times(serving, x, args.rounds, args.threads)):
+            kernels = kernel_times(serving, x, args.rounds, args.threads, [op.output for op in ir.ops])
+            for row in per_layer(ir, kernels):
                 if row["name"] in (INPUT, RUNTIME_INSERTED):
                     overhead[FLOAT if p.is_float else "quantized"].append(row["ms"])
                 else:

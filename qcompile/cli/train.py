@@ -13,6 +13,7 @@ from qcompile.frontend.model_file import load_model_file, load_weights, parse_mo
 from qcompile.quantization.recipes import get_recipe, parse_set
 from qcompile.train.distributed import init_from_env
 from qcompile.train.run import RunSpec, Splits, train_and_lower
+from qcompile.quantization.latency import LatencyProfile
 from qcompile.train.sweep import Pair, run_sweep
 from qcompile.train.trainer import TrainConfig
 
@@ -77,7 +78,9 @@ def run_subcommand(argv: list[str]) -> int:
     def report(pair: Pair, row: dict[str, Any], reused: bool) -> None:
         print(("(done before) " if reused else "") + _summary(row), flush=True)
 
-    run_sweep(pairs, make_spec, splits, cfg, out, dist, args.verify_size, title=stem, on_pair=report)
+    profile = LatencyProfile.load(args.cost_model.removeprefix("measured:")) if args.cost_model else None
+    run_sweep(pairs, make_spec, splits, cfg, out, dist, args.verify_size, title=stem, on_pair=report,
+              profile=profile)
     if dist.is_main:
         print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and plots in {out}")
     return 0

@@ -1,7 +1,7 @@
 """Elementwise functions of a captured graph: which node computes which float function of one tensor.
 
 The integer IR runs a unary function of a quantized tensor of at most 8 bits as a table of output codes, one per
-input code (DESIGN.md), computed once at lowering from the very function the fake-quant model calls. So any
+input code (docs/numerics.md), computed once at lowering from the very function the fake-quant model calls. So any
 function of one tensor and constants qualifies: activations (SiLU, Hardswish, GELU, sigmoid, ...), clamps, and
 arithmetic with a Python number (``x + 3``, ``x / 6``). Clamps (ReLU6, Hardtanh, ``clamp``) are recorded with
 their bounds as well: right after a conv or dense layer they fold into the requantize's clipping instead.

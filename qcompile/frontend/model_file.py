@@ -116,7 +116,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     if missing:
         raise ModelFileError(
             f"model file {p} defines no {' and no '.join(f'{m}()' for m in missing)}; "
-            "a model file needs build_model(**kwargs) -> nn.Module and example_input() -> Tensor (see README)"
+            "a model file needs build_model(**kwargs) -> nn.Module and example_input() -> Tensor (see docs/model-files.md)"
         )
     return ModelFile(p, module)
 

@@ -1,5 +1,5 @@
 """Static int32 safety of the integer IR: every conv and dense accumulator bounded from its weights and its
-input's code range, whatever the data (DESIGN.md: accumulators are proven to fit at lowering, not only checked
+input's code range, whatever the data (docs/numerics.md: accumulators are proven to fit at lowering, not only checked
 on test images). A bound past int32 means an integer kernel could wrap silently, so lowering refuses it.
 
 The bound of output channel c is ``Σ_k |w[c, k]| · max|a| + |b[c]|`` with ``max|a|`` the largest magnitude of

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def code_range(bits: int, signed: bool) -> tuple[int, int]:
-    """(qmin, qmax) of b-bit codes: symmetric when signed (int8 is [-127, 127], so +-bound map to +-qmax);
-    unsigned tensors (after ReLU) gain the sign bit as one extra bit of range ([0, 2^b - 1])."""
-    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+def code_range(bits: int, signed: bool, symmetric: bool = True) -> tuple[int, int]:
+    """(qmin, qmax) of b-bit codes. Signed weights are symmetric (int8 in [-127, 127], so +-bound map to +-qmax
+    and a weight's negation is exact); signed activations use the full range (``symmetric=False``: int8 in
+    [-128, 127], the container's, so a runtime needs no clip after quantizing). Unsigned tensors (after ReLU)
+    gain the sign bit as one extra bit of range ([0, 2^b - 1])."""
+    if not signed:
+        return 0, 2**bits - 1
+    return (-(2 ** (bits - 1)) + (1 if symmetric else 0), 2 ** (bits - 1) - 1)
 
 
 class DType(enum.Enum):

@@ -230,7 +230,8 @@ class _Sampling(ActivationCalibrator):
     def __init__(self, owner: ActivationQuantizer) -> None:
         super().__init__(owner)
         self._gen = torch.Generator().manual_seed(owner.seed)
-        self._index: torch.Tensor | None = None  # the batch's drawn flat indices; None: every value
+        self._index: torch.Tensor | None = None  # the batch's drawn flat indices, ascending; None: every value
+        self._order: torch.Tensor | None = None  # where each of them goes in the draw
         self._drawn: torch.Tensor | None = None
 
     def observe(self, x: torch.Tensor, part: BatchPart | None) -> None:
@@ -245,18 +246,19 @@ class _Sampling(ActivationCalibrator):
         self._gather(x, per_image * part.start)
 
     def _start(self, total: int) -> None:
-        self._index = (torch.randint(total, (MAX_SAMPLES_PER_BATCH,), generator=self._gen)
-                       if total > MAX_SAMPLES_PER_BATCH else None)
+        self._index = self._order = None
+        if total > MAX_SAMPLES_PER_BATCH:
+            self._index, self._order = torch.randint(total, (MAX_SAMPLES_PER_BATCH,), generator=self._gen).sort()
         self._drawn = torch.empty(min(total, MAX_SAMPLES_PER_BATCH))
 
     def _gather(self, x: torch.Tensor, offset: int) -> None:
         assert self._drawn is not None
-        if self._index is None:
+        if self._index is None or self._order is None:
             self._drawn[offset : offset + x.numel()] = x.reshape(-1).float().cpu()
             return
-        where = ((self._index >= offset) & (self._index < offset + x.numel())).nonzero().squeeze(1)
-        local = (self._index[where] - offset).to(x.device)
-        self._drawn[where] = x[torch.unravel_index(local, x.shape)].float().cpu()
+        lo, hi = (int(torch.searchsorted(self._index, v)) for v in (offset, offset + x.numel()))
+        local = (self._index[lo:hi] - offset).to(x.device)  # ascending: the part is read in memory order
+        self._drawn[self._order[lo:hi]] = x[torch.unravel_index(local, x.shape)].float().cpu()
 
     def end_batch(self) -> None:
         if self._drawn is not None:

@@ -50,13 +50,17 @@ class LayerRole(enum.Enum):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """One quantizer's contract: symmetric, zero point 0, ``q = clip(round_half_even(x / s), qmin, qmax)``."""
+    """One quantizer's contract: zero point 0, ``q = clip(round_half_even(x / s), qmin, qmax)``, ``s = bound / qmax``.
+
+    ``symmetric`` codes (weights) stop at ``-qmax``; activations use the container's full range down to
+    ``-2^(b-1)`` (see :func:`qcompile.ir.types.code_range`)."""
 
     bits: int
     signed: bool = True
     granularity: Granularity = Granularity.PER_TENSOR
     calibrator: Calibrator = Calibrator.EMA_MAX
     fmt: NumFormat = NumFormat.INT
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.fmt is NumFormat.BF16:
@@ -76,11 +80,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return code_range(self.bits, self.signed)[0]
+        return code_range(self.bits, self.signed, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return code_range(self.bits, self.signed)[1]
+        return code_range(self.bits, self.signed, self.symmetric)[1]
 
     def with_signed(self, signed: bool) -> QuantSpec:
         return replace(self, signed=signed)

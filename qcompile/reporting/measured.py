@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from qcompile.ir.graph import IRGraph
-from qcompile.ir.layers import INPUT, LAYER_KINDS, op_layers
+from qcompile.ir.layers import INPUT, op_layers
 
 RUNTIME_INSERTED = "(runtime)"
 
@@ -27,6 +27,7 @@ class Kernel(Protocol):
     ir_op: str | None
     ms: float
     integer: bool
+    compute: bool
 
 
 def machine() -> str:
@@ -54,14 +55,13 @@ def per_layer(ir: IRGraph, kernels: Iterable[Kernel]) -> list[dict[str, Any]]:
     """The kernels' time summed per layer (in IR order), with the kernels that ran for it: the layer's own
     conv/dense kernel first, so a float fallback (``Conv`` instead of ``QLinearConv``) is visible."""
     owner = op_layers(ir)
-    kinds = {op.output: op.kind for op in ir.ops}
     ms: dict[str, float] = defaultdict(float)
     ran: dict[str, list[str]] = defaultdict(list)
     integer: dict[str, bool] = {}
     for k in kernels:
         layer = owner.get(k.ir_op, RUNTIME_INSERTED) if k.ir_op is not None else RUNTIME_INSERTED
         ms[layer] += k.ms
-        if k.ir_op is not None and kinds.get(k.ir_op) in LAYER_KINDS:
+        if k.compute and layer not in integer:
             ran[layer].insert(0, k.op_type)
             integer[layer] = k.integer
         elif k.op_type not in ran[layer]:

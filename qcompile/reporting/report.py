@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -141,6 +142,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _say(console, f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
                       f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "
                       f"· max diff {res['max_lsb_diff']} LSB")
+    clips = Counter(c["why"] for c in report.get("onnx_clips", []))
+    if clips:
+        _say(console, "ONNX serving model keeps " + "; ".join(f"{n} Clip{'s' if n > 1 else ''}: {why}"
+                                                              for why, n in clips.items()))
     print_ptq(report, console)
     for w in report.get("warnings", []):
         console.print(Text.assemble(("warning:", "yellow"), f" {w}"))

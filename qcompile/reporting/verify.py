@@ -55,22 +55,38 @@ class Verification:
         }
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+VERIFY_PART_ELEMENTS = 1 << 19
+"""Input values compared per run (3 images of 3x224x224): the reference keeps every intermediate tensor of a
+run, about 0.2 GB per ImageNet-sized image for ResNet-50, so a batch is verified in parts of this size."""
+
+
+class _Comparer(fx.Interpreter):
+    """Runs the fake-quant graph and compares every named integer tensor with the reference's values as it is
+    produced (before a later in-place op can change it), so no copy of it is kept."""
+
+    def __init__(self, gm: fx.GraphModule, ir: IRGraph, reference_values: dict[str, np.ndarray],
+                 by_name: dict[str, TensorAgreement]) -> None:
         super().__init__(gm)
-        self.names = names
-        self.seen: dict[str, torch.Tensor] = {}
+        self.ir = ir
+        self.reference_values = reference_values
+        self.by_name = by_name
 
     def run_node(self, n: fx.Node) -> object:
         out = super().run_node(n)
-        if n.name in self.names and isinstance(out, torch.Tensor):
-            self.seen[n.name] = out.detach().clone()  # an in-place op later must not change it
+        if n.name in self.by_name and isinstance(out, torch.Tensor):
+            t = self.ir.values[n.name]
+            codes = np.rint(out.detach().numpy().astype(np.float64) / t.broadcast_scale(out.ndim).astype(np.float64))
+            ref = self.reference_values[n.name]
+            self.by_name[n.name].update(ref, codes)
+            if f"final:{n.name}" in self.by_name:
+                self.by_name[f"final:{n.name}"].update(ref, codes)
         return out
 
 
 def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      dtype: torch.dtype = torch.float64) -> Verification:
-    """Compare the reference interpreter with the fake-quant graph, batch by batch.
+    """Compare the reference interpreter with the fake-quant graph, batch by batch (in parts of at most
+    :data:`VERIFY_PART_ELEMENTS` input values).
 
     The fake-quant graph runs on a float64 copy by default: its quantized values are exact either way, and
     float64 accumulation keeps the comparison about the integer semantics rather than float32 summation order
@@ -86,23 +102,18 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
     was_training = gm.training
     gm.eval()
     with torch.no_grad():
-        for x, y in tqdm(batches, desc="verify", unit="batch", disable=None, leave=False):
-            rec = _Recorder(gm, set(compared))
-            fq_out = rec.run(x.to(dtype))
-            inputs = np.asarray(x.numpy(), np.float32)
-            env = reference.run(ir, inputs, keep=True)
-            for name in compared:
-                t = ir.values[name]
-                fq = rec.seen[name].numpy().astype(np.float64) / t.broadcast_scale(rec.seen[name].ndim).astype(np.float64)
-                codes = np.rint(fq)
-                by_name[name].update(env[name], codes)
-                if f"final:{name}" in by_name:
-                    by_name[f"final:{name}"].update(env[name], codes)
-            logits_ref = env[ir.outputs[0]]
-            result.reference_outputs.append((inputs, logits_ref))
-            logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
-            result.images += len(y)
-            result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
-            result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
+        for batch, labels in tqdm(batches, desc="verify", unit="batch", disable=None, leave=False):
+            size = max(1, VERIFY_PART_ELEMENTS // max(1, batch[0].numel()))
+            for x, y in zip(batch.split(size), labels.split(size)):
+                inputs = np.asarray(x.numpy(), np.float32)
+                env = reference.run(ir, inputs, keep=True)
+                fq_out = _Comparer(gm, ir, env, by_name).run(x.to(dtype))
+                logits_ref = env[ir.outputs[0]]
+                del env
+                result.reference_outputs.append((inputs, logits_ref))
+                logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
+                result.images += len(y)
+                result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
+                result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
     gm.train(was_training)
     return result

@@ -39,7 +39,8 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """``KIND=RATIO`` with KIND linear, quadratic, memory or latency and RATIO in (0, 1]."""
+    """``KIND=RATIO`` with KIND linear, quadratic, memory or latency and RATIO in (0, 1]; a latency may exceed 1
+    (a CPU without 4-bit kernels can run a small model's integer form slower than its float one)."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     if not sep or kind not in BUDGET_KINDS:
@@ -48,7 +49,9 @@ def parse_budget(text: str) -> Budget:
         ratio = Fraction(value.strip())
     except (ValueError, ZeroDivisionError):
         raise BudgetError(text, f"{value.strip()!r} is not a number") from None
-    if not 0 < ratio <= 1:
+    if kind == "latency" and not ratio > 0:
+        raise BudgetError(text, "the ratio to the float model's latency must be positive")
+    if kind != "latency" and not 0 < ratio <= 1:
         raise BudgetError(text, "the ratio to the bf16 cost must be in (0, 1]")
     return Budget(kind, ratio)
 

@@ -10,7 +10,7 @@ from typing import Any
 from qcompile.artifacts import atomic_path
 
 COSTS = {"linear_cost": "linear compute cost", "quadratic_cost": "quadratic compute cost",
-         "memory_cost": "memory cost"}
+         "memory_cost": "memory cost", "latency_cost": "measured latency (profile)"}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -31,7 +31,8 @@ def _by_recipe(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> list[Path]:
-    """Write ``top1_vs_<cost>.png`` for each cost model and ``top1_vs_width.png``; returns their paths."""
+    """Write ``top1_vs_<cost>.png`` for each cost model (``latency`` when the rows have a predicted latency from
+    a measured profile) and ``top1_vs_width.png``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +41,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> li
     groups = _by_recipe(rows)
     written = []
     for key, label in COSTS.items():
+        if any(r.get(key) is None for rs in groups.values() for r in rs):
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for recipe, rs in groups.items():
             rs = sorted(rs, key=lambda r: r[key])
@@ -51,7 +54,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> li
             ax.scatter([c for c, _ in front], [100 * a for _, a in front], s=120, facecolors="none",
                        edgecolors="k", zorder=3)
         ax.set_xscale("log")
-        ax.set_xlabel(f"{label} (relative to bf16 at width 1.0)")
+        ax.set_xlabel(f"{label} (relative to {'float' if key == 'latency_cost' else 'bf16'} at width 1.0)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)

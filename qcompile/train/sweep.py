@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qcompile.artifacts import write_json, write_text
 from qcompile.errors import QCompileError
+from qcompile.pipeline import Pipeline
+from qcompile.pipelines import qat_prepare_passes
+from qcompile.quantization.latency import LatencyProfile
 from qcompile.train.distributed import DistContext
 from qcompile.train.plots import plot_sweep
 from qcompile.train.run import RunSpec, Splits, train_and_lower, training_settings
 from qcompile.train.trainer import TrainConfig
 
-COLUMNS = ("width", "recipe", "params", "macs", "linear_cost", "quadratic_cost", "memory_cost", "top1",
+COLUMNS = ("width", "recipe", "params", "macs", "linear_cost", "quadratic_cost", "memory_cost", "latency_cost", "top1",
            "float_top1", "int_top1", "train_loss", "eval_loss", "generalization_gap", "train_top1", "epochs",
            "train_images", "eval_images", "train_seconds", "processes", "reference_top1", "reference_agreement",
            "reference_images")
@@ -56,10 +61,31 @@ def finished(out: Path, pair: Pair, expected: dict[str, Any]) -> dict[str, Any] 
     return row
 
 
+def predicted_latency(spec: RunSpec, profile: LatencyProfile) -> int:
+    """A pair's latency in nanoseconds as the profile predicts it (capture, width, precision: no training)."""
+    torch.manual_seed(0)
+    ctx = Pipeline(qat_prepare_passes(spec.width, profile)).run(
+        spec.model, spec.example_inputs, leaf_modules=spec.leaf_modules, recipe=spec.recipe,
+        overrides=spec.overrides, width=1.0 if spec.width is None else spec.width).context
+    assert ctx.cost is not None and ctx.cost.latency_ns is not None
+    return ctx.cost.latency_ns
+
+
+def add_latency(rows: Sequence[dict[str, Any]], make_spec: Callable[[Pair], RunSpec],
+                profile: LatencyProfile) -> None:
+    """Each row's ``latency_cost``: its predicted latency relative to the float model at width 1, as the other
+    costs are relative to bf16 at width 1 (the measured cost model's x-axis)."""
+    reference = predicted_latency(make_spec(Pair(1.0, "bf16")), profile)
+    for row in rows:
+        row["latency_cost"] = predicted_latency(make_spec(Pair(row["width"], row["recipe"])), profile) / reference
+
+
 def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], splits: Splits, cfg: TrainConfig,
               out: Path, dist: DistContext = DistContext(), verify_size: int = 200, title: str = "",
-              on_pair: Callable[[Pair, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
-    """Train the pairs not yet finished under ``out``, in order; returns every pair's row."""
+              on_pair: Callable[[Pair, dict[str, Any], bool], None] | None = None,
+              profile: LatencyProfile | None = None) -> list[dict[str, Any]]:
+    """Train the pairs not yet finished under ``out``, in order; returns every pair's row (with a latency
+    ``profile``, each row's predicted latency too, and a plot against it)."""
     rows = []
     expected = {**training_settings(cfg), "train_images": len(splits.train), "eval_images": len(splits.eval)}
     for pair in pairs:
@@ -74,6 +100,9 @@ def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], split
             if on_pair is not None:
                 on_pair(pair, row, reused)
     if dist.is_main:
+        if profile is not None:
+            add_latency(rows, make_spec, profile)
+            write_tables(rows, out)
         plot_sweep(rows, out, title)
     return rows
 

@@ -210,3 +210,18 @@ def test_packed_int4_costs_half_a_byte_per_weight():
     t = qonnx._onnx().helper.make_tensor("w", TensorProto.INT4, list(codes.shape), int4.pack(codes).tobytes(), raw=True)
     assert len(t.raw_data) == (codes.size + 1) // 2
     assert np.array_equal(numpy_helper.to_array(t), codes)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
+def test_only_the_clips_the_runtime_needs_remain(recipe):
+    """Signed 8-bit activations use the container's full range, so int8 needs no Clip; 4-bit codes in 8-bit
+    containers keep one each, and the report says why."""
+    ir = _resnet20_ir(recipe)
+    model = qonnx.to_onnx(ir, "serving")
+    clips = qonnx.remaining_clips(ir, model)
+    assert len(clips) == sum(n.op_type == "Clip" for n in model.graph.node)
+    if recipe == "int8":
+        assert clips == []
+    else:
+        assert clips and all(c["why"].startswith("4-bit codes in [0, 15] stored in 8 bits") for c in clips)
+        assert all(ir.values[c["tensor"]].dtype.bits == 4 for c in clips)

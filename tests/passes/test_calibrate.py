@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -5,8 +7,11 @@ from qcompile import Pipeline, get_recipe
 from qcompile.errors import DataError, PipelineError
 from qcompile.models import resnet20_cifar
 from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
+from qcompile.passes.calibrate import PART_ELEMENTS
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
+from qcompile.pipeline import CAPTURED, QUANTIZERS, SHAPES, PassContext
 from qcompile.quantization.quantizer import QuantizerState
+from qcompile.quantization.spec import Calibrator
 from tests.conftest import randomize_bn
 
 PASSES = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate()]
@@ -53,3 +58,29 @@ def test_empty_calibration_set():
 def test_missing_calibration_data():
     with pytest.raises(PipelineError, match="calibrate needs calibration data"):
         _calibrated("int8", None)
+
+
+@pytest.mark.parametrize("calibrator", ["ema_max", "max", "percentile", "mse"])
+def test_large_batches_run_in_parts_and_calibrate_as_whole_batches(calibrator):
+    torch.manual_seed(2)
+    batches = [(torch.randn(20, 3, 32, 32) * (i + 1), torch.zeros(20)) for i in range(3)]
+    recipe = replace(get_recipe("mostly4bit"), act_calibrator=Calibrator(calibrator))
+
+    def calibrated(part_elements):
+        seen = []
+        passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers()]
+        gm = Pipeline(passes).run(_model(), torch.randn(1, 3, 32, 32), recipe=recipe).graph_module
+        gm.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+        ctx = PassContext.for_graph(gm, recipe=recipe, calibration_data=batches,
+                                    properties={CAPTURED, SHAPES, QUANTIZERS})
+        Calibrate(part_elements).run(gm, ctx)
+        return {n: (q.scale, q.ema_max, q.running_max, q.batches) for n, q in activation_quantizers(gm).items()}, seen
+
+    whole, seen_whole = calibrated(PART_ELEMENTS)
+    parts, seen_parts = calibrated(8 * 3 * 32 * 32)
+    assert seen_whole == [20, 20, 20] and seen_parts == [7, 7, 6] * 3
+    assert whole.keys() == parts.keys()
+    for name, (scale, ema, running, n) in whole.items():
+        p_scale, p_ema, p_running, p_n = parts[name]
+        assert torch.equal(scale, p_scale) and torch.equal(ema, p_ema) and torch.equal(running, p_running)
+        assert n == p_n == 3

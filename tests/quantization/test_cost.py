@@ -1,4 +1,4 @@
-"""Golden numbers for the paper's cost models (DESIGN.md, sec. 4)."""
+"""Golden numbers for the paper's cost models (docs/numerics.md, cost models: the paper, sec. 4)."""
 
 import pytest
 import torch

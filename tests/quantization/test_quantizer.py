@@ -1,4 +1,4 @@
-"""Property tests of the quantizer math (DESIGN.md numerics)."""
+"""Property tests of the quantizer math (docs/numerics.md)."""
 
 import warnings
 
@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qcompile.quantization.quantizer import ActivationQuantizer, WeightQuantizer, fake_quantize, mse_bound, quantize, safe_scale
+from qcompile.quantization.quantizer import (
+    MAX_SAMPLES_PER_BATCH, ActivationQuantizer, BatchPart, Reservoir, StreamingHistogram, WeightQuantizer,
+    fake_quantize, mse_bound, quantize, safe_scale,
+)
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
 bits = st.integers(2, 8)
@@ -151,3 +154,140 @@ def test_mse_bound_beats_max_bound():
     b = mse_bound(x, spec, float(x.abs().max()))
     err = lambda bound: float(((fake_quantize(x, torch.tensor(bound / spec.qmax), spec.qmin, spec.qmax) - x) ** 2).mean())
     assert err(b) < err(30.0)
+
+
+# The streaming histogram behind the percentile calibrator: bounded memory, percentiles within one bin width.
+
+magnitudes = st.sampled_from([1e-6, 1e-3, 1.0, 7.5, 1e3, 3e5])
+chunks = st.lists(st.tuples(arrays(np.float32, st.integers(1, 300), elements=st.floats(0, 1, width=32)), magnitudes),
+                  min_size=1, max_size=6)
+quantiles = st.one_of(st.sampled_from([0.0, 0.5, 0.99, 0.9999, 1.0]), st.floats(0, 1))
+
+
+def _histogram_of(parts, bins=StreamingHistogram().bins):
+    h = StreamingHistogram(bins)
+    for values, scale in parts:
+        h.add(torch.from_numpy(values) * scale)
+    return h, np.concatenate([(torch.from_numpy(v) * m).numpy() for v, m in parts])
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks, quantiles, st.sampled_from([2, 64, 1 << 14]))
+def test_histogram_quantile_is_within_one_bin_of_the_exact_quantile(parts, q, bins):
+    h, values = _histogram_of(parts, bins)
+    exact = float(np.quantile(values.astype(np.float64), q))  # numpy's default: linear, as torch.quantile
+    assert abs(h.quantile(q) - exact) <= h.bin_width * (1 + 1e-9)
+    assert h.bin_width <= 2 * float(values.max()) / bins or values.max() == 0
+    assert h.counts.numel() == bins and int(h.counts.sum()) == values.size == h.total  # bounded, nothing lost
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks, quantiles)
+def test_histogram_quantile_against_torch_quantile(parts, q):
+    h, values = _histogram_of(parts)
+    exact = torch.quantile(torch.from_numpy(values), q).item()  # float32: its own rounding on top of the bound
+    assert abs(h.quantile(q) - exact) <= h.bin_width + 1e-6 * float(values.max())
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks)
+def test_widening_merges_counts_exactly(parts):
+    streamed, values = _histogram_of(parts)
+    at_once = StreamingHistogram()
+    at_once.add(torch.from_numpy(values))
+    assert streamed.range == at_once.range and torch.equal(streamed.counts, at_once.counts)
+
+
+def test_histogram_edge_cases():
+    h = StreamingHistogram(8)
+    assert h.quantile(0.5) == 0.0  # nothing added
+    h.add(torch.zeros(5))
+    assert h.range == 0.0 and h.quantile(1.0) == 0.0 and int(h.counts[0]) == 5
+    h.add(torch.tensor([3.0]))  # range 4: the zeros stay in bin 0
+    assert h.range == 4.0 and int(h.counts[0]) == 5 and int(h.counts[6]) == 1
+    with pytest.raises(ValueError, match="non-negative finite"):
+        h.add(torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="non-negative finite"):
+        h.add(torch.tensor([float("inf")]))
+    with pytest.raises(ValueError, match="power of two"):
+        StreamingHistogram(100)
+
+
+def test_reservoir_keeps_everything_in_order_until_full_then_a_fixed_size_subset():
+    r = Reservoir(10, seed=3)
+    r.add(torch.arange(4.0))
+    r.add(torch.arange(4.0, 10.0))
+    assert torch.equal(r.values(), torch.arange(10.0))
+    r.add(torch.arange(10.0, 1000.0))
+    kept = r.values()
+    assert kept.numel() == 10 and len(set(kept.tolist())) == 10 and bool((kept < 1000).all())
+    again = Reservoir(10, seed=3)
+    again.add(torch.arange(4.0))
+    again.add(torch.arange(4.0, 10.0))
+    again.add(torch.arange(10.0, 1000.0))
+    assert torch.equal(again.values(), kept)  # seeded
+    assert torch.equal(Reservoir(4).values(), torch.zeros(1))
+
+
+def test_percentile_bound_is_the_histogram_of_the_values_within_one_bin():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 20, 20)  # 51,200 values: every one is taken
+    aq = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.PERCENTILE))
+    aq(x)
+    width = aq.calibrator.histogram.bin_width
+    assert abs(aq.bound() - torch.quantile(x.abs().flatten(), 0.9999).item()) <= width + 1e-6
+    assert width <= 2 * float(x.abs().max()) / 2**14
+
+
+def test_observed_max_is_max_abs_whatever_the_memory_layout():
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    aq = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.MAX))
+    aq(x)
+    assert aq.bound() == float(x.abs().max())
+
+
+def _observe(calibrator, batches, part_images=None):
+    """An activation quantizer after observing ``batches``, each whole or in parts of ``part_images`` images."""
+    aq = ActivationQuantizer(QuantSpec(4, True, calibrator=calibrator), seed=5)
+    for x in batches:
+        if part_images is None:
+            aq(x)
+            continue
+        part = BatchPart(len(x))
+        aq.begin_batch(part)
+        for chunk in x.split(part_images):
+            part.count = len(chunk)
+            aq(chunk)
+            part.start += part.count
+        aq.end_batch()
+    return aq
+
+
+@pytest.mark.parametrize("calibrator", [Calibrator.EMA_MAX, Calibrator.MAX, Calibrator.PERCENTILE, Calibrator.MSE])
+@pytest.mark.parametrize("per_image", [50, 4096])  # every value of the batch taken / a draw of 65,536
+def test_a_batch_observed_in_parts_calibrates_as_observed_whole(calibrator, per_image):
+    torch.manual_seed(0)
+    batches = [torch.randn(24, per_image).mul_(i + 1).contiguous() for i in range(3)]
+    batches[1] = batches[1].reshape(24, -1, 4, 4).contiguous(memory_format=torch.channels_last) \
+        if per_image % 16 == 0 else batches[1]
+    assert (batches[0].numel() > MAX_SAMPLES_PER_BATCH) == (per_image == 4096)
+    whole = _observe(calibrator, batches)
+    for size in (1, 5, 24):
+        parts = _observe(calibrator, batches, size)
+        assert parts.batches == whole.batches == 3
+        assert torch.equal(parts.ema_max, whole.ema_max) and torch.equal(parts.running_max, whole.running_max)
+        assert parts.bound() == whole.bound()
+
+
+def test_a_tensor_that_does_not_split_with_the_batch_is_drawn_from_its_first_part():
+    constant = torch.linspace(0, 3, 70000)
+    aq = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.PERCENTILE))
+    part = BatchPart(6)
+    aq.begin_batch(part)
+    for start in (0, 3):
+        part.start, part.count = start, 3
+        aq(constant)
+    aq.end_batch()
+    whole = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.PERCENTILE))
+    whole(constant)
+    assert aq.batches == 1 and aq.bound() == whole.bound()

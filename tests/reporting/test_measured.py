@@ -16,6 +16,7 @@ class K:
     ir_op: str | None
     ms: float
     integer: bool = False
+    compute: bool = False
 
 
 def test_end_to_end_takes_medians_and_the_median_ratio() -> None:
@@ -32,7 +33,7 @@ def test_kernels_add_up_per_layer_with_the_layer_kernel_first() -> None:
     g.add_op("conv2d", ["xq", w], "c", f, stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=1)
     g.add_op("relu", ["c"], "cq", f)
     kernels = [K("QuantizeLinear", "xq", 0.1), K("Transpose", None, 0.05), K("Clip", "cq", 0.02),
-               K("QLinearConv", "c", 1.0, True), K("Clip", "cq", 0.03)]
+               K("QLinearConv", "c", 1.0, True, True), K("Clip", "cq", 0.03)]
     rows = per_layer(g, kernels)
     assert rows == [{"name": INPUT, "ms": 0.1, "kernels": ["QuantizeLinear"], "integer": None},
                     {"name": "stem", "ms": 1.05, "kernels": ["QLinearConv", "Clip"], "integer": True},

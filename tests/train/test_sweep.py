@@ -121,3 +121,23 @@ def test_cifar_resnet18_example_is_the_cifar_stem_model():
     assert x.shape == (1, 3, 32, 32)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.out_channels == 32
     assert model(x).shape == (1, 10)
+
+
+def test_a_profile_adds_the_measured_latency_axis(tmp_path, capsys):
+    """With --cost-model measured:PROFILE every row gets its predicted latency relative to float at width 1, and
+    the sweep draws top1_vs_latency.png beside the paper's plots."""
+    model = tmp_path / "small.py"
+    model.write_text(MODEL)
+    profile = tmp_path / "profile.json"
+    assert main(["profile", str(model), "--widths", "0.5,1.0", "--rounds", "3", "--threads", "1",
+                 "--out", str(profile)]) == 0
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(model), "--data", str(SAMPLE), "--widths", "0.5,1.0", "--recipes", "bf16,int8",
+                 "--epochs", "1", "--batch-size", "64", "--train-size", "128", "--eval-size", "64",
+                 "--train-eval-size", "64", "--verify-size", "16", "--device", "cpu", "--out", str(out), "--quiet",
+                 "--cost-model", f"measured:{profile}"])
+    assert code == 0, capsys.readouterr().err
+    rows = {(r["width"], r["recipe"]): r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert rows[(1.0, "bf16")]["latency_cost"] == pytest.approx(1.0)
+    assert all(r["latency_cost"] > 0 for r in rows.values())
+    assert (out / "top1_vs_latency.png").stat().st_size > 1000

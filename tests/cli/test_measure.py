@@ -1,0 +1,77 @@
+"""``--measure``, ``qcompile profile`` and the measured cost model, end to end on a small model file."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from qcompile.backends.onnx import NODE_SEPARATOR
+from qcompile.cli import main
+from qcompile.quantization.latency import LatencyProfile
+from tests.test_ptq_cli import TINY
+
+LAYERS = ["stem", "body", "head"]
+
+
+def tiny(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tiny.py").write_text(TINY)
+    return str(tmp_path / "tiny.py")
+
+
+def test_measure_reports_the_artifact_beside_the_float_model_per_layer(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    assert main([tiny(tmp_path, monkeypatch), "--recipe", "int8", "--measure", "5", "--measure-batch", "1,4",
+                 "--measure-threads", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    measured = report["measured"]
+    assert measured["threads"] == 1 and measured["rounds"] == 5 and set(measured["batches"]) == {"1", "4"}
+    assert all(b["artifact_ms"] > 0 and b["float_ms"] > 0 for b in measured["batches"].values())
+    rows = {row["name"]: row for row in measured["layers"]}
+    assert [name for name in rows if name in LAYERS] == LAYERS == [layer["name"] for layer in report["layers"]]
+    assert rows["stem"]["kernels"][0] == "QLinearConv" and rows["head"]["kernels"][0] == "QGemm"
+    assert all(rows[name]["integer"] for name in LAYERS)  # no float fallback in the int8 artifact
+    assert "measured (onnx (serving)" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert "QLinearConv" in page and "Measured latency" in page
+    nodes = onnx.load(out / "model.onnx").graph.node
+    assert all(NODE_SEPARATOR in n.name for n in nodes)  # every node named after its IR op
+
+
+def test_measure_zero_skips_it(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    assert main([tiny(tmp_path, monkeypatch), "--recipe", "int8", "--measure", "0", "--out", str(out)]) == 0
+    assert "measured" not in json.loads((out / "report.json").read_text())
+
+
+def test_a_profile_prices_a_plan_and_bounds_its_latency(tmp_path, monkeypatch, capsys) -> None:
+    model = tiny(tmp_path, monkeypatch)
+    profile = tmp_path / "profile.json"
+    assert main(["profile", model, "--rounds", "5", "--threads", "1", "--out", str(profile)]) == 0
+    loaded = LatencyProfile.load(profile)
+    assert len(loaded.entries) == 3 and all(set(row) == {"float", "w4a4", "w8a8"} for row in loaded.entries.values())
+    assert loaded.meta["batch"] == 1 and set(loaded.meta["end_to_end_ms"]["1"]) == {"float", "w4a4", "w8a8"}
+    out = tmp_path / "out"
+    # at 8x8 pixels onnxruntime's integer kernels are slower than float ones: the budget allows 10x float
+    assert main([model, "--recipe", "auto", "--cost-model", f"measured:{profile}", "--budget", "latency=10",
+                 "--measure", "3", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    total = report["total"]
+    assert 0 < total["latency_vs_float"] <= 10 and all(layer["predicted_ms"] > 0 for layer in report["layers"])
+    plan = report["ptq"]["mixed_precision"]
+    assert plan["budget"] == "latency=10" and plan["plan_cost"] <= plan["budget_cost"]
+    assert plan["plan_cost"] / 1e6 == total["predicted_latency_ms"]
+    assert "predicted ms" in capsys.readouterr().out
+
+
+def test_latency_budget_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
+    model = tiny(tmp_path, monkeypatch)
+    cases = [([model, "--recipe", "auto", "--budget", "latency=0.5"], "--budget latency=R needs a latency profile"),
+             ([model, "--cost-model", "linear"], "--cost-model 'linear': expected measured:PROFILE"),
+             ([model, "--cost-model", f"measured:{tmp_path / 'none.json'}"], "cannot read latency profile"),
+             ([model, "--measure-batch", "0"], "--measure-batch '0': expected positive batch sizes")]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
