@@ -19,14 +19,13 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from collections.abc import Collection
 from typing import Any
 
 import numpy as np
-
 from qcompile.backends.onnx import NODE_SEPARATOR, run, session
 
 COMPUTE_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "QLinearConv",

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import float_onnx, lowered  # noqa: E402
-
 from qcompile.backends import onnx as qonnx  # noqa: E402
+
 from qcompile.data import iterate_batches, load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qcompile.passes.adaquant import SCOPES
 
 from qcompile.artifacts import atomic_path, write_json
-from qcompile.search.bit_allocation import parse_budget
 from qcompile.cli import build_parser, resolve_data
-from qcompile.reporting.evaluate import accuracy, hits, take_images
 from qcompile.frontend.model_file import load_model_file
-from qcompile.passes.adaquant import SCOPES
 from qcompile.pipeline import Pipeline
 from qcompile.pipelines import ptq_passes
 from qcompile.quantization.recipes import get_recipe
-from qcompile.search.sensitivity import METRICS
+from qcompile.reporting.evaluate import accuracy, hits, take_images
 from qcompile.reporting.verify import verify_reference
+from qcompile.search.bit_allocation import parse_budget
+from qcompile.search.sensitivity import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["name", "recipe", "ptq", "budget", "sensitivity", "adaquant_scope", "calib_seed", "linear_vs_bf16",

@@ -12,8 +12,8 @@ import argparse
 import time
 
 import numpy as np
-
 from qcompile.backends.tvm import runtime
+
 from qcompile.data import iterate_batches, load_split
 from qcompile.ir import reference
 from qcompile.ir.agreement import compare_backend

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import float_onnx, lowered, median_ms  # noqa: E402
-
-from qcompile.backends.tvm import runtime  # noqa: E402
 from qcompile.backends import onnx as qonnx  # noqa: E402
+from qcompile.backends.tvm import runtime  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
+
 from qcompile.models import resnet18  # noqa: E402
 
 THREADS = 2

@@ -42,8 +42,8 @@ def check_images() -> np.ndarray:
 
 def build_step(args: argparse.Namespace) -> None:
     from _common import lowered
-
     from qcompile.backends.tvm.build import build
+
     from qcompile.ir import reference
     from qcompile.models import resnet50
 
@@ -87,9 +87,9 @@ def profile(model: object, recipe: str, batch: int = 256) -> None:
 
 def run_step(args: argparse.Namespace) -> None:
     import torch
-
     from _common import median_ms
     from qcompile.backends.tvm import runtime
+
     from qcompile.models import resnet50
 
     out = Path(args.out)

@@ -76,10 +76,10 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 def cost_only(path: Path, recipe: str) -> dict[str, Any] | None:
     """MACs, parameters and linear cost from capture + assign_precision + annotate_cost alone, or None."""
     import torch
+    from qcompile.passes import AnnotateCost, AssignPrecision
 
     from qcompile import Pipeline, get_recipe
     from qcompile.frontend.model_file import load_model_file
-    from qcompile.passes import AnnotateCost, AssignPrecision
 
     try:
         mf = load_model_file(path)

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import torch
+from qcompile.passes.fold_bn import fold_bn
 from torch import fx, nn
 
 from qcompile.errors import DataError, PipelineError
-from qcompile.passes.fold_bn import fold_bn
 from qcompile.pipeline import BN_FOLDED, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, WeightQuantizer
 from qcompile.quantization.spec import META_KEY, NodeQuant

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from qcompile.passes._layerwise import BatchList, calibration_batches, capture, capture_node, float_reference
+from qcompile.passes.insert_quantizers import weight_quantizers
 from torch import fx, nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
@@ -30,8 +32,6 @@ from tqdm import tqdm
 from qcompile.errors import PipelineError, RecipeError
 from qcompile.frontend.graph import Region, compute_nodes, is_compute, layer_names, module_of, regions
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
-from qcompile.passes._layerwise import BatchList, calibration_batches, capture, capture_node, float_reference
-from qcompile.passes.insert_quantizers import weight_quantizers
 from qcompile.quantization.quantizer import ActivationQuantizer, WeightQuantizer
 
 CHUNK = 256  # images per forward when measuring MSE over the whole calibration set

@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
+from qcompile.passes.insert_quantizers import is_add, is_concat, quantizer_of, sum_value
 from torch import fx
 
 from qcompile.frontend.graph import module_of
-from qcompile.passes.insert_quantizers import is_add, is_concat, quantizer_of, sum_value
 from qcompile.pipeline import CALIBRATED, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 

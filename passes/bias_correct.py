@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from qcompile.passes._layerwise import calibration_batches, channel_mean, float_reference
 from torch import fx
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
-from qcompile.passes._layerwise import calibration_batches, channel_mean, float_reference
 
 
 class BiasCorrect(Pass):

@@ -10,14 +10,14 @@ max|w|), so the folded layer quantizes to the same integers the statistics were 
 from __future__ import annotations
 
 import torch
+from qcompile.passes._layerwise import calibration_batches, graph_copy, sub_context
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.insert_quantizers import InsertQuantizers
 from torch import fx, nn
 from tqdm import tqdm
 
 from qcompile.errors import PipelineError
 from qcompile.pipeline import BN_FOLDED, PRECISION, SHAPES, Pass, PassContext, Pipeline
-from qcompile.passes._layerwise import calibration_batches, graph_copy, sub_context
-from qcompile.passes.calibrate import Calibrate
-from qcompile.passes.insert_quantizers import InsertQuantizers
 
 _BN = nn.modules.batchnorm._BatchNorm
 

@@ -23,13 +23,13 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from qcompile.passes._modules import set_submodule
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from qcompile.frontend.elementwise import is_mul
 from qcompile.frontend.graph import is_compute, module_of, permutation
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
-from qcompile.passes._modules import set_submodule
 from qcompile.quantization.quantizer import channel_axis
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

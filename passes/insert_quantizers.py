@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from qcompile.frontend.elementwise import is_binary_mul, tensor_input, unary_of
 from qcompile.errors import PipelineError
+from qcompile.frontend.elementwise import is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer

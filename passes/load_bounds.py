@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from qcompile.passes.insert_quantizers import activation_quantizer_calls
 from torch import fx, nn
 
 from qcompile.errors import PipelineError
 from qcompile.frontend.graph import is_compute, module_of
-from qcompile.passes.insert_quantizers import activation_quantizer_calls
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 from qcompile.quantization.spec import QuantSpec

@@ -25,15 +25,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
-from qcompile.frontend.tracing import source_location
 from qcompile.errors import QCompileError
+from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.graph import argument, is_relu, module_of, permutation
+from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
-from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, QuantizerState, WeightQuantizer, channel_axis
+from qcompile.quantization.quantizer import (
+    ActivationQuantizer,
+    BiasQuantizer,
+    QuantizerState,
+    WeightQuantizer,
+    channel_axis,
+)
 
 
 class LoweringError(QCompileError):

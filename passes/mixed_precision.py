@@ -16,18 +16,18 @@ import glob
 from collections.abc import Sequence
 from fractions import Fraction
 
+from qcompile.passes._layerwise import calibration_batches
 from torch import fx
 
-from qcompile.search.bit_allocation import BUDGET_KINDS, Budget, Option, allocate
-from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.errors import PipelineError, RecipeError
 from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import COST, PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
-from qcompile.passes._layerwise import calibration_batches
+from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.quantization.latency import LatencyProfile, layer_key
 from qcompile.quantization.recipes import SUPPORTED_INT_BITS, Override, resolve_overrides
-from qcompile.search.sensitivity import check_metric, sensitivities
 from qcompile.quantization.spec import Precision, get_annotation
+from qcompile.search.bit_allocation import BUDGET_KINDS, Budget, Option, allocate
+from qcompile.search.sensitivity import check_metric, sensitivities
 
 DEFAULT_BITS = (4, 8)
 
@@ -89,7 +89,8 @@ class MixedPrecision(Pass):
         cheapest = sum(min(c.values()) for c in costs.values())
         if limit is not None and cheapest > limit:  # before measuring anything
             raise RecipeError(f"budget {self.budget} cannot be met: the cheapest plan costs "
-                              f"{float(Fraction(cheapest + fixed, bf16)):.4f} of bf16 (widths "
+                              f"{float(Fraction(cheapest + fixed, bf16)):.4f} of "
+                              f"{'the float latency' if field == 'latency_ns' else 'bf16'} (widths "
                               f"{', '.join(str(p) for p in self.candidates)})")
         table, cache = sensitivities(gm, ctx, free, self.candidates, data, self.metric, self.adaquant_iterations,
                                      self.adaquant_scope)
@@ -103,7 +104,8 @@ class MixedPrecision(Pass):
             "objective": f"least {self.metric} degradation with {self.budget}" if self.budget
             else f"least {field} cost with {self.metric} degradation <= {self.max_degradation}",
             "budget": str(self.budget) if self.budget else None,
-            "budget_cost": None if limit is None else limit + fixed, "plan_cost": total, "plan_cost_vs_bf16": total / bf16,
+            "budget_cost": None if limit is None else limit + fixed, "plan_cost": total,
+            "plan_cost_vs_bf16": total / bf16,
             "max_degradation": self.max_degradation,
             "candidates": [str(p) for p in self.candidates],
             "predicted_degradation": sum(o.degradation for o in plan.values()),

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 
+from qcompile.passes._modules import set_submodule
 from torch import fx, nn
 
-from qcompile.frontend.tracing import propagate_shapes
-from qcompile.quantization.cost import layer_macs, weight_count
 from qcompile.errors import PipelineError, QCompileError
 from qcompile.frontend.graph import compute_nodes, module_of
+from qcompile.frontend.tracing import propagate_shapes
 from qcompile.models.width import scaled_channels
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference
-from qcompile.passes._modules import set_submodule
+from qcompile.quantization.cost import layer_macs, weight_count
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from qcompile.frontend.tracing import LeafSpec, capture
-from qcompile.quantization.cost import CostTotals
 from qcompile.errors import PipelineError
 from qcompile.frontend.graph import compute_nodes, format_graph
+from qcompile.frontend.tracing import LeafSpec, capture
+from qcompile.quantization.cost import CostTotals
 from qcompile.quantization.recipes import RECIPES, Override, Recipe
 from qcompile.quantization.spec import META_KEY, NodeQuant
 

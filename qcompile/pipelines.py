@@ -21,11 +21,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qcompile.search.bit_allocation import Budget, parse_budget
 from qcompile.errors import QCompileError, RecipeError
 from qcompile.passes import (
-    AdaQuant, AlignAddScales, AnnotateCost, AssignPrecision, BiasCorrect, BnTune, Calibrate, FoldBatchNorm,
-    InsertQuantizers, LowerInteger, WidthScale,
+    AdaQuant,
+    AlignAddScales,
+    AnnotateCost,
+    AssignPrecision,
+    BiasCorrect,
+    BnTune,
+    Calibrate,
+    FoldBatchNorm,
+    InsertQuantizers,
+    LowerInteger,
+    WidthScale,
 )
 from qcompile.passes.load_bounds import BoundKey, LoadBounds
 from qcompile.passes.mixed_precision import MixedPrecision
@@ -33,6 +41,7 @@ from qcompile.pipeline import Pass
 from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.ptq import PTQ_MODES, parse_bits
 from qcompile.quantization.recipes import Recipe
+from qcompile.search.bit_allocation import Budget, parse_budget
 
 
 def uses_ptq(recipe: Recipe, *, ptq_mode: str | None = None, budget: Budget | str | None = None,
@@ -81,12 +90,14 @@ def ptq_passes(recipe: Recipe, mode: str | None, *, budget: Budget | None = None
     if mode is not None and mode not in PTQ_MODES:
         raise RecipeError.with_parameters(f"unknown {{ptq}} mode {mode!r}; choose one of: {', '.join(PTQ_MODES)}")
     if not recipe.searched and (budget is not None or max_degradation is not None):
-        raise RecipeError.with_parameters("{budget} and {max_degradation} choose widths for {recipe} auto; add {recipe} auto")
+        raise RecipeError.with_parameters("{budget} and {max_degradation} choose widths for {recipe} auto; "
+                                          "add {recipe} auto")
     if adaquant_scope != "layer" and mode != "advanced":
-        raise RecipeError.with_parameters(f"{{adaquant_scope}} {adaquant_scope} sets how {{ptq}} advanced runs AdaQuant; "
-                                          "add {ptq} advanced")
+        raise RecipeError.with_parameters(f"{{adaquant_scope}} {adaquant_scope} sets how {{ptq}} advanced runs "
+                                          "AdaQuant; add {ptq} advanced")
     if not recipe.quantized:
-        raise RecipeError.with_parameters("{ptq} quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), not bf16")
+        raise RecipeError.with_parameters("{ptq} quantizes: choose a quantized recipe (int8, mostly4bit, int4, auto), "
+                                          "not bf16")
     if not has_calibration:
         raise QCompileError.with_parameters("{ptq} and {recipe} auto need calibration data (define calibration_data() "
                                             "in the model file or pass {data})")

@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from qcompile.artifacts import (
-    STALE_AFTER_S, default_mode, keep_failed, output_transaction, write_json, write_text,
+    STALE_AFTER_S,
+    default_mode,
+    keep_failed,
+    output_transaction,
+    write_json,
+    write_text,
 )
 from qcompile.errors import QCompileError
 from tests.test_ptq_cli import TINY

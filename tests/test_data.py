@@ -18,8 +18,15 @@ from qcompile import cache as qcache
 from qcompile import data as data_module
 from qcompile.cli import build_parser, main, resolve_data
 from qcompile.data import (
-    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, ResizedImages, default_normalization, iterate_batches,
-    load_split, parse_normalization,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResizedImages,
+    default_normalization,
+    iterate_batches,
+    load_split,
+    parse_normalization,
 )
 from qcompile.errors import DataError
 from qcompile.frontend.model_file import load_model_file

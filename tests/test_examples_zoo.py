@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from qcompile.passes import AnnotateCost, AssignPrecision
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
 from qcompile.frontend.model_file import ModelFile, load_model_file
 from qcompile.models.init import randomize_batchnorm
-from qcompile.passes import AnnotateCost, AssignPrecision
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

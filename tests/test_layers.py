@@ -182,7 +182,7 @@ def test_only_the_cli_names_its_flags() -> None:
     found = [f"{module}:{line} raises a message naming {flag}"
              for module, (source, _) in SOURCES.items() if not _under(module, CLI)
              for line, flag in raised_flags(source)]
-    assert not found, "name the parameter with QCompileError.with_parameters (docs/architecture.md):\n" + "\n".join(found)
+    assert not found, "name it with QCompileError.with_parameters (docs/architecture.md):\n" + "\n".join(found)
 
 
 def test_the_cli_words_every_parameter_the_library_names() -> None:

@@ -1,8 +1,9 @@
 """A wheel holds exactly the packages ``pyproject.toml`` lists: a sub-package missing there installs editable
 but vanishes from a built wheel (the runtime-only serving recipe installs one)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm
 from torch import fx, nn
 
 from qcompile import Pass, PassContext, Pipeline
 from qcompile.errors import PipelineError
-from qcompile.passes import AnnotateCost, AssignPrecision, FoldBatchNorm
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qcompile.search.bit_allocation import parse_budget
 from qcompile.errors import QCompileError, RecipeError
 from qcompile.pipelines import compile_passes, lowering_passes, ptq_passes, sensitivity_passes, uses_ptq
 from qcompile.quantization.recipes import RECIPES, get_recipe
+from qcompile.search.bit_allocation import parse_budget
 
 PLAIN = ["fold_bn", "assign_precision", "annotate_cost", "insert_quantizers", "calibrate", "align_add_scales",
          "lower_integer"]

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from qcompile.artifacts import atomic_path, write_json, write_text
-from qcompile.backends.tvm import require_tvm
 from qcompile.backends.tvm import cuda as tvm_cuda
+from qcompile.backends.tvm import require_tvm
 from qcompile.backends.tvm.relax_builder import RelaxModel, to_relax
 from qcompile.backends.tvm.targets import TargetSpec, get_target
+
+from qcompile.artifacts import atomic_path, write_json, write_text
 from qcompile.ir.graph import IRGraph
 
 

@@ -14,8 +14,8 @@ import hashlib
 import inspect
 import math
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any

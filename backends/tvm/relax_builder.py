@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from qcompile.backends.tvm import TvmBackendError, require_tvm
+
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import OpTable

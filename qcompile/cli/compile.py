@@ -12,8 +12,8 @@ import torch
 
 from qcompile.artifacts import check_output_dir, output_transaction, write_json
 from qcompile.cli.arguments import check_compile_args
-from qcompile.cli.measure import measure_onnx
 from qcompile.cli.artifacts import BatchList, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
+from qcompile.cli.measure import measure_onnx
 from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.errors import QCompileError
 from qcompile.frontend.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args

@@ -10,10 +10,10 @@ from typing import Any
 from qcompile.cli.arguments import build_train_parser, check_train_args, parse_widths
 from qcompile.data import load_split
 from qcompile.frontend.model_file import load_model_file, load_weights, parse_model_args
+from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.recipes import get_recipe, parse_set
 from qcompile.train.distributed import init_from_env
 from qcompile.train.run import RunSpec, Splits, train_and_lower
-from qcompile.quantization.latency import LatencyProfile
 from qcompile.train.sweep import Pair, run_sweep
 from qcompile.train.trainer import TrainConfig
 

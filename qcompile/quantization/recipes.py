@@ -5,10 +5,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from qcompile.errors import RecipeError
 from qcompile.quantization.spec import BF16, Calibrator, LayerRole, Precision

@@ -62,8 +62,9 @@ def _layer_table(report: dict[str, Any]) -> str:
         cells += [f"<td>{_bar(shares[k][i], max(shares[k]), k.split('_')[0])}</td>" for k in _COSTS]
         if measured:
             m = measured.get(layer["name"])
-            cells += ([f"<td>{_bar(measured_share[m['name']], widest_measured, 'measured')}</td>", f"<td>{m['ms']:.3f}</td>",
-                       f'<td class="l">{_e(", ".join(m["kernels"]))}</td>'] if m else ["<td></td>"] * 3)
+            bar = _bar(measured_share[m["name"]], widest_measured, "measured") if m else ""
+            cells += ([f"<td>{bar}</td>", f"<td>{m['ms']:.3f}</td>", f'<td class="l">{_e(", ".join(m["kernels"]))}</td>']
+                      if m else ["<td></td>"] * 3)
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return "<table>" + "".join(rows) + "</table>"
 

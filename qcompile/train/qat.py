@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 
+from qcompile.frontend.tracing import LeafSpec
 from qcompile.passes.align_add_scales import align_add_scales
 from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import activation_bounds
@@ -27,7 +28,6 @@ from qcompile.pipelines import qat_lowering_passes, qat_prepare_passes, qat_quan
 from qcompile.quantization.quantizer import QuantizerState
 from qcompile.quantization.recipes import Override, Recipe
 from qcompile.quantization.spec import Calibrator
-from qcompile.frontend.tracing import LeafSpec
 
 _PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")
 

@@ -14,15 +14,15 @@ from torch import nn
 
 from qcompile.artifacts import write_json
 from qcompile.data import ImageSet
-from qcompile.reporting.evaluate import take_images
+from qcompile.frontend.tracing import LeafSpec
 from qcompile.ir.serialize import save as save_ir
 from qcompile.quantization.recipes import Override, Recipe
+from qcompile.reporting.evaluate import take_images
+from qcompile.reporting.verify import verify_reference
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext
 from qcompile.train.qat import lower_trained, prepare_qat, qat_recipe
 from qcompile.train.trainer import TrainConfig, evaluate, train
-from qcompile.frontend.tracing import LeafSpec
-from qcompile.reporting.verify import verify_reference
 
 
 @dataclass
@@ -85,7 +85,8 @@ def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistC
     assert ctx.cost is not None
     row: dict[str, Any] = {
         "width": ctx.width, "recipe": spec.recipe.name, "params": ctx.cost.params, "macs": ctx.cost.macs,
-        "linear_cost": ctx.cost.vs_bf16("linear", width1=True), "quadratic_cost": ctx.cost.vs_bf16("quadratic", width1=True),
+        "linear_cost": ctx.cost.vs_bf16("linear", width1=True),
+        "quadratic_cost": ctx.cost.vs_bf16("quadratic", width1=True),
         "memory_cost": ctx.cost.vs_bf16("memory", width1=True),
         "float_top1": float_top1, "int_top1": None, "top1": float_top1,
         "train_loss": train_loss, "eval_loss": eval_loss, "generalization_gap": eval_loss - train_loss,

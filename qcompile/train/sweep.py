@@ -1,8 +1,8 @@
 """The Pareto sweep: train every (width, recipe) pair, tabulate accuracy against cost, draw the plots.
 
 Each finished pair leaves ``runs/<pair>/result.json``; a rerun skips those and resumes an interrupted pair from
-its checkpoint, so a sweep can be spread over several sessions. ``sweep.csv`` and ``sweep.json`` are rewritten after every
-pair from all results so far; the PNGs are drawn at the end.
+its checkpoint, so a sweep can be spread over several sessions. ``sweep.csv`` and ``sweep.json`` are rewritten
+after every pair from all results so far; the PNGs are drawn at the end.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 pytest.importorskip("onnxruntime")
 
 from qcompile.backends import onnx as qonnx  # noqa: E402
+
 from qcompile.ir import int4, reference  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
@@ -43,6 +44,7 @@ def test_compact_stores_packed_int4():
 
 def test_dyadic_ir_is_refused():
     from qcompile.passes import LowerInteger
+
     from qcompile.pipeline import Pipeline
 
     res = _lowered(ModuleNet(), "int8")
@@ -53,10 +55,17 @@ def test_dyadic_ir_is_refused():
 
 def _resnet20_ir(recipe, align=True):
     import torch
+    from qcompile.passes import (
+        AlignAddScales,
+        AssignPrecision,
+        Calibrate,
+        FoldBatchNorm,
+        InsertQuantizers,
+        LowerInteger,
+    )
 
     from qcompile import Pipeline, get_recipe
     from qcompile.models import resnet20_cifar
-    from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
     from tests.conftest import randomize_bn
 
     torch.manual_seed(0)
@@ -177,10 +186,10 @@ def test_pooled_stem_runs_as_integer_kernels_and_matches_reference(recipe, flavo
     integer kernels."""
     import onnx
     import torch
+    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 
     from qcompile import Pipeline, get_recipe
     from qcompile.models import resnet18
-    from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
     from tests.conftest import randomize_bn
 
     torch.manual_seed(0)

@@ -5,9 +5,9 @@ Needs neither onnx nor tvm, except where a test says so."""
 import sys
 
 import pytest
-
 from qcompile.backends import onnx as qonnx
 from qcompile.backends.tvm import TvmBackendError, relax_builder, require_tvm, runtime
+
 from qcompile.errors import QCompileError, require_extra
 from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph

@@ -19,9 +19,12 @@ pytest.importorskip("tvm")
 
 from qcompile.backends.tvm import runtime  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
-from qcompile.ir import int4  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
-from qcompile.ir import reference  # noqa: E402
+
+from qcompile.ir import (
+    int4,  # noqa: E402
+    reference,  # noqa: E402
+)
 from qcompile.ir.agreement import compare_backend  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
@@ -51,6 +54,7 @@ def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
 
 def test_dyadic_requantization_is_bit_exact(tmp_path):
     from qcompile.passes import LowerInteger
+
     from qcompile.pipeline import Pipeline
 
     res = _lowered(TinyNet(), "int8")

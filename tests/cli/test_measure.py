@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import onnx
-
 from qcompile.backends.onnx import NODE_SEPARATOR
+
 from qcompile.cli import main
 from qcompile.quantization.latency import LatencyProfile
 from tests.test_ptq_cli import TINY

@@ -6,16 +6,23 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from qcompile.passes import (
+    AlignAddScales,
+    AnnotateCost,
+    AssignPrecision,
+    Calibrate,
+    FoldBatchNorm,
+    InsertQuantizers,
+    LowerInteger,
+)
 from torch import fx, nn
 
 from qcompile import Pipeline, capture, get_recipe
 from qcompile.errors import CaptureError
 from qcompile.frontend.graph import compute_nodes
-from qcompile.models import resnet18
-from qcompile.passes import (AlignAddScales, AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm,
-                             InsertQuantizers, LowerInteger)
-from qcompile.quantization.spec import LayerRole, annotate, get_annotation
 from qcompile.frontend.tracing import _is_model_code, source_location
+from qcompile.models import resnet18
+from qcompile.quantization.spec import LayerRole, annotate, get_annotation
 from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 

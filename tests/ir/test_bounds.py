@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
@@ -13,7 +14,6 @@ from qcompile.ir.bounds import accumulator_bounds, check_int32
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.reference import IntegerOverflowError
 from qcompile.ir.types import DType, TensorInfo, code_range
-from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 
 
 def _conv_ir(w: np.ndarray, b: np.ndarray, bits: int, signed: bool) -> IRGraph:

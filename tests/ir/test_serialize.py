@@ -4,13 +4,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 
 from qcompile import Pipeline, get_recipe
-from qcompile.ir import reference
-from qcompile.ir import int4
+from qcompile.ir import int4, reference
 from qcompile.ir.serialize import IRFormatError, load, save
 from qcompile.models import resnet20_cifar
-from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from tests.conftest import randomize_bn
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from qcompile.passes import AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
-from qcompile.passes import AnnotateCost, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from qcompile.pipeline import Pass, PipelineResult
 
 

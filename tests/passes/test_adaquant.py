@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from qcompile.errors import RecipeError
 from qcompile.passes import AdaQuant
 from qcompile.passes._layerwise import capture, capture_node, float_reference, set_quantization
 from qcompile.passes.insert_quantizers import weight_quantizers
+
+from qcompile.errors import RecipeError
 from qcompile.reporting.verify import verify_reference
 from tests.passes.ptq_helpers import batches, quantize
 

@@ -4,12 +4,12 @@ import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from qcompile import Pipeline, get_recipe
-from qcompile.models import resnet20_cifar
 from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
 from qcompile.passes.align_add_scales import MANTISSA_BITS, add_groups, best_mantissa, snap
 from qcompile.passes.insert_quantizers import activation_quantizers
+
+from qcompile import Pipeline, get_recipe
+from qcompile.models import resnet20_cifar
 from tests.conftest import randomize_bn
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
+from qcompile.passes import AssignPrecision, FoldBatchNorm
 
 from qcompile import Pipeline, get_annotation, get_recipe
 from qcompile.errors import RecipeError
 from qcompile.frontend.graph import compute_nodes, layer_names
 from qcompile.models import resnet18
-from qcompile.passes import AssignPrecision, FoldBatchNorm
 from qcompile.quantization.recipes import parse_set
 from qcompile.quantization.spec import Granularity, LayerRole, Precision
 

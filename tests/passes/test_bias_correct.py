@@ -3,6 +3,7 @@ the int32 bias grid the integer kernel adds on."""
 
 from qcompile.passes import BiasCorrect
 from qcompile.passes._layerwise import channel_mean, float_reference
+
 from qcompile.reporting.verify import verify_reference
 from tests.passes.ptq_helpers import batches, quantize
 

@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from qcompile.passes import AnnotateCost, AssignPrecision, BnTune, Calibrate, FoldBatchNorm, InsertQuantizers
+from qcompile.passes._layerwise import channel_mean, graph_copy, sub_context
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from qcompile import Pipeline, get_recipe
 from qcompile.errors import PipelineError
-from qcompile.passes import AnnotateCost, AssignPrecision, BnTune, Calibrate, FoldBatchNorm, InsertQuantizers
-from qcompile.passes._layerwise import channel_mean, graph_copy, sub_context
 from qcompile.quantization.quantizer import WeightQuantizer, quantize
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
-from tests.passes.ptq_helpers import batches, quantize as quantize_model
+from tests.passes.ptq_helpers import batches
+from tests.passes.ptq_helpers import quantize as quantize_model
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

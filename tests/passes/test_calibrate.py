@@ -2,13 +2,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
+from qcompile.passes.calibrate import PART_ELEMENTS
+from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
 
 from qcompile import Pipeline, get_recipe
 from qcompile.errors import DataError, PipelineError
 from qcompile.models import resnet20_cifar
-from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers
-from qcompile.passes.calibrate import PART_ELEMENTS
-from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
 from qcompile.pipeline import CAPTURED, QUANTIZERS, SHAPES, PassContext
 from qcompile.quantization.quantizer import QuantizerState
 from qcompile.quantization.spec import Calibrator

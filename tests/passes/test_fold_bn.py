@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from qcompile.passes import fold_bn
 from torch import nn
 
 from qcompile import capture
 from qcompile.models import resnet18, resnet20_cifar, resnet50
-from qcompile.passes import fold_bn
 from tests.conftest import randomize_bn
 
 
@@ -49,6 +49,7 @@ class PreAct(nn.Module):
 
 def test_unfoldable_bn_becomes_a_depthwise_conv_and_is_reported():
     from qcompile.passes import FoldBatchNorm
+
     from qcompile.pipeline import PassContext
 
     model = randomize_bn(PreAct()).eval()

@@ -1,14 +1,14 @@
 import pytest
 import torch
+from qcompile.passes import AssignPrecision, FoldBatchNorm, InsertQuantizers
+from qcompile.passes.insert_quantizers import activation_quantizers, is_add
 from torch.nn.utils import parametrize
 
 from qcompile import Pipeline, get_recipe
 from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet20_cifar
-from qcompile.passes import AssignPrecision, FoldBatchNorm, InsertQuantizers
-from qcompile.passes.insert_quantizers import activation_quantizers, is_add
-from qcompile.quantization.recipes import parse_set
 from qcompile.quantization.quantizer import ActivationQuantizer
+from qcompile.quantization.recipes import parse_set
 from qcompile.quantization.spec import Calibrator, get_annotation
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from qcompile.errors import PipelineError
 from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import LoadBounds, activation_bounds
+
+from qcompile.errors import PipelineError
 from qcompile.quantization.quantizer import QuantizerState
 from qcompile.quantization.recipes import get_recipe
 from qcompile.train.qat import ActivationSchedule, prepare_qat, qat_recipe

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir.agreement import compare_backend
-from qcompile.passes import AlignAddScales, AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
 from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
@@ -381,7 +381,6 @@ def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel
     """A ReLU'd conv output requantized to signed codes stays one integer conv (the ReLU a Clip of its codes),
     and average pooling is not fused into QLinearAveragePool, which rounds its own way."""
     import onnx
-
     from qcompile.backends import onnx as qonnx
 
     ir = lowered("dense_transition", recipe).context.ir

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
+from qcompile.passes.lower_integer import LoweringError
 from torch import nn
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir import reference
-from qcompile.passes import AssignPrecision, Calibrate, FoldBatchNorm, InsertQuantizers, LowerInteger
-from qcompile.passes.lower_integer import LoweringError
 from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 

@@ -4,17 +4,17 @@ import itertools
 
 import pytest
 import torch
-
-from qcompile import Pipeline, get_recipe
-from qcompile.search import sensitivity
-from qcompile.search.bit_allocation import parse_budget
-from qcompile.quantization.cost import BF16_BITS, layer_cost
-from qcompile.errors import RecipeError
-from qcompile.frontend.graph import compute_nodes, layer_names
 from qcompile.passes import AnnotateCost, AssignPrecision
 from qcompile.passes.mixed_precision import MixedPrecision
+
+from qcompile import Pipeline, get_recipe
+from qcompile.errors import RecipeError
+from qcompile.frontend.graph import compute_nodes, layer_names
+from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.quantization.recipes import parse_set
 from qcompile.quantization.spec import Precision, get_annotation
+from qcompile.search import sensitivity
+from qcompile.search.bit_allocation import parse_budget
 from tests.passes.ptq_helpers import batches
 
 W4, W8 = Precision(4, 4), Precision(8, 8)

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qcompile.passes.lower_integer import tabulate
 from torch import nn
 
 from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.types import DType, TensorInfo, code_range
-from qcompile.passes.lower_integer import tabulate
 from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 from qcompile.quantization.spec import QuantSpec
 

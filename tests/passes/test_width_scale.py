@@ -1,11 +1,11 @@
 import pytest
 import torch
+from qcompile.passes import WidthScale
 
 from qcompile import capture
 from qcompile.errors import PipelineError
 from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet20_cifar, resnet50
-from qcompile.passes import WidthScale
 from qcompile.pipeline import PassContext
 
 PAPER_PARAMS = {1.0: 25.5e6, 2.0: 97.8e6}

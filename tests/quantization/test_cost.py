@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from qcompile.passes import AnnotateCost, AssignPrecision
 
 from qcompile import Pipeline, get_recipe
-from qcompile.quantization.cost import hardware_bits, layer_cost
 from qcompile.models import resnet18, resnet50
-from qcompile.passes import AnnotateCost, AssignPrecision
+from qcompile.quantization.cost import hardware_bits, layer_cost
 from qcompile.quantization.spec import Precision
 
 RESNET50_MACS = 4_089_184_256

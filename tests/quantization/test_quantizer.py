@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qcompile.quantization.quantizer import (
-    MAX_SAMPLES_PER_BATCH, ActivationQuantizer, BatchPart, Reservoir, StreamingHistogram, WeightQuantizer,
-    fake_quantize, mse_bound, quantize, safe_scale,
+    HISTOGRAM_BINS, MAX_SAMPLES_PER_BATCH, ActivationQuantizer, BatchPart, Reservoir, StreamingHistogram,
+    WeightQuantizer, fake_quantize, mse_bound, quantize, safe_scale,
 )
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
@@ -164,7 +164,7 @@ chunks = st.lists(st.tuples(arrays(np.float32, st.integers(1, 300), elements=st.
 quantiles = st.one_of(st.sampled_from([0.0, 0.5, 0.99, 0.9999, 1.0]), st.floats(0, 1))
 
 
-def _histogram_of(parts, bins=StreamingHistogram().bins):
+def _histogram_of(parts, bins=HISTOGRAM_BINS):
     h = StreamingHistogram(bins)
     for values, scale in parts:
         h.add(torch.from_numpy(values) * scale)
@@ -239,11 +239,18 @@ def test_percentile_bound_is_the_histogram_of_the_values_within_one_bin():
     assert width <= 2 * float(x.abs().max()) / 2**14
 
 
-def test_observed_max_is_max_abs_whatever_the_memory_layout():
-    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "strided slice"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_observed_max_is_max_abs_whatever_the_memory_layout(layout, sign):
+    x = torch.randn(4, 8, 6, 6) * sign
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "transposed": x.transpose(1, 3), "strided slice": x[:, ::2, 1:]}[layout]
     aq = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.MAX))
     aq(x)
     assert aq.bound() == float(x.abs().max())
+    aq = ActivationQuantizer(QuantSpec(8, True, calibrator=Calibrator.MAX))
+    aq(-torch.zeros(3))
+    assert str(aq.bound()) == "0.0"
 
 
 def _observe(calibrator, batches, part_images=None):

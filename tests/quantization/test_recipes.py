@@ -3,7 +3,15 @@ import json
 import pytest
 
 from qcompile.errors import RecipeError
-from qcompile.quantization.recipes import RECIPES, LayerChoice, get_recipe, load_overrides, parse_precision, parse_set, resolve_overrides
+from qcompile.quantization.recipes import (
+    RECIPES,
+    LayerChoice,
+    get_recipe,
+    load_overrides,
+    parse_precision,
+    parse_set,
+    resolve_overrides,
+)
 from qcompile.quantization.spec import BF16, Calibrator, LayerRole, Precision
 
 FIRST, LAST, HIDDEN = (frozenset({r}) for r in (LayerRole.FIRST, LayerRole.LAST, LayerRole.HIDDEN))

@@ -5,9 +5,9 @@ from fractions import Fraction
 
 import pytest
 
-from qcompile.search.bit_allocation import Budget, Option, allocate, parse_budget
 from qcompile.errors import RecipeError
 from qcompile.quantization.spec import Precision
+from qcompile.search.bit_allocation import Budget, Option, allocate, parse_budget
 
 W4, W8 = Precision(4, 4), Precision(8, 8)
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from qcompile import Pipeline, cache, get_recipe
-from qcompile.search import sensitivity
-from qcompile.search.bit_allocation import parse_budget
-from qcompile.errors import PipelineError, RecipeError
 from qcompile.passes import AnnotateCost, AssignPrecision
 from qcompile.passes.mixed_precision import MixedPrecision
+
+from qcompile import Pipeline, cache, get_recipe
+from qcompile.errors import PipelineError, RecipeError
+from qcompile.search import sensitivity
+from qcompile.search.bit_allocation import parse_budget
 from qcompile.search.sensitivity import METRICS, calibration_loss, degradation, mean_kl, sensitivities
 from tests.passes.ptq_helpers import batches
 

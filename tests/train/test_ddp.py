@@ -6,10 +6,10 @@ import socket
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from qcompile.passes.insert_quantizers import activation_quantizers
 from torch import nn
 
 from qcompile.data import ImageSet
-from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.quantization.recipes import get_recipe
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import init_from_env
