@@ -15,6 +15,7 @@ output too. Nodes onnxruntime inserts itself (layout reorders and transposes) ma
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -66,19 +67,27 @@ def ir_op_of(node: str, ops: Collection[str]) -> str | None:
     return value if value in ops else None
 
 
-def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, threads: int,
-                        warmup: int = 3) -> dict[str, list[float]]:
-    """Per model (a ModelProto or a path), its latency in ms in each of ``rounds`` interleaved rounds."""
+def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, threads: int, warmup: int = 3,
+                        min_round_ms: float = 20.0) -> dict[str, list[float]]:
+    """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds.
+
+    A round runs each model enough times to take about ``min_round_ms`` (counted from the warm-up), so a
+    sub-millisecond model is not timed by single runs at the mercy of the scheduler's tick."""
     sessions = {key: session(model, threads=threads, spin=False) for key, model in models.items()}
-    for sess in sessions.values():
+    per_round = {}
+    for key, sess in sessions.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             run(sess, [x])
+        warm_ms = (time.perf_counter() - start) * 1e3 / warmup
+        per_round[key] = max(1, math.ceil(min_round_ms / max(warm_ms, 1e-3)))
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, sess in sessions.items():
             start = time.perf_counter()
-            run(sess, [x])
-            samples[key].append((time.perf_counter() - start) * 1e3)
+            for _ in range(per_round[key]):
+                run(sess, [x])
+            samples[key].append((time.perf_counter() - start) * 1e3 / per_round[key])
     return samples
 
 
