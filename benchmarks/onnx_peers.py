@@ -8,8 +8,8 @@ For each model the same float weights are exported three ways and timed side by 
 - ``qc_int8`` / ``qc_mostly4bit`` — qcompile's ``serving`` artifacts of the two recipes
   (``qc_mostly4bit_compact`` is listed for its size and top-1: it runs the same kernels as the serving file).
 
-Latencies are medians over interleaved rounds (every artifact runs once per round, so machine noise hits all
-of them alike), onnxruntime with 2 intra-op threads that do not spin between runs (spinning threads of the
+Latencies are medians over interleaved rounds (every artifact runs in each round, enough times to last about
+20 ms, so machine noise hits all of them alike; ratios are medians of the per-round ratios), onnxruntime with 2 intra-op threads that do not spin between runs (spinning threads of the
 sessions not being timed would otherwise take the cores from the one that is: that inflated every latency
 here by up to 1.7x before). On the CIFAR ResNet-20 checkpoint the script also measures
 the top-1 of every artifact. With ``--breakdown`` it also profiles each quantized artifact at the largest batch
@@ -28,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import float_onnx, lowered  # noqa: E402
 from qcompile.backends import onnx as qonnx  # noqa: E402
+from qcompile.backends.onnx_measure import interleaved_latency, median_ratio  # noqa: E402
 
 from qcompile.data import iterate_batches, load_split  # noqa: E402
 
@@ -130,21 +130,6 @@ def qcompile_artifacts(model: torch.nn.Module, case: Case, recipe: str, workdir:
     return paths
 
 
-def time_sessions(sessions: dict[str, object], x: np.ndarray, rounds: int, per_round: int) -> dict[str, float]:
-    """Median per-run latency (ms) of each session; the rounds interleave the sessions."""
-    for sess in sessions.values():
-        for _ in range(3):
-            qonnx.run(sess, [x])
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                qonnx.run(sess, [x])
-            samples[key].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def op_breakdowns(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int = 3,
                   ) -> dict[str, dict[str, tuple[int, float]]]:
     """Per artifact and operator type of onnxruntime's optimized graph: (nodes, kernel ms per run), from its
@@ -203,19 +188,20 @@ def run_case(case: Case, rounds: int, workdir: Path, breakdown: bool = False) ->
         paths.update(qcompile_artifacts(model, case, recipe, workdir))
     sizes = {k: p.stat().st_size for k, p in paths.items()}
     timed = [k for k in paths if not k.endswith("_compact")]
-    sessions = {k: qonnx.session(str(paths[k]), threads=THREADS, spin=False) for k in timed}
     result: dict[str, object] = {"sizes_bytes": sizes, "latency_ms": {}}
+    result["ratio_vs_peer"] = {}
     for batch in case.batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
-        per_round = max(1, int(8 // batch)) if case.size > 32 else 20
-        result["latency_ms"][batch] = time_sessions(sessions, x, rounds, per_round)
+        samples = interleaved_latency({k: str(paths[k]) for k in timed}, x, rounds, THREADS)
+        result["latency_ms"][batch] = {k: statistics.median(v) for k, v in samples.items()}
+        result["ratio_vs_peer"][batch] = {k: median_ratio(v, samples["ort_u8s8"]) for k, v in samples.items()}
     if breakdown:
         batch = max(case.batches)
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
         tables = op_breakdowns({k: paths[k] for k in ("ort_u8s8", "qc_int8", "qc_mostly4bit")}, x, rounds)
         result["breakdown"] = {"batch": batch, "ops": tables}
     if case.test:
-        sessions["qc_mostly4bit_compact"] = qonnx.session(str(paths["qc_mostly4bit_compact"]), threads=THREADS)
+        sessions = {k: qonnx.session(str(paths[k]), threads=THREADS) for k in [*timed, "qc_mostly4bit_compact"]}
         result["top1"] = {k: accuracy(s, case.test) for k, s in sessions.items()}
         result["top1_images"] = sum(len(y) for _, y in case.test)
     report(case, result)
@@ -229,9 +215,10 @@ def report(case: Case, result: dict[str, object]) -> None:
         print(f"{k:<24}{v / 1e6:>10.2f}{v / sizes['float']:>10.3f}")
     for batch, lat in result["latency_ms"].items():
         print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
-        peer = lat["ort_u8s8"]
-        print(f"  vs ort_u8s8: qc_int8 {lat['qc_int8'] / peer:.3f}x, qc_mostly4bit {lat['qc_mostly4bit'] / peer:.3f}x, "
-              f"float {lat['float'] / peer:.3f}x; qc_mostly4bit / qc_int8 {lat['qc_mostly4bit'] / lat['qc_int8']:.3f}")
+        r = result["ratio_vs_peer"][batch]
+        print(f"  vs ort_u8s8 (median of per-round ratios): qc_int8 {r['qc_int8']:.3f}x, qc_mostly4bit "
+              f"{r['qc_mostly4bit']:.3f}x, float {r['float']:.3f}x; qc_mostly4bit / qc_int8 "
+              f"{lat['qc_mostly4bit'] / lat['qc_int8']:.3f}")
     if "breakdown" in result:
         print_breakdown(result["breakdown"]["ops"], result["breakdown"]["batch"])
     if "top1" in result:
