@@ -1,7 +1,8 @@
 """Measured latency of ONNX models in onnxruntime on this machine: end to end and per IR op.
 
-End to end, models are timed in interleaved rounds (each model runs once per round, in turn), so the machine's
-noise hits all of them alike, and a ratio is the median of the per-round ratios. Sessions do not spin their
+End to end, models are timed in interleaved rounds (each model runs in turn, enough times per round to last
+about 20 ms), so the machine's noise hits all of them alike; a ratio of two models is best taken as the median of
+the per-round ratios (:func:`qcompile.reporting.measured.median_ratio`). Sessions do not spin their
 worker threads between runs: the spinning threads of the sessions not being timed would take the cores from the
 one that is.
 
@@ -89,11 +90,6 @@ def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, thre
                 run(sess, [x])
             samples[key].append((time.perf_counter() - start) * 1e3 / per_round[key])
     return samples
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """The median over rounds of ``a / b``: robust to a round that the machine slowed for both."""
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, ops: Collection[str],

@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import float_onnx, lowered  # noqa: E402
 from qcompile.backends import onnx as qonnx  # noqa: E402
-from qcompile.backends.onnx_measure import interleaved_latency, median_ratio  # noqa: E402
+from qcompile.backends.onnx_measure import interleaved_latency  # noqa: E402
 
 from qcompile.data import iterate_batches, load_split  # noqa: E402
+from qcompile.reporting.measured import median_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2

@@ -8,26 +8,32 @@ artifact itself was verified before it is measured.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import fx
 
+from qcompile.frontend.tracing import LeafSpec
 from qcompile.ir.graph import IRGraph
 from qcompile.pipeline import Pipeline
 from qcompile.pipelines import lowering_passes
-from qcompile.quantization.recipes import get_recipe
+from qcompile.quantization.recipes import Override, Recipe, get_recipe
 from qcompile.reporting.measured import end_to_end, machine, per_layer
 
 
-def float_ir(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], width: float) -> IRGraph:
-    """The float model as IR (float32 ops), at the run's width."""
-    batch = [(torch.cat(inputs[:1]), torch.zeros(len(inputs[0]), dtype=torch.long))]
+def lowered(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Recipe, width: float,
+            leaf_modules: Sequence[LeafSpec], calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+            overrides: Sequence[Override] = ()) -> tuple[fx.GraphModule, IRGraph]:
+    """The model lowered at ``recipe`` (``bf16``: its float form, float32 ops, BN folded; it needs no
+    calibration) for timing it: the float reference of ``--measure``, each precision of ``qcompile profile``."""
     with torch.no_grad():
-        result = Pipeline(lowering_passes(width=width)).run(model, inputs, recipe=get_recipe("bf16"),
-                                                            calibration_data=batch)
+        result = Pipeline(lowering_passes(width=width)).run(
+            model, inputs, leaf_modules=leaf_modules, recipe=recipe, overrides=list(overrides), width=width,
+            calibration_data=calibration)
     assert result.context.ir is not None
-    return result.context.ir
+    return result.graph_module, result.context.ir
 
 
 def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ir: IRGraph,
@@ -38,16 +44,17 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
     from qcompile.backends import onnx as qonnx
     from qcompile.backends.onnx_measure import interleaved_latency, kernel_times
 
-    reference = qonnx.to_onnx(float_ir(model, inputs, args.width), "serving")
+    _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
+    reference = qonnx.to_onnx(float_ir, "serving")
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
-    samples, kernels = {}, {}
-    for batch in args.measure_batches:
-        x = rng.standard_normal((batch, *shape), dtype=np.float32)
+    xs = {batch: rng.standard_normal((batch, *shape), dtype=np.float32) for batch in args.measure_batches}
+    samples = {}
+    for batch, x in xs.items():
         timed = interleaved_latency({"artifact": serving, "float": reference}, x, args.measure, args.measure_threads)
         samples[batch] = (timed["artifact"], timed["float"])
-    x = rng.standard_normal((args.measure_batches[0], *shape), dtype=np.float32)
-    kernels = kernel_times(serving, x, args.measure, args.measure_threads, [op.output for op in ir.ops])
+    first = args.measure_batches[0]
+    kernels = kernel_times(serving, xs[first], args.measure, args.measure_threads, [op.output for op in ir.ops])
     return {
         "backend": "onnx (serving)",
         "runtime": f"onnxruntime {onnxruntime.__version__}",
@@ -55,6 +62,6 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
         "threads": args.measure_threads,
         "rounds": args.measure,
         "batches": end_to_end(samples),
-        "layers_batch": args.measure_batches[0],
+        "layers_batch": first,
         "layers": per_layer(ir, kernels),
     }

@@ -18,11 +18,10 @@ import torch
 
 from qcompile.artifacts import atomic_path
 from qcompile.cli.arguments import build_profile_parser, check_profile_args, parse_widths
+from qcompile.cli.measure import lowered
 from qcompile.frontend.graph import compute_nodes, module_of
 from qcompile.frontend.model_file import load_model_file, parse_model_args
 from qcompile.ir.layers import INPUT
-from qcompile.pipeline import Pipeline
-from qcompile.pipelines import lowering_passes
 from qcompile.quantization.latency import FLOAT, LatencyProfile, layer_key, precision_key
 from qcompile.quantization.ptq import parse_bits
 from qcompile.quantization.recipes import Override, get_recipe
@@ -46,18 +45,13 @@ def profile_model(argv: list[str]) -> int:
     calib = [(torch.randn(8, *inputs[0].shape[1:]), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
     profile = LatencyProfile()
     overhead: dict[str, list[float]] = defaultdict(list)
-    whole: dict[str, dict[str, list[float]]] = {}
+    whole: dict[str, dict[str, float]] = {}
     for width in widths:
         models = {}
         for p in precisions:
             recipe = get_recipe("bf16" if p.is_float else "int8")
             overrides = [] if p.is_float else [Override("*", p, "qcompile profile")]
-            with torch.no_grad():
-                result = Pipeline(lowering_passes(width=width)).run(
-                    model, inputs, leaf_modules=args.leaf_modules, recipe=recipe, overrides=overrides,
-                    width=width, calibration_data=calib)
-            gm, ir = result.graph_module, result.context.ir
-            assert ir is not None
+            gm, ir = lowered(model, inputs, recipe, width, args.leaf_modules, calib, overrides)
             keys = {str(n.target): layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
             models[precision_key(p)] = serving = qonnx.to_onnx(ir, "serving")
             by_key: dict[str, list[float]] = defaultdict(list)

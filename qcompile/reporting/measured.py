@@ -41,13 +41,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over interleaved rounds of ``a / b``: robust to a round that the machine slowed for both."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def end_to_end(samples: Mapping[int, tuple[list[float], list[float]]]) -> dict[str, dict[str, float]]:
     """Per batch size, (artifact, float) latencies of interleaved rounds → medians and the median ratio."""
     out = {}
     for batch, (artifact, float_) in samples.items():
         out[str(batch)] = {"artifact_ms": round(statistics.median(artifact), 4),
                            "float_ms": round(statistics.median(float_), 4),
-                           "ratio": round(statistics.median(a / f for a, f in zip(artifact, float_)), 4)}
+                           "ratio": round(median_ratio(artifact, float_), 4)}
     return out
 
 
@@ -59,7 +64,7 @@ def per_layer(ir: IRGraph, kernels: Iterable[Kernel]) -> list[dict[str, Any]]:
     ran: dict[str, list[str]] = defaultdict(list)
     integer: dict[str, bool] = {}
     for k in kernels:
-        layer = owner.get(k.ir_op, RUNTIME_INSERTED) if k.ir_op is not None else RUNTIME_INSERTED
+        layer = owner.get(k.ir_op, RUNTIME_INSERTED)  # a node the runtime inserted has no IR op
         ms[layer] += k.ms
         if k.compute and layer not in integer:
             ran[layer].insert(0, k.op_type)
