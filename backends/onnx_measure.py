@@ -72,8 +72,9 @@ def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, thre
                         min_round_ms: float = 20.0) -> dict[str, list[float]]:
     """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds.
 
-    A round runs each model enough times to take about ``min_round_ms`` (counted from the warm-up), so a
-    sub-millisecond model is not timed by single runs at the mercy of the scheduler's tick."""
+    A round runs each model enough times to take about ``min_round_ms`` (counted from the warm-up) and keeps the
+    median of those runs, so a sub-millisecond model is timed neither by one run at the mercy of the scheduler's
+    tick nor by a mean that one late thread wake-up drags up."""
     sessions = {key: session(model, threads=threads, spin=False) for key, model in models.items()}
     per_round = {}
     for key, sess in sessions.items():
@@ -85,10 +86,12 @@ def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, thre
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, sess in sessions.items():
-            start = time.perf_counter()
+            times = []
             for _ in range(per_round[key]):
+                start = time.perf_counter()
                 run(sess, [x])
-            samples[key].append((time.perf_counter() - start) * 1e3 / per_round[key])
+                times.append((time.perf_counter() - start) * 1e3)
+            samples[key].append(statistics.median(times))
     return samples
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from qcompile.ir.serialize import save as save_ir
 from qcompile.reporting.evaluate import take_images
 from qcompile.reporting.verify import verify_reference
 
-BatchList = list[tuple[torch.Tensor, torch.Tensor]]
+LabelledBatches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # a list, or a re-iterable qcompile.data.Batches
 ReferencePairs = list[tuple[np.ndarray, np.ndarray]]  # (inputs, reference logits) per batch
 
 
@@ -106,7 +107,7 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
 
 
 def write_integer_artifacts(args: argparse.Namespace, gm: fx.GraphModule, ir: IRGraph, out: Path,
-                            report: dict[str, Any], checked: BatchList) -> None:
+                            report: dict[str, Any], checked: LabelledBatches) -> None:
     """OUT/ir and the backends' artifacts, written under ``out`` (the run's staging folder) and each verified on
     the first ``--verify-size`` images."""
     ir.metadata.update(model=str(args.model), qcompile_version=report["qcompile_version"])

@@ -12,9 +12,9 @@ import torch
 
 from qcompile.artifacts import check_output_dir, output_transaction, write_json
 from qcompile.cli.arguments import check_compile_args
-from qcompile.cli.artifacts import BatchList, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
+from qcompile.cli.artifacts import LabelledBatches, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
 from qcompile.cli.measure import measure_onnx
-from qcompile.data import default_normalization, iterate_batches, load_split, parse_normalization
+from qcompile.data import Batches, default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.errors import QCompileError
 from qcompile.frontend.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
 from qcompile.pipeline import Pipeline, PipelineResult
@@ -38,7 +38,7 @@ def _image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
 
 def resolve_data(
     args: argparse.Namespace, mf: ModelFile, example: tuple[torch.Tensor, ...] | None = None
-) -> tuple[BatchList | None, BatchList | None]:
+) -> tuple[LabelledBatches | None, LabelledBatches | None]:
     """Calibration and evaluation batches from --data (train / test splits) or the model file's hooks.
 
     --data images are resized to the example input's size (``mf.example_input()`` when none is given).
@@ -51,7 +51,7 @@ def resolve_data(
         stats = asked or default_normalization(train, test)
         calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
-        return calib, list(iterate_batches(test, args.batch_size, shuffle=True, stats=stats))
+        return calib, Batches(test, args.batch_size, shuffle=True, stats=stats)
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
     calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
     return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
@@ -65,7 +65,7 @@ def output_dir(args: argparse.Namespace, recipe: str) -> Path:
     return Path("qcompile-out") / f"{Path(args.model).stem}-{recipe}{suffix}"
 
 
-def _accuracy(model: torch.nn.Module, result: PipelineResult, recipe: Recipe, evald: BatchList,
+def _accuracy(model: torch.nn.Module, result: PipelineResult, recipe: Recipe, evald: LabelledBatches,
               report: dict[str, Any]) -> dict[str, Any]:
     """Top-1 of the float and the fake-quant model on the evaluation batches, with the integer reference's where
     it was verified."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qcompile.quantization import fused_kernels
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
 MAX_SAMPLES_PER_BATCH = 1 << 16
@@ -23,6 +24,7 @@ MSE_RESERVOIR = 1 << 18  # 1 MiB of samples per MSE quantizer: every sample of u
 DEFAULT_PERCENTILE = 99.99
 EMA_DECAY = 0.9
 _TINY = 1e-12
+FUSED_LIMIT = 1 << 22  # the fused kernels' rounding is exact below this magnitude (codes of at most 23 bits)
 
 
 class _RoundClip(torch.autograd.Function):
@@ -30,6 +32,11 @@ class _RoundClip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
+        if scale.numel() == 1 and max(-qmin, qmax) < FUSED_LIMIT and fused_kernels.applies(x, scale):
+            out, inside = fused_kernels.fake_quantize(x, scale, qmin, qmax, ctx.needs_input_grad[0])
+            if inside is not None:
+                ctx.save_for_backward(inside)
+            return out
         s = scale.float()
         q = (x.float() / s).round_()  # float32 whatever the model's dtype: the IR's arithmetic
         if ctx.needs_input_grad[0]:  # evaluation and calibration skip the mask (and its two passes)
@@ -58,7 +65,16 @@ class _Requantize(torch.autograd.Function):
     gradient inside the range."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, s_acc: torch.Tensor, s_out: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, s_acc: torch.Tensor, s_out: torch.Tensor, axis: int, qmin: int,  # type: ignore[override]
+                qmax: int) -> torch.Tensor:
+        if max(-qmin, qmax) < FUSED_LIMIT and fused_kernels.applies(y, s_acc, s_out):
+            out, inside = fused_kernels.requantize(y, s_acc, s_out, axis, qmin, qmax, ctx.needs_input_grad[0])
+            if inside is not None:
+                ctx.save_for_backward(inside)
+            return out
+        shape = [1] * y.dim()
+        shape[axis] = -1
+        s_acc = s_acc.reshape(shape)
         acc = y.to(torch.float64, copy=True).div_(s_acc.double()).round_().float()
         mult = (s_acc.double() / s_out.double()).float()
         q = acc.mul_(mult).round_()
@@ -69,22 +85,29 @@ class _Requantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        return grad * inside, None, None, None, None, None
+
+
+def capturing() -> bool:
+    """True while a CUDA graph is being recorded on this thread's stream: nothing may wait for the device."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def safe_scale(bound: torch.Tensor, qmax: int, what: str) -> torch.Tensor:
     """``bound / qmax`` where a degenerate bound (zero, non-finite) gets a usable scale and a warning.
 
     A dead per-channel bound borrows the largest healthy channel's scale; with none, the scale is ``1 / qmax``.
+    The replacement is computed on the device without reading anything back, so a training step stays free of
+    host synchronisation and can be recorded as a CUDA graph; only the warning (skipped while recording) reads
+    the count back.
     """
     bound = bound.detach().float()
     bad = ~torch.isfinite(bound) | (bound <= _TINY)
-    if bool(bad.any()):
-        healthy = bound[~bad]
-        fill = healthy.max() if healthy.numel() else torch.tensor(1.0)
+    healthiest = torch.where(bad, 0.0, bound).amax()
+    bound = torch.where(bad, torch.where(healthiest > 0, healthiest, 1.0), bound)
+    if not capturing() and bool(bad.any()):
         warnings.warn(f"{what}: {int(bad.sum())} degenerate range(s) (all-zero or non-finite); using a safe scale",
                       stacklevel=3)
-        bound = torch.where(bad, fill, bound)
     return bound / qmax
 
 
@@ -351,7 +374,7 @@ def _memory_order(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(batch_max: torch.Tensor) -> None:
-    if not torch.isfinite(batch_max):
+    if not capturing() and not torch.isfinite(batch_max):
         raise ValueError("activation quantizer observed a non-finite value")
 
 
@@ -468,9 +491,8 @@ class ActivationQuantizer(nn.Module):
             return x
         s_acc = self.accumulator_scale()
         if s_acc is not None and self._accumulator[1].state is QuantizerState.FROZEN and self._accumulator[2].enabled:  # type: ignore[index]
-            shape = [1] * x.dim()
-            shape[channel_axis(self._accumulator[0], x.dim())] = -1  # type: ignore[index]
-            return _Requantize.apply(x, s_acc.reshape(shape), self.scale, self.spec.qmin, self.spec.qmax)
+            axis = channel_axis(self._accumulator[0], x.dim())  # type: ignore[index]
+            return _Requantize.apply(x, s_acc, self.scale, axis, self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax)
 
 

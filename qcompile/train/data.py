@@ -18,17 +18,18 @@ from qcompile.data import ImageSet, normalize
 from qcompile.errors import DataError
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, offset: int = 0, total: int | None = None) -> torch.Tensor:
-    """Random 32x32 crop of the zero-padded (pad 4) batch and a random horizontal flip, per sample.
+def augment_params(gen: torch.Generator, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One global batch's random crop offsets (rows, columns, 0..8) and flips, drawn on the CPU."""
+    dy = torch.randint(0, 9, (total,), generator=gen)
+    dx = torch.randint(0, 9, (total,), generator=gen)
+    flip = torch.rand(total, generator=gen) < 0.5
+    return dy, dx, flip
 
-    Parameters are drawn for ``total`` samples (default: this batch) and samples ``offset:offset+len(x)`` are
-    used, so a shard of a global batch gets the crops the whole batch would have given it.
-    """
+
+def apply_augment(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop each sample of the zero-padded (pad 4) batch at its offsets and flip it where asked (parameters
+    on ``x``'s device, one per sample)."""
     n, c, h, w = x.shape
-    total = n if total is None else total
-    dy = torch.randint(0, 9, (total,), generator=gen)[offset:offset + n].to(x.device)
-    dx = torch.randint(0, 9, (total,), generator=gen)[offset:offset + n].to(x.device)
-    flip = (torch.rand(total, generator=gen) < 0.5)[offset:offset + n].to(x.device)
     padded = F.pad(x, (4, 4, 4, 4))
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
@@ -37,6 +38,32 @@ def augment(x: torch.Tensor, gen: torch.Generator, offset: int = 0, total: int |
     cols = (dx[:, None] + ar_w[None, :])[:, None, None, :].expand(n, c, h, w)
     out = out.gather(3, cols)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def cutout_params(gen: torch.Generator, total: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One global batch's cutout centres (rows, columns), drawn on the CPU."""
+    return torch.randint(0, height, (total,), generator=gen), torch.randint(0, width, (total,), generator=gen)
+
+
+def apply_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero (the mean, after normalisation) a ``size`` x ``size`` square around each sample's centre, clipped at
+    the border (DeVries & Taylor 2017)."""
+    rows = torch.arange(x.shape[2], device=x.device)[None, :]
+    cols = torch.arange(x.shape[3], device=x.device)[None, :]
+    in_rows = (rows >= cy[:, None] - size // 2) & (rows < cy[:, None] - size // 2 + size)
+    in_cols = (cols >= cx[:, None] - size // 2) & (cols < cx[:, None] - size // 2 + size)
+    return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, offset: int = 0, total: int | None = None) -> torch.Tensor:
+    """Random 32x32 crop of the zero-padded (pad 4) batch and a random horizontal flip, per sample.
+
+    Parameters are drawn for ``total`` samples (default: this batch) and samples ``offset:offset+len(x)`` are
+    used, so a shard of a global batch gets the crops the whole batch would have given it.
+    """
+    n = len(x)
+    params = augment_params(gen, n if total is None else total)
+    return apply_augment(x, *(p[offset:offset + n].to(x.device) for p in params))
 
 
 @dataclass
@@ -57,9 +84,10 @@ class DeviceData:
         """Full global batches per epoch (the ragged tail is dropped so every step has the same shape)."""
         return max(1, len(self) // batch_size)
 
-    def train_batches(self, batch_size: int, epoch: int, seed: int, gen: torch.Generator,
-                      rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's shard of each shuffled, augmented global batch of ``batch_size`` images."""
+    def train_batches(self, batch_size: int, epoch: int, seed: int, gen: torch.Generator, rank: int = 0,
+                      world: int = 1, cutout: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shard of each shuffled, augmented global batch of ``batch_size`` images (with ``cutout``,
+        a square of that side zeroed in each image, after the crop and flip)."""
         if batch_size % world:
             raise DataError(f"batch size {batch_size} does not split over {world} processes")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -67,10 +95,21 @@ class DeviceData:
             raise DataError.with_parameters(f"{len(self)} training images cannot fill one batch of {batch_size}; "
                                             "lower {batch_size}")
         local = batch_size // world
-        for step in range(self.steps_per_epoch(batch_size)):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            shard = idx[rank * local:(rank + 1) * local].to(self.images.device)
-            yield augment(self.images[shard], gen, offset=rank * local, total=batch_size), self.labels[shard]
+        steps = self.steps_per_epoch(batch_size)
+        device = self.images.device
+        # the epoch's randomness is drawn up front, in the order per-step draws would take it, and moved to the
+        # device once: a step then waits on no host-to-device copy
+        height, width = self.images.shape[2:]
+        drawn = [augment_params(gen, batch_size) + (cutout_params(gen, batch_size, height, width) if cutout else ())
+                 for _ in range(steps)]
+        params = [torch.stack(p).to(device) for p in zip(*drawn)]
+        order = order[:steps * batch_size].view(steps, batch_size).to(device)
+        mine = slice(rank * local, (rank + 1) * local)
+        for step in range(steps):
+            shard = order[step, mine]
+            dy, dx, flip, *hole = (p[step, mine] for p in params)
+            x = apply_augment(self.images[shard], dy, dx, flip)
+            yield (apply_cutout(x, *hole, cutout) if cutout else x), self.labels[shard]
 
     def eval_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In order, unaugmented."""

@@ -37,6 +37,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> li
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     groups = _by_recipe(rows)
     written = []
@@ -54,6 +55,9 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> li
             ax.scatter([c for c, _ in front], [100 * a for _, a in front], s=120, facecolors="none",
                        edgecolors="k", zorder=3)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))  # 0.25, 0.5, 1, 2 rather than 10^x labels
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
         ax.set_xlabel(f"{label} (relative to {'float' if key == 'latency_cost' else 'bf16'} at width 1.0)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(title)

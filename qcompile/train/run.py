@@ -21,7 +21,7 @@ from qcompile.reporting.evaluate import take_images
 from qcompile.reporting.verify import verify_reference
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext
-from qcompile.train.qat import lower_trained, prepare_qat, qat_recipe
+from qcompile.train.qat import QATModel, lower_trained, prepare_qat, qat_recipe
 from qcompile.train.trainer import TrainConfig, evaluate, train
 
 
@@ -60,17 +60,27 @@ class RunSpec:
 def training_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The hyper-parameters a result depends on, recorded with it so that a sweep never reuses a pair trained
     differently."""
-    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+    settings: dict[str, Any] = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                                "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed}
+    # recorded only where used, so that rows trained before these options existed still match
+    settings.update({k: v for k, v in (("label_smoothing", cfg.label_smoothing), ("cutout", cfg.cutout)) if v})
+    return settings
+
+
+def prepare_run(spec: RunSpec, cfg: TrainConfig) -> QATModel:
+    """The trainable graph of ``spec``, seeded by ``cfg`` (width_scale re-initialises the weights: same seed,
+    same start), so that a run trained in one process can be lowered from its checkpoint in another."""
+    torch.manual_seed(cfg.seed)
+    return prepare_qat(spec.model, spec.example_inputs, qat_recipe(spec.recipe) if spec.recipe.quantized
+                       else spec.recipe, spec.width, spec.overrides, spec.leaf_modules)
 
 
 def train_and_lower(spec: RunSpec, splits: Splits, cfg: TrainConfig, dist: DistContext,
                     out: Path | None = None, verify_size: int = 500) -> dict[str, Any] | None:
     """Train and lower one model; the main process returns the result row (others None). With ``out``, the
-    checkpoint lives there and the main process writes ``out/ir`` and ``out/result.json``."""
-    torch.manual_seed(cfg.seed)  # width_scale re-initialises the weights: same seed, same start
-    qm = prepare_qat(spec.model, spec.example_inputs, qat_recipe(spec.recipe) if spec.recipe.quantized
-                     else spec.recipe, spec.width, spec.overrides, spec.leaf_modules)
+    checkpoint lives there and the main process writes ``out/ir`` and ``out/result.json``. A checkpoint that
+    finished training (trained elsewhere, say on a GPU) is only evaluated and lowered."""
+    qm = prepare_run(spec, cfg)
     if out is not None:
         cfg = copy.copy(cfg)
         cfg.checkpoint = out / "checkpoint.pt"

@@ -1,11 +1,14 @@
 """The training loop: SGD with momentum and a cosine schedule, fake quantization with straight-through
 gradients, bf16 autocast on CUDA (plain float on the CPU), seeded, checkpointed each epoch and resumable,
-and data parallel under ``torchrun``."""
+and data parallel under ``torchrun``. On one GPU the step is a replayed CUDA graph (:mod:`qcompile.train.graphed`)
+over channels-last tensors."""
 
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from qcompile.artifacts import atomic_path
 from qcompile.errors import CheckpointError
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext, mean_across
+from qcompile.train.graphed import CapturedStep
 from qcompile.train.qat import ActivationSchedule, set_rank_sync
 
 CHECKPOINT_VERSION = 1
@@ -35,10 +39,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     observe_fraction: float = 0.2
+    label_smoothing: float = 0.0
+    cutout: int = 0  # side of the square zeroed in each training image (0: none)
     seed: int = 0
     checkpoint: Path | None = None
     progress: bool = True
     compile: bool = False
+    cuda_graphs: bool = True  # on one GPU (not with compile or data parallelism): replay each step as a graph
+    channels_last: bool = True  # on a GPU
+    deadline: float | None = None  # a time.time(): stop after the epoch that passes it (resume later)
 
 
 @dataclass
@@ -48,6 +57,7 @@ class TrainResult:
     seconds: float
     last_epoch_loss: float  # mean training loss over the last epoch (augmented, train mode)
     resumed_from_epoch: int
+    completed: bool = True  # False: stopped at the deadline; the checkpoint holds the last finished epoch
 
 
 def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -66,7 +76,11 @@ def cosine(total_steps: int):  # noqa: ANN201 - a LambdaLR factor
 def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContext = DistContext()) -> TrainResult:
     """Train ``model`` (in place, on ``dist.device``) for ``cfg.epochs`` epochs of ``data``, resuming from
     ``cfg.checkpoint`` when it exists and writing it after every epoch."""
+    cuda = dist.device.type == "cuda"
+    channels_last = cuda and cfg.channels_last
     model.to(dist.device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     schedule = ActivationSchedule(model, cfg.epochs * data.steps_per_epoch(cfg.batch_size), cfg.observe_fraction)
     set_rank_sync(model, dist.distributed)
     opt = optimizer_for(model, cfg)
@@ -81,24 +95,35 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContex
         runner = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if cfg.compile:
         runner = torch.compile(runner)  # type: ignore[assignment]
-    cuda = dist.device.type == "cuda"
+    captured = CapturedStep(runner, opt, dist.device, cfg.label_smoothing) if (
+        cuda and cfg.cuda_graphs and not cfg.compile and not dist.distributed) else None
     step = start_epoch * steps_per_epoch
     epoch_loss = float("nan")
+    completed = True
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         total = torch.zeros((), device=dist.device)
-        batches: Iterable = data.train_batches(cfg.batch_size, epoch, cfg.seed, gen, dist.rank, dist.world)
+        batches: Iterable = data.train_batches(cfg.batch_size, epoch, cfg.seed, gen, dist.rank, dist.world,
+                                               cfg.cutout)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not (cfg.progress and dist.is_main) or None, leave=False)
         for x, y in bar:
-            schedule.before_step(step)
-            with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(runner(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            if schedule.before_step(step) and captured is not None:
+                captured.reset()  # the quantizers froze: record the step again
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if captured is not None:
+                loss = captured(x, y)
+            else:
+                with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = F.cross_entropy(runner(x), y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with warnings.catch_warnings():  # a captured step updates the weights without calling opt.step()
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                sched.step()
             step += 1
             total += loss.detach().float()
         epoch_loss = mean_across(float(total) / steps_per_epoch, dist)
@@ -106,10 +131,13 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContex
         if cfg.checkpoint is not None and dist.is_main:
             save_checkpoint(cfg.checkpoint, model, opt, sched, gen, schedule, epoch + 1, elapsed)
         dist.barrier()
-    if not schedule.frozen:  # the observe phase outlasted training: quantize with what was observed
+        if cfg.deadline is not None and time.time() >= cfg.deadline and epoch + 1 < cfg.epochs:
+            completed = False
+            break
+    if completed and not schedule.frozen:  # the observe phase outlasted training: quantize with what was observed
         schedule.freeze()
     model.eval()
-    return TrainResult(cfg.epochs, step, elapsed, epoch_loss, start_epoch)
+    return TrainResult(cfg.epochs, step, elapsed, epoch_loss, start_epoch, completed)
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: object,
@@ -127,7 +155,10 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+        elif state["epoch"] < cfg.epochs:  # a finished run may drop the optimiser's state; an unfinished one not
+            raise KeyError("opt")
         sched.load_state_dict(state["sched"])  # type: ignore[attr-defined]
         gen.set_state(state["gen"])
         schedule.load_state_dict(state["quantizers"])

@@ -102,8 +102,8 @@ def test_requantize_leaves_the_accumulator_input_alone():
     before = y.clone()
     s_acc, s_out = torch.full((1, 97, 1, 1), 0.01), torch.tensor(0.05)
     with torch.no_grad():
-        out = _Requantize.apply(y, s_acc, s_out, -127, 127)
-    trained = _Requantize.apply(y.clone().requires_grad_(True), s_acc, s_out, -127, 127)
+        out = _Requantize.apply(y, s_acc, s_out, 1, -127, 127)
+    trained = _Requantize.apply(y.clone().requires_grad_(True), s_acc, s_out, 1, -127, 127)
     assert torch.equal(y, before) and torch.equal(out, trained.detach())
     assert out.dtype == torch.float64 and out.abs().max() <= 127 * s_out + 1e-6
 
