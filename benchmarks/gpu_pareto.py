@@ -5,6 +5,7 @@ every run to the integer IR, check it against the reference and draw the plots.
     python benchmarks/gpu_pareto.py run OUT [--resume PREV] [--budget-s 470] [--workers 4]    # on the GPU
     python benchmarks/gpu_pareto.py finish PREV [--results results/gpu-pareto]                  # here, CPU
     python benchmarks/gpu_pareto.py run OUT --smoke --data examples/data/cifar10-sample.tar.gz  # rehearsal
+    python benchmarks/gpu_pareto.py profile OUT                  # one step's time and kernels, alone on the GPU
 
 ``run`` trains until everything is done or ``--budget-s`` is spent (each run stops at an epoch boundary), then
 packs what it has into OUT: ``summary.json`` (per run: epochs reached, top-1 and losses measured on the GPU,
@@ -12,6 +13,14 @@ images per second; the aggregate) and at most four ``pack-N.tar`` of at most 15 
 ``--resume PREV`` unpacks an earlier OUT first and continues every unfinished run from its last epoch.
 ``finish`` evaluates, lowers and verifies the finished runs on the CPU (``qcompile sweep``'s own code, which
 takes a finished checkpoint as trained) and writes the tables, plots and the retrained checkpoint.
+
+On a GPU machine where qcompile is not installed, put it on the path as installed (``passes/`` and
+``backends/`` are shipped as ``qcompile.passes`` and ``qcompile.backends``, so the source folder alone does not
+import) and keep the current folder off ``sys.path``::
+
+    mkdir -p /tmp/site && cp -r qcompile /tmp/site/ && cp -r passes /tmp/site/qcompile/passes \
+        && cp -r backends /tmp/site/qcompile/backends
+    PYTHONPATH=/tmp/site python3 -P benchmarks/gpu_pareto.py run $OUT --data DATA --workers 3
 
 Each run is a :func:`qcompile.train.trainer.train` call in a worker process: data on the GPU, channels-last, bf16
 autocast, the step replayed as a CUDA graph, fake quantization in fused Triton kernels. A run whose graph or
@@ -494,6 +503,84 @@ def finish(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- where a step's time goes (GPU) ------------------------------------------------------------------------
+
+
+def profile_step(args: argparse.Namespace) -> int:
+    """Time one run's training step alone on the device (median of CUDA-event-timed replays, observing and after
+    the freeze) and write the kernels that take the time (``torch.profiler``, top 25) to ``OUT/steps.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qcompile.train.graphed import CapturedStep
+    from qcompile.train.qat import ActivationSchedule
+    from qcompile.train.trainer import optimizer_for
+
+    device = default_device(args.device)
+    cuda = device.type == "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, rows = [], []
+    for key in args.pairs.split(","):
+        width, recipe = key.removeprefix("w").split("-", 1)
+        cfg = Job("pair", recipe, float(width)).config(FULL)
+        batch = args.batch or cfg.batch_size
+        model = prepare_run(pair_spec(Pair(float(width), recipe)), cfg).graph.to(device)
+        if cuda:
+            model.to(memory_format=torch.channels_last)
+        opt = optimizer_for(model, cfg)
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(batch, 3, 32, 32, generator=g, device=device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), generator=g, device=device)
+        step = CapturedStep(model, opt, device) if cuda else None
+
+        def one() -> None:
+            if step is not None:
+                step(x, y)
+                return
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        for phase in ("observing", "frozen"):
+            if phase == "frozen":
+                ActivationSchedule(model, 1, 1.0).freeze()
+                if step is not None:
+                    step.reset()
+            for _ in range(5):
+                one()
+            times = []
+            for _ in range(args.steps):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    one()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    one()
+                    times.append((time.perf_counter() - t0) * 1e3)
+            ms = sorted(times)[len(times) // 2]
+            rows.append({"pair": key, "phase": phase, "batch": batch, "ms_per_step": ms, "images_per_second":
+                         batch / ms * 1e3})
+            print(f"{key} {phase}: {ms:.3f} ms per step, {batch / ms * 1e3:,.0f} img/s alone", flush=True)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    one()
+                if cuda:
+                    torch.cuda.synchronize()
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            lines += [f"== {key} {phase}: {ms:.3f} ms per step (batch {batch}) ==",
+                      prof.key_averages().table(sort_by=sort, row_limit=25), ""]
+    (out / "steps.txt").write_text("\n".join(lines))
+    (out / "steps.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -517,7 +604,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in (r, f):
         p.add_argument("--data", default=str(DEFAULT_DATA))
         p.add_argument("--work", default="/tmp/gpu-pareto-work", help="scratch folder (emptied first)")
+    s = sub.add_parser("profile", help="time and profile single training steps on the device")
+    s.add_argument("out")
+    s.add_argument("--pairs", default="w1-bf16,w1-mostly4bit,w2-mostly4bit", metavar="wW-RECIPE,...")
+    s.add_argument("--batch", type=int, default=0, help="default: the sweep's batch size")
+    s.add_argument("--steps", type=int, default=50, help="timed steps per phase (median)")
+    s.add_argument("--device", default=None)
     args = ap.parse_args(argv)
+    if args.command == "profile":
+        return profile_step(args)
     if args.command == "finish" and args.profile and not Path(args.profile).exists():
         args.profile = ""
     return run(args) if args.command == "run" else finish(args)

@@ -13,13 +13,14 @@ pinned with ``--set`` keep their precision; a module called at several sites get
 from __future__ import annotations
 
 import glob
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 
 from qcompile.passes._layerwise import calibration_batches
 from torch import fx
 
-from qcompile.errors import PipelineError, RecipeError
+from qcompile.errors import DegradationError, PipelineError, RecipeError
 from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.pipeline import COST, PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.cost import BF16_BITS, layer_cost
@@ -43,6 +44,8 @@ class MixedPrecision(Pass):
         if (budget is None) == (max_degradation is None):
             raise RecipeError.with_parameters("mixed precision needs either a cost budget ({budget} linear=0.30) or a "
                                               "degradation bound ({max_degradation}), not both")
+        if max_degradation is not None and not (math.isfinite(max_degradation) and max_degradation >= 0):
+            raise DegradationError(max_degradation, "must be a finite number >= 0 (the allowed loss, e.g. 0.05)")
         bad = [b for b in bits if b not in SUPPORTED_INT_BITS]
         if bad or not bits:
             raise RecipeError(f"candidate bit widths must be in {SUPPORTED_INT_BITS.start}..{SUPPORTED_INT_BITS.stop - 1}, "

@@ -89,11 +89,20 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _unwritable(path: Path, exc: OSError) -> None:
+    warnings.warn(f"cannot write the cache entry {path} ({first_line(exc)}); continuing without it (set "
+                  "QCOMPILE_CACHE to a writable folder)", CacheWarning, stacklevel=3)
+
+
 def store_arrays(path: Path, kind: str, version: int, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an ``.npz`` entry with its header, atomically."""
+    """Write ``arrays`` as an ``.npz`` entry with its header, atomically; where the cache cannot be written (a
+    read-only or full disk, a file in the way), warn and carry on: the entry is only a time saver."""
     header = json.dumps(_header(kind, version, digest_arrays(arrays)))
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-        np.savez(fh, **arrays, **{HEADER: np.asarray(header)})
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, **arrays, **{HEADER: np.asarray(header)})
+    except OSError as exc:
+        _unwritable(path, exc)
 
 
 def load_arrays(path: Path, kind: str, version: int) -> dict[str, np.ndarray] | None:
@@ -118,8 +127,11 @@ def load_arrays(path: Path, kind: str, version: int) -> dict[str, np.ndarray] | 
 
 
 def store_json(path: Path, kind: str, version: int, content: Mapping[str, Any]) -> None:
-    """Write ``content`` as a JSON entry with its header, atomically."""
-    write_json_atomically(path, {**_header(kind, version, digest_json(content)), "content": content})
+    """Write ``content`` as a JSON entry with its header, atomically (warning and carrying on where it cannot)."""
+    try:
+        write_json_atomically(path, {**_header(kind, version, digest_json(content)), "content": content})
+    except OSError as exc:
+        _unwritable(path, exc)
 
 
 def load_json(path: Path, kind: str, version: int) -> dict[str, Any] | None:

@@ -100,6 +100,12 @@ class BitWidthsError(InvalidValueError, RecipeError):
     field, noun = "bits", "bit widths"
 
 
+class DegradationError(InvalidValueError, RecipeError):
+    """A degradation bound for mixed precision that is not a finite number >= 0."""
+
+    field, noun = "max_degradation", "degradation bound"
+
+
 class OutputDirError(InvalidValueError):
     """An output folder a run could not replace. ``action`` (``create``, ``write``) is set when the folder is
     fine but doing that to it failed, for the message to say so."""

@@ -353,3 +353,13 @@ def test_cli_unusable_data_is_one_line(make, fragment, tmp_path, capsys):
     data = str(make(tmp_path / "d"))
     code = main([tiny_model_file(tmp_path), "--data", data, "--out", str(tmp_path / "out"), "--quiet"])
     assert fragment in _error_line(code, capsys.readouterr())
+
+
+def test_an_unwritable_cache_warns_in_one_line_and_the_data_still_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("QCOMPILE_CACHE", str(blocker / "cache"))  # cannot be created, even as root
+    root = image_folder(tmp_path / "imgs")
+    with pytest.warns(qcache.CacheWarning, match="cannot write the cache entry") as record:
+        data = load_split(root, "train", (32, 32))
+    assert len(data) > 0 and len(record) == 1 and "\n" not in str(record[0].message)

@@ -176,6 +176,8 @@ def test_library_errors_name_the_parameter_not_a_flag(tmp_path):
      "--bits '4,x': expected comma-separated bit widths, e.g. 4,8"),
     (["--set", "conv"], "--set 'conv': expected PATTERN=BITS, e.g. --set 'layer1.*=8'"),
     (["--set", "conv=12"], "--set conv=12: weight bit width 12 cannot be honoured"),
+    (["--recipe", "auto", "--max-degradation", "nan"], "--max-degradation nan: must be a finite number >= 0"),
+    (["--recipe", "auto", "--max-degradation", "-0.1"], "--max-degradation -0.1: must be a finite number >= 0"),
 ])
 def test_the_cli_words_library_errors_in_its_flags(flags, line, tmp_path, capsys):
     code = main([model_file(tmp_path, "m"), *flags, "--out", str(tmp_path / "out"), "--quiet"])

@@ -61,3 +61,13 @@ def test_rows_merge_across_finishes(tmp_path):
                                  {"width": 0.5, "recipe": "bf16", "epochs": 2, "train_images": 50_000}]))
     rows = gpu_pareto.merge_rows([{"width": 1.0, "recipe": "bf16", **expected, "top1": 0.75}], table, expected)
     assert [(r["width"], r["recipe"], r["top1"]) for r in rows] == [(1.0, "bf16", 0.75), (2.0, "int8", 0.8)]
+
+
+def test_profile_times_a_step_in_both_phases(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "profile", str(tmp_path), "--pairs", "w0.5-mostly4bit",
+                           "--batch", "8", "--steps", "3", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "steps.json").read_text())["rows"]
+    assert [r["phase"] for r in rows] == ["observing", "frozen"] and all(r["ms_per_step"] > 0 for r in rows)
+    assert "w0.5-mostly4bit frozen" in (tmp_path / "steps.txt").read_text()
