@@ -456,7 +456,9 @@ def merge_rows(new: list[dict[str, Any]], table: Path, expected: dict[str, Any])
 
 
 def finish(args: argparse.Namespace) -> int:
-    """Lower, verify and tabulate the finished runs of a GPU run's output."""
+    """Lower, verify and tabulate the finished runs of a GPU run's output that ``--results`` does not hold yet
+    (pairs already in its ``runs.json``, and a checkpoint or QAT run recorded there with the same settings, are
+    kept as they are), and rewrite the tables and plots from all of them."""
     source, results = Path(args.out), Path(args.results)
     work = Path(args.work)
     if work.exists():
@@ -466,17 +468,22 @@ def finish(args: argparse.Namespace) -> int:
     done = {k for k, r in summary.get("runs", {}).items() if r.get("status") == "done"}
     splits = load_splits(plan, args.data, torch.device("cpu"))
     results.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"gpu_run": {k: summary.get(k) for k in (
+    previous = json.loads((results / "summary.json").read_text()) if (results / "summary.json").exists() else {}
+    report: dict[str, Any] = {**previous, "runs": {**previous.get("runs", {}), **{
+        k: r for k, r in summary.get("runs", {}).items() if k in done}}}
+    report.setdefault("gpu_runs", []).append({k: summary.get(k) for k in (
         "device", "torch", "workers", "budget_s", "train_wall_seconds", "images", "aggregate_images_per_second",
-        "wall_seconds", "fused_check")}, "runs": summary.get("runs", {})}
-    if "float" in done:
+        "wall_seconds", "fused_check", "graph_check", "not_started")})
+    settings = Job("float").settings(plan)
+    if "float" in done and report.get("checkpoint", {}).get("settings") != settings:
         model = resnet20_cifar()
         model.load_state_dict(torch.load(work / "float" / CHECKPOINT, weights_only=True))
         top1, loss, n = evaluate(model, splits.eval.eval_batches())
-        report["checkpoint"] = {"test_top1": top1, "test_loss": loss, "test_images": n}
+        report["checkpoint"] = {"test_top1": top1, "test_loss": loss, "test_images": n, "settings": settings}
         shutil.copy(work / "float" / CHECKPOINT, results / CHECKPOINT)
         print(f"checkpoint: top-1 {100 * top1:.2f}% on {n} test images", flush=True)
-    pairs = [Pair(j.width, j.recipe) for j in jobs(plan) if j.kind == "pair" and j.key in done]
+    tabled = tabled_pairs(results / "runs.json", plan, args.data)
+    pairs = [Pair(j.width, j.recipe) for j in jobs(plan) if j.kind == "pair" and j.key in done - tabled]
     new = run_sweep(pairs, pair_spec, splits, Job("pair").config(plan), work / "sweep",
                     verify_size=plan.verify_size,
                     on_pair=lambda p, r, _: print(f"{p.key}: top-1 {r['top1']}", flush=True)) if pairs else []
@@ -490,13 +497,13 @@ def finish(args: argparse.Namespace) -> int:
     tabled = {Job("pair", r["recipe"], r["width"]).key for r in rows}
     report["missing_pairs"] = [j.key for j in jobs(plan) if j.kind == "pair" and j.key not in tabled]
     report["sweep_rows"] = len(rows)
-    report["qat"] = {}
+    report.setdefault("qat", {})
     for recipe in plan.qat_recipes:
         job = Job("qat", recipe)
-        if job.key in done:
+        if job.key in done and report["qat"].get(recipe, {}).get("settings") != job.settings(plan):
             row = train_and_lower(qat_spec(recipe, work), splits, job.config(plan), DistContext(),
                                   work / job.key, plan.verify_size)
-            report["qat"][recipe] = row
+            report["qat"][recipe] = {**row, "settings": job.settings(plan)}  # type: ignore[dict-item]
             print(f"QAT {recipe}: top-1 {row['top1']} (gap {row['generalization_gap']:.4f})", flush=True)  # type: ignore[index]
     (results / "summary.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {results}", flush=True)

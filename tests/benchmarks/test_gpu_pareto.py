@@ -44,6 +44,10 @@ def test_smoke_run_packs_resumes_and_finishes(tmp_path):
     assert report["qat"]["mostly4bit"]["reference_agreement"] == 1.0
     assert (results / "top1_vs_linear.png").stat().st_size > 0 and (results / "resnet20_cifar.pt").exists()
 
+    again = gpu_pareto("finish", str(second), "--results", str(results), "--profile", "", cwd=tmp_path)
+    assert "top-1" not in again  # everything is in the results already: nothing is lowered or evaluated twice
+    assert json.loads((results / "summary.json").read_text())["sweep_rows"] == 4
+
     later = tmp_path / "later"  # a later GPU run skips the pairs the table holds
     gpu_pareto("run", str(later), "--smoke", "--budget-s", "0", "--table", str(results / "runs.json"), cwd=tmp_path)
     skipped = json.loads((later / "summary.json").read_text())
