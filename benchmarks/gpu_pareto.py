@@ -65,6 +65,9 @@ CHECKPOINT = "resnet20_cifar.pt"
 
 @dataclass(frozen=True)
 class Stage:
+    """One kind of run's schedule: SGD with nesterov momentum and a cosine learning rate (TrainConfig's defaults
+    for the rest)."""
+
     epochs: int
     batch_size: int
     lr: float
@@ -133,10 +136,13 @@ class Job:
 def parse_stage(text: str) -> Stage:
     """``EPOCHS,BATCH,LR[,LABEL_SMOOTHING[,CUTOUT]]``."""
     parts = text.split(",")
-    if not 3 <= len(parts) <= 5:
-        raise SystemExit(f"a stage is EPOCHS,BATCH,LR[,LABEL_SMOOTHING[,CUTOUT]], not {text!r}")
     kinds = (int, int, float, float, int)
-    return Stage(*(kind(part) for kind, part in zip(kinds, parts)))
+    try:
+        if not 3 <= len(parts) <= 5:
+            raise ValueError
+        return Stage(*(kind(part) for kind, part in zip(kinds, parts)))
+    except ValueError:
+        raise SystemExit(f"a stage is EPOCHS,BATCH,LR[,LABEL_SMOOTHING[,CUTOUT]], not {text!r}") from None
 
 
 def plan_from(recorded: dict[str, Any]) -> Plan:

@@ -61,8 +61,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torc
 
 class _Requantize(torch.autograd.Function):
     """The integer requantize of a conv/dense accumulator, ``clip(rhe(float32(acc) · M), qmin, qmax)``, with
-    ``acc = rhe(y / s_acc)`` recovered from the float output and ``M = float32(s_acc / s_out)``; straight-through
-    gradient inside the range."""
+    ``acc = rhe(y / s_acc)`` recovered from the float output and ``M = float32(s_acc / s_out)``, ``s_acc`` one
+    scale per channel along ``axis``; straight-through gradient inside the range."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, s_acc: torch.Tensor, s_out: torch.Tensor, axis: int, qmin: int,  # type: ignore[override]
