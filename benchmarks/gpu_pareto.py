@@ -521,7 +521,8 @@ def finish(args: argparse.Namespace) -> int:
 
 def profile_step(args: argparse.Namespace) -> int:
     """Time one run's training step alone on the device (median of CUDA-event-timed replays, observing and after
-    the freeze) and write the kernels that take the time (``torch.profiler``, top 25) to ``OUT/steps.txt``."""
+    the freeze) and write it with the kernels that take the time (``torch.profiler``, top 25) to
+    ``OUT/steps.json`` (one file: what comes back from a device machine is counted in files)."""
     from torch.profiler import ProfilerActivity, profile
 
     from qcompile.train.graphed import CapturedStep
@@ -532,7 +533,7 @@ def profile_step(args: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines, rows = [], []
+    rows = []
     for key in args.pairs.split(","):
         width, recipe = key.removeprefix("w").split("-", 1)
         cfg = Job("pair", recipe, float(width)).config(FULL)
@@ -577,8 +578,8 @@ def profile_step(args: argparse.Namespace) -> int:
                     one()
                     times.append((time.perf_counter() - t0) * 1e3)
             ms = sorted(times)[len(times) // 2]
-            rows.append({"pair": key, "phase": phase, "batch": batch, "ms_per_step": ms, "images_per_second":
-                         batch / ms * 1e3})
+            row = {"pair": key, "phase": phase, "batch": batch, "ms_per_step": ms, "images_per_second":
+                   batch / ms * 1e3}
             print(f"{key} {phase}: {ms:.3f} ms per step, {batch / ms * 1e3:,.0f} img/s alone", flush=True)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=activities) as prof:
@@ -587,9 +588,7 @@ def profile_step(args: argparse.Namespace) -> int:
                 if cuda:
                     torch.cuda.synchronize()
             sort = "cuda_time_total" if cuda else "cpu_time_total"
-            lines += [f"== {key} {phase}: {ms:.3f} ms per step (batch {batch}) ==",
-                      prof.key_averages().table(sort_by=sort, row_limit=25), ""]
-    (out / "steps.txt").write_text("\n".join(lines))
+            rows.append({**row, "kernels": prof.key_averages().table(sort_by=sort, row_limit=25).splitlines()})
     (out / "steps.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
     return 0
 

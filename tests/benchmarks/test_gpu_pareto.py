@@ -74,4 +74,4 @@ def test_profile_times_a_step_in_both_phases(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "steps.json").read_text())["rows"]
     assert [r["phase"] for r in rows] == ["observing", "frozen"] and all(r["ms_per_step"] > 0 for r in rows)
-    assert "w0.5-mostly4bit frozen" in (tmp_path / "steps.txt").read_text()
+    assert any("aten::" in line for line in rows[1]["kernels"])  # the profiler's table of what ran
