@@ -216,7 +216,7 @@ def run_job(job: Job, plan: Plan, data: str, work: str, deadline: float, device:
             if not fused:
                 from qcompile.quantization import fused_kernels
 
-                os.environ[fused_kernels.DISABLE_ENV] = "0"
+                os.environ[fused_kernels.SWITCH_ENV] = "0"
                 fused_kernels._kernels.cache_clear()
             try:
                 model, result = _train_once(job, plan, Path(work), deadline, splits, dist, graphs)
@@ -269,10 +269,10 @@ def fused_check(device: torch.device) -> dict[str, Any]:
         x = x.contiguous(memory_format=torch.channels_last)
         s, s_acc = torch.tensor(0.05, device=device), torch.rand(32, generator=g, device=device) * 1e-2 + 1e-3
         fused = (_RoundClip.apply(x, s, -8, 7), _Requantize.apply(x, s_acc, s, 1, -128, 127))
-        os.environ[fused_kernels.DISABLE_ENV] = "0"
+        os.environ[fused_kernels.SWITCH_ENV] = "0"
         fused_kernels._kernels.cache_clear()
         eager = (_RoundClip.apply(x, s, -8, 7), _Requantize.apply(x, s_acc, s, 1, -128, 127))
-        del os.environ[fused_kernels.DISABLE_ENV]
+        del os.environ[fused_kernels.SWITCH_ENV]
         fused_kernels._kernels.cache_clear()
         report["mismatches"][str(dtype)] = [int((a != b).sum()) for a, b in zip(fused, eager)]
     return report

@@ -17,13 +17,13 @@ import torch
 BLOCK = 1024
 _ROUND32 = 12582912.0  # 1.5 * 2**23: (v + c) - c rounds |v| < 2**22 half to even in float32 arithmetic
 _ROUND64 = 6755399441055744.0  # 1.5 * 2**52, the same in float64
-DISABLE_ENV = "QCOMPILE_FUSED_QUANT"  # "0" turns the kernels off
+SWITCH_ENV = "QCOMPILE_FUSED_QUANT"  # "0": off; "cpu": CPU tensors too, in Triton's interpreter (tests)
 
 
 @functools.cache
 def _kernels() -> ModuleType | None:
     """The compiled-on-demand kernels, or None where Triton is missing or turned off."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+    if os.environ.get(SWITCH_ENV) == "0":
         return None
     try:
         import triton  # noqa: F401
@@ -40,9 +40,9 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def applies(x: torch.Tensor, *scales: torch.Tensor) -> bool:
-    """Whether the fused kernels handle ``x`` (a dense CUDA tensor) with these scales; interpreter runs on the
-    CPU count as CUDA when ``TRITON_INTERPRET=1`` (tests)."""
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the fused kernels handle ``x`` (a dense CUDA tensor, or any with ``QCOMPILE_FUSED_QUANT=cpu``) with
+    these scales."""
+    on_device = x.is_cuda or os.environ.get(SWITCH_ENV) == "cpu"
     return (on_device and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and _dense(x) and all(s.device == x.device for s in scales) and _kernels() is not None)
 

@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent("""
 
     def eager(fn, *args):
         import os
-        os.environ["TRITON_INTERPRET"] = "0"  # applies() then declines: the eager code runs
+        os.environ["QCOMPILE_FUSED_QUANT"] = "0"  # applies() then declines: the eager code runs
         try:
             return fn(*args)
         finally:
-            os.environ["TRITON_INTERPRET"] = "1"
+            os.environ["QCOMPILE_FUSED_QUANT"] = "cpu"
 
     def same(a, b):
         if a.dtype == torch.float32:
@@ -65,6 +65,6 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fused_kernels_match_the_eager_definition() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QCOMPILE_FUSED_QUANT": "cpu"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
