@@ -1,8 +1,8 @@
 """Measured latency of ONNX models in onnxruntime on this machine: end to end and per IR op.
 
-End to end, models are timed in interleaved rounds (each model runs in turn, enough times per round to last
-about 20 ms), so the machine's noise hits all of them alike; a ratio of two models is best taken as the median of
-the per-round ratios (:func:`qcompile.reporting.measured.median_ratio`). Sessions do not spin their
+End to end, models are timed in interleaved rounds (:mod:`qcompile.backends.timing`), so the machine's noise hits
+all of them alike; a ratio of two models is best taken as the median of the per-round ratios
+(:func:`qcompile.reporting.measured.median_ratio`). Sessions do not spin their
 worker threads between runs: the spinning threads of the sessions not being timed would take the cores from the
 one that is.
 
@@ -16,19 +16,19 @@ output too. Nodes onnxruntime inserts itself (layout reorders and transposes) ma
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
 from qcompile.backends.onnx import NODE_SEPARATOR, run, session
+from qcompile.backends.timing import interleaved_times
 
 COMPUTE_KERNELS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "QLinearConv",
                              "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "DynamicQuantizeMatMul"})
@@ -70,29 +70,11 @@ def ir_op_of(node: str, ops: Collection[str]) -> str | None:
 
 def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, threads: int, warmup: int = 3,
                         min_round_ms: float = 20.0) -> dict[str, list[float]]:
-    """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds.
-
-    A round runs each model enough times to take about ``min_round_ms`` (counted from the warm-up) and keeps the
-    median of those runs, so a sub-millisecond model is timed neither by one run at the mercy of the scheduler's
-    tick nor by a mean that one late thread wake-up drags up."""
+    """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds
+    (:func:`qcompile.backends.timing.interleaved_times`)."""
     sessions = {key: session(model, threads=threads, spin=False) for key, model in models.items()}
-    per_round = {}
-    for key, sess in sessions.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            run(sess, [x])
-        warm_ms = (time.perf_counter() - start) * 1e3 / warmup
-        per_round[key] = max(1, math.ceil(min_round_ms / max(warm_ms, 1e-3)))
-    samples: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            times = []
-            for _ in range(per_round[key]):
-                start = time.perf_counter()
-                run(sess, [x])
-                times.append((time.perf_counter() - start) * 1e3)
-            samples[key].append(statistics.median(times))
-    return samples
+    return interleaved_times({key: partial(run, sess, [x]) for key, sess in sessions.items()}, rounds, warmup,
+                             min_round_ms)
 
 
 def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, ops: Collection[str],

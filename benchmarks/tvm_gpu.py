@@ -60,25 +60,9 @@ def build_step(args: argparse.Namespace) -> None:
 
 def profile(model: object, recipe: str, batch: int = 256) -> None:
     """Per-kernel time of one batch through the VM's instrument hook (device synchronised around each call)."""
-    import time
-    from collections import defaultdict
+    from qcompile.backends.tvm.measure import function_times
 
-    times: dict[str, float] = defaultdict(float)
-    start: list[float] = [0.0]
-
-    def instrument(func: object, name: str, before: bool, ret: object, *args: object) -> int:
-        model.device.sync()
-        if before:
-            start[0] = time.perf_counter()
-        else:
-            times[str(name)] += (time.perf_counter() - start[0]) * 1e3
-        return 0  # run the call as usual
-
-    x = model.to_device(np.zeros((batch, 3, 224, 224), np.float32))
-    model.run_device(x)
-    model.vm.set_instrument(instrument)
-    model.run_device(x)
-    model.vm.set_instrument(None)
+    times = function_times(model, np.zeros((batch, 3, 224, 224), np.float32), runs=1)
     total = sum(times.values())
     print(f"TVM {recipe} batch {batch}: {total:.2f} ms in {len(times)} kernels; the top 15:")
     for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:15]:

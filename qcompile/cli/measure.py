@@ -1,13 +1,14 @@
 """``--measure``: the deployed artifact's latency on this machine, beside the float model's in the same runtime.
 
 The float reference is the same model lowered at ``bf16`` (the IR's float ops, BN folded), exported by the same
-exporter and run by the same onnxruntime: the ratio then isolates what quantization changes. Only timings; the
+exporter and run by the same onnxruntime (or built by TVM for the same target and batch): the ratio then isolates what quantization changes. Only timings; the
 artifact itself was verified before it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,4 +65,42 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
         "batches": end_to_end(samples),
         "layers_batch": first,
         "layers": per_layer(ir, kernels),
+    }
+
+
+def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                artifact: str) -> dict[str, Any]:
+    """``report["measured_tvm"]`` for a TVM CPU artifact: end to end per batch beside the float model built by
+    TVM for the same target and batch, and per compiled function (TVM's own fused functions: they do not map to
+    IR layers). A fixed-batch artifact is timed at its batch only."""
+    import tempfile
+
+    import tvm
+
+    from qcompile.backends.tvm import runtime
+    from qcompile.backends.tvm.build import build
+    from qcompile.backends.tvm.measure import function_times, interleaved_latency
+
+    served = runtime.load(artifact)
+    _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
+    batches = [served.batch] if served.batch is not None else args.measure_batches
+    rng = np.random.default_rng(0)
+    shape = tuple(inputs[0].shape[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch).path)
+        samples = {}
+        for batch in batches:
+            timed = interleaved_latency({"artifact": served, "float": reference},
+                                        rng.standard_normal((batch, *shape), dtype=np.float32), args.measure)
+            samples[batch] = (timed["artifact"], timed["float"])
+    functions = function_times(served, rng.standard_normal((batches[0], *shape), dtype=np.float32))
+    return {
+        "backend": f"tvm ({served.meta['target']})",
+        "runtime": f"tvm {tvm.__version__}",
+        "machine": machine(),
+        "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+        "rounds": args.measure,
+        "batches": end_to_end(samples),
+        "functions_batch": batches[0],
+        "functions": [{"name": n, "ms": round(ms, 4)} for n, ms in sorted(functions.items(), key=lambda kv: -kv[1])],
     }

@@ -127,6 +127,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _say(console, f"measured ({measured['backend']}, {measured['runtime']}, {measured['threads']} threads, "
                       f"median of {measured['rounds']} interleaved rounds): {runs}; per layer at batch "
                       f"{measured['layers_batch']} (kernel time)")
+    tvm_measured = report.get("measured_tvm")
+    if tvm_measured:
+        runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms "
+                         f"(ratio {r['ratio']:.3f})" for b, r in tvm_measured["batches"].items())
+        top = ", ".join(f"{f['name']} {f['ms']:.3f} ms" for f in tvm_measured["functions"][:3])
+        _say(console, f"measured ({tvm_measured['backend']}, {tvm_measured['runtime']}, {tvm_measured['threads']} "
+                      f"threads, median of {tvm_measured['rounds']} interleaved rounds): {runs}; slowest functions "
+                      f"at batch {tvm_measured['functions_batch']}: {top}")
     _say(console, f"params {t['params']:,} · MACs per batch {t['macs']:,}")
     acc = report.get("accuracy")
     if acc:

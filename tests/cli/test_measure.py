@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import onnx
+import pytest
 from qcompile.backends.onnx import NODE_SEPARATOR
 
 from qcompile.cli import main
@@ -37,6 +38,20 @@ def test_measure_reports_the_artifact_beside_the_float_model_per_layer(tmp_path,
     assert "QLinearConv" in page and "Measured latency" in page
     nodes = onnx.load(out / "model.onnx").graph.node
     assert all(NODE_SEPARATOR in n.name for n in nodes)  # every node named after its IR op
+
+
+def test_measure_times_a_tvm_cpu_artifact_beside_tvms_float_build(tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("tvm")
+    out = tmp_path / "out"
+    assert main([tiny(tmp_path, monkeypatch), "--recipe", "int8", "--backend", "tvm", "--measure", "3",
+                 "--measure-batch", "1,4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    measured = report["measured_tvm"]
+    assert "measured" not in report  # no ONNX artifact was built
+    assert measured["backend"] == "tvm (cpu)" and set(measured["batches"]) == {"1", "4"}
+    assert all(b["artifact_ms"] > 0 and b["float_ms"] > 0 and b["ratio"] > 0 for b in measured["batches"].values())
+    assert measured["functions"] and all(f["ms"] >= 0 for f in measured["functions"])
+    assert "measured (tvm (cpu)" in capsys.readouterr().out
 
 
 def test_measure_zero_skips_it(tmp_path, monkeypatch) -> None:
