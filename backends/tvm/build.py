@@ -48,11 +48,13 @@ def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
-def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None) -> Artifact:
-    """Build ``out/tvm/<target>/``; ``batch=None`` compiles a symbolic batch dimension."""
+def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
+          float_dtype: str = "float64") -> Artifact:
+    """Build ``out/tvm/<target>/``; ``batch=None`` compiles a symbolic batch dimension (``float_dtype``: see
+    :func:`~qcompile.backends.tvm.relax_builder.to_relax`)."""
     spec = get_target(target)
     start = time.perf_counter()
-    model = to_relax(ir, batch)
+    model = to_relax(ir, batch, float_dtype)
     executable = compile_relax(model, spec)
     folder = Path(out) / "tvm" / spec.name
     folder.mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,14 @@ OPS: OpTable[Callable[[_Builder, Op], None]] = OpTable("relax")
 
 
 class _Builder:
-    def __init__(self, ir: IRGraph, batch: int | None) -> None:
+    def __init__(self, ir: IRGraph, batch: int | None, float_dtype: str = "float64") -> None:
         self.tvm = require_tvm()
         from tvm import relax
 
         self.relax = relax
         self.op = relax.op
         self.ir = ir
+        self.float_dtype = float_dtype  # float conv/dense arithmetic: float64 is the reference's, bit for bit
         self.batch = batch if batch is not None else self.tvm.tirx.Var("n", "int64")
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}
@@ -211,11 +212,11 @@ class _Builder:
         conv = dict(strides=tuple(a["stride"]), dilation=tuple(a["dilation"]), groups=a["groups"],
                     data_layout="NHWC", kernel_layout="OHWI")
         if xt.dtype is DType.FLOAT32:
-            w = self.const(np.transpose(w_codes, (0, 2, 3, 1)), "float64")
-            x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
-            acc = self.op.nn.conv2d(x, w, padding=pad, out_dtype="float64", **conv)
+            w = self.const(np.transpose(w_codes, (0, 2, 3, 1)), self.float_dtype)
+            x = self.op.astype(self.as_nhwc(op.inputs[0]), self.float_dtype)
+            acc = self.op.nn.conv2d(x, w, padding=pad, out_dtype=self.float_dtype, **conv)
             if len(op.inputs) > 2:
-                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], "float64"))
+                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], self.float_dtype))
             self.set(op.output, self.op.astype(acc, "float32"), True)
             return
         w = self.weights(op.inputs[1], (0, 2, 3, 1))
@@ -228,10 +229,10 @@ class _Builder:
         xt = self.ir.values[op.inputs[0]]
         w_codes = self.ir.constants[op.inputs[1]]
         if xt.dtype is DType.FLOAT32:
-            x = self.op.astype(self.nchw(op.inputs[0]), "float64")
-            acc = self.op.matmul(x, self.const(w_codes.T, "float64"), out_dtype="float64")
+            x = self.op.astype(self.nchw(op.inputs[0]), self.float_dtype)
+            acc = self.op.matmul(x, self.const(w_codes.T, self.float_dtype), out_dtype=self.float_dtype)
             if len(op.inputs) > 2:
-                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], "float64"))
+                acc = self.op.add(acc, self.const(self.ir.constants[op.inputs[2]], self.float_dtype))
             self.set(op.output, self.op.astype(acc, "float32"), False)
             return
         w = self.weights(op.inputs[1], (1, 0))
@@ -376,8 +377,10 @@ class _Builder:
             self.set(op.output, self.op.concat([self.env[i] for i in op.inputs], axis=dim), False)
 
 
-def to_relax(ir: IRGraph, batch: int | None = None) -> RelaxModel:
-    """The IR as a Relax module ``main(x, *params)``; ``batch=None`` builds a symbolic batch dimension."""
+def to_relax(ir: IRGraph, batch: int | None = None, float_dtype: str = "float64") -> RelaxModel:
+    """The IR as a Relax module ``main(x, *params)``; ``batch=None`` builds a symbolic batch dimension.
+    ``float_dtype="float32"`` computes float convolutions and dense layers in float32, as a float deployment
+    would: not bit-exact with the reference, for timing a float model beside a quantized one."""
     if len(ir.inputs) != 1:
         raise TvmBackendError(f"the TVM backend takes one input, the IR has {len(ir.inputs)}")
-    return _Builder(ir, batch).build()
+    return _Builder(ir, batch, float_dtype).build()

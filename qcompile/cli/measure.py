@@ -71,7 +71,7 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
 def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                 artifact: str) -> dict[str, Any]:
     """``report["measured_tvm"]`` for a TVM CPU artifact: end to end per batch beside the float model built by
-    TVM for the same target and batch, and per compiled function (TVM's own fused functions: they do not map to
+    TVM for the same target and batch (float32 convolutions, not the reference's float64), and per compiled function (TVM's own fused functions: they do not map to
     IR layers). A fixed-batch artifact is timed at its batch only."""
     import tempfile
 
@@ -87,7 +87,8 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        reference = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch).path)
+        reference = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch,
+                                       float_dtype="float32").path)  # a float deployment's arithmetic
         samples = {}
         for batch in batches:
             timed = interleaved_latency({"artifact": served, "float": reference},
