@@ -87,6 +87,14 @@ def _add_row(table: Table, *cells: str) -> None:
     table.add_row(*(Text(c) for c in cells))
 
 
+def _measured_line(measured: dict[str, Any], tail: str) -> str:
+    """One backend's ``--measure`` figures in a line: per batch the artifact beside the float model."""
+    runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms (ratio {r['ratio']:.3f})"
+                     for b, r in measured["batches"].items())
+    return (f"measured ({measured['backend']}, {measured['runtime']}, {measured['threads']} threads, median of "
+            f"{measured['rounds']} interleaved rounds): {runs}; {tail}")
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Per-layer table and totals with ratios to bf16."""
     console = console or Console(width=None if Console().is_terminal else 140)
@@ -122,19 +130,12 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
                  f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}", *blank)
     console.print(table)
     if measured:
-        runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms "
-                         f"(ratio {r['ratio']:.3f})" for b, r in measured["batches"].items())
-        _say(console, f"measured ({measured['backend']}, {measured['runtime']}, {measured['threads']} threads, "
-                      f"median of {measured['rounds']} interleaved rounds): {runs}; per layer at batch "
-                      f"{measured['layers_batch']} (kernel time)")
+        _say(console, _measured_line(measured, f"per layer at batch {measured['layers_batch']} (kernel time)"))
     tvm_measured = report.get("measured_tvm")
     if tvm_measured:
-        runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms "
-                         f"(ratio {r['ratio']:.3f})" for b, r in tvm_measured["batches"].items())
         top = ", ".join(f"{f['name']} {f['ms']:.3f} ms" for f in tvm_measured["functions"][:3])
-        _say(console, f"measured ({tvm_measured['backend']}, {tvm_measured['runtime']}, {tvm_measured['threads']} "
-                      f"threads, median of {tvm_measured['rounds']} interleaved rounds): {runs}; slowest functions "
-                      f"at batch {tvm_measured['functions_batch']}: {top}")
+        _say(console, _measured_line(tvm_measured, f"slowest functions at batch {tvm_measured['functions_batch']}: "
+                                                   f"{top}"))
     _say(console, f"params {t['params']:,} · MACs per batch {t['macs']:,}")
     acc = report.get("accuracy")
     if acc:
