@@ -248,6 +248,18 @@ def run_job(job: Job, plan: Plan, data: str, work: str, deadline: float, device:
     return row
 
 
+def _die_with_parent() -> None:
+    """A worker initializer: on Linux, be sent SIGTERM when the process that started the pool dies, so killing
+    ``run`` does not leave orphans training (Ctrl-C reaches them anyway, as the whole process group)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 # ---- the GPU run ---------------------------------------------------------------------------------------------
 
 
@@ -397,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         summary["in_table"] = sorted(tabled)
         running: dict[Future, Job] = {}
         t_train = time.time()
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_die_with_parent) as pool:
             while queue or running:
                 ready = [j for j in queue if j.kind != "qat" or runs.get("float", {}).get("status") == "done"]
                 blocked = not ready and not running
