@@ -60,9 +60,9 @@ def build_step(args: argparse.Namespace) -> None:
 
 def profile(model: object, recipe: str, batch: int = 256) -> None:
     """Per-kernel time of one batch through the VM's instrument hook (device synchronised around each call)."""
-    from qcompile.backends.tvm.measure import function_times
+    from qcompile.backends.tvm.measure import call_times, function_times
 
-    times = function_times(model, np.zeros((batch, 3, 224, 224), np.float32), runs=1)
+    times = function_times(call_times(model, np.zeros((batch, 3, 224, 224), np.float32), runs=1))
     total = sum(times.values())
     print(f"TVM {recipe} batch {batch}: {total:.2f} ms in {len(times)} kernels; the top 15:")
     for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:15]:

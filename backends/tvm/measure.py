@@ -1,19 +1,41 @@
 """Measured latency of TVM artifacts on this machine: end to end in interleaved rounds
 (:mod:`qcompile.backends.timing`), and per compiled function with the VM's instrument hook.
 
-TVM fuses the IR's ops into functions it names itself (``fused_conv2d_add_...``), so the per-function times are
-reported under those names, not mapped to IR layers as onnxruntime's kernels are.
+TVM names its functions itself (``conv2d6``, ``tir_round1``, ...) and shares one function between layers of one
+shape, so calls are mapped to IR ops by their order instead: the VM calls them in the IR's op order, one
+convolution or matmul function per ``conv2d`` / ``dense`` op, and every call is charged to the last of those ops
+before it (the IR's own grouping of ops into layers, :mod:`qcompile.ir.layers`). Where the counts differ, no
+layers are given.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from qcompile.backends.timing import interleaved_times
 from qcompile.backends.tvm.runtime import TvmModel
+
+from qcompile.ir.graph import IRGraph
+from qcompile.ir.layers import LAYER_KINDS
+from qcompile.ir.types import DType
+
+COMPUTE_FUNCTION = re.compile(r"(conv2d|matmul|dense)\d*$")
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    """One call's median time, and the IR op it is charged to (a :class:`qcompile.reporting.measured.Kernel`)."""
+
+    op_type: str
+    ir_op: str | None
+    ms: float
+    integer: bool
+    compute: bool
 
 
 def interleaved_latency(models: dict[str, TvmModel], x: np.ndarray, rounds: int) -> dict[str, list[float]]:
@@ -30,19 +52,18 @@ def interleaved_latency(models: dict[str, TvmModel], x: np.ndarray, rounds: int)
 VM_BUILTIN = "vm.builtin."  # the VM's own shape and allocation calls: not the model's compute
 
 
-def function_times(model: TvmModel, x: np.ndarray, runs: int = 3) -> dict[str, float]:
-    """Median ms per call of every compiled function the VM calls for one batch (the device synchronised around
-    each; the VM's builtins left out)."""
-    samples: dict[str, list[float]] = defaultdict(list)
+def call_times(model: TvmModel, x: np.ndarray, runs: int = 3) -> list[tuple[str, float]]:
+    """Every compiled function the VM calls for one batch, in call order, with its median ms over ``runs`` (the
+    device synchronised around each call; the VM's builtins left out)."""
+    runs_seen: list[list[tuple[str, float]]] = []
     start: list[float] = [0.0]
-    seen: dict[str, float] = defaultdict(float)
 
     def instrument(func: object, name: str, before: bool, ret: object, *args: object) -> int:
         model.device.sync()
         if before:
             start[0] = time.perf_counter()
-        else:
-            seen[str(name)] += (time.perf_counter() - start[0]) * 1e3
+        elif not str(name).startswith(VM_BUILTIN):
+            runs_seen[-1].append((str(name), (time.perf_counter() - start[0]) * 1e3))
         return 0  # run the call as usual
 
     xd = model.to_device(x)
@@ -50,10 +71,35 @@ def function_times(model: TvmModel, x: np.ndarray, runs: int = 3) -> dict[str, f
     model.vm.set_instrument(instrument)
     try:
         for _ in range(runs):
-            seen.clear()
+            runs_seen.append([])
             model.run_device(xd)
-            for name, ms in seen.items():
-                samples[name].append(ms)
     finally:
         model.vm.set_instrument(None)
-    return {name: float(np.median(ms)) for name, ms in samples.items() if not name.startswith(VM_BUILTIN)}
+    return [(calls[0][0], float(np.median([ms for _, ms in calls]))) for calls in zip(*runs_seen)]
+
+
+def layer_calls(ir: IRGraph, calls: list[tuple[str, float]]) -> list[FunctionCall] | None:
+    """The calls charged to IR ops by their order (the module docstring), or None when the convolution and
+    matmul calls do not pair one to one with the IR's ``conv2d`` / ``dense`` ops."""
+    compute = [op for op in ir.ops if op.kind in LAYER_KINDS]
+    if sum(bool(COMPUTE_FUNCTION.match(name)) for name, _ in calls) != len(compute):
+        return None
+    before_first = ir.ops[0].output if ir.ops and ir.ops[0].kind not in LAYER_KINDS else None  # "(input)"
+    owner, seen, out = before_first, 0, []
+    for name, ms in calls:
+        is_compute = bool(COMPUTE_FUNCTION.match(name))
+        integer = False
+        if is_compute:
+            op = compute[seen]
+            owner, seen = op.output, seen + 1
+            integer = ir.values[op.inputs[0]].dtype is not DType.FLOAT32
+        out.append(FunctionCall(name, owner, ms, integer, is_compute))
+    return out
+
+
+def function_times(calls: list[tuple[str, float]]) -> dict[str, float]:
+    """Per function name, its ms summed over the calls (a function serves every layer of its shape)."""
+    totals: dict[str, float] = defaultdict(float)
+    for name, ms in calls:
+        totals[name] += ms
+    return dict(totals)

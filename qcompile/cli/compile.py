@@ -132,7 +132,7 @@ def compile_model(args: argparse.Namespace) -> int:
             tvm_cpu = next((report["artifacts"][f"tvm_{t}"] for t in ("cpu", "cpu-generic")
                             if f"tvm_{t.replace('-', '_')}_vs_reference" in verified), None)
             if args.measure and tvm_cpu:
-                report["measured_tvm"] = measure_tvm(args, model, inputs, tvm_cpu)
+                report["measured_tvm"] = measure_tvm(args, model, inputs, result.context.ir, tvm_cpu)
         if evald is not None and (not recipe.quantized or calib is not None):
             report["accuracy"] = _accuracy(model, result, recipe, evald, report)
         (staging / "report.html").write_text(render_html(report))

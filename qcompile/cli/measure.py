@@ -68,18 +68,19 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
     }
 
 
-def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ir: IRGraph,
                 artifact: str) -> dict[str, Any]:
     """``report["measured_tvm"]`` for a TVM CPU artifact: end to end per batch beside the float model built by
-    TVM for the same target and batch (float32 convolutions, not the reference's float64), and per compiled function (TVM's own fused functions: they do not map to
-    IR layers). A fixed-batch artifact is timed at its batch only."""
+    TVM for the same target and batch (float32 convolutions, not the reference's float64), per compiled function,
+    and per layer (calls charged to IR ops by their order, :mod:`qcompile.backends.tvm.measure`). A fixed-batch
+    artifact is timed at its batch only."""
     import tempfile
 
     import tvm
 
     from qcompile.backends.tvm import runtime
     from qcompile.backends.tvm.build import build
-    from qcompile.backends.tvm.measure import function_times, interleaved_latency
+    from qcompile.backends.tvm.measure import call_times, function_times, interleaved_latency, layer_calls
 
     served = runtime.load(artifact)
     _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
@@ -94,7 +95,9 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
             timed = interleaved_latency({"artifact": served, "float": reference},
                                         rng.standard_normal((batch, *shape), dtype=np.float32), args.measure)
             samples[batch] = (timed["artifact"], timed["float"])
-    functions = function_times(served, rng.standard_normal((batches[0], *shape), dtype=np.float32))
+    calls = call_times(served, rng.standard_normal((batches[0], *shape), dtype=np.float32))
+    functions = function_times(calls)
+    kernels = layer_calls(ir, calls)
     return {
         "backend": f"tvm ({served.meta['target']})",
         "runtime": f"tvm {tvm.__version__}",
@@ -104,4 +107,6 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
         "batches": end_to_end(samples),
         "functions_batch": batches[0],
         "functions": [{"name": n, "ms": round(ms, 4)} for n, ms in sorted(functions.items(), key=lambda kv: -kv[1])],
+        "layers_batch": batches[0],
+        "layers": per_layer(ir, kernels) if kernels is not None else [],
     }

@@ -47,7 +47,7 @@ def _shares(values: list[float]) -> list[float]:
 def _layer_table(report: dict[str, Any]) -> str:
     layers = report["layers"]
     shares = {k: _shares([layer[k] for layer in layers]) for k in _COSTS}
-    measured = {m["name"]: m for m in report.get("measured", {}).get("layers", [])}
+    measured = {m["name"]: m for m in (report.get("measured") or report.get("measured_tvm") or {}).get("layers", [])}
     measured_share = dict(zip(measured, _shares([m["ms"] for m in measured.values()])))
     widest_measured = max(measured_share.values(), default=1.0)
     head = ["layer", "op", "w/a bits", "MACs", "linear", "quadratic", "memory"]

@@ -100,7 +100,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console(width=None if Console().is_terminal else 140)
     table = Table(title=Text(f"{report['model']} · recipe {report['recipe']} · width {report['width']}",
                              style="table.title"))
-    measured = report.get("measured")
+    measured = report.get("measured") or report.get("measured_tvm")  # the table shows one runtime's layers
     ms = {m["name"]: m["ms"] for m in measured["layers"]} if measured else {}
     predicted = "predicted_latency_ms" in report["total"]
     extra = (["predicted ms"] if predicted else []) + (["measured ms"] if measured else [])
@@ -129,8 +129,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _add_row(table, "vs bf16 width 1", "", "", "", "", f"{t['linear_vs_bf16_width1']:.4f}",
                  f"{t['quadratic_vs_bf16_width1']:.4f}", f"{t['memory_vs_bf16_width1']:.4f}", *blank)
     console.print(table)
-    if measured:
-        _say(console, _measured_line(measured, f"per layer at batch {measured['layers_batch']} (kernel time)"))
+    if report.get("measured"):
+        _say(console, _measured_line(report["measured"], f"per layer at batch {report['measured']['layers_batch']} "
+                                                         "(kernel time)"))
     tvm_measured = report.get("measured_tvm")
     if tvm_measured:
         top = ", ".join(f"{f['name']} {f['ms']:.3f} ms" for f in tvm_measured["functions"][:3])

@@ -51,6 +51,10 @@ def test_measure_times_a_tvm_cpu_artifact_beside_tvms_float_build(tmp_path, monk
     assert measured["backend"] == "tvm (cpu)" and set(measured["batches"]) == {"1", "4"}
     assert all(b["artifact_ms"] > 0 and b["float_ms"] > 0 and b["ratio"] > 0 for b in measured["batches"].values())
     assert measured["functions"] and all(f["ms"] >= 0 for f in measured["functions"])
+    layers = {row["name"]: row for row in measured["layers"]}  # calls charged to layers by their order
+    assert [name for name in layers if name in LAYERS] == LAYERS
+    assert all(layers[name]["integer"] and layers[name]["kernels"][0].startswith(("conv2d", "matmul"))
+               for name in LAYERS)
     assert "measured (tvm (cpu)" in capsys.readouterr().out
 
 
