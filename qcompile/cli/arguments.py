@@ -200,15 +200,17 @@ def build_profile_parser() -> argparse.ArgumentParser:
         description="Measure a latency profile: every distinct layer shape of a model at each candidate precision "
                     "and in float, in the deployed runtime on this machine. --cost-model measured:PROFILE uses it.")
     ap.add_argument("model", help="model file defining build_model(**kwargs) and example_input()")
-    ap.add_argument("--backend", choices=["onnx"], default="onnx",
-                    help="runtime to measure: onnx = onnxruntime's CPU kernels (default)")
+    ap.add_argument("--backend", choices=["onnx", "tvm"], default="onnx",
+                    help="runtime to measure: onnx = onnxruntime's CPU kernels (default); tvm = TVM CPU artifacts")
+    ap.add_argument("--target", choices=["cpu", "cpu-generic"], default="cpu",
+                    help="--backend tvm: the CPU target to build for (default cpu)")
     ap.add_argument("--bits", default="4,8", metavar="B,B", help="candidate widths, each as WbAb (default 4,8)")
     ap.add_argument("--widths", default="1.0", metavar="C,C",
                     help="width multipliers to profile, for sweeps (default 1.0; other widths re-initialise)")
     ap.add_argument("--batch", type=int, default=1, help="batch size the latencies are for (default 1)")
     ap.add_argument("--rounds", type=int, default=31, help="profiled runs per model (medians; default 31)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help=f"onnxruntime intra-op threads (default: the logical cores, {os.cpu_count()})")
+                    help=f"runtime threads (default: the logical cores, {os.cpu_count()})")
     ap.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--leaf-module", dest="leaf_modules", action="append", default=[], metavar="NAME")
     ap.add_argument("--out", required=True, help="the profile file to write (JSON)")

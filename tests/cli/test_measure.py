@@ -84,6 +84,17 @@ def test_a_profile_prices_a_plan_and_bounds_its_latency(tmp_path, monkeypatch, c
     assert "predicted ms" in capsys.readouterr().out
 
 
+def test_a_tvm_profile_files_every_layer_shape_per_precision(tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("tvm")
+    profile = tmp_path / "tvm-profile.json"
+    assert main(["profile", tiny(tmp_path, monkeypatch), "--backend", "tvm", "--rounds", "3", "--threads", "1",
+                 "--out", str(profile)]) == 0
+    loaded = LatencyProfile.load(profile)
+    assert loaded.meta["backend"] == "tvm (cpu)" and loaded.meta["runtime"].startswith("tvm ")
+    assert len(loaded.entries) == 3 and all(set(row) == {"float", "w4a4", "w8a8"} for row in loaded.entries.values())
+    assert all(ms > 0 for row in loaded.entries.values() for ms in row.values())
+
+
 def test_latency_budget_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
     model = tiny(tmp_path, monkeypatch)
     cases = [([model, "--recipe", "auto", "--budget", "latency=0.5"], "--budget latency=R needs a latency profile"),
