@@ -4,6 +4,10 @@
 #
 #   bash benchmarks/gpu_session.sh "$OUT" .gpu/cifar10-jpeg.tar.gz --budget-s 450 --workers 3 [--resume .gpu/prev]
 #
+# with `.gpu` named in the device call's carry, prepared here first (the data is outside the repository):
+#
+#   mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && echo /.gpu/ >> .git/info/exclude
+#
 # GPU_PROFILE_ARGS replaces the profile's arguments (a CPU rehearsal: "--pairs w0.5-mostly4bit --batch 8 --steps 2
 # --device cpu", with --smoke for the run). qcompile is not installed there, and `passes/` and `backends/` are shipped as qcompile.passes and
 # qcompile.backends, so it is copied into a site folder first; `python3 -P` keeps the checkout off sys.path.
