@@ -5,7 +5,11 @@ Layout: 4-d activations are NHWC inside the module (what the CUDA tensor-core sc
 NCHW view. Containers: codes in [-128, 127] are ``int8``, unsigned 8-bit codes ``uint8``, accumulators ``int32``.
 
 Conv and dense run as ``int8 x int8 -> int32``: a ``uint8`` activation is padded with its zero code, shifted
-by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. 4-bit weights are
+by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. Where every reader of a
+``uint8`` activation is a conv or dense layer, its producer writes it shifted (``q - 128`` as ``int8``, fused into
+the producer's epilogue) and the conv pads it implicitly with zeros: the correction is then ``128 ·`` the
+weights over the in-bounds part of each window, a per-channel vector plus a constant border term, so no kernel
+only shifts or pads activations. 4-bit weights are
 parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results).
 Float ops that the reference sums in float64 (pooling, mean, layer norm) are computed in float64 and rounded
 once. A dense layer contracts the last axis in the IR's own order (a channels-last tensor after a permute is a
@@ -27,6 +31,20 @@ from qcompile.ir.ops import OpTable
 from qcompile.ir.types import DType, TensorInfo
 
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
+SIGNED, OFFSET, SHIFTED = "signed", "offset", "shifted"  # how an int8 operand holds its codes
+
+
+def _offset_values(ir: IRGraph) -> set[str]:
+    """The ``uint8`` activations that only conv and dense layers read (as their input), not a graph output:
+    their producer can write them shifted into ``int8``."""
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for op in ir.ops:
+        for i, name in enumerate(op.inputs):
+            readers.setdefault(name, []).append((op.kind, i))
+    return {name for name, rs in readers.items()
+            if name in ir.values and name not in ir.constants and name not in ir.outputs and name not in ir.inputs
+            and ir.values[name].dtype not in (DType.FLOAT32, DType.INT32) and container(ir.values[name]) == "uint8"
+            and all(kind in ("conv2d", "dense") and i == 0 for kind, i in rs)}
 
 
 @dataclass
@@ -70,6 +88,7 @@ class _Builder:
         self.nhwc: set[str] = set()
         self.params: list[tuple[str, np.ndarray]] = []
         self.param_vars: dict[str, Any] = {}
+        self.offset = _offset_values(ir)
 
     # --- helpers -----------------------------------------------------------------------------------------
     def emit(self, expr: Any) -> Any:
@@ -98,6 +117,8 @@ class _Builder:
         return self.emit(self.op.permute_dims(self.env[name], [0, 2, 3, 1]))
 
     def set(self, name: str, expr: Any, nhwc: bool) -> None:
+        if name in self.offset:  # its readers take int8: the shift fuses into this producer's epilogue
+            expr = self.op.astype(self.op.subtract(self.op.astype(expr, "int16"), self.const(128, "int16")), "int8")
         self.env[name] = self.emit(expr)
         if nhwc and len(self.ir.values[name].shape) == 4:
             self.nhwc.add(name)
@@ -132,16 +153,20 @@ class _Builder:
             flat = self.emit(self.op.strided_slice(flat, [0], [0], [codes.size]))
         return self.emit(self.op.reshape(flat, codes.shape))
 
-    def int8_operand(self, name: str, pad: tuple[int, int] | None) -> tuple[Any, bool]:
-        """Activation codes as int8 (NHWC for conv), explicitly zero-padded when shifted; (expr, shifted)."""
+    def int8_operand(self, name: str, pad: tuple[int, int] | None) -> tuple[Any, str]:
+        """Activation codes as int8 (NHWC for conv) and how: ``signed`` (as they are), ``offset`` (written
+        shifted by their producer; a conv pads them implicitly) or ``shifted`` (shifted here, explicitly
+        zero-padded first)."""
         t = self.ir.values[name]
         x = self.as_nhwc(name) if pad is not None else self.nchw(name)
+        if name in self.offset:
+            return x, OFFSET
         if container(t) == "int8":
-            return x, False
+            return x, SIGNED
         if pad is not None and any(pad):
             x = self.emit(self.op.nn.pad(x, [0, 0, pad[0], pad[0], pad[1], pad[1], 0, 0], pad_value=0.0))
         shifted = self.op.subtract(self.op.astype(x, "int16"), self.const(128, "int16"))
-        return self.emit(self.op.astype(shifted, "int8")), True
+        return self.emit(self.op.astype(shifted, "int8")), SHIFTED
 
     # --- build -------------------------------------------------------------------------------------------
     def build(self) -> RelaxModel:
@@ -220,9 +245,30 @@ class _Builder:
             self.set(op.output, self.op.astype(acc, "float32"), True)
             return
         w = self.weights(op.inputs[1], (0, 2, 3, 1))
-        x, shifted = self.int8_operand(op.inputs[0], pad)
-        acc = self.op.nn.conv2d(x, w, padding=(0, 0) if shifted else pad, out_dtype="int32", **conv)
-        self.set(op.output, self._bias(op, acc, w_codes.reshape(len(w_codes), -1), shifted), True)
+        x, how = self.int8_operand(op.inputs[0], pad)
+        acc = self.op.nn.conv2d(x, w, padding=(0, 0) if how == SHIFTED else pad, out_dtype="int32", **conv)
+        acc = self._bias(op, acc, w_codes.reshape(len(w_codes), -1), how != SIGNED)
+        if how == OFFSET and any(pad):
+            acc = self.op.add(acc, self.const(self._border(op, xt, w_codes), "int32"))
+        self.set(op.output, acc, True)
+
+    def _border(self, op: Op, xt: TensorInfo, w_codes: np.ndarray) -> np.ndarray:
+        """``-128 ·`` the weights that fall on the implicit padding, per output position and channel (NHWC):
+        what an offset input's zero padding (code 128) adds beyond the padding of code 0."""
+        a = op.attrs
+        (h, w), (oh, ow) = xt.shape[2:], self.ir.values[op.output].shape[2:]
+        kh, kw = w_codes.shape[2:]
+
+        def inside(size: int, out: int, k: int, stride: int, pad: int, dilation: int) -> np.ndarray:
+            pos = np.arange(out)[:, None] * stride - pad + np.arange(k)[None, :] * dilation
+            return ((pos >= 0) & (pos < size)).astype(np.int64)
+
+        rows = inside(h, oh, kh, a["stride"][0], a["padding"][0], a["dilation"][0])
+        cols = inside(w, ow, kw, a["stride"][1], a["padding"][1], a["dilation"][1])
+        per_tap = w_codes.astype(np.int64).sum(axis=1)  # (out channels, kh, kw), over each group's inputs
+        outside = np.einsum("ak,bl,ckl->abc", 1 - rows, np.ones_like(cols), per_tap) + np.einsum(
+            "ak,bl,ckl->abc", rows, 1 - cols, per_tap)  # taps outside in rows, or inside in rows but not in columns
+        return (-128 * outside)[None]
 
     @OPS.implements("dense")
     def op_dense(self, op: Op) -> None:
@@ -236,9 +282,9 @@ class _Builder:
             self.set(op.output, self.op.astype(acc, "float32"), False)
             return
         w = self.weights(op.inputs[1], (1, 0))
-        x, shifted = self.int8_operand(op.inputs[0], None)
+        x, how = self.int8_operand(op.inputs[0], None)
         acc = self.op.matmul(x, w, out_dtype="int32")
-        self.set(op.output, self._bias(op, acc, w_codes, shifted), False)
+        self.set(op.output, self._bias(op, acc, w_codes, how != SIGNED), False)
 
     def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool) -> Any:
         """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8 (a vector

@@ -145,6 +145,42 @@ def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
         assert "<< (signed char)4)" not in source and "& (signed char)15)" in source
 
 
+class ConvChain(nn.Module):
+    """conv → BN → ReLU → 3x3 conv (padded) → ReLU → 1x1 conv → pool → fc: each uint8 activation between two
+    convs is read by a conv alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv3(torch.relu(self.conv2(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+SHIFT_ONLY = re.compile(r"fused_(pad\d*_)?cast\d*_subtract\d*_cast\d*_kernel")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_activations_read_only_by_convs_are_written_shifted_by_their_producer(tmp_path):
+    """No kernel only shifts (or pads and shifts) a uint8 activation into int8: the producer's epilogue writes
+    it shifted, the conv pads it implicitly and a border term corrects the accumulator; the CPU artifact stays
+    bit-exact with the reference."""
+    ir = _lowered(ConvChain(), "int8", size=12).context.ir
+    source = (build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text()
+    kernels = _kernels(source)
+    assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k)], list(kernels)
+    assert sum("wmma::mma_sync" in body for body in kernels.values()) == 4
+    x = np.random.default_rng(0).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    cpu = runtime.load(build(ir, "cpu", tmp_path / "cpu").path)
+    np.testing.assert_array_equal(cpu(x)[0], reference.run(ir, x)[ir.outputs[0]])
+
+
 class WideConv(nn.Module):
     """A 128-channel 3x3 conv at 28x28 (ResNet-50's layer2): dlight's Matmul tries its own int8 tensorization
     there (every GEMM dimension > 64) and raises "not a stage pipeline"."""
