@@ -5,11 +5,11 @@ Layout: 4-d activations are NHWC inside the module (what the CUDA tensor-core sc
 NCHW view. Containers: codes in [-128, 127] are ``int8``, unsigned 8-bit codes ``uint8``, accumulators ``int32``.
 
 Conv and dense run as ``int8 x int8 -> int32``: a ``uint8`` activation is padded with its zero code, shifted
-by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. Where every reader of a
-``uint8`` activation is a conv or dense layer, its producer writes it shifted (``q - 128`` as ``int8``, fused into
-the producer's epilogue) and the conv pads it implicitly with zeros: the correction is then ``128 ·`` the
-weights over the in-bounds part of each window, a per-channel vector plus a constant border term, so no kernel
-only shifts or pads activations. 4-bit weights are
+by -128 into ``int8`` and the exact correction ``128 · Σw`` is added to the accumulator. Where a conv or dense
+layer reads a ``uint8`` activation and nothing but such layers and dequantizes (which add the 128 back) does,
+its producer writes it shifted (``q - 128`` as ``int8``, fused into the producer's epilogue) and the conv pads it
+implicitly with zeros: the correction is then ``128 ·`` the weights over the in-bounds part of each window, a
+per-channel vector plus a constant border term, so no kernel only shifts or pads activations. 4-bit weights are
 parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results).
 Float ops that the reference sums in float64 (pooling, mean, layer norm) are computed in float64 and rounded
 once. A dense layer contracts the last axis in the IR's own order (a channels-last tensor after a permute is a
@@ -34,9 +34,12 @@ NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
 SIGNED, OFFSET, SHIFTED = "signed", "offset", "shifted"  # how an int8 operand holds its codes
 
 
+OFFSET_READERS = frozenset({"conv2d", "dense", "dequantize"})  # ops that read an activation shifted into int8
+
+
 def _offset_values(ir: IRGraph) -> set[str]:
-    """The ``uint8`` activations that only conv and dense layers read (as their input), not a graph output:
-    their producer can write them shifted into ``int8``."""
+    """The ``uint8`` activations that a conv or dense layer reads and that only such layers and dequantizes read
+    (as their input), not a graph output: their producer can write them shifted into ``int8``."""
     readers: dict[str, list[tuple[str, int]]] = {}
     for op in ir.ops:
         for i, name in enumerate(op.inputs):
@@ -44,7 +47,8 @@ def _offset_values(ir: IRGraph) -> set[str]:
     return {name for name, rs in readers.items()
             if name in ir.values and name not in ir.constants and name not in ir.outputs and name not in ir.inputs
             and ir.values[name].dtype not in (DType.FLOAT32, DType.INT32) and container(ir.values[name]) == "uint8"
-            and all(kind in ("conv2d", "dense") and i == 0 for kind, i in rs)}
+            and all(kind in OFFSET_READERS and i == 0 for kind, i in rs)
+            and any(kind in ("conv2d", "dense") for kind, _ in rs)}
 
 
 @dataclass
@@ -203,7 +207,10 @@ class _Builder:
         t = self.ir.values[src]
         nhwc = src in self.nhwc
         s = self.channel_vector(t.scale, t, nhwc, "float32")
-        self.set(op.output, self.op.multiply(self.op.astype(self.env[src], "float32"), s), nhwc)
+        codes = self.op.astype(self.env[src], "float32")
+        if src in self.offset:  # written as q - 128: the codes back, exactly (integers below 2^24)
+            codes = self.op.add(codes, self.const(128, "float32"))
+        self.set(op.output, self.op.multiply(codes, s), nhwc)
 
     @OPS.implements("requantize")
     def op_requantize(self, op: Op) -> None:
