@@ -54,7 +54,7 @@ def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
     :func:`~qcompile.backends.tvm.relax_builder.to_relax`)."""
     spec = get_target(target)
     start = time.perf_counter()
-    model = to_relax(ir, batch, float_dtype)
+    model = to_relax(ir, batch, float_dtype, pack_int4=not spec.is_cuda)  # GPUs unpack no 4-bit weights per call
     executable = compile_relax(model, spec)
     folder = Path(out) / "tvm" / spec.name
     folder.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ OPS: OpTable[Callable[[_Builder, Op], None]] = OpTable("relax")
 
 
 class _Builder:
-    def __init__(self, ir: IRGraph, batch: int | None, float_dtype: str = "float64") -> None:
+    def __init__(self, ir: IRGraph, batch: int | None, float_dtype: str = "float64", pack_int4: bool = True) -> None:
         self.tvm = require_tvm()
         from tvm import relax
 
@@ -86,6 +86,7 @@ class _Builder:
         self.op = relax.op
         self.ir = ir
         self.float_dtype = float_dtype  # float conv/dense arithmetic: float64 is the reference's, bit for bit
+        self.pack_int4 = pack_int4
         self.batch = batch if batch is not None else self.tvm.tirx.Var("n", "int64")
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Any] = {}
@@ -143,7 +144,7 @@ class _Builder:
         """A conv/dense weight parameter in int8 (4-bit codes packed two per byte and unpacked here)."""
         t = self.ir.values[name]
         codes = np.transpose(self.ir.constants[name], layout)
-        if t.dtype not in (DType.INT4, DType.UINT4):
+        if t.dtype not in (DType.INT4, DType.UINT4) or not self.pack_int4:
             return self.param(name, codes, "int8")
         nibbles = int4.pack(codes).view(np.int8)  # element 2i in the low nibble, 2i+1 in the high one
         packed = self.param(name, nibbles, "int8")
@@ -430,10 +431,12 @@ class _Builder:
             self.set(op.output, self.op.concat([self.env[i] for i in op.inputs], axis=dim), False)
 
 
-def to_relax(ir: IRGraph, batch: int | None = None, float_dtype: str = "float64") -> RelaxModel:
+def to_relax(ir: IRGraph, batch: int | None = None, float_dtype: str = "float64", pack_int4: bool = True) -> RelaxModel:
     """The IR as a Relax module ``main(x, *params)``; ``batch=None`` builds a symbolic batch dimension.
     ``float_dtype="float32"`` computes float convolutions and dense layers in float32, as a float deployment
-    would: not bit-exact with the reference, for timing a float model beside a quantized one."""
+    would: not bit-exact with the reference, for timing a float model beside a quantized one. ``pack_int4=False``
+    stores 4-bit weights as int8 codes instead of two per byte unpacked in the graph (one kernel per layer per
+    call on a GPU, where nothing computes in 4 bits anyway)."""
     if len(ir.inputs) != 1:
         raise TvmBackendError(f"the TVM backend takes one input, the IR has {len(ir.inputs)}")
-    return _Builder(ir, batch, float_dtype).build()
+    return _Builder(ir, batch, float_dtype, pack_int4).build()

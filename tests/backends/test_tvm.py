@@ -140,9 +140,9 @@ def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
         assert len(mma) == len(layers), (name, mma)  # one tensor-core kernel per conv/dense, epilogue fused
         ptx = nvcc(source, get_target(name), "ptx").decode()
         assert ptx.count("wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32") >= len(layers)
-        # CUDA C promotes int8 to int before a shift, so (p << 4) >> 4 keeps the whole byte (wrong 4-bit weights
-        # on the GPU, seen on an H100); the low nibble is masked instead
-        assert "<< (signed char)4)" not in source and "& (signed char)15)" in source
+        # 4-bit weights are stored as int8 codes for CUDA: no kernel unpacks nibbles on every call (nor can repeat
+        # the promotion bug that once kept the whole byte: CUDA C promotes int8 to int before a shift)
+        assert not [k for k in _kernels(source) if "bitwise" in k] and "(signed char)15)" not in source
 
 
 class ConvChain(nn.Module):
