@@ -10,7 +10,8 @@ layer reads a ``uint8`` activation and nothing but such layers and dequantizes (
 its producer writes it shifted (``q - 128`` as ``int8``, fused into the producer's epilogue) and the conv pads it
 implicitly with zeros: the correction is then ``128 ·`` the weights over the in-bounds part of each window, a
 per-channel vector plus a constant border term, so no kernel only shifts or pads activations. 4-bit weights are
-parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results).
+parameters packed two per byte and unpacked in the graph (TVM 0.27's int4 dtypes compute wrong results), or
+int8 codes where ``pack_int4`` is off (CUDA artifacts).
 Float ops that the reference sums in float64 (pooling, mean, layer norm) are computed in float64 and rounded
 once. A dense layer contracts the last axis in the IR's own order (a channels-last tensor after a permute is a
 plain 4-d value here, not NHWC), so its channels and its accumulator's scales run along the last axis.
