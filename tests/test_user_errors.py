@@ -183,3 +183,21 @@ def test_the_cli_words_library_errors_in_its_flags(flags, line, tmp_path, capsys
     code = main([model_file(tmp_path, "m"), *flags, "--out", str(tmp_path / "out"), "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"qcompile: error: {line}"), lines
+
+
+def test_sigterm_stops_a_run_in_one_line_and_leaves_nothing(tmp_path):
+    """SIGTERM is handled like Ctrl-C: one line, exit status 143, no output folder and no staging folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    model = Path(__file__).resolve().parents[1] / "examples" / "resnet20_cifar.py"
+    proc = subprocess.Popen([sys.executable, "-m", "qcompile", str(model), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # imported (the handler is set) and well inside the run, which takes tens of seconds
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "qcompile: terminated", err
+    assert list(tmp_path.iterdir()) == []

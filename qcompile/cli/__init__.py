@@ -6,7 +6,9 @@ one line naming the flag to fix, and exit status 2."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 
 from qcompile.cli.arguments import build_parser, in_flags
@@ -21,13 +23,28 @@ def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
     print(f"qcompile: warning: {text.splitlines()[0] if text else type(message).__name__}", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that its output transaction cleans up as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qcompile`` console script; user errors are one line and exit status 2, warnings
-    (a cache entry recomputed, a degenerate range) one line each."""
+    (a cache entry recomputed, a degenerate range) one line each; SIGTERM stops a run as Ctrl-C does (nothing
+    half-written is left), exit status 143."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        return _main(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _main(argv: list[str]) -> int:
@@ -44,6 +61,9 @@ def _main(argv: list[str]) -> int:
     except QCompileError as exc:
         print(f"qcompile: error: {in_flags(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("qcompile: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130
