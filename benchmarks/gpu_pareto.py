@@ -51,8 +51,8 @@ from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.recipes import get_recipe
 from qcompile.train.distributed import DistContext, default_device
 from qcompile.train.plots import plot_sweep
-from qcompile.train.run import RunSpec, Splits, prepare_run, train_and_lower, training_settings
-from qcompile.train.sweep import Pair, add_latency, run_dir, run_sweep, write_tables
+from qcompile.train.run import RunSpec, Splits, prepare_run, train_and_lower
+from qcompile.train.sweep import Pair, add_latency, expected_settings, run_dir, run_sweep, write_tables
 from qcompile.train.trainer import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,8 +216,7 @@ def run_job(job: Job, plan: Plan, data: str, work: str, deadline: float, device:
             if not fused:
                 from qcompile.quantization import fused_kernels
 
-                os.environ[fused_kernels.SWITCH_ENV] = "0"
-                fused_kernels._kernels.cache_clear()
+                fused_kernels.set_enabled(False)
             try:
                 model, result = _train_once(job, plan, Path(work), deadline, splits, dist, graphs)
                 row.update(cuda_graphs=graphs and dev.type == "cuda", fused_quant=fused)
@@ -281,11 +280,9 @@ def fused_check(device: torch.device) -> dict[str, Any]:
         x = x.contiguous(memory_format=torch.channels_last)
         s, s_acc = torch.tensor(0.05, device=device), torch.rand(32, generator=g, device=device) * 1e-2 + 1e-3
         fused = (_RoundClip.apply(x, s, -8, 7), _Requantize.apply(x, s_acc, s, 1, -128, 127))
-        os.environ[fused_kernels.SWITCH_ENV] = "0"
-        fused_kernels._kernels.cache_clear()
+        fused_kernels.set_enabled(False)
         eager = (_RoundClip.apply(x, s, -8, 7), _Requantize.apply(x, s_acc, s, 1, -128, 127))
-        del os.environ[fused_kernels.SWITCH_ENV]
-        fused_kernels._kernels.cache_clear()
+        fused_kernels.set_enabled(True)
         report["mismatches"][str(dtype)] = [int((a != b).sum()) for a, b in zip(fused, eager)]
     return report
 
@@ -394,15 +391,16 @@ def run(args: argparse.Namespace) -> int:
     stages = {j.key: j.settings(plan) for j in jobs(plan)}  # a run trained otherwise is trained again
     runs = {k: r for k, r in previous.get("runs", {}).items()
             if r.get("status") == "done" and r.get("settings", stages.get(k)) == stages.get(k)}
-    tabled = tabled_pairs(Path(args.table), plan, args.data) if args.table else set()
     try:
         summary["fused_check"] = fused_check(device)
         _log(f"fused kernel check: {summary['fused_check']}")
         summary["graph_check"] = graph_check(device)
         _log(f"CUDA graph check: {summary['graph_check']}")
-        for split in ("train", "test"):
-            load_split(args.data, split)  # decode once; the workers read the cache
+        sizes = [len(load_split(args.data, split).subset(n))  # decode once; the workers read the cache
+                 for split, n in (("train", plan.train_size), ("test", plan.eval_size))]
         _log(f"data ready ({time.time() - start:.0f} s)")
+        expected = expected_settings(Job("pair").config(plan), *sizes)
+        tabled = tabled_pairs(Path(args.table), expected) if args.table else set()
         deadline = start + args.budget_s
         queue = [j for j in jobs(plan) if j.key not in runs and j.key not in tabled
                  and (not args.only or j.key in args.only.split(","))]
@@ -447,28 +445,23 @@ def run(args: argparse.Namespace) -> int:
 # ---- finishing on the CPU -----------------------------------------------------------------------------------
 
 
-def expected_settings(plan: Plan, data: str) -> dict[str, Any]:
-    """What a sweep row must have been trained with to count for ``plan`` (``run_sweep``'s own check)."""
-    train_images = len(load_split(data, "train").subset(plan.train_size))
-    eval_images = len(load_split(data, "test").subset(plan.eval_size))
-    return {**training_settings(Job("pair").config(plan)), "train_images": train_images, "eval_images": eval_images}
+def tabled_rows(table: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an earlier ``finish``'s ``runs.json`` trained with ``expected`` settings
+    (:func:`qcompile.train.sweep.expected_settings`)."""
+    rows = json.loads(table.read_text()) if table.exists() else []
+    return [r for r in rows if all(r.get(k) == v for k, v in expected.items())]
 
 
-def tabled_pairs(table: Path, plan: Plan, data: str) -> set[str]:
-    """The sweep jobs an earlier ``finish`` already tabulated in ``table`` (``runs.json``) with this plan."""
-    if not table.exists():
-        return set()
-    expected = expected_settings(plan, data)
-    return {Job("pair", r["recipe"], r["width"]).key for r in json.loads(table.read_text())
-            if all(r.get(k) == v for k, v in expected.items())}
+def tabled_pairs(table: Path, expected: dict[str, Any]) -> set[str]:
+    """The sweep jobs an earlier ``finish`` already tabulated in ``table`` with these settings."""
+    return {Job("pair", r["recipe"], r["width"]).key for r in tabled_rows(table, expected)}
 
 
 def merge_rows(new: list[dict[str, Any]], table: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
     """``new`` and the rows of an earlier ``runs.json`` for other pairs trained the same way, ordered by width
     then recipe: the sweep grows over several GPU runs without keeping their checkpoints."""
     fresh = {(r["width"], r["recipe"]) for r in new}
-    old = json.loads(table.read_text()) if table.exists() else []
-    kept = [r for r in old if (r["width"], r["recipe"]) not in fresh and all(r.get(k) == v for k, v in expected.items())]
+    kept = [r for r in tabled_rows(table, expected) if (r["width"], r["recipe"]) not in fresh]
     order = {name: i for i, name in enumerate(FULL.recipes)}
     return sorted([*new, *kept], key=lambda r: (r["width"], order.get(r["recipe"], len(order))))
 
@@ -500,12 +493,13 @@ def finish(args: argparse.Namespace) -> int:
         report["checkpoint"] = {"test_top1": top1, "test_loss": loss, "test_images": n, "settings": settings}
         shutil.copy(work / "float" / CHECKPOINT, results / CHECKPOINT)
         print(f"checkpoint: top-1 {100 * top1:.2f}% on {n} test images", flush=True)
-    tabled = tabled_pairs(results / "runs.json", plan, args.data)
+    expected = expected_settings(Job("pair").config(plan), len(splits.train), len(splits.eval))
+    tabled = tabled_pairs(results / "runs.json", expected)
     pairs = [Pair(j.width, j.recipe) for j in jobs(plan) if j.kind == "pair" and j.key in done - tabled]
     new = run_sweep(pairs, pair_spec, splits, Job("pair").config(plan), work / "sweep",
                     verify_size=plan.verify_size,
                     on_pair=lambda p, r, _: print(f"{p.key}: top-1 {r['top1']}", flush=True)) if pairs else []
-    rows = merge_rows(new, results / "runs.json", expected_settings(plan, args.data))
+    rows = merge_rows(new, results / "runs.json", expected)
     if rows:
         if args.profile:
             add_latency(rows, pair_spec, LatencyProfile.load(args.profile))

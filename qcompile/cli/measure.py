@@ -1,8 +1,8 @@
 """``--measure``: the deployed artifact's latency on this machine, beside the float model's in the same runtime.
 
 The float reference is the same model lowered at ``bf16`` (the IR's float ops, BN folded), exported by the same
-exporter and run by the same onnxruntime (or built by TVM for the same target and batch): the ratio then isolates what quantization changes. Only timings; the
-artifact itself was verified before it is measured.
+exporter and run by the same onnxruntime (or built by TVM for the same target and batch): the ratio then
+isolates what quantization changes. Only timings; the artifact itself was verified before it is measured.
 """
 
 from __future__ import annotations

@@ -34,6 +34,15 @@ def _kernels() -> ModuleType | None:
     return _triton_fake_quant
 
 
+def set_enabled(on: bool) -> None:
+    """Turn the kernels on (the default) or off for this process: the fallback where they fail on a device."""
+    if on:
+        os.environ.pop(SWITCH_ENV, None)
+    else:
+        os.environ[SWITCH_ENV] = "0"
+    _kernels.cache_clear()
+
+
 def _dense(x: torch.Tensor) -> bool:
     """Whether ``x``'s elements fill its storage span exactly (any dense layout: NCHW, channels-last, ...)."""
     return x.is_contiguous() or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)

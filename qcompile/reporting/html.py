@@ -12,6 +12,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from qcompile.reporting.measured import layer_timings
+
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d2430;background:#fff}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:22px 0 8px}
@@ -47,7 +49,7 @@ def _shares(values: list[float]) -> list[float]:
 def _layer_table(report: dict[str, Any]) -> str:
     layers = report["layers"]
     shares = {k: _shares([layer[k] for layer in layers]) for k in _COSTS}
-    measured = {m["name"]: m for m in (report.get("measured") or report.get("measured_tvm") or {}).get("layers", [])}
+    measured = {m["name"]: m for m in (layer_timings(report) or {}).get("layers", [])}
     measured_share = dict(zip(measured, _shares([m["ms"] for m in measured.values()])))
     widest_measured = max(measured_share.values(), default=1.0)
     head = ["layer", "op", "w/a bits", "MACs", "linear", "quadratic", "memory"]

@@ -41,6 +41,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores"
 
 
+def layer_timings(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The measurement whose per-layer times the report's table shows: onnxruntime's when it ran, else TVM's."""
+    return report.get("measured") or report.get("measured_tvm")
+
+
 def median_ratio(a: list[float], b: list[float]) -> float:
     """The median over interleaved rounds of ``a / b``: robust to a round that the machine slowed for both."""
     return statistics.median(x / y for x, y in zip(a, b))

@@ -15,6 +15,7 @@ from qcompile.frontend.graph import compute_nodes, layer_names, module_of
 from qcompile.ir.bounds import accumulator_bounds
 from qcompile.pipeline import PassContext
 from qcompile.quantization.spec import get_annotation
+from qcompile.reporting.measured import layer_timings
 
 
 def op_name(module: nn.Module) -> str:
@@ -100,7 +101,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console(width=None if Console().is_terminal else 140)
     table = Table(title=Text(f"{report['model']} · recipe {report['recipe']} · width {report['width']}",
                              style="table.title"))
-    measured = report.get("measured") or report.get("measured_tvm")  # the table shows one runtime's layers
+    measured = layer_timings(report)
     ms = {m["name"]: m["ms"] for m in measured["layers"]} if measured else {}
     predicted = "predicted_latency_ms" in report["total"]
     extra = (["predicted ms"] if predicted else []) + (["measured ms"] if measured else [])

@@ -61,6 +61,11 @@ def finished(out: Path, pair: Pair, expected: dict[str, Any]) -> dict[str, Any] 
     return row
 
 
+def expected_settings(cfg: TrainConfig, train_images: int, eval_images: int) -> dict[str, Any]:
+    """What a finished pair's row must record to be reused under ``cfg`` on splits of these sizes."""
+    return {**training_settings(cfg), "train_images": train_images, "eval_images": eval_images}
+
+
 def predicted_latency(spec: RunSpec, profile: LatencyProfile) -> int:
     """A pair's latency in nanoseconds as the profile predicts it (capture, width, precision: no training)."""
     torch.manual_seed(0)
@@ -87,7 +92,7 @@ def run_sweep(pairs: Sequence[Pair], make_spec: Callable[[Pair], RunSpec], split
     """Train the pairs not yet finished under ``out``, in order; returns every pair's row (with a latency
     ``profile``, each row's predicted latency too, and a plot against it)."""
     rows = []
-    expected = {**training_settings(cfg), "train_images": len(splits.train), "eval_images": len(splits.eval)}
+    expected = expected_settings(cfg, len(splits.train), len(splits.eval))
     for pair in pairs:
         row = finished(out, pair, expected)
         reused = row is not None
