@@ -187,7 +187,9 @@ def test_histogram_quantile_is_within_one_bin_of_the_exact_quantile(parts, q, bi
 @given(chunks, quantiles)
 def test_histogram_quantile_against_torch_quantile(parts, q):
     h, values = _histogram_of(parts)
-    exact = torch.quantile(torch.from_numpy(values), q).item()  # float32: its own rounding on top of the bound
+    # the same float32 values, quantile taken in float64: in float32 torch rounds the rank q·(n-1) itself, which
+    # moved its answer by 2e-4 of max|x| on 700 values (a CI failure), more than any bound on the histogram
+    exact = torch.quantile(torch.from_numpy(values).double(), q).item()
     assert abs(h.quantile(q) - exact) <= h.bin_width + 1e-6 * float(values.max())
 
 
