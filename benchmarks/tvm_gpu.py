@@ -1,30 +1,41 @@
 """ResNet-50 224x224 on an NVIDIA GPU: TVM int8 and mostly4bit artifacts vs PyTorch bf16 eager and
 ``torch.compile`` bf16 (channels_last; CUDA graphs at batch 1), batch 256 and batch 1, in one run.
 
-Two steps, because the GPU machine has neither TVM's compiler nor nvcc nor network:
+Three steps, because the GPU machine has neither TVM's compiler nor nvcc nor network, and a call carries at most
+64 MiB:
 
 1. here (the build machine, no GPU needed)::
 
-       python benchmarks/tvm_gpu.py build --out bench-gpu --target sm90
+       python benchmarks/tvm_gpu.py build --out bench-gpu --target sm90 --data ../shared/data/cifar10-jpeg.tar.gz
 
    builds ``bench-gpu/<recipe>/b<batch>/tvm/sm90/`` for batch 256 and batch 1 (a fixed batch: with a symbolic
-   one, dlight's int8 tensor-core rule failed on most ResNet-50 convs: 9 of 62 int8 kernels on tensor cores,
-   against 37 of 55 with batch 256) and ``check.npz``: the reference interpreter's logits on a few seeded random
-   images, to check the artifacts' outputs on the GPU.
-2. on the GPU machine, with a runtime-only copy of the ``tvm`` package (the installed one without
-   ``lib/libtvm_compiler.so`` and ``3rdparty/``) and the matching ``apache-tvm-ffi`` wheel on ``PYTHONPATH``
-   (see docs/backends.md, "TVM")::
+   one, dlight's int8 tensor-core rule failed on most ResNet-50 convs; the batch-1 build replays its kernels as a
+   CUDA graph) and ``check.npz``: 1,000 CIFAR-10 test images (upsampled 7x, nearest, so that the GPU machine
+   rebuilds the 224x224 inputs exactly from 3 MB) with the reference interpreter's logits for them. The batches of
+   one recipe share one ``params.npz`` (hard links), so it travels once.
+2. ``python benchmarks/tvm_gpu.py pack --out bench-gpu --bundle .gpu/tvm-gpu.tar.gz --wheel FFI.whl``: one
+   tar.gz of the artifacts, a runtime-only copy of the installed ``tvm`` package (no ``libtvm_compiler.so``, no
+   ``3rdparty/``), the ``apache-tvm-ffi`` wheel for the GPU machine's Python and, with ``--tuning``, the
+   candidates of ``benchmarks/tvm_tune.py``; refused above 64 MiB.
+3. on the GPU machine: ``bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz`` unpacks it and runs
+   ``tvm_gpu.py run``: each artifact's agreement with the reference on all check images (top-1, identical final
+   integers, largest difference in LSB), img/s and ms per batch for every contender (medians), the ratios to
+   ``torch.compile`` bf16, the TVM VM's per-kernel profile at the largest batch (which kernels use tensor
+   cores), all of it also in ``--json``; then times the tuning candidates, if the bundle has them.
 
-       TVM_USE_RUNTIME_LIB=1 python benchmarks/tvm_gpu.py run --out bench-gpu --target sm90 [--profile]
-
-   prints top-1 agreement with the reference, img/s and ms per batch for every contender, the ratios to
-   ``torch.compile`` bf16, and with ``--profile`` the TVM VM's per-kernel time profile at batch 256.
+``--model resnet20`` with ``--target cpu --batches 2,1 --check-images 16`` is the CPU rehearsal that
+tests/benchmarks/test_tvm_gpu.py runs through all three steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import re
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,40 +44,152 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RECIPES = ("int8", "mostly4bit")
 BATCHES = (256, 1)
-CHECK_IMAGES, SEED = 8, 0
+CHECK_IMAGES, SEED, CHUNK = 1000, 0, 32
+SOURCE_SIZE = 32  # check images are CIFAR-10's, upsampled by an integer factor
+CARRY_BYTES = 64 << 20
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TENSOR_CORE = re.compile(r"wmma::mma_sync|mma\.sync")
 
 
-def check_images() -> np.ndarray:
-    return np.random.default_rng(SEED).standard_normal((CHECK_IMAGES, 3, 224, 224)).astype(np.float32)
+def model_for(name: str):  # noqa: ANN201 - a torch module; torch is imported lazily
+    """The benchmark's model with seeded random weights (speed does not depend on them)."""
+    import torch
+
+    from qcompile.models import resnet20_cifar, resnet50
+
+    torch.manual_seed(SEED)
+    return resnet50() if name == "resnet50" else resnet20_cifar()
+
+
+def lowered_ir(name: str, recipe: str):  # noqa: ANN201 - an IRGraph
+    """The model's integer IR for a recipe, the same on every call."""
+    from _common import lowered
+
+    return lowered(model_for(name), recipe, size=image_size(name))
+
+
+def image_size(model: str) -> int:
+    return 224 if model == "resnet50" else 32
+
+
+def check_pixels(n: int, data: str | None) -> np.ndarray:
+    """``n`` CIFAR-10 test images (N, 3, 32, 32) uint8, a fixed class-mixed subset; seeded noise without data."""
+    if data is None:
+        return np.random.default_rng(SEED).integers(0, 256, (n, 3, SOURCE_SIZE, SOURCE_SIZE), dtype=np.uint8)
+    from qcompile.data import load_split
+
+    images = np.asarray(load_split(data, "test").subset(n, SEED).images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def check_inputs(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The float32 NCHW inputs: nearest upsampling by ``size // 32`` and ImageNet normalization, the same bits on
+    any machine."""
+    k = size // SOURCE_SIZE
+    x = pixels.repeat(k, axis=2).repeat(k, axis=3).astype(np.float32) / np.float32(255)
+    mean = np.asarray(MEAN, np.float32)[:, None, None]
+    std = np.asarray(STD, np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def _share_params(folders: list[Path]) -> None:
+    """Hard-link byte-identical ``params.npz`` files of one recipe's batches to the first, so they travel once."""
+    first = folders[0] / "params.npz"
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    for folder in folders[1:]:
+        other = folder / "params.npz"
+        if hashlib.sha256(other.read_bytes()).hexdigest() == digest:
+            other.unlink()
+            os.link(first, other)
 
 
 def build_step(args: argparse.Namespace) -> None:
-    from _common import lowered
     from qcompile.backends.tvm.build import build
 
     from qcompile.ir import reference
-    from qcompile.models import resnet50
+    from qcompile.ir.agreement import final_scale
 
     out = Path(args.out)
-    refs = {}
+    size = image_size(args.model)
+    pixels = check_pixels(args.check_images, args.data)
+    x = check_inputs(pixels, size)
+    check: dict[str, np.ndarray] = {"pixels": pixels}
     for recipe in args.recipes:
-        ir = lowered(resnet50(), recipe)
+        ir = lowered_ir(args.model, recipe)
+        folders = []
         for batch in args.batches:
             art = build(ir, args.target, out / recipe / f"b{batch}", batch=batch)
+            folders.append(art.path)
             print(f"{recipe}: built {art.path} in {art.seconds:.0f} s", flush=True)
-        refs[recipe] = reference.run(ir, check_images())[ir.outputs[0]]
-    np.savez(out / "check.npz", **refs)
+        _share_params(folders)
+        check[f"logits_{recipe}"] = np.concatenate(
+            [reference.run(ir, x[i:i + CHUNK])[ir.outputs[0]] for i in range(0, len(x), CHUNK)])
+        check[f"scale_{recipe}"] = final_scale(ir)
+        print(f"{recipe}: reference logits for {len(x)} images", flush=True)
+    np.savez(out / "check.npz", **check)
+    (out / "build.json").write_text(json.dumps({"model": args.model, "target": args.target,
+                                                "recipes": args.recipes, "batches": args.batches}))
 
 
-def profile(model: object, recipe: str, batch: int = 256) -> None:
-    """Per-kernel time of one batch through the VM's instrument hook (device synchronised around each call)."""
+def _runtime_files() -> list[tuple[Path, str]]:
+    """The installed ``tvm`` package without its compiler: (file, name in the bundle)."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("tvm").origin).parent
+    skip = ("3rdparty", "__pycache__")
+    return [(f, f"tvm-runtime/tvm/{f.relative_to(root)}") for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != "libtvm_compiler.so" and not set(skip) & set(f.relative_to(root).parts)]
+
+
+def pack_step(args: argparse.Namespace) -> None:
+    bundle = Path(args.bundle)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(args.out, arcname="bench")  # hard links stay links: shared params.npz are stored once
+        if args.tuning:
+            tar.add(args.tuning, arcname="tuning")
+        for path, name in _runtime_files():
+            tar.add(path, arcname=name)
+        for wheel in args.wheel:
+            tar.add(wheel, arcname=Path(wheel).name)
+    size = bundle.stat().st_size
+    print(f"{bundle}: {size / 2**20:.1f} MiB")
+    if size > CARRY_BYTES:
+        bundle.unlink()
+        sys.exit(f"the bundle is {size / 2**20:.1f} MiB, more than a device call carries (64 MiB): pack fewer "
+                 "recipes or batches")
+
+
+def kernel_profile(model: object, x: np.ndarray, source: str | None) -> list[dict[str, object]]:
+    """Per-kernel time of one call through the VM's instrument hook (device synchronised around each call), and
+    whether the kernel's CUDA source uses tensor cores."""
     from qcompile.backends.tvm.measure import call_times, function_times
 
-    times = function_times(call_times(model, np.zeros((batch, 3, 224, 224), np.float32), runs=1))
-    total = sum(times.values())
-    print(f"TVM {recipe} batch {batch}: {total:.2f} ms in {len(times)} kernels; the top 15:")
-    for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"  {ms:8.3f} ms {ms / total:6.1%}  {name}")
+    bodies = _kernel_bodies(source) if source else {}
+    times = function_times(call_times(model, x, runs=1))
+    return [{"kernel": name, "ms": ms, "tensor_core": bool(TENSOR_CORE.search(bodies.get(name, "")))}
+            for name, ms in sorted(times.items(), key=lambda kv: -kv[1])]
+
+
+def _kernel_bodies(source: str) -> dict[str, str]:
+    """Function name -> the CUDA of its kernels (TVM names them ``<function>_kernel``, ``<function>_kernel_1``;
+    the source declares every kernel before defining it)."""
+    kernels: dict[str, str] = {}
+    for part in re.split(r'extern "C" __global__ void', source)[1:]:
+        kernels[re.match(r"\s*(?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", part).group(1)] = part
+    functions: dict[str, str] = {}
+    for kernel, body in kernels.items():
+        name = re.sub(r"_kernel(_\d+)?$", "", kernel)
+        functions[name] = functions.get(name, "") + body
+    return functions
+
+
+def _print_profile(recipe: str, batch: int, rows: list[dict[str, object]]) -> None:
+    total = sum(r["ms"] for r in rows)
+    cores = sum(r["tensor_core"] for r in rows)
+    print(f"TVM {recipe} batch {batch}: {total:.2f} ms in {len(rows)} kernels ({cores} on tensor cores); top 15:")
+    for r in rows[:15]:
+        print(f"  {r['ms']:8.3f} ms {r['ms'] / total:6.1%} {'TC' if r['tensor_core'] else '  '}  {r['kernel']}")
 
 
 def run_step(args: argparse.Namespace) -> None:
@@ -74,52 +197,83 @@ def run_step(args: argparse.Namespace) -> None:
     from _common import median_ms
     from qcompile.backends.tvm import runtime
 
-    from qcompile.models import resnet50
+    from qcompile.ir.agreement import compare_logits
 
     out = Path(args.out)
-    refs = np.load(out / "check.npz")
-    sync = torch.cuda.synchronize
+    setup = json.loads((out / "build.json").read_text())
+    target, size = setup["target"], image_size(setup["model"])
+    cuda = args.device == "cuda"
+    check = np.load(out / "check.npz")
+    x_check = check_inputs(check["pixels"], size)
+    report: dict[str, object] = {"model": setup["model"], "target": target, "repeat": args.repeat,
+                                 "device": torch.cuda.get_device_name() if cuda else "cpu",
+                                 "agreement": {}, "profile": {}, "rows": []}
     rows: list[tuple[str, int, float]] = []
-    for recipe in args.recipes:
-        for batch in args.batches:
-            model = runtime.load(out / recipe / f"b{batch}" / "tvm" / args.target, device="cuda")
-            got = model(check_images())[0]
-            agree = float((got.argmax(1) == refs[recipe].argmax(1)).mean())
-            print(f"TVM {recipe} (batch-{batch} artifact): top-1 agreement with the reference {agree:.4f} on "
-                  f"{CHECK_IMAGES} images", flush=True)
-            x = model.to_device(np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype(np.float32))
+    for recipe in setup["recipes"]:
+        for batch in setup["batches"]:
+            folder = out / recipe / f"b{batch}" / "tvm" / target
+            model = runtime.load(folder, device=args.device)
+            ref = check[f"logits_{recipe}"]
+            pairs = [(x_check[i:i + batch * 4], ref[i:i + batch * 4]) for i in range(0, len(x_check), batch * 4)]
+            agree = compare_logits(check[f"scale_{recipe}"], lambda b: model(b)[0], pairs)
+            report["agreement"][f"{recipe}/b{batch}"] = agree
+            print(f"TVM {recipe} (batch-{batch} artifact) vs the reference on {agree['images']} images: top-1 "
+                  f"{agree['top1_agreement']:.4f}, identical final integers {agree['identical_fraction']:.4f}, "
+                  f"max {agree['max_lsb_diff']} LSB", flush=True)
+            x = model.to_device(np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32))
             rows.append((f"TVM {recipe}", batch, median_ms(lambda: model.run_device(x), args.repeat, 3,
                                                            model.device.sync)))
-            if args.profile and batch == 256:
-                profile(model, recipe)
-    net = resnet50().cuda().eval().to(memory_format=torch.channels_last, dtype=torch.bfloat16)
+            if args.profile and batch == max(setup["batches"]):
+                source = folder / "kernels.cu"
+                prof = kernel_profile(model, np.zeros((batch, 3, size, size), np.float32),
+                                      source.read_text() if source.exists() else None)
+                report["profile"][f"{recipe}/b{batch}"] = prof
+                _print_profile(recipe, batch, prof)
+    dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    net = model_for(setup["model"]).to(dev).eval().to(memory_format=torch.channels_last, dtype=dtype)
     with torch.inference_mode():
-        for batch in args.batches:
-            compiled = torch.compile(net, mode="reduce-overhead" if batch <= 8 else None)  # CUDA graphs when small
-            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(
-                memory_format=torch.channels_last)
-            rows.append(("torch bf16 eager", batch, median_ms(lambda: net(x), args.repeat, 3, sync)))
-            rows.append(("torch.compile bf16", batch, median_ms(lambda: compiled(x), args.repeat, 10, sync)))
+        for batch in setup["batches"]:
+            x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
+            rows.append((f"torch {dtype} eager".replace("torch.", ""), batch,
+                         median_ms(lambda: net(x), args.repeat, 3, sync)))
+            if cuda:  # the CPU rehearsal skips compiling
+                compiled = torch.compile(net, mode="reduce-overhead" if batch <= 8 else None)  # CUDA graphs when small
+                rows.append(("torch.compile bf16", batch, median_ms(lambda: compiled(x), args.repeat, 10, sync)))
     peer = {b: ms for name, b, ms in rows if name == "torch.compile bf16"}
-    print(f"ResNet-50 224x224 on {torch.cuda.get_device_name()}, target {args.target}, median of {args.repeat}")
+    print(f"{setup['model']} {size}x{size} on {report['device']}, target {target}, median of {args.repeat}")
     print(f"{'contender':<22}{'batch':>6}{'ms':>10}{'img/s':>10}{'vs torch.compile':>18}")
     for name, batch, ms in rows:
-        print(f"{name:<22}{batch:>6}{ms:>10.3f}{batch / ms * 1e3:>10.0f}{peer[batch] / ms:>17.2f}x")
+        ratio = f"{peer[batch] / ms:>17.2f}x" if batch in peer else f"{'-':>18}"
+        print(f"{name:<22}{batch:>6}{ms:>10.3f}{batch / ms * 1e3:>10.0f}{ratio}")
+        report["rows"].append({"contender": name, "batch": batch, "ms": ms, "images_per_second": batch / ms * 1e3,
+                               "vs_torch_compile": peer[batch] / ms if batch in peer else None})
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["build", "run"])
-    ap.add_argument("--out", default="bench-gpu")
-    ap.add_argument("--target", default="sm90", choices=["sm80", "sm90"])
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--profile", action="store_true", help="run step: per-kernel TVM profile at batch 256")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="which artifacts (fewer travel to a GPU machine)")
+    ap.add_argument("step", choices=["build", "pack", "run"])
+    ap.add_argument("--out", default="bench-gpu", help="the artifacts' folder")
+    ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet20"],
+                    help="resnet20 (32x32): the CPU rehearsal")
+    ap.add_argument("--target", default="sm90", choices=["sm80", "sm90", "cpu", "cpu-generic"])
+    ap.add_argument("--data", help="build: CIFAR-10 archive for the check images (seeded noise without it)")
+    ap.add_argument("--check-images", type=int, default=CHECK_IMAGES)
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="which artifacts")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="fixed batch sizes to build and time")
+    ap.add_argument("--bundle", default=".gpu/tvm-gpu.tar.gz", help="pack: the file a device call carries")
+    ap.add_argument("--wheel", action="append", default=[], help="pack: a wheel to carry (apache-tvm-ffi)")
+    ap.add_argument("--tuning", help="pack: a tvm_tune.py candidates folder to time there too")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="run: cpu is the rehearsal")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="run: per-kernel TVM profile at the largest batch")
+    ap.add_argument("--json", help="run: also write every figure here")
     args = ap.parse_args()
     args.recipes = args.recipes.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
-    (build_step if args.step == "build" else run_step)(args)
+    {"build": build_step, "pack": pack_step, "run": run_step}[args.step](args)
 
 
 if __name__ == "__main__":

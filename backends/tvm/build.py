@@ -19,9 +19,15 @@ from qcompile.backends.tvm import cuda as tvm_cuda
 from qcompile.backends.tvm import require_tvm
 from qcompile.backends.tvm.relax_builder import RelaxModel, to_relax
 from qcompile.backends.tvm.targets import TargetSpec, get_target
+from qcompile.backends.tvm.tuning import load_table
 
 from qcompile.artifacts import atomic_path, write_json, write_text
 from qcompile.ir.graph import IRGraph
+
+
+# replaying a CUDA graph saves a few microseconds per kernel: all of a batch-1 call's time on a GPU, nothing at
+# batch 256, where it would hide the kernels from the VM's per-call profile (a graph replays them in one call)
+GRAPH_MAX_BATCH = 16
 
 
 @dataclass
@@ -33,12 +39,18 @@ class Artifact:
     seconds: float
 
 
-def compile_relax(model: RelaxModel, spec: TargetSpec) -> Any:
-    """``tvm.compile`` with the CUDA tensor-core pipeline for GPU targets, the default one on CPU."""
+def compile_relax(model: RelaxModel, spec: TargetSpec, cuda_graph: bool = False) -> Any:
+    """``tvm.compile`` with the CUDA tensor-core pipeline for GPU targets, the default one on CPU.
+
+    ``cuda_graph``: Relax's ``RewriteCUDAGraph`` records the kernels that read only weights and intermediates
+    as one CUDA graph on the first call and replays it after, so a small batch pays one launch for them instead
+    of one per kernel (only the input's quantize and the kernel writing the output stay outside).
+    """
     tvm = require_tvm()
     target = spec.tvm_target()
-    pipeline = tvm_cuda.relax_pipeline(target) if spec.is_cuda else "default"
-    return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
+    pipeline = tvm_cuda.relax_pipeline(target, load_table(spec.name)) if spec.is_cuda else "default"
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graph}):
+        return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
 
 
 def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
@@ -49,13 +61,16 @@ def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
 
 
 def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
-          float_dtype: str = "float64") -> Artifact:
+          float_dtype: str = "float64", cuda_graph: bool | None = None) -> Artifact:
     """Build ``out/tvm/<target>/``; ``batch=None`` compiles a symbolic batch dimension (``float_dtype``: see
-    :func:`~qcompile.backends.tvm.relax_builder.to_relax`)."""
+    :func:`~qcompile.backends.tvm.relax_builder.to_relax`). ``cuda_graph`` (see :func:`compile_relax`) defaults
+    to on for CUDA builds with a fixed batch of at most :data:`GRAPH_MAX_BATCH`."""
     spec = get_target(target)
+    if cuda_graph is None:
+        cuda_graph = spec.is_cuda and batch is not None and batch <= GRAPH_MAX_BATCH
     start = time.perf_counter()
     model = to_relax(ir, batch, float_dtype, pack_int4=not spec.is_cuda)  # GPUs unpack no 4-bit weights per call
-    executable = compile_relax(model, spec)
+    executable = compile_relax(model, spec, cuda_graph)
     folder = Path(out) / "tvm" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -71,7 +86,8 @@ def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
         with atomic_path(folder / "model.fatbin") as tmp:
             tmp.write_bytes(tvm_cuda.nvcc(source, spec))
         meta["cuda"] = {"fatbin": "model.fatbin", "source_sha256": tvm_cuda.source_digest(source),
-                        "gencode": list(spec.gencode)}
+                        "gencode": list(spec.gencode), "graph": cuda_graph,
+                        "tuning_table_shapes": len(load_table(spec.name))}
     with atomic_path(folder / "model.so") as tmp:
         lib = tmp.with_suffix(".so")
         executable.export_library(str(lib))

@@ -1,11 +1,11 @@
 """CUDA specifics: int8 conv/dense on tensor cores (wmma IMMA), and the kernels compiled to a fatbin here.
 
-The int8 rule is dlight's ``MatmulInt8Tensorization`` applied to every int8 x int8 -> int32 reduction (dlight's
-``Matmul`` only tries it when every GEMM dimension exceeds 64, which leaves ResNet's 64-channel layers on
-dp4a), with its software-pipeline annotations removed: 0.27's ``InjectSoftwarePipeline`` crashes on them
-(``GetWmmaFragmentSize``). Fused epilogues (bias, requantize, ReLU) are inlined after the tensor-core store.
-Where dlight's Matmul raises on its own int8 tensorization it is re-run without it, and pooling windows are
-reduced one output element per thread.
+The int8 rule applies :mod:`~qcompile.backends.tvm.int8_schedule` (dlight's ``MatmulInt8Tensorization`` without
+its software-pipeline annotations, which crash 0.27's ``InjectSoftwarePipeline``) to every int8 x int8 -> int32
+reduction (dlight's ``Matmul`` only tries it when every GEMM dimension exceeds 64, which leaves ResNet's
+64-channel layers on dp4a), with the tile sizes the target's tuning table gives the GEMM's shape. Fused epilogues
+(bias, requantize, ReLU) are inlined after the tensor-core store. Where dlight's Matmul raises on its own int8
+tensorization it is re-run without it, and pooling windows are reduced one output element per thread.
 """
 
 from __future__ import annotations
@@ -13,36 +13,38 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from qcompile.backends.tvm import TvmBackendError
+from qcompile.backends.tvm.int8_schedule import TileConfig
 from qcompile.backends.tvm.targets import TargetSpec
 
 
-def _int8_rule() -> Any:
-    from tvm.s_tir.dlight.gpu.matmul import MatmulInt8Tensorization
+def _int8_rule(table: Mapping[str, TileConfig]) -> Any:
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+    from tvm.s_tir.schedule import ScheduleError
 
-    class Int8TensorCore(MatmulInt8Tensorization):
-        """dlight's int8 wmma schedule without software pipelining."""
+    from qcompile.backends.tvm.int8_schedule import DEFAULT, gemm_key, schedule_int8_gemm
+
+    class Int8TensorCore(GPUScheduleRule):
+        """dlight's int8 wmma schedule without software pipelining, for every int8 GEMM, with the tile sizes the
+        tuning table gives its shape."""
 
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not _is_int8_gemm(func):
+            if not is_int8_gemm(func):
                 return None
-            from tvm.s_tir.schedule import ScheduleError
-
+            config = table.get(gemm_key(func), DEFAULT) if table else DEFAULT
             try:
-                sch = super().apply(func, target, tunable)
+                return schedule_int8_gemm(func, config)
             except ScheduleError:  # e.g. strided convs (compute-at fails): dlight's Matmul (dp4a) takes them
                 return None
-            if sch is None:
-                return None
-            _strip_pipeline(sch, sch.get_sblock("root"))
-            return sch
 
     return Int8TensorCore()
 
@@ -108,7 +110,7 @@ def _window_rule() -> Any:
     return SmallWindowReduction()
 
 
-def _is_int8_gemm(func: Any) -> bool:
+def is_int8_gemm(func: Any) -> bool:
     """One reduction block reading two int8 buffers into int32, with a GEMM-shaped index map."""
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight.gpu.matmul import get_index_map, get_reduction_blocks
@@ -125,16 +127,7 @@ def _is_int8_gemm(func: Any) -> bool:
             and get_index_map(block) is not None)
 
 
-def _strip_pipeline(sch: Any, block: Any) -> None:
-    for loop in sch.get_loops(block):
-        for key in list(sch.get(loop).annotations.keys()):
-            if key.startswith("software_pipeline"):
-                sch.unannotate(loop, key)
-    for child in sch.get_child_blocks(block):
-        _strip_pipeline(sch, child)
-
-
-def _import_tensor_intrinsics() -> None:
+def import_tensor_intrinsics() -> None:
     """Import ``tvm.s_tir.tensor_intrin.cuda`` (which the int8 rule needs) in seconds rather than minutes.
 
     It parses ~250 TVMScript functions, each calling ``inspect.stack()``; for every ``<frozen importlib>`` frame
@@ -160,25 +153,32 @@ def _import_tensor_intrinsics() -> None:
         inspect.getmodule = original
 
 
-def relax_pipeline(target: Any) -> Any:
-    """The default CUDA pipeline of 0.27 with the int8 tensor-core rule first among the dlight rules."""
-    import tvm
+def fusion_passes() -> list[Any]:
+    """Legalization and fusion: what turns the Relax graph into the fused functions that get scheduled (and
+    that tuning tables key by their GEMM shape)."""
     from tvm import relax
+
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def relax_pipeline(target: Any, table: Mapping[str, TileConfig] | None = None) -> Any:
+    """The default CUDA pipeline of 0.27 with the int8 tensor-core rule first among the dlight rules, scheduling
+    with the tile sizes of a tuning ``table`` (GEMM shape -> config, :mod:`qcompile.backends.tvm.tuning`)."""
+    import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
-    _import_tensor_intrinsics()
-    legalize = [
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(_int8_rule(), _matmul_rule(), _window_rule(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+    import_tensor_intrinsics()
+    schedule = fusion_passes() + [
+        dl.ApplyDefaultSchedule(_int8_rule(table or {}), _matmul_rule(), _window_rule(), dl.gpu.GEMV(),
+                                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
     ]
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+            seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + schedule
                                            + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
 
@@ -214,5 +214,16 @@ def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
         codes = [f"-gencode={g}" for g in spec.gencode] if fmt == "fatbin" else [f"-arch={arch}"]
         proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise TvmBackendError(f"nvcc failed for {spec.name}: {proc.stderr.strip().splitlines()[-1:]}")
+            raise NvccError(f"nvcc failed for {spec.name}: {proc.stderr.strip().splitlines()[-1:]}", proc.stderr)
         return out.read_bytes()
+
+
+class NvccError(TvmBackendError):
+    """nvcc rejected the generated CUDA; ``log`` is its whole stderr (errors as ``FILE(LINE): error: ...``)."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+    def error_lines(self) -> set[int]:
+        return {int(m) for m in re.findall(r"\((\d+)\): error", self.log)}

@@ -38,18 +38,45 @@ SIGNED, OFFSET, SHIFTED = "signed", "offset", "shifted"  # how an int8 operand h
 OFFSET_READERS = frozenset({"conv2d", "dense", "dequantize"})  # ops that read an activation shifted into int8
 
 
-def _offset_values(ir: IRGraph) -> set[str]:
-    """The ``uint8`` activations that a conv or dense layer reads and that only such layers and dequantizes read
-    (as their input), not a graph output: their producer can write them shifted into ``int8``."""
-    readers: dict[str, list[tuple[str, int]]] = {}
+def _readers(ir: IRGraph) -> dict[str, list[Op]]:
+    readers: dict[str, list[Op]] = {}
     for op in ir.ops:
-        for i, name in enumerate(op.inputs):
-            readers.setdefault(name, []).append((op.kind, i))
-    return {name for name, rs in readers.items()
-            if name in ir.values and name not in ir.constants and name not in ir.outputs and name not in ir.inputs
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    return readers
+
+
+def _may_offset(ir: IRGraph, name: str, readers: list[Op]) -> bool:
+    """A ``uint8`` activation that only convs, dense layers and dequantizes read (as their input), not a graph
+    output: its producer can write it shifted into ``int8``."""
+    return (name in ir.values and name not in ir.constants and name not in ir.outputs and name not in ir.inputs
             and ir.values[name].dtype not in (DType.FLOAT32, DType.INT32) and container(ir.values[name]) == "uint8"
-            and all(kind in OFFSET_READERS and i == 0 for kind, i in rs)
-            and any(kind in ("conv2d", "dense") for kind, _ in rs)}
+            and all(op.kind in OFFSET_READERS and op.inputs.index(name) == 0 for op in readers))
+
+
+def _offset_values(ir: IRGraph, readers: dict[str, list[Op]]) -> set[str]:
+    """The activations written shifted: those that may be and that a conv or dense layer reads."""
+    return {name for name, rs in readers.items()
+            if _may_offset(ir, name, rs) and any(op.kind in ("conv2d", "dense") for op in rs)}
+
+
+def _sibling_quantizes(ir: IRGraph, readers: dict[str, list[Op]], offset: set[str]) -> dict[str, list[Op]]:
+    """Float values read only by two quantizes whose codes both fit int8 (a residual sum quantized to 8 bits for
+    the next add and to 4 bits for the next conv): value -> the two. Extends ``offset`` with members that may be
+    written shifted, so that both hold int8. They are emitted as one int16 ``256·b + (a + 128)`` computed by
+    elementwise ops, so that the sum's producer writes both codes in its epilogue (elementwise ops fuse there,
+    a stack would not), where separate quantize kernels read the sum in float32; each reader takes its byte back
+    with elementwise int32 ops (``>> 8``; ``& 255`` then ``- 128``), which fuse into the reader."""
+    groups: dict[str, list[Op]] = {}
+    for name, rs in readers.items():
+        if len(rs) != 2 or any(op.kind != "quantize" for op in rs) or name not in ir.values:
+            continue
+        outs = [op.output for op in rs]
+        widen = {o for o in outs if o not in offset and _may_offset(ir, o, readers.get(o, []))}
+        if all(o in offset or o in widen or container(ir.values[o]) == "int8" for o in outs):
+            offset |= widen
+            groups[name] = rs
+    return groups
 
 
 @dataclass
@@ -94,7 +121,9 @@ class _Builder:
         self.nhwc: set[str] = set()
         self.params: list[tuple[str, np.ndarray]] = []
         self.param_vars: dict[str, Any] = {}
-        self.offset = _offset_values(ir)
+        readers = _readers(ir)
+        self.offset = _offset_values(ir, readers)
+        self.siblings = _sibling_quantizes(ir, readers, self.offset)
 
     # --- helpers -----------------------------------------------------------------------------------------
     def emit(self, expr: Any) -> Any:
@@ -122,10 +151,14 @@ class _Builder:
             return self.env[name]
         return self.emit(self.op.permute_dims(self.env[name], [0, 2, 3, 1]))
 
-    def set(self, name: str, expr: Any, nhwc: bool) -> None:
+    def shifted(self, name: str, expr: Any) -> Any:
+        """``expr`` as ``name``'s readers take it: shifted into int8 if ``name`` is written offset."""
         if name in self.offset:  # its readers take int8: the shift fuses into this producer's epilogue
-            expr = self.op.astype(self.op.subtract(self.op.astype(expr, "int16"), self.const(128, "int16")), "int8")
-        self.env[name] = self.emit(expr)
+            return self.op.astype(self.op.subtract(self.op.astype(expr, "int16"), self.const(128, "int16")), "int8")
+        return expr
+
+    def set(self, name: str, expr: Any, nhwc: bool) -> None:
+        self.env[name] = self.emit(self.shifted(name, expr))
         if nhwc and len(self.ir.values[name].shape) == 4:
             self.nhwc.add(name)
 
@@ -188,6 +221,8 @@ class _Builder:
                 result = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
             self.bb.emit_func_output(result, params=[x, *self.param_vars.values()])
         mod = self.bb.get()
+        # every parameter after the image is a weight: static, so CUDA-graph capture may keep their addresses
+        mod["main"] = mod["main"].with_attr("num_input", 1)
         return RelaxModel(mod, self.params, self.batch if isinstance(self.batch, int) else None)
 
     def unsupported(self, op: Op) -> None:
@@ -196,12 +231,30 @@ class _Builder:
     # --- ops ---------------------------------------------------------------------------------------------
     @OPS.implements("quantize")
     def op_quantize(self, op: Op) -> None:
-        src, t = op.inputs[0], self.ir.values[op.output]
-        nhwc = src in self.nhwc
-        x = self.env[src]
-        s = self.channel_vector(t.scale, t, nhwc, "float32")
-        q = self.op.clip(self.op.round(self.op.divide(x, s)), t.qmin, t.qmax)
-        self.set(op.output, self.op.astype(q, container(t)), nhwc)
+        src = op.inputs[0]
+        if op.output in self.env:  # emitted with its siblings
+            return
+        if src not in self.siblings:
+            self.set(op.output, self.quantized(src, op.output), src in self.nhwc)
+            return
+        low, high = [q.output for q in self.siblings[src]]
+        codes = [self.op.astype(self.shifted(o, self.quantized(src, o)), "int16") for o in (low, high)]
+        joint = self.emit(self.op.add(self.op.multiply(codes[1], self.const(256, "int16")),
+                                      self.op.add(codes[0], self.const(128, "int16"))))
+        # two separate chains from the joint value: a binding both shared would be a kernel of its own
+        top = self.op.right_shift(self.op.astype(joint, "int32"), self.const(8, "int32"))  # floor(joint / 256)
+        self.env[high] = self.emit(self.op.astype(top, "int8"))
+        bottom = self.op.bitwise_and(self.op.astype(joint, "int32"), self.const(255, "int32"))
+        self.env[low] = self.emit(self.op.astype(self.op.subtract(bottom, self.const(128, "int32")), "int8"))
+        if src in self.nhwc:
+            self.nhwc.update(o for o in (low, high) if len(self.ir.values[o].shape) == 4)
+
+    def quantized(self, src: str, out: str) -> Any:
+        """The codes of quantizing value ``src`` to ``out``'s scale and range, in ``out``'s container."""
+        t = self.ir.values[out]
+        s = self.channel_vector(t.scale, t, src in self.nhwc, "float32")
+        q = self.op.clip(self.op.round(self.op.divide(self.env[src], s)), t.qmin, t.qmax)
+        return self.op.astype(q, container(t))
 
     @OPS.implements("dequantize")
     def op_dequantize(self, op: Op) -> None:

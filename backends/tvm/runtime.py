@@ -23,8 +23,9 @@ class ArtifactError(QCompileError):
     """An artifact folder is missing files, or cannot run on this machine."""
 
 
-def _serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
-    """Load the CUDA runtime sidecar and make TVM's load-time CUDA compile return the shipped fatbin."""
+def serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """Load the CUDA runtime sidecar and make TVM's load-time CUDA compile return the shipped fatbin
+    (``meta["cuda"]``: its file name in ``folder`` and the SHA-256 of the source it was built from)."""
     import hashlib
 
     import tvm_ffi
@@ -39,7 +40,8 @@ def _serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
 
     def compile_cuda(code: str, *_: Any) -> bytes:
         if hashlib.sha256(code.encode()).hexdigest() != digest:
-            raise ArtifactError(f"{folder}: model.so holds different CUDA source than model.fatbin was built from")
+            raise ArtifactError(f"{folder}: the library holds different CUDA source than {meta['cuda']['fatbin']} "
+                                "was built from")
         return fatbin
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
@@ -57,7 +59,7 @@ class TvmModel:
         tvm = require_extra("tvm", "tvm.runtime.vm", extra="tvm", needed_for="running TVM artifacts",
                             error=ArtifactError)
         if "cuda" in self.meta:
-            _serve_fatbin(tvm, self.folder, self.meta)
+            serve_fatbin(tvm, self.folder, self.meta)
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(self.folder / "model.so")), self.device)
         with np.load(self.folder / "params.npz") as arrays:

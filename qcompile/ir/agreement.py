@@ -35,15 +35,20 @@ class TensorAgreement:
         self.max_lsb_diff = max(self.max_lsb_diff, int(diff.max(initial=0)))
 
 
-def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
-                    pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
-    """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
-    agreement and the final integer outputs (the accumulators the logits are dequantized from)."""
+def final_scale(ir: IRGraph) -> np.ndarray:
+    """The scale the IR's logits are dequantized with, broadcast over (N, classes)."""
     finals = ir.final_integers()
     if not finals:
         raise QCompileError("the IR's output is not a dequantized integer tensor")
-    scale = ir.values[finals[0]].broadcast_scale(2)
-    agreement = TensorAgreement(finals[0])
+    return ir.values[finals[0]].broadcast_scale(2)
+
+
+def compare_logits(scale: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
+                   pairs: list[tuple[np.ndarray, np.ndarray]], name: str = "logits") -> dict[str, object]:
+    """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
+    agreement and the final integer outputs (the accumulators the logits are dequantized from by ``scale``).
+    Needs only the scale, not the IR, so that a machine without the IR's weights can check an artifact."""
+    agreement = TensorAgreement(name)
     images = agree = 0
     for x, ref in pairs:
         out = run(x)
@@ -52,3 +57,9 @@ def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
         agree += int((ref.argmax(1) == out.argmax(1)).sum())
     return {"images": images, "top1_agreement": agree / images if images else float("nan"),
             "identical_fraction": agreement.identical_fraction, "max_lsb_diff": agreement.max_lsb_diff}
+
+
+def compare_backend(ir: IRGraph, run: Callable[[np.ndarray], np.ndarray],
+                    pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
+    """:func:`compare_logits` with the IR's own final scale."""
+    return compare_logits(final_scale(ir), run, pairs, ir.final_integers()[0])

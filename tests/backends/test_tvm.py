@@ -181,6 +181,66 @@ def test_activations_read_only_by_convs_are_written_shifted_by_their_producer(tm
     np.testing.assert_array_equal(cpu(x)[0], reference.run(ir, x)[ir.outputs[0]])
 
 
+def _vm_function(text: str, name: str) -> list[str]:
+    """The kernels a VM function calls, in order, from the executable's text listing."""
+    body = text.split(f"@{name}:\n", 1)[1].split("\n@", 1)[0]
+    return re.findall(r"call\s+(fused_\w+)", body)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_fixed_batch_cuda_build_replays_its_kernels_as_one_cuda_graph(tmp_path):
+    """Batch 1 is launch-bound: every kernel that reads only weights and intermediates is recorded into one CUDA
+    graph; the input's quantize and the kernel writing the returned logits stay outside it."""
+    ir = _lowered(ConvChain(), "int8", size=12).context.ir
+    art = build(ir, "sm90", tmp_path, batch=1)
+    text = art.executable.as_text()
+    captured, outside = _vm_function(text, "main_cuda_graph_capture"), _vm_function(text, "main")
+    assert "vm.builtin.cuda_graph.run_or_capture" in text
+    assert sum("conv2d" in k for k in captured) == 3 and len(outside) == 2, (captured, outside)
+    assert json.loads((art.path / "meta.json").read_text())["cuda"]["graph"] is True
+    plain = build(ir, "sm90", tmp_path / "symbolic")  # a symbolic batch is not captured
+    assert "cuda_graph" not in plain.executable.as_text()
+
+
+class ResidualPair(nn.Module):
+    """Two residual blocks: in mostly4bit the first sum is quantized twice, to 8 bits for the second add and to
+    4 bits for the second block's conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(x + self.b2(torch.relu(self.b1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+QUANTIZE_ONLY = re.compile(r"fused_divide\d*_tir_round\d*_tir_clip\d*_cast\d*(_kernel(_\d+)?)?")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_a_sum_quantized_twice_is_written_by_its_producer_in_both_codes(tmp_path):
+    """The sum's 8-bit and 4-bit codes travel as one int16 that the producing conv's epilogue writes: no kernel
+    quantizes a float sum on its own, and the artifacts stay bit-exact with the reference."""
+    from qcompile.backends.tvm import relax_builder
+
+    ir = _lowered(ResidualPair(), "mostly4bit", size=12).context.ir
+    readers = relax_builder._readers(ir)
+    assert relax_builder._sibling_quantizes(ir, readers, relax_builder._offset_values(ir, readers))
+    kernels = _kernels((build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text())
+    # one is left: the stem's 8-bit codes requantized (DQ -> Q) for the first 4-bit conv, not a sum
+    assert len([k for k in kernels if QUANTIZE_ONLY.fullmatch(k)]) == 1, list(kernels)
+    assert all("wmma::mma_sync" in body for k, body in kernels.items() if "conv2d" in k or "matmul" in k)
+    x = np.random.default_rng(0).standard_normal((9, 3, 12, 12)).astype(np.float32)
+    cpu = runtime.load(build(ir, CPU, tmp_path / "cpu").path)
+    np.testing.assert_array_equal(cpu(x)[0], reference.run(ir, x)[ir.outputs[0]])
+
+
 class WideConv(nn.Module):
     """A 128-channel 3x3 conv at 28x28 (ResNet-50's layer2): dlight's Matmul tries its own int8 tensorization
     there (every GEMM dimension > 64) and raises "not a stage pipeline"."""
@@ -302,3 +362,28 @@ def test_tvm_batch_without_the_tvm_backend_is_a_one_line_error(tmp_path, capsys,
     err = capsys.readouterr().err
     assert code != 0 and "--tvm-batch apply to --backend tvm" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+@pytest.mark.parametrize(("target", "recipe"), [("sm90", "int8"), ("sm90", "mostly4bit"), ("sm80", "int8")])
+def test_resnet50_cuda_builds_run_every_layer_on_tensor_cores(target, recipe, tmp_path):
+    """ResNet-50 at batch 256, as benchmarks/tvm_gpu.py builds it: every conv and the fc on tensor cores (the
+    stem's 3 input channels included), no kernel that only shifts activations or only quantizes a float sum, and
+    no 4-bit weight unpacking."""
+    from qcompile.backends.tvm.cuda import nvcc
+    from qcompile.models import resnet50
+
+    from benchmarks._common import lowered
+
+    torch.manual_seed(0)
+    ir = lowered(resnet50(), recipe)
+    art = build(ir, target, tmp_path, batch=256)
+    source = (art.path / "kernels.cu").read_text()
+    kernels = _kernels(source)
+    layers = [k for k in kernels if "conv2d" in k or "matmul" in k]
+    assert layers and all("wmma::mma_sync" in kernels[k] for k in layers)
+    assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k) or QUANTIZE_ONLY.fullmatch(k)
+                or ("bitwise" in k and "conv2d" not in k)]
+    ptx = nvcc(source, get_target(target), "ptx").decode()
+    assert ptx.count("wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32") >= len(layers)

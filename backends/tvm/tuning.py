@@ -1,0 +1,300 @@
+"""Tuned int8 tensor-core schedules: candidates compiled here, timed on a GPU with the TVM runtime alone, the
+fastest tile configuration per GEMM shape committed as a table that CUDA builds apply.
+
+The search is one round over a fixed grid (:data:`GRID`, 49 configurations): for every distinct GEMM shape of a
+model after fusion (:func:`~qcompile.backends.tvm.int8_schedule.gemm_key`; one function represents each),
+every :class:`~qcompile.backends.tvm.int8_schedule.TileConfig` that schedules, all compiled here into one module
+(``candidates.so`` + ``candidates.fatbin``). On the GPU, :func:`measure` times each with ``time_evaluator``. Back
+here, :func:`commit` writes each shape's fastest configuration, with its measured time and the default's, to
+``backends/tvm/tuning/<target>.json``; the int8 tensor-core rule schedules every function of a listed shape with
+it and every other one with the default.
+
+Not MetaSchedule's tuner and database, for three measured reasons: its search builds and runs every round from one
+process, and the GPU machines this project gets have no TVM compiler, no nvcc and no network; its structural
+workload matching makes every layer a workload of its own (requantize constants differ), about 150 for
+ResNet-50's four artifacts at ~150 KB of JSON each; and its anchor-block matching, which would share a schedule
+across epilogues, fails to replay this schedule's trace in 0.27 (``ApplyAnchorTrace``: "Check failed:
+inst->outputs.size() <= outputs.size()"). A table keyed by GEMM shape is a few KB and applies to any epilogue.
+
+For a CPU target (the rehearsal of the GPU step) the one candidate per shape is the function as the default CPU
+pipeline compiles it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.backends.tvm import TvmBackendError
+from qcompile.backends.tvm.int8_schedule import DEFAULT, TileConfig
+
+TABLES = Path(__file__).resolve().parent / "tuning"
+MANIFEST = "manifest.json"
+
+# block tiles (warps and 16x16 fragments per warp, along M and N): dlight's 128x128 and smaller ones for the
+# small GEMM M of late layers and of batch 1; K steps per shared-memory stage; the copies' vector width
+_TILES = ((4, 4, 2, 2), (2, 4, 2, 2), (4, 2, 2, 2), (2, 2, 2, 2), (2, 2, 4, 4), (1, 4, 1, 2), (1, 2, 1, 2),
+          (2, 2, 1, 1))
+GRID: tuple[TileConfig, ...] = (DEFAULT, *(
+    TileConfig(wm, wn, fm, fn, k, v) for wm, wn, fm, fn in _TILES for k in (1, 2, 4) for v in (4, 16)
+    if TileConfig(wm, wn, fm, fn, k, v) != DEFAULT))
+
+
+@dataclass
+class Task:
+    """One GEMM shape (``key``), a function of that shape (``name``: its name in the fused module) and how many
+    calls of the model run a function of that shape (``calls``)."""
+
+    key: str
+    name: str
+    func: Any
+    calls: int = 1
+
+
+def gemm_tasks(mod: Any, spec: Any) -> list[Task]:
+    """One task per distinct int8 GEMM shape of a Relax module, after the CUDA pipeline's legalization and
+    fusion (the functions the int8 rule schedules), with the number of calls of that shape in ``main``."""
+    import tvm
+    from tvm import relax
+
+    from qcompile.backends.tvm import cuda
+    from qcompile.backends.tvm.int8_schedule import gemm_key
+
+    with spec.tvm_target():
+        fused = tvm.transform.Sequential(cuda.fusion_passes())(mod)
+    calls: dict[str, int] = {}
+    for block in fused["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.args[0], tvm.ir.GlobalVar):
+                calls[value.args[0].name_hint] = calls.get(value.args[0].name_hint, 0) + 1
+    tasks: dict[str, Task] = {}
+    for gv, func in sorted(fused.functions_items(), key=lambda kv: kv[0].name_hint):
+        if cuda.is_int8_gemm(func):
+            key = gemm_key(func)
+            task = tasks.setdefault(key, Task(key, gv.name_hint, func, 0))
+            task.calls += calls.get(gv.name_hint, 0)
+    return list(tasks.values())
+
+
+def merge_tasks(*groups: list[Task]) -> list[Task]:
+    """The tasks of several modules (recipes, batch sizes), each shape once."""
+    merged: dict[str, Task] = {}
+    for group in groups:
+        for task in group:
+            merged.setdefault(task.key, task)
+    return list(merged.values())
+
+
+def _schedule(func: Any, config: TileConfig) -> Any:
+    from tvm.s_tir.schedule import ScheduleError
+
+    from qcompile.backends.tvm.int8_schedule import schedule_int8_gemm
+
+    try:
+        return schedule_int8_gemm(func, config)
+    except ScheduleError:
+        return None
+
+
+def _compile(funcs: dict[str, Any], spec: Any, rounds: int = 3) -> tuple[Any, bytes]:
+    """One module of all candidates, and its fatbin for CUDA. Candidates whose CUDA nvcc rejects all the same
+    are dropped from ``funcs`` and the rest compiled again (nvcc reports at most 100 errors a run)."""
+    import tvm
+
+    from qcompile.backends.tvm import cuda
+
+    for _ in range(rounds):
+        lib = tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target())
+        if not spec.is_cuda:
+            return lib, b""
+        source = cuda.cuda_source(lib)
+        try:
+            return lib, cuda.nvcc(source, spec)
+        except cuda.NvccError as exc:
+            bad = _kernels_at(source, exc.error_lines())
+            if not bad:
+                raise
+            for name in bad:
+                del funcs[name]
+    raise TvmBackendError(f"nvcc still rejects candidates after {rounds} rounds")
+
+
+def _kernels_at(source: str, lines: set[int]) -> set[str]:
+    """The candidates (``t<i>_c<j>``) whose kernel definitions hold the given 1-based source lines."""
+    owner, found = None, set()
+    for number, line in enumerate(source.splitlines(), 1):
+        match = re.search(r"__global__ void .*?\b(t\d+_c\d+)_kernel", line)
+        if match and not line.rstrip().endswith(";"):
+            owner = match.group(1)
+        if number in lines and owner is not None:
+            found.add(owner)
+    return found
+
+
+def _compilable(func: Any, config: TileConfig | None, spec: Any) -> Any:
+    """``func`` scheduled with ``config`` if that schedules and compiles alone (some tile shapes fail to lower,
+    e.g. ``tvm_access_ptr element type must match``), else None; ``config=None``: ``func`` itself."""
+    import tvm
+
+    from qcompile.backends.tvm.cuda import cuda_source
+
+    if config is None:
+        return func
+    sch = _schedule(func, config)
+    if sch is None:
+        return None
+    scheduled = sch.mod["main"].with_attr("global_symbol", "candidate")
+    try:
+        lib = tvm.compile(tvm.IRModule({"candidate": scheduled}), target=spec.tvm_target())
+    except Exception:  # noqa: BLE001 - whatever fails to lower drops the candidate
+        return None
+    return sch.mod["main"] if _vectors_well_formed(cuda_source(lib)) else None
+
+
+def _vectors_well_formed(source: str) -> bool:
+    """Whether every ``make_<type><n>(...)`` in the CUDA has ``n`` arguments: 0.27 writes a 16-lane int8 zero
+    (the padding of a conv input copied 16 bytes at a time) as ``make_int4`` with 16, which nvcc rejects. Found
+    here, per candidate, instead of by nvcc, which stops after 100 errors in the joint module."""
+    for match in re.finditer(r"make_[a-z]+(\d)\(", source):
+        depth, commas = 1, 0
+        for ch in source[match.end():]:
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                break
+            commas += ch == "," and depth == 1
+        if commas + 1 != int(match.group(1)):
+            return False
+    return True
+
+
+def _args(func: Any) -> list[dict[str, Any]]:
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    return [{"shape": [int(d) for d in a.shape], "dtype": str(a.dtype)} for a in ArgInfo.from_prim_func(func)]
+
+
+def build_candidates(tasks: list[Task], spec: Any, out: str | Path, grid: tuple[TileConfig, ...] = GRID) -> Path:
+    """Compile every (task, config) that schedules into ``out``: the module, its fatbin for CUDA, a manifest."""
+    import tvm
+
+    from qcompile.backends.tvm import cuda
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cuda.import_tensor_intrinsics()
+    funcs: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    with spec.tvm_target():
+        for t, task in enumerate(tasks):
+            for c, config in enumerate(grid if spec.is_cuda else (None,)):
+                name = f"t{t}_c{c}"
+                func = _compilable(task.func, config, spec)
+                if func is None:
+                    continue
+                funcs[name] = func.with_attr("global_symbol", name)
+                entries.append({"name": name, "task": task.key, "function": task.name,
+                                "config": config.as_dict() if config else None, "args": _args(task.func)})
+        lib, fatbin = _compile(funcs, spec)
+    entries = [e for e in entries if e["name"] in funcs]
+    manifest: dict[str, Any] = {"target": spec.name, "tasks": [t.key for t in tasks],
+                                "calls": {t.key: t.calls for t in tasks}, "candidates": entries}
+    if spec.is_cuda:
+        (folder / "candidates.fatbin").write_bytes(fatbin)
+        manifest["cuda"] = {"fatbin": "candidates.fatbin", "source_sha256": cuda.source_digest(cuda.cuda_source(lib))}
+    lib.export_library(str(folder / "candidates.so"))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def _random(arg: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    dtype = np.dtype(arg["dtype"])
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(max(info.min, -64), min(info.max, 64), arg["shape"], dtype=dtype, endpoint=True)
+    return rng.uniform(0.5, 1.5, arg["shape"]).astype(dtype)
+
+
+def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: int = 3,
+            out: str | Path | None = None, budget_s: float | None = None) -> dict[str, Any]:
+    """Time every candidate of a :func:`build_candidates` folder (the median of ``repeat`` means of ``number``
+    calls, in ms) with the TVM runtime alone: the step that runs on the GPU machine. With ``out``, the figures
+    so far are rewritten there after each GEMM shape, so that a kernel that kills the process, or the end of
+    ``budget_s``, leaves the shapes timed before it."""
+    import tvm
+
+    from qcompile.backends.tvm.runtime import serve_fatbin
+
+    start = time.monotonic()
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if "cuda" in manifest:
+        serve_fatbin(tvm, folder, manifest)
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    lib = tvm.runtime.load_module(str(folder / "candidates.so"))
+    rng = np.random.default_rng(0)
+    result: dict[str, Any] = {"target": manifest["target"], "device": device, "number": number, "repeat": repeat,
+                              "complete": False, "ms": {}}
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for entry in manifest["candidates"]:
+        by_task.setdefault(entry["task"], []).append(entry)
+    for entries in by_task.values():
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            break
+        args = [tvm.runtime.tensor(_random(a, rng), dev) for a in entries[0]["args"]]
+        for entry in entries:
+            timer = lib.time_evaluator(entry["name"], dev, number=number, repeat=repeat)
+            result["ms"][entry["name"]] = statistics.median(timer(*args).results) * 1e3
+        if out is not None:
+            Path(out).write_text(json.dumps(result, indent=1))
+    result["complete"] = len(result["ms"]) == len(manifest["candidates"])
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def fastest(manifest: dict[str, Any], measured: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per GEMM shape, its fastest measured configuration: config, ms, the default config's ms, the function."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in manifest["candidates"]:
+        ms = measured["ms"].get(entry["name"])
+        if ms is None:
+            continue
+        row = out.setdefault(entry["task"], {"ms": float("inf"), "default_ms": None, "function": entry["function"]})
+        if entry["config"] in (None, DEFAULT.as_dict()):
+            row["default_ms"] = ms
+        if ms < row["ms"]:
+            row.update(config=entry["config"], ms=ms)
+    return out
+
+
+def commit(manifest: dict[str, Any], measured: dict[str, Any], device_name: str,
+           table: str | Path | None = None) -> dict[str, Any]:
+    """Merge the measured winners into the target's table (``backends/tvm/tuning/<target>.json``) and return it.
+    Shapes whose fastest is the default are recorded too, so that the table says what was measured."""
+    path = Path(table) if table is not None else TABLES / f"{manifest['target']}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"target": manifest["target"], "shapes": {}}
+    for key, row in fastest(manifest, measured).items():
+        data["shapes"][key] = {**row, "measured_on": device_name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    load_table.cache_clear()
+    return data
+
+
+@cache
+def load_table(target: str) -> dict[str, TileConfig]:
+    """The committed configurations of a target by GEMM shape (empty without a table)."""
+    path = TABLES / f"{target}.json"
+    if not path.is_file():
+        return {}
+    shapes = json.loads(path.read_text())["shapes"]
+    return {key: TileConfig(**row["config"]) for key, row in shapes.items() if row.get("config")}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine for issue 19: unpack the bundle that `benchmarks/tvm_gpu.py pack` made here
+# (artifacts, check images, a runtime-only TVM, the apache-tvm-ffi wheel, tuning candidates) and run `tvm_gpu.py
+# run` after `tvm_tune.py measure`, writing the console, tvm_gpu.json and tuning.json into OUT. From the repository
+# root there:
+#
+#   bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz --profile
+#
+# The machine has no TVM: the bundle's wheels are unzipped into a site folder beside a copy of qcompile (its
+# `passes/` and `backends/` are shipped as qcompile.passes and qcompile.backends), and `python3 -P` keeps the
+# checkout off sys.path. TVM_GPU_ARGS adds arguments to the run and TVM_TUNE_ARGS replaces the measure's (default
+# "--budget-s 180"; the CPU rehearsal: "--device cpu --repeat 2" and "--device cpu").
+set -o pipefail
+out=$1 bundle=$2
+shift 2
+work=${TVM_GPU_WORK:-/tmp/tvm-gpu}
+rm -rf "$work" && mkdir -p "$work/site" && tar xzf "$bundle" -C "$work" || exit 3
+for wheel in "$work"/*.whl; do
+    [ -e "$wheel" ] && { python3 -m zipfile -e "$wheel" "$work/site" || exit 3; }
+done
+cp -r qcompile "$work/site"/ && cp -r passes "$work/site/qcompile/passes" \
+    && cp -r backends "$work/site/qcompile/backends" || exit 3
+export PYTHONPATH=$work/site:$work/tvm-runtime TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
+python3 -P -c "import tvm, qcompile.backends.tvm.runtime; print('tvm', tvm.__version__, tvm.__file__)" || exit 3
+{
+    if [ -d "$work/tuning" ]; then  # first: the next build needs these times; a crash here spares the benchmark
+        python3 -P -W ignore benchmarks/tvm_tune.py measure --out "$work/tuning" --json "$out/tuning.json" \
+            ${TVM_TUNE_ARGS:---budget-s 180}
+    fi
+    python3 -P -W ignore benchmarks/tvm_gpu.py run --out "$work/bench" --json "$out/tvm_gpu.json" ${TVM_GPU_ARGS:-} "$@"
+} 2>&1 | tee "$out/console.txt"
