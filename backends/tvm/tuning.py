@@ -1,7 +1,7 @@
 """Tuned int8 tensor-core schedules: candidates compiled here, timed on a GPU with the TVM runtime alone, the
 fastest tile configuration per GEMM shape committed as a table that CUDA builds apply.
 
-The search is one round over a fixed grid (:data:`GRID`, 49 configurations): for every distinct GEMM shape of a
+The search is one round over a fixed grid (:data:`GRID`, 48 configurations): for every distinct GEMM shape of a
 model after fusion (:func:`~qcompile.backends.tvm.int8_schedule.gemm_key`; one function represents each),
 every :class:`~qcompile.backends.tvm.int8_schedule.TileConfig` that schedules, all compiled here into one module
 (``candidates.so`` + ``candidates.fatbin``). On the GPU, :func:`measure` times each with ``time_evaluator``. Back
