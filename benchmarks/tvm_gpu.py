@@ -192,43 +192,41 @@ def _print_profile(recipe: str, batch: int, rows: list[dict[str, object]]) -> No
         print(f"  {r['ms']:8.3f} ms {r['ms'] / total:6.1%} {'TC' if r['tensor_core'] else '  '}  {r['kernel']}")
 
 
-def run_step(args: argparse.Namespace) -> None:
-    import torch
+def _time_artifact(args: argparse.Namespace, setup: dict[str, object], recipe: str, batch: int,
+                   check: dict[str, np.ndarray], report: dict[str, object]) -> float:
+    """One artifact: its agreement with the reference on every check image, its median ms, its kernel profile."""
     from _common import median_ms
     from qcompile.backends.tvm import runtime
 
     from qcompile.ir.agreement import compare_logits
 
-    out = Path(args.out)
-    setup = json.loads((out / "build.json").read_text())
-    target, size = setup["target"], image_size(setup["model"])
-    cuda = args.device == "cuda"
-    check = np.load(out / "check.npz")
-    x_check = check_inputs(check["pixels"], size)
-    report: dict[str, object] = {"model": setup["model"], "target": target, "repeat": args.repeat,
-                                 "device": torch.cuda.get_device_name() if cuda else "cpu",
-                                 "agreement": {}, "profile": {}, "rows": []}
-    rows: list[tuple[str, int, float]] = []
-    for recipe in setup["recipes"]:
-        for batch in setup["batches"]:
-            folder = out / recipe / f"b{batch}" / "tvm" / target
-            model = runtime.load(folder, device=args.device)
-            ref = check[f"logits_{recipe}"]
-            pairs = [(x_check[i:i + batch * 4], ref[i:i + batch * 4]) for i in range(0, len(x_check), batch * 4)]
-            agree = compare_logits(check[f"scale_{recipe}"], lambda b: model(b)[0], pairs)
-            report["agreement"][f"{recipe}/b{batch}"] = agree
-            print(f"TVM {recipe} (batch-{batch} artifact) vs the reference on {agree['images']} images: top-1 "
-                  f"{agree['top1_agreement']:.4f}, identical final integers {agree['identical_fraction']:.4f}, "
-                  f"max {agree['max_lsb_diff']} LSB", flush=True)
-            x = model.to_device(np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32))
-            rows.append((f"TVM {recipe}", batch, median_ms(lambda: model.run_device(x), args.repeat, 3,
-                                                           model.device.sync)))
-            if args.profile and batch == max(setup["batches"]):
-                source = folder / "kernels.cu"
-                prof = kernel_profile(model, np.zeros((batch, 3, size, size), np.float32),
-                                      source.read_text() if source.exists() else None)
-                report["profile"][f"{recipe}/b{batch}"] = prof
-                _print_profile(recipe, batch, prof)
+    size = image_size(setup["model"])
+    folder = Path(args.out) / recipe / f"b{batch}" / "tvm" / setup["target"]
+    model = runtime.load(folder, device=args.device)
+    x_check, ref = check_inputs(check["pixels"], size), check[f"logits_{recipe}"]
+    pairs = [(x_check[i:i + batch * 4], ref[i:i + batch * 4]) for i in range(0, len(x_check), batch * 4)]
+    agree = compare_logits(check[f"scale_{recipe}"], lambda b: model(b)[0], pairs)
+    report["agreement"][f"{recipe}/b{batch}"] = agree
+    print(f"TVM {recipe} (batch-{batch} artifact) vs the reference on {agree['images']} images: top-1 "
+          f"{agree['top1_agreement']:.4f}, identical final integers {agree['identical_fraction']:.4f}, "
+          f"max {agree['max_lsb_diff']} LSB", flush=True)
+    x = model.to_device(np.random.default_rng(1).standard_normal((batch, 3, size, size)).astype(np.float32))
+    ms = median_ms(lambda: model.run_device(x), args.repeat, 3, model.device.sync)
+    if args.profile and batch == max(setup["batches"]):
+        source = folder / "kernels.cu"
+        prof = kernel_profile(model, np.zeros((batch, 3, size, size), np.float32),
+                              source.read_text() if source.exists() else None)
+        report["profile"][f"{recipe}/b{batch}"] = prof
+        _print_profile(recipe, batch, prof)
+    return ms
+
+
+def _time_torch(args: argparse.Namespace, setup: dict[str, object], rows: list[tuple[str, int, float]]) -> None:
+    """PyTorch eager and ``torch.compile`` (not in the CPU rehearsal), bf16 channels-last on the GPU."""
+    import torch
+    from _common import median_ms
+
+    cuda, size = args.device == "cuda", image_size(setup["model"])
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     net = model_for(setup["model"]).to(dev).eval().to(memory_format=torch.channels_last, dtype=dtype)
@@ -237,11 +235,37 @@ def run_step(args: argparse.Namespace) -> None:
             x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
             rows.append((f"torch {dtype} eager".replace("torch.", ""), batch,
                          median_ms(lambda: net(x), args.repeat, 3, sync)))
-            if cuda:  # the CPU rehearsal skips compiling
+            if cuda:
                 compiled = torch.compile(net, mode="reduce-overhead" if batch <= 8 else None)  # CUDA graphs when small
                 rows.append(("torch.compile bf16", batch, median_ms(lambda: compiled(x), args.repeat, 10, sync)))
+
+
+def run_step(args: argparse.Namespace) -> None:
+    """Every artifact and contender; one that fails is reported and the rest still run (a GPU call is scarce)."""
+    import torch
+
+    out = Path(args.out)
+    setup = json.loads((out / "build.json").read_text())
+    check = dict(np.load(out / "check.npz"))
+    report: dict[str, object] = {"model": setup["model"], "target": setup["target"], "repeat": args.repeat,
+                                 "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                                 "agreement": {}, "profile": {}, "rows": [], "errors": {}}
+    rows: list[tuple[str, int, float]] = []
+    for recipe in setup["recipes"]:
+        for batch in setup["batches"]:
+            try:
+                rows.append((f"TVM {recipe}", batch, _time_artifact(args, setup, recipe, batch, check, report)))
+            except Exception as exc:  # noqa: BLE001 - reported, and the other artifacts still measured
+                report["errors"][f"TVM {recipe}/b{batch}"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"TVM {recipe} batch {batch} FAILED: {type(exc).__name__}: {exc}", flush=True)
+    try:
+        _time_torch(args, setup, rows)
+    except Exception as exc:  # noqa: BLE001 - as above
+        report["errors"]["torch"] = f"{type(exc).__name__}: {exc}"[:500]
+        print(f"torch FAILED: {type(exc).__name__}: {exc}", flush=True)
     peer = {b: ms for name, b, ms in rows if name == "torch.compile bf16"}
-    print(f"{setup['model']} {size}x{size} on {report['device']}, target {target}, median of {args.repeat}")
+    size = image_size(setup["model"])
+    print(f"{setup['model']} {size}x{size} on {report['device']}, target {setup['target']}, median of {args.repeat}")
     print(f"{'contender':<22}{'batch':>6}{'ms':>10}{'img/s':>10}{'vs torch.compile':>18}")
     for name, batch, ms in rows:
         ratio = f"{peer[batch] / ms:>17.2f}x" if batch in peer else f"{'-':>18}"

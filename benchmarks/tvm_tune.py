@@ -54,8 +54,8 @@ def measure_step(args: argparse.Namespace) -> None:
     from qcompile.backends.tvm import tuning
 
     measured = tuning.measure(args.out, device=args.device, out=args.json, budget_s=args.budget_s)
-    print(f"timed {len(measured['ms'])} candidate kernels on {args.device}"
-          f"{'' if measured['complete'] else ' (not all: the budget ran out)'}")
+    print(f"timed {len(measured['ms'])} candidate kernels on {args.device}, {len(measured['failed'])} failed"
+          f"{'' if measured['complete'] else ' (not all: the budget ran out, or launches kept failing)'}")
 
 
 def commit_step(args: argparse.Namespace) -> None:

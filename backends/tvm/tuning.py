@@ -38,6 +38,7 @@ from qcompile.backends.tvm.int8_schedule import DEFAULT, TileConfig
 
 TABLES = Path(__file__).resolve().parent / "tuning"
 MANIFEST = "manifest.json"
+MAX_FAILURES_IN_A_ROW = 5
 
 # block tiles (warps and 16x16 fragments per warp, along M and N): dlight's 128x128 and smaller ones for the
 # small GEMM M of late layers and of batch 1; K steps per shared-memory stage; the copies' vector width
@@ -242,20 +243,28 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
     lib = tvm.runtime.load_module(str(folder / "candidates.so"))
     rng = np.random.default_rng(0)
     result: dict[str, Any] = {"target": manifest["target"], "device": device, "number": number, "repeat": repeat,
-                              "complete": False, "ms": {}}
+                              "complete": False, "ms": {}, "failed": {}}
     by_task: dict[str, list[dict[str, Any]]] = {}
     for entry in manifest["candidates"]:
         by_task.setdefault(entry["task"], []).append(entry)
+    in_a_row = 0
     for entries in by_task.values():
-        if budget_s is not None and time.monotonic() - start > budget_s:
+        if budget_s is not None and time.monotonic() - start > budget_s or in_a_row >= MAX_FAILURES_IN_A_ROW:
             break
         args = [tvm.runtime.tensor(_random(a, rng), dev) for a in entries[0]["args"]]
         for entry in entries:
-            timer = lib.time_evaluator(entry["name"], dev, number=number, repeat=repeat)
-            result["ms"][entry["name"]] = statistics.median(timer(*args).results) * 1e3
+            try:
+                timer = lib.time_evaluator(entry["name"], dev, number=number, repeat=repeat)
+                result["ms"][entry["name"]] = statistics.median(timer(*args).results) * 1e3
+                in_a_row = 0
+            except Exception as exc:  # noqa: BLE001 - e.g. a launch asking for too many registers: next one
+                result["failed"][entry["name"]] = str(exc).strip().splitlines()[-1][:300] if str(exc) else repr(exc)
+                in_a_row += 1
+                if in_a_row >= MAX_FAILURES_IN_A_ROW:  # a dead CUDA context fails every launch after it
+                    break
         if out is not None:
             Path(out).write_text(json.dumps(result, indent=1))
-    result["complete"] = len(result["ms"]) == len(manifest["candidates"])
+    result["complete"] = len(result["ms"]) + len(result["failed"]) == len(manifest["candidates"])
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1))
     return result

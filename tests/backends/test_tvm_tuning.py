@@ -1,5 +1,6 @@
 """Tuning int8 tensor-core tile sizes: candidates compile here (nvcc, no GPU), a table of measured winners
-applies to every later CUDA build of the same GEMM shapes, and a build without a table keeps dlight's tiles."""
+applies to every later CUDA build of the same GEMM shapes, a build without a table keeps dlight's tiles, and
+timing the candidates survives one that cannot run."""
 
 import json
 import re
@@ -8,15 +9,13 @@ import shutil
 import pytest
 
 pytest.importorskip("tvm")
-if shutil.which("nvcc") is None:
-    pytest.skip("needs nvcc (the CUDA toolkit)", allow_module_level=True)
 
 from qcompile.backends.tvm import tuning  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.backends.tvm.int8_schedule import DEFAULT, TileConfig  # noqa: E402
 from qcompile.backends.tvm.relax_builder import to_relax  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
-from tests.backends.test_tvm import ConvChain, _kernels  # noqa: E402
+from tests.backends.test_tvm import CPU, ConvChain, _kernels  # noqa: E402
 from tests.passes.test_lower_integer import _lowered  # noqa: E402
 
 SMALL, WIDE = TileConfig(2, 2, 1, 1, 1, 4), TileConfig(2, 2, 2, 2, 2, 16)
@@ -28,6 +27,7 @@ def _launch_bounds(source: str) -> set[int]:
     return {bounds[name] for name, body in _kernels(source).items() if "wmma::mma_sync" in body}
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_candidates_compile_and_a_measured_table_applies_to_later_builds(tmp_path, monkeypatch):
     spec = get_target("sm90")
     ir = _lowered(ConvChain(), "int8", size=12).context.ir
@@ -60,3 +60,19 @@ def test_candidates_compile_and_a_measured_table_applies_to_later_builds(tmp_pat
     assert _launch_bounds(default) == {DEFAULT.threads} and _launch_bounds(tuned) == {SMALL.threads}
     assert sum("wmma::mma_sync" in body for body in _kernels(tuned).values()) == 4
     assert json.loads((art.path / "meta.json").read_text())["cuda"]["tuning_table_shapes"] == 4
+
+
+def test_measuring_records_a_failing_candidate_and_goes_on(tmp_path):
+    """The GPU step must not lose a whole run to one kernel: a candidate that cannot run is listed under
+    ``failed``, the others are timed, and the figures are written as they come."""
+    spec = get_target(CPU)
+    ir = _lowered(ConvChain(), "int8", size=12).context.ir
+    folder = tuning.build_candidates(tuning.gemm_tasks(to_relax(ir, 2).mod, spec), spec, tmp_path / "candidates")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["candidates"].insert(1, {**manifest["candidates"][0], "name": "not_in_the_module"})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    measured = tuning.measure(folder, device="cpu", number=1, repeat=1, out=tmp_path / "times.json")
+    assert list(measured["failed"]) == ["not_in_the_module"] and measured["complete"]
+    assert len(measured["ms"]) == len(manifest["candidates"]) - 1
+    assert json.loads((tmp_path / "times.json").read_text()) == measured
+    assert set(tuning.fastest(manifest, measured)) == set(manifest["tasks"])

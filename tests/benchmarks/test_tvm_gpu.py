@@ -53,6 +53,7 @@ def test_build_pack_and_session_rehearsal(tmp_path):
     for agreement in report["agreement"].values():
         assert agreement == {"images": 12, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
     assert {r["contender"] for r in report["rows"]} == {"TVM mostly4bit", "torch float32 eager"}
+    assert not report["errors"]
     assert report["profile"]["mostly4bit/b2"] and (out / "console.txt").is_file()
 
     measured = json.loads((out / "tuning.json").read_text())
