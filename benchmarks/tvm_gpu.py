@@ -17,11 +17,11 @@ Three steps, because the GPU machine has neither TVM's compiler nor nvcc nor net
    tar.gz of the artifacts, a runtime-only copy of the installed ``tvm`` package (no ``libtvm_compiler.so``, no
    ``3rdparty/``), the ``apache-tvm-ffi`` wheel for the GPU machine's Python and, with ``--tuning``, the
    candidates of ``benchmarks/tvm_tune.py``; refused above 64 MiB.
-3. on the GPU machine: ``bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz`` unpacks it and runs
-   ``tvm_gpu.py run``: each artifact's agreement with the reference on all check images (top-1, identical final
-   integers, largest difference in LSB), img/s and ms per batch for every contender (medians), the ratios to
-   ``torch.compile`` bf16, the TVM VM's per-kernel profile at the largest batch (which kernels use tensor
-   cores), all of it also in ``--json``; then times the tuning candidates, if the bundle has them.
+3. on the GPU machine: ``bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz --profile`` unpacks it,
+   times the tuning candidates if the bundle has them, and runs ``tvm_gpu.py run``: each artifact's agreement
+   with the reference on all check images (top-1, identical final integers, largest difference in LSB), img/s
+   and ms per batch for every contender (medians), the ratios to ``torch.compile`` bf16, the TVM VM's
+   per-kernel profile at the largest batch (which kernels use tensor cores), all of it also in ``--json``.
 
 ``--model resnet20`` with ``--target cpu --batches 2,1 --check-images 16`` is the CPU rehearsal that
 tests/benchmarks/test_tvm_gpu.py runs through all three steps.
