@@ -16,9 +16,11 @@ Three steps, because the GPU machine has neither TVM's compiler nor nvcc nor net
 2. ``python benchmarks/tvm_gpu.py pack --out bench-gpu --bundle .gpu/tvm-gpu.tar.gz --wheel FFI.whl``: one
    tar.gz of the artifacts, a runtime-only copy of the installed ``tvm`` package (no ``libtvm_compiler.so``, no
    ``3rdparty/``), the ``apache-tvm-ffi`` wheel for the GPU machine's Python and, with ``--tuning``, the
-   candidates of ``benchmarks/tvm_tune.py``; refused above 64 MiB.
+   candidates of ``benchmarks/tvm_tune.py``, with ``--profile-stage``, a ``qcompile profile --stage`` folder
+   (``--no-bench`` leaves the artifacts out); refused above 64 MiB.
 3. on the GPU machine: ``bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz --profile`` unpacks it,
-   times the tuning candidates if the bundle has them, and runs ``tvm_gpu.py run``: each artifact's agreement
+   times the tuning candidates and measures the staged latency profile if the bundle has them, and runs
+   ``tvm_gpu.py run`` if it has the benchmark: each artifact's agreement
    with the reference on all check images (top-1, identical final integers, largest difference in LSB), img/s
    and ms per batch for every contender (medians), the ratios to ``torch.compile`` bf16, the TVM VM's
    per-kernel profile at the largest batch (which kernels use tensor cores), all of it also in ``--json``.
@@ -142,12 +144,15 @@ def _runtime_files() -> list[tuple[Path, str]]:
 
 
 def pack_step(args: argparse.Namespace) -> None:
+    """The parts given (the benchmark unless ``--no-bench``, tuning candidates, a staged latency profile) with
+    the runtime-only TVM and the wheels, as one file a device call carries."""
     bundle = Path(args.bundle)
     bundle.parent.mkdir(parents=True, exist_ok=True)
+    parts = {"bench": None if args.no_bench else args.out, "tuning": args.tuning, "profile": args.profile_stage}
     with tarfile.open(bundle, "w:gz") as tar:
-        tar.add(args.out, arcname="bench")  # hard links stay links: shared params.npz are stored once
-        if args.tuning:
-            tar.add(args.tuning, arcname="tuning")
+        for arcname, folder in parts.items():
+            if folder:
+                tar.add(folder, arcname=arcname)  # hard links stay links: shared params.npz are stored once
         for path, name in _runtime_files():
             tar.add(path, arcname=name)
         for wheel in args.wheel:
@@ -157,7 +162,7 @@ def pack_step(args: argparse.Namespace) -> None:
     if size > CARRY_BYTES:
         bundle.unlink()
         sys.exit(f"the bundle is {size / 2**20:.1f} MiB, more than a device call carries (64 MiB): pack fewer "
-                 "recipes or batches")
+                 "parts, recipes or batches")
 
 
 def kernel_profile(model: object, x: np.ndarray, source: str | None) -> list[dict[str, object]]:
@@ -290,6 +295,8 @@ def main() -> None:
     ap.add_argument("--bundle", default=".gpu/tvm-gpu.tar.gz", help="pack: the file a device call carries")
     ap.add_argument("--wheel", action="append", default=[], help="pack: a wheel to carry (apache-tvm-ffi)")
     ap.add_argument("--tuning", help="pack: a tvm_tune.py candidates folder to time there too")
+    ap.add_argument("--profile-stage", help="pack: a qcompile profile --stage folder to measure there too")
+    ap.add_argument("--no-bench", action="store_true", help="pack: leave the benchmark's artifacts out")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="run: cpu is the rehearsal")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="run: per-kernel TVM profile at the largest batch")

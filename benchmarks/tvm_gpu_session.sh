@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine for issue 19: unpack the bundle that `benchmarks/tvm_gpu.py pack` made here
-# (artifacts, check images, a runtime-only TVM, the apache-tvm-ffi wheel, tuning candidates) and run `tvm_gpu.py
-# run` after `tvm_tune.py measure`, writing the console, tvm_gpu.json and tuning.json into OUT. From the repository
-# root there:
+# (a runtime-only TVM, the apache-tvm-ffi wheel, and any of: tuning candidates, a staged latency profile, the
+# benchmark's artifacts and check images) and run, for what it holds, `tvm_tune.py measure`, `qcompile profile
+# --staged` and `tvm_gpu.py run`, writing the console, tuning.json, profile-tvm.json and tvm_gpu.json into OUT.
+# From the repository root there:
 #
 #   bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz --profile
 #
 # The machine has no TVM: the bundle's wheels are unzipped into a site folder beside a copy of qcompile (its
 # `passes/` and `backends/` are shipped as qcompile.passes and qcompile.backends), and `python3 -P` keeps the
-# checkout off sys.path. TVM_GPU_ARGS adds arguments to the run and TVM_TUNE_ARGS replaces the measure's (default
-# "--budget-s 180"; the CPU rehearsal: "--device cpu --repeat 2" and "--device cpu").
+# checkout off sys.path. TVM_GPU_ARGS and TVM_PROFILE_ARGS add arguments to the run and the profile, TVM_TUNE_ARGS
+# replaces the measure's (default "--budget-s 180"; the CPU rehearsal: "--device cpu --repeat 2" and "--device cpu").
 set -o pipefail
 out=$1 bundle=$2
 shift 2
@@ -27,5 +28,12 @@ python3 -P -c "import tvm, qcompile.backends.tvm.runtime; print('tvm', tvm.__ver
         python3 -P -W ignore benchmarks/tvm_tune.py measure --out "$work/tuning" --json "$out/tuning.json" \
             ${TVM_TUNE_ARGS:---budget-s 180}
     fi
-    python3 -P -W ignore benchmarks/tvm_gpu.py run --out "$work/bench" --json "$out/tvm_gpu.json" ${TVM_GPU_ARGS:-} "$@"
+    if [ -d "$work/profile" ]; then
+        python3 -P -W ignore -m qcompile profile --staged "$work/profile" --out "$out/profile-tvm.json" \
+            ${TVM_PROFILE_ARGS:-}
+    fi
+    if [ -d "$work/bench" ]; then
+        python3 -P -W ignore benchmarks/tvm_gpu.py run --out "$work/bench" --json "$out/tvm_gpu.json" \
+            ${TVM_GPU_ARGS:-} "$@"
+    fi
 } 2>&1 | tee "$out/console.txt"

@@ -17,7 +17,8 @@
        python benchmarks/tvm_tune.py commit --out tune-sm90 --measured OUT/tuning.json --device "NVIDIA H200"
 
    writes ``backends/tvm/tuning/sm90.json`` and prints per shape the default and the tuned time, and their sums
-   over one forward pass per batch size (each shape times its number of calls). Builds apply the table from then on; rebuild the artifacts and time them again.
+   over one forward pass per batch size (each shape times its number of calls). Builds apply the table from then
+   on; rebuild the artifacts and time them again.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Measured latency of TVM artifacts on this machine: end to end in interleaved rounds
 (:mod:`qcompile.backends.timing`), and per compiled function with the VM's instrument hook.
 
-TVM names its functions itself (``conv2d6``, ``tir_round1``, ...) and shares one function between layers of one
-shape, so calls are mapped to IR ops by their order instead: the VM calls them in the IR's op order, one
+TVM names its functions itself (``conv2d6``, ``tir_round1``, ...; on CUDA, where each conv is fused with its
+epilogue, ``fused_conv2d3_add1_...``) and shares one function between layers of one shape, so calls are mapped to
+IR ops by their order instead: the VM calls them in the IR's op order, one
 convolution or matmul function per ``conv2d`` / ``dense`` op, and every call is charged to the last of those ops
 before it (the IR's own grouping of ops into layers, :mod:`qcompile.ir.layers`). Where the counts differ, no
 layers are given.
@@ -24,7 +25,7 @@ from qcompile.ir.graph import IRGraph
 from qcompile.ir.layers import LAYER_KINDS
 from qcompile.ir.types import DType
 
-COMPUTE_FUNCTION = re.compile(r"(conv2d|matmul|dense)\d*$")
+COMPUTE_FUNCTION = re.compile(r"(?:^|_)(?:conv2d|matmul|dense)\d*(?:_|$)")
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,23 @@ def call_times(model: TvmModel, x: np.ndarray, runs: int = 3) -> list[tuple[str,
     return [(calls[0][0], float(np.median([ms for _, ms in calls]))) for calls in zip(*runs_seen)]
 
 
+def planned_calls(executable: Any) -> list[str]:
+    """The compiled functions ``main`` calls, in order, read from a built executable (its VM listing), without
+    running it: to check before a machine with the target runs it that its calls will pair with the IR."""
+    body = executable.as_text().split("@main:\n", 1)[1].split("\n@", 1)[0]
+    return [name for name in re.findall(r"call\s+([\w.]+)\s+in:", body) if not name.startswith(VM_BUILTIN)]
+
+
 def layer_calls(ir: IRGraph, calls: list[tuple[str, float]]) -> list[FunctionCall] | None:
     """The calls charged to IR ops by their order (the module docstring), or None when the convolution and
     matmul calls do not pair one to one with the IR's ``conv2d`` / ``dense`` ops."""
     compute = [op for op in ir.ops if op.kind in LAYER_KINDS]
-    if sum(bool(COMPUTE_FUNCTION.match(name)) for name, _ in calls) != len(compute):
+    if sum(bool(COMPUTE_FUNCTION.search(name)) for name, _ in calls) != len(compute):
         return None
     before_first = ir.ops[0].output if ir.ops and ir.ops[0].kind not in LAYER_KINDS else None  # "(input)"
     owner, seen, out = before_first, 0, []
     for name, ms in calls:
-        is_compute = bool(COMPUTE_FUNCTION.match(name))
+        is_compute = bool(COMPUTE_FUNCTION.search(name))
         integer = False
         if is_compute:
             op = compute[seen]

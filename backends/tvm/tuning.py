@@ -185,8 +185,6 @@ def _args(func: Any) -> list[dict[str, Any]]:
 
 def build_candidates(tasks: list[Task], spec: Any, out: str | Path, grid: tuple[TileConfig, ...] = GRID) -> Path:
     """Compile every (task, config) that schedules into ``out``: the module, its fatbin for CUDA, a manifest."""
-    import tvm
-
     from qcompile.backends.tvm import cuda
 
     folder = Path(out)

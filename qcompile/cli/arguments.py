@@ -199,11 +199,15 @@ def build_profile_parser() -> argparse.ArgumentParser:
         prog="qcompile profile",
         description="Measure a latency profile: every distinct layer shape of a model at each candidate precision "
                     "and in float, in the deployed runtime on this machine. --cost-model measured:PROFILE uses it.")
-    ap.add_argument("model", help="model file defining build_model(**kwargs) and example_input()")
+    ap.add_argument("model", nargs="?", help="model file defining build_model(**kwargs) and example_input()")
     ap.add_argument("--backend", choices=["onnx", "tvm"], default="onnx",
-                    help="runtime to measure: onnx = onnxruntime's CPU kernels (default); tvm = TVM CPU artifacts")
-    ap.add_argument("--target", choices=["cpu", "cpu-generic"], default="cpu",
-                    help="--backend tvm: the CPU target to build for (default cpu)")
+                    help="runtime to measure: onnx = onnxruntime's CPU kernels (default); tvm = TVM artifacts")
+    ap.add_argument("--target", choices=["cpu", "cpu-generic", "sm80", "sm90"], default="cpu",
+                    help="--backend tvm: the target to build for (default cpu); sm80/sm90 need --stage")
+    ap.add_argument("--stage", metavar="DIR",
+                    help="--backend tvm: build every model into DIR and stop, to measure them where they run")
+    ap.add_argument("--staged", metavar="DIR",
+                    help="measure the models a --stage run built (instead of MODEL), with TVM's runtime alone")
     ap.add_argument("--bits", default="4,8", metavar="B,B", help="candidate widths, each as WbAb (default 4,8)")
     ap.add_argument("--widths", default="1.0", metavar="C,C",
                     help="width multipliers to profile, for sweeps (default 1.0; other widths re-initialise)")
@@ -220,6 +224,13 @@ def build_profile_parser() -> argparse.ArgumentParser:
 def check_profile_args(args: argparse.Namespace) -> None:
     if args.batch < 1 or args.rounds < 1 or args.threads < 1:
         raise QCompileError("--batch, --rounds and --threads must be at least 1")
+    if (args.model is None) == (args.staged is None):
+        raise QCompileError("give a model file or --staged DIR (the models a --stage run built), not both")
+    if args.stage and (args.backend != "tvm" or args.staged):
+        raise QCompileError("--stage builds TVM artifacts: it needs --backend tvm and a model file")
+    if args.target.startswith("sm") and not args.stage and not args.staged:
+        raise QCompileError(f"--target {args.target} cannot run on this machine: build with --stage DIR, then run "
+                            "qcompile profile --staged DIR on the GPU machine")
 
 
 def check_train_args(command: str, args: argparse.Namespace) -> None:

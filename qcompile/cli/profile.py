@@ -7,15 +7,22 @@ layers by their order); every layer's time is filed under its shape and precisio
 several layers gets their median. Latency does not depend on the weights' values, so calibration uses random
 inputs of the example's shape. The end-to-end latencies of the uniform models (interleaved rounds) are stored
 beside, to show how well the per-layer sum predicts the whole.
+
+For a target this machine cannot run (``--target sm90``), ``--stage DIR`` builds every model with its IR and
+layer keys into DIR and stops; on the GPU machine, with TVM's runtime alone, ``qcompile profile --staged DIR
+--out PROFILE.json`` measures them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ from qcompile.frontend.graph import compute_nodes, module_of
 from qcompile.frontend.model_file import load_model_file, parse_model_args
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.layers import INPUT
+from qcompile.ir.serialize import load as load_ir
+from qcompile.ir.serialize import save as save_ir
 from qcompile.quantization.latency import (
     FLOAT,
     LatencyProfile,
@@ -44,6 +53,8 @@ from qcompile.quantization.ptq import parse_bits
 from qcompile.quantization.recipes import Override, get_recipe
 from qcompile.quantization.spec import BF16, Precision
 from qcompile.reporting.measured import RUNTIME_INSERTED, machine, per_layer
+
+STAGE_PLAN = "plan.json"
 
 
 class _Onnx:
@@ -72,26 +83,42 @@ class _Onnx:
 
 
 class _Tvm:
-    """TVM on this CPU: one artifact per model (float ones with float32 convolutions, as a float deployment
-    runs), calls charged to layers by their order (:mod:`qcompile.backends.tvm.measure`)."""
+    """TVM: one artifact per model (float ones with float32 convolutions, as a float deployment runs), calls
+    charged to layers by their order (:mod:`qcompile.backends.tvm.measure`). CUDA builds launch kernel by kernel
+    (no CUDA graph), so that the VM sees every call."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, target: str, folder: Path | None = None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts: before any run
         import tvm
 
+        from qcompile.backends.tvm.targets import get_target
+
         self.args = args
-        self.folder = tempfile.TemporaryDirectory()
+        self.spec = get_target(target)
         self.built = 0
-        self.meta = {"backend": f"tvm ({args.target})", "runtime": f"tvm {tvm.__version__}"}
+        self.temporary = None if folder is not None else tempfile.TemporaryDirectory()
+        self.folder = folder if folder is not None else Path(self.temporary.name)
+        self.meta = {"backend": f"tvm ({target})", "runtime": f"tvm {tvm.__version__}"}
+
+    def build(self, ir: IRGraph, is_float: bool, name: str) -> Path:
+        from qcompile.backends.tvm.build import build
+        from qcompile.backends.tvm.measure import layer_calls, planned_calls
+
+        artifact = build(ir, self.spec.name, self.folder / name, batch=self.args.batch,
+                         float_dtype="float32" if is_float else "float64", cuda_graph=False)
+        if layer_calls(ir, [(call, 0.0) for call in planned_calls(artifact.executable)]) is None:
+            raise QCompileError(f"{name}: TVM's calls do not pair with the IR's conv2d/dense ops: no per-layer "
+                                "profile")
+        return artifact.path
+
+    def load(self, path: Path) -> Any:
+        from qcompile.backends.tvm import runtime
+
+        return runtime.load(path, device="cuda" if self.spec.is_cuda else "cpu")
 
     def prepare(self, ir: IRGraph, is_float: bool) -> Any:
-        from qcompile.backends.tvm import runtime
-        from qcompile.backends.tvm.build import build
-
         self.built += 1
-        artifact = build(ir, self.args.target, Path(self.folder.name) / str(self.built), batch=self.args.batch,
-                         float_dtype="float32" if is_float else "float64")
-        return runtime.load(artifact.path)
+        return self.load(self.build(ir, is_float, str(self.built)))
 
     def layers(self, model: Any, ir: IRGraph, x: np.ndarray) -> list[dict[str, Any]]:
         from qcompile.backends.tvm.measure import call_times, layer_calls
@@ -107,48 +134,108 @@ class _Tvm:
         return interleaved_latency(models, x, self.args.rounds)
 
 
-def profile_model(argv: list[str]) -> int:
-    """Run ``qcompile profile`` (``argv`` after the subcommand)."""
-    args = build_profile_parser().parse_args(argv)
-    check_profile_args(args)
-    precisions = [BF16, *(Precision(b, b) for b in parse_bits(args.bits))]
-    widths = parse_widths(args.widths)
-    backend = _Tvm(args) if args.backend == "tvm" else _Onnx(args)
+@dataclass
+class _Entry:
+    """One model of the profile: its width, precision key, IR, and its layers' shape keys by layer name."""
 
+    width: float
+    precision: str
+    ir: IRGraph
+    keys: dict[str, str]
+
+
+def _lowered_entries(args: argparse.Namespace, precisions: list[Precision]) -> Iterator[tuple[_Entry, bool]]:
+    """Every (width, precision) of the profile lowered from the model file, with whether it is the float one."""
     mf = load_model_file(args.model)
     model = mf.build(**parse_model_args(args.model_args)).eval()
     inputs = mf.example_input()
-    x = np.random.default_rng(0).standard_normal((args.batch, *inputs[0].shape[1:]), dtype=np.float32)
     calib = [(torch.randn(8, *inputs[0].shape[1:]), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
-    profile = LatencyProfile()
-    overhead: dict[str, list[float]] = defaultdict(list)
-    whole: dict[str, dict[str, float]] = {}
-    for width in widths:
-        models = {}
+    for width in parse_widths(args.widths):
         for p in precisions:
             recipe = get_recipe("bf16" if p.is_float else "int8")
             overrides = [] if p.is_float else [Override("*", p, "qcompile profile")]
             gm, ir = lowered(model, inputs, recipe, width, args.leaf_modules, calib, overrides)
             keys = {str(n.target): layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
-            models[precision_key(p)] = served = backend.prepare(ir, p.is_float)
-            by_key: dict[str, list[float]] = defaultdict(list)
-            for row in backend.layers(served, ir, x):
-                if row["name"] in (INPUT, RUNTIME_INSERTED):
-                    overhead[FLOAT if p.is_float else "quantized"].append(row["ms"])
-                else:
-                    by_key[keys[row["name"]]].append(row["ms"])
-            for key, samples in by_key.items():
-                profile.add(key, precision_key(p), samples)
+            yield _Entry(width, precision_key(p), ir, keys), p.is_float
+
+
+def _stage(args: argparse.Namespace, precisions: list[Precision]) -> int:
+    """Build every model for a target this machine cannot run, with what measuring them there needs."""
+    folder = Path(args.stage)
+    backend = _Tvm(args, args.target, folder)
+    plan: dict[str, Any] = {"model": str(args.model), "target": args.target, "batch": args.batch,
+                            "precisions": [precision_key(p) for p in precisions], "entries": []}
+    for n, (entry, is_float) in enumerate(_lowered_entries(args, precisions)):
+        name = f"w{entry.width:g}-{entry.precision}"
+        artifact = backend.build(entry.ir, is_float, name)
+        save_ir(entry.ir, folder / name / "ir")
+        plan["entries"].append({"width": entry.width, "precision": entry.precision, "keys": entry.keys,
+                                "artifact": str(artifact.relative_to(folder)), "ir": f"{name}/ir"})
+        print(f"built {n + 1}: {name}", flush=True)
+    (folder / STAGE_PLAN).write_text(json.dumps(plan, indent=1))
+    print(f"staged {len(plan['entries'])} models in {folder}; on the machine they are for, with TVM's runtime: "
+          f"qcompile profile --staged {folder} --out PROFILE.json")
+    return 0
+
+
+def _staged_entries(args: argparse.Namespace, backend: _Tvm, plan: dict[str, Any]) -> Iterator[tuple[_Entry, Any]]:
+    folder = Path(args.staged)
+    for row in plan["entries"]:
+        entry = _Entry(row["width"], row["precision"], load_ir(folder / row["ir"]), row["keys"])
+        yield entry, backend.load(folder / row["artifact"])
+
+
+def profile_model(argv: list[str]) -> int:
+    """Run ``qcompile profile`` (``argv`` after the subcommand)."""
+    args = build_profile_parser().parse_args(argv)
+    check_profile_args(args)
+    precisions = [BF16, *(Precision(b, b) for b in parse_bits(args.bits))]
+    if args.stage:
+        return _stage(args, precisions)
+    if args.staged:
+        try:
+            plan = json.loads((Path(args.staged) / STAGE_PLAN).read_text())
+        except (OSError, ValueError) as exc:
+            raise QCompileError(f"--staged {args.staged}: not a folder written by --stage ({exc})") from None
+        args.batch = plan["batch"]
+        backend: _Onnx | _Tvm = _Tvm(args, plan["target"], Path(args.staged))
+        served = _staged_entries(args, backend, plan)
+        model_name, precisions_meta = plan["model"], plan["precisions"]
+    else:
+        backend = _Tvm(args, args.target) if args.backend == "tvm" else _Onnx(args)
+        served = ((entry, backend.prepare(entry.ir, is_float))
+                  for entry, is_float in _lowered_entries(args, precisions))
+        model_name, precisions_meta = str(args.model), [precision_key(p) for p in precisions]
+
+    profile = LatencyProfile()
+    overhead: dict[str, list[float]] = defaultdict(list)
+    whole: dict[str, dict[str, float]] = {}
+    by_width: dict[float, dict[str, Any]] = defaultdict(dict)
+    x: np.ndarray | None = None
+    for entry, model in served:
+        if x is None:
+            shape = entry.ir.values[entry.ir.inputs[0]].shape[1:]
+            x = np.random.default_rng(0).standard_normal((args.batch, *shape), dtype=np.float32)
+        by_width[entry.width][entry.precision] = model
+        by_key: dict[str, list[float]] = defaultdict(list)
+        for row in backend.layers(model, entry.ir, x):
+            if row["name"] in (INPUT, RUNTIME_INSERTED):
+                overhead[FLOAT if entry.precision == FLOAT else "quantized"].append(row["ms"])
+            else:
+                by_key[entry.keys[row["name"]]].append(row["ms"])
+        for key, samples in by_key.items():
+            profile.add(key, entry.precision, samples)
+    for width, models in by_width.items():
         timed = backend.interleaved(models, x)
         whole[f"{width:g}"] = {k: round(float(np.median(v)), 4) for k, v in timed.items()}
     profile.overhead = {k: round(float(np.median(v)), 6) for k, v in overhead.items()}
-    profile.meta = {"model": str(args.model), **backend.meta, "machine": machine(),
+    profile.meta = {"model": model_name, **backend.meta, "machine": machine(),
                     "python": platform.python_version(), "threads": args.threads, "batch": args.batch,
-                    "rounds": args.rounds, "precisions": [precision_key(p) for p in precisions],
-                    "widths": widths, "end_to_end_ms": whole}
+                    "rounds": args.rounds, "precisions": precisions_meta,
+                    "widths": [float(w) for w in by_width], "end_to_end_ms": whole}
     with atomic_path(args.out) as tmp:
         profile.save(tmp)
-    print(f"wrote {args.out}: {len(profile.entries)} layer shapes x {len(precisions)} precisions; end to end (ms, "
-          f"batch {args.batch}): " + "; ".join(f"width {w}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items())
-                                              for w, r in whole.items()))
+    print(f"wrote {args.out}: {len(profile.entries)} layer shapes x {len(precisions_meta)} precisions; end to end "
+          f"(ms, batch {args.batch}): " + "; ".join(f"width {w}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items())
+                                                   for w, r in whole.items()))
     return 0

@@ -95,6 +95,53 @@ def test_a_tvm_profile_files_every_layer_shape_per_precision(tmp_path, monkeypat
     assert all(ms > 0 for row in loaded.entries.values() for ms in row.values())
 
 
+def test_a_staged_tvm_profile_is_built_here_and_measured_from_its_folder(tmp_path, monkeypatch, capsys) -> None:
+    """--stage builds what a GPU machine measures with TVM's runtime alone (--staged); rehearsed on a CPU target."""
+    pytest.importorskip("tvm")
+    from qcompile.backends.tvm.targets import get_target
+
+    target = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
+    stage, profile = tmp_path / "stage", tmp_path / "staged.json"
+    assert main(["profile", tiny(tmp_path, monkeypatch), "--backend", "tvm", "--target", target,
+                 "--stage", str(stage), "--out", str(profile)]) == 0
+    plan = json.loads((stage / "plan.json").read_text())
+    assert [e["precision"] for e in plan["entries"]] == ["float", "w4a4", "w8a8"] and not profile.exists()
+    assert "qcompile profile --staged" in capsys.readouterr().out
+    assert main(["profile", "--staged", str(stage), "--rounds", "3", "--out", str(profile)]) == 0
+    loaded = LatencyProfile.load(profile)
+    assert loaded.meta["backend"] == f"tvm ({target})"
+    assert len(loaded.entries) == 3 and all(set(row) == {"float", "w4a4", "w8a8"} for row in loaded.entries.values())
+
+
+def test_call_names_of_fused_cuda_functions_pair_with_the_ir_layers() -> None:
+    """On CUDA, TVM fuses each conv with its epilogue (and sometimes a producer) into one named function."""
+    from qcompile.backends.tvm.measure import layer_calls
+
+    from tests.passes.test_lower_integer import ModuleNet, _lowered
+
+    ir = _lowered(ModuleNet(), "int8").context.ir
+    layers = [op for op in ir.ops if op.kind in ("conv2d", "dense")]
+    names = ["fused_divide_tir_round_tir_clip_cast_transpose", "fused_conv2d_add_cast1_multiply",
+             "fused_cast9_bitwise_and_subtract1_cast10_conv2d1_add_cast1", "fused_max_pool2d_cast1",
+             *[f"fused_conv2d{i}_add{i}" for i in range(2, len(layers))]][:len(layers) + 2]
+    names[-1] = "fused_matmul_add3_cast15_multiply3"
+    calls = layer_calls(ir, [(n, 1.0) for n in names])
+    assert calls is not None and sum(c.compute for c in calls) == len(layers)
+    assert calls[0].ir_op == ir.ops[0].output and calls[-1].ir_op == layers[-1].output
+
+
+def test_profile_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
+    model = tiny(tmp_path, monkeypatch)
+    cases = [(["--out", "p.json"], "give a model file or --staged DIR"),
+             ([model, "--backend", "tvm", "--target", "sm90", "--out", "p.json"], "--target sm90 cannot run on this"),
+             ([model, "--stage", str(tmp_path / "s"), "--out", "p.json"], "--stage builds TVM artifacts"),
+             (["--staged", str(tmp_path / "none"), "--out", "p.json"], "not a folder written by --stage")]
+    for argv, message in cases:
+        assert main(["profile", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_latency_budget_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
     model = tiny(tmp_path, monkeypatch)
     cases = [([model, "--recipe", "auto", "--budget", "latency=0.5"], "--budget latency=R needs a latency profile"),
