@@ -57,7 +57,7 @@ class Task:
     key: str
     name: str
     func: Any
-    calls: int = 1
+    calls: int = 0
 
 
 def gemm_tasks(mod: Any, spec: Any) -> list[Task]:
@@ -81,7 +81,7 @@ def gemm_tasks(mod: Any, spec: Any) -> list[Task]:
     for gv, func in sorted(fused.functions_items(), key=lambda kv: kv[0].name_hint):
         if cuda.is_int8_gemm(func):
             key = gemm_key(func)
-            task = tasks.setdefault(key, Task(key, gv.name_hint, func, 0))
+            task = tasks.setdefault(key, Task(key, gv.name_hint, func))
             task.calls += calls.get(gv.name_hint, 0)
     return list(tasks.values())
 
