@@ -175,10 +175,23 @@ class _Exporter:
         inputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]]) for n in self.ir.inputs]
         outputs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", *self.ir.values[n].shape[1:]])
                    for n in self.ir.outputs]
-        graph = helper.make_graph(self.nodes, "qcompile", inputs, outputs, self.inits)
+        nodes, inits = self.live(self.ir.outputs)
+        graph = helper.make_graph(nodes, "qcompile", inputs, outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompile")
         model.ir_version = IR_VERSION
         return model
+
+    def live(self, outputs: list[str]) -> tuple[list[Any], list[Any]]:
+        """The nodes the outputs depend on, in order, and the initializers they read. A node nothing reads (e.g. the
+        DequantizeLinear of a value that a float pooling reads in its unfused form) is not left to the runtime:
+        onnxruntime computes it anyway (0.22 ms of 98 ms on ResNet-50 at batch 8)."""
+        needed = set(outputs)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(i for i in node.input if i)
+        return kept[::-1], [t for t in self.inits if t.name in needed]
 
     def unsupported(self, op: Op) -> None:
         raise OnnxExportError(f"IR op {op.kind} ({op.source}) has no ONNX transcription")
