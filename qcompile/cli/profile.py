@@ -114,7 +114,10 @@ class _Tvm:
     def load(self, path: Path) -> Any:
         from qcompile.backends.tvm import runtime
 
-        return runtime.load(path, device="cuda" if self.spec.is_cuda else "cpu")
+        model = runtime.load(path, device="cuda" if self.spec.is_cuda else "cpu")
+        if self.spec.is_cuda:
+            self.meta["device"] = model.device.device_name  # the GPU; "machine" names the host
+        return model
 
     def prepare(self, ir: IRGraph, is_float: bool) -> Any:
         self.built += 1
