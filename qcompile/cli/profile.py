@@ -146,9 +146,13 @@ class _Entry:
     ir: IRGraph
     keys: dict[str, str]
 
+    @property
+    def is_float(self) -> bool:
+        return self.precision == FLOAT
 
-def _lowered_entries(args: argparse.Namespace, precisions: list[Precision]) -> Iterator[tuple[_Entry, bool]]:
-    """Every (width, precision) of the profile lowered from the model file, with whether it is the float one."""
+
+def _lowered_entries(args: argparse.Namespace, precisions: list[Precision]) -> Iterator[_Entry]:
+    """Every (width, precision) of the profile lowered from the model file."""
     mf = load_model_file(args.model)
     model = mf.build(**parse_model_args(args.model_args)).eval()
     inputs = mf.example_input()
@@ -159,7 +163,7 @@ def _lowered_entries(args: argparse.Namespace, precisions: list[Precision]) -> I
             overrides = [] if p.is_float else [Override("*", p, "qcompile profile")]
             gm, ir = lowered(model, inputs, recipe, width, args.leaf_modules, calib, overrides)
             keys = {str(n.target): layer_key(module_of(gm, n), n) for n in compute_nodes(gm)}
-            yield _Entry(width, precision_key(p), ir, keys), p.is_float
+            yield _Entry(width, precision_key(p), ir, keys)
 
 
 def _stage(args: argparse.Namespace, precisions: list[Precision]) -> int:
@@ -168,9 +172,9 @@ def _stage(args: argparse.Namespace, precisions: list[Precision]) -> int:
     backend = _Tvm(args, args.target, folder)
     plan: dict[str, Any] = {"model": str(args.model), "target": args.target, "batch": args.batch,
                             "precisions": [precision_key(p) for p in precisions], "entries": []}
-    for n, (entry, is_float) in enumerate(_lowered_entries(args, precisions)):
+    for n, entry in enumerate(_lowered_entries(args, precisions)):
         name = f"w{entry.width:g}-{entry.precision}"
-        artifact = backend.build(entry.ir, is_float, name)
+        artifact = backend.build(entry.ir, entry.is_float, name)
         save_ir(entry.ir, folder / name / "ir")
         plan["entries"].append({"width": entry.width, "precision": entry.precision, "keys": entry.keys,
                                 "artifact": str(artifact.relative_to(folder)), "ir": f"{name}/ir"})
@@ -206,8 +210,7 @@ def profile_model(argv: list[str]) -> int:
         model_name, precisions_meta = plan["model"], plan["precisions"]
     else:
         backend = _Tvm(args, args.target) if args.backend == "tvm" else _Onnx(args)
-        served = ((entry, backend.prepare(entry.ir, is_float))
-                  for entry, is_float in _lowered_entries(args, precisions))
+        served = ((entry, backend.prepare(entry.ir, entry.is_float)) for entry in _lowered_entries(args, precisions))
         model_name, precisions_meta = str(args.model), [precision_key(p) for p in precisions]
 
     profile = LatencyProfile()
@@ -223,7 +226,7 @@ def profile_model(argv: list[str]) -> int:
         by_key: dict[str, list[float]] = defaultdict(list)
         for row in backend.layers(model, entry.ir, x):
             if row["name"] in (INPUT, RUNTIME_INSERTED):
-                overhead[FLOAT if entry.precision == FLOAT else "quantized"].append(row["ms"])
+                overhead[FLOAT if entry.is_float else "quantized"].append(row["ms"])
             else:
                 by_key[entry.keys[row["name"]]].append(row["ms"])
         for key, samples in by_key.items():
