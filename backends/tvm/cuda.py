@@ -32,17 +32,23 @@ def _int8_rule(table: Mapping[str, TileConfig]) -> Any:
     from tvm.s_tir.schedule import ScheduleError
 
     from qcompile.backends.tvm.int8_schedule import DEFAULT, gemm_key, schedule_int8_gemm
+    from qcompile.backends.tvm.tuning import checked_schedule
 
     class Int8TensorCore(GPUScheduleRule):
         """dlight's int8 wmma schedule without software pipelining, for every int8 GEMM, with the tile sizes the
-        tuning table gives its shape."""
+        tuning table gives its shape. A tuned config is checked to compile for this very function (its epilogue
+        or inlined producer may differ from the one tuned) and the default taken where it does not."""
 
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
             if not is_int8_gemm(func):
                 return None
             config = table.get(gemm_key(func), DEFAULT) if table else DEFAULT
+            if config != DEFAULT:
+                sch = checked_schedule(func, config, target)
+                if sch is not None:
+                    return sch
             try:
-                return schedule_int8_gemm(func, config)
+                return schedule_int8_gemm(func, DEFAULT)
             except ScheduleError:  # e.g. strided convs (compute-at fails): dlight's Matmul (dp4a) takes them
                 return None
 

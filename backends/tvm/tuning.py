@@ -141,24 +141,32 @@ def _kernels_at(source: str, lines: set[int]) -> set[str]:
     return found
 
 
-def _compilable(func: Any, config: TileConfig | None, spec: Any) -> Any:
-    """``func`` scheduled with ``config`` if that schedules and compiles alone (some tile shapes fail to lower,
-    e.g. ``tvm_access_ptr element type must match``), else None; ``config=None``: ``func`` itself."""
+def checked_schedule(func: Any, config: TileConfig, target: Any) -> Any:
+    """The traced schedule of ``func`` with ``config`` if it schedules and compiles alone for ``target`` (some
+    tile shapes fail to lower, e.g. ``tvm_access_ptr element type must match``, or lower to CUDA nvcc rejects),
+    else None."""
     import tvm
 
     from qcompile.backends.tvm.cuda import cuda_source
 
-    if config is None:
-        return func
     sch = _schedule(func, config)
     if sch is None:
         return None
-    scheduled = sch.mod["main"].with_attr("global_symbol", "candidate")
     try:
-        lib = tvm.compile(tvm.IRModule({"candidate": scheduled}), target=spec.tvm_target())
+        lib = tvm.compile(tvm.IRModule({"candidate": sch.mod["main"].with_attr("global_symbol", "candidate")}),
+                          target=target)
     except Exception:  # noqa: BLE001 - whatever fails to lower drops the candidate
         return None
-    return sch.mod["main"] if _vectors_well_formed(cuda_source(lib)) else None
+    return sch if _vectors_well_formed(cuda_source(lib)) else None
+
+
+def _compilable(func: Any, config: TileConfig | None, spec: Any) -> Any:
+    """``func`` scheduled with ``config`` if :func:`checked_schedule` takes it, else None; ``config=None`` (a CPU
+    target): ``func`` itself."""
+    if config is None:
+        return func
+    sch = checked_schedule(func, config, spec.tvm_target())
+    return None if sch is None else sch.mod["main"]
 
 
 def _vectors_well_formed(source: str) -> bool:

@@ -76,3 +76,25 @@ def test_measuring_records_a_failing_candidate_and_goes_on(tmp_path):
     assert len(measured["ms"]) == len(manifest["candidates"]) - 1
     assert json.loads((tmp_path / "times.json").read_text()) == measured
     assert set(tuning.fastest(manifest, measured)) == set(manifest["tasks"])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_a_tuned_config_that_does_not_compile_for_a_function_falls_back_to_the_default(tmp_path, monkeypatch):
+    """A table entry is per GEMM shape; a function of that shape with another epilogue or producer might not
+    lower with it: the build then schedules that function with the default tiles, still on tensor cores."""
+    spec = get_target("sm90")
+    ir = _lowered(ConvChain(), "int8", size=12).context.ir
+    tasks = tuning.gemm_tasks(to_relax(ir, 8, pack_int4=False).mod, spec)
+    padded = next(t for t in tasks if "R3x3" in t.key)
+    broken = TileConfig(1, 2, 1, 2, 4, 4)  # 0.27: "tvm_access_ptr element type must match" on a 3x3 conv
+    assert tuning.checked_schedule(padded.func, broken, spec.tvm_target()) is None
+    table = tmp_path / "sm90.json"
+    table.write_text(json.dumps({"target": "sm90", "shapes": {padded.key: {"config": broken.as_dict()}}}))
+    monkeypatch.setattr(tuning, "TABLES", tmp_path)
+    tuning.load_table.cache_clear()
+    try:
+        source = (build(ir, "sm90", tmp_path / "out", batch=8).path / "kernels.cu").read_text()
+    finally:
+        tuning.load_table.cache_clear()
+    assert _launch_bounds(source) == {DEFAULT.threads}
+    assert sum("wmma::mma_sync" in body for body in _kernels(source).values()) == 4
