@@ -1,5 +1,6 @@
 """ResNet-50 224x224 on an NVIDIA GPU: TVM int8 and mostly4bit artifacts vs PyTorch bf16 eager and
-``torch.compile`` bf16 (channels_last; CUDA graphs at batch 1), batch 256 and batch 1, in one run.
+``torch.compile`` bf16 (channels_last; ``max-autotune`` at batch 256, CUDA graphs at batch 1), batch 256 and batch 1,
+in one run.
 
 Three steps, because the GPU machine has neither TVM's compiler nor nvcc nor network, and a call carries at most
 64 MiB:
@@ -38,6 +39,7 @@ import os
 import re
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -226,8 +228,11 @@ def _time_artifact(args: argparse.Namespace, setup: dict[str, object], recipe: s
     return ms
 
 
-def _time_torch(args: argparse.Namespace, setup: dict[str, object], rows: list[tuple[str, int, float]]) -> None:
-    """PyTorch eager and ``torch.compile`` (not in the CPU rehearsal), bf16 channels-last on the GPU."""
+def _time_torch(args: argparse.Namespace, setup: dict[str, object],
+                record: Callable[[str, int, float], None]) -> None:
+    """PyTorch eager and ``torch.compile`` (not in the CPU rehearsal), bf16 channels-last on the GPU:
+    ``--compile-mode`` (default ``max-autotune``) at large batches, ``reduce-overhead`` (CUDA graphs) at 8 and
+    below."""
     import torch
     from _common import median_ms
 
@@ -238,15 +243,22 @@ def _time_torch(args: argparse.Namespace, setup: dict[str, object], rows: list[t
     with torch.inference_mode():
         for batch in setup["batches"]:
             x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
-            rows.append((f"torch {dtype} eager".replace("torch.", ""), batch,
-                         median_ms(lambda: net(x), args.repeat, 3, sync)))
+            record(f"torch {dtype} eager".replace("torch.", ""), batch, median_ms(lambda: net(x), args.repeat, 3, sync))
             if cuda:
-                compiled = torch.compile(net, mode="reduce-overhead" if batch <= 8 else None)  # CUDA graphs when small
-                rows.append(("torch.compile bf16", batch, median_ms(lambda: compiled(x), args.repeat, 10, sync)))
+                compiled = torch.compile(net, mode="reduce-overhead" if batch <= 8 else args.compile_mode)
+                record("torch.compile bf16", batch, median_ms(lambda: compiled(x), args.repeat, 10, sync))
+
+
+def _rows(rows: list[tuple[str, int, float]]) -> list[dict[str, object]]:
+    """The figures with img/s and the ratio to ``torch.compile`` at the same batch, where that was measured."""
+    peer = {b: ms for name, b, ms in rows if name == "torch.compile bf16"}
+    return [{"contender": name, "batch": batch, "ms": ms, "images_per_second": batch / ms * 1e3,
+             "vs_torch_compile": peer[batch] / ms if batch in peer else None} for name, batch, ms in rows]
 
 
 def run_step(args: argparse.Namespace) -> None:
-    """Every artifact and contender; one that fails is reported and the rest still run (a GPU call is scarce)."""
+    """Every artifact and contender; one that fails is reported and the rest still run, and the JSON is rewritten
+    after each figure, so that a call cut short keeps what was measured (a GPU call is scarce)."""
     import torch
 
     out = Path(args.out)
@@ -254,29 +266,35 @@ def run_step(args: argparse.Namespace) -> None:
     check = dict(np.load(out / "check.npz"))
     report: dict[str, object] = {"model": setup["model"], "target": setup["target"], "repeat": args.repeat,
                                  "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                                 "agreement": {}, "profile": {}, "rows": [], "errors": {}}
+                                 "compile_mode": args.compile_mode, "agreement": {}, "profile": {}, "rows": [],
+                                 "errors": {}}
     rows: list[tuple[str, int, float]] = []
+
+    def record(name: str, batch: int, ms: float) -> None:
+        rows.append((name, batch, ms))
+        report["rows"] = _rows(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
     for recipe in setup["recipes"]:
         for batch in setup["batches"]:
             try:
-                rows.append((f"TVM {recipe}", batch, _time_artifact(args, setup, recipe, batch, check, report)))
+                record(f"TVM {recipe}", batch, _time_artifact(args, setup, recipe, batch, check, report))
             except Exception as exc:  # noqa: BLE001 - reported, and the other artifacts still measured
                 report["errors"][f"TVM {recipe}/b{batch}"] = f"{type(exc).__name__}: {exc}"[:500]
                 print(f"TVM {recipe} batch {batch} FAILED: {type(exc).__name__}: {exc}", flush=True)
     try:
-        _time_torch(args, setup, rows)
+        _time_torch(args, setup, record)
     except Exception as exc:  # noqa: BLE001 - as above
         report["errors"]["torch"] = f"{type(exc).__name__}: {exc}"[:500]
         print(f"torch FAILED: {type(exc).__name__}: {exc}", flush=True)
-    peer = {b: ms for name, b, ms in rows if name == "torch.compile bf16"}
     size = image_size(setup["model"])
     print(f"{setup['model']} {size}x{size} on {report['device']}, target {setup['target']}, median of {args.repeat}")
     print(f"{'contender':<22}{'batch':>6}{'ms':>10}{'img/s':>10}{'vs torch.compile':>18}")
-    for name, batch, ms in rows:
-        ratio = f"{peer[batch] / ms:>17.2f}x" if batch in peer else f"{'-':>18}"
-        print(f"{name:<22}{batch:>6}{ms:>10.3f}{batch / ms * 1e3:>10.0f}{ratio}")
-        report["rows"].append({"contender": name, "batch": batch, "ms": ms, "images_per_second": batch / ms * 1e3,
-                               "vs_torch_compile": peer[batch] / ms if batch in peer else None})
+    for row in _rows(rows):
+        ratio = row["vs_torch_compile"]
+        print(f"{row['contender']:<22}{row['batch']:>6}{row['ms']:>10.3f}{row['images_per_second']:>10.0f}"
+              + (f"{ratio:>17.2f}x" if ratio is not None else f"{'-':>18}"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
@@ -299,6 +317,8 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true", help="pack: leave the benchmark's artifacts out")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="run: cpu is the rehearsal")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--compile-mode", default="max-autotune",
+                    help="run: torch.compile's mode above batch 8 (at 8 and below: reduce-overhead)")
     ap.add_argument("--profile", action="store_true", help="run: per-kernel TVM profile at the largest batch")
     ap.add_argument("--json", help="run: also write every figure here")
     args = ap.parse_args()
