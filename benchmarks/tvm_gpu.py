@@ -172,20 +172,18 @@ def kernel_profile(model: object, x: np.ndarray, source: str | None) -> list[dic
     whether the kernel's CUDA source uses tensor cores."""
     from qcompile.backends.tvm.measure import call_times, function_times
 
-    bodies = _kernel_bodies(source) if source else {}
+    bodies = _function_bodies(source) if source else {}
     times = function_times(call_times(model, x, runs=1))
     return [{"kernel": name, "ms": ms, "tensor_core": bool(TENSOR_CORE.search(bodies.get(name, "")))}
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1])]
 
 
-def _kernel_bodies(source: str) -> dict[str, str]:
-    """Function name -> the CUDA of its kernels (TVM names them ``<function>_kernel``, ``<function>_kernel_1``;
-    the source declares every kernel before defining it)."""
-    kernels: dict[str, str] = {}
-    for part in re.split(r'extern "C" __global__ void', source)[1:]:
-        kernels[re.match(r"\s*(?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", part).group(1)] = part
+def _function_bodies(source: str) -> dict[str, str]:
+    """Function name -> the CUDA of all its kernels (``<function>_kernel``, ``<function>_kernel_1``, ...)."""
+    from qcompile.backends.tvm.cuda import kernel_bodies
+
     functions: dict[str, str] = {}
-    for kernel, body in kernels.items():
+    for kernel, body in kernel_bodies(source).items():
         name = re.sub(r"_kernel(_\d+)?$", "", kernel)
         functions[name] = functions.get(name, "") + body
     return functions

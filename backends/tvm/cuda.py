@@ -202,6 +202,16 @@ def cuda_source(executable: Any) -> str:
     raise TvmBackendError("the CUDA build produced no CUDA module")
 
 
+def kernel_bodies(source: str) -> dict[str, str]:
+    """Kernel name -> its CUDA (from the name on), for every ``__global__`` kernel of generated source; the source
+    declares each kernel before defining it, and the definition is what is kept. TVM names a fused function's
+    kernels ``<function>_kernel``, ``<function>_kernel_1``, ..."""
+    kernels: dict[str, str] = {}
+    for part in re.split(r'extern "C" __global__ void', source)[1:]:
+        kernels[re.match(r"\s*(?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", part).group(1)] = part
+    return kernels
+
+
 def source_digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
@@ -220,7 +230,8 @@ def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
         codes = [f"-gencode={g}" for g in spec.gencode] if fmt == "fatbin" else [f"-arch={arch}"]
         proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise NvccError(f"nvcc failed for {spec.name}: {proc.stderr.strip().splitlines()[-1:]}", proc.stderr)
+            last = proc.stderr.strip().splitlines()[-1:]
+            raise NvccError(f"nvcc failed for {spec.name}: {last}", proc.stderr)
         return out.read_bytes()
 
 

@@ -19,6 +19,7 @@ pytest.importorskip("tvm")
 
 from qcompile.backends.tvm import runtime  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
+from qcompile.backends.tvm.cuda import kernel_bodies  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
 
 from qcompile.ir import (
@@ -115,11 +116,6 @@ def test_artifact_runs_with_the_runtime_library_only(tmp_path):
     assert np.array_equal(np.load(tmp_path / "y.npy"), ref)
 
 
-def _kernels(source: str) -> dict[str, str]:
-    parts = re.split(r'extern "C" __global__ void', source)[1:]
-    return {re.match(r"\s*(?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", p).group(1): p for p in parts}
-
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
     """mostly4bit TinyNet: 8-bit stem and head, a 4-bit body conv (unpacked to int8 for the mma)."""
@@ -136,13 +132,13 @@ def test_cuda_builds_put_every_int8_layer_on_tensor_cores(tmp_path):
         assert meta["cuda"]["source_sha256"] == hashlib.sha256(source.encode()).hexdigest()
         assert meta["cuda"]["gencode"] == gencode[name]
         assert (art.path / "model.fatbin").stat().st_size > 0 and (art.path / "model.so").is_file()
-        mma = [k for k, body in _kernels(source).items() if "wmma::mma_sync" in body]
+        mma = [k for k, body in kernel_bodies(source).items() if "wmma::mma_sync" in body]
         assert len(mma) == len(layers), (name, mma)  # one tensor-core kernel per conv/dense, epilogue fused
         ptx = nvcc(source, get_target(name), "ptx").decode()
         assert ptx.count("wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32") >= len(layers)
         # 4-bit weights are stored as int8 codes for CUDA: no kernel unpacks nibbles on every call (nor can repeat
         # the promotion bug that once kept the whole byte: CUDA C promotes int8 to int before a shift)
-        assert not [k for k in _kernels(source) if "bitwise" in k] and "(signed char)15)" not in source
+        assert not [k for k in kernel_bodies(source) if "bitwise" in k] and "(signed char)15)" not in source
 
 
 class ConvChain(nn.Module):
@@ -173,7 +169,7 @@ def test_activations_read_only_by_convs_are_written_shifted_by_their_producer(tm
     bit-exact with the reference."""
     ir = _lowered(ConvChain(), "int8", size=12).context.ir
     source = (build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text()
-    kernels = _kernels(source)
+    kernels = kernel_bodies(source)
     assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k)], list(kernels)
     assert sum("wmma::mma_sync" in body for body in kernels.values()) == 4
     x = np.random.default_rng(0).standard_normal((5, 3, 12, 12)).astype(np.float32)
@@ -232,7 +228,7 @@ def test_a_sum_quantized_twice_is_written_by_its_producer_in_both_codes(tmp_path
     ir = _lowered(ResidualPair(), "mostly4bit", size=12).context.ir
     readers = relax_builder._readers(ir)
     assert relax_builder._sibling_quantizes(ir, readers, relax_builder._offset_values(ir, readers))
-    kernels = _kernels((build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text())
+    kernels = kernel_bodies((build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text())
     # one is left: the stem's 8-bit codes requantized (DQ -> Q) for the first 4-bit conv, not a sum
     assert len([k for k in kernels if QUANTIZE_ONLY.fullmatch(k)]) == 1, list(kernels)
     assert all("wmma::mma_sync" in body for k, body in kernels.items() if "conv2d" in k or "matmul" in k)
@@ -274,7 +270,7 @@ def test_cuda_pools_reduce_in_one_thread_per_output(tmp_path):
     its 9 inputs: 49.7 ms of a 114.6 ms ResNet-50 batch on an H100."""
     ir = _lowered(PoolNet(), "int8", size=32).context.ir
     source = (build(ir, "sm90", tmp_path, batch=4).path / "kernels.cu").read_text()
-    pools = {k: body for k, body in _kernels(source).items() if "pool" in k}
+    pools = {k: body for k, body in kernel_bodies(source).items() if "pool" in k}
     assert any("max_pool" in k for k in pools) and any("avg_pool" in k for k in pools)
     assert not [k for k, body in pools.items() if "__shfl" in body]
 
@@ -380,7 +376,7 @@ def test_resnet50_cuda_builds_run_every_layer_on_tensor_cores(target, recipe, tm
     ir = lowered(resnet50(), recipe)
     art = build(ir, target, tmp_path, batch=256)
     source = (art.path / "kernels.cu").read_text()
-    kernels = _kernels(source)
+    kernels = kernel_bodies(source)
     layers = [k for k in kernels if "conv2d" in k or "matmul" in k]
     assert layers and all("wmma::mma_sync" in kernels[k] for k in layers)
     assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k) or QUANTIZE_ONLY.fullmatch(k)

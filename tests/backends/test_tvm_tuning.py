@@ -12,10 +12,11 @@ pytest.importorskip("tvm")
 
 from qcompile.backends.tvm import tuning  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
+from qcompile.backends.tvm.cuda import kernel_bodies  # noqa: E402
 from qcompile.backends.tvm.int8_schedule import DEFAULT, TileConfig  # noqa: E402
 from qcompile.backends.tvm.relax_builder import to_relax  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
-from tests.backends.test_tvm import CPU, ConvChain, _kernels  # noqa: E402
+from tests.backends.test_tvm import CPU, ConvChain  # noqa: E402
 from tests.passes.test_lower_integer import _lowered  # noqa: E402
 
 SMALL, WIDE = TileConfig(2, 2, 1, 1, 1, 4), TileConfig(2, 2, 2, 2, 2, 16)
@@ -24,7 +25,7 @@ SMALL, WIDE = TileConfig(2, 2, 1, 1, 1, 4), TileConfig(2, 2, 2, 2, 2, 16)
 def _launch_bounds(source: str) -> set[int]:
     """Threads per block of the tensor-core kernels."""
     bounds = {name: int(n) for n, name in re.findall(r"__launch_bounds__\((\d+)\)\s+(\w+)\(", source)}
-    return {bounds[name] for name, body in _kernels(source).items() if "wmma::mma_sync" in body}
+    return {bounds[name] for name, body in kernel_bodies(source).items() if "wmma::mma_sync" in body}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
@@ -58,7 +59,7 @@ def test_candidates_compile_and_a_measured_table_applies_to_later_builds(tmp_pat
         tuning.load_table.cache_clear()
     tuned = (art.path / "kernels.cu").read_text()
     assert _launch_bounds(default) == {DEFAULT.threads} and _launch_bounds(tuned) == {SMALL.threads}
-    assert sum("wmma::mma_sync" in body for body in _kernels(tuned).values()) == 4
+    assert sum("wmma::mma_sync" in body for body in kernel_bodies(tuned).values()) == 4
     assert json.loads((art.path / "meta.json").read_text())["cuda"]["tuning_table_shapes"] == 4
 
 
@@ -97,4 +98,4 @@ def test_a_tuned_config_that_does_not_compile_for_a_function_falls_back_to_the_d
     finally:
         tuning.load_table.cache_clear()
     assert _launch_bounds(source) == {DEFAULT.threads}
-    assert sum("wmma::mma_sync" in body for body in _kernels(source).values()) == 4
+    assert sum("wmma::mma_sync" in body for body in kernel_bodies(source).values()) == 4
