@@ -151,10 +151,14 @@ class _Builder:
             return self.env[name]
         return self.emit(self.op.permute_dims(self.env[name], [0, 2, 3, 1]))
 
+    def minus_128(self, expr: Any) -> Any:
+        """Unsigned 8-bit codes shifted into int8: ``q - 128``."""
+        return self.op.astype(self.op.subtract(self.op.astype(expr, "int16"), self.const(128, "int16")), "int8")
+
     def shifted(self, name: str, expr: Any) -> Any:
         """``expr`` as ``name``'s readers take it: shifted into int8 if ``name`` is written offset."""
         if name in self.offset:  # its readers take int8: the shift fuses into this producer's epilogue
-            return self.op.astype(self.op.subtract(self.op.astype(expr, "int16"), self.const(128, "int16")), "int8")
+            return self.minus_128(expr)
         return expr
 
     def set(self, name: str, expr: Any, nhwc: bool) -> None:
@@ -204,8 +208,7 @@ class _Builder:
             return x, SIGNED
         if pad is not None and any(pad):
             x = self.emit(self.op.nn.pad(x, [0, 0, pad[0], pad[0], pad[1], pad[1], 0, 0], pad_value=0.0))
-        shifted = self.op.subtract(self.op.astype(x, "int16"), self.const(128, "int16"))
-        return self.emit(self.op.astype(shifted, "int8")), SHIFTED
+        return self.emit(self.minus_128(x)), SHIFTED
 
     # --- build -------------------------------------------------------------------------------------------
     def build(self) -> RelaxModel:
