@@ -106,9 +106,9 @@ def _schedule(func: Any, config: TileConfig) -> Any:
         return None
 
 
-def _compile(funcs: dict[str, Any], spec: Any, rounds: int = 3) -> tuple[Any, bytes]:
-    """One module of all candidates, and its fatbin for CUDA. Candidates whose CUDA nvcc rejects all the same
-    are dropped from ``funcs`` and the rest compiled again (nvcc reports at most 100 errors a run)."""
+def _compile(funcs: dict[str, Any], spec: Any, rounds: int = 3) -> tuple[Any, str, bytes]:
+    """One module of all candidates, and for CUDA its source and fatbin. Candidates whose CUDA nvcc rejects all
+    the same are dropped from ``funcs`` and the rest compiled again (nvcc reports at most 100 errors a run)."""
     import tvm
 
     from qcompile.backends.tvm import cuda
@@ -116,10 +116,10 @@ def _compile(funcs: dict[str, Any], spec: Any, rounds: int = 3) -> tuple[Any, by
     for _ in range(rounds):
         lib = tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target())
         if not spec.is_cuda:
-            return lib, b""
+            return lib, "", b""
         source = cuda.cuda_source(lib)
         try:
-            return lib, cuda.nvcc(source, spec)
+            return lib, source, cuda.nvcc(source, spec)
         except cuda.NvccError as exc:
             bad = _kernels_at(source, exc.error_lines())
             if not bad:
@@ -202,6 +202,7 @@ def build_candidates(tasks: list[Task], spec: Any, out: str | Path, grid: tuple[
     entries: list[dict[str, Any]] = []
     with spec.tvm_target():
         for t, task in enumerate(tasks):
+            args = _args(task.func)
             for c, config in enumerate(grid if spec.is_cuda else (None,)):
                 name = f"t{t}_c{c}"
                 func = _compilable(task.func, config, spec)
@@ -209,14 +210,14 @@ def build_candidates(tasks: list[Task], spec: Any, out: str | Path, grid: tuple[
                     continue
                 funcs[name] = func.with_attr("global_symbol", name)
                 entries.append({"name": name, "task": task.key, "function": task.name,
-                                "config": config.as_dict() if config else None, "args": _args(task.func)})
-        lib, fatbin = _compile(funcs, spec)
+                                "config": config.as_dict() if config else None, "args": args})
+        lib, source, fatbin = _compile(funcs, spec)
     entries = [e for e in entries if e["name"] in funcs]
     manifest: dict[str, Any] = {"target": spec.name, "tasks": [t.key for t in tasks],
                                 "calls": {t.key: t.calls for t in tasks}, "candidates": entries}
     if spec.is_cuda:
         (folder / "candidates.fatbin").write_bytes(fatbin)
-        manifest["cuda"] = {"fatbin": "candidates.fatbin", "source_sha256": cuda.source_digest(cuda.cuda_source(lib))}
+        manifest["cuda"] = {"fatbin": "candidates.fatbin", "source_sha256": cuda.source_digest(source)}
     lib.export_library(str(folder / "candidates.so"))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return folder
