@@ -297,17 +297,23 @@ def run_step(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that say which artifacts (model, target, recipes, fixed batches), shared with tvm_tune.py."""
+    ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet20"],
+                    help="resnet20 (32x32): the CPU rehearsal")
+    ap.add_argument("--target", default="sm90", choices=["sm80", "sm90", "cpu", "cpu-generic"])
+    ap.add_argument("--recipes", default=",".join(RECIPES), type=lambda s: s.split(","), help="which artifacts")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), type=lambda s: [int(b) for b in s.split(",")],
+                    help="fixed batch sizes")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=["build", "pack", "run"])
     ap.add_argument("--out", default="bench-gpu", help="the artifacts' folder")
-    ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet20"],
-                    help="resnet20 (32x32): the CPU rehearsal")
-    ap.add_argument("--target", default="sm90", choices=["sm80", "sm90", "cpu", "cpu-generic"])
+    model_arguments(ap)
     ap.add_argument("--data", help="build: CIFAR-10 archive for the check images (seeded noise without it)")
     ap.add_argument("--check-images", type=int, default=CHECK_IMAGES)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="which artifacts")
-    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="fixed batch sizes to build and time")
     ap.add_argument("--bundle", default=".gpu/tvm-gpu.tar.gz", help="pack: the file a device call carries")
     ap.add_argument("--wheel", action="append", default=[], help="pack: a wheel to carry (apache-tvm-ffi)")
     ap.add_argument("--tuning", help="pack: a tvm_tune.py candidates folder to time there too")
@@ -320,8 +326,6 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="run: per-kernel TVM profile at the largest batch")
     ap.add_argument("--json", help="run: also write every figure here")
     args = ap.parse_args()
-    args.recipes = args.recipes.split(",")
-    args.batches = [int(b) for b in args.batches.split(",")]
     {"build": build_step, "pack": pack_step, "run": run_step}[args.step](args)
 
 

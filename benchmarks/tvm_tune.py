@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tvm_gpu import BATCHES, RECIPES, lowered_ir  # noqa: E402
+from tvm_gpu import lowered_ir, model_arguments  # noqa: E402
 
 
 def candidates_step(args: argparse.Namespace) -> None:
@@ -87,18 +87,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=["candidates", "measure", "commit"])
     ap.add_argument("--out", default="tune-sm90", help="the candidates' folder")
-    ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet20"])
-    ap.add_argument("--target", default="sm90", choices=["sm80", "sm90", "cpu", "cpu-generic"])
-    ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    model_arguments(ap)
     ap.add_argument("--device", default="cuda", help="measure: cuda or cpu (the rehearsal); commit: the GPU's name")
     ap.add_argument("--json", default="tuning.json", help="measure: where the times go (rewritten per shape)")
     ap.add_argument("--budget-s", type=float, help="measure: start no GEMM shape after this many seconds")
     ap.add_argument("--measured", help="commit: the measure step's JSON")
     ap.add_argument("--table", help="commit: the table to write (default backends/tvm/tuning/<target>.json)")
     args = ap.parse_args()
-    args.recipes = args.recipes.split(",")
-    args.batches = [int(b) for b in args.batches.split(",")]
     {"candidates": candidates_step, "measure": measure_step, "commit": commit_step}[args.step](args)
 
 
