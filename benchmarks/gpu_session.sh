@@ -9,14 +9,13 @@
 #   mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && echo /.gpu/ >> .git/info/exclude
 #
 # GPU_PROFILE_ARGS replaces the profile's arguments (a CPU rehearsal: "--pairs w0.5-mostly4bit --batch 8 --steps 2
-# --device cpu", with --smoke for the run). qcompile is not installed there, and `passes/` and `backends/` are shipped as qcompile.passes and
-# qcompile.backends, so it is copied into a site folder first; `python3 -P` keeps the checkout off sys.path.
+# --device cpu", with --smoke for the run). qcompile is not installed there: benchmarks/qcompile_site.sh copies it
+# into a site folder first, and `python3 -P` keeps the checkout off sys.path.
 set -o pipefail
 out=$1 data=$2
 shift 2
 site=/tmp/qcompile-site
-rm -rf "$site" && mkdir -p "$site" && cp -r qcompile "$site"/ && cp -r passes "$site"/qcompile/passes \
-    && cp -r backends "$site"/qcompile/backends || exit 3
+rm -rf "$site" && bash benchmarks/qcompile_site.sh "$site" || exit 3
 export PYTHONPATH=$site PYTHONUNBUFFERED=1
 python3 -P -c "import qcompile.passes, qcompile.train.run" || exit 3
 (nvidia-smi dmon -s u -d 5 > "$out/dmon.txt" 2>&1 &)

@@ -7,10 +7,10 @@
 #
 #   bash benchmarks/tvm_gpu_session.sh "$OUT" .gpu/tvm-gpu.tar.gz --profile
 #
-# The machine has no TVM: the bundle's wheels are unzipped into a site folder beside a copy of qcompile (its
-# `passes/` and `backends/` are shipped as qcompile.passes and qcompile.backends), and `python3 -P` keeps the
-# checkout off sys.path. TVM_GPU_ARGS and TVM_PROFILE_ARGS add arguments to the run and the profile, TVM_TUNE_ARGS
-# replaces the measure's (default "--budget-s 180"; the CPU rehearsal: "--device cpu --repeat 2" and "--device cpu").
+# The machine has no TVM: the bundle's wheels are unzipped into a site folder beside a copy of qcompile
+# (benchmarks/qcompile_site.sh), and `python3 -P` keeps the checkout off sys.path. TVM_GPU_ARGS and
+# TVM_PROFILE_ARGS add arguments to the run and the profile, TVM_TUNE_ARGS replaces the measure's (default
+# "--budget-s 180"; the CPU rehearsal: "--device cpu --repeat 2" and "--device cpu").
 set -o pipefail
 out=$1 bundle=$2
 shift 2
@@ -19,8 +19,7 @@ rm -rf "$work" && mkdir -p "$work/site" && tar xzf "$bundle" -C "$work" || exit 
 for wheel in "$work"/*.whl; do
     [ -e "$wheel" ] && { python3 -m zipfile -e "$wheel" "$work/site" || exit 3; }
 done
-cp -r qcompile "$work/site"/ && cp -r passes "$work/site/qcompile/passes" \
-    && cp -r backends "$work/site/qcompile/backends" || exit 3
+bash benchmarks/qcompile_site.sh "$work/site" || exit 3
 export PYTHONPATH=$work/site:$work/tvm-runtime TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 python3 -P -c "import tvm, qcompile.backends.tvm.runtime; print('tvm', tvm.__version__, tvm.__file__)" || exit 3
 {
