@@ -55,6 +55,7 @@ from qcompile.quantization.spec import BF16, Precision
 from qcompile.reporting.measured import RUNTIME_INSERTED, machine, per_layer
 
 STAGE_PLAN = "plan.json"
+UNPAIRED = "TVM's calls do not pair with the IR's conv2d/dense ops: no per-layer profile"
 
 
 class _Onnx:
@@ -107,8 +108,7 @@ class _Tvm:
         artifact = build(ir, self.spec.name, self.folder / name, batch=self.args.batch,
                          float_dtype="float32" if is_float else "float64", cuda_graph=False)
         if layer_calls(ir, [(call, 0.0) for call in planned_calls(artifact.executable)]) is None:
-            raise QCompileError(f"{name}: TVM's calls do not pair with the IR's conv2d/dense ops: no per-layer "
-                                "profile")
+            raise QCompileError(f"{name}: {UNPAIRED}")
         return artifact.path
 
     def load(self, path: Path) -> Any:
@@ -128,7 +128,7 @@ class _Tvm:
 
         kernels = layer_calls(ir, call_times(model, x, self.args.rounds))
         if kernels is None:
-            raise QCompileError("TVM's calls do not pair with the IR's conv2d/dense ops: no per-layer profile")
+            raise QCompileError(UNPAIRED)
         return per_layer(ir, kernels)
 
     def interleaved(self, models: dict[str, Any], x: np.ndarray) -> dict[str, list[float]]:
