@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qcompile.artifacts import atomic_path
+from qcompile.artifacts import atomic_path, output_transaction
 from qcompile.cli.arguments import (
     build_profile_parser,
     check_profile_args,
@@ -167,19 +167,21 @@ def _lowered_entries(args: argparse.Namespace, precisions: list[Precision]) -> I
 
 
 def _stage(args: argparse.Namespace, precisions: list[Precision]) -> int:
-    """Build every model for a target this machine cannot run, with what measuring them there needs."""
+    """Build every model for a target this machine cannot run, with what measuring them there needs; the folder
+    is written whole or not at all (an error or Ctrl-C leaves it as it was)."""
     folder = Path(args.stage)
-    backend = _Tvm(args, args.target, folder)
     plan: dict[str, Any] = {"model": str(args.model), "target": args.target, "batch": args.batch,
                             "precisions": [precision_key(p) for p in precisions], "entries": []}
-    for n, entry in enumerate(_lowered_entries(args, precisions)):
-        name = f"w{entry.width:g}-{entry.precision}"
-        artifact = backend.build(entry.ir, entry.is_float, name)
-        save_ir(entry.ir, folder / name / "ir")
-        plan["entries"].append({"width": entry.width, "precision": entry.precision, "keys": entry.keys,
-                                "artifact": str(artifact.relative_to(folder)), "ir": f"{name}/ir"})
-        print(f"built {n + 1}: {name}", flush=True)
-    (folder / STAGE_PLAN).write_text(json.dumps(plan, indent=1))
+    with output_transaction(folder, marker=STAGE_PLAN) as staging:
+        backend = _Tvm(args, args.target, staging)
+        for n, entry in enumerate(_lowered_entries(args, precisions)):
+            name = f"w{entry.width:g}-{entry.precision}"
+            artifact = backend.build(entry.ir, entry.is_float, name)
+            save_ir(entry.ir, staging / name / "ir")
+            plan["entries"].append({"width": entry.width, "precision": entry.precision, "keys": entry.keys,
+                                    "artifact": str(artifact.relative_to(staging)), "ir": f"{name}/ir"})
+            print(f"built {n + 1}: {name}", flush=True)
+        (staging / STAGE_PLAN).write_text(json.dumps(plan, indent=1))
     print(f"staged {len(plan['entries'])} models in {folder}; on the machine they are for, with TVM's runtime: "
           f"qcompile profile --staged {folder} --out PROFILE.json")
     return 0

@@ -132,7 +132,11 @@ def test_call_names_of_fused_cuda_functions_pair_with_the_ir_layers() -> None:
 
 def test_profile_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
     model = tiny(tmp_path, monkeypatch)
-    cases = [(["--out", "p.json"], "give a model file or --staged DIR"),
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    cases = [([model, "--backend", "tvm", "--stage", str(mine), "--out", "p.json"], "is a folder without plan.json"),
+             (["--out", "p.json"], "give a model file or --staged DIR"),
              ([model, "--backend", "tvm", "--target", "sm90", "--out", "p.json"], "--target sm90 cannot run on this"),
              ([model, "--stage", str(tmp_path / "s"), "--out", "p.json"], "--stage builds TVM artifacts"),
              (["--staged", str(tmp_path / "none"), "--out", "p.json"], "not a folder written by --stage")]
@@ -140,6 +144,7 @@ def test_profile_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
         assert main(["profile", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # a --stage folder that is not one is left as it was
 
 
 def test_latency_budget_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
