@@ -386,6 +386,18 @@ class _Exporter:
         window = self.node("Slice", [src, *c])
         return self.node("ReduceMean", [window, self.const("axes", np.array([2, 3], np.int64))], keepdims=1)
 
+    @OPS.implements("global_avgpool")
+    def op_global_avgpool(self, op: Op) -> None:
+        """DQ → ``GlobalAveragePool`` → Q, which onnxruntime fuses into its ``QLinearGlobalAveragePool``: the
+        IR's integer sum and float32 multiply (MLAS), with the NHWC layout its integer convs run in (the float
+        form needs a transpose back to NCHW). Without ``keepdim``, the codes are reshaped to (N, C)."""
+        t = self.ir.values[op.output]
+        pooled = self.node("GlobalAveragePool", [self.dq(op.inputs[0])])
+        if op.attrs["keepdim"]:
+            self.quantize_to(pooled, op.output, t)
+            return
+        self.reshape(self.quantize_to(pooled, self.uid(f"{op.output}_4d"), t), [-1, t.shape[1]], op.output)
+
     @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))

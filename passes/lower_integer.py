@@ -7,9 +7,10 @@ into its clipping), on codes of another grid ``dequantize`` → ``quantize``, an
 input code, computed with the function the fake-quant model calls. A quantized conv/dense is an integer
 conv/dense with int32 accumulation and bias (a dense on a channels-last tensor has its channels, and its
 accumulator's scales, on the last axis); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
-pieces included), zero padding and same-grid concatenation act on codes; add, mul, LayerNorm, average pooling and
-mean run in float between dequantize and quantize (ONNX QDQ semantics). A node it cannot lower is an error
-naming the node, the op and the source line.
+pieces included), zero padding and same-grid concatenation act on codes; a quantized global average of codes
+(adaptive or global-window average pooling, a mean over H and W) is an integer ``global_avgpool``; add, mul,
+LayerNorm and other average pooling and means run in float between dequantize and quantize (ONNX QDQ semantics).
+A node it cannot lower is an error naming the node, the op and the source line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_i
 from qcompile.frontend.graph import argument, is_relu, module_of, permutation
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
-from qcompile.ir.graph import IRGraph
+from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.reference import global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
 from qcompile.quantization.quantizer import (
@@ -152,6 +154,7 @@ class _Lowerer:
     def lower(self) -> IRGraph:
         for node in self.gm.graph.nodes:
             self.env[node] = self.lower_node(node)
+        self.g.prune()  # the float form of a pooling that global_avgpool replaced, unless something else reads it
         return self.g
 
     def lower_node(self, node: fx.Node) -> _Val | None:
@@ -268,6 +271,8 @@ class _Lowerer:
         if v.unary is not None:
             return _Val(self.lut(node, v, q, out_t))
         in_t = self.info(v.name)
+        if in_t.dtype is DType.FLOAT32 and (pooled := self.integer_pool(node, v, out_t)) is not None:
+            return _Val(pooled)
         if in_t.dtype is DType.FLOAT32:
             # an unsigned quantize clamps at 0, so a pending ReLU is already in it: Q(relu(x)) = Q(x)
             src = v.name if v.relu and out_t.qmin >= 0 else self.materialize(node, v)
@@ -299,6 +304,51 @@ class _Lowerer:
         if same_grid:
             return _Val(src)
         return _Val(self.g.add_op("quantize", [self.as_float(node, node.args[0])], node.name, out_t, self.src(node)))
+
+    def integer_pool(self, node: fx.Node, v: _Val, out_t: TensorInfo) -> str | None:
+        """``quantize(reshape*(global mean(dequantize(codes))))`` as ``reshape*(global_avgpool(codes))``: an
+        integer sum and one float32 multiply per channel, where the float form reads every code back as a float
+        (onnxruntime runs it as its ``QLinearGlobalAveragePool``). The reshapes and flattens between the pooling
+        and the quantizer (``torch.flatten(x, 1)``) move onto the codes. None where the pattern does not hold;
+        the float ops left behind are pruned after lowering unless something else reads them."""
+        if v.relu and out_t.qmin < 0:
+            return None  # Q(relu(x)) is Q(x) only for an unsigned quantizer
+        reshapes: list[Op] = []
+        pool = self.g.producer(v.name)
+        while pool is not None and pool.kind in ("flatten", "reshape"):
+            reshapes.append(pool)
+            pool = self.g.producer(pool.inputs[0])
+        if pool is None or not self.is_global_mean(pool):
+            return None
+        dq = self.g.producer(pool.inputs[0])
+        if dq is None or dq.kind != "dequantize":
+            return None
+        codes = self.info(dq.inputs[0])
+        if not codes.dtype.is_int or codes.dtype is DType.INT32 or codes.per_channel:
+            return None
+        pooled = replace(out_t, shape=self.info(pool.output).shape)
+        if global_avgpool_multiplier(codes, pooled) is None:
+            return None
+        keepdim = pool.attrs["keepdim"] if pool.kind == "mean" else True
+        name = self.g.add_op("global_avgpool", [dq.inputs[0]], f"{node.name}__pooled" if reshapes else node.name,
+                             pooled, pool.source, keepdim=keepdim)
+        for i, op in enumerate(reversed(reshapes)):
+            out = node.name if i == len(reshapes) - 1 else f"{node.name}__{op.output}"
+            name = self.g.add_op(op.kind, [name], out, replace(out_t, shape=self.info(op.output).shape), op.source,
+                                 **op.attrs)
+        return name
+
+    def is_global_mean(self, op: Op) -> bool:
+        """Whether ``op`` averages each channel of a 4-d value over all of H and W."""
+        x = self.info(op.inputs[0])
+        if len(x.shape) != 4:
+            return False
+        if op.kind == "mean":
+            return sorted(d % 4 for d in op.attrs["dims"]) == [2, 3]
+        if op.kind == "adaptive_avgpool2d":
+            return list(op.attrs["output_size"]) == [1, 1]
+        return (op.kind == "avgpool2d" and list(op.attrs["kernel"]) == list(x.shape[2:])
+                and list(op.attrs["padding"]) == [0, 0])
 
     def clamped(self, node: fx.Node, q: ActivationQuantizer, bounds: Bounds, out_t: TensorInfo,
                 channels: int) -> TensorInfo:

@@ -29,6 +29,7 @@ from qcompile.backends.tvm import TvmBackendError, require_tvm
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import OpTable
+from qcompile.ir.reference import global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
@@ -402,6 +403,33 @@ class _Builder:
         axes = [NHWC_AXIS[d] for d in dims] if nhwc else dims
         m = self.op.mean(self.op.astype(x, "float64"), axis=axes, keepdims=keep)
         self.set(op.output, self.op.astype(m, "float32"), nhwc)
+
+    @OPS.implements("global_avgpool")
+    def op_global_avgpool(self, op: Op) -> None:
+        """One kernel: the int32 sum of each channel's codes over H and W (NHWC axes 1 and 2), one float32 multiply,
+        rounded half to even and clipped (the reference's arithmetic). Written as a TE function, so that the
+        widening to int32 happens inside the reduction: as Relax ops, the producer's epilogue would take the cast
+        and write the codes as int32, four times the bytes."""
+        from tvm import te, tirx
+
+        src, t, keep = op.inputs[0], self.ir.values[op.output], op.attrs["keepdim"]
+        m = tirx.const(float(global_avgpool_multiplier(self.ir.values[src], t)), "float32")
+        lo, hi, dtype = tirx.const(float(t.qmin), "float32"), tirx.const(float(t.qmax), "float32"), container(t)
+
+        def global_avgpool(x: Any) -> Any:  # its name is the kernel's
+            n, h, w, c = x.shape
+            shape = (n, 1, 1, c) if keep else (n, c)
+            rh, rw = te.reduce_axis((0, h), "rh"), te.reduce_axis((0, w), "rw")
+            total = te.compute(shape, lambda i, *r: te.sum(x[i, rh, rw, r[-1]].astype("int32"), axis=[rh, rw]),
+                               name="code_sum")
+
+            def code(*i: Any) -> Any:
+                q = tirx.round(total(*i).astype("float32") * m)
+                return tirx.Cast(dtype, te.max(te.min(q, hi), lo))
+
+            return te.compute(shape, code, name="global_avgpool")
+
+        self.set(op.output, self.bb.call_te(global_avgpool, self.as_nhwc(src)), keep)
 
     @OPS.implements("add")
     def op_add(self, op: Op) -> None:

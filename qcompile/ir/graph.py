@@ -66,6 +66,19 @@ class IRGraph:
     def producer(self, name: str) -> Op | None:
         return next((op for op in self.ops if op.output == name), None)
 
+    def prune(self) -> None:
+        """Drop the ops that no output depends on, and their values: a rewrite may leave the ops it replaced."""
+        needed = set(self.outputs)
+        kept: list[Op] = []
+        for op in reversed(self.ops):
+            if op.output in needed:
+                kept.append(op)
+                needed.update(op.inputs)
+        for op in self.ops:
+            if op.output not in needed:
+                del self.values[op.output]
+        self.ops = kept[::-1]
+
     def final_integers(self) -> list[str]:
         """The integer values the outputs are dequantized from (through a ReLU applied to them, if any)."""
         finals = []

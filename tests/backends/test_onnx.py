@@ -1,8 +1,10 @@
 """The ONNX transcription of the IR runs in onnxruntime and matches the reference interpreter."""
 
+import tempfile
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("onnxruntime")
@@ -10,6 +12,9 @@ pytest.importorskip("onnxruntime")
 from qcompile.backends import onnx as qonnx  # noqa: E402
 
 from qcompile.ir import int4, reference  # noqa: E402
+from qcompile.ir.reference import global_avgpool_multiplier  # noqa: E402
+from qcompile.ir.types import DType  # noqa: E402
+from tests.ir.test_reference import pooling_case  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 
@@ -164,6 +169,25 @@ def test_fused_add_is_exact_when_it_says_so(m, ea, eb, e4, signed_a, out_bits):
     f32 = np.float32
     want = np.clip(np.rint((qa.astype(f32) * a.scale + qb.astype(f32) * b.scale) / out.scale), out.qmin, out.qmax)
     np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(in_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4, DType.INT4]),
+       out_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4]), h=st.integers(1, 9), w=st.integers(1, 9),
+       s_in=st.floats(1e-3, 1.0), ratio=st.floats(0.02, 2.0), keepdim=st.booleans())
+def test_global_avgpool_is_onnxruntimes_integer_pooling_bit_for_bit(in_dtype, out_dtype, h, w, s_in, ratio,
+                                                                      keepdim):
+    """The exporter's DQ → GlobalAveragePool → Q, fused by onnxruntime into QLinearGlobalAveragePool, against the
+    reference's integer sum and float32 multiply, on random codes of every container and signedness."""
+    import onnx
+
+    g, x = pooling_case(in_dtype, out_dtype, (h, w), s_in, ratio, keepdim, n=32)
+    assume(global_avgpool_multiplier(g.values["q"], g.values["p"]) is not None)
+    model = qonnx.to_onnx(g, "serving")
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = qonnx.session(model, optimized_path=f"{tmp}/opt.onnx")
+        assert "QLinearGlobalAveragePool" in [n.op_type for n in onnx.load(f"{tmp}/opt.onnx").graph.node]
+    np.testing.assert_array_equal(qonnx.run(sess, [x])[0], reference.run(g, x)["y"])
 
 
 def test_fused_add_is_refused_for_unaligned_scales():

@@ -27,7 +27,9 @@ from qcompile.ir import (
     reference,  # noqa: E402
 )
 from qcompile.ir.agreement import compare_backend  # noqa: E402
+from qcompile.ir.types import DType  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
+from tests.ir.test_reference import pooling_case  # noqa: E402
 from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 # the VNNI target where this CPU has it; plain AVX2 code elsewhere (same Relax module, same numerics)
@@ -51,6 +53,15 @@ def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
     assert art.path == tmp_path / "tvm" / CPU
     result = _agreement(ir, runtime.load(art.path), _images(24))
     assert result == {"images": 24, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
+
+
+@pytest.mark.parametrize(("in_dtype", "out_dtype", "keepdim"), [(DType.INT8, DType.UINT8, False),
+                                                                 (DType.UINT4, DType.INT8, True)])
+def test_global_avgpool_is_bit_exact(in_dtype, out_dtype, keepdim, tmp_path):
+    """The integer pooling's one kernel (int32 sum, float32 multiply, round half to even) on a ResNet-50 7x7."""
+    ir, x = pooling_case(in_dtype, out_dtype, (7, 7), 0.037, 0.43, keepdim, n=16, c=64)
+    got = runtime.load(build(ir, CPU, tmp_path).path)(x)[0]
+    np.testing.assert_array_equal(got, reference.run(ir, x)["y"])
 
 
 def test_dyadic_requantization_is_bit_exact(tmp_path):
@@ -271,7 +282,7 @@ def test_cuda_pools_reduce_in_one_thread_per_output(tmp_path):
     ir = _lowered(PoolNet(), "int8", size=32).context.ir
     source = (build(ir, "sm90", tmp_path, batch=4).path / "kernels.cu").read_text()
     pools = {k: body for k, body in kernel_bodies(source).items() if "pool" in k}
-    assert any("max_pool" in k for k in pools) and any("avg_pool" in k for k in pools)
+    assert any("max_pool" in k for k in pools) and any("global_avgpool" in k for k in pools)
     assert not [k for k, body in pools.items() if "__shfl" in body]
 
 

@@ -379,7 +379,8 @@ def test_a_layer_scale_that_follows_no_layer_is_a_one_line_error():
 @pytest.mark.parametrize("recipe", ["int8", "mostly4bit"])
 def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel_of_its_own(recipe, tmp_path):
     """A ReLU'd conv output requantized to signed codes stays one integer conv (the ReLU a Clip of its codes),
-    and average pooling is not fused into QLinearAveragePool, which rounds its own way."""
+    average pooling is not fused into QLinearAveragePool, which rounds its own way, and the global mean runs as
+    QLinearGlobalAveragePool, whose arithmetic the IR's global_avgpool is."""
     import onnx
     from qcompile.backends import onnx as qonnx
 
@@ -388,6 +389,6 @@ def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel
     qonnx.session(qonnx.to_onnx(ir), optimized_path=str(optimized))
     kinds = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     assert kinds.count("QLinearConv") == 4 and "FusedConv" not in kinds and "Conv" not in kinds
-    assert not any(k.startswith("QLinear") and "Pool" in k for k in kinds)
+    assert [k for k in kinds if k.startswith("QLinear") and "Pool" in k] == ["QLinearGlobalAveragePool"]
     x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()
     assert all(row["max_lsb_diff"] == 0 for row in qonnx.layer_diff(ir, qonnx.to_onnx(ir), x))

@@ -94,9 +94,9 @@ def test_lowers_and_verifies_bit_exactly(build, recipe):
     res = _lowered(build(), recipe)
     kinds = {op.kind for op in res.context.ir.ops}
     if build is FunctionalNet:
-        assert {"slice", "pad", "concat", "mean", "reshape", "avgpool2d", "maxpool2d", "add", "requantize"} <= kinds
+        assert {"slice", "pad", "concat", "global_avgpool", "reshape", "avgpool2d", "maxpool2d", "add", "requantize"} <= kinds
     else:
-        assert {"adaptive_avgpool2d", "avgpool2d", "flatten", "reshape", "maxpool2d"} <= kinds
+        assert {"global_avgpool", "avgpool2d", "flatten", "reshape", "maxpool2d"} <= kinds
     batches = [(torch.randn(16, 3, 16, 16), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
     v = verify_reference(res.graph_module, res.context.ir, batches).summary()
     assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
@@ -107,6 +107,49 @@ def test_float32_fake_quant_agrees_too():
     res = _lowered(FunctionalNet(), "int8")
     batches = [(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))]
     v = verify_reference(res.graph_module, res.context.ir, batches, dtype=torch.float32).summary()
+    assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] <= 1 and v["identical_fraction"] >= 0.99
+
+
+class PooledHead(nn.Module):
+    """A conv, a 4x4 max pool, then ``head``: the ways model files average the last feature map."""
+
+    def __init__(self, head) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self, F.max_pool2d(F.relu(self.conv(x)), 4))
+
+
+HEADS = {  # head -> (the op kinds it lowers to, the float pooling kinds that stay)
+    "adaptive_flatten": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)), {"global_avgpool", "flatten"},
+                         set()),
+    "mean_negative_dims": (lambda m, x: m.fc(x.mean((-1, -2))), {"global_avgpool"}, set()),
+    "avg_pool_whole_map_view": (lambda m, x: m.fc(F.avg_pool2d(x, 4).view(x.size(0), -1)),
+                                {"global_avgpool", "reshape"}, set()),
+    "mean_over_width_only": (lambda m, x: m.fc(x.mean(3).mean(2)), {"mean"}, {"mean"}),
+    "mean_of_adaptive_2x2": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x, 2).mean((2, 3))), set(),
+                             {"adaptive_avgpool2d", "mean"}),
+    "mean_also_an_output": (lambda m, x: (lambda p: (m.fc(p), p))(x.mean((2, 3))), {"global_avgpool"}, {"mean"}),
+}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_global_means_of_codes_lower_to_integer_pooling(head):
+    """A quantized global average of codes is one ``global_avgpool``, the reshapes after it on codes; the float
+    pooling stays only where something reads the float value or the pooling is not global, and no op computes
+    what nothing reads."""
+    fn, kinds, float_pools = HEADS[head]
+    res = _lowered(PooledHead(fn), "int8")
+    ir = res.context.ir
+    present = {op.kind for op in ir.ops}
+    assert kinds <= present and present & {"avgpool2d", "adaptive_avgpool2d", "mean"} == float_pools
+    read = {i for op in ir.ops for i in op.inputs} | set(ir.outputs)
+    assert all(op.output in read for op in ir.ops)
+    batches = [(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long)) for _ in range(2)]
+    v = verify_reference(res.graph_module, ir, batches).summary()
     assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] <= 1 and v["identical_fraction"] >= 0.99
 
 
