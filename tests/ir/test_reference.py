@@ -57,7 +57,7 @@ def test_integer_conv_matches_a_direct_loop(stride, padding, dilation, groups):
 
 
 def global_pool_graph(codes: TensorInfo, pooled: TensorInfo, keepdim: bool) -> IRGraph:
-    """x → quantize to ``codes`` → ``global_avgpool`` to ``pooled`` → dequantize: one pooling, for every backend."""
+    """x → quantize to ``codes`` → ``global_avgpool`` to ``pooled`` → dequantize: one pooling, for any backend."""
     g = IRGraph()
     n, c, h, w = codes.shape
     g.inputs.append(g.add_value("x", TensorInfo(DType.FLOAT32, codes.shape)))

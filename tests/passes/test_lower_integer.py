@@ -94,7 +94,8 @@ def test_lowers_and_verifies_bit_exactly(build, recipe):
     res = _lowered(build(), recipe)
     kinds = {op.kind for op in res.context.ir.ops}
     if build is FunctionalNet:
-        assert {"slice", "pad", "concat", "global_avgpool", "reshape", "avgpool2d", "maxpool2d", "add", "requantize"} <= kinds
+        assert {"slice", "pad", "concat", "global_avgpool", "reshape", "avgpool2d", "maxpool2d", "add",
+                "requantize"} <= kinds
     else:
         assert {"global_avgpool", "avgpool2d", "flatten", "reshape", "maxpool2d"} <= kinds
     batches = [(torch.randn(16, 3, 16, 16), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
