@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompile.reporting.measured import layer_timings
+from qcompile.reporting.report import artifact_checks
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d2430;background:#fff}
@@ -88,9 +89,7 @@ def _verification(report: dict[str, Any]) -> str:
     rows = []
     ver = report.get("verification", {})
     checks = [("integer reference vs fake-quant", ver.get("reference_vs_fakequant"))]
-    checks += [(f"{runtime} ({flavour}) vs integer reference", res)
-               for key, runtime in (("onnx_vs_reference", "onnxruntime"), ("tvm_vs_reference", "TVM"))
-               for flavour, res in ver.get(key, {}).items()]
+    checks += [(f"{artifact} vs integer reference", res) for artifact, res in artifact_checks(report)]
     for what, res in checks:
         if res:
             rows.append(f'<tr><td class="l">{_e(what)}</td><td>{res["images"]}</td>'

@@ -96,6 +96,16 @@ def _measured_line(measured: dict[str, Any], tail: str) -> str:
             f"{measured['rounds']} interleaved rounds): {runs}; {tail}")
 
 
+def artifact_checks(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each artifact's check against the integer reference, named as a user knows it: onnxruntime per ONNX
+    flavour, TVM per target (``report.json`` keeps ``onnx_vs_reference`` by flavour and ``tvm_<target>_vs_reference``)."""
+    ver = report.get("verification", {})
+    checks = [(f"onnxruntime ({flavour})", res) for flavour, res in ver.get("onnx_vs_reference", {}).items()]
+    checks += [(f"TVM ({key.removeprefix('tvm_').removesuffix('_vs_reference')})", res) for key, res in ver.items()
+               if key.startswith("tvm_") and key.endswith("_vs_reference")]
+    return checks
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Per-layer table and totals with ratios to bf16."""
     console = console or Console(width=None if Console().is_terminal else 140)
@@ -149,8 +159,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _say(console, f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
                       f"{ver['top1_agreement'] * 100:.2f}% · identical final outputs {ver['identical_fraction'] * 100:.3f}% "
                       f"· max diff {ver['max_lsb_diff']} LSB · reference top-1 {ver['reference_top1'] * 100:.2f}%")
-    for flavour, res in report.get("verification", {}).get("onnx_vs_reference", {}).items():
-        _say(console, f"onnxruntime ({flavour}) vs integer reference on {res['images']} images: top-1 agreement "
+    for artifact, res in artifact_checks(report):
+        _say(console, f"{artifact} vs integer reference on {res['images']} images: top-1 agreement "
                       f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "
                       f"· max diff {res['max_lsb_diff']} LSB")
     clips = Counter(c["why"] for c in report.get("onnx_clips", []))

@@ -37,6 +37,29 @@ def test_page_is_self_contained_and_escapes_names() -> None:
     assert "Not measured" in render_html(report(measured=False))
 
 
+def test_every_artifacts_check_is_shown() -> None:
+    """The TVM check (``tvm_<target>_vs_reference``) beside onnxruntime's, in the page and on the console."""
+    from rich.console import Console
+
+    from qcompile.reporting.report import print_report
+
+    r = report(measured=False)
+    check = {"images": 8, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
+    r["verification"]["reference_vs_fakequant"]["reference_top1"] = 0.5
+    r["verification"].update(onnx_vs_reference={"serving": check}, tvm_cpu_generic_vs_reference=check)
+    for layer in r["layers"]:
+        layer["a_signed"] = False
+    r["total"].update(params=10, linear=1, quadratic=1, memory_bits=1, linear_vs_bf16_width1=0.25,
+                      quadratic_vs_bf16_width1=0.0625, memory_vs_bf16_width1=0.25)
+    page = render_html(r)
+    assert "onnxruntime (serving) vs integer reference" in page and "TVM (cpu_generic) vs integer reference" in page
+    console = Console(record=True, width=200)
+    print_report(r, console)
+    text = console.export_text()
+    assert "onnxruntime (serving) vs integer reference on 8 images" in text
+    assert "TVM (cpu_generic) vs integer reference on 8 images" in text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_page_renders_in_a_headless_browser(tmp_path) -> None:
