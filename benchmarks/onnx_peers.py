@@ -42,7 +42,7 @@ from qcompile.backends import onnx as qonnx  # noqa: E402
 from qcompile.backends.onnx_measure import interleaved_latency  # noqa: E402
 
 from qcompile.data import iterate_batches, load_split  # noqa: E402
-from qcompile.reporting.measured import median_ratio  # noqa: E402
+from qcompile.reporting.measured import median_ratio, median_ratio_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -190,12 +190,14 @@ def run_case(case: Case, rounds: int, workdir: Path, breakdown: bool = False) ->
     sizes = {k: p.stat().st_size for k, p in paths.items()}
     timed = [k for k in paths if not k.endswith("_compact")]
     result: dict[str, object] = {"sizes_bytes": sizes, "latency_ms": {}}
-    result["ratio_vs_peer"] = {}
+    result["ratio_vs_peer"], result["ratio_interval_vs_peer"] = {}, {}
     for batch in case.batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
         samples = interleaved_latency({k: str(paths[k]) for k in timed}, x, rounds, THREADS)
         result["latency_ms"][batch] = {k: statistics.median(v) for k, v in samples.items()}
         result["ratio_vs_peer"][batch] = {k: median_ratio(v, samples["ort_u8s8"]) for k, v in samples.items()}
+        result["ratio_interval_vs_peer"][batch] = {k: median_ratio_interval(v, samples["ort_u8s8"])
+                                                   for k, v in samples.items()}
     if breakdown:
         batch = max(case.batches)
         x = np.random.default_rng(0).standard_normal((batch, 3, case.size, case.size), dtype=np.float32)
@@ -216,9 +218,10 @@ def report(case: Case, result: dict[str, object]) -> None:
         print(f"{k:<24}{v / 1e6:>10.2f}{v / sizes['float']:>10.3f}")
     for batch, lat in result["latency_ms"].items():
         print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
-        r = result["ratio_vs_peer"][batch]
-        print(f"  vs ort_u8s8 (median of per-round ratios): qc_int8 {r['qc_int8']:.3f}x, qc_mostly4bit "
-              f"{r['qc_mostly4bit']:.3f}x, float {r['float']:.3f}x; qc_mostly4bit / qc_int8 "
+        r, ci = result["ratio_vs_peer"][batch], result["ratio_interval_vs_peer"][batch]
+        ratios = ", ".join(f"{k} {r[k]:.3f}x [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
+                           for k in ("qc_int8", "qc_mostly4bit", "float"))
+        print(f"  vs ort_u8s8 (median of per-round ratios [95% interval]): {ratios}; qc_mostly4bit / qc_int8 "
               f"{lat['qc_mostly4bit'] / lat['qc_int8']:.3f}")
     if "breakdown" in result:
         print_breakdown(result["breakdown"]["ops"], result["breakdown"]["batch"])

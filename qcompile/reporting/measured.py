@@ -7,6 +7,7 @@ kernels it ran mapped to IR ops); this module only turns them into the report's 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -49,6 +50,19 @@ def layer_timings(report: dict[str, Any]) -> dict[str, Any] | None:
 def median_ratio(a: list[float], b: list[float]) -> float:
     """The median over interleaved rounds of ``a / b``: robust to a round that the machine slowed for both."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def median_ratio_interval(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median over rounds of ``a / b`` (order statistics, as the sign test
+    gives them; with 31 rounds the 10th and 22nd of the sorted ratios, 97% coverage): when it spans 1.0, the two
+    runners tie on this machine whatever the median says. Too few rounds for ``confidence`` give the full range."""
+    ratios = sorted(x / y for x, y in zip(a, b))
+    n, tail = len(ratios), (1 - confidence) / 2
+    k, below = -1, 0.0  # the largest k with P(Binomial(n, 1/2) <= k) <= tail
+    while k + 1 < n and below + math.comb(n, k + 1) / 2**n <= tail:
+        k += 1
+        below += math.comb(n, k) / 2**n
+    return (ratios[0], ratios[-1]) if k < 0 else (ratios[k], ratios[n - 1 - k])
 
 
 def end_to_end(samples: Mapping[int, tuple[list[float], list[float]]]) -> dict[str, dict[str, float]]:

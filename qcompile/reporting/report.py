@@ -98,7 +98,7 @@ def _measured_line(measured: dict[str, Any], tail: str) -> str:
 
 def artifact_checks(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Each artifact's check against the integer reference, named as a user knows it: onnxruntime per ONNX
-    flavour, TVM per target (``report.json`` keeps ``onnx_vs_reference`` by flavour and ``tvm_<target>_vs_reference``)."""
+    flavour, TVM per target (``report.json`` keys: ``onnx_vs_reference`` by flavour, ``tvm_<target>_vs_reference``)."""
     ver = report.get("verification", {})
     checks = [(f"onnxruntime ({flavour})", res) for flavour, res in ver.get("onnx_vs_reference", {}).items()]
     checks += [(f"TVM ({key.removeprefix('tvm_').removesuffix('_vs_reference')})", res) for key, res in ver.items()

@@ -7,7 +7,7 @@ import numpy as np
 from qcompile.ir.graph import IRGraph
 from qcompile.ir.layers import INPUT
 from qcompile.ir.types import DType, TensorInfo
-from qcompile.reporting.measured import RUNTIME_INSERTED, end_to_end, per_layer
+from qcompile.reporting.measured import RUNTIME_INSERTED, end_to_end, median_ratio_interval, per_layer
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,14 @@ class K:
 def test_end_to_end_takes_medians_and_the_median_ratio() -> None:
     out = end_to_end({1: ([1.0, 2.0, 9.0], [2.0, 2.0, 3.0])})
     assert out == {"1": {"artifact_ms": 2.0, "float_ms": 2.0, "ratio": 1.0}}  # ratios 0.5, 1, 3
+
+
+def test_the_ratio_interval_is_the_sign_tests_order_statistics() -> None:
+    rounds = list(range(1, 32))
+    shuffled = rounds[::2] + rounds[1::2]  # the order of the rounds does not matter, only the ratios
+    assert median_ratio_interval([float(r) for r in shuffled], [1.0] * 31) == (10.0, 22.0)  # 97% coverage
+    assert median_ratio_interval([1.0, 3.0, 2.0, 5.0, 4.0], [1.0] * 5) == (1.0, 5.0)  # 5 rounds: the full range
+    assert median_ratio_interval([4.0] * 9, [2.0] * 9) == (2.0, 2.0)
 
 
 def test_kernels_add_up_per_layer_with_the_layer_kernel_first() -> None:
