@@ -104,9 +104,10 @@ def test_serving_runs_every_conv_dense_and_add_as_integer_kernels(recipe, tmp_pa
     # two entering downsampling blocks are not); int8: the 8-bit residual is the next layer's input
     assert ops.count("QLinearAdd") == (9 if recipe == "int8" else 15)
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger", "Sum", "Add"} & set(ops)
-    # mostly4bit: the stem's 8-bit codes requantized to 4 bits; the logits come out of QGemm, and the pooling
-    # reads the last block's codes in their unfused form, so their own DequantizeLinear, unread, is not written
+    # mostly4bit: the stem's 8-bit codes requantized to 4 bits; the logits come out of QGemm, and the pooling's
+    # DequantizeLinear is fused into QLinearGlobalAveragePool
     assert ops.count("DequantizeLinear") == (0 if recipe == "int8" else 1)
+    assert ops.count("QLinearGlobalAveragePool") == 1
     read = {i for node in model_proto.graph.node for i in node.input} | set(ir.outputs)
     assert all(set(node.output) & read for node in model_proto.graph.node)  # no node computes what nobody reads
     x = torch.randn(32, 3, 32, 32).numpy()
