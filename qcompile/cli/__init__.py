@@ -6,16 +6,27 @@ one line naming the flag to fix, and exit status 2."""
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from qcompile.cli.arguments import build_parser, in_flags
-from qcompile.cli.compile import compile_model, resolve_data
 from qcompile.errors import QCompileError
 
 __all__ = ["build_parser", "main", "resolve_data"]  # the parser and data resolution serve the benchmarks too
+_LAZY = {"build_parser": "qcompile.cli.arguments", "resolve_data": "qcompile.cli.compile"}
+
+
+def __getattr__(name: str) -> Any:
+    """``build_parser`` and ``resolve_data``, imported when asked for: this module loads without torch, so that
+    :func:`main` can load torch with interrupts deferred."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qcompile.cli' has no attribute {name!r}")
 
 
 def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
@@ -29,6 +40,25 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while torch and numpy load, acted on once they have loaded: raised inside a C extension's
+    import, the interrupt came out as an ImportError traceback (numpy: "cannot load module more than once per
+    process") with exit status 1."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    saved = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    if received:
+        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
+        with _signals_deferred():
+            from qcompile.cli.arguments import build_parser, in_flags
+            from qcompile.cli.compile import compile_model
         if argv and argv[0] in ("train", "sweep"):  # subcommands; anything else is a model file
             from qcompile.cli.train import run_subcommand
 
