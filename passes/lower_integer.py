@@ -309,7 +309,8 @@ class _Lowerer:
         """``quantize(reshape*(global mean(dequantize(codes))))`` as ``reshape*(global_avgpool(codes))``: an
         integer sum and one float32 multiply per channel, where the float form reads every code back as a float
         (onnxruntime runs it as its ``QLinearGlobalAveragePool``). The reshapes and flattens between the pooling
-        and the quantizer (``torch.flatten(x, 1)``) move onto the codes. None where the pattern does not hold;
+        and the quantizer move onto the codes, and one to (N, C) (``torch.flatten(x, 1)``) makes it a pooling
+        without ``keepdim``. None where the pattern does not hold;
         the float ops left behind are pruned after lowering unless something else reads them."""
         if v.relu and out_t.qmin < 0:
             return None  # Q(relu(x)) is Q(x) only for an unsigned quantizer
@@ -330,6 +331,8 @@ class _Lowerer:
         if global_avgpool_multiplier(codes, pooled) is None:
             return None
         keepdim = pool.attrs["keepdim"] if pool.kind == "mean" else True
+        if reshapes and len(out_t.shape) == 2:  # flattened to (N, C): the pooling without keepdim, as it is
+            keepdim, reshapes, pooled = False, [], out_t
         name = self.g.add_op("global_avgpool", [dq.inputs[0]], f"{node.name}__pooled" if reshapes else node.name,
                              pooled, pool.source, keepdim=keepdim)
         for i, op in enumerate(reversed(reshapes)):

@@ -86,13 +86,15 @@ SMALL_WINDOW = 64  # a reduction this short (pooling windows: 3x3, 7x7) is cheap
 
 
 def _window_rule() -> Any:
-    """Pooling (a reduction of one buffer over a small window) with one output element per thread, by dlight's
-    Fallback. dlight's Reduction/GeneralReduction rules give every output element a 256-thread block and a
-    cross-thread reduction over its 9 window elements: ResNet-50's max pool took 49.7 ms of a 114.6 ms batch of
-    256 on an H100."""
+    """Pooling (a reduction of one buffer over a small window) with one output element per thread, and its
+    epilogue (requantize, cast) computed by that thread from a register: one kernel. dlight's
+    Reduction/GeneralReduction rules give every output element a 256-thread block and a cross-thread reduction
+    over its 9 window elements (ResNet-50's max pool took 49.7 ms of a 114.6 ms batch of 256 on an H100), and its
+    Fallback launches the epilogue as a second kernel that reads the window results back from an int32 buffer."""
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight import gpu
     from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
 
     class SmallWindowReduction(gpu.Fallback):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
@@ -111,7 +113,33 @@ def _window_rule() -> Any:
                     return None
                 if math.prod(int(e) for e in extents) > SMALL_WINDOW or len(info.read_bufs(sch)) != 1:
                     return None
-            return super().apply(func, target, tunable)
+            return self.fused(sch, infos) or super().apply(func, target, tunable)
+
+        def fused(self, sch: Any, infos: list[Any]) -> Any:
+            """One reduction (its producers inlined) and the spatial blocks after it, in one kernel: the
+            reduction's spatial loops over the threads, the epilogue computed at each thread's element, the
+            window result in a register. None where the function is not of that shape."""
+            infos = try_inline(sch, infos)
+            if not infos or "R" not in infos[0].dom_kind() or any("R" in i.dom_kind() for i in infos[1:]):
+                return None
+            red = infos[0].block_rv
+            loops = sch.get_loops(red)
+            spatial = [lp for lp, kind in zip(loops, infos[0].dom_kind()) if kind == "S"]
+            window = [lp for lp, kind in zip(loops, infos[0].dom_kind()) if kind == "R"]
+            if len(spatial) + len(window) != len(loops) or not spatial:
+                return None
+            try:
+                sch.reorder(*spatial, *window)
+                bx, tx = sch.split(sch.fuse(*spatial), factors=[None, 256])
+                sch.bind(bx, "blockIdx.x")
+                sch.bind(tx, "threadIdx.x")
+                for epilogue in infos[1:]:
+                    sch.reverse_compute_at(epilogue.block_rv, tx)
+                sch.set_scope(red, 0, "local")
+                sch.decompose_reduction(red, window[0])
+            except s_tir.ScheduleError:
+                return None
+            return sch
 
     return SmallWindowReduction()
 

@@ -278,12 +278,14 @@ class PoolNet(nn.Module):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_cuda_pools_reduce_in_one_thread_per_output(tmp_path):
     """dlight's reduction rules gave every pooled element a 256-thread block and a warp-shuffle reduction over
-    its 9 inputs: 49.7 ms of a 114.6 ms ResNet-50 batch on an H100."""
+    its 9 inputs (49.7 ms of a 114.6 ms ResNet-50 batch on an H100), and its fallback a second kernel for the
+    epilogue: each pool is one kernel, its window result in a register."""
     ir = _lowered(PoolNet(), "int8", size=32).context.ir
     source = (build(ir, "sm90", tmp_path, batch=4).path / "kernels.cu").read_text()
     pools = {k: body for k, body in kernel_bodies(source).items() if "pool" in k}
-    assert any("max_pool" in k for k in pools) and any("global_avgpool" in k for k in pools)
-    assert not [k for k, body in pools.items() if "__shfl" in body]
+    kinds = sorted("max_pool" if "max_pool" in k else "global_avgpool" for k in pools)
+    assert kinds == ["global_avgpool", "max_pool"]
+    assert all("_local_ptr[0]" in body and "__shfl" not in body for body in pools.values())
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
