@@ -310,8 +310,8 @@ class _Lowerer:
         integer sum and one float32 multiply per channel, where the float form reads every code back as a float
         (onnxruntime runs it as its ``QLinearGlobalAveragePool``). The reshapes and flattens between the pooling
         and the quantizer move onto the codes, and one to (N, C) (``torch.flatten(x, 1)``) makes it a pooling
-        without ``keepdim``. None where the pattern does not hold;
-        the float ops left behind are pruned after lowering unless something else reads them."""
+        without ``keepdim``. None where the pattern does not hold. The float ops left behind are pruned after
+        lowering unless something else reads them."""
         if v.relu and out_t.qmin < 0:
             return None  # Q(relu(x)) is Q(x) only for an unsigned quantizer
         reshapes: list[Op] = []
