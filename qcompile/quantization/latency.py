@@ -53,15 +53,16 @@ def layer_key(module: nn.Module, node: fx.Node) -> str:
 
 @dataclass
 class LatencyProfile:
-    """Median milliseconds per (layer shape, precision), the overhead per precision, and where they were taken."""
+    """Milliseconds per (layer shape, precision), the overhead per precision, and where they were taken."""
 
     entries: dict[str, dict[str, float]] = field(default_factory=dict)
     overhead: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def add(self, key: str, precision: str, samples: Iterable[float]) -> None:
-        """Record a shape's time at a precision: the median of the layers of that shape measured."""
-        self.entries.setdefault(key, {})[precision] = round(statistics.median(samples), 6)
+        """Record a shape's time at a precision: the mean of the layers of that shape measured (each already a
+        median over runs), so that over the model they came from the layers' times keep their sum."""
+        self.entries.setdefault(key, {})[precision] = round(statistics.fmean(samples), 6)
 
     def layer_ns(self, key: str, precision: Precision) -> int:
         """A layer's predicted time in integer nanoseconds."""

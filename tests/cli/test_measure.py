@@ -157,3 +157,24 @@ def test_latency_budget_errors_are_one_line(tmp_path, monkeypatch, capsys) -> No
         assert main([*argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_profiled_times_are_scaled_to_each_models_end_to_end_time() -> None:
+    """The profiler's sums overstate the whole: each model's layers and overhead are scaled to its end-to-end
+    median, so a uniform plan predicts what its model measured; the overhead is a model's outside time summed."""
+    from qcompile.cli.profile import _calibrated, _Entry, _Profiled
+
+    def run(precision, layers, outside):
+        r = _Profiled(_Entry(1.0, precision, None, {}))
+        for key, ms in layers.items():
+            r.layers[key].extend(ms)
+        r.outside = outside
+        return r
+
+    runs = [run("float", {"a": [1.0, 1.0], "b": [2.0]}, 1.0), run("w8a8", {"a": [0.5, 0.5], "b": [1.0]}, 0.5)]
+    profile, scales = _calibrated(runs, {"1": {"float": 2.5, "w8a8": 2.0}})
+    assert scales == {"1": {"float": 0.5, "w8a8": 0.8}}
+    assert profile.entries == {"a": {"float": 0.5, "w8a8": 0.4}, "b": {"float": 1.0, "w8a8": 0.8}}
+    assert profile.overhead == {"float": 0.5, "quantized": 0.4}
+    # the whole model at w8a8: 2 layers of shape a, 1 of b, and the overhead
+    assert 2 * profile.entries["a"]["w8a8"] + profile.entries["b"]["w8a8"] + profile.overhead["quantized"] == 2.0

@@ -39,7 +39,7 @@ def toy_profile(tiny) -> LatencyProfile:
     profile = LatencyProfile(overhead={"float": 0.1, "quantized": 0.2}, meta={"model": "tiny"})
     for name, key in keys_of(tiny).items():
         profile.add(key, "float", [1.0])
-        profile.add(key, "w8a8", [0.5, 0.6, 0.4])  # the median of the layers of that shape
+        profile.add(key, "w8a8", [0.5, 0.6, 0.4])  # the mean of the layers of that shape
         profile.add(key, "w4a4", [0.45 if name == "head" else 0.4])
     return profile
 
