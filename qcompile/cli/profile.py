@@ -4,10 +4,10 @@ The model is lowered in float and at each candidate precision uniformly (every l
 exported as the serving ONNX model and profiled by onnxruntime (kernel times mapped back to layers, as
 ``--measure`` does), or with ``--backend tvm`` built for a TVM CPU target and timed per call (calls charged to
 layers by their order); every layer's time is filed under its shape and precision. The same shape measured at
-several layers gets their mean, so that the layers keep their sum. Latency does not depend on the weights' values, so calibration uses random
-inputs of the example's shape. Each uniform model is also timed end to end (interleaved rounds), and its
-per-layer times are scaled to sum to that time: a profiler's per-kernel times overstate the whole, unevenly
-across precisions (``profiler_scale`` records the factors).
+several layers gets their mean, so that the layers keep their sum. Latency does not depend on the weights'
+values, so calibration uses random inputs of the example's shape. Each uniform model is also timed end to end
+(interleaved rounds), and its per-layer times are scaled to sum to that time: a profiler's per-kernel times
+overstate the whole, unevenly across precisions (``profiler_scale`` records the factors).
 
 For a target this machine cannot run (``--target sm90``), ``--stage DIR`` builds every model with its IR and
 layer keys into DIR and stops; on the GPU machine, with TVM's runtime alone, ``qcompile profile --staged DIR
