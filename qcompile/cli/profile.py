@@ -209,9 +209,10 @@ def _calibrated(profiled: list[_Profiled], whole: dict[str, dict[str, float]]
     """The profile, each model's layer and overhead times scaled so that they sum to its end-to-end median.
 
     A profiler's per-kernel times overstate the model they come from (the profiler's own cost per node, and a
-    run that is not interleaved with the others), and unevenly across precisions: on ResNet-20 at batch 1 the
-    sums ran 7-87% over the end-to-end medians, more for the quantized models, which have more nodes. Scaled,
-    a uniform plan's prediction is that model's measured time, and a mixed plan's follows each layer's share."""
+    run that is not interleaved with the others), and unevenly across models: on ResNet-20 at batch 1 here the
+    sums ran from a few percent to 2.8x over the end-to-end medians, most for the small quantized models.
+    Scaled, a uniform plan's prediction is that model's measured time, and a mixed plan's follows each layer's
+    share."""
     profile = LatencyProfile()
     overhead: dict[str, list[float]] = defaultdict(list)
     scales: dict[str, dict[str, float]] = defaultdict(dict)
