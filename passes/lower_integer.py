@@ -8,9 +8,9 @@ input code, computed with the function the fake-quant model calls. A quantized c
 conv/dense with int32 accumulation and bias (a dense on a channels-last tensor has its channels, and its
 accumulator's scales, on the last axis); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
 pieces included), zero padding and same-grid concatenation act on codes; a quantized global average of codes
-(adaptive or global-window average pooling, a mean over H and W) is an integer ``global_avgpool``; add, mul,
-LayerNorm and other average pooling and means run in float between dequantize and quantize (ONNX QDQ semantics).
-A node it cannot lower is an error naming the node, the op and the source line.
+(adaptive or global-window average pooling, a mean over every axis after the channels) is an integer
+``global_avgpool``; add, mul, LayerNorm and other average pooling and means run in float between dequantize and
+quantize (ONNX QDQ semantics). A node it cannot lower is an error naming the node, the op and the source line.
 """
 
 from __future__ import annotations
@@ -342,12 +342,14 @@ class _Lowerer:
         return name
 
     def is_global_mean(self, op: Op) -> bool:
-        """Whether ``op`` averages each channel of a 4-d value over all of H and W."""
+        """Whether ``op`` averages each channel over every axis after it: H and W of a 4-d value, or L of an
+        (N, C, L) view (``x.view(n, c, -1).mean(2)``)."""
         x = self.info(op.inputs[0])
-        if len(x.shape) != 4:
-            return False
+        rank = len(x.shape)
         if op.kind == "mean":
-            return sorted(d % 4 for d in op.attrs["dims"]) == [2, 3]
+            return rank >= 3 and sorted(d % rank for d in op.attrs["dims"]) == list(range(2, rank))
+        if rank != 4:
+            return False
         if op.kind == "adaptive_avgpool2d":
             return list(op.attrs["output_size"]) == [1, 1]
         return (op.kind == "avgpool2d" and list(op.attrs["kernel"]) == list(x.shape[2:])

@@ -406,22 +406,30 @@ class _Builder:
 
     @OPS.implements("global_avgpool")
     def op_global_avgpool(self, op: Op) -> None:
-        """One kernel: the int32 sum of each channel's codes over H and W (NHWC axes 1 and 2), one float32 multiply,
-        rounded half to even and clipped (the reference's arithmetic). Written as a TE function, so that the
-        widening to int32 happens inside the reduction: as Relax ops, the producer's epilogue would take the cast
-        and write the codes as int32, four times the bytes."""
+        """One kernel: the int32 sum of each channel's codes (over H and W, NHWC axes 1 and 2; or over L of an
+        (N, C, L) value), one float32 multiply, rounded half to even and clipped (the reference's arithmetic).
+        Written as a TE function, so that the widening to int32 happens inside the reduction: as Relax ops, the
+        producer's epilogue would take the cast and write the codes as int32, four times the bytes."""
         from tvm import te, tirx
 
         src, t, keep = op.inputs[0], self.ir.values[op.output], op.attrs["keepdim"]
         m = tirx.const(float(global_avgpool_multiplier(self.ir.values[src], t)), "float32")
         lo, hi, dtype = tirx.const(float(t.qmin), "float32"), tirx.const(float(t.qmax), "float32"), container(t)
+        nhwc = len(self.ir.values[src].shape) == 4
 
         def global_avgpool(x: Any) -> Any:  # its name is the kernel's
-            n, h, w, c = x.shape
-            shape = (n, 1, 1, c) if keep else (n, c)
-            rh, rw = te.reduce_axis((0, h), "rh"), te.reduce_axis((0, w), "rw")
-            total = te.compute(shape, lambda i, *r: te.sum(x[i, rh, rw, r[-1]].astype("int32"), axis=[rh, rw]),
-                               name="code_sum")
+            if nhwc:
+                n, h, w, c = x.shape
+                shape = (n, 1, 1, c) if keep else (n, c)
+                rh, rw = te.reduce_axis((0, h), "rh"), te.reduce_axis((0, w), "rw")
+                total = te.compute(shape, lambda i, *r: te.sum(x[i, rh, rw, r[-1]].astype("int32"), axis=[rh, rw]),
+                                   name="code_sum")
+            else:
+                n, c, length = x.shape
+                shape = (n, c, 1) if keep else (n, c)
+                rl = te.reduce_axis((0, length), "rl")
+                total = te.compute(shape, lambda i, j, *_: te.sum(x[i, j, rl].astype("int32"), axis=[rl]),
+                                   name="code_sum")
 
             def code(*i: Any) -> Any:
                 q = tirx.round(total(*i).astype("float32") * m)
@@ -429,7 +437,8 @@ class _Builder:
 
             return te.compute(shape, code, name="global_avgpool")
 
-        self.set(op.output, self.bb.call_te(global_avgpool, self.as_nhwc(src)), keep)
+        self.set(op.output, self.bb.call_te(global_avgpool, self.as_nhwc(src) if nhwc else self.nchw(src)),
+                 nhwc and keep)
 
     @OPS.implements("add")
     def op_add(self, op: Op) -> None:

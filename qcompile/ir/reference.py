@@ -15,10 +15,10 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   codes directly (they commute with a positive scale and a zero point of 0).
 - ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
   most 8 bits, tabulated at lowering (exact by construction in every backend).
-- ``global_avgpool`` on codes of at most 8 bits, per tensor: ``clip(rhe(float32(Σ_hw q) · M), qmin, qmax)``
-  with ``M = s_in / (s_out · float32(H·W))`` in float32: onnxruntime's ``QLinearGlobalAveragePool`` (MLAS), bit
-  for bit, defined where MLAS defines it (:func:`global_avgpool_multiplier`). Output (N, C, 1, 1), or (N, C)
-  without ``keepdim``.
+- ``global_avgpool`` on codes of at most 8 bits, per tensor, (N, C, H, W) or (N, C, L): the sum over every
+  axis after the channels, ``clip(rhe(float32(Σ q) · M), qmin, qmax)`` with ``M = s_in / (s_out · float32(H·W))``
+  in float32: onnxruntime's ``QLinearGlobalAveragePool`` (MLAS), bit for bit, defined where MLAS defines it
+  (:func:`global_avgpool_multiplier`). Those axes are kept as 1s, or dropped without ``keepdim``.
 - ``add``, ``mul`` (both broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
   dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
 - ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
@@ -67,12 +67,13 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 
 
 def global_avgpool_multiplier(codes: TensorInfo, pooled: TensorInfo) -> np.float32 | None:
-    """``global_avgpool``'s float32 ``M = s_in / (s_out · float32(H·W))``, computed as MLAS computes it; None
+    """``global_avgpool``'s float32 ``M = s_in / (s_out · float32(area))``, computed as MLAS computes it; None
     where the op is undefined: a sum that could leave int32, an area of 2^24 or more, or ``M`` outside
     [2^-32, 256) (MLAS refuses those: every output would be constant)."""
-    area = int(codes.shape[2]) * int(codes.shape[3])
+    area = math.prod(int(d) for d in codes.shape[2:])
     largest = max(abs(int(codes.qmin)), abs(int(codes.qmax)))
-    if codes.scale is None or pooled.scale is None or area >= 2**24 or area * largest > INT32_MAX:
+    if (len(codes.shape) < 3 or codes.scale is None or pooled.scale is None or area >= 2**24
+            or area * largest > INT32_MAX):
         return None
     f32 = np.float32
     m = f32(f32(codes.scale) / (f32(pooled.scale) * f32(area)))
@@ -296,7 +297,7 @@ def _global_avgpool(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarra
     m = global_avgpool_multiplier(in_t, out_t)
     if m is None:
         raise ValueError(f"global_avgpool {op.output} ({op.source}): undefined for these scales and this area")
-    acc = args[0].astype(np.int64).sum(axis=(2, 3), keepdims=op.attrs["keepdim"])
+    acc = args[0].astype(np.int64).sum(axis=tuple(range(2, args[0].ndim)), keepdims=op.attrs["keepdim"])
     return np.clip(rhe(acc.astype(np.float32) * m), out_t.qmin, out_t.qmax).astype(np.int32)
 
 

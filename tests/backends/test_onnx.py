@@ -175,14 +175,15 @@ def test_fused_add_is_exact_when_it_says_so(m, ea, eb, e4, signed_a, out_bits):
 @settings(max_examples=40, deadline=None)
 @given(in_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4, DType.INT4]),
        out_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4]), h=st.integers(1, 9), w=st.integers(1, 9),
-       s_in=st.floats(1e-3, 1.0), ratio=st.floats(0.02, 2.0), keepdim=st.booleans())
+       s_in=st.floats(1e-3, 1.0), ratio=st.floats(0.02, 2.0), keepdim=st.booleans(), flat=st.booleans())
 def test_global_avgpool_is_onnxruntimes_integer_pooling_bit_for_bit(in_dtype, out_dtype, h, w, s_in, ratio,
-                                                                      keepdim):
+                                                                      keepdim, flat):
     """The exporter's DQ → GlobalAveragePool → Q, fused by onnxruntime into QLinearGlobalAveragePool, against the
-    reference's integer sum and float32 multiply, on random codes of every container and signedness."""
+    reference's integer sum and float32 multiply, on random codes of every container and signedness, over (H, W)
+    or over L of (N, C, L)."""
     import onnx
 
-    g, x = pooling_case(in_dtype, out_dtype, (h, w), s_in, ratio, keepdim, n=32)
+    g, x = pooling_case(in_dtype, out_dtype, (h * w,) if flat else (h, w), s_in, ratio, keepdim, n=32)
     assume(global_avgpool_multiplier(g.values["q"], g.values["p"]) is not None)
     model = qonnx.to_onnx(g, "serving")
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,11 +55,13 @@ def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
     assert result == {"images": 24, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
 
 
-@pytest.mark.parametrize(("in_dtype", "out_dtype", "keepdim"), [(DType.INT8, DType.UINT8, False),
-                                                                 (DType.UINT4, DType.INT8, True)])
-def test_global_avgpool_is_bit_exact(in_dtype, out_dtype, keepdim, tmp_path):
-    """The integer pooling's one kernel (int32 sum, float32 multiply, round half to even) on a ResNet-50 7x7."""
-    ir, x = pooling_case(in_dtype, out_dtype, (7, 7), 0.037, 0.43, keepdim, n=16, c=64)
+@pytest.mark.parametrize(("in_dtype", "out_dtype", "keepdim", "spatial"), [
+    (DType.INT8, DType.UINT8, False, (7, 7)), (DType.UINT4, DType.INT8, True, (7, 7)),
+    (DType.UINT8, DType.UINT8, True, (49,))])
+def test_global_avgpool_is_bit_exact(in_dtype, out_dtype, keepdim, spatial, tmp_path):
+    """The integer pooling's one kernel (int32 sum, float32 multiply, round half to even) on a ResNet-50 7x7,
+    and over L of an (N, C, L) view."""
+    ir, x = pooling_case(in_dtype, out_dtype, spatial, 0.037, 0.43, keepdim, n=16, c=64)
     got = runtime.load(build(ir, CPU, tmp_path).path)(x)[0]
     np.testing.assert_array_equal(got, reference.run(ir, x)["y"])
 

@@ -59,7 +59,6 @@ def test_integer_conv_matches_a_direct_loop(stride, padding, dilation, groups):
 def global_pool_graph(codes: TensorInfo, pooled: TensorInfo, keepdim: bool) -> IRGraph:
     """x → quantize to ``codes`` → ``global_avgpool`` to ``pooled`` → dequantize: one pooling, for any backend."""
     g = IRGraph()
-    n, c, h, w = codes.shape
     g.inputs.append(g.add_value("x", TensorInfo(DType.FLOAT32, codes.shape)))
     g.add_op("quantize", ["x"], "q", codes)
     g.add_op("global_avgpool", ["q"], "p", pooled, keepdim=keepdim)
@@ -68,11 +67,12 @@ def global_pool_graph(codes: TensorInfo, pooled: TensorInfo, keepdim: bool) -> I
     return g
 
 
-def pooling_case(in_dtype: DType, out_dtype: DType, hw: tuple[int, int], s_in: float, ratio: float,
+def pooling_case(in_dtype: DType, out_dtype: DType, spatial: tuple[int, ...], s_in: float, ratio: float,
                  keepdim: bool, n: int = 8, c: int = 16, seed: int = 0) -> tuple[IRGraph, np.ndarray]:
-    """A global pooling graph and inputs that quantize to random codes of ``in_dtype`` (every code reachable)."""
-    codes_t = TensorInfo(in_dtype, (n, c, *hw), np.float32(s_in))
-    shape = (n, c, 1, 1) if keepdim else (n, c)
+    """A global pooling graph over ``spatial`` ((H, W), or (L,) for an (N, C, L) value) and inputs that quantize
+    to random codes of ``in_dtype`` (every code reachable)."""
+    codes_t = TensorInfo(in_dtype, (n, c, *spatial), np.float32(s_in))
+    shape = (n, c, *[1] * len(spatial)) if keepdim else (n, c)
     pooled_t = TensorInfo(out_dtype, shape, np.float32(s_in * ratio))
     rng = np.random.default_rng(seed)
     codes = rng.integers(codes_t.qmin, codes_t.qmax + 1, size=codes_t.shape)
@@ -82,16 +82,19 @@ def pooling_case(in_dtype: DType, out_dtype: DType, hw: tuple[int, int], s_in: f
 @settings(max_examples=60, deadline=None)
 @given(in_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4, DType.INT4]),
        out_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4]), h=st.integers(1, 9), w=st.integers(1, 9),
-       s_in=st.floats(1e-3, 1.0), ratio=st.floats(0.02, 2.0), keepdim=st.booleans())
-def test_global_avgpool_is_the_quantized_mean_but_for_float_rounding(in_dtype, out_dtype, h, w, s_in, ratio, keepdim):
+       s_in=st.floats(1e-3, 1.0), ratio=st.floats(0.02, 2.0), keepdim=st.booleans(), flat=st.booleans())
+def test_global_avgpool_is_the_quantized_mean_but_for_float_rounding(in_dtype, out_dtype, h, w, s_in, ratio, keepdim,
+                                                                     flat):
     """The integer pooling rounds the exact mean of the codes' values, except where that mean lies within a
-    float32 rounding of a half step (there either neighbour is right)."""
-    g, x = pooling_case(in_dtype, out_dtype, (h, w), s_in, ratio, keepdim)
+    float32 rounding of a half step (there either neighbour is right); over (H, W) or over L of (N, C, L)."""
+    spatial = (h * w,) if flat else (h, w)
+    g, x = pooling_case(in_dtype, out_dtype, spatial, s_in, ratio, keepdim)
     out = run(g, x, keep=True)
     codes, got = out["q"].astype(np.int64), out["p"]
-    assert got.shape == ((8, 16, 1, 1) if keepdim else (8, 16))
+    assert got.shape == ((8, 16, *[1] * len(spatial)) if keepdim else (8, 16))
     pooled = g.values["p"]
-    exact = codes.sum(axis=(2, 3), keepdims=keepdim) * (float(np.float32(s_in)) / (h * w * float(pooled.scale)))
+    axes = tuple(range(2, codes.ndim))
+    exact = codes.sum(axis=axes, keepdims=keepdim) * (float(np.float32(s_in)) / (h * w * float(pooled.scale)))
     want = np.clip(np.rint(exact), pooled.qmin, pooled.qmax)
     near_tie = np.abs(np.abs(exact - np.floor(exact)) - 0.5) < 1e-5 * np.maximum(1.0, np.abs(exact))
     assert np.all((got == want) | (near_tie & (np.abs(got - want) <= 1)))

@@ -131,6 +131,8 @@ HEADS = {  # head -> (the op kinds it lowers to, the float pooling kinds that st
     "avg_pool_whole_map_view": (lambda m, x: m.fc(F.avg_pool2d(x, 4).view(x.size(0), -1)), {"global_avgpool"},
                                 set()),
     "mean_over_width_only": (lambda m, x: m.fc(x.mean(3).mean(2)), {"mean"}, {"mean"}),
+    "mean_of_a_flat_view": (lambda m, x: m.fc(x.view(x.size(0), x.size(1), -1).mean(2)),
+                            {"global_avgpool", "reshape"}, set()),  # the view reshapes the codes
     "mean_of_adaptive_2x2": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x, 2).mean((2, 3))), set(),
                              {"adaptive_avgpool2d", "mean"}),
     "mean_also_an_output": (lambda m, x: (lambda p: (m.fc(p), p))(x.mean((2, 3))), {"global_avgpool"}, {"mean"}),
