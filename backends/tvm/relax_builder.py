@@ -437,8 +437,7 @@ class _Builder:
 
             return te.compute(shape, code, name="global_avgpool")
 
-        self.set(op.output, self.bb.call_te(global_avgpool, self.as_nhwc(src) if nhwc else self.nchw(src)),
-                 nhwc and keep)
+        self.set(op.output, self.bb.call_te(global_avgpool, self.as_nhwc(src)), nhwc and keep)
 
     @OPS.implements("add")
     def op_add(self, op: Op) -> None:
