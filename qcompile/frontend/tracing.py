@@ -12,6 +12,7 @@ would need dynamic-shape specifications from the user and produces aten-level gr
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import traceback
@@ -59,6 +60,27 @@ class _SiteTracer(fx.Tracer):
             if not hasattr(exc, "_qcompile_site"):
                 exc._qcompile_site = (self.path_of_module(m), type(m).__name__)  # type: ignore[attr-defined]
             raise
+
+    def trace(self, root, concrete_args=None):  # type: ignore[no-untyped-def, override]
+        """Trace with every leaf module's direct ``m.forward(x)`` call recorded as a call of ``m``.
+
+        fx records a module call in ``Module.__call__``; research code that writes ``self.bn.forward(x)`` would
+        otherwise trace into torch's own ``forward`` (BatchNorm's input-rank check cannot take a proxy). ``root``
+        is the capture's deep copy; the routing is removed before the graph module takes its submodules.
+        """
+        routed = []
+        for name, m in root.named_modules():
+            if name and self.is_leaf_module(m, name):
+                m.forward = functools.partial(self._direct_forward, m, m.forward)
+                routed.append(m)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for m in routed:
+                del m.forward
+
+    def _direct_forward(self, m: nn.Module, forward, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.call_module(m, forward, args, kwargs)
 
 
 def _is_model_code(path: str) -> bool:

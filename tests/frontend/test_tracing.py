@@ -97,6 +97,29 @@ def test_reused_module_is_annotated_per_call_site():
     assert len(compute_nodes(gm)) == 21  # 20 convs (3 projections) + fc
 
 
+class DirectForwardNet(nn.Module):
+    """Research-code style: submodules called through ``.forward`` (prlz77's ResNeXt, among others)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate.forward(F.relu(self.bn.forward(self.conv.forward(x))))
+
+
+def test_direct_forward_calls_are_module_calls():
+    model = DirectForwardNet().eval()
+    gm = capture(model, torch.randn(2, 3, 8, 8), leaf_modules=["gate"])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "bn", "gate"]
+    assert all("forward" not in vars(m) for m in [*model.modules(), *gm.modules()])
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    assert len(compute_nodes(gm)) == 1
+
+
 class Stem(nn.Module):
     """conv-bn-relu, then ``tail``: one shape-arithmetic pattern from model files in the wild."""
 
