@@ -23,12 +23,12 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from qcompile.passes._modules import set_submodule
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from qcompile.frontend.elementwise import is_mul
-from qcompile.frontend.graph import is_compute, module_of, permutation
+from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
+from qcompile.frontend.graph import is_compute, module_of, permutation, set_submodule
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
@@ -48,35 +48,13 @@ def affine_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
     return conv.train(bn.training)
 
 
-def _attr(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = gm
-        for part in str(arg.target).split("."):
-            value = getattr(value, part)
-        return value if isinstance(value, torch.Tensor) else None
-    return None
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    names = {n for n, _ in gm.named_modules()}
-    name, k = base, 1
-    while name in names:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
-def _holder(*args: object) -> str:
-    """The module path that holds the first attribute among ``args`` (``stem.1`` for ``stem.1.weight``)."""
-    return next((str(a.target).rpartition(".")[0] for a in args if isinstance(a, fx.Node) and a.op == "get_attr"), "")
-
-
 def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
     """``F.batch_norm(x, mean, var, weight, bias, False, momentum, eps)`` on attribute tensors as a module and the
     name to give it; None when the call is not one (training mode, computed statistics)."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     args = dict(zip(names, node.args)) | dict(node.kwargs)
-    mean, var = _attr(gm, args.get("running_mean")), _attr(gm, args.get("running_var"))
-    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    mean, var = attribute_tensor(gm, args.get("running_mean")), attribute_tensor(gm, args.get("running_var"))
+    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
     if mean is None or var is None or args.get("training", False) is not False or mean.dim() != 1:
         return None
     if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
@@ -87,7 +65,7 @@ def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     if weight is not None:
         bn.weight.data.copy_(weight.detach())
         bn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros_like(weight))
-    holder = _holder(args["running_mean"])
+    holder = holder_of(args["running_mean"])
     return bn, f"{holder}.bn" if holder else "batch_norm"
 
 
@@ -96,7 +74,7 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     ``nn.LayerNorm`` and the name to give it; None when either is computed."""
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     args = dict(zip(names, node.args)) | dict(node.kwargs)
-    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
     if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
         return None
     affine = weight is not None or bias is not None
@@ -106,7 +84,7 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
         ln.weight.data.copy_(weight.detach() if weight is not None else torch.ones_like(bias))
     if bias is not None:
         ln.bias.data.copy_(bias.detach())
-    holder = _holder(args.get("weight"), args.get("bias"))
+    holder = holder_of(args.get("weight"), args.get("bias"))
     return ln, f"{holder}.layer_norm" if holder else "layer_norm"
 
 
@@ -121,13 +99,7 @@ def _functional_to_modules(gm: fx.GraphModule) -> None:
         if made is None:
             continue
         module, base = made
-        name = _free_name(gm, base)
-        gm.add_submodule(name, module.eval())
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, free_module_name(gm, base), module.eval())
     gm.graph.eliminate_dead_code()
 
 
@@ -141,10 +113,10 @@ def _layer_scale(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tenso
     ``(y, gamma as a vector, that axis)``."""
     if not is_mul(mul):
         return None
-    params = [a for a in mul.args if _attr(gm, a) is not None]
+    params = [a for a in mul.args if attribute_tensor(gm, a) is not None]
     if len(params) != 1:
         return None
-    gamma = _attr(gm, params[0]).detach()
+    gamma = attribute_tensor(gm, params[0]).detach()
     y = next(a for a in mul.args if a is not params[0])
     rank = _rank(y)
     if gamma.dim() > rank:
@@ -183,7 +155,7 @@ def _fold_layer_scales(gm: fx.GraphModule) -> None:
             layer.weight.copy_(layer.weight.double() * g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
             if layer.bias is not None:
                 layer.bias.copy_(layer.bias.double() * g)
-        mul.replace_all_uses_with(next(a for a in mul.args if _attr(gm, a) is None))
+        mul.replace_all_uses_with(next(a for a in mul.args if attribute_tensor(gm, a) is None))
         gm.graph.erase_node(mul)
     gm.graph.eliminate_dead_code()
 

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from qcompile.errors import QCompileError
 from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
-from qcompile.frontend.graph import argument, is_relu, module_of, permutation
+from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -89,6 +89,7 @@ class _Lowerer:
         self.env: dict[fx.Node, _Val | None] = {}
         self.dyadic = dyadic_requant
         self._dq_cache: dict[str, str] = {}
+        self.layer_names = layer_names(gm)  # a module called at several sites gets constants per site
 
     # --- helpers -----------------------------------------------------------------------------------------
     def fail(self, node: fx.Node, reason: str) -> LoweringError:
@@ -419,6 +420,7 @@ class _Lowerer:
 
     def lower_layer(self, node: fx.Node, m: nn.Conv2d | nn.Linear) -> _Val:
         quantized = parametrize.is_parametrized(m, "weight")
+        layer = self.layer_names[node]
         if isinstance(m, nn.Conv2d):
             if isinstance(m.padding, str) or m.padding_mode != "zeros":
                 raise self.fail(node, f"conv padding {m.padding!r} / mode {m.padding_mode!r} does not lower; "
@@ -430,11 +432,11 @@ class _Lowerer:
             attrs, kind = {}, "dense"
         if not quantized:
             x = self.as_float(node, node.args[0])
-            w = self.g.add_constant(f"{node.target}.weight", m.weight.detach().numpy().astype(np.float32),
+            w = self.g.add_constant(f"{layer}.weight", m.weight.detach().numpy().astype(np.float32),
                                     TensorInfo(DType.FLOAT32, tuple(m.weight.shape)))
             inputs = [x, w]
             if m.bias is not None:
-                inputs.append(self.g.add_constant(f"{node.target}.bias", m.bias.detach().numpy().astype(np.float32),
+                inputs.append(self.g.add_constant(f"{layer}.bias", m.bias.detach().numpy().astype(np.float32),
                                                   TensorInfo(DType.FLOAT32, tuple(m.bias.shape))))
             return _Val(self.float_op(node, kind, inputs, **attrs))
         v = self.value(node, node.args[0])
@@ -448,7 +450,7 @@ class _Lowerer:
         codes = torch.round(w_float / s_w).clamp(wq.spec.qmin, wq.spec.qmax).to(torch.int32).numpy()
         s_w = s_w.reshape(-1).numpy().astype(np.float32)
         w = self.g.add_constant(
-            f"{node.target}.weight", codes,
+            f"{layer}.weight", codes,
             TensorInfo(DType.for_bits(wq.spec.bits, True), codes.shape, s_w, 0, wq.spec.qmin, wq.spec.qmax))
         s_acc = (torch.from_numpy(xt.scale) * torch.from_numpy(s_w)).numpy().astype(np.float32)
         inputs = [x, w]
@@ -457,7 +459,7 @@ class _Lowerer:
             b = torch.round(m.parametrizations.bias.original.detach() / bq.scale()).to(torch.int64).numpy()
             if np.abs(b).max(initial=0) > 2**31 - 1:
                 raise self.fail(node, "the int32 bias overflows; the layer's input or weight scale is too small")
-            inputs.append(self.g.add_constant(f"{node.target}.bias", b.astype(np.int32),
+            inputs.append(self.g.add_constant(f"{layer}.bias", b.astype(np.int32),
                                               TensorInfo(DType.INT32, b.shape, s_acc, 0)))
         shape = self.shape(node)
         return _Val(self.g.add_op(kind, inputs, node.name,

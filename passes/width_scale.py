@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 
-from qcompile.passes._modules import set_submodule
 from torch import fx, nn
 
 from qcompile.errors import PipelineError, QCompileError
-from qcompile.frontend.graph import compute_nodes, module_of
+from qcompile.frontend.graph import compute_nodes, module_of, set_submodule
 from qcompile.frontend.tracing import propagate_shapes
 from qcompile.models.width import scaled_channels
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference

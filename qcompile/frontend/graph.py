@@ -36,6 +36,13 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
 
 
+def set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``target`` inside ``gm`` (replacing what is there)."""
+    parent_name, _, attr = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, module)
+
+
 def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Positional argument ``index`` or keyword ``name`` of a call (a method's ``self`` is argument 0)."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)

@@ -24,6 +24,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError
+from qcompile.frontend.canonical import canonicalize
 
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -348,6 +349,7 @@ def capture(
         raise CaptureError(f"cannot trace the model{where} at {_user_frame(exc)}: {msg}; {hint}") from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(model.training)
+    canonicalize(gm)
     shape_nodes = _shape_arithmetic(gm.graph)
     values = _propagate(gm, example_inputs, shape_nodes)
     if shape_nodes:

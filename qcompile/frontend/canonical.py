@@ -1,0 +1,178 @@
+"""One spelling for the constructs the passes recognise, chosen at capture time.
+
+- Functional layers become modules: ``F.conv2d(x, self.weight, self.bias, ...)`` and ``F.linear(x, self.w,
+  self.b)`` on attribute tensors become ``nn.Conv2d`` / ``nn.Linear`` call sites. Every pass treats a conv or
+  dense module call as a layer (weights, MACs, a precision, a quantizer); model code in the functional style, or
+  a conv subclass whose ``forward`` calls ``F.conv2d`` on its own weight (EfficientNet-PyTorch's static-"SAME"
+  conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
+  parameter objects. A call whose weight is computed (weight standardisation) or whose hyper-parameters are graph
+  values is left alone; the lowering then names it.
+- Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
+  are the function with their padding, value and mode, which the sign analysis and the lowering read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qcompile.frontend.graph import set_submodule
+
+
+def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (a parameter or buffer), else None."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value: Any = gm
+        for part in str(arg.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def free_module_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first that names no submodule of ``gm`` yet."""
+    names = {n for n, _ in gm.named_modules()}
+    name, k = base, 1
+    while name in names:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def holder_of(*args: object) -> str:
+    """The module path that holds the first attribute among ``args`` (``stem.1`` for ``stem.1.weight``)."""
+    return next((str(a.target).rpartition(".")[0] for a in args if isinstance(a, fx.Node) and a.op == "get_attr"), "")
+
+
+def replace_with_module(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module | None = None) -> fx.Node:
+    """Replace call ``node`` by a call of submodule ``name`` (added first when ``module`` is given) on its first
+    argument, keeping the node's metadata (its stack trace names the user's source line)."""
+    if module is not None:
+        gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
+def _as_parameter(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _conv2d(weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any]) -> nn.Module | None:
+    if weight.dim() != 4:
+        return None
+    groups = args.get("groups", 1)
+    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=args.get("stride", 1),
+                     padding=args.get("padding", 0), dilation=args.get("dilation", 1), groups=groups,
+                     bias=bias is not None, device="meta")
+    return conv
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any]) -> nn.Module | None:
+    if weight.dim() != 2:
+        return None
+    return nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+
+
+_Builder = Callable[[torch.Tensor, torch.Tensor | None, dict[str, Any]], nn.Module | None]
+_LAYERS: dict[object, tuple[str, tuple[str, ...], _Builder]] = {
+    F.conv2d: ("conv", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), _conv2d),
+    F.linear: ("fc", ("input", "weight", "bias"), _linear),
+}
+
+
+def _reads_values(args: object) -> bool:
+    """Whether any (nested) argument is a graph value rather than a Python constant."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(tuple(args), found.append)  # type: ignore[arg-type]
+    return bool(found)
+
+
+def _used_up(gm: fx.GraphModule, holder: str, node: fx.Node) -> bool:
+    """Whether every use of module ``holder`` in the graph is an attribute that ``node`` alone reads: the module
+    can then be replaced by the layer, which keeps its name."""
+    if not holder:
+        return False
+    prefix = holder + "."
+    for n in gm.graph.nodes:
+        target = str(n.target)
+        if n.op == "call_module" and (target == holder or target.startswith(prefix)):
+            return False
+        if n.op == "get_attr" and target.startswith(prefix) and set(n.users) != {node}:
+            return False
+    return True
+
+
+def canonicalize(gm: fx.GraphModule) -> None:
+    """Rewrite ``gm`` in place into the spellings above and recompile it."""
+    padding_modules_to_functions(gm)
+    functional_layers_to_modules(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+_PAD_MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate", nn.CircularPad2d: "circular"}
+
+
+def padding_modules_to_functions(gm: fx.GraphModule) -> None:
+    """Each call of a 2-d padding module → ``F.pad(x, padding, mode, value)``."""
+    for node in list(gm.graph.nodes):
+        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(m, nn.ConstantPad2d | nn.ZeroPad2d):
+            kwargs: dict[str, Any] = {"value": float(m.value)} if m.value else {}
+        elif type(m) in _PAD_MODES:
+            kwargs = {"mode": _PAD_MODES[type(m)]}
+        else:
+            continue
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(F.pad, (node.args[0], list(m.padding)), kwargs)
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+
+
+def functional_layers_to_modules(gm: fx.GraphModule) -> None:
+    """Each ``F.conv2d`` / ``F.linear`` on attribute weights → a call of a module sharing those parameters, named
+    after the module that held them (which it replaces when nothing else used it). Call sites with the same
+    weights and hyper-parameters share one module."""
+    made: dict[tuple[Any, ...], str] = {}
+    for node in list(gm.graph.nodes):
+        spec = _LAYERS.get(node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
+        if spec is None:
+            continue
+        kind, names, build = spec
+        args = dict(zip(names, node.args)) | dict(node.kwargs)
+        weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
+        hyper = {k: v for k, v in args.items() if k not in ("input", "weight", "bias")}
+        if weight is None or (args.get("bias") is not None and bias is None):
+            continue
+        if _reads_values(hyper.values()):
+            continue
+        key = (kind, str(args["weight"].target), str(getattr(args.get("bias"), "target", None)), repr(hyper))
+        if key in made:
+            replace_with_module(gm, node, made[key])
+            continue
+        layer = build(weight, bias, hyper)
+        if layer is None:
+            continue
+        layer.weight = _as_parameter(weight)
+        if bias is not None:
+            layer.bias = _as_parameter(bias)
+        holder = holder_of(args["weight"])
+        if _used_up(gm, holder, node):
+            set_submodule(gm, holder, layer)
+            made[key] = holder
+            replace_with_module(gm, node, holder)
+        else:
+            base = f"{holder}.{kind}" if holder else f"{str(args['weight'].target)}_{kind}"
+            made[key] = free_module_name(gm, base)
+            replace_with_module(gm, node, made[key], layer)
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)

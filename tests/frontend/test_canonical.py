@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.passes import (
+    AlignAddScales,
+    AnnotateCost,
+    AssignPrecision,
+    Calibrate,
+    FoldBatchNorm,
+    InsertQuantizers,
+    LowerInteger,
+)
+from torch import nn
+
+from qcompile import Pipeline, capture, get_recipe
+from qcompile.frontend.graph import compute_nodes, layer_names
+from qcompile.reporting.verify import verify_reference
+from tests.conftest import randomize_bn
+
+
+class FunctionalNet(nn.Module):
+    """Parameters on the root, used through F.conv2d / F.linear (one conv weight used twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) / math.sqrt(27))
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(8, 8, 3, 3) / math.sqrt(72))
+        self.register_buffer("fw", torch.randn(10, 8) / math.sqrt(8))  # a buffer, not a Parameter
+        self.fb = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1))
+        x = F.relu(F.conv2d(x, self.w2, stride=1, padding=1))
+        x = F.relu(F.conv2d(x, self.w2, stride=1, padding=1))  # the same layer again: one module, two call sites
+        x = F.relu(F.conv2d(x, self.w2, stride=2, padding=1))  # same weight, another stride: another layer
+        return F.linear(x.mean((2, 3)), self.fw, bias=self.fb)
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """EfficientNet-PyTorch's TF-"SAME" conv: a ZeroPad2d sized for the image, then F.conv2d on its own weight."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, image_size: int) -> None:
+        super().__init__(cin, cout, k, stride, bias=False)
+        pad = max((math.ceil(image_size / stride) - 1) * stride + k - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardisation: the weight is computed, so the call is not a plain layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class SameNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Conv2dStaticSamePadding(3, 8, 3, stride=2, image_size=9)
+        self.pad = nn.ConstantPad2d(1, -0.5)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(nn.functional.relu(self.bn(self.stem(x))), 3, 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.pad(x), 1), 1))
+
+
+def _calls(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_functional_convs_and_linears_become_modules_sharing_the_parameters():
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    gm = capture(model, torch.randn(2, 3, 8, 8))
+    assert _calls(gm) == ["w1_conv", "w2_conv", "w2_conv", "w2_conv_1", "fw_fc"]
+    assert gm.w1_conv.weight is not model.w1  # capture works on a copy ...
+    assert gm.w2_conv.weight is gm.w2_conv_1.weight  # ... and a layer shares its parameter objects
+    assert isinstance(gm.w2_conv_1, nn.Conv2d) and gm.w2_conv_1.stride == (2, 2) and gm.w2_conv.bias is None
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    assert [layer_names(gm)[n] for n in compute_nodes(gm)] == ["w1_conv", "w2_conv@0", "w2_conv@1", "w2_conv_1", "fw_fc"]
+
+
+def test_a_conv_subclass_calling_f_conv2d_keeps_its_name_and_pad_modules_are_f_pad():
+    torch.manual_seed(0)
+    model = SameNet().eval()
+    gm = capture(model, torch.randn(1, 3, 9, 9))
+    assert _calls(gm) == ["stem", "bn", "fc"] and type(gm.stem) is nn.Conv2d
+    pads = [(n.args[1], n.kwargs) for n in gm.graph.nodes if n.target is F.pad]
+    assert pads == [([1, 1, 1, 1], {}), ([1, 1, 1, 1], {"value": -0.5})]
+    assert not any(isinstance(m, nn.ZeroPad2d | nn.ConstantPad2d) for m in gm.modules())
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(gm(x), model(x))
+
+
+def test_a_computed_weight_stays_a_functional_call():
+    gm = capture(StandardizedConv(3, 4, 3).eval(), torch.randn(1, 3, 8, 8))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][-1] is F.conv2d
+    assert not compute_nodes(gm)
+
+
+@pytest.mark.parametrize("model", [FunctionalNet, SameNet])
+def test_functional_layers_quantize_lower_and_verify(model):
+    torch.manual_seed(0)
+    net = randomize_bn(model(), data=torch.randn(16, 3, 9, 9)).eval()
+    calib = [(torch.randn(8, 3, 9, 9), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    passes = [FoldBatchNorm(), AssignPrecision(), AnnotateCost(), InsertQuantizers(), Calibrate(), AlignAddScales(),
+              LowerInteger()]
+    res = Pipeline(passes).run(net, torch.randn(1, 3, 9, 9), recipe=get_recipe("mostly4bit"), calibration_data=calib)
+    assert sum(op.kind in ("conv2d", "dense") for op in res.context.ir.ops) == len(compute_nodes(res.graph_module))
+    batches = [(torch.randn(6, 3, 9, 9), torch.zeros(6, dtype=torch.long))]
+    v = verify_reference(res.graph_module, res.context.ir, batches).summary()
+    assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
