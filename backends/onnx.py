@@ -106,6 +106,7 @@ class _Exporter:
             for name in o.inputs:
                 self.readers.setdefault(name, []).append(o)
         self._n = 0
+        self.named_inits: set[str] = set()
         self.current = ""  # the IR op being written: every node is named after it
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -125,6 +126,10 @@ class _Exporter:
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         output = output or self.uid(op)
+        for i in inputs:  # an IR constant read as it is (a float op's operand) is an initializer of its name
+            if i in self.ir.constants and i not in self.named_inits:
+                self.named_inits.add(i)
+                self.inits.append(self.onnx.numpy_helper.from_array(np.array(self.ir.constants[i], order="C"), i))
         name = self.uid(f"{self.current}{NODE_SEPARATOR}{op}")
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=name, **attrs))
         return output
@@ -433,6 +438,10 @@ class _Exporter:
         """A float ``Mul`` of unfused dequantizations: onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``,
         which rounds differently."""
         self.node("Mul", [self.unfused_dq(n) for n in op.inputs], op.output)
+
+    @OPS.implements("div")
+    def op_div(self, op: Op) -> None:
+        self.node("Div", [self.unfused_dq(n) for n in op.inputs], op.output)
 
     def unfused_dq(self, name: str) -> str:
         """``name`` itself unless it dequantizes codes: then ``Cast`` → ``Sub`` → ``Mul``, the same float32 values,

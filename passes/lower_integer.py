@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from qcompile.errors import QCompileError
 from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
@@ -60,6 +61,13 @@ class _Val:
 
 
 _ADD_FUNCS = {operator.add, torch.add}
+_ARITHMETIC_FUNCTIONS = {
+    **dict.fromkeys((operator.add, operator.iadd, torch.add), "add"),
+    **dict.fromkeys((operator.sub, operator.isub, torch.sub), "sub"),
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul), "mul"),
+    **dict.fromkeys((operator.truediv, operator.itruediv, torch.div), "div"),
+}
+_ARITHMETIC_METHODS = {f"{k}{inplace}": k for k in ("add", "sub", "mul", "div") for inplace in ("", "_")}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout)
 _SPLITS = {"chunk", "split"}
 
@@ -209,6 +217,8 @@ class _Lowerer:
         t = node.target
         fn = node.op == "call_function"
         meth = node.op == "call_method"
+        if (kind := _float_arithmetic(node)) is not None:
+            return self.lower_arithmetic(node, kind)
         params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         if params:
             raise self.fail(node, f"reads parameter {params[0]} as a tensor; parameters lower only as a layer's "
@@ -381,6 +391,46 @@ class _Lowerer:
             raise self.fail(node, f"{v.unary.name} is not finite on the codes of its input")
         name = self.g.add_constant(f"{node.name}__table", table, TensorInfo(DType.INT32, table.shape))
         return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name)
+
+    def lower_arithmetic(self, node: fx.Node, kind: str) -> _Val:
+        """Float ``+ - * /`` with a parameter or buffer (``(x - self.mean) / self.std``, a model normalising its own
+        input), or ``-`` and ``/`` of two values. ``a - b`` is ``a + (-b)``, the same float32 result; a constant
+        is stored at the output's rank (broadcasting as it did)."""
+        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
+            raise self.fail(node, "arithmetic with alpha or a rounding mode does not lower")
+        a, b = (self.float_operand(node, arg) for arg in node.args[:2])
+        if kind == "sub":
+            kind, b = "add", self.negated(node, b)
+        return _Val(self.float_op(node, kind, [a, b]))
+
+    def float_operand(self, node: fx.Node, arg: Any) -> str:
+        """A value as float, or a parameter, buffer or number as a float32 constant."""
+        t = attribute_tensor(self.gm, arg)
+        if t is None and isinstance(arg, fx.Node):
+            return self.as_float(node, arg)
+        data = t.detach().numpy() if t is not None else np.asarray(arg)
+        rank = len(self.shape(node))
+        if data.ndim > rank:
+            raise self.fail(node, f"a constant of rank {data.ndim} does not broadcast to the rank-{rank} output")
+        data = data.astype(np.float32).reshape((1,) * (rank - data.ndim) + data.shape)
+        base = str(arg.target) if t is not None else f"{node.name}.constant"
+        return self.g.add_constant(self.free_name(base), data, TensorInfo(DType.FLOAT32, data.shape))
+
+    def negated(self, node: fx.Node, name: str) -> str:
+        """``-x``: a constant negated, a value times -1 (both exact)."""
+        if name in self.g.constants:
+            data = -self.g.constants[name]
+            return self.g.add_constant(self.free_name(f"{name}.neg"), data, TensorInfo(DType.FLOAT32, data.shape))
+        minus = self.g.add_constant(self.free_name(f"{node.name}.minus_one"), np.full((1,) * len(self.shape(node)),
+                                    -1.0, np.float32), TensorInfo(DType.FLOAT32, (1,) * len(self.shape(node))))
+        info = TensorInfo(DType.FLOAT32, self.info(name).shape)
+        return self.g.add_op("mul", [name, minus], self.free_name(f"{node.name}.neg"), info, self.src(node))
+
+    def free_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.g.values:
+            name, k = f"{base}_{k}", k + 1
+        return name
 
     def lower_unary(self, node: fx.Node, u: Unary) -> _Val:
         """A clamp of an accumulator stays pending until its requantize; a function of codes until the
@@ -570,6 +620,20 @@ class _Lowerer:
         if on_one_grid:
             return _Val(self.same(node, "concat", names, dim=int(dim)))
         return _Val(self.float_op(node, "concat", [self.as_float(node, p) for p in parts], dim=int(dim)))
+
+
+def _float_arithmetic(node: fx.Node) -> str | None:
+    """``add``/``sub``/``mul``/``div`` when the node is arithmetic the float ops take: with a parameter or buffer
+    operand, or a subtraction or division of two values (a sum or product of two values, and arithmetic with a
+    Python number alone, lower elsewhere)."""
+    kind = (_ARITHMETIC_FUNCTIONS.get(node.target) if node.op == "call_function"  # type: ignore[call-overload]
+            else _ARITHMETIC_METHODS.get(str(node.target)) if node.op == "call_method" else None)
+    if kind is None or len(node.args) != 2:
+        return None
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if any(a.op == "get_attr" for a in tensors):
+        return kind
+    return kind if len(tensors) == 2 and kind in ("sub", "div") else None
 
 
 def _tighter(a: Bounds | None, b: Bounds | None) -> Bounds | None:

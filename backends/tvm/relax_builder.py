@@ -447,9 +447,16 @@ class _Builder:
     def op_mul(self, op: Op) -> None:
         self.binary(op, self.op.multiply)
 
+    @OPS.implements("div")
+    def op_div(self, op: Op) -> None:
+        self.binary(op, self.op.divide)
+
     def binary(self, op: Op, fn: Any) -> None:
-        """An elementwise float op of two values, NHWC when both are 4-d (broadcasting either way)."""
+        """An elementwise float op of two values or float constants, NHWC when all are 4-d (broadcasting)."""
         a, b = op.inputs
+        for n in (a, b):
+            if n in self.ir.constants and n not in self.env:
+                self.env[n] = self.const(self.ir.constants[n], "float32")
         four = all(len(self.ir.values[n].shape) == 4 for n in (a, b, op.output))
         xa, xb = (self.as_nhwc(a), self.as_nhwc(b)) if four else (self.nchw(a), self.nchw(b))
         self.set(op.output, fn(xa, xb), four)

@@ -9,6 +9,9 @@
   values is left alone; the lowering then names it.
 - Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
+- A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
+  kernel's extent is odd, else zero padding with an ``F.pad`` before the conv that puts the extra row and column
+  at the bottom and right, as PyTorch does.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def canonicalize(gm: fx.GraphModule) -> None:
     """Rewrite ``gm`` in place into the spellings above and recompile it."""
     padding_modules_to_functions(gm)
     functional_layers_to_modules(gm)
+    numeric_conv_padding(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
 
@@ -135,6 +139,28 @@ def padding_modules_to_functions(gm: fx.GraphModule) -> None:
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
+
+
+def numeric_conv_padding(gm: fx.GraphModule) -> None:
+    """Each conv with ``padding="same"`` or ``"valid"`` → numeric padding (and an ``F.pad`` where "same" is
+    asymmetric)."""
+    for node in list(gm.graph.nodes):
+        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(m, nn.Conv2d) or not isinstance(m.padding, str):
+            continue
+        if m.padding == "valid":
+            m.padding = (0, 0)
+            continue
+        extent = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if all(e % 2 == 0 for e in extent):
+            m.padding = tuple(e // 2 for e in extent)
+            continue
+        m.padding = (0, 0)
+        pads = [p for e in reversed(extent) for p in (e // 2, e - e // 2)]  # F.pad order: W then H
+        with gm.graph.inserting_before(node):
+            pad = gm.graph.call_function(F.pad, (node.args[0], pads))
+        pad.meta.update({k: v for k, v in node.meta.items() if k == "stack_trace"})
+        node.replace_input_with(node.args[0], pad)
 
 
 def functional_layers_to_modules(gm: fx.GraphModule) -> None:

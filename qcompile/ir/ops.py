@@ -139,6 +139,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("global_avgpool", (Attr("keepdim", BOOL, True),)),
     OpSchema("add"),
     OpSchema("mul"),
+    OpSchema("div"),
     OpSchema("layer_norm", (Attr("eps", FLOAT),)),
     OpSchema("lut", (Attr("function", STR, Presence.OPTIONAL),)),  # the tabulated function's name, for readers
     OpSchema("flatten", (Attr("start_dim", INT), Attr("end_dim", INT))),

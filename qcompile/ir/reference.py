@@ -311,6 +311,11 @@ def _mul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
 
 
+@OPS.implements("div")
+def _div(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return (_as_f32(args[0]) / _as_f32(args[1])).astype(np.float32)
+
+
 @OPS.implements("layer_norm")
 def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return layer_norm(args[0], args[1], args[2], op.attrs["eps"])

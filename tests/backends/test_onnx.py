@@ -15,11 +15,11 @@ from qcompile.ir import int4, reference  # noqa: E402
 from qcompile.ir.reference import global_avgpool_multiplier  # noqa: E402
 from qcompile.ir.types import DType  # noqa: E402
 from tests.ir.test_reference import pooling_case  # noqa: E402
-from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
+from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 
 @pytest.mark.parametrize("flavour", ["serving", "compact"])
-@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet])
+@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet, ArithmeticNet])
 def test_onnxruntime_matches_reference_mostly4bit(build, flavour):
     import torch
 

@@ -30,7 +30,7 @@ from qcompile.ir.agreement import compare_backend  # noqa: E402
 from qcompile.ir.types import DType  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
 from tests.ir.test_reference import pooling_case  # noqa: E402
-from tests.passes.test_lower_integer import FunctionalNet, ModuleNet, _lowered  # noqa: E402
+from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 # the VNNI target where this CPU has it; plain AVX2 code elsewhere (same Relax module, same numerics)
 CPU = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
@@ -46,7 +46,7 @@ def _agreement(ir, model, x):
     return compare_backend(ir, lambda b: model(b)[0], pairs)
 
 
-@pytest.mark.parametrize(("net", "recipe"), [(FunctionalNet, "mostly4bit"), (ModuleNet, "int8")])
+@pytest.mark.parametrize(("net", "recipe"), [(FunctionalNet, "mostly4bit"), (ModuleNet, "int8"), (ArithmeticNet, "int4")])
 def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
     ir = _lowered(net(), recipe).context.ir
     art = build(ir, CPU, tmp_path)

@@ -121,3 +121,15 @@ def test_functional_layers_quantize_lower_and_verify(model):
     batches = [(torch.randn(6, 3, 9, 9), torch.zeros(6, dtype=torch.long))]
     v = verify_reference(res.graph_module, res.context.ir, batches).summary()
     assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
+
+
+@pytest.mark.parametrize("k, dilation", [(3, 1), (3, 2), (4, 1), (2, 3), ((2, 3), 1)])
+def test_same_and_valid_conv_padding_become_numbers(k, dilation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, k, padding="same", dilation=dilation), nn.ReLU(),
+                          nn.Conv2d(4, 4, k, padding="valid")).eval()
+    gm = capture(model, torch.randn(1, 3, 9, 9))
+    assert all(isinstance(m.padding, tuple) for m in gm.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(gm(x), model(x))
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")

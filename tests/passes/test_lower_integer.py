@@ -79,6 +79,30 @@ class ModuleNet(nn.Module):
         return self.fc(self.features(x).reshape(-1, 32))
 
 
+class ArithmeticNet(nn.Module):
+    """Float arithmetic with buffers and parameters: the model normalises its own input (buffers of shape
+    (3, 1, 1), an epsilon added to one), subtracts and divides two values, and scales by a parameter where no
+    layer can take it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.gain = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = (x - self.mean) / (self.std + 1e-5)
+        x = F.relu(self.stem(x))
+        y = self.a(x) - self.b(x)
+        y = y / (torch.sigmoid(self.b(x)) + 0.5)
+        y = F.max_pool2d(F.relu(y), 2) * self.gain
+        return self.fc(y.mean((2, 3)))
+
+
 def _lowered(model, recipe, size=16):
     torch.manual_seed(0)
     model = randomize_bn(model, data=torch.randn(16, 3, size, size))
@@ -89,12 +113,14 @@ def _lowered(model, recipe, size=16):
 
 
 @pytest.mark.parametrize("recipe", ["int8", "mostly4bit", "int4"])
-@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet])
+@pytest.mark.parametrize("build", [FunctionalNet, ModuleNet, ArithmeticNet])
 def test_lowers_and_verifies_bit_exactly(build, recipe):
     res = _lowered(build(), recipe)
     kinds = {op.kind for op in res.context.ir.ops}
     if build is FunctionalNet:
         assert {"slice", "pad", "concat", "global_avgpool", "avgpool2d", "maxpool2d", "add", "requantize"} <= kinds
+    elif build is ArithmeticNet:
+        assert {"add", "mul", "div", "lut"} <= kinds
     else:
         assert {"global_avgpool", "avgpool2d", "maxpool2d"} <= kinds  # the flatten and reshape fold into the pool
     batches = [(torch.randn(16, 3, 16, 16), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
