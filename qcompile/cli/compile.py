@@ -92,8 +92,7 @@ def compile_model(args: argparse.Namespace) -> int:
     profile = LatencyProfile.load(args.cost_model.removeprefix("measured:")) if args.cost_model else None
     mf = load_model_file(args.model)
     model = mf.build(**parse_model_args(args.model_args))
-    if args.weights:
-        load_weights(model, args.weights, key=args.weights_key)
+    notes = load_weights(model, args.weights, key=args.weights_key) if args.weights else []
     model.eval()
     inputs = mf.example_input()
     calib, evald = resolve_data(args, mf, inputs)
@@ -104,7 +103,6 @@ def compile_model(args: argparse.Namespace) -> int:
                             adaquant_iterations=args.adaquant_iters, adaquant_scope=args.adaquant_scope,
                             metric=args.sensitivity, dyadic=args.dyadic, has_calibration=calib is not None,
                             profile=profile)
-    notes = []
     ptq = uses_ptq(recipe, ptq_mode=args.ptq, budget=args.budget, max_degradation=args.max_degradation,
                    adaquant_scope=args.adaquant_scope)
     if not ptq and recipe.quantized and calib is None:

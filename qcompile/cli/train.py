@@ -54,8 +54,8 @@ def run_subcommand(argv: list[str]) -> int:
         dist = init_from_env(args.device)
         splits = _splits(args, dist.device)
         model = mf.build(**model_args)
-        if args.weights:
-            load_weights(model, args.weights)
+        for note in load_weights(model, args.weights) if args.weights else []:
+            print(f"warning: {note}")
         spec = RunSpec(model, mf.example_input(), recipe, args.width, parse_set(args.sets, "--set"),
                        args.leaf_modules)
         out = Path(args.out) if args.out else Path("qcompile-out") / f"train-{stem}-{recipe.name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import re
 import sys
 import traceback
 from collections import OrderedDict
@@ -201,6 +202,27 @@ def _strip_wrappers(state: Mapping[str, object]) -> Mapping[str, object]:
     return state
 
 
+def _strip_holder(model: nn.Module, state: Mapping[str, object]) -> tuple[Mapping[str, object], str | None]:
+    """Drop a prefix that every key shares when it names nothing in the model and the keys without it all do:
+    the wrapper a training framework saves (PyTorch Lightning's ``model.``, a ``net.`` attribute). Returns the
+    state and the prefix dropped."""
+    heads = {k.partition(".")[0] for k in state}
+    if len(heads) != 1 or not all("." in k for k in state):
+        return state, None
+    head = heads.pop()
+    expected = model.state_dict().keys()
+    own = {k.partition(".")[0] for k in expected} | {name for name, _ in model.named_children()}
+    stripped = OrderedDict((k[len(head) + 1:], v) for k, v in state.items())
+    if head in own or not set(stripped) <= set(expected):
+        return state, None
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == head else k[len(head) + 1:], v) for k, v in metadata.items()
+            if k == head or k.startswith(head + "."))
+    return stripped, f"{head}."
+
+
 def _mismatch(model: nn.Module, state: Mapping[str, object], missing: list[str], unexpected: list[str]) -> str:
     """The keys PyTorch reported and the shapes that differ, as one clause list."""
     expected = model.state_dict()
@@ -241,12 +263,29 @@ def _strict_load(model: nn.Module, state: Mapping[str, object], where: str) -> N
         handle.remove()
 
 
-def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> None:
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _load_error(p: Path, exc: Exception) -> CheckpointError:
+    """One line for a file ``torch.load(weights_only=True)`` refuses; a pickled object says what to do."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = _UNSUPPORTED_GLOBAL.search(text)
+        what = f" ({found.group(1)})" if found else ""
+        return CheckpointError(
+            f"checkpoint {p} holds a pickled Python object{what}, such as a whole model saved with torch.save(model), "
+            "which weights_only=True does not unpickle; save its state dict where the model class is defined: "
+            "torch.save(model.state_dict(), PATH)")
+    return CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {_short(exc)}")
+
+
+def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> list[str]:
     """Load a checkpoint exactly when ``model.load_state_dict(strict=True)`` accepts it; a refusal is one line.
 
     ``torch.load(weights_only=True)`` never runs pickled code. Training containers are unwrapped (``key``
     picks an entry such as ``model_ema`` first) and DataParallel / torch.compile prefixes stripped, keeping the
-    ``_metadata`` versions that BatchNorm's legacy loading reads. As with PyTorch, a refused load may have
+    ``_metadata`` versions that BatchNorm's legacy loading reads, as is a framework's wrapper prefix that every
+    key shares and the model lacks (returned as a note for the report). As with PyTorch, a refused load may have
     copied the matching tensors already.
     """
     p = Path(path)
@@ -255,13 +294,16 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {_short(exc)}") from None
+        raise _load_error(p, exc) from None
     try:
         state = _unwrap(_select(obj, key))
         _check_tensors(state)
     except CheckpointError as exc:
         raise CheckpointError.with_parameters(f"checkpoint {p}: {exc.template or exc}") from None
-    _strict_load(model, _strip_wrappers(state), f"checkpoint {p}")
+    state, prefix = _strip_holder(model, _strip_wrappers(state))
+    _strict_load(model, state, f"checkpoint {p}")
+    return [f"checkpoint {p}: every key began with {prefix!r} (a training wrapper's attribute), which was dropped"
+            ] if prefix else []
 
 
 def check_batches(example: Sequence[torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,

@@ -82,6 +82,47 @@ def test_wrapper_prefixes_are_stripped(prefix, tmp_path):
     assert_loaded(model, state)
 
 
+@pytest.mark.parametrize("case", ["current", "no_metadata", "bn_v1"])
+def test_a_framework_wrapper_prefix_is_dropped_with_a_note(case, tmp_path):
+    """PyTorch Lightning saves ``{"state_dict": {"model.<key>": ...}}`` for a LightningModule holding the net."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.model = net
+
+    model = trained()
+    state = legacy(model.state_dict(), case)
+    torch.save({"state_dict": legacy(Wrapper(model).state_dict(), case, prefix="model."), "epoch": 3,
+                "pytorch-lightning_version": "2.4.0"}, tmp_path / "w.ckpt")
+    target = TinyNet()
+    notes = load_weights(target, tmp_path / "w.ckpt")
+    assert_loaded(target, state)
+    assert notes == [f"checkpoint {tmp_path / 'w.ckpt'}: every key began with 'model.' (a training wrapper's "
+                     "attribute), which was dropped"]
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    assert load_weights(TinyNet(), tmp_path / "plain.pt") == []
+
+
+def test_a_prefix_the_model_has_is_not_dropped(tmp_path):
+    """Keys that all start with one of the model's own submodules are the model's keys, not a wrapper's."""
+    state = {k: v for k, v in trained().state_dict().items() if k.startswith("stem.")}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(TinyNet(), tmp_path / "w.pt")
+
+
+@pytest.mark.parametrize("saved", [lambda m: m, lambda m: {"model": m, "epoch": 1}], ids=["model", "in_dict"])
+def test_a_pickled_model_is_one_line_saying_how_to_resave(saved, tmp_path):
+    torch.save(saved(trained()), tmp_path / "w.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(TinyNet(), tmp_path / "w.pt")
+    msg = str(err.value)
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "holds a pickled Python object (tests.conftest.TinyNet)" in msg
+    assert "torch.save(model.state_dict(), PATH)" in msg
+
+
 @pytest.mark.parametrize(
     "container",
     [
