@@ -2,9 +2,9 @@
 
 End to end, models are timed in interleaved rounds (:mod:`qcompile.backends.timing`), so the machine's noise hits
 all of them alike; a ratio of two models is best taken as the median of the per-round ratios
-(:func:`qcompile.reporting.measured.median_ratio`). Sessions do not spin their
-worker threads between runs: the spinning threads of the sessions not being timed would take the cores from the
-one that is.
+(:func:`qcompile.reporting.measured.median_ratio`). Sessions spin their worker threads during a run, as a
+deployed session does, and stop them when it returns: the spinning threads of the sessions not being timed would
+take the cores from the one that is.
 
 Per op, onnxruntime's own profiler times every kernel of its optimized graph. The exporter names each ONNX node
 ``<IR op output>/<ONNX op>``, and onnxruntime keeps that name as the prefix of the node it fuses a group into
@@ -72,7 +72,7 @@ def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, thre
                         min_round_ms: float = 20.0) -> dict[str, list[float]]:
     """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds
     (:func:`qcompile.backends.timing.interleaved_times`)."""
-    sessions = {key: session(model, threads=threads, spin=False) for key, model in models.items()}
+    sessions = {key: session(model, threads=threads, spin_between_runs=False) for key, model in models.items()}
     return interleaved_times({key: partial(run, sess, [x]) for key, sess in sessions.items()}, rounds, warmup,
                              min_round_ms)
 
@@ -82,7 +82,7 @@ def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, ops: Collec
     """Every kernel onnxruntime ran for ``model`` (exported from an IR whose op outputs are ``ops``) on ``x``, with
     its median time per run over ``runs`` runs."""
     with TemporaryDirectory() as tmp:
-        sess = session(model, threads=threads, spin=False, profile_prefix=str(Path(tmp) / "profile"))
+        sess = session(model, threads=threads, spin_between_runs=False, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(warmup + runs):
             run(sess, [x])
         events = json.loads(Path(sess.end_profiling()).read_text())
