@@ -231,7 +231,7 @@ def test_pooled_stem_runs_as_integer_kernels_and_matches_reference(recipe, flavo
     sess = qonnx.session(model_proto, optimized_path=str(optimized))
     graph = onnx.load(str(optimized)).graph
     ops = [n.op_type for n in graph.node]
-    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger"} & set(ops) and "SpaceToDepth" in ops
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger"} & set(ops)
     weights = {i.name for i in graph.initializer}
     assert not any(n.op_type == "Cast" and n.input[0] in weights for n in graph.node)  # widened at session start
     x = np.random.default_rng(1).standard_normal((16, 3, 48, 48)).astype(np.float32)
@@ -239,35 +239,6 @@ def test_pooled_stem_runs_as_integer_kernels_and_matches_reference(recipe, flavo
     out = qonnx.run(sess, [x])[0]
     acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].scale
     assert np.array_equal(np.rint(ref / acc_scale), np.rint(out / acc_scale))
-
-
-@pytest.mark.parametrize(("channels", "kernel", "padding", "side", "folds"), [
-    (3, 7, 3, 32, True), (3, 7, 3, 33, True), (3, 3, 1, 31, True), (4, 4, 1, 20, True), (1, 5, 0, 21, True),
-    (3, 2, 0, 16, True), (8, 3, 1, 16, False)])
-def test_stride_2_stems_run_space_to_depth_and_match_reference(channels, kernel, padding, side, folds, tmp_path):
-    """A stride-2 conv on at most 4 channels runs as Pad → SpaceToDepth → a stride-1 QLinearConv whose integers
-    are the reference's, at odd and even sides, odd and even kernels, in both flavours (int4 packs the
-    rearranged weights)."""
-    import torch
-    from qcompile.passes import AssignPrecision, Calibrate, InsertQuantizers, LowerInteger
-    from torch import nn
-
-    from qcompile import Pipeline, get_recipe
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(channels, 8, kernel, 2, padding), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    calib = [(torch.randn(8, channels, side, side), torch.zeros(8)) for _ in range(2)]
-    for recipe in ("int8", "int4"):
-        ir = Pipeline([AssignPrecision(), InsertQuantizers(), Calibrate(), LowerInteger()]).run(
-            model, torch.randn(1, channels, side, side), recipe=get_recipe(recipe), calibration_data=calib).context.ir
-        x = np.random.default_rng(1).standard_normal((6, channels, side, side)).astype(np.float32)
-        ref = reference.run(ir, x)[ir.outputs[0]]
-        for flavour in ("serving", "compact"):
-            sess, ops = _optimized_ops(qonnx.to_onnx(ir, flavour), tmp_path)
-            assert ("SpaceToDepth" in ops) is folds and ops.count("QLinearConv") == 1  # the stem; the last is float out
-            acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].broadcast_scale(4)
-            out = qonnx.run(sess, [x])[0]
-            assert np.array_equal(np.rint(ref / acc_scale), np.rint(out / acc_scale)), (recipe, flavour)
 
 
 def test_packed_int4_costs_half_a_byte_per_weight():
