@@ -1,9 +1,8 @@
-"""The example model zoo (examples/mobilenet_v2.py ... convnext.py): each file keeps the model-file contract,
+"""The example model zoo (examples/mobilenet_v2.py ... resnext29_cifar.py): each file keeps the model-file contract,
 runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from qcompile.passes import AnnotateCost, AssignPrecision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from qcompile import Pipeline, get_recipe
 from qcompile.frontend.model_file import ModelFile, load_model_file
@@ -63,6 +63,14 @@ KEYS = {
         "features.1.0.block.3.weight", "features.1.0.block.5.bias", "features.2.0.weight", "features.2.1.weight",
         "features.7.1.layer_scale", "classifier.0.weight", "classifier.2.weight", "classifier.2.bias",
     ],
+    "resnext29_cifar": [
+        "conv_1_3x3.weight", "bn_1.running_mean", "stage_1.stage_1_bottleneck_0.conv_reduce.weight",
+        "stage_1.stage_1_bottleneck_0.bn_reduce.weight", "stage_1.stage_1_bottleneck_0.conv_conv.weight",
+        "stage_1.stage_1_bottleneck_0.bn.running_var", "stage_1.stage_1_bottleneck_0.conv_expand.weight",
+        "stage_1.stage_1_bottleneck_0.bn_expand.bias", "stage_1.stage_1_bottleneck_0.shortcut.shortcut_conv.weight",
+        "stage_1.stage_1_bottleneck_0.shortcut.shortcut_bn.running_mean",
+        "stage_3.stage_3_bottleneck_2.conv_expand.weight", "classifier.weight", "classifier.bias",
+    ],
 }
 
 # the originals' configuration (1000 classes, the original stem) and what torchvision / timm / kuangliu build
@@ -89,6 +97,11 @@ ORIGINAL = {
                  {"features.0.0.weight": (96, 3, 4, 4), "features.1.0.block.3.weight": (384, 96),
                   "features.1.0.layer_scale": (96, 1, 1), "features.6.1.weight": (768, 384, 2, 2),
                   "classifier.2.weight": (1000, 768)}),
+    # prlz77's ResNeXt-29 8x64d (10 classes): 34.4M parameters, as in Xie et al.'s Table 7
+    "resnext29_cifar": (dict(cardinality=8, base_width=64, num_classes=10), 34_426_698,
+                        {"stage_1.stage_1_bottleneck_0.conv_conv.weight": (512, 64, 3, 3),
+                         "stage_3.stage_3_bottleneck_2.conv_expand.weight": (1024, 2048, 1, 1),
+                         "classifier.weight": (10, 1024)}),
 }
 
 # MACs of one 32x32 image through the CIFAR build (convs and dense layers)
@@ -100,6 +113,7 @@ MACS = {
     "shufflenet_v2": 45_002_112,
     "densenet": 43_740_036,
     "convnext": 44_657_280,
+    "resnext29_cifar": 493_561_856,
 }
 
 NAMES = sorted(KEYS)
@@ -154,25 +168,14 @@ def test_norms_are_not_trivial(example):
 
 
 def test_macs(example):
-    """qcompile.quantization.cost's MACs equal a count by forward hooks, and the pinned figure."""
+    """qcompile.quantization.cost's MACs equal PyTorch's own count (half the conv and matmul FLOPs of
+    ``FlopCounterMode``: forward hooks would miss ResNeXt's ``self.conv.forward(x)`` calls), and the pinned
+    figure."""
     name, mf, model = example
-    counted = []
-
-    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        if isinstance(mod, nn.Conv2d):
-            counted.append(out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size))
-        else:
-            counted.append(out.numel() * mod.in_features)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(mf.example_input()[0])
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        model(mf.example_input()[0])
     res = Pipeline([AssignPrecision(), AnnotateCost()]).run(model, mf.example_input(), recipe=get_recipe("bf16"))
-    assert res.context.cost.macs == sum(counted) == MACS[name]
+    assert res.context.cost.macs == flops.get_total_flops() // 2 == MACS[name]
 
 
 @pytest.mark.parametrize("name", NAMES)

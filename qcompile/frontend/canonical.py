@@ -10,8 +10,8 @@
 - Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
 - A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
-  kernel's extent is odd, else zero padding with an ``F.pad`` before the conv that puts the extra row and column
-  at the bottom and right, as PyTorch does.
+  kernel's extent ``dilation·(k−1)`` is even, else zero padding with an ``F.pad`` before the conv that puts the
+  extra row and column at the bottom and right, as PyTorch does.
 """
 
 from __future__ import annotations
@@ -71,10 +71,9 @@ def _conv2d(weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any
     if weight.dim() != 4:
         return None
     groups = args.get("groups", 1)
-    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=args.get("stride", 1),
-                     padding=args.get("padding", 0), dilation=args.get("dilation", 1), groups=groups,
-                     bias=bias is not None, device="meta")
-    return conv
+    return nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                     stride=args.get("stride", 1), padding=args.get("padding", 0), dilation=args.get("dilation", 1),
+                     groups=groups, bias=bias is not None, device="meta")
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, args: dict[str, Any]) -> nn.Module | None:
@@ -142,25 +141,25 @@ def padding_modules_to_functions(gm: fx.GraphModule) -> None:
 
 
 def numeric_conv_padding(gm: fx.GraphModule) -> None:
-    """Each conv with ``padding="same"`` or ``"valid"`` → numeric padding (and an ``F.pad`` where "same" is
-    asymmetric)."""
+    """Each conv with ``padding="same"`` or ``"valid"`` → numeric padding, and an ``F.pad`` before each of its
+    call sites where "same" is asymmetric."""
+    asymmetric: dict[nn.Module, list[int]] = {}
     for node in list(gm.graph.nodes):
         m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(m, nn.Conv2d) or not isinstance(m.padding, str):
+        if not isinstance(m, nn.Conv2d):
             continue
         if m.padding == "valid":
             m.padding = (0, 0)
-            continue
-        extent = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-        if all(e % 2 == 0 for e in extent):
-            m.padding = tuple(e // 2 for e in extent)
-            continue
-        m.padding = (0, 0)
-        pads = [p for e in reversed(extent) for p in (e // 2, e - e // 2)]  # F.pad order: W then H
-        with gm.graph.inserting_before(node):
-            pad = gm.graph.call_function(F.pad, (node.args[0], pads))
-        pad.meta.update({k: v for k, v in node.meta.items() if k == "stack_trace"})
-        node.replace_input_with(node.args[0], pad)
+        elif m.padding == "same":
+            extent = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            m.padding = tuple(e // 2 for e in extent) if all(e % 2 == 0 for e in extent) else (0, 0)
+            if any(e % 2 for e in extent):
+                asymmetric[m] = [p for e in reversed(extent) for p in (e // 2, e - e // 2)]  # F.pad: W, then H
+        if m in asymmetric:
+            with gm.graph.inserting_before(node):
+                pad = gm.graph.call_function(F.pad, (node.args[0], asymmetric[m]))
+            pad.meta.update({k: v for k, v in node.meta.items() if k == "stack_trace"})
+            node.replace_input_with(node.args[0], pad)
 
 
 def functional_layers_to_modules(gm: fx.GraphModule) -> None:

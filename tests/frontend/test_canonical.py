@@ -133,3 +133,20 @@ def test_same_and_valid_conv_padding_become_numbers(k, dilation):
     x = torch.randn(2, 3, 9, 9)
     assert torch.equal(gm(x), model(x))
     assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")
+
+
+def test_asymmetric_same_padding_pads_every_call_site():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 4, padding="same")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(F.relu(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    gm = capture(model, torch.randn(1, 4, 8, 8))
+    assert sum(n.target is F.pad for n in gm.graph.nodes) == 2
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(gm(x), model(x))
