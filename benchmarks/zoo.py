@@ -68,6 +68,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
         return 1, one_line(f"{type(exc).__name__}: {message} ({Path(frame.filename).name}:{frame.lineno})")
     if rc == 0:
         return 0, ""
+    if rc in (130, 143):  # interrupted or terminated: the whole run stops, not just this row
+        raise SystemExit(rc)
     lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
     errors = [ln.removeprefix("qcompile: error: ") for ln in lines if ln.startswith("qcompile: error:")]
     return rc, one_line(errors[-1] if errors else (lines[-1] if lines else f"exit status {rc}"))
