@@ -3,21 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.passes import (
-    AlignAddScales,
-    AnnotateCost,
-    AssignPrecision,
-    Calibrate,
-    FoldBatchNorm,
-    InsertQuantizers,
-    LowerInteger,
-)
 from torch import nn
 
-from qcompile import Pipeline, capture, get_recipe
+from qcompile import capture
 from qcompile.frontend.graph import compute_nodes, layer_names
 from qcompile.reporting.verify import verify_reference
-from tests.conftest import randomize_bn
+from tests.passes.test_lower_integer import _lowered
 
 
 class FunctionalNet(nn.Module):
@@ -56,8 +47,8 @@ class StandardizedConv(nn.Conv2d):
     """Weight standardisation: the weight is computed, so the call is not a plain layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, (self.weight - mean) / (std + 1e-5), self.bias, self.stride, self.padding)
 
 
 class SameNet(nn.Module):
@@ -88,7 +79,8 @@ def test_functional_convs_and_linears_become_modules_sharing_the_parameters():
     assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(gm(x), model(x))
-    assert [layer_names(gm)[n] for n in compute_nodes(gm)] == ["w1_conv", "w2_conv@0", "w2_conv@1", "w2_conv_1", "fw_fc"]
+    names = layer_names(gm)
+    assert [names[n] for n in compute_nodes(gm)] == ["w1_conv", "w2_conv@0", "w2_conv@1", "w2_conv_1", "fw_fc"]
 
 
 def test_a_conv_subclass_calling_f_conv2d_keeps_its_name_and_pad_modules_are_f_pad():
@@ -111,12 +103,7 @@ def test_a_computed_weight_stays_a_functional_call():
 
 @pytest.mark.parametrize("model", [FunctionalNet, SameNet])
 def test_functional_layers_quantize_lower_and_verify(model):
-    torch.manual_seed(0)
-    net = randomize_bn(model(), data=torch.randn(16, 3, 9, 9)).eval()
-    calib = [(torch.randn(8, 3, 9, 9), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
-    passes = [FoldBatchNorm(), AssignPrecision(), AnnotateCost(), InsertQuantizers(), Calibrate(), AlignAddScales(),
-              LowerInteger()]
-    res = Pipeline(passes).run(net, torch.randn(1, 3, 9, 9), recipe=get_recipe("mostly4bit"), calibration_data=calib)
+    res = _lowered(model(), "mostly4bit", size=9)
     assert sum(op.kind in ("conv2d", "dense") for op in res.context.ir.ops) == len(compute_nodes(res.graph_module))
     batches = [(torch.randn(6, 3, 9, 9), torch.zeros(6, dtype=torch.long))]
     v = verify_reference(res.graph_module, res.context.ir, batches).summary()
