@@ -199,6 +199,8 @@ class _Lowerer:
             return self.lower_layer(node, m)
         if isinstance(m, nn.LayerNorm):
             return self.lower_layer_norm(node, m)
+        if isinstance(m, nn.PReLU):
+            return self.lower_prelu(node, m.weight)
         if isinstance(m, _ALIAS_MODULES):
             return self.value(node, node.args[0])
         if isinstance(m, nn.MaxPool2d):
@@ -206,6 +208,8 @@ class _Lowerer:
         if isinstance(m, nn.AvgPool2d):
             return self.lower_avgpool(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                       m.divisor_override)
+        if isinstance(m, nn.AdaptiveMaxPool2d):
+            return self.lower_adaptive_maxpool(node)
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
                                       output_size=list(self.shape(node)[2:])))
@@ -219,6 +223,8 @@ class _Lowerer:
         meth = node.op == "call_method"
         if (kind := _float_arithmetic(node)) is not None:
             return self.lower_arithmetic(node, kind)
+        if fn and t is F.prelu and (slope := attribute_tensor(self.gm, argument(node, 1, "weight"))) is not None:
+            return self.lower_prelu(node, slope)
         params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         if params:
             raise self.fail(node, f"reads parameter {params[0]} as a tensor; parameters lower only as a layer's "
@@ -252,6 +258,8 @@ class _Lowerer:
                                       argument(node, 4, "ceil_mode", False),
                                       argument(node, 5, "count_include_pad", True),
                                       argument(node, 6, "divisor_override"))
+        if fn and t is F.adaptive_max_pool2d:
+            return self.lower_adaptive_maxpool(node)
         if fn and t is F.adaptive_avg_pool2d:
             return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
                                       output_size=list(self.shape(node)[2:])))
@@ -426,6 +434,24 @@ class _Lowerer:
         info = TensorInfo(DType.FLOAT32, self.info(name).shape)
         return self.g.add_op("mul", [name, minus], self.free_name(f"{node.name}.neg"), info, self.src(node))
 
+    def lower_prelu(self, node: fx.Node, slope: torch.Tensor) -> _Val:
+        """PReLU (one slope, or one per channel) as exact float ops: ``relu(x) + (-a)·relu(-x)`` is ``x`` where
+        ``x > 0`` and ``a·x`` elsewhere, each product rounded once as PyTorch rounds it."""
+        x = self.as_float(node, node.args[0])
+        shape, rank = self.shape(node), len(self.shape(node))
+        a = slope.detach().numpy().astype(np.float32).reshape(-1)
+        per_channel = a.reshape((1,) * rank) if a.size == 1 else a.reshape((1, a.size) + (1,) * (rank - 2))
+        info = TensorInfo(DType.FLOAT32, shape)
+
+        def op(kind: str, inputs: list[str], suffix: str) -> str:
+            return self.g.add_op(kind, inputs, self.free_name(f"{node.name}.{suffix}"), info, self.src(node))
+
+        minus_a = self.g.add_constant(self.free_name(f"{node.name}.minus_slope"), -per_channel,
+                                      TensorInfo(DType.FLOAT32, per_channel.shape))
+        negative = op("relu", [self.negated(node, x)], "negative_part")
+        scaled = op("mul", [negative, minus_a], "scaled_negative")
+        return _Val(self.float_op(node, "add", [op("relu", [x], "positive_part"), scaled]))
+
     def free_name(self, base: str) -> str:
         name, k = base, 1
         while name in self.g.values:
@@ -542,6 +568,18 @@ class _Lowerer:
         x = v.name if v.clamp is not None else self.materialize(node, v)  # max pooling commutes with a clamp
         return _Val(self.same(node, "maxpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
                               padding=list(_pair(p)), dilation=list(_pair(d)), ceil_mode=bool(ceil)), clamp=v.clamp)
+
+    def lower_adaptive_maxpool(self, node: fx.Node) -> _Val:
+        """Adaptive max pooling (global max pooling, to 1×1) where every output takes an equal window of the input:
+        a ``maxpool2d`` whose kernel and stride are that window, on codes."""
+        if argument(node, 2, "return_indices", False) or getattr(module_of(self.gm, node), "return_indices", False):
+            raise self.fail(node, "max pooling that returns indices does not lower")
+        sides, out = self.shape(node.args[0])[2:], self.shape(node)[2:]
+        if any(i % o for i, o in zip(sides, out)):
+            raise self.fail(node, f"adaptive max pooling of {tuple(sides)} to {tuple(out)} has unequal windows; "
+                                  "only sizes that divide the input lower")
+        window = [i // o for i, o in zip(sides, out)]
+        return self.lower_maxpool(node, window, window, 0, 1, False)
 
     def lower_avgpool(self, node: fx.Node, k: Any, s: Any, p: Any, ceil: bool, include_pad: bool,
                       divisor: Any) -> _Val:

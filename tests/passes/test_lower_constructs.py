@@ -124,6 +124,29 @@ class Pools(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class PReLUs(nn.Module):
+    """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
+    super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
+    a size that divides the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.PReLU(8, init=0.2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.PReLU()
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.slope = nn.Parameter(torch.linspace(-0.3, 0.6, 8))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = F.adaptive_max_pool2d(self.act2(self.conv2(x)), 4)  # 16 -> 4: windows of 4x4
+        x = F.prelu(self.conv3(x), self.slope)
+        return self.fc(self.pool(x).flatten(1))
+
+
 class DenseTransition(nn.Module):
     """DenseNet: a ReLU'd layer output concatenated with a signed one (so requantized to signed codes with the
     ReLU in its clipping), then an average-pool transition read straight by the next quantizer."""
@@ -242,12 +265,12 @@ ACTIVATIONS = {
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
-          "layernorm2d": LayerNorm2dStem}
+          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
-                "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}}
+                "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
