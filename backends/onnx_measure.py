@@ -19,7 +19,7 @@ import json
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -72,18 +72,9 @@ def interleaved_latency(models: dict[str, Any], x: np.ndarray, rounds: int, thre
                         min_round_ms: float = 20.0) -> dict[str, list[float]]:
     """Per model (a ModelProto or a path), its latency per run in ms in each of ``rounds`` interleaved rounds
     (:func:`qcompile.backends.timing.interleaved_times`)."""
-    return batch_latencies(models, {len(x): x}, rounds, threads, warmup, min_round_ms)[len(x)]
-
-
-def batch_latencies(models: dict[str, Any], inputs: Mapping[int, np.ndarray], rounds: int, threads: int,
-                    warmup: int = 3, min_round_ms: float = 20.0) -> dict[int, dict[str, list[float]]]:
-    """Per batch size and model, its latency per run in ms in each round, every (model, batch) pair timed in
-    the same interleaved rounds: a burst of load on the machine then hits every batch size alike instead of
-    all the rounds of one."""
     sessions = {key: session(model, threads=threads, spin_between_runs=False) for key, model in models.items()}
-    runners = {(key, b): partial(run, sess, [x]) for b, x in inputs.items() for key, sess in sessions.items()}
-    times = interleaved_times(runners, rounds, warmup, min_round_ms)
-    return {b: {key: times[(key, b)] for key in models} for b in inputs}
+    return interleaved_times({key: partial(run, sess, [x]) for key, sess in sessions.items()}, rounds, warmup,
+                             min_round_ms)
 
 
 def kernel_times(model: Any, x: np.ndarray, runs: int, threads: int, ops: Collection[str],

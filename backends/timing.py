@@ -14,14 +14,11 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Hashable, Mapping
-from typing import TypeVar
-
-K = TypeVar("K", bound=Hashable)
+from collections.abc import Callable, Mapping
 
 
-def interleaved_times(runners: Mapping[K, Callable[[], object]], rounds: int, warmup: int = 3,
-                      min_round_ms: float = 20.0) -> dict[K, list[float]]:
+def interleaved_times(runners: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3,
+                      min_round_ms: float = 20.0) -> dict[str, list[float]]:
     """Per runner, its latency per run in ms in each of ``rounds`` interleaved rounds."""
     per_round = {}
     for key, run in runners.items():
@@ -30,7 +27,7 @@ def interleaved_times(runners: Mapping[K, Callable[[], object]], rounds: int, wa
             run()
         warm_ms = (time.perf_counter() - start) * 1e3 / warmup
         per_round[key] = max(1, math.ceil(min_round_ms / max(warm_ms, 1e-3)))
-    samples: dict[K, list[float]] = {key: [] for key in runners}
+    samples: dict[str, list[float]] = {key: [] for key in runners}
     keys = list(runners)
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,20 +42,12 @@ class FunctionCall:
 def interleaved_latency(models: dict[str, TvmModel], x: np.ndarray, rounds: int) -> dict[str, list[float]]:
     """Per loaded artifact, its latency per call in ms in each of ``rounds`` interleaved rounds, the input already
     on the device (what serving pays per batch once the images are there)."""
-    return batch_latencies(models, {len(x): x}, rounds)[len(x)]
-
-
-def batch_latencies(models: dict[str, TvmModel], inputs: Mapping[int, np.ndarray],
-                    rounds: int) -> dict[int, dict[str, list[float]]]:
-    """Per batch size and artifact, its latency per call in ms in each round, every (artifact, batch) pair timed
-    in the same interleaved rounds (so a burst of load hits every batch size alike)."""
+    inputs = {key: model.to_device(x) for key, model in models.items()}
 
     def runner(model: TvmModel, xd: Any):  # noqa: ANN202 - a timing closure
         return lambda: (model.run_device(xd), model.device.sync())
 
-    runners = {(key, b): runner(m, m.to_device(x)) for b, x in inputs.items() for key, m in models.items()}
-    times = interleaved_times(runners, rounds)
-    return {b: {key: times[(key, b)] for key in models} for b in inputs}
+    return interleaved_times({key: runner(m, inputs[key]) for key, m in models.items()}, rounds)
 
 
 VM_BUILTIN = "vm.builtin."  # the VM's own shape and allocation calls: not the model's compute

@@ -43,15 +43,17 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
     import onnxruntime
 
     from qcompile.backends import onnx as qonnx
-    from qcompile.backends.onnx_measure import batch_latencies, kernel_times
+    from qcompile.backends.onnx_measure import interleaved_latency, kernel_times
 
     _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
     reference = qonnx.to_onnx(float_ir, "serving")
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
     xs = {batch: rng.standard_normal((batch, *shape), dtype=np.float32) for batch in args.measure_batches}
-    timed = batch_latencies({"artifact": serving, "float": reference}, xs, args.measure, args.measure_threads)
-    samples = {batch: (t["artifact"], t["float"]) for batch, t in timed.items()}
+    samples = {}
+    for batch, x in xs.items():
+        timed = interleaved_latency({"artifact": serving, "float": reference}, x, args.measure, args.measure_threads)
+        samples[batch] = (timed["artifact"], timed["float"])
     first = args.measure_batches[0]
     kernels = kernel_times(serving, xs[first], args.measure, args.measure_threads, [op.output for op in ir.ops])
     return {
@@ -78,7 +80,7 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
 
     from qcompile.backends.tvm import runtime
     from qcompile.backends.tvm.build import build
-    from qcompile.backends.tvm.measure import batch_latencies, call_times, function_times, layer_calls
+    from qcompile.backends.tvm.measure import call_times, function_times, interleaved_latency, layer_calls
 
     served = runtime.load(artifact)
     _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
@@ -88,9 +90,11 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
     with tempfile.TemporaryDirectory() as tmp:
         reference = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch,
                                        float_dtype="float32").path)  # a float deployment's arithmetic
-        xs = {batch: rng.standard_normal((batch, *shape), dtype=np.float32) for batch in batches}
-        timed = batch_latencies({"artifact": served, "float": reference}, xs, args.measure)
-        samples = {batch: (t["artifact"], t["float"]) for batch, t in timed.items()}
+        samples = {}
+        for batch in batches:
+            timed = interleaved_latency({"artifact": served, "float": reference},
+                                        rng.standard_normal((batch, *shape), dtype=np.float32), args.measure)
+            samples[batch] = (timed["artifact"], timed["float"])
     calls = call_times(served, rng.standard_normal((batches[0], *shape), dtype=np.float32))
     functions = function_times(calls)
     kernels = layer_calls(ir, calls)
