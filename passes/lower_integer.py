@@ -244,7 +244,8 @@ class _Lowerer:
             return self.lower_flatten(node, argument(node, 1, "start_dim", 0), argument(node, 2, "end_dim", -1))
         if (fn and t is torch.reshape) or (meth and t in ("view", "reshape")):
             return self.lower_reshape(node)
-        if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout):
+        if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout and argument(node, 2, "training", True)
+                                                        is False):
             return self.value(node, node.args[0])
         if (fn and t in (torch.permute, torch.transpose)) or (meth and t in ("permute", "transpose")):
             return self.lower_transpose(node)

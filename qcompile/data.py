@@ -324,8 +324,10 @@ def default_normalization(*splits: ImageSet) -> Stats:
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> torch.Tensor:
-    """uint8 NHWC → float32 NCHW, scaled to [0, 1] and standardised per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 NHWC → float32 NCHW (contiguous: a model's ``x.view(-1, n)`` after its convs needs that, and a
+    permuted view would make PyTorch's convs return channels-last tensors), scaled to [0, 1] and standardised per
+    channel."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (x - m) / s

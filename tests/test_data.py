@@ -363,3 +363,14 @@ def test_an_unwritable_cache_warns_in_one_line_and_the_data_still_loads(tmp_path
     with pytest.warns(qcache.CacheWarning, match="cannot write the cache entry") as record:
         data = load_split(root, "train", (32, 32))
     assert len(data) > 0 and len(record) == 1 and "\n" not in str(record[0].message)
+
+
+def test_normalized_batches_are_contiguous_nchw():
+    """A model's ``x.view(-1, n)`` after its convs needs contiguous tensors: a permuted NHWC view would make
+    PyTorch's convs return channels-last tensors and that view fail."""
+    from qcompile.data import normalize
+
+    x = normalize(np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    assert x.shape == (4, 3, 8, 8) and x.is_contiguous()
+    conv = torch.nn.Conv2d(3, 5, 3)
+    assert conv(x).view(4, -1).shape == (4, 5 * 6 * 6)

@@ -9,6 +9,9 @@
   values is left alone; the lowering then names it.
 - Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
+- In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
+  ``F.dropout*(x, p, training=self.training)``) is the identity it computes there, and goes. A functional dropout
+  called with ``training`` left at its default of True drops in eval mode too, and stays.
 - A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
   kernel's extent ``dilation·(k−1)`` is even, else zero padding with an ``F.pad`` before the conv that puts the
   extra row and column at the bottom and right, as PyTorch does.
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.graph import set_submodule
 
@@ -116,6 +120,8 @@ def canonicalize(gm: fx.GraphModule) -> None:
     padding_modules_to_functions(gm)
     functional_layers_to_modules(gm)
     numeric_conv_padding(gm)
+    if not gm.training:
+        eval_dropout_removed(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
 
@@ -160,6 +166,20 @@ def numeric_conv_padding(gm: fx.GraphModule) -> None:
                 pad = gm.graph.call_function(F.pad, (node.args[0], asymmetric[m]))
             pad.meta.update({k: v for k, v in node.meta.items() if k == "stack_trace"})
             node.replace_input_with(node.args[0], pad)
+
+
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
+def eval_dropout_removed(gm: fx.GraphModule) -> None:
+    """Each dropout that is the identity in eval mode → its input."""
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        functional = node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        if isinstance(module, _DropoutNd) or (functional and training is False):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def functional_layers_to_modules(gm: fx.GraphModule) -> None:

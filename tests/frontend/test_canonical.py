@@ -137,3 +137,27 @@ def test_asymmetric_same_padding_pads_every_call_site():
     assert sum(n.target is F.pad for n in gm.graph.nodes) == 2
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(gm(x), model(x))
+
+
+class Dropouts(nn.Module):
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop2d = nn.Dropout2d()
+        self.alpha = nn.AlphaDropout(0.1)
+        self.always = always
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.alpha(self.drop2d(self.conv(x)))
+        x = F.dropout2d(x, 0.1, self.training)
+        x = F.dropout(x, p=0.2, training=self.training)
+        return F.dropout(x, 0.5) if self.always else x  # training=True by default: drops in eval mode too
+
+
+def test_eval_mode_dropouts_go_and_an_always_on_one_stays():
+    gm = capture(Dropouts().eval(), torch.randn(1, 3, 8, 8))
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    trained = capture(Dropouts().train(), torch.randn(1, 3, 8, 8))
+    assert len(trained.graph.nodes) == 7  # in training mode the four dropouts drop, and stay
+    always = capture(Dropouts(always=True).eval(), torch.randn(1, 3, 8, 8))
+    assert [n.target for n in always.graph.nodes if n.op == "call_function"] == [F.dropout]
