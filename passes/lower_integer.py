@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import QCompileError
-from qcompile.frontend.elementwise import Bounds, Unary, is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.elementwise import Bounds, Unary, arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation
 from qcompile.frontend.tracing import source_location
@@ -61,13 +61,6 @@ class _Val:
 
 
 _ADD_FUNCS = {operator.add, torch.add}
-_ARITHMETIC_FUNCTIONS = {
-    **dict.fromkeys((operator.add, operator.iadd, torch.add), "add"),
-    **dict.fromkeys((operator.sub, operator.isub, torch.sub), "sub"),
-    **dict.fromkeys((operator.mul, operator.imul, torch.mul), "mul"),
-    **dict.fromkeys((operator.truediv, operator.itruediv, torch.div), "div"),
-}
-_ARITHMETIC_METHODS = {f"{k}{inplace}": k for k in ("add", "sub", "mul", "div") for inplace in ("", "_")}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout)
 _SPLITS = {"chunk", "split"}
 
@@ -430,10 +423,12 @@ class _Lowerer:
         if name in self.g.constants:
             data = -self.g.constants[name]
             return self.g.add_constant(self.free_name(f"{name}.neg"), data, TensorInfo(DType.FLOAT32, data.shape))
-        minus = self.g.add_constant(self.free_name(f"{node.name}.minus_one"), np.full((1,) * len(self.shape(node)),
-                                    -1.0, np.float32), TensorInfo(DType.FLOAT32, (1,) * len(self.shape(node))))
-        info = TensorInfo(DType.FLOAT32, self.info(name).shape)
-        return self.g.add_op("mul", [name, minus], self.free_name(f"{node.name}.neg"), info, self.src(node))
+        shape = self.info(name).shape
+        ones = (1,) * len(shape)  # at the value's own rank, so the product keeps its shape
+        minus = self.g.add_constant(self.free_name(f"{node.name}.minus_one"), np.full(ones, -1.0, np.float32),
+                                    TensorInfo(DType.FLOAT32, ones))
+        return self.g.add_op("mul", [name, minus], self.free_name(f"{node.name}.neg"),
+                             TensorInfo(DType.FLOAT32, shape), self.src(node))
 
     def lower_prelu(self, node: fx.Node, slope: torch.Tensor) -> _Val:
         """PReLU (one slope, or one per channel) as exact float ops: ``relu(x) + (-a)·relu(-x)`` is ``x`` where
@@ -665,9 +660,8 @@ def _float_arithmetic(node: fx.Node) -> str | None:
     """``add``/``sub``/``mul``/``div`` when the node is arithmetic the float ops take: with a parameter or buffer
     operand, or a subtraction or division of two values (a sum or product of two values, and arithmetic with a
     Python number alone, lower elsewhere)."""
-    kind = (_ARITHMETIC_FUNCTIONS.get(node.target) if node.op == "call_function"  # type: ignore[call-overload]
-            else _ARITHMETIC_METHODS.get(str(node.target)) if node.op == "call_method" else None)
-    if kind is None or len(node.args) != 2:
+    kind = arithmetic_kind(node, inplace=True)
+    if kind is None:
         return None
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     if any(a.op == "get_attr" for a in tensors):

@@ -40,9 +40,11 @@ _FUNCTIONS = {
     torch.clamp_max,
 }
 _METHODS = {"sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "hardswish"}
-_ARITHMETIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-                         torch.mul, torch.div}
-_ARITHMETIC_METHODS = {"add", "sub", "mul", "div"}
+_ARITHMETIC_FUNCTIONS = {
+    **dict.fromkeys((operator.add, torch.add), "add"), **dict.fromkeys((operator.sub, torch.sub), "sub"),
+    **dict.fromkeys((operator.mul, torch.mul), "mul"), **dict.fromkeys((operator.truediv, torch.div), "div"),
+}
+_ARITHMETIC_METHODS = ("add", "sub", "mul", "div")
 _CLAMP_ARGS = {  # callable -> (positional index, keyword) of its lower and upper bound
     F.hardtanh: ((1, "min_val"), (2, "max_val")),
     torch.clamp: ((1, "min"), (2, "max")),
@@ -104,27 +106,32 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     return Unary(_name(t), lambda x: fn(x, *rest, **kwargs), clamp)
 
 
+def arithmetic_kind(node: fx.Node, inplace: bool = False) -> str | None:
+    """``"add"``, ``"sub"``, ``"mul"`` or ``"div"`` for arithmetic on two arguments in function or method form
+    (``x - y``, ``torch.sub(x, y)``, ``x.sub(y)``; with ``inplace``, ``x.sub_(y)`` too; torch.fx records
+    ``x -= y`` as ``x - y``), else None."""
+    if len(node.args) != 2:
+        return None
+    if node.op == "call_function":
+        return _ARITHMETIC_FUNCTIONS.get(node.target)  # type: ignore[call-overload]
+    name = str(node.target).removesuffix("_") if inplace else str(node.target)
+    return name if node.op == "call_method" and name in _ARITHMETIC_METHODS else None
+
+
 def _scalar_arithmetic(node: fx.Node) -> Unary | None:
     """``x + c``, ``c * x``, ``x / c``, ``c - x`` and the like with a Python number ``c``."""
-    t = node.target
-    if not ((node.op == "call_function" and t in _ARITHMETIC_FUNCTIONS)
-            or (node.op == "call_method" and t in _ARITHMETIC_METHODS)):
+    kind = arithmetic_kind(node)
+    if kind is None or node.kwargs:
         return None
-    if node.kwargs or len(node.args) != 2:
-        return None
+    dunder = "truediv" if kind == "div" else kind
     a, b = node.args
     if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
-        op = getattr(torch.Tensor, f"__{_dunder(t)}__")
-        return Unary(_name(t), lambda x: op(x, b))
+        op = getattr(torch.Tensor, f"__{dunder}__")
+        return Unary(_name(node.target), lambda x: op(x, b))
     if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool) and node.op == "call_function":
-        op = getattr(torch.Tensor, f"__r{_dunder(t)}__")
-        return Unary(_name(t), lambda x: op(x, a))
+        op = getattr(torch.Tensor, f"__r{dunder}__")
+        return Unary(_name(node.target), lambda x: op(x, a))
     return None
-
-
-def _dunder(target: object) -> str:
-    name = _name(target)
-    return {"add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "div": "truediv"}[name]
 
 
 def tensor_input(node: fx.Node) -> fx.Node:
