@@ -184,21 +184,26 @@ def _check_tensors(state: Mapping[str, object]) -> None:
             raise CheckpointError(f"entry {k!r} of its state dict is a {type(v).__name__}, not a tensor")
 
 
+def _without_prefix(state: Mapping[str, object], prefix: str) -> Mapping[str, object]:
+    """``state`` with ``prefix`` (ending in a dot) taken off every key, its ``_metadata`` entries renamed alike."""
+    stripped = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == prefix[:-1] else k[len(prefix):], v)
+            for k, v in metadata.items()
+            if k == prefix[:-1] or k.startswith(prefix)
+        )
+    return stripped
+
+
 def _strip_wrappers(state: Mapping[str, object]) -> Mapping[str, object]:
     """Drop ``module.`` / ``_orig_mod.`` prefixes, nested too, renaming the ``_metadata`` entries alike."""
     while state:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             return state
-        stripped = OrderedDict((k[len(prefix):], v) for k, v in state.items())
-        metadata = getattr(state, "_metadata", None)
-        if metadata is not None:
-            stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
-                ("" if k == prefix[:-1] else k[len(prefix):], v)
-                for k, v in metadata.items()
-                if k == prefix[:-1] or k.startswith(prefix)
-            )
-        state = stripped
+        state = _without_prefix(state, prefix)
     return state
 
 
@@ -209,18 +214,13 @@ def _strip_holder(model: nn.Module, state: Mapping[str, object]) -> tuple[Mappin
     heads = {k.partition(".")[0] for k in state}
     if len(heads) != 1 or not all("." in k for k in state):
         return state, None
-    head = heads.pop()
+    prefix = f"{heads.pop()}."
     expected = model.state_dict().keys()
     own = {k.partition(".")[0] for k in expected} | {name for name, _ in model.named_children()}
-    stripped = OrderedDict((k[len(head) + 1:], v) for k, v in state.items())
-    if head in own or not set(stripped) <= set(expected):
+    stripped = _without_prefix(state, prefix)
+    if prefix[:-1] in own or not set(stripped) <= set(expected):
         return state, None
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
-            ("" if k == head else k[len(head) + 1:], v) for k, v in metadata.items()
-            if k == head or k.startswith(head + "."))
-    return stripped, f"{head}."
+    return stripped, prefix
 
 
 def _mismatch(model: nn.Module, state: Mapping[str, object], missing: list[str], unexpected: list[str]) -> str:
