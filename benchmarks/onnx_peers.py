@@ -135,8 +135,8 @@ def op_breakdowns(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int 
                   ) -> dict[str, dict[str, tuple[int, float]]]:
     """Per artifact and operator type of onnxruntime's optimized graph: (nodes, kernel ms per run), from its
     profiler over ``runs`` interleaved runs after ``warmup``."""
-    sessions = {key: qonnx.session(str(path), threads=THREADS, spin_between_runs=False, profile_prefix=str(path.with_suffix("")))
-                for key, path in paths.items()}
+    sessions = {key: qonnx.session(str(path), threads=THREADS, spin_between_runs=False,
+                                   profile_prefix=str(path.with_suffix(""))) for key, path in paths.items()}
     for _ in range(warmup + runs):
         for sess in sessions.values():
             qonnx.run(sess, [x])

@@ -45,7 +45,8 @@ def main() -> None:
     model = resnet18().eval()
     ir = lowered(model, args.recipe)
     int8_sess = qonnx.session(qonnx.to_onnx(ir, "serving"), threads=THREADS, spin_between_runs=False)
-    float_sess = qonnx.session(str(float_onnx(model, 224, work / "float.onnx")), threads=THREADS, spin_between_runs=False)
+    float_sess = qonnx.session(str(float_onnx(model, 224, work / "float.onnx")), threads=THREADS,
+                               spin_between_runs=False)
     print(f"ResNet-18 224x224 {args.recipe}, {THREADS} threads, target {args.target}, median of {args.repeat}")
     print(f"{'batch':>5} {'TVM ms':>10} {'ORT int8 ms':>12} {'ORT float ms':>13} {'TVM/ORT int8':>13} {'TVM/float':>10}"
           f" {'build s':>8}")

@@ -46,7 +46,8 @@ def _agreement(ir, model, x):
     return compare_backend(ir, lambda b: model(b)[0], pairs)
 
 
-@pytest.mark.parametrize(("net", "recipe"), [(FunctionalNet, "mostly4bit"), (ModuleNet, "int8"), (ArithmeticNet, "int4")])
+@pytest.mark.parametrize(("net", "recipe"),
+                         [(FunctionalNet, "mostly4bit"), (ModuleNet, "int8"), (ArithmeticNet, "int4")])
 def test_cpu_artifact_is_bit_exact_with_the_reference(net, recipe, tmp_path):
     ir = _lowered(net(), recipe).context.ir
     art = build(ir, CPU, tmp_path)
