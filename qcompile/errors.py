@@ -12,6 +12,12 @@ _PARAMETER = re.compile(r"\{([a-z_]+)\}")
 E = TypeVar("E", bound="QCompileError")
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how an exception from torch or a user's code is quoted in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class QCompileError(Exception):
     """Base class: the message alone tells the user what to fix.
 

@@ -96,8 +96,8 @@ def compile_model(args: argparse.Namespace) -> int:
     model.eval()
     inputs = mf.example_input()
     calib, evald = resolve_data(args, mf, inputs)
-    check_batches(inputs, calib, "calibration")
-    check_batches(inputs, evald, "evaluation")
+    check_batches(model, inputs, calib, "calibration")
+    check_batches(model, inputs, evald, "evaluation")
     passes = compile_passes(recipe, width=args.width, ptq_mode=args.ptq, budget=args.budget,
                             max_degradation=args.max_degradation, bits=args.bits,
                             adaquant_iterations=args.adaquant_iters, adaquant_scope=args.adaquant_scope,

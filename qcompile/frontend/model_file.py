@@ -22,14 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcompile.errors import CheckpointError, DataError, ModelFileError
+from qcompile.errors import CheckpointError, DataError, ModelFileError, first_line
+from qcompile.frontend.tracing import user_frame
 
 REQUIRED = ("build_model", "example_input")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _line_in(exc: BaseException, path: Path) -> str:
@@ -66,7 +62,7 @@ class ModelFile:
         try:
             model = fn(**kwargs)
         except Exception as exc:
-            raise ModelFileError(f"{_line_in(exc, self.path)}: build_model() failed: {_short(exc)}") from None
+            raise ModelFileError(f"{_line_in(exc, self.path)}: build_model() failed: {first_line(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, expected a torch.nn.Module")
         return model
@@ -78,7 +74,7 @@ class ModelFile:
         try:
             value = fn()
         except Exception as exc:
-            raise ModelFileError(f"{_line_in(exc, self.path)}: example_input() failed: {_short(exc)}") from None
+            raise ModelFileError(f"{_line_in(exc, self.path)}: example_input() failed: {first_line(exc)}") from None
         inputs = (value,) if isinstance(value, torch.Tensor) else value
         if not isinstance(inputs, tuple | list) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
             raise ModelFileError(f"{self.path}: example_input() must return a Tensor or a tuple of Tensors")
@@ -92,7 +88,7 @@ class ModelFile:
         try:
             return fn()  # type: ignore[return-value]
         except Exception as exc:
-            raise ModelFileError(f"{_line_in(exc, self.path)}: {name}() failed: {_short(exc)}") from None
+            raise ModelFileError(f"{_line_in(exc, self.path)}: {name}() failed: {first_line(exc)}") from None
 
 
 def load_model_file(path: str | Path) -> ModelFile:
@@ -110,7 +106,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ModelFileError(f"{_line_in(exc, p)}: model file failed to import: {_short(exc)}") from None
+        raise ModelFileError(f"{_line_in(exc, p)}: model file failed to import: {first_line(exc)}") from None
     finally:
         sys.path.remove(str(p.resolve().parent))
     missing = [fn for fn in REQUIRED if not callable(getattr(module, fn, None))]
@@ -255,7 +251,7 @@ def _strict_load(model: nn.Module, state: Mapping[str, object], where: str) -> N
         detail = _mismatch(model, state, found.get("missing", []), found.get("unexpected", []))
         if not detail:
             lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-            detail = lines[0] if lines else _short(exc)
+            detail = lines[0] if lines else first_line(exc)
         raise CheckpointError.with_parameters(
             f"{where} does not match the model: {detail}; was it saved from another model, width or {{model_arg}}?"
         ) from None
@@ -276,7 +272,7 @@ def _load_error(p: Path, exc: Exception) -> CheckpointError:
             f"checkpoint {p} holds a pickled Python object{what}, such as a whole model saved with torch.save(model), "
             "which weights_only=True does not unpickle; save its state dict where the model class is defined: "
             "torch.save(model.state_dict(), PATH)")
-    return CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {_short(exc)}")
+    return CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {first_line(exc)}")
 
 
 def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> list[str]:
@@ -306,10 +302,13 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
             ] if prefix else []
 
 
-def check_batches(example: Sequence[torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
-                  what: str) -> None:
-    """The first batch has the example input's shape except for the batch size. Calibrating, verifying or
-    measuring accuracy on another shape would silently use costs and scales of the wrong model."""
+def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None, what: str) -> None:
+    """The first batch has the example input's shape except for the batch size, and the model runs on it.
+
+    Calibrating, verifying or measuring accuracy on another shape would silently use costs and scales of the
+    wrong model; a model that fails on a batch (one written for the example's batch size, ``x.view(1, -1)``)
+    would fail deep inside a pass, so it is run here once, where the error can say which batch and which line."""
     first = next(iter(batches), None) if batches is not None else None
     if first is None:
         return
@@ -317,4 +316,12 @@ def check_batches(example: Sequence[torch.Tensor], batches: Iterable[tuple[torch
     if got[1:] != want[1:]:
         raise DataError(f"the {what} images have shape {got} but example_input() is {want}; they must agree except "
                         "for the batch size")
+    try:
+        with torch.no_grad():
+            model(first[0])
+    except Exception as exc:
+        hint = (f"; it runs on example_input() at batch size {want[0]}: does it assume that batch size?"
+                if got[0] != want[0] else "")
+        raise DataError(f"the model fails on the first {what} batch, of shape {got}, at {user_frame(exc)}: "
+                        f"{first_line(exc)}{hint}") from None
 

@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from qcompile.errors import CaptureError
+from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import canonicalize
 
 LeafSpec = str | type[nn.Module]
@@ -107,7 +107,7 @@ def _blamed_frame(paths: Sequence[str]) -> int | None:
     return None
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """``file:line`` and the code of the frame to blame for ``exc``: the user's offending line where there is one."""
     frames = traceback.extract_tb(exc.__traceback__)
     i = _blamed_frame([os.path.abspath(f.filename) for f in frames])
@@ -188,11 +188,6 @@ def _record_meta(n: fx.Node, result: object) -> None:
     n.meta["type"] = type(result)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def _run(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], recorder: _ShapeRecorder) -> None:
     """Run ``recorder`` in eval mode without gradients, leaving ``gm``'s train/eval mode as it was."""
     was_training = gm.training
@@ -219,10 +214,10 @@ def _propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         n = fail.node
         raise CaptureError(
             f"the example input does not run through the model at node {n.name} ({n.op} {n.target}, "
-            f"{source_location(n)}): {_first_line(fail.cause)}"
+            f"{source_location(n)}): {first_line(fail.cause)}"
         ) from None
     except Exception as exc:
-        raise CaptureError(f"the example input does not run through the model: {_first_line(exc)}") from None
+        raise CaptureError(f"the example input does not run through the model: {first_line(exc)}") from None
     return recorder.values
 
 
@@ -346,7 +341,7 @@ def capture(
             else "move the untraceable code into a submodule and mark it as a leaf module (--leaf-module NAME)"
         )
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"cannot trace the model{where} at {_user_frame(exc)}: {msg}; {hint}") from None
+        raise CaptureError(f"cannot trace the model{where} at {user_frame(exc)}: {msg}; {hint}") from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(model.training)
     canonicalize(gm)
