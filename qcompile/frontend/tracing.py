@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 import re
 import traceback
@@ -301,6 +302,30 @@ def _specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor
     gm.recompile()
 
 
+def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, object]:
+    """The ``forward`` parameters after the example's ``n_inputs`` that have defaults (``return_features=False``):
+    traced at their defaults, as the model runs on the example, instead of as inputs that control flow cannot
+    branch on."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[n_inputs:] if p.default is not p.empty}
+
+
+def _drop_specialized_inputs(graph: fx.Graph, n_inputs: int) -> None:
+    """Remove the placeholders fx keeps for ``concrete_args`` and the guards asserting their values: the
+    traced code already uses the values, and the graph's inputs are the example's."""
+    extra = [n for n in graph.nodes if n.op == "placeholder"][n_inputs:]
+    doomed: dict[fx.Node, None] = {}
+    for n in graph.nodes:
+        if n in extra or any(a in doomed for a in n.all_input_nodes):
+            doomed[n] = None
+    for n in reversed(doomed):
+        graph.erase_node(n)
+
+
 def check_finite(model: nn.Module) -> None:
     """Every parameter and floating-point buffer (BatchNorm statistics) finite: a NaN or Inf would calibrate to
     a meaningless scale and lower to garbage codes, far from where it came in."""
@@ -330,8 +355,9 @@ def capture(
     names, types, type_names = _split_leaves(model, leaf_modules)
     tracer = _SiteTracer(names, types, type_names)
     tracer.record_stack_traces = True
+    defaults = _defaults_after(model, len(example_inputs))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:
         site = getattr(exc, "_qcompile_site", None)
         where = f" in module '{site[0]}' ({site[1]})" if site and site[0] else ""
@@ -342,6 +368,8 @@ def capture(
         )
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"cannot trace the model{where} at {user_frame(exc)}: {msg}; {hint}") from None
+    if defaults:
+        _drop_specialized_inputs(graph, len(example_inputs))
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.train(model.training)
     canonicalize(gm)

@@ -120,6 +120,33 @@ def test_direct_forward_calls_are_module_calls():
     assert len(compute_nodes(gm)) == 1
 
 
+class FeaturesOnRequest(nn.Module):
+    """Research-code style: ``forward(x, return_features=False, *, scale=None)`` branches on its options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, return_features=False, *, scale=None):  # type: ignore[no-untyped-def]
+        feats = F.relu(self.conv(x)).mean((2, 3))
+        if scale is not None:
+            feats = feats * scale
+        out = self.fc(feats)
+        if return_features:
+            return out, feats
+        return out
+
+
+def test_forward_options_are_traced_at_their_defaults():
+    model = FeaturesOnRequest().eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and "assert" in str(n.target)]
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+
+
 class Stem(nn.Module):
     """conv-bn-relu, then ``tail``: one shape-arithmetic pattern from model files in the wild."""
 
