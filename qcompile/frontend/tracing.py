@@ -5,7 +5,9 @@ Tracing happens on a deep copy, so passes never mutate the user's model.
 Shape arithmetic (``x.size()[3]``, ``c // groups``, ``x.dim()``) traces to nodes that compute Python numbers,
 which the integer lowering cannot take as, say, a pooling kernel. :func:`capture` runs the model at the example's
 batch size and at one more, and replaces every such number that is the same in both by its value; those that
-change (``x.size(0)``, ``x.numel()``) stay nodes, so the graph module still runs at any batch size. torch.export
+change (``x.size(0)``, ``x.numel()``) stay nodes, so the graph module still runs at any batch size. Python that
+branches on sizes (dynamic "same" padding) cannot be traced with sizes as nodes; such a model is traced again by
+:class:`_ShapeValuedTracer`, which knows the sizes while tracing. torch.export
 would need dynamic-shape specifications from the user and produces aten-level graphs the passes do not work on.
 """
 
@@ -83,6 +85,121 @@ class _SiteTracer(fx.Tracer):
 
     def _direct_forward(self, m: nn.Module, forward, *args, **kwargs):  # type: ignore[no-untyped-def]
         return self.call_module(m, forward, args, kwargs)
+
+
+class _NoValue(Exception):
+    """A proxy's argument has no value in a run: the result has none either."""
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy whose shape reads are numbers where the runs at both batch sizes agree (``x.size()[-2:]``), so
+    that Python code computing padding or kernel sizes from them (``math.ceil``, ``max``, ``if pad > 0``) runs
+    as Python; a size that differs (the batch) stays a node."""
+
+    tracer: _ShapeValuedTracer
+
+    def _shape_read(self, method: str, *args: object) -> object:
+        runs = self.tracer.values.get(self.node)
+        if runs is None or not all(isinstance(r, torch.Tensor) for r in runs):
+            return self.tracer.create_proxy("call_method", method, (self, *args), {})
+        got = [getattr(r, method)(*args) for r in runs]
+        if method != "size" or args:
+            return got[0] if len(set(got)) == 1 else self.tracer.create_proxy("call_method", method, (self, *args), {})
+        whole: list[fx.Proxy] = []
+        items: list[object] = []
+        for i, sizes in enumerate(zip(*got)):
+            if len(set(sizes)) == 1:
+                items.append(sizes[0])
+                continue
+            whole = whole or [self.tracer.create_proxy("call_method", "size", (self,), {})]
+            items.append(whole[0][i])
+        return tuple(items)
+
+    def size(self, dim: int | None = None) -> object:
+        return self._shape_read("size") if dim is None else self._shape_read("size", dim)
+
+    def dim(self) -> object:
+        return self._shape_read("dim")
+
+    def numel(self) -> object:
+        return self._shape_read("numel")
+
+    @property
+    def shape(self) -> object:
+        return self.size()
+
+    @property
+    def ndim(self) -> object:
+        return self.dim()
+
+
+class _ShapeValuedTracer(_SiteTracer):
+    """:class:`_SiteTracer` that also runs every traced op on the example at its batch size and at one more, so
+    that its proxies (:class:`_ShapeProxy`) know their shapes while tracing: timm's and EfficientNet-PyTorch's
+    dynamic "same" padding compute the padding from ``x.size()`` with ``math.ceil`` and branch on it, which plain
+    symbolic tracing cannot follow. Used only when plain tracing fails."""
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], leaf_type_names: set[str],
+                 runs: Sequence[Sequence[torch.Tensor]]) -> None:
+        super().__init__(leaf_names, leaf_types, leaf_type_names)
+        self.runs = runs
+        self.values: dict[fx.Node, tuple[object, ...] | None] = {}
+        self._placeholders = 0
+        self._computing = False
+        self._leaf_forward = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[no-untyped-def]
+        return attr_val if self._computing else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        if self._computing:
+            return forward(*args, **kwargs)
+        self._leaf_forward = forward
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,  # type: ignore[no-untyped-def]
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(proxy, fx.Proxy):
+            self.values[proxy.node] = self._run(kind, target, args, kwargs)
+        return proxy
+
+    def _run(self, kind: str, target: object, args: tuple, kwargs: dict) -> tuple[object, ...] | None:
+        """The op's value in each run, or None where it has none (an input it cannot get, an op that fails)."""
+        if kind == "placeholder":
+            i, self._placeholders = self._placeholders, self._placeholders + 1
+            return tuple(run[i] for run in self.runs) if i < len(self.runs[0]) else None
+        self._computing = True
+        try:
+            with torch.no_grad():
+                return tuple(self._run_once(kind, target, args, kwargs, r) for r in range(len(self.runs)))
+        except Exception:
+            return None
+        finally:
+            self._computing = False
+
+    def _run_once(self, kind: str, target: object, args: tuple, kwargs: dict, r: int) -> object:
+        def value(a: object) -> object:
+            if isinstance(a, fx.Proxy):
+                got = self.values.get(a.node)
+                if got is None:
+                    raise _NoValue
+                return got[r]
+            return a
+
+        a, k = map_aggregate(args, value), map_aggregate(kwargs, value)
+        if kind == "call_function":
+            return target(*a, **k)  # type: ignore[operator]
+        if kind == "call_method":
+            return getattr(a[0], target)(*a[1:], **k)  # type: ignore[arg-type]
+        if kind == "call_module":
+            return self._leaf_forward(*a, **k)  # type: ignore[misc]
+        if kind == "get_attr":
+            return functools.reduce(getattr, target.split("."), self.root)  # type: ignore[union-attr]
+        raise _NoValue
 
 
 def _is_model_code(path: str) -> bool:
@@ -337,6 +454,43 @@ def check_finite(model: nn.Module) -> None:
                                    "the weights are broken (a diverged training run or a corrupt checkpoint)")
 
 
+def _trace(tracer: _SiteTracer, model: nn.Module, n_inputs: int) -> fx.Graph:
+    """The graph of ``model`` called with ``n_inputs`` tensors, its other ``forward`` options at their defaults."""
+    tracer.record_stack_traces = True
+    defaults = _defaults_after(model, n_inputs)
+    graph = tracer.trace(model, concrete_args=defaults or None)
+    if defaults:
+        _drop_specialized_inputs(graph, n_inputs)
+    return graph
+
+
+def _untraceable(exc: Exception) -> CaptureError:
+    """The one line for a model torch.fx cannot trace: where, why, and which module to keep opaque."""
+    site = getattr(exc, "_qcompile_site", None)
+    where = f" in module '{site[0]}' ({site[1]})" if site and site[0] else ""
+    hint = (
+        f"mark it as a leaf module (CLI: --leaf-module {site[0]}; API: capture(..., leaf_modules=[{site[0]!r}]))"
+        if site and site[0]
+        else "move the untraceable code into a submodule and mark it as a leaf module (--leaf-module NAME)"
+    )
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(f"cannot trace the model{where} at {user_frame(exc)}: {msg}; {hint}")
+
+
+def _trace_with_shapes(model: nn.Module, leaves: tuple[set[str], tuple[type, ...], set[str]],
+                       example_inputs: Sequence[torch.Tensor]) -> fx.Graph:
+    """Trace with :class:`_ShapeValuedTracer`, leaving ``model``'s buffers as they were (a model in training
+    mode updates its BatchNorm statistics when the ops run)."""
+    runs = [example_inputs, *filter(None, [_one_more_sample(example_inputs)])]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        return _trace(_ShapeValuedTracer(*leaves, runs), model, len(example_inputs))
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+
 def capture(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -346,32 +500,24 @@ def capture(
 
     ``leaf_modules`` (qualified names such as ``"layer1.0"``, class names, or classes) are kept as opaque calls:
     the way around Python control flow that tracing cannot follow. Each call site becomes its own node, so a
-    module called twice carries two independent annotations.
+    module called twice carries two independent annotations. A model that plain tracing cannot follow is traced
+    again with its shapes known (:class:`_ShapeValuedTracer`), and the error is that trace's.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     check_finite(model)
-    model = copy.deepcopy(model)
-    names, types, type_names = _split_leaves(model, leaf_modules)
-    tracer = _SiteTracer(names, types, type_names)
-    tracer.record_stack_traces = True
-    defaults = _defaults_after(model, len(example_inputs))
+    traced = copy.deepcopy(model)
+    leaves = _split_leaves(traced, leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=defaults or None)
-    except Exception as exc:
-        site = getattr(exc, "_qcompile_site", None)
-        where = f" in module '{site[0]}' ({site[1]})" if site and site[0] else ""
-        hint = (
-            f"mark it as a leaf module (CLI: --leaf-module {site[0]}; API: capture(..., leaf_modules=[{site[0]!r}]))"
-            if site and site[0]
-            else "move the untraceable code into a submodule and mark it as a leaf module (--leaf-module NAME)"
-        )
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"cannot trace the model{where} at {user_frame(exc)}: {msg}; {hint}") from None
-    if defaults:
-        _drop_specialized_inputs(graph, len(example_inputs))
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm.train(model.training)
+        graph = _trace(_SiteTracer(*leaves), traced, len(example_inputs))
+    except Exception:
+        traced = copy.deepcopy(model)
+        try:
+            graph = _trace_with_shapes(traced, leaves, example_inputs)
+        except Exception as exc:
+            raise _untraceable(exc) from None
+    gm = fx.GraphModule(traced, graph, class_name=type(traced).__name__)
+    gm.train(traced.training)
     canonicalize(gm)
     shape_nodes = _shape_arithmetic(gm.graph)
     values = _propagate(gm, example_inputs, shape_nodes)

@@ -1,4 +1,5 @@
 import importlib
+import math
 import operator
 import os
 import sys
@@ -147,6 +148,84 @@ def test_forward_options_are_traced_at_their_defaults():
     assert torch.equal(gm(x), model(x))
 
 
+def _same_padding(size: int, k: int, s: int, d: int) -> int:
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+class TimmConv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame``: TensorFlow's "SAME" padding computed from the input's size at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.size()[-2:]
+        pad_h = _same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = _same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class DynamicSamePadding(nn.Conv2d):
+    """EfficientNet-PyTorch's ``Conv2dDynamicSamePadding``, which reads the kernel size off the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
+        pad_h = max((oh - 1) * sh + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((ow - 1) * sw + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DynamicSameNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = TimmConv2dSame(3, 8, 3, stride=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv = DynamicSamePadding(8, 8, 5, stride=2, padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv_stem(x)))
+        x = F.relu(self.bn2(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1, x.size(2) * x.size(3)).mean(2))
+
+
+def test_dynamic_same_padding_is_traced_with_the_example_shapes():
+    model = randomize_bn(DynamicSameNet()).eval()
+    gm = capture(model, torch.randn(1, 3, 16, 16))
+    pads = [n.args[1] for n in gm.graph.nodes if n.target is F.pad]
+    assert pads == [[0, 1, 0, 1], [1, 2, 1, 2]]  # asymmetric: TensorFlow pads the extra row and column after
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv_stem", "bn1", "conv", "bn2", "fc"]
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(gm(x), model(x))  # the batch size stays a node
+
+
+def test_tracing_with_shapes_leaves_a_training_model_s_statistics():
+    model = DynamicSameNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = capture(model, torch.randn(2, 3, 16, 16))
+    assert gm.training
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_data_dependent_control_flow_still_names_the_line_with_shapes_known():
+    class Both(DynamicSameNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gate(super().forward(x))
+
+    with pytest.raises(CaptureError, match=r"module 'gate' \(Gate\) at .*test_tracing.py:\d+ `if x.sum\(\) > 0"):
+        capture(Both().eval(), torch.randn(1, 3, 16, 16))
+
+
 class Stem(nn.Module):
     """conv-bn-relu, then ``tail``: one shape-arithmetic pattern from model files in the wild."""
 
@@ -234,10 +313,12 @@ def test_model_that_runs_at_one_batch_size_only_is_left_as_traced():
     assert [n.target for n in _values_left(gm)] == ["size"]
 
 
-@pytest.mark.parametrize("name", ["avg_pool2d_size", "view_size0", "reshape_shape0", "flatten", "mean_keepdim"])
+@pytest.mark.parametrize("name", ["avg_pool2d_size", "view_size0", "reshape_shape0", "flatten", "mean_keepdim",
+                                  "dynamic_same_padding"])
 def test_shape_arithmetic_lowers_and_verifies(name):
     torch.manual_seed(0)
-    model = randomize_bn(Stem(TAILS[name][0]), data=torch.randn(16, 3, 8, 8))
+    model = DynamicSameNet() if name == "dynamic_same_padding" else Stem(TAILS[name][0])
+    model = randomize_bn(model, data=torch.randn(16, 3, 8, 8))
     calib = [(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
     passes = [FoldBatchNorm(), AssignPrecision(), AnnotateCost(), InsertQuantizers(), Calibrate(), AlignAddScales(),
               LowerInteger()]
