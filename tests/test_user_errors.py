@@ -64,7 +64,8 @@ DENSE_8X8 = dict(
     tamper="", size=8, data_size=10,
 )
 
-BATCH_1_VIEW = "        return self.fc(torch.relu(self.conv(x)).view(1, -1))"  # runs on example_input() alone
+BATCH_1 = {**DENSE_8X8, "data_size": 8,  # runs on example_input() alone
+           "forward": "        return self.fc(torch.relu(self.conv(x)).view(1, -1))"}
 
 
 def model_file(folder: Path, name: str, **fields: object) -> str:
@@ -108,8 +109,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                           "(8, 3, 16, 16)"),
         "dense sized for 8x8, data 10x10": ([model_file(tmp, "dense8", **DENSE_8X8), "--recipe", "int8"],
                                             "(1, 3, 8, 8)"),
-        "model written for batch size 1": ([model_file(tmp, "batch1", **{**DENSE_8X8, "forward": BATCH_1_VIEW, "data_size": 8}),
-                                            "--recipe", "int8"], "batch1.py:12 `return self.fc(torch.relu"),
+        "model written for batch size 1": ([model_file(tmp, "batch1", **BATCH_1), "--recipe", "int8"],
+                                           "batch1.py:12 `return self.fc(torch.relu"),
         "NaN weight": ([model_file(tmp, "nan_w", tamper="    model.conv.weight.data[0, 0, 0, 0] = float('nan')"),
                         "--recipe", "int8"], "conv.weight"),
         "Inf BatchNorm variance": ([model_file(tmp, "inf_bn", tamper="    model.bn.running_var[3] = float('inf')"),
