@@ -31,7 +31,7 @@ from qcompile.errors import QCompileError, require_extra
 from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.ops import OpTable
+from qcompile.ir.ops import OpTable, basic_index
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -475,6 +475,25 @@ class _Exporter:
                       epsilon=float(op.attrs["eps"]))
         self.node("Cast", [y], op.output, to=TP.FLOAT)
 
+    @OPS.implements("group_norm")
+    def op_group_norm(self, op: Op) -> None:
+        """The reference's float64 form op by op on (N, G, C/G·H·W) (onnxruntime has no double
+        ``GroupNormalization``): mean, centred values, biased variance, ``d / sqrt(var + eps)``, back to the input's
+        shape, ``· w + b`` per channel."""
+        TP = self.onnx.TensorProto
+        x, w, b = op.inputs
+        rank = len(self.ir.values[x].shape)
+        xd = self.node("Cast", [x], to=TP.DOUBLE)
+        grouped = self.node("Reshape", [xd, self.const("groups", np.array([0, op.attrs["groups"], -1], np.int64))])
+        last = self.const("axes", np.array([2], np.int64))
+        d = self.node("Sub", [grouped, self.node("ReduceMean", [grouped, last], keepdims=1)])
+        var = self.node("ReduceMean", [self.node("Mul", [d, d]), last], keepdims=1)
+        std = self.node("Sqrt", [self.node("Add", [var, self.const("eps", np.array(op.attrs["eps"], np.float64))])])
+        y = self.node("Reshape", [self.node("Div", [d, std]), self.node("Shape", [x])])
+        channels = (-1,) + (1,) * (rank - 2)
+        w64, b64 = (self.const(n, self.ir.constants[n].astype(np.float64).reshape(channels)) for n in (w, b))
+        self.node("Cast", [self.node("Add", [self.node("Mul", [y, w64]), b64])], op.output, to=TP.FLOAT)
+
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``Gather`` from a 256-entry table over the 8-bit container's values (codes shifted by the container's
@@ -503,26 +522,24 @@ class _Exporter:
 
     @OPS.implements("slice")
     def op_slice(self, op: Op) -> None:
-        items = op.attrs["index"]
-        if not all("slice" in it for it in items):
+        """``Slice`` over the axes the index cuts, then ``Squeeze`` of those an integer index drops."""
+        index = basic_index(op.attrs["index"], len(self.ir.values[op.inputs[0]].shape))
+        if index is None:
             self.unsupported(op)
-        big = np.iinfo(np.int64).max
-        starts, ends, axes, steps = [], [], [], []
-        for axis, it in enumerate(items):
-            start, stop, step = it["slice"]
-            if (start, stop, step) == (None, None, None):
-                continue
-            step = 1 if step is None else step
-            starts.append(0 if start is None else start)
-            ends.append(big if stop is None else stop)
-            axes.append(axis)
-            steps.append(step)
-        if not axes:
+        cuts, dropped = index
+        if not cuts:
             self.node("Identity", [op.inputs[0]], op.output)
             return
-        c = [self.const(n, np.array(v, np.int64)) for n, v in (("starts", starts), ("ends", ends), ("axes", axes),
-                                                               ("steps", steps))]
-        self.node("Slice", [op.inputs[0], *c], op.output)
+        big = np.iinfo(np.int64).max
+        starts, ends = [0 if c[1] is None else c[1] for c in cuts], [big if c[2] is None else c[2] for c in cuts]
+        c = [self.const(n, np.array(v, np.int64)) for n, v in (("starts", starts), ("ends", ends),
+                                                               ("axes", [c[0] for c in cuts]),
+                                                               ("steps", [c[3] for c in cuts]))]
+        if not dropped:
+            self.node("Slice", [op.inputs[0], *c], op.output)
+            return
+        cut = self.node("Slice", [op.inputs[0], *c])
+        self.node("Squeeze", [cut, self.const("axes", np.array(dropped, np.int64))], op.output)
 
     @OPS.implements("pad")
     def op_pad(self, op: Op) -> None:

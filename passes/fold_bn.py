@@ -88,11 +88,31 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     return ln, f"{holder}.layer_norm" if holder else "layer_norm"
 
 
-_FUNCTIONAL_NORMS = {F.batch_norm: _batch_norm_module, F.layer_norm: _layer_norm_module}
+def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.group_norm(x, groups, weight, bias, eps)`` (timm's ``GroupNormAct``) with weight and bias read from
+    attributes (or None) as an ``nn.GroupNorm`` and the name to give it; None when either is computed."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
+    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
+        return None
+    channels = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(args.get("num_groups"), int) or channels is None:
+        return None
+    gn = nn.GroupNorm(args["num_groups"], channels.shape[1], eps=float(args.get("eps", 1e-5)))
+    gn.weight.data.copy_(weight.detach() if weight is not None else torch.ones(channels.shape[1]))
+    gn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros(channels.shape[1]))
+    holder = holder_of(args.get("weight"), args.get("bias"))
+    return gn, f"{holder}.group_norm" if holder else "group_norm"
+
+
+_FUNCTIONAL_NORMS = {F.batch_norm: _batch_norm_module, F.layer_norm: _layer_norm_module,
+                     F.group_norm: _group_norm_module}
 
 
 def _functional_to_modules(gm: fx.GraphModule) -> None:
-    """Functional batch and layer norms on attribute tensors → modules (then folded, converted or lowered)."""
+    """Functional batch, layer and group norms on attribute tensors → modules (then folded, converted or
+    lowered)."""
     for node in list(gm.graph.nodes):
         make = _FUNCTIONAL_NORMS.get(node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
         made = make(gm, node) if make is not None else None

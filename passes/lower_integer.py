@@ -192,6 +192,8 @@ class _Lowerer:
             return self.lower_layer(node, m)
         if isinstance(m, nn.LayerNorm):
             return self.lower_layer_norm(node, m)
+        if isinstance(m, nn.GroupNorm):
+            return self.lower_group_norm(node, m)
         if isinstance(m, nn.PReLU):
             return self.lower_prelu(node, m.weight)
         if isinstance(m, _ALIAS_MODULES):
@@ -549,6 +551,17 @@ class _Lowerer:
                                       TensorInfo(DType.FLOAT32, shape)) for k, t in affine.items()]
         return _Val(self.float_op(node, "layer_norm", [self.as_float(node, node.args[0]), *consts],
                                   eps=float(np.float32(m.eps))))
+
+    def lower_group_norm(self, node: fx.Node, m: nn.GroupNorm) -> _Val:
+        """Float ``group_norm`` of the dequantized input, as :meth:`lower_layer_norm` (BiT's ResNetV2 and other
+        small-batch ResNets normalise with it where BatchNorm would fold into the conv)."""
+        c = m.num_channels
+        affine = {"weight": m.weight if m.weight is not None else torch.ones(c),
+                  "bias": m.bias if m.bias is not None else torch.zeros(c)}
+        consts = [self.g.add_constant(f"{node.name}.{k}", t.detach().numpy().astype(np.float32),
+                                      TensorInfo(DType.FLOAT32, (c,))) for k, t in affine.items()]
+        return _Val(self.float_op(node, "group_norm", [self.as_float(node, node.args[0]), *consts],
+                                  groups=int(m.num_groups), eps=float(np.float32(m.eps))))
 
     def lower_relu(self, node: fx.Node) -> _Val:
         v = self.value(node, node.args[0])

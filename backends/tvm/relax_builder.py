@@ -28,7 +28,7 @@ from qcompile.backends.tvm import TvmBackendError, require_tvm
 
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.ops import OpTable
+from qcompile.ir.ops import OpTable, basic_index
 from qcompile.ir.reference import global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 
@@ -476,6 +476,22 @@ class _Builder:
                         self.const(self.ir.constants[b], "float64"))
         self.set(op.output, self.op.astype(y, "float32"), False)
 
+    @OPS.implements("group_norm")
+    def op_group_norm(self, op: Op) -> None:
+        """The reference's float64 form op by op on (N, G, C/G·H·W), then the per-channel affine."""
+        x, w, b = op.inputs
+        shape = self.shape(x)
+        groups, per_group = op.attrs["groups"], int(np.prod(self.ir.values[x].shape[1:])) // op.attrs["groups"]
+        xd = self.emit(self.op.reshape(self.op.astype(self.nchw(x), "float64"), (shape[0], groups, per_group)))
+        d = self.emit(self.op.subtract(xd, self.op.mean(xd, axis=[2], keepdims=True)))
+        var = self.emit(self.op.mean(self.op.multiply(d, d), axis=[2], keepdims=True))
+        norm = self.op.divide(d, self.op.sqrt(self.op.add(var, self.const(op.attrs["eps"], "float64"))))
+        channels = (-1,) + (1,) * (len(shape) - 2)
+        y = self.op.add(self.op.multiply(self.op.reshape(norm, shape),
+                                         self.const(self.ir.constants[w].reshape(channels), "float64")),
+                        self.const(self.ir.constants[b].reshape(channels), "float64"))
+        self.set(op.output, self.op.astype(y, "float32"), False)
+
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``take`` from the table, indexed by the code minus the input's lowest code."""
@@ -499,19 +515,19 @@ class _Builder:
 
     @OPS.implements("slice")
     def op_slice(self, op: Op) -> None:
+        """``strided_slice`` over the axes the index cuts (never the batch), reshaped to the output's shape where an
+        integer index drops an axis."""
         shape = self.ir.values[op.inputs[0]].shape
-        axes, begin, end, steps = [], [], [], []
-        for axis, it in enumerate(op.attrs["index"]):
-            if "slice" not in it:
-                self.unsupported(op)
-            if tuple(it["slice"]) == (None, None, None):
-                continue
-            if axis == 0:
-                self.unsupported(op)
-            start, stop, step = slice(*it["slice"]).indices(shape[axis])
-            axes.append(axis), begin.append(start), end.append(stop), steps.append(step)
+        index = basic_index(op.attrs["index"], len(shape))
+        if index is None or any(axis == 0 for axis, *_ in index[0]):
+            self.unsupported(op)
+        cuts, dropped = index
+        bounds = [slice(start, stop, step).indices(shape[axis]) for axis, start, stop, step in cuts]
         x = self.nchw(op.inputs[0])
-        self.set(op.output, self.op.strided_slice(x, axes, begin, end, steps) if axes else x, False)
+        if cuts:
+            x = self.op.strided_slice(x, [c[0] for c in cuts], [b[0] for b in bounds], [b[1] for b in bounds],
+                                      [b[2] for b in bounds])
+        self.set(op.output, self.op.reshape(x, self.shape(op.output)) if dropped else x, False)
 
     @OPS.implements("pad")
     def op_pad(self, op: Op) -> None:

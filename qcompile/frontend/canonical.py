@@ -7,6 +7,11 @@
   conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
   parameter objects. A call whose weight is computed (weight standardisation) or whose hyper-parameters are graph
   values is left alone; the lowering then names it.
+- In an eval-mode capture, computations on parameters and buffers alone are their results: weight
+  standardisation (BiT's ``StdConv2d`` standardises its weight in ``forward``), a scale reshaped for
+  broadcasting, ``self.weight.t()``. Each result that feeds the rest of the graph becomes a buffer of the module
+  holding the first tensor it reads (``root.weight_folded``), so a conv on a standardised weight is a layer like
+  any other. A training-mode capture (QAT) keeps them: there the parameters change.
 - Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from qcompile.frontend.graph import set_submodule
+from qcompile.frontend.graph import literal, set_submodule
 
 
 def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
@@ -118,12 +123,74 @@ def _used_up(gm: fx.GraphModule, holder: str, node: fx.Node) -> bool:
 def canonicalize(gm: fx.GraphModule) -> None:
     """Rewrite ``gm`` in place into the spellings above and recompile it."""
     padding_modules_to_functions(gm)
+    if not gm.training:
+        parameter_computations_folded(gm)
     functional_layers_to_modules(gm)
     numeric_conv_padding(gm)
     if not gm.training:
         eval_dropout_removed(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def parameter_computations_folded(gm: fx.GraphModule) -> None:
+    """Each computation whose inputs are parameters and buffers alone → a buffer holding its result (a Python
+    number or tuple → that constant), read where the computation was."""
+    values: dict[fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if (t := attribute_tensor(gm, node)) is not None:
+                values[node] = t
+            continue
+        inputs = node.all_input_nodes
+        if node.op not in ("call_function", "call_method") or not inputs or not all(a in values for a in inputs):
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+        try:
+            with torch.no_grad():
+                values[node] = (node.target(*args, **kwargs) if node.op == "call_function"  # type: ignore[operator]
+                                else getattr(args[0], node.target)(*args[1:], **kwargs))  # type: ignore[arg-type]
+        except Exception:
+            continue
+    for node, value in values.items():
+        outside = [u for u in node.users if u not in values]
+        if node.op == "get_attr" or not outside:
+            continue
+        if isinstance(value, torch.Tensor):
+            holder, _, attribute = str(_attribute_inputs(node)[0].target).rpartition(".")
+            module = gm.get_submodule(holder)
+            name = _free_attribute(module, f"{attribute}_folded")
+            module.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
+            read.meta.update(node.meta)
+            node.replace_all_uses_with(read, delete_user_cb=lambda u: u not in values)
+        elif (constant := literal(value)) is not None:
+            for user in outside:
+                user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs),
+                                                         lambda a: constant if a is node else a)
+    for node in reversed(list(values)):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
+    """The ``get_attr`` nodes ``node`` is computed from, in graph order."""
+    found: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            found[n] = None
+        stack.extend(n.all_input_nodes)
+    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
+
+
+def _free_attribute(module: nn.Module, base: str) -> str:
+    name, k = base, 1
+    while hasattr(module, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 _PAD_MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate", nn.CircularPad2d: "circular"}

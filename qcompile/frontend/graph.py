@@ -43,6 +43,16 @@ def set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def literal(value: object) -> object | None:
+    """``value`` as a constant fx can write into code (a ``torch.Size`` as a tuple), or None if it is none."""
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, tuple | list):
+        items = [literal(v) for v in value]
+        return None if any(v is None for v in items) else items if isinstance(value, list) else tuple(items)
+    return None
+
+
 def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Positional argument ``index`` or keyword ``name`` of a call (a method's ``self`` is argument 0)."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)

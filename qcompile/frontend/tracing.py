@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import canonicalize
+from qcompile.frontend.graph import literal
 
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -359,16 +360,6 @@ def _shape_arithmetic(graph: fx.Graph) -> list[fx.Node]:
     return list(found)
 
 
-def _literal(value: object) -> object | None:
-    """``value`` as a constant fx can write into code (a ``torch.Size`` as a tuple), or None if it is none."""
-    if isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, tuple):
-        items = tuple(_literal(v) for v in value)
-        return None if any(v is None for v in items) else items
-    return None
-
-
 def _one_more_sample(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """The inputs with their first sample repeated at the end (batch b+1, also from b = 1); None if none has a
     batch dimension."""
@@ -383,9 +374,9 @@ def _batch_dependent(nodes: Sequence[fx.Node], here: dict[fx.Node, object],
     sizes can agree by chance (``n // 4`` at 1 and 2), but arithmetic on the batch size is never a constant."""
     dependent: set[fx.Node] = set()
     for n in nodes:
-        value = _literal(here.get(n))
+        value = literal(here.get(n))
         from_batch = any(a in dependent and isinstance(here.get(a), bool | int | float) for a in n.all_input_nodes)
-        if value is None or value != _literal(there.get(n)) or from_batch:
+        if value is None or value != literal(there.get(n)) or from_batch:
             dependent.add(n)
     return dependent
 
@@ -412,7 +403,7 @@ def _specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor
     dependent = _batch_dependent(nodes, here, recorder.values)
     for n in nodes:
         if n not in dependent:
-            _substitute(n, _literal(here[n]))
+            _substitute(n, literal(here[n]))
     for n in reversed(nodes):
         if not n.users:
             gm.graph.erase_node(n)

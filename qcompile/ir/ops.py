@@ -11,7 +11,7 @@ the kinds it forgot, so a new op kind fails until every backend either implement
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -36,6 +36,33 @@ def _is_index_item(item: Any) -> bool:
     if key == "index":
         return _is_int(v)
     return key in ("ellipsis", "none") and v is True
+
+
+def basic_index(items: Sequence[Mapping[str, Any]],
+                rank: int) -> tuple[list[tuple[int, Any, Any, int]], list[int]] | None:
+    """A ``slice`` op's index on a rank-``rank`` input as ``(axis, start, stop, step)`` for every axis it does
+    not take whole (an integer ``i`` is ``i:i+1``) and the axes the integers drop, the ellipsis expanded; None
+    where it inserts an axis (``None``). The backends slice, then drop those axes."""
+    explicit = sum("slice" in it or "index" in it for it in items)
+    cuts: list[tuple[int, Any, Any, int]] = []
+    dropped: list[int] = []
+    axis = 0
+    for it in items:
+        if "ellipsis" in it:
+            axis += rank - explicit
+        elif "slice" in it:
+            start, stop, step = it["slice"]
+            if (start, stop, step) != (None, None, None):
+                cuts.append((axis, start, stop, 1 if step is None else step))
+            axis += 1
+        elif "index" in it:
+            i = it["index"]
+            cuts.append((axis, i, None if i == -1 else i + 1, 1))
+            dropped.append(axis)
+            axis += 1
+        else:
+            return None
+    return cuts, dropped
 
 
 @dataclass(frozen=True)
@@ -141,6 +168,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("mul"),
     OpSchema("div"),
     OpSchema("layer_norm", (Attr("eps", FLOAT),)),
+    OpSchema("group_norm", (Attr("groups", INT), Attr("eps", FLOAT))),
     OpSchema("lut", (Attr("function", STR, Presence.OPTIONAL),)),  # the tabulated function's name, for readers
     OpSchema("flatten", (Attr("start_dim", INT), Attr("end_dim", INT))),
     OpSchema("reshape", (Attr("shape", INTS),)),

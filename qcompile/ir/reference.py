@@ -26,6 +26,9 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   value (what PyTorch adds in float32 and ONNX's attribute holds); a norm without weight or bias has ones and
   zeros (exact). A float op between dequantize and quantize: the backends compute it in float64 too, so only a
   reduction order can differ, far below a float32 rounding step.
+- ``group_norm(x, w, b)`` with ``groups`` G on (N, C, ...): ``layer_norm``'s float64 normalisation over each
+  group of C/G channels and every axis after them, then ``· w + b`` per channel (shape (C,)), rounded once to
+  float32.
 - Pooling with ``ceil_mode`` follows PyTorch: the last window may hang over the (padded) input; max pooling
   ignores the overhang, average pooling divides by the window's part inside the padded input
   (``count_include_pad``) or inside the input.
@@ -193,6 +196,18 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     return _as_f32(d / np.sqrt(var + float(eps)) * w.astype(np.float64) + b.astype(np.float64))
 
 
+def group_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """Group normalisation in float64 (two passes per group of channels, as :func:`layer_norm`), the per-channel
+    affine in float64 too, rounded once to float32."""
+    n, c = x.shape[:2]
+    g = x.astype(np.float64).reshape(n, groups, -1)
+    d = g - g.mean(axis=2, keepdims=True)
+    var = (d * d).mean(axis=2, keepdims=True)
+    channels = (1, c) + (1,) * (x.ndim - 2)
+    y = (d / np.sqrt(var + float(eps))).reshape(x.shape)
+    return _as_f32(y * w.astype(np.float64).reshape(channels) + b.astype(np.float64).reshape(channels))
+
+
 def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
     out: list[object] = []
     for it in items:
@@ -319,6 +334,11 @@ def _div(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("layer_norm")
 def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return layer_norm(args[0], args[1], args[2], op.attrs["eps"])
+
+
+@OPS.implements("group_norm")
+def _group_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return group_norm(args[0], args[1], args[2], op.attrs["groups"], op.attrs["eps"])
 
 
 @OPS.implements("lut")

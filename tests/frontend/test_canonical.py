@@ -95,13 +95,39 @@ def test_a_conv_subclass_calling_f_conv2d_keeps_its_name_and_pad_modules_are_f_p
     assert torch.equal(gm(x), model(x))
 
 
-def test_a_computed_weight_stays_a_functional_call():
-    gm = capture(StandardizedConv(3, 4, 3).eval(), torch.randn(1, 3, 8, 8))
-    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][-1] is F.conv2d
-    assert not compute_nodes(gm)
+def test_a_computed_weight_is_a_layer_in_eval_mode_and_stays_computed_for_training():
+    model = StandardizedConv(3, 4, 3).eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"] and len(compute_nodes(gm)) == 1
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    trained = capture(model.train(), torch.randn(2, 3, 8, 8))
+    assert [n.target for n in trained.graph.nodes if n.op == "call_function"][-1] is F.conv2d
+    assert not compute_nodes(trained)
 
 
-@pytest.mark.parametrize("model", [FunctionalNet, SameNet])
+def test_a_number_computed_from_a_parameter_is_a_constant():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor([2.0, 3.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale.view(1, -1, 1, 1) + self.scale.numel()
+
+    model = Net().eval()
+    gm = capture(model, torch.randn(1, 2, 3, 3))
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["scale_folded"]
+    assert gm.scale_folded.shape == (1, 2, 1, 1) and "+ 2" in gm.code
+    x = torch.randn(2, 2, 3, 3)
+    assert torch.equal(gm(x), model(x))
+
+
+def standardized_net() -> nn.Module:
+    return nn.Sequential(StandardizedConv(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("model", [FunctionalNet, SameNet, standardized_net])
 def test_functional_layers_quantize_lower_and_verify(model):
     res = _lowered(model(), "mostly4bit", size=9)
     assert sum(op.kind in ("conv2d", "dense") for op in res.context.ir.ops) == len(compute_nodes(res.graph_module))

@@ -8,7 +8,7 @@ import pytest
 
 from qcompile.ir import reference
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.ops import OP_SCHEMAS, OpTable
+from qcompile.ir.ops import OP_SCHEMAS, OpTable, basic_index
 from qcompile.ir.serialize import IRFormatError, load, save
 from qcompile.ir.types import DType, TensorInfo
 
@@ -123,3 +123,14 @@ def test_the_reference_raises_for_a_kind_it_does_not_implement(monkeypatch):
     monkeypatch.setattr(reference, "OPS", OpTable("reference", unsupported=OP_SCHEMAS))
     with pytest.raises(NotImplementedError, match="reference: no implementation for op quantize"):
         reference.run(_pool_graph(), np.zeros((1, 2, 5, 5), np.float32))
+
+
+@pytest.mark.parametrize("index, rank, expected", [
+    ([{"ellipsis": True}, {"index": 0}, {"index": 0}], 4, ([(2, 0, 1, 1), (3, 0, 1, 1)], [2, 3])),
+    ([{"slice": [None, None, None]}, {"slice": [1, None, 2]}], 4, ([(1, 1, None, 2)], [])),
+    ([{"slice": [None, None, None]}, {"index": -1}, {"ellipsis": True}], 3, ([(1, -1, None, 1)], [1])),
+    ([{"ellipsis": True}, {"index": -2}], 2, ([(1, -2, -1, 1)], [1])),
+    ([{"none": True}], 2, None),
+])
+def test_basic_index_expands_the_ellipsis_and_cuts_integers_to_one(index, rank, expected):
+    assert basic_index(index, rank) == expected

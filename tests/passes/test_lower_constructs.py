@@ -124,6 +124,46 @@ class Pools(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class StdConv2d(nn.Conv2d):
+    """BiT's weight-standardised conv (google-research/big_transfer), written as BiT writes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        v, m = torch.var_mean(w, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        w = (w - m) / torch.sqrt(v + 1e-10)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """timm's ``GroupNormAct``: ``F.group_norm`` on its own parameters, then the activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class BiT(nn.Module):
+    """A BiT ResNetV2 in miniature: weight-standardised convs, pre-activation blocks with GroupNorm (module and
+    functional), and BiT's head, which asserts its spatial size and indexes ``x[..., 0, 0]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = StdConv2d(3, 16, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(4, 16)
+        self.conv1 = StdConv2d(16, 16, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(8, 16, affine=False)
+        self.conv2 = StdConv2d(16, 16, 3, padding=1, bias=False)
+        self.head_norm = GroupNormAct(4, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.root(x)
+        out = self.conv1(F.relu(self.gn1(x)))
+        x = x + self.conv2(F.relu(self.gn2(out)))
+        x = self.head(self.head_norm(x))
+        assert x.shape[-2:] == (1, 1)
+        return x[..., 0, 0]
+
+
 class PReLUs(nn.Module):
     """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
     super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
@@ -265,12 +305,13 @@ ACTIVATIONS = {
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
-          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs}
+          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
-                "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"}}
+                "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
+                "bit": {"group_norm", "slice"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -361,6 +402,20 @@ def test_reference_layer_norm_is_float64_layer_norm():
         w, b = torch.rand(normalized, generator=g) + 0.5, torch.randn(normalized, generator=g) * 0.1
         expected = F.layer_norm(x.double(), normalized, w.double(), b.double(), eps).float().numpy()
         assert np.array_equal(layer_norm(x.numpy(), w.numpy(), b.numpy(), eps), expected)
+
+
+def test_reference_group_norm_is_float64_group_norm():
+    """The reference's group_norm is PyTorch's in float64, rounded once to float32."""
+    from qcompile.ir.reference import group_norm
+
+    g = torch.Generator().manual_seed(0)
+    eps = float(np.float32(1e-5))
+    for shape, groups in (((4, 32, 7, 7), 8), ((4, 16, 5, 6), 16), ((4, 12, 9), 1)):
+        x = torch.randint(-127, 128, shape, generator=g).float() * 0.037
+        w, b = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g) * 0.1
+        got = group_norm(x.numpy(), w.numpy(), b.numpy(), groups, eps)
+        expected = F.group_norm(x.double(), groups, w.double(), b.double(), eps).float().numpy()
+        assert got.dtype == np.float32 and np.abs(got - expected).max() <= np.spacing(np.abs(expected)).max()
 
 
 @pytest.mark.parametrize("channels_first_scale", [False, True])
