@@ -176,6 +176,10 @@ class _Lowerer:
         return self.lower_call(node)
 
     def lower_output(self, node: fx.Node) -> None:
+        if isinstance(node.args[0], dict):
+            keys = ", ".join(repr(k) for k in node.args[0])
+            raise LoweringError(f"the model returns a dict (keys {keys}); a compiled model returns a tensor or a tuple "
+                                "of tensors, the logits first: wrap it in a module that returns those")
         outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
         for o in outs:
             name = self.as_float(node, o)

@@ -67,6 +67,8 @@ DENSE_8X8 = dict(
 BATCH_1 = {**DENSE_8X8, "data_size": 8,  # runs on example_input() alone
            "forward": "        return self.fc(torch.relu(self.conv(x)).view(1, -1))"}
 
+DICT_OUTPUT = "        return {'logits': self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))}"
+
 
 def model_file(folder: Path, name: str, **fields: object) -> str:
     path = folder / f"{name}.py"
@@ -111,6 +113,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                             "(1, 3, 8, 8)"),
         "model written for batch size 1": ([model_file(tmp, "batch1", **BATCH_1), "--recipe", "int8"],
                                            "batch1.py:12 `return self.fc(torch.relu"),
+        "model returning a dict": ([model_file(tmp, "dict", forward=DICT_OUTPUT), "--recipe", "int8"],
+                                   "returns a dict (keys 'logits')"),
         "NaN weight": ([model_file(tmp, "nan_w", tamper="    model.conv.weight.data[0, 0, 0, 0] = float('nan')"),
                         "--recipe", "int8"], "conv.weight"),
         "Inf BatchNorm variance": ([model_file(tmp, "inf_bn", tamper="    model.bn.running_var[3] = float('inf')"),
@@ -127,7 +131,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 CASES = ["accumulator overflow, verified", "accumulator overflow, unverified", "dense with 140,450 inputs",
          "example input 8x8, data 16x16", "dense sized for 8x8, data 10x10",
-         "model written for batch size 1", "NaN weight", "Inf BatchNorm variance",
+         "model written for batch size 1", "model returning a dict", "NaN weight", "Inf BatchNorm variance",
          "width nan", "width inf", "data not a tarball", "data a text file", "data folder without train/ and test/",
          "unknown recipe", "missing model file"]
 
