@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from qcompile.errors import QCompileError
 from qcompile.frontend.elementwise import Bounds, Unary, arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.canonical import attribute_tensor
-from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation
+from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation, unused_name
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -455,10 +455,7 @@ class _Lowerer:
         return _Val(self.float_op(node, "add", [op("relu", [x], "positive_part"), scaled]))
 
     def free_name(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.g.values:
-            name, k = f"{base}_{k}", k + 1
-        return name
+        return unused_name(base, self.g.values.__contains__)
 
     def lower_unary(self, node: fx.Node, u: Unary) -> _Val:
         """A clamp of an accumulator stays pending until its requantize; a function of codes until the

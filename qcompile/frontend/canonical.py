@@ -5,8 +5,8 @@
   dense module call as a layer (weights, MACs, a precision, a quantizer); model code in the functional style, or
   a conv subclass whose ``forward`` calls ``F.conv2d`` on its own weight (EfficientNet-PyTorch's static-"SAME"
   conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
-  parameter objects. A call whose weight is computed (weight standardisation) or whose hyper-parameters are graph
-  values is left alone; the lowering then names it.
+  parameter objects. A call whose weight is computed from the input (or, in a training-mode capture, from
+  parameters) or whose hyper-parameters are graph values is left alone; the lowering then names it.
 - In an eval-mode capture, computations on parameters and buffers alone are their results: weight
   standardisation (BiT's ``StdConv2d`` standardises its weight in ``forward``), a scale reshaped for
   broadcasting, ``self.weight.t()``. Each result that feeds the rest of the graph becomes a buffer of the module
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from qcompile.frontend.graph import literal, set_submodule
+from qcompile.frontend.graph import literal, set_submodule, unused_name
 
 
 def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
@@ -47,11 +47,7 @@ def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
 
 def free_module_name(gm: fx.GraphModule, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``, ... : the first that names no submodule of ``gm`` yet."""
-    names = {n for n, _ in gm.named_modules()}
-    name, k = base, 1
-    while name in names:
-        name, k = f"{base}_{k}", k + 1
-    return name
+    return unused_name(base, {n for n, _ in gm.named_modules()}.__contains__)
 
 
 def holder_of(*args: object) -> str:
@@ -159,7 +155,7 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
         if isinstance(value, torch.Tensor):
             holder, _, attribute = str(_attribute_inputs(node)[0].target).rpartition(".")
             module = gm.get_submodule(holder)
-            name = _free_attribute(module, f"{attribute}_folded")
+            name = unused_name(f"{attribute}_folded", lambda n: hasattr(module, n))
             module.register_buffer(name, value.detach().clone())
             with gm.graph.inserting_before(node):
                 read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
@@ -176,21 +172,14 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
 
 def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
     """The ``get_attr`` nodes ``node`` is computed from, in graph order."""
-    found: dict[fx.Node, None] = {}
+    seen: set[fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
-        if n.op == "get_attr":
-            found[n] = None
-        stack.extend(n.all_input_nodes)
-    return sorted(found, key=lambda n: list(n.graph.nodes).index(n))
-
-
-def _free_attribute(module: nn.Module, base: str) -> str:
-    name, k = base, 1
-    while hasattr(module, name):
-        name, k = f"{base}_{k}", k + 1
-    return name
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen and n.op == "get_attr"]
 
 
 _PAD_MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate", nn.CircularPad2d: "circular"}

@@ -43,6 +43,14 @@ def set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def unused_name(base: str, taken: Callable[[str], bool]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first that is not ``taken``."""
+    name, k = base, 1
+    while taken(name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 def literal(value: object) -> object | None:
     """``value`` as a constant fx can write into code (a ``torch.Size`` as a tuple), or None if it is none."""
     if isinstance(value, bool | int | float):
