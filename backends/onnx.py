@@ -368,9 +368,15 @@ class _Exporter:
     @OPS.implements("adaptive_avgpool2d")
     def op_adaptive_avgpool2d(self, op: Op) -> None:
         """Global or fixed-window pooling where the output size divides the input; otherwise PyTorch's windows
-        of two lengths, one ``ReduceMean`` per output cell, concatenated."""
+        of two lengths, one ``ReduceMean`` per output cell, concatenated. Pooling a float op's output (not
+        dequantized codes) takes double ``ReduceMean``s (onnxruntime pools in float32 only): float32 sums of
+        arbitrary floats round where the reference's float64 sum, rounded once, does not."""
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
+        if not self.dequantized_codes(op.inputs[0]):
+            x = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.DOUBLE)
+            self.node("Cast", [self.window_means(x, out, (h, w))], op.output, to=self.onnx.TensorProto.FLOAT)
+            return
         src = self.unfused_dq(op.inputs[0])  # onnxruntime's QLinear pooling kernels round differently
         if out == (1, 1):
             self.node("GlobalAveragePool", [src], op.output)
@@ -378,9 +384,16 @@ class _Exporter:
             k = [h // out[0], w // out[1]]
             self.node("AveragePool", [src], op.output, kernel_shape=k, strides=k)
         else:
-            rows = [self.node("Concat", [self.window_mean(op.inputs[0], (i, out[0], h), (j, out[1], w))
-                                         for j in range(out[1])], axis=3) for i in range(out[0])]
-            self.node("Concat", rows, op.output, axis=2)
+            self.window_means(op.inputs[0], out, (h, w), op.output)
+
+    def window_means(self, src: str, out: tuple[int, int], size: tuple[int, int], output: str | None = None) -> str:
+        """PyTorch's adaptive windows of ``src`` (H, W = ``size``), one ``ReduceMean`` per output cell, joined."""
+        rows = [[self.window_mean(src, (i, out[0], size[0]), (j, out[1], size[1])) for j in range(out[1])]
+                for i in range(out[0])]
+        joined = [r[0] if len(r) == 1 else self.node("Concat", r, axis=3) for r in rows]
+        if len(joined) == 1:
+            return self.node("Identity", joined, output) if output else joined[0]
+        return self.node("Concat", joined, output, axis=2)
 
     def window_mean(self, src: str, row: tuple[int, int, int], col: tuple[int, int, int]) -> str:
         """The mean over adaptive window (i of n over size) × (j of m over size), kept 4-d."""
@@ -405,8 +418,15 @@ class _Exporter:
 
     @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:
+        """``ReduceMean``; in double for a float op's output, as adaptive pooling."""
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
-        self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
+        keep = int(op.attrs["keepdim"])
+        if self.dequantized_codes(op.inputs[0]):
+            self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=keep)
+            return
+        x = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.DOUBLE)
+        self.node("Cast", [self.node("ReduceMean", [x, axes], keepdims=keep)], op.output,
+                  to=self.onnx.TensorProto.FLOAT)
 
     def codes_behind(self, name: str) -> TensorInfo | None:
         """The 8-bit code tensor a float value dequantizes, if it is a dequantize's output."""
@@ -443,12 +463,17 @@ class _Exporter:
     def op_div(self, op: Op) -> None:
         self.node("Div", [self.unfused_dq(n) for n in op.inputs], op.output)
 
+    def dequantized_codes(self, name: str) -> bool:
+        """Whether ``name`` is codes of at most 8 bits dequantized (not a float op's output or an accumulator)."""
+        src = self.producer.get(name)
+        return src is not None and src.kind == "dequantize" and self.ir.values[src.inputs[0]].dtype is not DType.INT32
+
     def unfused_dq(self, name: str) -> str:
         """``name`` itself unless it dequantizes codes: then ``Cast`` → ``Sub`` → ``Mul``, the same float32 values,
         in a form onnxruntime fuses into no integer kernel of its own."""
-        src = self.producer.get(name)
-        if src is None or src.kind != "dequantize" or self.ir.values[src.inputs[0]].dtype is DType.INT32:
+        if not self.dequantized_codes(name):
             return name
+        src = self.producer[name]
         if name not in self.unfused:
             t = self.ir.values[src.inputs[0]]
             _, offset = self.container(t)

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qcompile.models.init import randomize_norm_affine
+
 from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
 
 
@@ -152,19 +154,8 @@ def build_model(width: float = 1.0, num_classes: int = 10, seed: int = 0, cifar:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConvNeXt([_make_divisible(d * width) for d in dims], depths, num_classes=num_classes, cifar=cifar)
-    randomize_layer_norms(model, seed)
+    randomize_norm_affine(model, seed)
     return measure_layer_scales(model, statistics_images(seed), seed).eval()
-
-
-def randomize_layer_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Seeded affine parameters for every LayerNorm (LayerNorm2d too): weight ~ U(0.5, 1.5), bias ~ N(0, 0.1²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-    return model
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The example model zoo (examples/mobilenet_v2.py ... resnext29_cifar.py): each file keeps the model-file contract,
+"""The example model zoo (examples/mobilenet_v2.py ... bit_resnetv2.py): each file keeps the model-file contract,
 runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ KEYS = {
         "stage_1.stage_1_bottleneck_0.shortcut.shortcut_bn.running_mean",
         "stage_3.stage_3_bottleneck_2.conv_expand.weight", "classifier.weight", "classifier.bias",
     ],
+    "bit_resnetv2": [
+        "root.conv.weight", "body.block1.unit01.gn1.weight", "body.block1.unit01.conv1.weight",
+        "body.block1.unit01.gn2.bias", "body.block1.unit01.conv2.weight", "body.block1.unit01.gn3.weight",
+        "body.block1.unit01.conv3.weight", "body.block1.unit01.downsample.weight", "body.block2.unit04.conv3.weight",
+        "body.block4.unit03.gn1.weight", "head.gn.weight", "head.gn.bias", "head.conv.weight", "head.conv.bias",
+    ],
 }
 
 # the originals' configuration (1000 classes, the original stem) and what torchvision / timm / kuangliu build
@@ -102,6 +108,11 @@ ORIGINAL = {
                         {"stage_1.stage_1_bottleneck_0.conv_conv.weight": (512, 64, 3, 3),
                          "stage_3.stage_3_bottleneck_2.conv_expand.weight": (1024, 2048, 1, 1),
                          "classifier.weight": (10, 1024)}),
+    # BiT-M-R50x1 (google-research/big_transfer; timm's resnetv2_50x1_bit at 1000 classes: 25.55M)
+    "bit_resnetv2": (dict(cifar=False), 25_549_352, {"root.conv.weight": (64, 3, 7, 7),
+                                                      "body.block1.unit01.downsample.weight": (256, 64, 1, 1),
+                                                      "body.block4.unit01.conv2.weight": (512, 512, 3, 3),
+                                                      "head.conv.weight": (1000, 2048, 1, 1)}),
 }
 
 # MACs of one 32x32 image through the CIFAR build (convs and dense layers)
@@ -114,6 +125,7 @@ MACS = {
     "densenet": 43_740_036,
     "convnext": 44_657_280,
     "resnext29_cifar": 493_561_856,
+    "bit_resnetv2": 333_664_256,
 }
 
 NAMES = sorted(KEYS)
@@ -157,7 +169,7 @@ def test_data_hooks(example):
 
 def test_norms_are_not_trivial(example):
     _, _, model = example
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.LayerNorm)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm)]
     assert norms
     for m in norms:
         assert not torch.allclose(m.weight, torch.ones_like(m.weight))

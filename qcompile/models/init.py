@@ -58,3 +58,19 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0, data: Iterable[torch.Te
         for m, mode in modes.items():
             m.training = mode
     return model
+
+
+def randomize_norm_affine(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded affine parameters for every LayerNorm and GroupNorm (the norms without running statistics, which
+    nothing measures): weight ~ U(0.5, 1.5), bias ~ N(0, 0.1²), in place; PyTorch's ones and zeros would make
+    them trivial. Returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.LayerNorm | nn.GroupNorm):
+                continue
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model

@@ -13,7 +13,8 @@ from qcompile.backends import onnx as qonnx  # noqa: E402
 
 from qcompile.ir import int4, reference  # noqa: E402
 from qcompile.ir.reference import global_avgpool_multiplier  # noqa: E402
-from qcompile.ir.types import DType  # noqa: E402
+from qcompile.ir.graph import IRGraph  # noqa: E402
+from qcompile.ir.types import DType, TensorInfo  # noqa: E402
 from tests.ir.test_reference import pooling_case  # noqa: E402
 from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
@@ -263,3 +264,23 @@ def test_only_the_clips_the_runtime_needs_remain(recipe):
     else:
         assert clips and all(c["why"].startswith("4-bit codes in [0, 15] stored in 8 bits") for c in clips)
         assert all(ir.values[c["tensor"]].dtype.bits == 4 for c in clips)
+
+
+@pytest.mark.parametrize("kind, attrs, shape", [
+    ("adaptive_avgpool2d", {"output_size": [1, 1]}, (64, 16, 1, 1)),
+    ("adaptive_avgpool2d", {"output_size": [2, 2]}, (64, 16, 2, 2)),
+    ("adaptive_avgpool2d", {"output_size": [3, 2]}, (64, 16, 3, 2)),
+    ("mean", {"dims": [2, 3], "keepdim": False}, (64, 16)),
+])
+def test_pooling_a_float_op_s_output_sums_in_double_as_the_reference(kind, attrs, shape):
+    """A float op's output (here a ReLU of floats; a GroupNorm's in BiT's head) is not a grid of codes: float32
+    sums of its values round where the reference's float64 sum, rounded once, does not (one BiT logit in 5,000
+    was 1 LSB off), so the exporter pools it in double."""
+    g = IRGraph()
+    g.inputs.append(g.add_value("x", TensorInfo(DType.FLOAT32, (64, 16, 7, 6))))
+    g.add_op("relu", ["x"], "r", TensorInfo(DType.FLOAT32, (64, 16, 7, 6)))
+    g.add_op(kind, ["r"], "y", TensorInfo(DType.FLOAT32, shape), **attrs)
+    g.outputs.append("y")
+    x = (np.random.default_rng(0).standard_normal((64, 16, 7, 6)) * 3).astype(np.float32)
+    got = qonnx.run(qonnx.session(qonnx.to_onnx(g, "serving")), [x])[0]
+    np.testing.assert_array_equal(got, reference.run(g, x)["y"])
