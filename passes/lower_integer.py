@@ -241,7 +241,8 @@ class _Lowerer:
             return _Val(self.float_op(node, "add", [self.as_float(node, a) for a in tensors]))
         if (fn and t is torch.flatten) or (meth and t == "flatten"):
             return self.lower_flatten(node, argument(node, 1, "start_dim", 0), argument(node, 2, "end_dim", -1))
-        if (fn and t is torch.reshape) or (meth and t in ("view", "reshape")):
+        if (fn and t in (torch.reshape, torch.squeeze, torch.unsqueeze)) or (
+                meth and t in ("view", "reshape", "squeeze", "unsqueeze")):
             return self.lower_reshape(node)
         if (meth and t in ("contiguous", "clone")) or (fn and t is F.dropout and argument(node, 2, "training", True)
                                                         is False):

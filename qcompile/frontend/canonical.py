@@ -17,6 +17,9 @@
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
   ``F.dropout*(x, p, training=self.training)``) is the identity it computes there, and goes. A functional dropout
   called with ``training`` left at its default of True drops in eval mode too, and stays.
+- Casts that change nothing go (after shapes are known, :func:`identity_casts_removed`): ``x.float()``,
+  ``x.to(torch.float32)``, ``x.type_as(y)``, ``x.cpu()``, ``x.detach()`` on a float32 tensor, as mixed-precision
+  and training code writes them. A cast that changes the dtype stays, and the lowering names it.
 - A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
   kernel's extent ``dilation·(k−1)`` is even, else zero padding with an ``F.pad`` before the conv that puts the
   extra row and column at the bottom and right, as PyTorch does.
@@ -180,6 +183,24 @@ def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
             seen.add(n)
             stack.extend(n.all_input_nodes)
     return [n for n in node.graph.nodes if n in seen and n.op == "get_attr"]
+
+
+_CASTS = frozenset({"float", "to", "type", "type_as", "cpu", "detach"})
+
+
+def identity_casts_removed(gm: fx.GraphModule) -> None:
+    """Each cast method whose output has its input's dtype and shape (``tensor_meta`` from shape propagation)
+    → its input."""
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.op == "call_method" and node.target in _CASTS and node.args else None
+        if not isinstance(source, fx.Node):
+            continue
+        before, after = source.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+        if hasattr(before, "dtype") and hasattr(after, "dtype") and (before.dtype, before.shape) == (after.dtype,
+                                                                                                   after.shape):
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 _PAD_MODES = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate", nn.CircularPad2d: "circular"}

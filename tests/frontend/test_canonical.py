@@ -123,6 +123,21 @@ def test_a_number_computed_from_a_parameter_is_a_constant():
     assert torch.equal(gm(x), model(x))
 
 
+def test_casts_that_change_nothing_go_and_a_real_cast_stays():
+    class Casts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x.float().to(torch.float32).cpu()).detach().type_as(x)
+            return y.to(torch.float16).float()
+
+    gm = capture(Casts().eval(), torch.randn(1, 3, 8, 8))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["to", "float"]
+    assert gm.graph.find_nodes(op="call_method", target="to")[0].args[1] is torch.float16
+
+
 def standardized_net() -> nn.Module:
     return nn.Sequential(StandardizedConv(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 

@@ -253,6 +253,8 @@ TAILS = {  # name: (tail, number of values left in the graph: the batch size's, 
     "mean_keepdim": (lambda m, x: m.fc(x.mean((2, 3), keepdim=True).flatten(x.dim() - 3)), 0),
     "numel": (lambda m, x: m.fc(x.mean((2, 3)).reshape(-1, x.numel() // x.size(0) // 64)), 4),
     "channel_shuffle": (lambda m, x: m.fc(_channel_shuffle(x).mean((2, 3))), 2),
+    "squeeze_casts": (lambda m, x: m.fc(F.adaptive_avg_pool2d(x.float(), 1).squeeze(-1).unsqueeze(1).squeeze(1)
+                                        .squeeze(-1).to(torch.float32)).type_as(x), 0),
 }
 
 
@@ -314,7 +316,7 @@ def test_model_that_runs_at_one_batch_size_only_is_left_as_traced():
 
 
 @pytest.mark.parametrize("name", ["avg_pool2d_size", "view_size0", "reshape_shape0", "flatten", "mean_keepdim",
-                                  "dynamic_same_padding"])
+                                  "squeeze_casts", "dynamic_same_padding"])
 def test_shape_arithmetic_lowers_and_verifies(name):
     torch.manual_seed(0)
     model = DynamicSameNet() if name == "dynamic_same_padding" else Stem(TAILS[name][0])
