@@ -13,12 +13,16 @@ norm-activation layers do this) is first made a BatchNorm module, so it folds or
 A layer scale, ``gamma * y`` with a parameter ``gamma`` that scales each output channel of the single-use
 conv/dense computing ``y`` (ConvNeXt; torchvision multiplies after permuting the channels back, so permutes may
 sit between), is the same kind of per-channel affine map and folds the same way: ``w' = w·γ``, ``b' = b·γ``,
-exact up to the rounding of each product to float32 (done once, from float64).
+exact up to the rounding of each product to float32 (done once, from float64). A layer shift, ``y + beta`` with
+an attribute ``beta`` of one value per output channel, folds into the bias: ``b' = b + β``. Together they fold a
+BatchNorm frozen into buffers (torchvision's and detectron2's ``FrozenBatchNorm2d``: ``x * scale + bias``, with
+``scale`` and ``bias`` computed from buffers, which capture has already evaluated).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 
 import torch
@@ -32,7 +36,7 @@ from qcompile.frontend.graph import is_compute, module_of, permutation, set_subm
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: a DDP checkpoint's model
 
 
 def affine_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -128,16 +132,23 @@ def _rank(node: fx.Node) -> int:
     return len(tm.shape) if tm is not None and hasattr(tm, "shape") else -1
 
 
-def _layer_scale(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor, int] | None:
-    """``gamma * y`` (either order) with a parameter ``gamma`` that has one factor along a single axis of ``y``:
-    ``(y, gamma as a vector, that axis)``."""
-    if not is_mul(mul):
+def _is_shift(node: fx.Node) -> bool:
+    """``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` of two graph values, without ``alpha``."""
+    is_call = (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target == "add")
+    return is_call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
+
+
+def _channel_constant(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, int] | None:
+    """``y ∘ gamma`` (either order, ``node`` a product or a sum) with an attribute ``gamma`` that has one value
+    along a single axis of ``y``: ``(y, gamma as a vector, that axis)``."""
+    if not (is_mul(node) or _is_shift(node)):
         return None
-    params = [a for a in mul.args if attribute_tensor(gm, a) is not None]
+    params = [a for a in node.args if attribute_tensor(gm, a) is not None]
     if len(params) != 1:
         return None
     gamma = attribute_tensor(gm, params[0]).detach()
-    y = next(a for a in mul.args if a is not params[0])
+    y = next(a for a in node.args if a is not params[0])
     rank = _rank(y)
     if gamma.dim() > rank:
         return None
@@ -146,10 +157,10 @@ def _layer_scale(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tenso
     return (y, gamma.reshape(-1), axis) if math.prod(shape) == shape[axis] else None
 
 
-def _scaled_layer(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
-    """For a layer scale, the single-use conv/dense node it scales per output channel (seen through single-use
-    permutes and transposes, which move that axis) and its factors; None for any other product."""
-    found = _layer_scale(gm, mul)
+def _channel_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """For a layer scale or shift, the single-use conv/dense node it scales or shifts per output channel (seen
+    through single-use permutes and transposes, which move that axis) and its values; None for anything else."""
+    found = _channel_constant(gm, node)
     if found is None:
         return None
     y, gamma, axis = found
@@ -161,22 +172,28 @@ def _scaled_layer(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tens
     return (y, gamma) if len(gamma) == layer.weight.shape[0] else None
 
 
-def _fold_layer_scales(gm: fx.GraphModule) -> None:
-    """Every layer scale folded into its conv/dense's weight and bias (per output channel, from float64)."""
+def _fold_layer_scales_and_shifts(gm: fx.GraphModule) -> None:
+    """Every layer scale folded into its conv/dense's weight and bias, every layer shift into its bias (per output
+    channel, from float64), in graph order, so that ``conv(x) * scale + shift`` folds whole."""
     sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    for mul in list(gm.graph.nodes):
-        found = _scaled_layer(gm, mul)
+    for node in list(gm.graph.nodes):
+        found = _channel_layer(gm, node)
         if found is None or sites[found[0].target] != 1:
             continue
         y, gamma = found
         layer = module_of(gm, y)
         g = gamma.double()
         with torch.no_grad():
-            layer.weight.copy_(layer.weight.double() * g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
-            if layer.bias is not None:
-                layer.bias.copy_(layer.bias.double() * g)
-        mul.replace_all_uses_with(next(a for a in mul.args if attribute_tensor(gm, a) is None))
-        gm.graph.erase_node(mul)
+            if is_mul(node):
+                layer.weight.copy_(layer.weight.double() * g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias.double() * g)
+            elif layer.bias is None:
+                layer.bias = nn.Parameter(gamma.to(layer.weight.dtype).clone())
+            else:
+                layer.bias.copy_(layer.bias.double() + g)
+        node.replace_all_uses_with(next(a for a in node.args if attribute_tensor(gm, a) is None))
+        gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
 
 
@@ -209,13 +226,13 @@ class FoldBatchNorm(Pass):
                 set_submodule(gm, str(src.target), fused)
                 bn_node.replace_all_uses_with(src)
                 gm.graph.erase_node(bn_node)
-            elif isinstance(bn, nn.BatchNorm2d) and usable and sites[bn_node.target] == 1:
+            elif (isinstance(bn, nn.BatchNorm2d) or _rank(bn_node) == 4) and usable and sites[bn_node.target] == 1:
                 set_submodule(gm, str(bn_node.target), affine_conv(bn))
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; "
                                     "it runs as a depthwise 1x1 conv")
             else:
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; left unfolded")
-        _fold_layer_scales(gm)
+        _fold_layer_scales_and_shifts(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm

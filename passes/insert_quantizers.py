@@ -51,8 +51,9 @@ def is_concat(node: fx.Node) -> bool:
 
 
 def is_add(node: fx.Node) -> bool:
-    """A tensor + tensor add (the residual join)."""
-    tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+    """A tensor + tensor add (the residual join); a parameter or buffer added is a float constant, not a tensor
+    to quantize."""
+    tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
     is_call = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
         node.op == "call_method" and node.target == "add"
     )

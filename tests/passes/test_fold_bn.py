@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from qcompile.passes import fold_bn
-from torch import nn
+from torch import fx, nn
 
 from qcompile import capture
 from qcompile.models import resnet18, resnet20_cifar, resnet50
@@ -79,3 +79,43 @@ def test_dense_followed_by_batchnorm1d_folds():
     gm = fold_bn.fold_bn(capture(model, x))
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
     assert (gm(x) - model(x)).abs().max().item() < 1e-5
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d (detection backbones; detectron2's is the same): statistics and
+    affine parameters as buffers, applied as ``x * scale + bias``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        g = torch.Generator().manual_seed(num_features)
+        self.register_buffer("weight", torch.rand(num_features, generator=g) + 0.5)
+        self.register_buffer("bias", torch.randn(num_features, generator=g) * 0.1)
+        self.register_buffer("running_mean", torch.randn(num_features, generator=g) * 0.1)
+        self.register_buffer("running_var", torch.rand(num_features, generator=g) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+
+@pytest.mark.parametrize("norm", ["frozen", "sync"])
+def test_frozen_and_synchronised_batch_norms_fold_into_their_conv(norm):
+    """A conv without bias gets one from the frozen norm's shift; a DDP model's SyncBatchNorms (as
+    ``convert_sync_batchnorm`` makes them) fold like the BatchNorms they were."""
+    torch.manual_seed(0)
+    kind = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), kind(8), nn.ReLU(), nn.Conv2d(8, 4, 1), kind(4)).eval()
+    if norm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(model)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fold_bn.fold_bn(capture(model, x))
+    assert [type(m) for m in gm.modules() if not isinstance(m, fx.GraphModule)] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", *["call_module"] * 3, "output"]
+    with torch.no_grad():
+        assert (model(x) - gm(x)).abs().max().item() < 1e-5

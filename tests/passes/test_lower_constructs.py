@@ -432,27 +432,31 @@ def test_layer_scale_folds_into_the_linear_before_it(channels_first_scale):
 
 
 class ScaledSum(nn.Module):
-    """A layer scale on a sum, which no layer computes: nothing to fold it into."""
+    """A layer scale and shift on a sum, which no layer computes: nothing to fold them into."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.register_buffer("beta", torch.randn(8, 1, 1))
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
         x = self.conv(x)
-        x = self.gamma * (x + F.relu(x))
+        x = self.gamma * (x + F.relu(x)) + self.beta
         return self.fc(x.mean((2, 3)))
 
 
 def test_a_layer_scale_that_follows_no_layer_is_a_float_mul():
     """Nothing computes the sum it scales, so it cannot fold; it runs as a float ``mul`` by the parameter (at the
-    output's rank) before the next quantizer, as in the fake-quant model."""
+    output's rank) before the next quantizer, as in the fake-quant model, and the buffer added after it as a
+    float ``add`` of a constant (not a residual add with a quantizer on the buffer)."""
     res = lowered("scaled_sum", "int8", {"scaled_sum": ScaledSum})
     ir = res.context.ir
     (mul,) = [op for op in ir.ops if op.kind == "mul"]
     assert ir.constants[mul.inputs[0]].shape == (1, 8, 1, 1)
+    shift = [op for op in ir.ops if op.kind == "add" and any(i in ir.constants for i in op.inputs)]
+    assert len(shift) == 1
     v = verify_reference(res.graph_module, ir, _batches()).summary()
     assert v["top1_agreement"] == 1.0 and v["max_lsb_diff"] == 0
 
