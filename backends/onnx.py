@@ -519,6 +519,15 @@ class _Exporter:
         w64, b64 = (self.const(n, self.ir.constants[n].astype(np.float64).reshape(channels)) for n in (w, b))
         self.node("Cast", [self.node("Add", [self.node("Mul", [y, w64]), b64])], op.output, to=TP.FLOAT)
 
+    @OPS.implements("softmax")
+    @OPS.implements("log_softmax")
+    def op_softmax(self, op: Op) -> None:
+        """``Softmax`` / ``LogSoftmax`` in double (Cast in and out), as the reference."""
+        TP = self.onnx.TensorProto
+        x = self.node("Cast", [op.inputs[0]], to=TP.DOUBLE)
+        y = self.node("Softmax" if op.kind == "softmax" else "LogSoftmax", [x], axis=op.attrs["dim"])
+        self.node("Cast", [y], op.output, to=TP.FLOAT)
+
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``Gather`` from a 256-entry table over the 8-bit container's values (codes shifted by the container's

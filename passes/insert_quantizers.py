@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
 from qcompile.frontend.elementwise import is_binary_mul, tensor_input, unary_of
-from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, module_of
+from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.quantization.recipes import activation_calibrator
@@ -241,8 +241,8 @@ class InsertQuantizers(Pass):
 
     def _quantize_accumulators(self, gm: fx.GraphModule, bits: int, ctx: PassContext,
                                memo: dict[fx.Node, bool]) -> None:
-        """A quantizer wherever something other than a quantizer, a layer or the graph output reads a quantized
-        layer's output (or its ReLU, clamp or max pool)."""
+        """A quantizer wherever something other than a quantizer, a layer, the graph output or a softmax head
+        reads a quantized layer's output (or its ReLU, clamp or max pool)."""
         for layer in compute_nodes(gm):
             if _quantized_layer(gm, layer) is None:
                 continue
@@ -250,7 +250,8 @@ class InsertQuantizers(Pass):
             while frontier:
                 v = frontier.pop()
                 for r in list(v.users):
-                    if r.op == "output" or isinstance(module_of(gm, r), ActivationQuantizer) or is_compute(gm, r):
+                    if (r.op == "output" or isinstance(module_of(gm, r), ActivationQuantizer) or is_compute(gm, r)
+                            or is_softmax_head(gm, r)):
                         continue
                     if _is_monotone(gm, r) or isinstance(module_of(gm, r), nn.modules.batchnorm._BatchNorm):
                         frontier.append(r)  # a BatchNorm still in place (bn_tune's copy) belongs to its layer

@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from qcompile.errors import QCompileError
 from qcompile.frontend.elementwise import Bounds, Unary, arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.canonical import attribute_tensor
-from qcompile.frontend.graph import argument, is_relu, layer_names, module_of, permutation, unused_name
+from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, permutation, softmax_of,
+                                     unused_name)
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -170,6 +171,8 @@ class _Lowerer:
             return None  # a parameter read as a tensor: its reader fails, naming itself
         if "tensor_meta" not in node.meta or _is_split(node):
             return None  # sizes and other Python values, chunk/split tuples: consumers read what they need
+        if (head := softmax_of(self.gm, node)) is not None:
+            return self.lower_softmax(node, *head)
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
@@ -564,6 +567,13 @@ class _Lowerer:
                                       TensorInfo(DType.FLOAT32, (c,))) for k, t in affine.items()]
         return _Val(self.float_op(node, "group_norm", [self.as_float(node, node.args[0]), *consts],
                                   groups=int(m.num_groups), eps=float(np.float32(m.eps))))
+
+    def lower_softmax(self, node: fx.Node, kind: str, dim: int | None) -> _Val:
+        """Float ``softmax`` / ``log_softmax`` of the dequantized input (a classifier's head: the PyTorch MNIST
+        example ends in ``F.log_softmax``), in float64 in every backend."""
+        if dim is None:
+            raise self.fail(node, f"{kind} without dim (PyTorch's implicit choice is deprecated): pass dim=1")
+        return _Val(self.float_op(node, kind, [self.as_float(node, node.args[0])], dim=dim % len(self.shape(node))))
 
     def lower_relu(self, node: fx.Node) -> _Val:
         v = self.value(node, node.args[0])

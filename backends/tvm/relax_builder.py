@@ -492,6 +492,14 @@ class _Builder:
                         self.const(self.ir.constants[b].reshape(channels), "float64"))
         self.set(op.output, self.op.astype(y, "float32"), False)
 
+    @OPS.implements("softmax")
+    @OPS.implements("log_softmax")
+    def op_softmax(self, op: Op) -> None:
+        """Softmax or its log in float64, as the reference."""
+        fn = self.op.nn.softmax if op.kind == "softmax" else self.op.nn.log_softmax
+        x = self.op.astype(self.nchw(op.inputs[0]), "float64")
+        self.set(op.output, self.op.astype(fn(x, axis=op.attrs["dim"]), "float32"), False)
+
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``take`` from the table, indexed by the code minus the input's lowest code."""

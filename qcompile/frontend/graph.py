@@ -43,6 +43,28 @@ def set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+_SOFTMAX_FUNCTIONS = {F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
+                      torch.log_softmax: "log_softmax"}
+
+
+def softmax_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int | None] | None:
+    """``("softmax" | "log_softmax", dim)`` for a softmax in any spelling (``nn.Softmax``, ``F.softmax``,
+    ``torch.log_softmax``, ``x.softmax(1)``), else None."""
+    m = module_of(gm, node)
+    if isinstance(m, nn.Softmax | nn.LogSoftmax):
+        return ("softmax" if isinstance(m, nn.Softmax) else "log_softmax"), m.dim
+    if node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+        return _SOFTMAX_FUNCTIONS[node.target], argument(node, 1, "dim")  # type: ignore[index]
+    if node.op == "call_method" and node.target in ("softmax", "log_softmax"):
+        return str(node.target), argument(node, 1, "dim")
+    return None
+
+
+def is_softmax_head(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A softmax whose only reader is the graph's output: a classifier's head, computed on the logits."""
+    return softmax_of(gm, node) is not None and all(u.op == "output" for u in node.users)
+
+
 def unused_name(base: str, taken: Callable[[str], bool]) -> str:
     """``base``, or ``base_1``, ``base_2``, ...: the first that is not ``taken``."""
     name, k = base, 1

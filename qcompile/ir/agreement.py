@@ -35,24 +35,35 @@ class TensorAgreement:
         self.max_lsb_diff = max(self.max_lsb_diff, int(diff.max(initial=0)))
 
 
-def final_scale(ir: IRGraph) -> np.ndarray:
-    """The scale the IR's logits are dequantized with, broadcast over (N, classes)."""
+def final_scale(ir: IRGraph) -> np.ndarray | None:
+    """The scale the IR's logits are dequantized with, broadcast over (N, classes); None where the output is a
+    softmax head's floats, which are compared bit for bit instead."""
     finals = ir.final_integers()
     if not finals:
-        raise QCompileError("the IR's output is not a dequantized integer tensor")
-    return ir.values[finals[0]].broadcast_scale(2)
+        raise QCompileError("the IR's output is not a dequantized integer tensor or a softmax of one")
+    return None if ir.head() else ir.values[finals[0]].broadcast_scale(2)
 
 
-def compare_logits(scale: np.ndarray, run: Callable[[np.ndarray], np.ndarray],
+def _float_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values as integers ordered like the floats, so that a difference counts units in the last place."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+
+def compare_logits(scale: np.ndarray | None, run: Callable[[np.ndarray], np.ndarray],
                    pairs: list[tuple[np.ndarray, np.ndarray]], name: str = "logits") -> dict[str, object]:
     """A backend's logits (``run(x)``) vs the reference's on ``(inputs, reference logits)`` pairs: top-1
-    agreement and the final integer outputs (the accumulators the logits are dequantized from by ``scale``).
-    Needs only the scale, not the IR, so that a machine without the IR's weights can check an artifact."""
+    agreement and the final integer outputs (the accumulators the logits are dequantized from by ``scale``),
+    or with ``scale`` None (a softmax head) the float32 outputs themselves, differences in units in the last
+    place. Needs only the scale, not the IR, so that a machine without the IR's weights can check an artifact."""
     agreement = TensorAgreement(name)
     images = agree = 0
     for x, ref in pairs:
         out = run(x)
-        agreement.update(np.rint(ref / scale), np.rint(out / scale))
+        if scale is None:
+            agreement.update(_float_bits(ref), _float_bits(out))
+        else:
+            agreement.update(np.rint(ref / scale), np.rint(out / scale))
         images += len(x)
         agree += int((ref.argmax(1) == out.argmax(1)).sum())
     return {"images": images, "top1_agreement": agree / images if images else float("nan"),

@@ -15,6 +15,10 @@ import numpy as np
 from qcompile.ir.ops import checked_attrs
 from qcompile.ir.types import TensorInfo
 
+HEADS = frozenset({"softmax", "log_softmax"})
+"""Float ops a classifier's output may end in after its logits: verification compares the logits' integers
+with the fake-quant model's and the backends' float outputs bit for bit."""
+
 
 @dataclass
 class Op:
@@ -79,11 +83,20 @@ class IRGraph:
                 del self.values[op.output]
         self.ops = kept[::-1]
 
+    def head(self) -> str | None:
+        """The float op a classifier's output ends in (``softmax``, ``log_softmax``) after its dequantized
+        logits, or None when the output is the dequantized integers themselves."""
+        op = self.producer(self.outputs[0]) if self.outputs else None
+        return op.kind if op is not None and op.kind in HEADS else None
+
     def final_integers(self) -> list[str]:
-        """The integer values the outputs are dequantized from (through a ReLU applied to them, if any)."""
+        """The integer values the outputs are dequantized from (through a ReLU applied to them, if any, and
+        before a softmax head)."""
         finals = []
         for out in self.outputs:
             op = self.producer(out)
+            if op is not None and op.kind in HEADS:
+                op = self.producer(op.inputs[0])
             if op is None or op.kind != "dequantize":
                 continue
             src = self.producer(op.inputs[0])

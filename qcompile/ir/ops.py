@@ -169,6 +169,8 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("div"),
     OpSchema("layer_norm", (Attr("eps", FLOAT),)),
     OpSchema("group_norm", (Attr("groups", INT), Attr("eps", FLOAT))),
+    OpSchema("softmax", (Attr("dim", INT),)),
+    OpSchema("log_softmax", (Attr("dim", INT),)),
     OpSchema("lut", (Attr("function", STR, Presence.OPTIONAL),)),  # the tabulated function's name, for readers
     OpSchema("flatten", (Attr("start_dim", INT), Attr("end_dim", INT))),
     OpSchema("reshape", (Attr("shape", INTS),)),

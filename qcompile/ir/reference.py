@@ -29,6 +29,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``group_norm(x, w, b)`` with ``groups`` G on (N, C, ...): ``layer_norm``'s float64 normalisation over each
   group of C/G channels and every axis after them, then ``· w + b`` per channel (shape (C,)), rounded once to
   float32.
+- ``softmax`` and ``log_softmax`` over ``dim`` of float values (a classifier's head, after its logits): in
+  float64, ``e = exp(x - max)``, ``e / Σe`` or ``x - max - log(Σe)``, rounded once to float32.
 - Pooling with ``ceil_mode`` follows PyTorch: the last window may hang over the (padded) input; max pooling
   ignores the overhang, average pooling divides by the window's part inside the padded input
   (``count_include_pad``) or inside the input.
@@ -208,6 +210,13 @@ def group_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, groups: int, eps: fl
     return _as_f32(y * w.astype(np.float64).reshape(channels) + b.astype(np.float64).reshape(channels))
 
 
+def softmax(x: np.ndarray, dim: int, log: bool = False) -> np.ndarray:
+    """Softmax (or its log) over ``dim`` in float64, rounded once to float32."""
+    shifted = x.astype(np.float64) - x.max(axis=dim, keepdims=True)
+    total = np.exp(shifted).sum(axis=dim, keepdims=True)
+    return _as_f32(shifted - np.log(total) if log else np.exp(shifted) / total)
+
+
 def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
     out: list[object] = []
     for it in items:
@@ -339,6 +348,16 @@ def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("group_norm")
 def _group_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return group_norm(args[0], args[1], args[2], op.attrs["groups"], op.attrs["eps"])
+
+
+@OPS.implements("softmax")
+def _softmax(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return softmax(args[0], op.attrs["dim"])
+
+
+@OPS.implements("log_softmax")
+def _log_softmax(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return softmax(args[0], op.attrs["dim"], log=True)
 
 
 @OPS.implements("lut")

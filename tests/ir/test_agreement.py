@@ -90,3 +90,15 @@ def test_compare_backend_needs_a_dequantized_integer_output():
     ir.add_value("x", TensorInfo(DType.FLOAT32, (1, 4)))
     with pytest.raises(QCompileError, match="not a dequantized integer tensor"):
         compare_backend(ir, lambda x: x, [])
+
+
+def test_float_outputs_differ_in_units_in_the_last_place():
+    """A softmax head's outputs are compared as float32 bit patterns: a difference counts ulps, across zero too."""
+    from qcompile.ir.agreement import compare_logits
+
+    ref = np.array([[0.25, 1e-8, 0.0, -1.5]], np.float32)
+    out = ref.copy()
+    out[0, 1] = np.nextafter(out[0, 1], np.float32(1), dtype=np.float32)
+    out[0, 2] = np.nextafter(np.float32(0), np.float32(-1), dtype=np.float32)
+    result = compare_logits(None, lambda x: out, [(np.zeros((1, 3)), ref)])
+    assert result["identical_fraction"] == 0.5 and result["max_lsb_diff"] == 1 and result["top1_agreement"] == 1.0

@@ -10,6 +10,7 @@ from torch import nn
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir.agreement import compare_backend
+from qcompile.ir.types import DType
 from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
@@ -164,6 +165,21 @@ class BiT(nn.Module):
         return x[..., 0, 0]
 
 
+class SoftmaxHead(nn.Module):
+    """A classifier that returns probabilities (``F.softmax``) or log-probabilities (``nn.LogSoftmax``, as the
+    PyTorch MNIST example's ``F.log_softmax(x, dim=1)``)."""
+
+    def __init__(self, log: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        self.head = nn.LogSoftmax(dim=-1) if log else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(F.relu(self.conv(x)).mean((2, 3)))
+        return self.head(logits) if self.head is not None else F.softmax(logits, dim=1)
+
+
 class PReLUs(nn.Module):
     """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
     super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
@@ -305,13 +321,14 @@ ACTIVATIONS = {
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
-          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT}
+          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
+          "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
-                "bit": {"group_norm", "slice"}}
+                "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -402,6 +419,16 @@ def test_reference_layer_norm_is_float64_layer_norm():
         w, b = torch.rand(normalized, generator=g) + 0.5, torch.randn(normalized, generator=g) * 0.1
         expected = F.layer_norm(x.double(), normalized, w.double(), b.double(), eps).float().numpy()
         assert np.array_equal(layer_norm(x.numpy(), w.numpy(), b.numpy(), eps), expected)
+
+
+@pytest.mark.parametrize("name", ["softmax_head", "log_softmax_head"])
+def test_a_softmax_head_reads_the_logits_accumulators_and_they_are_the_final_integers(name):
+    """No 8-bit requantize between the last layer and its softmax: the head reads the int32 logits, as the output
+    would, and verification compares those integers with the fake-quant model's."""
+    ir = lowered(name, "int8").context.ir
+    head = ir.producer(ir.outputs[0])
+    assert ir.head() == head.kind and head.attrs["dim"] == 1
+    assert ir.producer(head.inputs[0]).kind == "dequantize" and ir.values[ir.final_integers()[0]].dtype is DType.INT32
 
 
 def test_reference_group_norm_is_float64_group_norm():
