@@ -17,9 +17,13 @@
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
   ``F.dropout*(x, p, training=self.training)``) is the identity it computes there, and goes. A functional dropout
   called with ``training`` left at its default of True drops in eval mode too, and stays.
-- Casts that change nothing go (after shapes are known, :func:`identity_casts_removed`): ``x.float()``,
+- A 1-d conv is a 2-d conv of height 1 between an ``unsqueeze(2)`` and a ``squeeze(2)`` (ECA-Net's channel
+  attention runs ``nn.Conv1d`` across the channels), so the passes and backends see the conv they know.
+- Casts that change nothing go (after shapes are known, :func:`identities_removed`): ``x.float()``,
   ``x.to(torch.float32)``, ``x.type_as(y)``, ``x.cpu()``, ``x.detach()`` on a float32 tensor, as mixed-precision
-  and training code writes them. A cast that changes the dtype stays, and the lowering names it.
+  and training code writes them. A cast that changes the dtype stays, and the lowering names it. So does
+  ``y.expand_as(x)`` / ``y.expand(...)`` read only by elementwise arithmetic whose output already has the
+  expanded shape (ECA's ``x * y.expand_as(x)``): broadcasting computes the same.
 - A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
   kernel's extent ``dilation·(k−1)`` is even, else zero padding with an ``F.pad`` before the conv that puts the
   extra row and column at the bottom and right, as PyTorch does.
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.graph import literal, set_submodule, unused_name
 
 
@@ -122,6 +127,7 @@ def _used_up(gm: fx.GraphModule, holder: str, node: fx.Node) -> bool:
 def canonicalize(gm: fx.GraphModule) -> None:
     """Rewrite ``gm`` in place into the spellings above and recompile it."""
     padding_modules_to_functions(gm)
+    conv1d_as_conv2d(gm)
     if not gm.training:
         parameter_computations_folded(gm)
     functional_layers_to_modules(gm)
@@ -185,19 +191,66 @@ def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen and n.op == "get_attr"]
 
 
+def conv1d_as_conv2d(gm: fx.GraphModule) -> None:
+    """Each ``nn.Conv1d`` (zero padding) → an ``nn.Conv2d`` with kernel (1, k) holding the same weights with a
+    unit height, called on ``x.unsqueeze(2)`` and squeezed back."""
+    for node in list(gm.graph.nodes):
+        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if type(m) is not nn.Conv1d or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            continue
+        conv = nn.Conv2d(m.in_channels, m.out_channels, (1, *m.kernel_size), stride=(1, *m.stride),
+                         padding=(0, *m.padding), dilation=(1, *m.dilation), groups=m.groups, bias=m.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(m.weight.unsqueeze(2))
+            if m.bias is not None:
+                conv.bias.copy_(m.bias)
+        set_submodule(gm, str(node.target), conv.train(m.training))
+        with gm.graph.inserting_before(node):
+            wide = gm.graph.call_method("unsqueeze", (node.args[0], 2))
+        with gm.graph.inserting_after(node):
+            narrow = gm.graph.call_method("squeeze", (node, 2))
+        wide.meta["stack_trace"] = narrow.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(narrow, delete_user_cb=lambda u: u is not narrow)
+        node.args = (wide,)
+
+
 _CASTS = frozenset({"float", "to", "type", "type_as", "cpu", "detach"})
 
 
-def identity_casts_removed(gm: fx.GraphModule) -> None:
-    """Each cast method whose output has its input's dtype and shape (``tensor_meta`` from shape propagation)
-    → its input."""
+def _shape_of(arg: object) -> tuple[int, ...] | None:
+    if isinstance(arg, fx.Node):
+        return tuple(getattr(arg.meta.get("tensor_meta"), "shape", None) or ()) or None
+    return () if isinstance(arg, bool | int | float) else None
+
+
+def _broadcast_away(node: fx.Node, source: tuple[int, ...], expanded: tuple[int, ...]) -> bool:
+    """Whether every reader of ``node`` (``source`` expanded to ``expanded``) is elementwise arithmetic whose
+    other operand broadcasts with ``source`` to ``expanded`` by itself."""
+    def unexpanded(u: fx.Node) -> bool:
+        other = [_shape_of(a) for a in u.args if a is not node]
+        if arithmetic_kind(u) is None or len(other) != 1 or other[0] is None:
+            return False
+        try:
+            return tuple(torch.broadcast_shapes(source, other[0])) == expanded
+        except RuntimeError:
+            return False
+
+    return bool(node.users) and all(unexpanded(u) for u in node.users)
+
+
+def identities_removed(gm: fx.GraphModule) -> None:
+    """Each cast method whose output has its input's dtype and shape, and each expand that broadcasting makes
+    redundant (``tensor_meta`` from shape propagation) → its input."""
     for node in list(gm.graph.nodes):
-        source = node.args[0] if node.op == "call_method" and node.target in _CASTS and node.args else None
+        is_cast = node.op == "call_method" and node.target in _CASTS
+        is_expand = node.op == "call_method" and node.target in ("expand", "expand_as")
+        source = node.args[0] if (is_cast or is_expand) and node.args else None
         if not isinstance(source, fx.Node):
             continue
         before, after = source.meta.get("tensor_meta"), node.meta.get("tensor_meta")
-        if hasattr(before, "dtype") and hasattr(after, "dtype") and (before.dtype, before.shape) == (after.dtype,
-                                                                                                   after.shape):
+        if not (hasattr(before, "dtype") and hasattr(after, "dtype")) or before.dtype != after.dtype:
+            continue
+        if before.shape == after.shape if is_cast else _broadcast_away(node, tuple(before.shape), tuple(after.shape)):
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     gm.recompile()

@@ -138,6 +138,34 @@ def test_casts_that_change_nothing_go_and_a_real_cast_stays():
     assert gm.graph.find_nodes(op="call_method", target="to")[0].args[1] is torch.float16
 
 
+class ECA(nn.Module):
+    """ECA-Net's channel attention (BangguWu/ECANet): a 1-d conv across the channels, ``expand_as`` before the
+    product; and an expand that broadcasting does not make redundant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3)
+        self.conv = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv0(x)
+        y = F.adaptive_avg_pool2d(x, 1)
+        y = self.conv(y.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        x = x * torch.sigmoid(y).expand_as(x)
+        return y.expand(-1, -1, 6, 6) + x.mean((2, 3), keepdim=True)
+
+
+def test_a_1d_conv_is_a_2d_conv_of_height_one_and_a_redundant_expand_goes():
+    torch.manual_seed(0)
+    model = ECA().eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert type(gm.conv) is nn.Conv2d and gm.conv.kernel_size == (1, 3) and gm.conv.padding == (0, 1)
+    assert torch.equal(gm.conv.weight[:, :, 0], model.conv.weight)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method" and "expand" in str(n.target)] == ["expand"]
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+
+
 def standardized_net() -> nn.Module:
     return nn.Sequential(StandardizedConv(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 

@@ -165,6 +165,24 @@ class BiT(nn.Module):
         return x[..., 0, 0]
 
 
+class ECAHead(nn.Module):
+    """ECA-Net's channel attention (``nn.Conv1d`` across the channels, ``x * y.expand_as(x)``) and timm's
+    ``catavgmax`` pooling (average and max pooled features concatenated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.eca = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        y = self.eca(F.adaptive_avg_pool2d(x, 1).squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        x = x * torch.sigmoid(y).expand_as(x)
+        return self.fc(torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], 1).flatten(1))
+
+
 class SoftmaxHead(nn.Module):
     """A classifier that returns probabilities (``F.softmax``) or log-probabilities (``nn.LogSoftmax``, as the
     PyTorch MNIST example's ``F.log_softmax(x, dim=1)``)."""
@@ -322,13 +340,15 @@ ACTIVATIONS = {
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
           "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
-          "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True)}
+          "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
+          "eca": ECAHead}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
-                "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"}}
+                "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"},
+                "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -350,7 +370,7 @@ def test_construct_lowers_and_reference_equals_fake_quant(name, recipe):
     res = lowered(name, recipe)
     ir = res.context.ir
     kinds = {op.kind for op in ir.ops}
-    assert ("lut" in kinds) == (name in TABULATED | {"squeeze_excite", "hand_hardswish"})
+    assert ("lut" in kinds) == (name in TABULATED | {"squeeze_excite", "hand_hardswish", "eca"})
     assert EXPECTED_OPS.get(name, set()) <= kinds
     v = verify_reference(res.graph_module, ir, _batches()).summary()
     assert v["top1_agreement"] >= 0.99 and v["identical_fraction"] >= 0.999 and v["max_lsb_diff"] <= 1
