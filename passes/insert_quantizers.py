@@ -37,6 +37,7 @@ from qcompile.quantization.spec import Granularity, QuantSpec, annotate, get_ann
 
 _ADD_TARGETS = {operator.add, torch.add}
 _NO_OPS = (nn.Identity, nn.Dropout)
+_NO_OP_METHODS = frozenset({"contiguous", "clone"})
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
 _MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose}
 _MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous"}
@@ -111,12 +112,19 @@ def weight_quantizers(gm: fx.GraphModule) -> dict[str, WeightQuantizer]:
     return out
 
 
+def _is_no_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An ``nn.Identity`` or dropout module, ``x.contiguous()`` or ``x.clone()``: the value itself, so that a
+    quantizer of it is shared with its other readers (a second quantizer on a residual sum behind a
+    ``contiguous``, ResNeSt's block end, made onnxruntime run the next conv in float)."""
+    return isinstance(module_of(gm, node), _NO_OPS) or (node.op == "call_method" and node.target in _NO_OP_METHODS)
+
+
 def _is_monotone(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A ReLU, clamp, max pooling or no-op: per-channel monotone maps that commute with requantizing an
     accumulator (the IR folds them into the requantize or applies them to its codes)."""
     return (
         is_relu(gm, node)
-        or isinstance(module_of(gm, node), (*_NO_OPS, nn.MaxPool2d))
+        or _is_no_op(gm, node) or isinstance(module_of(gm, node), nn.MaxPool2d)
         or (node.op == "call_function" and node.target is F.max_pool2d)
         or ((u := unary_of(gm, node)) is not None and u.clamp is not None)
     )
@@ -179,7 +187,7 @@ class InsertQuantizers(Pass):
                 self._quantize_concat(gm, node, residual, ctx, memo)
             self._quantize_accumulators(gm, residual, ctx, memo)
         for node in reversed(list(gm.graph.nodes)):  # no-op calls the quantizers made unused
-            if not node.users and isinstance(module_of(gm, node), _NO_OPS):
+            if not node.users and _is_no_op(gm, node):
                 gm.graph.erase_node(node)
         self._chain_narrower(gm)
         self._link_requantizers(gm)
@@ -219,7 +227,7 @@ class InsertQuantizers(Pass):
         first (ConvNeXt's residual branch) is then requantized once, instead of requantized before the permute
         (a layer's accumulator is never read in float) and quantized again after it."""
         move, src = None, value
-        while len(src.users) == 1 and (is_move(src) or isinstance(module_of(gm, src), _NO_OPS)):
+        while len(src.users) == 1 and (is_move(src) or _is_no_op(gm, src)):
             move, src = src, src.args[0]
         q = self._quantize_edge(gm, src, self._spec(gm, src, bits, ctx, memo))
         if move is None:
@@ -338,7 +346,7 @@ class InsertQuantizers(Pass):
     def _quantize_edge(self, gm: fx.GraphModule, src: object, spec: QuantSpec) -> fx.Node:
         if not isinstance(src, fx.Node):
             raise PipelineError(f"insert_quantizers: cannot quantize a non-tensor input {src!r}")
-        while isinstance(module_of(gm, src), _NO_OPS) and isinstance(src.args[0], fx.Node):
+        while _is_no_op(gm, src) and isinstance(src.args[0], fx.Node):
             src = src.args[0]  # quantize the tensor itself, so consumers behind an Identity share its quantizer
         key = (src, spec)
         if key not in self._edges:

@@ -17,6 +17,8 @@
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
   ``F.dropout*(x, p, training=self.training)``) is the identity it computes there, and goes. A functional dropout
   called with ``training`` left at its default of True drops in eval mode too, and stays.
+- Adding the number 0 goes: Python's ``sum(tensors)`` starts from 0 (ResNeSt's split attention sums its
+  splits so).
 - A 1-d conv is a 2-d conv of height 1 between an ``unsqueeze(2)`` and a ``squeeze(2)`` (ECA-Net's channel
   attention runs ``nn.Conv1d`` across the channels), so the passes and backends see the conv they know.
 - Casts that change nothing go (after shapes are known, :func:`identities_removed`): ``x.float()``,
@@ -128,6 +130,7 @@ def canonicalize(gm: fx.GraphModule) -> None:
     """Rewrite ``gm`` in place into the spellings above and recompile it."""
     padding_modules_to_functions(gm)
     conv1d_as_conv2d(gm)
+    zero_additions_removed(gm)
     if not gm.training:
         parameter_computations_folded(gm)
     functional_layers_to_modules(gm)
@@ -191,6 +194,18 @@ def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen and n.op == "get_attr"]
 
 
+def zero_additions_removed(gm: fx.GraphModule) -> None:
+    """Each ``0 + x`` or ``x + 0`` (``sum()``'s start) → ``x``."""
+    for node in list(gm.graph.nodes):
+        if arithmetic_kind(node) != "add" or node.kwargs:
+            continue
+        values = [a for a in node.args if isinstance(a, fx.Node)]
+        zeros = [a for a in node.args if not isinstance(a, bool) and isinstance(a, int | float) and a == 0]
+        if len(values) == 1 and len(zeros) == 1:
+            node.replace_all_uses_with(values[0])
+            gm.graph.erase_node(node)
+
+
 def conv1d_as_conv2d(gm: fx.GraphModule) -> None:
     """Each ``nn.Conv1d`` (zero padding) → an ``nn.Conv2d`` with kernel (1, k) holding the same weights with a
     unit height, called on ``x.unsqueeze(2)`` and squeezed back."""
@@ -214,7 +229,7 @@ def conv1d_as_conv2d(gm: fx.GraphModule) -> None:
         node.args = (wide,)
 
 
-_CASTS = frozenset({"float", "to", "type", "type_as", "cpu", "detach"})
+_SAME_VALUE = frozenset({"float", "to", "type", "type_as", "cpu", "detach"})
 
 
 def _shape_of(arg: object) -> tuple[int, ...] | None:
@@ -242,7 +257,7 @@ def identities_removed(gm: fx.GraphModule) -> None:
     """Each cast method whose output has its input's dtype and shape, and each expand that broadcasting makes
     redundant (``tensor_meta`` from shape propagation) → its input."""
     for node in list(gm.graph.nodes):
-        is_cast = node.op == "call_method" and node.target in _CASTS
+        is_cast = node.op == "call_method" and node.target in _SAME_VALUE
         is_expand = node.op == "call_method" and node.target in ("expand", "expand_as")
         source = node.args[0] if (is_cast or is_expand) and node.args else None
         if not isinstance(source, fx.Node):

@@ -116,6 +116,21 @@ class _ShapeProxy(fx.Proxy):
             items.append(whole[0][i])
         return tuple(items)
 
+    def _length(self) -> int | None:
+        """The length of a tuple or list value (``torch.split``'s pieces) that is the same in both runs."""
+        runs = self.tracer.values.get(self.node)
+        lengths = {len(r) for r in runs if isinstance(r, tuple | list)} if runs else set()
+        return lengths.pop() if len(lengths) == 1 and all(isinstance(r, tuple | list) for r in runs) else None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        """The pieces of a sequence of known length (``sum(torch.split(x, n, 1))``, ``zip(a, b)``)."""
+        n = self._length()
+        return iter([self[i] for i in range(n)]) if n is not None else super().__iter__()
+
+    def __len__(self) -> int:
+        n = self._length()
+        return n if n is not None else super().__len__()
+
     def size(self, dim: int | None = None) -> object:
         return self._shape_read("size") if dim is None else self._shape_read("size", dim)
 
@@ -136,9 +151,10 @@ class _ShapeProxy(fx.Proxy):
 
 class _ShapeValuedTracer(_SiteTracer):
     """:class:`_SiteTracer` that also runs every traced op on the example at its batch size and at one more, so
-    that its proxies (:class:`_ShapeProxy`) know their shapes while tracing: timm's and EfficientNet-PyTorch's
-    dynamic "same" padding compute the padding from ``x.size()`` with ``math.ceil`` and branch on it, which plain
-    symbolic tracing cannot follow. Used only when plain tracing fails."""
+    that its proxies (:class:`_ShapeProxy`) know their shapes and lengths while tracing: timm's and
+    EfficientNet-PyTorch's dynamic "same" padding compute the padding from ``x.size()`` with ``math.ceil`` and
+    branch on it, and ResNeSt iterates over ``torch.split``'s pieces, which plain symbolic tracing cannot
+    follow. Used only when plain tracing fails."""
 
     def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], leaf_type_names: set[str],
                  runs: Sequence[Sequence[torch.Tensor]]) -> None:

@@ -183,6 +183,35 @@ class ECAHead(nn.Module):
         return self.fc(torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], 1).flatten(1))
 
 
+class SplitAttention(nn.Module):
+    """ResNeSt's split-attention block (zhanghang1989/ResNeSt ``SplAtConv2d``, radix 2, as written there):
+    ``sum(torch.split(...))`` and ``zip`` over the splits (traced with their count known), a softmax over the
+    radix between reshapes, and ``out.contiguous()`` read by the BatchNorm after it."""
+
+    def __init__(self, channels: int = 16, radix: int = 2) -> None:
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels * radix, 3, padding=1, groups=radix, bias=False)
+        self.bn0 = nn.BatchNorm2d(channels * radix)
+        self.fc1 = nn.Conv2d(channels, 32, 1)
+        self.fc2 = nn.Conv2d(32, channels * radix, 1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        y = F.relu(self.bn0(self.conv(x)))
+        batch, rchannel = y.shape[:2]
+        splited = torch.split(y, rchannel // self.radix, dim=1)
+        gap = F.relu(self.fc1(F.adaptive_avg_pool2d(sum(splited), 1)))
+        atten = self.fc2(gap).view(batch, 1, self.radix, -1).transpose(1, 2)
+        atten = F.softmax(atten, dim=1).reshape(batch, -1).view(batch, -1, 1, 1)
+        attens = torch.split(atten, rchannel // self.radix, dim=1)
+        out = sum([att * split for (att, split) in zip(attens, splited)])
+        return self.fc(F.relu(self.bn(out.contiguous()) + x).mean((2, 3)))
+
+
 class SoftmaxHead(nn.Module):
     """A classifier that returns probabilities (``F.softmax``) or log-probabilities (``nn.LogSoftmax``, as the
     PyTorch MNIST example's ``F.log_softmax(x, dim=1)``)."""
@@ -341,14 +370,14 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
           "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
-          "eca": ECAHead}
+          "eca": ECAHead, "split_attention": SplitAttention}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
                 "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"},
-                "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}}
+                "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
