@@ -367,8 +367,8 @@ ACTIVATIONS = {
     "elu": lambda: ConvAct(fn=F.elu),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
-          "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct, "convnext_block": ConvNeXtBlock,
-          "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
+          "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct,
+          "convnext_block": ConvNeXtBlock, "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
           "eca": ECAHead, "split_attention": SplitAttention}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
