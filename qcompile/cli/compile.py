@@ -131,6 +131,8 @@ def compile_model(args: argparse.Namespace) -> int:
                             if f"tvm_{t.replace('-', '_')}_vs_reference" in verified), None)
             if args.measure and tvm_cpu:
                 report["measured_tvm"] = measure_tvm(args, model, inputs, result.context.ir, tvm_cpu)
+            timed = [report.get("measured"), report.get("measured_tvm")]
+            report["warnings"] += sorted({m["float_missing"] for m in timed if m and "float_missing" in m})
         if evald is not None and (not recipe.quantized or calib is not None):
             report["accuracy"] = _accuracy(model, result, recipe, evald, report)
         (staging / "report.html").write_text(render_html(report))

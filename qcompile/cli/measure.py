@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from qcompile.errors import QCompileError
 from qcompile.frontend.tracing import LeafSpec
 from qcompile.ir.graph import IRGraph
 from qcompile.pipeline import Pipeline
@@ -37,6 +38,16 @@ def lowered(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Re
     return result.graph_module, result.context.ir
 
 
+def float_reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                    args: argparse.Namespace) -> tuple[IRGraph | None, str | None]:
+    """The float model lowered to time beside the artifact, or None and why: a float model's sigmoid, SiLU or
+    GELU has no float IR op (the IR tabulates them on codes), so such a model is timed without it."""
+    try:
+        return lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)[1], None
+    except QCompileError as exc:
+        return None, f"no float build of the model to time beside the artifact ({exc}); the artifact is timed alone"
+
+
 def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ir: IRGraph,
                  serving: Any) -> dict[str, Any]:
     """``report["measured"]`` for the ONNX serving model: end to end per ``--measure-batch`` and per layer."""
@@ -45,15 +56,15 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
     from qcompile.backends import onnx as qonnx
     from qcompile.backends.onnx_measure import interleaved_latency, kernel_times
 
-    _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
-    reference = qonnx.to_onnx(float_ir, "serving")
+    float_ir, why = float_reference(model, inputs, args)
+    contenders = {"artifact": serving} | ({"float": qonnx.to_onnx(float_ir, "serving")} if float_ir else {})
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
     xs = {batch: rng.standard_normal((batch, *shape), dtype=np.float32) for batch in args.measure_batches}
     samples = {}
     for batch, x in xs.items():
-        timed = interleaved_latency({"artifact": serving, "float": reference}, x, args.measure, args.measure_threads)
-        samples[batch] = (timed["artifact"], timed["float"])
+        timed = interleaved_latency(contenders, x, args.measure, args.measure_threads)
+        samples[batch] = (timed["artifact"], timed.get("float", []))
     first = args.measure_batches[0]
     kernels = kernel_times(serving, xs[first], args.measure, args.measure_threads, [op.output for op in ir.ops])
     return {
@@ -63,6 +74,7 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
         "threads": args.measure_threads,
         "rounds": args.measure,
         "batches": end_to_end(samples),
+        **({"float_missing": why} if why else {}),
         "layers_batch": first,
         "layers": per_layer(ir, kernels),
     }
@@ -83,18 +95,20 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
     from qcompile.backends.tvm.measure import call_times, function_times, interleaved_latency, layer_calls
 
     served = runtime.load(artifact)
-    _, float_ir = lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)
+    float_ir, why = float_reference(model, inputs, args)
     batches = [served.batch] if served.batch is not None else args.measure_batches
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        reference = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch,
-                                       float_dtype="float32").path)  # a float deployment's arithmetic
+        contenders = {"artifact": served}
+        if float_ir is not None:
+            contenders["float"] = runtime.load(build(float_ir, served.meta["target"], tmp, batch=served.batch,
+                                                     float_dtype="float32").path)  # a float deployment's arithmetic
         samples = {}
         for batch in batches:
-            timed = interleaved_latency({"artifact": served, "float": reference},
-                                        rng.standard_normal((batch, *shape), dtype=np.float32), args.measure)
-            samples[batch] = (timed["artifact"], timed["float"])
+            timed = interleaved_latency(contenders, rng.standard_normal((batch, *shape), dtype=np.float32),
+                                        args.measure)
+            samples[batch] = (timed["artifact"], timed.get("float", []))
     calls = call_times(served, rng.standard_normal((batches[0], *shape), dtype=np.float32))
     functions = function_times(calls)
     kernels = layer_calls(ir, calls)
@@ -105,6 +119,7 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
         "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
         "rounds": args.measure,
         "batches": end_to_end(samples),
+        **({"float_missing": why} if why else {}),
         "functions_batch": batches[0],
         "functions": [{"name": n, "ms": round(ms, 4)} for n, ms in sorted(functions.items(), key=lambda kv: -kv[1])],
         "layers_batch": batches[0],

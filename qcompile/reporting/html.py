@@ -105,9 +105,11 @@ def _measured(report: dict[str, Any]) -> str:
     m = report.get("measured")
     if not m:
         return "<p>Not measured in this run.</p>"
+    untimed = "<td>—</td><td>—</td>"  # no float build to time beside it
     rows = "".join(
-        f"<tr><td>{_e(b)}</td><td>{r['artifact_ms']:.3f}</td><td>{r['float_ms']:.3f}</td>"
-        f"<td>{r['artifact_ms'] / r['float_ms']:.3f}</td></tr>" for b, r in m["batches"].items())
+        f"<tr><td>{_e(b)}</td><td>{r['artifact_ms']:.3f}</td>"
+        + (f"<td>{r['float_ms']:.3f}</td><td>{r['ratio']:.3f}</td>" if r["float_ms"] is not None else untimed)
+        + "</tr>" for b, r in m["batches"].items())
     return (f'<p class="sub">{_e(m["runtime"])}, {m["threads"]} threads, median of {m["rounds"]} interleaved '
             f"rounds on {_e(m['machine'])}</p><table><tr><th>batch</th><th>artifact ms</th><th>float ms</th>"
             f"<th>ratio</th></tr>{rows}</table>")

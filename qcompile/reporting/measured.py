@@ -66,12 +66,13 @@ def median_ratio_interval(a: list[float], b: list[float], confidence: float = 0.
 
 
 def end_to_end(samples: Mapping[int, tuple[list[float], list[float]]]) -> dict[str, dict[str, float]]:
-    """Per batch size, (artifact, float) latencies of interleaved rounds → medians and the median ratio."""
+    """Per batch size, (artifact, float) latencies of interleaved rounds → medians and the median ratio (None
+    for both where the float model was not timed)."""
     out = {}
     for batch, (artifact, float_) in samples.items():
         out[str(batch)] = {"artifact_ms": round(statistics.median(artifact), 4),
-                           "float_ms": round(statistics.median(float_), 4),
-                           "ratio": round(median_ratio(artifact, float_), 4)}
+                           "float_ms": round(statistics.median(float_), 4) if float_ else None,
+                           "ratio": round(median_ratio(artifact, float_), 4) if float_ else None}
     return out
 
 

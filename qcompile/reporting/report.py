@@ -90,8 +90,9 @@ def _add_row(table: Table, *cells: str) -> None:
 
 def _measured_line(measured: dict[str, Any], tail: str) -> str:
     """One backend's ``--measure`` figures in a line: per batch the artifact beside the float model."""
-    runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms vs float {r['float_ms']:.3f} ms (ratio {r['ratio']:.3f})"
-                     for b, r in measured["batches"].items())
+    runs = "; ".join(f"batch {b}: {r['artifact_ms']:.3f} ms" + (
+        f" vs float {r['float_ms']:.3f} ms (ratio {r['ratio']:.3f})" if r["float_ms"] is not None else "")
+        for b, r in measured["batches"].items())
     return (f"measured ({measured['backend']}, {measured['runtime']}, {measured['threads']} threads, median of "
             f"{measured['rounds']} interleaved rounds): {runs}; {tail}")
 

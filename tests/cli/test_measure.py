@@ -58,6 +58,44 @@ def test_measure_times_a_tvm_cpu_artifact_beside_tvms_float_build(tmp_path, monk
     assert "measured (tvm (cpu)" in capsys.readouterr().out
 
 
+SIGMOID_HEAD = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+def example_input():
+    return torch.randn(1, 3, 8, 8)
+
+
+def calibration_data():
+    return [(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long))]
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_a_model_whose_float_form_does_not_lower_is_timed_alone(backend, tmp_path, monkeypatch, capsys) -> None:
+    """A SiLU has no float IR op (the IR tabulates it on codes): the float model is not built, the artifact is
+    timed alone, and the report says so; the run succeeds (it failed with the lowering's error)."""
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "silu.py").write_text(SIGMOID_HEAD)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "silu.py"), "--recipe", "int8", "--backend", backend, "--measure", "3",
+                 "--verify-size", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    measured = report["measured" if backend == "onnx" else "measured_tvm"]
+    assert all(b["artifact_ms"] > 0 and b["float_ms"] is None and b["ratio"] is None
+               for b in measured["batches"].values())
+    assert "timed alone" in measured["float_missing"] and measured["float_missing"] in report["warnings"]
+    assert "timed alone" in capsys.readouterr().out
+    assert ("<td>—</td>" in (out / "report.html").read_text()) == (backend == "onnx")  # the page shows ONNX's
+
+
 def test_measure_zero_skips_it(tmp_path, monkeypatch) -> None:
     out = tmp_path / "out"
     assert main([tiny(tmp_path, monkeypatch), "--recipe", "int8", "--measure", "0", "--out", str(out)]) == 0
