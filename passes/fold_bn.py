@@ -22,7 +22,6 @@ BatchNorm frozen into buffers (torchvision's and detectron2's ``FrozenBatchNorm2
 from __future__ import annotations
 
 import math
-import operator
 from collections import Counter
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from qcompile.frontend.elementwise import is_mul
+from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import is_compute, module_of, permutation, set_submodule
 from qcompile.pipeline import BN_FOLDED, Pass, PassContext
@@ -132,17 +131,10 @@ def _rank(node: fx.Node) -> int:
     return len(tm.shape) if tm is not None and hasattr(tm, "shape") else -1
 
 
-def _is_shift(node: fx.Node) -> bool:
-    """``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` of two graph values, without ``alpha``."""
-    is_call = (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
-        node.op == "call_method" and node.target == "add")
-    return is_call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
-
-
 def _channel_constant(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, int] | None:
     """``y ∘ gamma`` (either order, ``node`` a product or a sum) with an attribute ``gamma`` that has one value
     along a single axis of ``y``: ``(y, gamma as a vector, that axis)``."""
-    if not (is_mul(node) or _is_shift(node)):
+    if arithmetic_kind(node) not in ("mul", "add") or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     params = [a for a in node.args if attribute_tensor(gm, a) is not None]
     if len(params) != 1:
@@ -184,7 +176,7 @@ def _fold_layer_scales_and_shifts(gm: fx.GraphModule) -> None:
         layer = module_of(gm, y)
         g = gamma.double()
         with torch.no_grad():
-            if is_mul(node):
+            if arithmetic_kind(node) == "mul":
                 layer.weight.copy_(layer.weight.double() * g.reshape(-1, *([1] * (layer.weight.dim() - 1))))
                 if layer.bias is not None:
                     layer.bias.copy_(layer.bias.double() * g)

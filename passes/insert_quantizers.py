@@ -20,7 +20,6 @@ parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +27,13 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
-from qcompile.frontend.elementwise import is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.elementwise import arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.quantization.recipes import activation_calibrator
 from qcompile.quantization.spec import Granularity, QuantSpec, annotate, get_annotation
 
-_ADD_TARGETS = {operator.add, torch.add}
 _NO_OPS = (nn.Identity, nn.Dropout)
 _NO_OP_METHODS = frozenset({"contiguous", "clone"})
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
@@ -55,10 +53,7 @@ def is_add(node: fx.Node) -> bool:
     """A tensor + tensor add (the residual join); a parameter or buffer added is a float constant, not a tensor
     to quantize."""
     tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-    is_call = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
-        node.op == "call_method" and node.target == "add"
-    )
-    return is_call and len(tensor_args) == 2
+    return arithmetic_kind(node) == "add" and len(tensor_args) == 2
 
 
 def sum_value(gm: fx.GraphModule, add: fx.Node) -> fx.Node:
