@@ -549,22 +549,21 @@ class _Lowerer:
         """Float ``layer_norm`` of the dequantized input; the quantizer of whatever reads it (the next layer's
         input) rounds it. A missing weight or bias is ones or zeros (exact); eps is kept as the float32 that
         PyTorch adds."""
-        shape = tuple(m.normalized_shape)
-        affine = {"weight": m.weight if m.weight is not None else torch.ones(shape),
-                  "bias": m.bias if m.bias is not None else torch.zeros(shape)}
-        consts = [self.g.add_constant(f"{node.name}.{k}", t.detach().numpy().astype(np.float32),
-                                      TensorInfo(DType.FLOAT32, shape)) for k, t in affine.items()]
+        consts = self.affine_constants(node, m, tuple(m.normalized_shape))
         return _Val(self.float_op(node, "layer_norm", [self.as_float(node, node.args[0]), *consts],
                                   eps=float(np.float32(m.eps))))
+
+    def affine_constants(self, node: fx.Node, m: nn.LayerNorm | nn.GroupNorm, shape: tuple[int, ...]) -> list[str]:
+        """A norm's weight and bias as float32 constants of ``shape``; ones and zeros where it has none (exact)."""
+        affine = {"weight": m.weight if m.weight is not None else torch.ones(shape),
+                  "bias": m.bias if m.bias is not None else torch.zeros(shape)}
+        return [self.g.add_constant(f"{node.name}.{k}", t.detach().numpy().astype(np.float32),
+                                    TensorInfo(DType.FLOAT32, shape)) for k, t in affine.items()]
 
     def lower_group_norm(self, node: fx.Node, m: nn.GroupNorm) -> _Val:
         """Float ``group_norm`` of the dequantized input, as :meth:`lower_layer_norm` (BiT's ResNetV2 and other
         small-batch ResNets normalise with it where BatchNorm would fold into the conv)."""
-        c = m.num_channels
-        affine = {"weight": m.weight if m.weight is not None else torch.ones(c),
-                  "bias": m.bias if m.bias is not None else torch.zeros(c)}
-        consts = [self.g.add_constant(f"{node.name}.{k}", t.detach().numpy().astype(np.float32),
-                                      TensorInfo(DType.FLOAT32, (c,))) for k, t in affine.items()]
+        consts = self.affine_constants(node, m, (m.num_channels,))
         return _Val(self.float_op(node, "group_norm", [self.as_float(node, node.args[0]), *consts],
                                   groups=int(m.num_groups), eps=float(np.float32(m.eps))))
 

@@ -188,25 +188,25 @@ def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     return _as_f32(out)
 
 
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """Layer normalisation over the last ``w.ndim`` axes in float64 (two passes: the mean, then the biased
-    variance of the centred values), rounded once to float32."""
-    axes = tuple(range(x.ndim - w.ndim, x.ndim))
-    x64 = x.astype(np.float64)
+def _normalized(x64: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
+    """``(x - mean) / sqrt(var + eps)`` over ``axes`` in float64, in two passes: the mean, then the biased
+    variance of the centred values."""
     d = x64 - x64.mean(axis=axes, keepdims=True)
-    var = (d * d).mean(axis=axes, keepdims=True)
-    return _as_f32(d / np.sqrt(var + float(eps)) * w.astype(np.float64) + b.astype(np.float64))
+    return d / np.sqrt((d * d).mean(axis=axes, keepdims=True) + float(eps))
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """Layer normalisation over the last ``w.ndim`` axes in float64, rounded once to float32."""
+    y = _normalized(x.astype(np.float64), tuple(range(x.ndim - w.ndim, x.ndim)), eps)
+    return _as_f32(y * w.astype(np.float64) + b.astype(np.float64))
 
 
 def group_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, groups: int, eps: float) -> np.ndarray:
     """Group normalisation in float64 (two passes per group of channels, as :func:`layer_norm`), the per-channel
     affine in float64 too, rounded once to float32."""
     n, c = x.shape[:2]
-    g = x.astype(np.float64).reshape(n, groups, -1)
-    d = g - g.mean(axis=2, keepdims=True)
-    var = (d * d).mean(axis=2, keepdims=True)
+    y = _normalized(x.astype(np.float64).reshape(n, groups, -1), (2,), eps).reshape(x.shape)
     channels = (1, c) + (1,) * (x.ndim - 2)
-    y = (d / np.sqrt(var + float(eps))).reshape(x.shape)
     return _as_f32(y * w.astype(np.float64).reshape(channels) + b.astype(np.float64).reshape(channels))
 
 
