@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +73,24 @@ def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     return bn, f"{holder}.bn" if holder else "batch_norm"
 
 
-def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
-    """``F.layer_norm(x, shape, weight, bias, eps)`` with weight and bias read from attributes (or None) as an
-    ``nn.LayerNorm`` and the name to give it; None when either is computed."""
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
+def _norm_call(gm: fx.GraphModule, node: fx.Node, names: tuple[str, ...]
+               ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None] | None:
+    """A functional norm's arguments by ``names``, with its weight and bias read from attributes (or None);
+    None when either is computed."""
     args = dict(zip(names, node.args)) | dict(node.kwargs)
     weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
     if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
         return None
+    return args, weight, bias
+
+
+def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.layer_norm(x, shape, weight, bias, eps)`` with weight and bias read from attributes (or None) as an
+    ``nn.LayerNorm`` and the name to give it; None when either is computed."""
+    call = _norm_call(gm, node, ("input", "normalized_shape", "weight", "bias", "eps"))
+    if call is None:
+        return None
+    args, weight, bias = call
     affine = weight is not None or bias is not None
     ln = nn.LayerNorm(tuple(args["normalized_shape"]), eps=float(args.get("eps", 1e-5)), elementwise_affine=affine,
                       bias=bias is not None)
@@ -94,14 +105,11 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
 def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
     """``F.group_norm(x, groups, weight, bias, eps)`` (timm's ``GroupNormAct``) with weight and bias read from
     attributes (or None) as an ``nn.GroupNorm`` and the name to give it; None when either is computed."""
-    names = ("input", "num_groups", "weight", "bias", "eps")
-    args = dict(zip(names, node.args)) | dict(node.kwargs)
-    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
-    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
-        return None
+    call = _norm_call(gm, node, ("input", "num_groups", "weight", "bias", "eps"))
     channels = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    if not isinstance(args.get("num_groups"), int) or channels is None:
+    if call is None or not isinstance(call[0].get("num_groups"), int) or channels is None:
         return None
+    args, weight, bias = call
     gn = nn.GroupNorm(args["num_groups"], channels.shape[1], eps=float(args.get("eps", 1e-5)))
     gn.weight.data.copy_(weight.detach() if weight is not None else torch.ones(channels.shape[1]))
     gn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros(channels.shape[1]))
