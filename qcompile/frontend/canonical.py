@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
-from qcompile.frontend.graph import literal, set_submodule, unused_name
+from qcompile.frontend.graph import call, literal, set_submodule, unused_name
 
 
 def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
@@ -156,8 +156,7 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
         try:
             with torch.no_grad():
-                values[node] = (node.target(*args, **kwargs) if node.op == "call_function"  # type: ignore[operator]
-                                else getattr(args[0], node.target)(*args[1:], **kwargs))  # type: ignore[arg-type]
+                values[node] = call(node.op, node.target, args, kwargs)  # type: ignore[arg-type]
         except Exception:
             continue
     for node, value in values.items():

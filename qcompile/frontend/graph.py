@@ -65,6 +65,11 @@ def is_softmax_head(gm: fx.GraphModule, node: fx.Node) -> bool:
     return softmax_of(gm, node) is not None and all(u.op == "output" for u in node.users)
 
 
+def call(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """A ``call_function`` or ``call_method`` node's operation run on concrete ``args`` and ``kwargs``."""
+    return target(*args, **kwargs) if op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
+
+
 def unused_name(base: str, taken: Callable[[str], bool]) -> str:
     """``base``, or ``base_1``, ``base_2``, ...: the first that is not ``taken``."""
     name, k = base, 1

@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import canonicalize, identities_removed
-from qcompile.frontend.graph import literal
+from qcompile.frontend.graph import call, literal
 
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -208,10 +208,8 @@ class _ShapeValuedTracer(_SiteTracer):
             return a
 
         a, k = map_aggregate(args, value), map_aggregate(kwargs, value)
-        if kind == "call_function":
-            return target(*a, **k)  # type: ignore[operator]
-        if kind == "call_method":
-            return getattr(a[0], target)(*a[1:], **k)  # type: ignore[arg-type]
+        if kind in ("call_function", "call_method"):
+            return call(kind, target, a, k)  # type: ignore[arg-type]
         if kind == "call_module":
             return self._leaf_forward(*a, **k)  # type: ignore[misc]
         if kind == "get_attr":
