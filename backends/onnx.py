@@ -374,8 +374,7 @@ class _Exporter:
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
         if not self.dequantized_codes(op.inputs[0]):
-            x = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.DOUBLE)
-            self.node("Cast", [self.window_means(x, out, (h, w))], op.output, to=self.onnx.TensorProto.FLOAT)
+            self.in_double(op, lambda x: self.window_means(x, out, (h, w)))
             return
         src = self.unfused_dq(op.inputs[0])  # onnxruntime's QLinear pooling kernels round differently
         if out == (1, 1):
@@ -424,9 +423,13 @@ class _Exporter:
         if self.dequantized_codes(op.inputs[0]):
             self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=keep)
             return
+        self.in_double(op, lambda x: self.node("ReduceMean", [x, axes], keepdims=keep))
+
+    def in_double(self, op: Op, compute: Callable[[str], str]) -> None:
+        """``op``'s float32 output computed in double from its first input (Cast in, ``compute``, Cast back), as
+        the reference computes float ops in float64."""
         x = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.DOUBLE)
-        self.node("Cast", [self.node("ReduceMean", [x, axes], keepdims=keep)], op.output,
-                  to=self.onnx.TensorProto.FLOAT)
+        self.node("Cast", [compute(x)], op.output, to=self.onnx.TensorProto.FLOAT)
 
     def codes_behind(self, name: str) -> TensorInfo | None:
         """The 8-bit code tensor a float value dequantizes, if it is a dequantize's output."""
@@ -490,43 +493,44 @@ class _Exporter:
         it agrees with the reference's two-pass float64 form but for reduction order (measured: every float32
         output equal on millions of random dequantized codes; on adversarial ones, codes 250..255, at most one in
         10^6 a unit in the last place apart). Its epsilon attribute is a float32, hence the IR's float32 eps."""
-        TP = self.onnx.TensorProto
-        x, w, b = op.inputs
+        _, w, b = op.inputs
         k = self.ir.constants[w].ndim
-        xd = self.node("Cast", [x], to=TP.DOUBLE)
-        mean = self.node("ReduceMean", [xd, self.const("axes", np.arange(-k, 0, dtype=np.int64))], keepdims=1)
-        affine = [self.const(n, self.ir.constants[n].astype(np.float64)) for n in (w, b)]
-        y = self.node("LayerNormalization", [self.node("Sub", [xd, mean]), *affine], axis=-k,
-                      epsilon=float(op.attrs["eps"]))
-        self.node("Cast", [y], op.output, to=TP.FLOAT)
+
+        def normalize(xd: str) -> str:
+            mean = self.node("ReduceMean", [xd, self.const("axes", np.arange(-k, 0, dtype=np.int64))], keepdims=1)
+            affine = [self.const(n, self.ir.constants[n].astype(np.float64)) for n in (w, b)]
+            return self.node("LayerNormalization", [self.node("Sub", [xd, mean]), *affine], axis=-k,
+                             epsilon=float(op.attrs["eps"]))
+
+        self.in_double(op, normalize)
 
     @OPS.implements("group_norm")
     def op_group_norm(self, op: Op) -> None:
         """The reference's float64 form op by op on (N, G, C/G·H·W) (onnxruntime has no double
         ``GroupNormalization``): mean, centred values, biased variance, ``d / sqrt(var + eps)``, back to the input's
         shape, ``· w + b`` per channel."""
-        TP = self.onnx.TensorProto
         x, w, b = op.inputs
-        rank = len(self.ir.values[x].shape)
-        xd = self.node("Cast", [x], to=TP.DOUBLE)
-        grouped = self.node("Reshape", [xd, self.const("groups", np.array([0, op.attrs["groups"], -1], np.int64))])
-        last = self.const("axes", np.array([2], np.int64))
-        d = self.node("Sub", [grouped, self.node("ReduceMean", [grouped, last], keepdims=1)])
-        var = self.node("ReduceMean", [self.node("Mul", [d, d]), last], keepdims=1)
-        std = self.node("Sqrt", [self.node("Add", [var, self.const("eps", np.array(op.attrs["eps"], np.float64))])])
-        y = self.node("Reshape", [self.node("Div", [d, std]), self.node("Shape", [x])])
-        channels = (-1,) + (1,) * (rank - 2)
-        w64, b64 = (self.const(n, self.ir.constants[n].astype(np.float64).reshape(channels)) for n in (w, b))
-        self.node("Cast", [self.node("Add", [self.node("Mul", [y, w64]), b64])], op.output, to=TP.FLOAT)
+        channels = (-1,) + (1,) * (len(self.ir.values[x].shape) - 2)
+
+        def normalize(xd: str) -> str:
+            grouped = self.node("Reshape", [xd, self.const("groups", np.array([0, op.attrs["groups"], -1], np.int64))])
+            last = self.const("axes", np.array([2], np.int64))
+            d = self.node("Sub", [grouped, self.node("ReduceMean", [grouped, last], keepdims=1)])
+            var = self.node("ReduceMean", [self.node("Mul", [d, d]), last], keepdims=1)
+            eps = self.const("eps", np.array(op.attrs["eps"], np.float64))
+            y = self.node("Reshape", [self.node("Div", [d, self.node("Sqrt", [self.node("Add", [var, eps])])]),
+                                      self.node("Shape", [xd])])
+            w64, b64 = (self.const(n, self.ir.constants[n].astype(np.float64).reshape(channels)) for n in (w, b))
+            return self.node("Add", [self.node("Mul", [y, w64]), b64])
+
+        self.in_double(op, normalize)
 
     @OPS.implements("softmax")
     @OPS.implements("log_softmax")
     def op_softmax(self, op: Op) -> None:
         """``Softmax`` / ``LogSoftmax`` in double (Cast in and out), as the reference."""
-        TP = self.onnx.TensorProto
-        x = self.node("Cast", [op.inputs[0]], to=TP.DOUBLE)
-        y = self.node("Softmax" if op.kind == "softmax" else "LogSoftmax", [x], axis=op.attrs["dim"])
-        self.node("Cast", [y], op.output, to=TP.FLOAT)
+        kind = "Softmax" if op.kind == "softmax" else "LogSoftmax"
+        self.in_double(op, lambda x: self.node(kind, [x], axis=op.attrs["dim"]))
 
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
