@@ -402,7 +402,9 @@ class _Lowerer:
         if table is None:
             raise self.fail(node, f"{v.unary.name} is not finite on the codes of its input")
         name = self.g.add_constant(f"{node.name}__table", table, TensorInfo(DType.INT32, table.shape))
-        return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name)
+        float_form = {"activation" if k == "function" else k: a for k, a in (v.unary.activation or {}).items()}
+        return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name,
+                             **float_form)
 
     def lower_arithmetic(self, node: fx.Node, kind: str) -> _Val:
         """Float ``+ - * /`` with a parameter or buffer (``(x - self.mean) / self.std``, a model normalising its own
@@ -468,10 +470,22 @@ class _Lowerer:
         t = self.info(v.name)
         if u.clamp is not None and t.dtype is DType.INT32 and v.unary is None:
             return _Val(v.name, clamp=_tighter(_tighter(v.clamp, (0.0, None) if v.relu else None), u.clamp))
+        if t.dtype is DType.FLOAT32:
+            return self.lower_float_unary(node, u)
         if not t.dtype.is_int or t.dtype is DType.INT32 or t.per_channel or v.unary is not None or v.clamp:
             raise self.fail(node, f"{u.name} of a value that is not quantized per tensor does not lower "
                                   "(insert_quantizers quantizes its input)")
         return _Val(self.materialize(node, v), unary=u)
+
+    def lower_float_unary(self, node: fx.Node, u: Unary) -> _Val:
+        """A function of a float value (a float model's, which tabulates nothing): the IR's float ``activation``,
+        or float arithmetic with the number."""
+        if u.activation is not None:
+            return _Val(self.float_op(node, "activation", [self.as_float(node, tensor_input(node))], **u.activation))
+        if (kind := arithmetic_kind(node)) is not None:
+            return self.lower_arithmetic(node, kind)
+        raise self.fail(node, f"{u.name} of a float value does not lower: the IR computes it only on quantized "
+                              "codes (as a table)")
 
     def lower_transpose(self, node: fx.Node) -> _Val:
         src = node.args[0]

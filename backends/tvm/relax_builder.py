@@ -500,6 +500,28 @@ class _Builder:
         x = self.op.astype(self.nchw(op.inputs[0]), "float64")
         self.set(op.output, self.op.astype(fn(x, axis=op.attrs["dim"]), "float32"), False)
 
+    @OPS.implements("activation")
+    def op_activation(self, op: Op) -> None:
+        """A float model's function in float32 (Relax's own op where it has one), in the input's layout."""
+        src, a = op.inputs[0], op.attrs
+        x, fn, nn = self.env[src], a["function"], self.op.nn
+
+        def clipped(v: Any, lo: float | None, hi: float | None) -> Any:
+            v = v if lo is None else self.op.maximum(v, self.const(lo, "float32"))
+            return v if hi is None else self.op.minimum(v, self.const(hi, "float32"))
+
+        if fn == "clip":
+            y = clipped(x, a.get("min"), a.get("max"))
+        elif fn in ("hardswish", "hardsigmoid"):
+            y = clipped(self.op.add(x, self.const(3.0, "float32")), 0.0, 6.0)
+            y = self.op.divide(self.op.multiply(x, y) if fn == "hardswish" else y, self.const(6.0, "float32"))
+        elif fn == "leaky_relu":
+            y = nn.leakyrelu(x, float(a["alpha"]))
+        else:
+            y = {"sigmoid": self.op.sigmoid, "silu": nn.silu, "tanh": self.op.tanh, "gelu": nn.gelu,
+                 "gelu_tanh": nn.gelu_tanh}[fn](x)
+        self.set(op.output, y, src in self.nhwc)
+
     @OPS.implements("lut")
     def op_lut(self, op: Op) -> None:
         """``take`` from the table, indexed by the code minus the input's lowest code."""

@@ -40,8 +40,9 @@ def lowered(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Re
 
 def float_reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
                     args: argparse.Namespace) -> tuple[IRGraph | None, str | None]:
-    """The float model lowered to time beside the artifact, or None and why: a float model's sigmoid, SiLU or
-    GELU has no float IR op (the IR tabulates them on codes), so such a model is timed without it."""
+    """The float model lowered to time beside the artifact, or None and why: a function with no float IR op
+    (a Mish, say: the IR tabulates every function on codes, but runs only common ones in float,
+    :data:`~qcompile.ir.ops.ACTIVATIONS`), so such a model is timed without it."""
     try:
         return lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)[1], None
     except QCompileError as exc:

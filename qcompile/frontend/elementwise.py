@@ -18,16 +18,59 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompile.frontend.graph import argument
+
 Bounds = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
 class Unary:
-    """A node's float function of its one tensor input; ``clamp`` holds the bounds when it is a clamp."""
+    """A node's float function of its one tensor input; ``clamp`` holds the bounds when it is a clamp, and
+    ``activation`` the attributes of the IR's float ``activation`` op that computes it, when one does (a float
+    model runs its functions as such ops; a quantized one tabulates them)."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     clamp: Bounds | None = None
+    activation: dict[str, Any] | None = None
+
+
+_MODULE_ACTIVATIONS = {nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+                       nn.Hardsigmoid: "hardsigmoid"}
+_FUNCTION_ACTIVATIONS = {F.silu: "silu", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+                         torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.hardswish: "hardswish",
+                         "hardswish": "hardswish", F.hardsigmoid: "hardsigmoid"}
+
+
+def _clip(bounds: Bounds) -> dict[str, Any]:
+    return {"function": "clip"} | {k: v for k, v in zip(("min", "max"), bounds) if v is not None}
+
+
+def _gelu(approximate: object) -> dict[str, Any]:
+    return {"function": "gelu_tanh" if approximate == "tanh" else "gelu"}
+
+
+def _module_activation(m: nn.Module) -> dict[str, Any] | None:
+    if isinstance(m, nn.Hardtanh):
+        return _clip((float(m.min_val), float(m.max_val)))
+    if isinstance(m, nn.GELU):
+        return _gelu(m.approximate)
+    if isinstance(m, nn.LeakyReLU):
+        return {"function": "leaky_relu", "alpha": float(m.negative_slope)}
+    name = _MODULE_ACTIVATIONS.get(type(m))
+    return {"function": name} if name else None
+
+
+def _function_activation(node: fx.Node, clamp: Bounds | None) -> dict[str, Any] | None:
+    t = node.target
+    if clamp is not None:
+        return _clip(clamp) if any(b is not None for b in clamp) else None
+    if t is F.gelu:
+        return _gelu(argument(node, 1, "approximate", "none"))
+    if t is F.leaky_relu:
+        return {"function": "leaky_relu", "alpha": float(argument(node, 1, "negative_slope", 0.01))}
+    name = _FUNCTION_ACTIVATIONS.get(t)  # type: ignore[call-overload]
+    return {"function": name} if name else None
 
 
 _MODULES = (
@@ -65,8 +108,7 @@ def _constant(v: Any) -> bool:
 def _bound(node: fx.Node, where: tuple[int, str] | None, default: float | None) -> float | None:
     if where is None:
         return None
-    index, key = where
-    v = node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+    v = argument(node, *where, default)
     return None if v is None else float(v)
 
 
@@ -82,7 +124,7 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
         if not isinstance(m, _MODULES) or len(node.args) != 1 or node.kwargs:
             return None
         clamp = (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None
-        return Unary(type(m).__name__, m, clamp)
+        return Unary(type(m).__name__, m, clamp, _module_activation(m))
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     t = node.target
@@ -103,7 +145,7 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     elif t in _CLAMP_ARGS:
         lo, hi = _CLAMP_ARGS[t]  # type: ignore[index]
         clamp = (_bound(node, lo, -1.0 if t is F.hardtanh else None), _bound(node, hi, 1.0 if t is F.hardtanh else None))
-    return Unary(_name(t), lambda x: fn(x, *rest, **kwargs), clamp)
+    return Unary(_name(t), lambda x: fn(x, *rest, **kwargs), clamp, _function_activation(node, clamp))
 
 
 def arithmetic_kind(node: fx.Node, inplace: bool = False) -> str | None:

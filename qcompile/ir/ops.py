@@ -148,6 +148,27 @@ def _requantize_constants(attrs: Mapping[str, Any]) -> str | None:
             f"{', '.join(repr(n) for n in sorted(want))}")
 
 
+ACTIVATIONS = ("sigmoid", "silu", "tanh", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "clip", "leaky_relu")
+"""The float functions of :data:`OP_SCHEMAS`' ``activation`` (PyTorch's definitions; ``gelu_tanh`` is
+``approximate="tanh"``)."""
+ACTIVATION = AttrType(f"one of {', '.join(ACTIVATIONS)}", lambda v: v in ACTIVATIONS)
+
+
+def _activation_parameters(attrs: Mapping[str, Any], key: str = "function") -> str | None:
+    """``clip`` takes ``min`` and/or ``max``, ``leaky_relu`` its ``alpha``, and no function the others' (the
+    function named by ``key``)."""
+    fn = attrs.get(key)
+    want = {"clip": {"min", "max"}, "leaky_relu": {"alpha"}}.get(fn, set())
+    extra = ({"min", "max", "alpha"} & attrs.keys()) - want
+    if extra:
+        return f"{fn or f'an op without {key!r}'} takes no attribute {sorted(extra)[0]!r}"
+    if fn == "clip" and not want & attrs.keys():
+        return "clip needs 'min', 'max' or both"
+    if fn == "leaky_relu" and "alpha" not in attrs:
+        return "leaky_relu needs 'alpha'"
+    return None
+
+
 _POOL = (Attr("kernel", PAIR), Attr("stride", PAIR), Attr("padding", PAIR))
 
 OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
@@ -171,7 +192,15 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("group_norm", (Attr("groups", INT), Attr("eps", FLOAT))),
     OpSchema("softmax", (Attr("dim", INT),)),
     OpSchema("log_softmax", (Attr("dim", INT),)),
-    OpSchema("lut", (Attr("function", STR, Presence.OPTIONAL),)),  # the tabulated function's name, for readers
+    # ``function``: the tabulated function's name, for readers; ``activation`` (with its parameters): the float
+    # function the table holds, when it is one, which a backend may compute instead where that gives the table
+    OpSchema("lut", (Attr("function", STR, Presence.OPTIONAL), Attr("activation", ACTIVATION, Presence.OPTIONAL),
+                     Attr("min", NUMBER, Presence.OPTIONAL), Attr("max", NUMBER, Presence.OPTIONAL),
+                     Attr("alpha", NUMBER, Presence.OPTIONAL)),
+             lambda attrs: _activation_parameters(attrs, "activation")),
+    OpSchema("activation", (Attr("function", ACTIVATION), Attr("min", NUMBER, Presence.OPTIONAL),
+                            Attr("max", NUMBER, Presence.OPTIONAL), Attr("alpha", NUMBER, Presence.OPTIONAL)),
+             _activation_parameters),
     OpSchema("flatten", (Attr("start_dim", INT), Attr("end_dim", INT))),
     OpSchema("reshape", (Attr("shape", INTS),)),
     OpSchema("transpose", (Attr("perm", INTS),)),

@@ -31,6 +31,10 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   float32.
 - ``softmax`` and ``log_softmax`` over ``dim`` of float values (a classifier's head, after its logits): in
   float64, ``e = exp(x - max)``, ``e / Σe`` or ``x - max - log(Σe)``, rounded once to float32.
+- ``activation`` of float values (a float model's SiLU, GELU, sigmoid, ...; a quantized model tabulates its
+  functions as ``lut`` instead): PyTorch's definition in float64, rounded once to float32. The backends run
+  their runtimes' float32 kernels, so they agree with it within float32 rounding, not bit for bit, as a float
+  conv does: only the float model that ``--measure`` times beside the artifact has these ops.
 - Pooling with ``ceil_mode`` follows PyTorch: the last window may hang over the (padded) input; max pooling
   ignores the overhang, average pooling divides by the window's part inside the padded input
   (``count_include_pad``) or inside the input.
@@ -217,6 +221,36 @@ def softmax(x: np.ndarray, dim: int, log: bool = False) -> np.ndarray:
     return _as_f32(shifted - np.log(total) if log else np.exp(shifted) / total)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x), as e^x / (1 + e^x) for negative x: no overflow, and no cancellation in the tail."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
+    "tanh": np.tanh,
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x * math.sqrt(0.5)).astype(np.float64)),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+    "hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "hardsigmoid": lambda x: np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+}
+
+
+def activation(x: np.ndarray, function: str, attrs: dict[str, Any]) -> np.ndarray:
+    """PyTorch's float ``function`` (an :data:`~qcompile.ir.ops.ACTIVATIONS` name; ``clip`` and ``leaky_relu``
+    read ``min``/``max`` and ``alpha`` from ``attrs``) in float64, rounded once to float32."""
+    d = x.astype(np.float64)
+    if function == "clip":
+        lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)
+        return _as_f32(np.minimum(np.maximum(d, lo), hi))
+    if function == "leaky_relu":
+        return _as_f32(np.where(d > 0, d, attrs["alpha"] * d))
+    return _as_f32(_ACTIVATIONS[function](d))
+
+
 def _index(items: list[dict[str, Any]]) -> tuple[object, ...]:
     out: list[object] = []
     for it in items:
@@ -348,6 +382,11 @@ def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("group_norm")
 def _group_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return group_norm(args[0], args[1], args[2], op.attrs["groups"], op.attrs["eps"])
+
+
+@OPS.implements("activation")
+def _activation(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return activation(args[0], op.attrs["function"], op.attrs)
 
 
 @OPS.implements("softmax")

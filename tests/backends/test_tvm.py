@@ -67,6 +67,42 @@ def test_global_avgpool_is_bit_exact(in_dtype, out_dtype, keepdim, spatial, tmp_
     np.testing.assert_array_equal(got, reference.run(ir, x)["y"])
 
 
+class FloatFunctions(nn.Module):
+    """Every float activation of the IR in one float model (SE gate, GELU, hand-written hardswish, clamps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = x * torch.sigmoid(torch.nn.functional.adaptive_avg_pool2d(x, 1))
+        x = torch.nn.functional.gelu(self.conv2(x), approximate="tanh")
+        x = torch.nn.functional.gelu(x * torch.nn.functional.relu6(x + 3) / 6)
+        x = torch.nn.functional.leaky_relu(torch.nn.functional.hardswish(x), 0.2)
+        x = torch.nn.functional.hardsigmoid(torch.tanh(x).clamp(min=-0.5))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_float_activations_agree_with_the_reference_to_float32_rounding(tmp_path):
+    """A float model (what ``--measure`` times beside a TVM artifact) runs the IR's float ``activation`` ops in
+    Relax's float32 ops: not bit for bit (the reference rounds float64 once), within float32 rounding."""
+    from qcompile.cli.measure import lowered
+
+    from qcompile.quantization.recipes import get_recipe
+
+    torch.manual_seed(0)
+    ir = lowered(FloatFunctions().eval(), (torch.randn(1, 3, 16, 16),), get_recipe("bf16"), 1.0, [])[1]
+    assert {op.attrs["function"] for op in ir.ops if op.kind == "activation"} == {
+        "silu", "sigmoid", "gelu", "gelu_tanh", "clip", "leaky_relu", "hardswish", "hardsigmoid", "tanh"}
+    x = _images(8)
+    model = runtime.load(build(ir, CPU, tmp_path, float_dtype="float32").path)
+    np.testing.assert_allclose(model(x)[0], reference.run(ir, x)[ir.outputs[0]], rtol=1e-5, atol=1e-6)
+
+
 def test_dyadic_requantization_is_bit_exact(tmp_path):
     from qcompile.passes import LowerInteger
 

@@ -47,6 +47,11 @@ def test_defaults_are_filled_in_in_schema_order():
     ("requantize", {"mode": "fixed", "multiplier": "m"}, "attribute 'mode' must be 'float32' or 'dyadic'"),
     ("attention", {}, "unknown IR op kind 'attention'"),
     ("softmax", {}, "op softmax .*'dim'"),
+    ("activation", {"function": "swish"}, "attribute 'function' must be one of sigmoid, silu"),
+    ("activation", {"function": "clip"}, "clip needs 'min', 'max' or both"),
+    ("activation", {"function": "leaky_relu"}, "leaky_relu needs 'alpha'"),
+    ("activation", {"function": "sigmoid", "alpha": 0.1}, "sigmoid takes no attribute 'alpha'"),
+    ("lut", {"function": "ReLU6", "max": 6.0}, "an op without 'activation' takes no attribute 'max'"),
 ])
 def test_a_bad_attribute_is_refused_naming_the_op_and_the_attribute(kind, attrs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,13 @@
+import math
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile.ir.graph import IRGraph
-from qcompile.ir.reference import IntegerOverflowError, conv2d, global_avgpool_multiplier, rhe, run
+from qcompile.ir.reference import IntegerOverflowError, activation, conv2d, global_avgpool_multiplier, rhe, run
 from qcompile.ir.types import DType, TensorInfo
 
 
@@ -107,3 +110,29 @@ def test_global_avgpool_is_undefined_where_onnxruntime_refuses_it():
     assert global_avgpool_multiplier(codes, TensorInfo(DType.UINT8, (1, 4, 1, 1), np.float32(1e9))) is None  # < 2^-32
     huge = TensorInfo(DType.UINT8, (1, 4, 4096, 4096), np.float32(0.1))  # 2^24 pixels
     assert global_avgpool_multiplier(huge, TensorInfo(DType.UINT8, (1, 4, 1, 1), np.float32(0.1))) is None
+
+
+_TORCH_FUNCTIONS = {
+    "sigmoid": lambda t: t.sigmoid(), "silu": lambda t: t * t.sigmoid(), "tanh": lambda t: t.tanh(),
+    "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2.0))),
+    "gelu_tanh": lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))),
+    "hardswish": lambda t: t * (t + 3).clamp(0, 6) / 6, "hardsigmoid": lambda t: (t + 3).clamp(0, 6) / 6,
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(fn=st.sampled_from(sorted(_TORCH_FUNCTIONS)),
+       xs=st.lists(st.floats(-60, 60, width=32), min_size=1, max_size=64))
+def test_a_float_activation_is_pytorchs_function_rounded_once(fn, xs):
+    """PyTorch's definition in float64, rounded once to float32: torch computing the same formula in float64
+    gives the same float32 values."""
+    x = np.array(xs, np.float32)
+    expected = _TORCH_FUNCTIONS[fn](torch.from_numpy(x).double()).float().numpy()
+    np.testing.assert_allclose(activation(x, fn, {}), expected, rtol=2**-23, atol=1e-38)
+
+
+def test_clip_and_leaky_relu_read_their_parameters():
+    x = np.array([-8.0, -1.0, 0.5, 7.0], np.float32)
+    assert activation(x, "clip", {"min": 0.0, "max": 6.0}).tolist() == [0.0, 0.0, 0.5, 6.0]
+    assert activation(x, "clip", {"max": 1.0}).tolist() == [-8.0, -1.0, 0.5, 1.0]
+    assert activation(x, "leaky_relu", {"alpha": 0.25}).tolist() == [-2.0, -0.25, 0.5, 7.0]

@@ -553,3 +553,58 @@ def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel
     assert [k for k in kinds if k.startswith("QLinear") and "Pool" in k] == ["QLinearGlobalAveragePool"]
     x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()
     assert all(row["max_lsb_diff"] == 0 for row in qonnx.layer_diff(ir, qonnx.to_onnx(ir), x))
+
+
+FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name != "elu"] + ["squeeze_excite", "hand_hardswish",
+                                                                            "convnext_block"]
+
+
+@pytest.mark.parametrize("name", FLOAT_FUNCTION_MODELS)
+def test_a_float_model_runs_its_functions_as_float_activations(name):
+    """``bf16`` (the float model ``--measure`` times beside the artifact) tabulates nothing: each function is the
+    IR's float ``activation`` (or float arithmetic with its numbers), and the reference and onnxruntime compute the
+    model's floats to within float32 rounding."""
+    from qcompile.backends import onnx as qonnx
+    from qcompile.ir import reference
+
+    res = lowered(name, "bf16")
+    ir = res.context.ir
+    kinds = {op.kind for op in ir.ops}
+    assert "activation" in kinds and "lut" not in kinds and "quantize" not in kinds
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ref = reference.run(ir, x.numpy())[ir.outputs[0]]
+    np.testing.assert_allclose(ref, res.graph_module(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    onnx_out = qonnx.run(qonnx.session(qonnx.to_onnx(ir)), [x.numpy()])[0]
+    np.testing.assert_allclose(onnx_out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float_function_with_no_float_op_names_itself():
+    from qcompile.passes.lower_integer import LoweringError
+
+    with pytest.raises(LoweringError, match="elu of a float value does not lower"):
+        lowered("elu", "bf16")
+
+
+@pytest.mark.parametrize("name", ["silu", "sigmoid", "hardswish", "gelu", "squeeze_excite"])
+def test_onnx_computes_a_table_from_its_float_function_where_that_gives_the_table(name):
+    """A table of a named float function is exported as DQ → the function → Q when onnxruntime computes every
+    entry that way (probed on each input code), and stays a ``Gather`` of the table where it does not: here one
+    entry moved by a code, which no float function gives. Both equal the reference."""
+    import onnx
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered(name, "int8").context.ir
+    lut = next(op for op in ir.ops if op.kind == "lut")
+    t_in, t_out = ir.values[lut.inputs[0]], ir.values[lut.output]
+    table = ir.constants[lut.inputs[1]]
+    as_function = qonnx.float_lut_is_exact(t_in, t_out, table, lut.attrs)
+    ops = [n.op_type for n in qonnx.to_onnx(ir).graph.node]
+    assert ("Gather" in ops) == (not as_function) and as_function  # onnxruntime 1.31 on x86-64 computes these
+    entry = int(np.argmax(table < t_out.qmax))
+    table[entry] += 1
+    assert not qonnx.float_lut_is_exact(t_in, t_out, table, lut.attrs)
+    model = qonnx.to_onnx(ir)
+    assert "Gather" in [n.op_type for n in model.graph.node]
+    onnx.checker.check_model(model)
+    result = compare_backend(ir, lambda x: qonnx.run(qonnx.session(model), [x])[0], _reference_pairs(ir, _batches()))
+    assert result["identical_fraction"] == 1.0, result
