@@ -461,13 +461,24 @@ class _Exporter:
 
     @OPS.implements("mul")
     def op_mul(self, op: Op) -> None:
-        """A float ``Mul`` of unfused dequantizations: onnxruntime would fuse DQ → Mul → Q into ``QLinearMul``,
-        which rounds differently."""
-        self.node("Mul", [self.unfused_dq(n) for n in op.inputs], op.output)
+        """A float ``Mul``; onnxruntime would fuse DQ → Mul → Q of two dequantizations into ``QLinearMul``, which
+        rounds differently, so one operand at most stays a ``DequantizeLinear`` (see :meth:`binary_operands`)."""
+        self.node("Mul", self.binary_operands(op), op.output)
 
     @OPS.implements("div")
     def op_div(self, op: Op) -> None:
-        self.node("Div", [self.unfused_dq(n) for n in op.inputs], op.output)
+        self.node("Div", self.binary_operands(op), op.output)
+
+    def binary_operands(self, op: Op) -> list[str]:
+        """The float operands of a product or quotient: the largest dequantized-codes operand as it is (one
+        ``DequantizeLinear`` pass over it), any other in its unfused form (:meth:`unfused_dq`), so that no
+        QDQ pattern onnxruntime fuses into an integer kernel of its own arises. A squeeze-and-excitation gate
+        multiplies a whole feature map: three float passes over it became one."""
+        coded = [n for n in op.inputs if self.dequantized_codes(n)]
+        kept = max(coded, key=lambda n: np.prod(self.ir.values[n].shape), default=None)
+        if op.inputs.count(kept) > 1:
+            kept = None
+        return [n if n == kept else self.unfused_dq(n) for n in op.inputs]
 
     def dequantized_codes(self, name: str) -> bool:
         """Whether ``name`` is codes of at most 8 bits dequantized (not a float op's output or an accumulator)."""

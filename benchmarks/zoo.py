@@ -36,7 +36,7 @@ MODELS = ("mobilenet_v2", "se_resnet", "efficientnet_b0", "preact_resnet18", "sh
           "convnext", "resnext29_cifar", "bit_resnetv2")
 RECIPES = ("int8", "mostly4bit")
 COLUMNS = ("model", "recipe", "compiles", "reference vs fake-quant", "ONNX serving vs ref", "ONNX compact vs ref",
-           "TVM CPU vs ref", "MACs", "params", "linear vs bf16", "seconds")
+           "TVM CPU vs ref", "MACs", "params", "linear vs bf16", "ONNX ms (vs float)", "seconds")
 
 
 def model_path(name: str) -> Path:
@@ -111,6 +111,17 @@ def si(x: float | None) -> str:
     return f"{x:.0f}"
 
 
+def measured(report: dict[str, Any] | None) -> str:
+    """The serving artifact's median latency at the first measured batch, and its ratio to the float model's
+    measured in the same rounds (``--measure``, on by default)."""
+    batches = ((report or {}).get("measured") or {}).get("batches") or {}
+    if not batches:
+        return "—"
+    batch, m = next(iter(batches.items()))
+    ratio = f"{m['ratio']:.2f}×" if m.get("ratio") is not None else "float not timed"
+    return f"{m['artifact_ms']:.2f} ({ratio}) at batch {batch}"
+
+
 def row_of(name: str, recipe: str, rc: int, error: str, report: dict[str, Any] | None,
            total: dict[str, Any] | None, seconds: float) -> dict[str, str]:
     ver = (report or {}).get("verification", {})
@@ -130,6 +141,7 @@ def row_of(name: str, recipe: str, rc: int, error: str, report: dict[str, Any] |
         "MACs": si(total["macs"]) if total else "—",
         "params": si(total["params"]) if total else "—",
         "linear vs bf16": f"{total['linear_vs_bf16']:.4f}" if total else "—",
+        "ONNX ms (vs float)": measured(report),
         "seconds": f"{seconds:.0f}",
     }
 
@@ -138,7 +150,8 @@ def markdown(rows: list[dict[str, str]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
     note = ("Agreement cells: identical final integer outputs · top-1 agreement (and the largest difference in "
-            "LSB where not 0); — where that stage did not run.")
+            "LSB where not 0); — where that stage did not run. ONNX ms: the serving artifact's median latency in "
+            "onnxruntime on this machine and its ratio to the float model's, timed in the same interleaved rounds.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

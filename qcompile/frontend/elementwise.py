@@ -5,6 +5,8 @@ input code (docs/numerics.md), computed once at lowering from the very function 
 function of one tensor and constants qualifies: activations (SiLU, Hardswish, GELU, sigmoid, ...), clamps, and
 arithmetic with a Python number (``x + 3``, ``x / 6``). Clamps (ReLU6, Hardtanh, ``clamp``) are recorded with
 their bounds as well: right after a conv or dense layer they fold into the requantize's clipping instead.
+Common activations also name the IR's float ``activation`` that computes them, which a float model runs and
+which the ONNX exporter uses for a table where onnxruntime computes the same codes from it.
 """
 
 from __future__ import annotations

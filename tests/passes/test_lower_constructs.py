@@ -608,3 +608,21 @@ def test_onnx_computes_a_table_from_its_float_function_where_that_gives_the_tabl
     onnx.checker.check_model(model)
     result = compare_backend(ir, lambda x: qonnx.run(qonnx.session(model), [x])[0], _reference_pairs(ir, _batches()))
     assert result["identical_fraction"] == 1.0, result
+
+
+@pytest.mark.parametrize("name", ["squeeze_excite", "hand_hardswish"])
+def test_a_product_of_quantized_tensors_dequantizes_only_its_larger_operand_in_a_dequantize_linear(name, tmp_path):
+    """One ``DequantizeLinear`` pass over the feature map instead of three (``Cast``, ``Sub``, ``Mul``), and no
+    ``QLinearMul`` (which rounds its own way): the other operand is dequantized in the unfused form."""
+    import onnx
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered(name, "int8").context.ir
+    model = qonnx.to_onnx(ir)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    muls = [n for n in model.graph.node if n.output[0] in {op.output for op in ir.ops if op.kind == "mul"}]
+    assert muls and all(sum(producers[i].op_type == "DequantizeLinear" for i in n.input if i in producers) == 1
+                        for n in muls)
+    optimized = tmp_path / "optimized.onnx"
+    qonnx.session(model, optimized_path=str(optimized))
+    assert "QLinearMul" not in {n.op_type for n in onnx.load(str(optimized)).graph.node}
