@@ -21,7 +21,7 @@ from tqdm import tqdm
 from qcompile.errors import DataError, PipelineError
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.quantization.quantizer import ActivationQuantizer, BatchPart, QuantizerState
+from qcompile.quantization.quantizer import ActivationQuantizer, BatchPart, QuantizerState, fit_bias_scales
 
 PART_ELEMENTS = 1 << 24  # input values per forward: 111 images of 3x224x224 (about 1 GB of ResNet-50 activations)
 
@@ -61,6 +61,7 @@ class Calibrate(Pass):
             raise DataError("the calibration set is empty: no batches to calibrate on")
         for name, q in acts.items():
             q.freeze(name)
+        ctx.warnings.extend(f"calibrate: {line}" for line in fit_bias_scales(gm))
         ctx.calibration_images = images
         return gm
 

@@ -556,3 +556,40 @@ class BiasQuantizer(nn.Module):
         if aq.state is not QuantizerState.FROZEN or not aq.enabled or not wq.enabled:
             return b
         return fake_quantize(b, self.scale(), -INT32_QMAX, INT32_QMAX)
+
+
+BIAS_CODE_LIMIT = 2**22
+"""The largest bias code a layer's input scale is allowed to make. The fake-quant model holds a bias as
+``float32(B · s)`` (a 24-bit significand), which is within a quarter of a code of the IR's int32 ``B`` only up to
+about this size; it also leaves nearly all of int32 to the products the bias is added to."""
+
+
+@torch.no_grad()
+def fit_bias_scales(model: nn.Module) -> list[str]:
+    """Raise each frozen input quantizer's scale where a reading layer's bias would need more than
+    :data:`BIAS_CODE_LIMIT` codes at ``s_x · s_w[c]`` (an input whose calibrated range is tiny next to the bias
+    added to it: a near-dead feature map, an untrained model's pooled features), so that the layer lowers. Such a
+    layer's output is its bias to within the input's range, so the coarser input costs nothing visible. One line
+    per raised scale."""
+    floors: dict[int, tuple[ActivationQuantizer, float, list[str]]] = {}
+    for name, layer in model.named_modules():
+        bias = getattr(getattr(layer, "parametrizations", None), "bias", None)
+        bq = next((p for p in bias if isinstance(p, BiasQuantizer)), None) if bias is not None else None
+        if bq is None:
+            continue
+        _, aq, wq = bq._refs
+        if aq.state is not QuantizerState.FROZEN:
+            continue
+        s_w = wq.scale_for(layer.parametrizations.weight.original).reshape(-1)
+        need = float((bias.original.detach().abs() / (s_w * BIAS_CODE_LIMIT)).max())
+        if need > float(aq.scale):
+            _, floor, names = floors.get(id(aq), (aq, 0.0, []))
+            floors[id(aq)] = (aq, max(floor, need), [*names, name])
+    lines = []
+    for aq, floor, names in floors.values():
+        before = float(aq.scale)
+        aq.scale.fill_(floor * (1 + 2**-20))  # float32 rounding must not bring a code back over the limit
+        lines.append(f"the input scale of {', '.join(names)} was raised from {before:.3g} to {float(aq.scale):.3g} "
+                     f"(its calibrated range ±{before * aq.spec.qmax:.3g} is tiny next to its bias) so the bias fits "
+                     "int32")
+    return lines

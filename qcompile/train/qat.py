@@ -25,7 +25,7 @@ from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import activation_bounds
 from qcompile.pipeline import PassContext, Pipeline
 from qcompile.pipelines import qat_lowering_passes, qat_prepare_passes, qat_quantizer_passes
-from qcompile.quantization.quantizer import QuantizerState
+from qcompile.quantization.quantizer import QuantizerState, fit_bias_scales
 from qcompile.quantization.recipes import Override, Recipe
 from qcompile.quantization.spec import Calibrator
 
@@ -93,6 +93,7 @@ class ActivationSchedule:
         for name, q in self.quantizers.items():
             q.freeze(name)
         if self.graph is not None:
+            fit_bias_scales(self.graph)
             align_add_scales(self.graph)
 
     def state_dict(self) -> dict[str, dict[str, object]]:

@@ -84,3 +84,36 @@ def test_large_batches_run_in_parts_and_calibrate_as_whole_batches(calibrator):
         p_scale, p_ema, p_running, p_n = parts[name]
         assert torch.equal(scale, p_scale) and torch.equal(ema, p_ema) and torch.equal(running, p_running)
         assert n == p_n == 3
+
+
+class FadedHead(torch.nn.Module):
+    """A classifier whose pooled features are nearly zero next to its bias (an untrained network's, a near-dead
+    feature map): at the calibrated input scale the bias would need more than int32's codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.weight.mul_(1e-7)
+            self.conv.bias.zero_()
+            self.fc.bias.fill_(0.5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_an_input_scale_too_small_for_its_layers_bias_is_raised_and_the_model_lowers():
+    from qcompile.passes import LowerInteger
+    from qcompile.quantization.quantizer import BIAS_CODE_LIMIT
+    from qcompile.reporting.verify import verify_reference
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8), torch.zeros(16)) for _ in range(2)]
+    res = Pipeline([*PASSES, LowerInteger()]).run(FadedHead().eval(), torch.randn(1, 3, 8, 8),
+                                                  recipe=get_recipe("int8"), calibration_data=batches)
+    assert [w for w in res.context.warnings if "fc was raised" in w and "so the bias fits int32" in w]
+    ir = res.context.ir
+    fc = next(op for op in ir.ops if op.kind == "dense")
+    assert 0 < abs(ir.constants[fc.inputs[2]]).max() <= BIAS_CODE_LIMIT
+    assert verify_reference(res.graph_module, ir, batches).summary()["identical_fraction"] == 1.0
