@@ -1,5 +1,5 @@
-"""The example model zoo (examples/mobilenet_v2.py ... bit_resnetv2.py): each file keeps the model-file contract,
-runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
+"""The example model zoo (examples/mobilenet_v2.py ... bit_resnetv2.py, mobilenet_v3.py): each file keeps the
+model-file contract, runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ KEYS = {
         "features.1.conv.2.running_mean", "features.2.conv.0.0.weight", "features.2.conv.1.0.weight",
         "features.2.conv.2.weight", "features.2.conv.3.bias", "features.17.conv.2.weight", "features.18.0.weight",
         "features.18.1.bias", "classifier.1.weight", "classifier.1.bias",
+    ],
+    "mobilenet_v3": [
+        "features.0.0.weight", "features.0.1.running_var", "features.1.block.0.0.weight",
+        "features.1.block.1.fc1.weight", "features.1.block.1.fc2.bias", "features.1.block.2.1.weight",
+        "features.2.block.0.0.weight", "features.4.block.2.fc1.bias", "features.11.block.3.0.weight",
+        "features.12.0.weight", "features.12.1.bias", "classifier.0.weight", "classifier.3.bias",
     ],
     "se_resnet": [
         "conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.0.bn2.weight",
@@ -83,6 +89,11 @@ KEYS = {
 ORIGINAL = {
     "mobilenet_v2": (dict(cifar=False), 3_504_872, {"features.18.0.weight": (1280, 320, 1, 1),
                                                    "features.1.conv.0.0.weight": (32, 1, 3, 3)}),
+    # torchvision's mobilenet_v3_small
+    "mobilenet_v3": (dict(cifar=False), 2_542_856, {"features.1.block.1.fc1.weight": (8, 16, 1, 1),
+                                                   "features.5.block.2.fc1.weight": (64, 240, 1, 1),
+                                                   "features.12.0.weight": (576, 96, 1, 1),
+                                                   "classifier.0.weight": (1024, 576)}),
     "se_resnet": (dict(stem="imagenet"), 11_779_624, {"conv1.weight": (64, 3, 7, 7),
                                                       "layer1.0.se.fc1.weight": (8, 64, 1, 1),
                                                       "layer4.0.se.fc1.weight": (32, 512, 1, 1)}),
@@ -118,6 +129,7 @@ ORIGINAL = {
 # MACs of one 32x32 image through the CIFAR build (convs and dense layers)
 MACS = {
     "mobilenet_v2": 87_976_448,
+    "mobilenet_v3": 17_507_328,
     "se_resnet": 140_274_688,
     "efficientnet_b0": 31_979_392,
     "preact_resnet18": 555_422_720,
@@ -261,6 +273,7 @@ def test_zoo_table_from_reports():
     agree = {"images": 8, "identical_fraction": 1.0, "top1_agreement": 1.0, "max_lsb_diff": 0}
     report = {"total": {"macs": 87_976_448, "params": 2_202_560, "linear_vs_bf16": 0.25263},
               "artifacts": {"tvm_cpu": "x"},
+              "measured": {"batches": {"1": {"artifact_ms": 0.6127, "float_ms": 1.2141, "ratio": 0.5053}}},
               "verification": {"reference_vs_fakequant": agree,
                                "onnx_vs_reference": {"serving": {**agree, "identical_fraction": 0.5,
                                                                  "max_lsb_diff": 7}}}}
@@ -270,7 +283,7 @@ def test_zoo_table_from_reports():
     lines = table.splitlines()
     assert lines[0].startswith("| model | recipe | compiles |")
     assert "| mobilenet_v2 | mostly4bit | yes | 100.00% · 100.0% | 50.00% · 100.0% (max 7 LSB) | — | " \
-           "built, not verified | 87.98M | 2.20M | 0.2526 | 12 |" in lines
+           "built, not verified | 87.98M | 2.20M | 0.2526 | 0.61 (0.51×) at batch 1 | 12 |" in lines
     assert "| densenet | int8 | onnxruntime (serving) disagrees \\| x | — |" in table
 
 
