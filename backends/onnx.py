@@ -31,7 +31,7 @@ from qcompile.errors import QCompileError, require_extra
 from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.ops import OpTable, basic_index
+from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -566,6 +566,11 @@ class _Exporter:
             return self.node("HardSigmoid", [x], output, alpha=1.0 / 6.0, beta=0.5)
         if fn == "leaky_relu":
             return self.node("LeakyRelu", [x], output, alpha=float(params["alpha"]))
+        if fn in SCALAR_ARITHMETIC:
+            a = self.const("alpha", np.array(params["alpha"], np.float32))
+            kind, operands = {"add": ("Add", [x, a]), "mul": ("Mul", [x, a]), "div": ("Div", [x, a]),
+                              "rsub": ("Sub", [a, x]), "rdiv": ("Div", [a, x])}[fn]
+            return self.node(kind, operands, output)
         return self.node({"sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}[fn], [x], output)
 
     @OPS.implements("lut")

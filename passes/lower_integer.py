@@ -478,12 +478,12 @@ class _Lowerer:
         return _Val(self.materialize(node, v), unary=u)
 
     def lower_float_unary(self, node: fx.Node, u: Unary) -> _Val:
-        """A function of a float value (a float model's, which tabulates nothing): the IR's float ``activation``,
-        or float arithmetic with the number."""
-        if u.activation is not None:
-            return _Val(self.float_op(node, "activation", [self.as_float(node, tensor_input(node))], **u.activation))
+        """A function of a float value (a float model's, which tabulates nothing): float arithmetic with the
+        number, or the IR's float ``activation``."""
         if (kind := arithmetic_kind(node)) is not None:
             return self.lower_arithmetic(node, kind)
+        if u.activation is not None:
+            return _Val(self.float_op(node, "activation", [self.as_float(node, tensor_input(node))], **u.activation))
         raise self.fail(node, f"{u.name} of a float value does not lower: the IR computes it only on quantized "
                               "codes (as a table)")
 

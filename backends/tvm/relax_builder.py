@@ -517,6 +517,10 @@ class _Builder:
             y = self.op.divide(self.op.multiply(x, y) if fn == "hardswish" else y, self.const(6.0, "float32"))
         elif fn == "leaky_relu":
             y = nn.leakyrelu(x, float(a["alpha"]))
+        elif fn in ("add", "mul", "div"):
+            y = {"add": self.op.add, "mul": self.op.multiply, "div": self.op.divide}[fn](x, self.const(a["alpha"], "float32"))
+        elif fn in ("rsub", "rdiv"):
+            y = (self.op.subtract if fn == "rsub" else self.op.divide)(self.const(a["alpha"], "float32"), x)
         else:
             y = {"sigmoid": self.op.sigmoid, "silu": nn.silu, "tanh": self.op.tanh, "gelu": nn.gelu,
                  "gelu_tanh": nn.gelu_tanh}[fn](x)

@@ -171,10 +171,12 @@ def _scalar_arithmetic(node: fx.Node) -> Unary | None:
     a, b = node.args
     if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
         op = getattr(torch.Tensor, f"__{dunder}__")
-        return Unary(_name(node.target), lambda x: op(x, b))
+        form = {"function": "add", "alpha": -float(b)} if kind == "sub" else {"function": kind, "alpha": float(b)}
+        return Unary(_name(node.target), lambda x: op(x, b), activation=form)
     if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool) and node.op == "call_function":
         op = getattr(torch.Tensor, f"__r{dunder}__")
-        return Unary(_name(node.target), lambda x: op(x, a))
+        function = {"add": "add", "mul": "mul", "sub": "rsub", "div": "rdiv"}[kind]
+        return Unary(_name(node.target), lambda x: op(x, a), activation={"function": function, "alpha": float(a)})
     return None
 
 

@@ -148,7 +148,10 @@ def _requantize_constants(attrs: Mapping[str, Any]) -> str | None:
             f"{', '.join(repr(n) for n in sorted(want))}")
 
 
-ACTIVATIONS = ("sigmoid", "silu", "tanh", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "clip", "leaky_relu")
+SCALAR_ARITHMETIC = ("add", "mul", "div", "rsub", "rdiv")
+"""Arithmetic with a number ``alpha``: ``x + a``, ``x · a``, ``x / a``, ``a − x``, ``a / x``."""
+ACTIVATIONS = ("sigmoid", "silu", "tanh", "gelu", "gelu_tanh", "hardswish", "hardsigmoid", "clip", "leaky_relu",
+               *SCALAR_ARITHMETIC)
 """The float functions of :data:`OP_SCHEMAS`' ``activation`` (PyTorch's definitions; ``gelu_tanh`` is
 ``approximate="tanh"``)."""
 ACTIVATION = AttrType(f"one of {', '.join(ACTIVATIONS)}", lambda v: v in ACTIVATIONS)
@@ -158,14 +161,15 @@ def _activation_parameters(attrs: Mapping[str, Any], key: str = "function") -> s
     """``clip`` takes ``min`` and/or ``max``, ``leaky_relu`` its ``alpha``, and no function the others' (the
     function named by ``key``)."""
     fn = attrs.get(key)
-    want = {"clip": {"min", "max"}, "leaky_relu": {"alpha"}}.get(fn, set())
+    takes_alpha = fn == "leaky_relu" or fn in SCALAR_ARITHMETIC
+    want = {"min", "max"} if fn == "clip" else {"alpha"} if takes_alpha else set()
     extra = ({"min", "max", "alpha"} & attrs.keys()) - want
     if extra:
         return f"{fn or f'an op without {key!r}'} takes no attribute {sorted(extra)[0]!r}"
     if fn == "clip" and not want & attrs.keys():
         return "clip needs 'min', 'max' or both"
-    if fn == "leaky_relu" and "alpha" not in attrs:
-        return "leaky_relu needs 'alpha'"
+    if takes_alpha and "alpha" not in attrs:
+        return f"{fn} needs 'alpha'"
     return None
 
 

@@ -239,15 +239,23 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+_ARITHMETIC: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "add": lambda x, a: x + a, "mul": lambda x, a: x * a, "div": lambda x, a: x / a,
+    "rsub": lambda x, a: a - x, "rdiv": lambda x, a: a / x,
+}
+
+
 def activation(x: np.ndarray, function: str, attrs: dict[str, Any]) -> np.ndarray:
-    """PyTorch's float ``function`` (an :data:`~qcompile.ir.ops.ACTIVATIONS` name; ``clip`` and ``leaky_relu``
-    read ``min``/``max`` and ``alpha`` from ``attrs``) in float64, rounded once to float32."""
+    """PyTorch's float ``function`` (an :data:`~qcompile.ir.ops.ACTIVATIONS` name; ``clip`` reads ``min``/``max``
+    from ``attrs``, ``leaky_relu`` and arithmetic with a number ``alpha``) in float64, rounded once to float32."""
     d = x.astype(np.float64)
     if function == "clip":
         lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)
         return _as_f32(np.minimum(np.maximum(d, lo), hi))
     if function == "leaky_relu":
         return _as_f32(np.where(d > 0, d, attrs["alpha"] * d))
+    if function in _ARITHMETIC:
+        return _as_f32(_ARITHMETIC[function](d, float(attrs["alpha"])))
     return _as_f32(_ACTIVATIONS[function](d))
 
 

@@ -15,7 +15,7 @@ from qcompile.ir import int4, reference  # noqa: E402
 from qcompile.ir.reference import global_avgpool_multiplier  # noqa: E402
 from qcompile.ir.graph import IRGraph  # noqa: E402
 from qcompile.ir.types import DType, TensorInfo  # noqa: E402
-from tests.ir.test_reference import pooling_case  # noqa: E402
+from tests.ir.test_reference import arithmetic_activations, pooling_case  # noqa: E402
 from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 
@@ -284,3 +284,9 @@ def test_pooling_a_float_op_s_output_sums_in_double_as_the_reference(kind, attrs
     x = (np.random.default_rng(0).standard_normal((64, 16, 7, 6)) * 3).astype(np.float32)
     got = qonnx.run(qonnx.session(qonnx.to_onnx(g, "serving")), [x])[0]
     np.testing.assert_array_equal(got, reference.run(g, x)["y"])
+
+
+def test_float_arithmetic_activations_agree_with_the_reference():
+    g, x = arithmetic_activations()
+    out = qonnx.run(qonnx.session(qonnx.to_onnx(g)), [x])[0]
+    np.testing.assert_allclose(out, reference.run(g, x)[g.outputs[0]], rtol=1e-6)

@@ -29,7 +29,7 @@ from qcompile.ir import (
 from qcompile.ir.agreement import compare_backend  # noqa: E402
 from qcompile.ir.types import DType  # noqa: E402
 from tests.conftest import TinyNet  # noqa: E402
-from tests.ir.test_reference import pooling_case  # noqa: E402
+from tests.ir.test_reference import arithmetic_activations, pooling_case  # noqa: E402
 from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 # the VNNI target where this CPU has it; plain AVX2 code elsewhere (same Relax module, same numerics)
@@ -101,6 +101,14 @@ def test_float_activations_agree_with_the_reference_to_float32_rounding(tmp_path
     x = _images(8)
     model = runtime.load(build(ir, CPU, tmp_path, float_dtype="float32").path)
     np.testing.assert_allclose(model(x)[0], reference.run(ir, x)[ir.outputs[0]], rtol=1e-5, atol=1e-6)
+
+
+def test_float_arithmetic_activations_agree_with_the_reference(tmp_path):
+    """The arithmetic with a number that a table may name (``x + a``, ``a − x``, ``x · a``, ``x / a``, ``a / x``)
+    as float ``activation`` ops of an IR file, in TVM's float32."""
+    g, x = arithmetic_activations()
+    model = runtime.load(build(g, CPU, tmp_path, float_dtype="float32").path)
+    np.testing.assert_allclose(model(x)[0], reference.run(g, x)[g.outputs[0]], rtol=1e-6)
 
 
 def test_dyadic_requantization_is_bit_exact(tmp_path):

@@ -50,6 +50,7 @@ def test_defaults_are_filled_in_in_schema_order():
     ("activation", {"function": "swish"}, "attribute 'function' must be one of sigmoid, silu"),
     ("activation", {"function": "clip"}, "clip needs 'min', 'max' or both"),
     ("activation", {"function": "leaky_relu"}, "leaky_relu needs 'alpha'"),
+    ("activation", {"function": "rdiv"}, "rdiv needs 'alpha'"),
     ("activation", {"function": "sigmoid", "alpha": 0.1}, "sigmoid takes no attribute 'alpha'"),
     ("lut", {"function": "ReLU6", "max": 6.0}, "an op without 'activation' takes no attribute 'max'"),
 ])

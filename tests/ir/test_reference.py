@@ -136,3 +136,20 @@ def test_clip_and_leaky_relu_read_their_parameters():
     assert activation(x, "clip", {"min": 0.0, "max": 6.0}).tolist() == [0.0, 0.0, 0.5, 6.0]
     assert activation(x, "clip", {"max": 1.0}).tolist() == [-8.0, -1.0, 0.5, 1.0]
     assert activation(x, "leaky_relu", {"alpha": 0.25}).tolist() == [-2.0, -0.25, 0.5, 7.0]
+    assert activation(x, "add", {"alpha": 3.0}).tolist() == [-5.0, 2.0, 3.5, 10.0]
+    assert activation(x, "rsub", {"alpha": 1.0}).tolist() == [9.0, 2.0, 0.5, -6.0]
+    assert activation(x, "div", {"alpha": 2.0}).tolist() == [-4.0, -0.5, 0.25, 3.5]
+    assert activation(x, "rdiv", {"alpha": 1.0}).tolist() == [-0.125, -1.0, 2.0, np.float32(1 / 7)]
+
+
+def arithmetic_activations() -> tuple[IRGraph, np.ndarray]:
+    """An IR of the five arithmetic ``activation`` functions in a chain, and an input (shared by the backends'
+    tests)."""
+    g = IRGraph()
+    info = TensorInfo(DType.FLOAT32, (1, 4, 3, 3))
+    g.inputs.append(g.add_value("x", info))
+    y = "x"
+    for i, (fn, alpha) in enumerate([("add", 3.0), ("mul", 0.5), ("rsub", 1.0), ("div", 6.0), ("rdiv", 2.0)]):
+        y = g.add_op("activation", [y], f"y{i}", info, function=fn, alpha=alpha)
+    g.outputs.append(y)
+    return g, np.random.default_rng(0).uniform(0.5, 2.0, (2, 4, 3, 3)).astype(np.float32)

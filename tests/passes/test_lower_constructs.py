@@ -585,7 +585,7 @@ def test_a_float_function_with_no_float_op_names_itself():
         lowered("elu", "bf16")
 
 
-@pytest.mark.parametrize("name", ["silu", "sigmoid", "hardswish", "gelu", "squeeze_excite"])
+@pytest.mark.parametrize("name", ["silu", "sigmoid", "hardswish", "gelu", "squeeze_excite", "hand_hardswish"])
 def test_onnx_computes_a_table_from_its_float_function_where_that_gives_the_table(name):
     """A table of a named float function is exported as DQ → the function → Q when onnxruntime computes every
     entry that way (probed on each input code), and stays a ``Gather`` of the table where it does not: here one
