@@ -578,9 +578,9 @@ class _Exporter:
         """DQ → the table's float function → Q where onnxruntime computes the table that way
         (:func:`float_lut_is_exact`): its float kernels (or its own table, ``QLinearSigmoid``) beat a ``Gather``,
         which copies one byte per call and keeps the NHWC integer convs' layout from passing through, by far
-        (EfficientNet-B0 at 32×32, batch 1: 6.45 → 1.31 ms, float 1.28 ms). Otherwise ``Gather`` from a 256-entry table over the 8-bit
-        container's values (codes shifted by the container's zero point on both sides; container values outside
-        the code range read the nearest code's entry)."""
+        (EfficientNet-B0 at 32×32, batch 1: 6.45 → 1.31 ms, float 1.28 ms). Otherwise ``Gather`` from a 256-entry
+        table over the 8-bit container's values (codes shifted by the container's zero point on both sides;
+        container values outside the code range read the nearest code's entry)."""
         t_in, t_out = self.ir.values[op.inputs[0]], self.ir.values[op.output]
         fn = op.attrs.get("activation")
         if fn and (self.float_luts or float_lut_is_exact(t_in, t_out, self.ir.constants[op.inputs[1]], op.attrs)):

@@ -518,7 +518,8 @@ class _Builder:
         elif fn == "leaky_relu":
             y = nn.leakyrelu(x, float(a["alpha"]))
         elif fn in ("add", "mul", "div"):
-            y = {"add": self.op.add, "mul": self.op.multiply, "div": self.op.divide}[fn](x, self.const(a["alpha"], "float32"))
+            fns = {"add": self.op.add, "mul": self.op.multiply, "div": self.op.divide}
+            y = fns[fn](x, self.const(a["alpha"], "float32"))
         elif fn in ("rsub", "rdiv"):
             y = (self.op.subtract if fn == "rsub" else self.op.divide)(self.const(a["alpha"], "float32"), x)
         else:
