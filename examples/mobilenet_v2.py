@@ -23,38 +23,13 @@ evaluation use the same sample (``data/cifar10-sample.tar.gz``), as ``resnet20_c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from qcompile.models.init import randomize_batchnorm
 
 from cifar_sample import calibration_data, eval_data, example_input, statistics_images  # noqa: F401 (hooks)
-
-
-def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
-    """torchvision's rounding of channel counts (models/_utils.py): nearest multiple, never 10% below ``v``."""
-    if min_value is None:
-        min_value = divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
-
-
-class Conv2dNormActivation(nn.Sequential):
-    """torchvision.ops.misc.Conv2dNormActivation: Conv2d (no bias) ``0``, BatchNorm2d ``1``, activation ``2``."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 activation_layer: Callable[..., nn.Module] = nn.ReLU6) -> None:
-        padding = (kernel_size - 1) // 2
-        super().__init__(
-            nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-            activation_layer(inplace=True),
-        )
-        self.out_channels = cout
+from torchvision_layers import Conv2dNormActivation, _make_divisible, initialize_mobilenet
 
 
 class InvertedResidual(nn.Module):
@@ -125,18 +100,7 @@ class MobileNetV2(nn.Module):
             nn.Dropout(p=dropout),
             nn.Linear(self.last_channel, num_classes),
         )
-        # weight initialization (torchvision's)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        initialize_mobilenet(self)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self.features(x)
