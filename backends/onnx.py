@@ -18,6 +18,7 @@ its input codes are reshaped to 2-d and its requantized codes back, both exact o
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -661,7 +662,10 @@ runtime's vector kernels may take another path for a tail of elements."""
 def float_lut_is_exact(t_in: TensorInfo, t_out: TensorInfo, table: np.ndarray, attrs: dict[str, Any]) -> bool:
     """Whether onnxruntime, on this machine, computes ``table`` (a ``lut``'s output codes per input code) from
     DQ → its float function → Q, for every input code at every alignment: a probe model of that form, run once
-    per distinct table and cached. The artifact's own verification then checks the whole model again."""
+    per distinct table and cached. The artifact's own verification then checks the whole model again. Without
+    onnxruntime nothing can be probed: False, so an export on such a machine writes the table itself."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
     key = (t_in.dtype, t_in.qmin, t_in.qmax, t_in.scale.tobytes(), t_out.dtype, t_out.qmin, t_out.qmax,
            t_out.scale.tobytes(), table.tobytes(), tuple(sorted(attrs.items())))
     if key not in _EXACT_FLOAT_LUTS:

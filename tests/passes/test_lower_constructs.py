@@ -626,3 +626,16 @@ def test_a_product_of_quantized_tensors_dequantizes_only_its_larger_operand_in_a
     optimized = tmp_path / "optimized.onnx"
     qonnx.session(model, optimized_path=str(optimized))
     assert "QLinearMul" not in {n.op_type for n in onnx.load(str(optimized)).graph.node}
+
+
+def test_without_onnxruntime_a_table_is_exported_as_a_gather(monkeypatch):
+    """Exporting needs only onnx: with no onnxruntime to probe, every table is written as itself."""
+    import importlib.util
+
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered("silu", "int8").context.ir
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    assert "Gather" in [n.op_type for n in qonnx.to_onnx(ir).graph.node]
