@@ -594,6 +594,13 @@ class _Exporter:
         index = self.node("Cast", [op.inputs[0]], to=self.onnx.TensorProto.INT32)
         self.node("Gather", [self.const(f"{op.output}_table", table.astype(ty)), index], op.output, axis=0)
 
+    @OPS.implements("upsample_nearest")
+    def op_upsample_nearest(self, op: Op) -> None:
+        """``Resize`` to the nearest pixel, the source index ``floor(dst / scale)``: each code repeated."""
+        scales = self.const("scales", np.array([1, 1, *op.attrs["scale"]], np.float32))
+        self.node("Resize", [op.inputs[0], "", scales], op.output, mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
     @OPS.implements("transpose")
     def op_transpose(self, op: Op) -> None:
         self.node("Transpose", [op.inputs[0]], op.output, perm=list(op.attrs["perm"]))

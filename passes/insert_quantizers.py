@@ -28,7 +28,8 @@ from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
 from qcompile.frontend.elementwise import arithmetic_kind, is_binary_mul, tensor_input, unary_of
-from qcompile.frontend.graph import compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of
+from qcompile.frontend.graph import (compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of,
+                                     nearest_upsampling)
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.quantization.recipes import activation_calibrator
@@ -79,7 +80,8 @@ def quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActivationQuantizer | Non
             return m
         transparent = isinstance(m, _TRANSPARENT_MODULES) or (
             node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS
-        ) or (node.op == "call_method" and node.target in _TRANSPARENT_METHODS)
+        ) or (node.op == "call_method" and node.target in _TRANSPARENT_METHODS) or (
+            nearest_upsampling(gm, node) is not None)
         if not transparent or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]

@@ -29,8 +29,8 @@ from torch.nn.utils import parametrize
 from qcompile.errors import QCompileError
 from qcompile.frontend.elementwise import Bounds, Unary, arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.canonical import attribute_tensor
-from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, permutation, softmax_of,
-                                     unused_name)
+from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
+                                     softmax_of, unused_name)
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -173,6 +173,8 @@ class _Lowerer:
             return None  # sizes and other Python values, chunk/split tuples: consumers read what they need
         if (head := softmax_of(self.gm, node)) is not None:
             return self.lower_softmax(node, *head)
+        if (scale := nearest_upsampling(self.gm, node)) is not None:
+            return self.lower_upsampling(node, scale)
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
@@ -602,6 +604,13 @@ class _Lowerer:
         x = v.name if v.clamp is not None else self.materialize(node, v)  # max pooling commutes with a clamp
         return _Val(self.same(node, "maxpool2d", [x], kernel=list(_pair(k)), stride=list(_pair(s if s else k)),
                               padding=list(_pair(p)), dilation=list(_pair(d)), ceil_mode=bool(ceil)), clamp=v.clamp)
+
+    def lower_upsampling(self, node: fx.Node, scale: tuple[int, int]) -> _Val:
+        """Nearest-neighbour upsampling repeats each value: on codes, commuting with a pending clamp as max pooling
+        does."""
+        v = self.value(node, node.args[0])
+        x = v.name if v.clamp is not None else self.materialize(node, v)
+        return _Val(self.same(node, "upsample_nearest", [x], scale=list(scale)), clamp=v.clamp)
 
     def lower_adaptive_maxpool(self, node: fx.Node) -> _Val:
         """Adaptive max pooling (global max pooling, to 1×1) where every output takes an equal window of the input:

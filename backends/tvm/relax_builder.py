@@ -544,6 +544,18 @@ class _Builder:
     def op_flatten(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)
 
+    @OPS.implements("upsample_nearest")
+    def op_upsample_nearest(self, op: Op) -> None:
+        """Each pixel repeated: the spatial axes split in two, the new unit axes broadcast to the factors, joined
+        again, in the input's layout."""
+        src, (sh, sw) = op.inputs[0], op.attrs["scale"]
+        nhwc = src in self.nhwc
+        n, c, h, w = self.shape(src)
+        inner, tiled, out = (((n, h, 1, w, 1, c), (n, h, sh, w, sw, c), (n, h * sh, w * sw, c)) if nhwc else
+                             ((n, c, h, 1, w, 1), (n, c, h, sh, w, sw), (n, c, h * sh, w * sw)))
+        repeated = self.op.broadcast_to(self.op.reshape(self.env[src], inner), tiled)
+        self.set(op.output, self.op.reshape(repeated, out), nhwc)
+
     @OPS.implements("reshape")
     def op_reshape(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)

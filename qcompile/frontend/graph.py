@@ -60,6 +60,26 @@ def softmax_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int | None] | No
     return None
 
 
+def nearest_upsampling(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    """The integer (height, width) factors of a nearest-neighbour upsampling of a 4-d tensor (``F.interpolate``,
+    ``nn.Upsample``, ``nn.UpsamplingNearest2d`` with mode ``"nearest"``: every pixel repeated), read from the
+    recorded shapes; None for any other node, another mode, or factors that are not integers."""
+    m = module_of(gm, node)
+    if isinstance(m, nn.Upsample):
+        mode = m.mode
+    elif node.op == "call_function" and node.target is F.interpolate:
+        mode = argument(node, 3, "mode", "nearest")
+    else:
+        return None
+    src = node.args[0] if node.args else None
+    if mode != "nearest" or not isinstance(src, fx.Node) or "tensor_meta" not in node.meta:
+        return None
+    before, after = tuple(src.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
+    if len(before) != 4 or any(a % b for a, b in zip(after[2:], before[2:])):
+        return None
+    return after[2] // before[2], after[3] // before[3]
+
+
 def is_softmax_head(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A softmax whose only reader is the graph's output: a classifier's head, computed on the logits."""
     return softmax_of(gm, node) is not None and all(u.op == "output" for u in node.users)
@@ -221,7 +241,7 @@ def _clamp(lo_name: str, hi_name: str, lo_default: object = None, hi_default: ob
 
 
 _PASS_MODULES = (
-    _MaxPoolNd, _AvgPoolNd, _AdaptiveMaxPoolNd, _AdaptiveAvgPoolNd, nn.Flatten, nn.Identity,
+    _MaxPoolNd, _AvgPoolNd, _AdaptiveMaxPoolNd, _AdaptiveAvgPoolNd, nn.Flatten, nn.Identity, nn.Upsample,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )
 _CLAMP = _clamp("min", "max")
@@ -231,7 +251,7 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_max_pool1d,
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-        torch.unsqueeze, torch.chunk, torch.split, operator.getitem, torch.mean, F.dropout,
+        torch.unsqueeze, torch.chunk, torch.split, operator.getitem, torch.mean, F.dropout, F.interpolate,
     ), _first),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6), _always),
     **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul), _both),

@@ -210,6 +210,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("transpose", (Attr("perm", INTS),)),
     OpSchema("slice", (Attr("index", INDEX),)),
     OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0))),
+    OpSchema("upsample_nearest", (Attr("scale", PAIR),)),
     OpSchema("concat", (Attr("dim", INT),)),
 )}
 """Every op kind of the IR; :mod:`qcompile.ir.reference` defines what each computes."""

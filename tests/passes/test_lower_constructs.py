@@ -352,6 +352,27 @@ class LayerNorm2dStem(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class UpsampleFuse(nn.Module):
+    """HRNet's fusion: a half-resolution branch upsampled by nearest-neighbour repetition (``F.interpolate`` and
+    ``nn.Upsample``) and added to the full-resolution one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hi = nn.Conv2d(3, 8, 3, padding=1)
+        self.lo = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.lo2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.relu(self.hi(x))
+        low = self.bn(self.lo(x))
+        h = F.relu(h + F.interpolate(low, scale_factor=2, mode="nearest"))
+        h = h + self.up(F.relu(self.lo2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -370,14 +391,15 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct,
           "convnext_block": ConvNeXtBlock, "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
-          "eca": ECAHead, "split_attention": SplitAttention}
+          "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
                 "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"},
-                "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"}}
+                "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"},
+                "upsample": {"upsample_nearest", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
