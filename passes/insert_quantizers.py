@@ -20,7 +20,6 @@ parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn

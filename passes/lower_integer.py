@@ -606,11 +606,9 @@ class _Lowerer:
                               padding=list(_pair(p)), dilation=list(_pair(d)), ceil_mode=bool(ceil)), clamp=v.clamp)
 
     def lower_upsampling(self, node: fx.Node, scale: tuple[int, int]) -> _Val:
-        """Nearest-neighbour upsampling repeats each value: on codes, commuting with a pending clamp as max pooling
-        does."""
-        v = self.value(node, node.args[0])
-        x = v.name if v.clamp is not None else self.materialize(node, v)
-        return _Val(self.same(node, "upsample_nearest", [x], scale=list(scale)), clamp=v.clamp)
+        """Nearest-neighbour upsampling repeats each value, on the codes insert_quantizers puts before it."""
+        x = self.materialize(node, self.value(node, node.args[0]))
+        return _Val(self.same(node, "upsample_nearest", [x], scale=list(scale)))
 
     def lower_adaptive_maxpool(self, node: fx.Node) -> _Val:
         """Adaptive max pooling (global max pooling, to 1×1) where every output takes an equal window of the input:

@@ -13,7 +13,7 @@ import torch
 from qcompile.artifacts import check_output_dir, output_transaction, write_json
 from qcompile.cli.arguments import check_compile_args
 from qcompile.cli.artifacts import LabelledBatches, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
-from qcompile.cli.measure import measure_onnx, measure_tvm
+from qcompile.cli.measure import float_reference, measure_onnx, measure_tvm
 from qcompile.data import Batches, default_normalization, iterate_batches, load_split, parse_normalization
 from qcompile.errors import QCompileError
 from qcompile.frontend.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
@@ -124,15 +124,16 @@ def compile_model(args: argparse.Namespace) -> int:
             except VerificationFailed as exc:
                 raise keep_failed_run(exc, report, staging, out) from None
             serving = report["artifacts"].get("onnx_serving")
-            if args.measure and serving:
-                report["measured"] = measure_onnx(args, model, inputs, result.context.ir, serving)
             verified = report.get("verification", {})
             tvm_cpu = next((report["artifacts"][f"tvm_{t}"] for t in ("cpu", "cpu-generic")
                             if f"tvm_{t.replace('-', '_')}_vs_reference" in verified), None)
-            if args.measure and tvm_cpu:
-                report["measured_tvm"] = measure_tvm(args, model, inputs, result.context.ir, tvm_cpu)
-            timed = [report.get("measured"), report.get("measured_tvm")]
-            report["warnings"] += sorted({m["float_missing"] for m in timed if m and "float_missing" in m})
+            if args.measure and (serving or tvm_cpu):
+                reference = float_reference(model, inputs, args)
+                if serving:
+                    report["measured"] = measure_onnx(args, reference, inputs, result.context.ir, serving)
+                if tvm_cpu:
+                    report["measured_tvm"] = measure_tvm(args, reference, inputs, result.context.ir, tvm_cpu)
+                report["warnings"] += [reference[1]] if reference[1] else []
         if evald is not None and (not recipe.quantized or calib is not None):
             report["accuracy"] = _accuracy(model, result, recipe, evald, report)
         (staging / "report.html").write_text(render_html(report))

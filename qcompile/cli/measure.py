@@ -38,10 +38,14 @@ def lowered(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], recipe: Re
     return result.graph_module, result.context.ir
 
 
+FloatReference = tuple[IRGraph | None, str | None]
+"""The float model lowered to time beside the artifacts, or None and why not."""
+
+
 def float_reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-                    args: argparse.Namespace) -> tuple[IRGraph | None, str | None]:
-    """The float model lowered to time beside the artifact, or None and why: a function with no float IR op
-    (a Mish, say: the IR tabulates every function on codes, but runs only common ones in float,
+                    args: argparse.Namespace) -> FloatReference:
+    """The float model lowered once to time beside every artifact, or None and why: a function with no float IR
+    op (a Mish, say: the IR tabulates every function on codes, but runs only common ones in float,
     :data:`~qcompile.ir.ops.ACTIVATIONS`), so such a model is timed without it."""
     try:
         return lowered(model, inputs, get_recipe("bf16"), args.width, args.leaf_modules)[1], None
@@ -49,15 +53,15 @@ def float_reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
         return None, f"no float build of the model to time beside the artifact ({exc}); the artifact is timed alone"
 
 
-def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ir: IRGraph,
-                 serving: Any) -> dict[str, Any]:
+def measure_onnx(args: argparse.Namespace, reference: FloatReference, inputs: tuple[torch.Tensor, ...],
+                 ir: IRGraph, serving: Any) -> dict[str, Any]:
     """``report["measured"]`` for the ONNX serving model: end to end per ``--measure-batch`` and per layer."""
     import onnxruntime
 
     from qcompile.backends import onnx as qonnx
     from qcompile.backends.onnx_measure import interleaved_latency, kernel_times
 
-    float_ir, why = float_reference(model, inputs, args)
+    float_ir, why = reference
     contenders = {"artifact": serving} | ({"float": qonnx.to_onnx(float_ir, "serving")} if float_ir else {})
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])
@@ -81,8 +85,8 @@ def measure_onnx(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple
     }
 
 
-def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ir: IRGraph,
-                artifact: str) -> dict[str, Any]:
+def measure_tvm(args: argparse.Namespace, reference: FloatReference, inputs: tuple[torch.Tensor, ...],
+                ir: IRGraph, artifact: str) -> dict[str, Any]:
     """``report["measured_tvm"]`` for a TVM CPU artifact: end to end per batch beside the float model built by
     TVM for the same target and batch (float32 convolutions, not the reference's float64), per compiled function,
     and per layer (calls charged to IR ops by their order, :mod:`qcompile.backends.tvm.measure`). A fixed-batch
@@ -96,7 +100,7 @@ def measure_tvm(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple[
     from qcompile.backends.tvm.measure import call_times, function_times, interleaved_latency, layer_calls
 
     served = runtime.load(artifact)
-    float_ir, why = float_reference(model, inputs, args)
+    float_ir, why = reference
     batches = [served.batch] if served.batch is not None else args.measure_batches
     rng = np.random.default_rng(0)
     shape = tuple(inputs[0].shape[1:])

@@ -571,7 +571,7 @@ def fit_bias_scales(model: nn.Module) -> list[str]:
     added to it: a near-dead feature map, an untrained model's pooled features), so that the layer lowers. Such a
     layer's output is its bias to within the input's range, so the coarser input costs nothing visible. One line
     per raised scale."""
-    floors: dict[int, tuple[ActivationQuantizer, float, list[str]]] = {}
+    floors: dict[ActivationQuantizer, tuple[float, list[str]]] = {}
     for name, layer in model.named_modules():
         bias = getattr(getattr(layer, "parametrizations", None), "bias", None)
         bq = next((p for p in bias if isinstance(p, BiasQuantizer)), None) if bias is not None else None
@@ -583,10 +583,10 @@ def fit_bias_scales(model: nn.Module) -> list[str]:
         s_w = wq.scale_for(layer.parametrizations.weight.original).reshape(-1)
         need = float((bias.original.detach().abs() / (s_w * BIAS_CODE_LIMIT)).max())
         if need > float(aq.scale):
-            _, floor, names = floors.get(id(aq), (aq, 0.0, []))
-            floors[id(aq)] = (aq, max(floor, need), [*names, name])
+            floor, names = floors.get(aq, (0.0, []))
+            floors[aq] = (max(floor, need), [*names, name])
     lines = []
-    for aq, floor, names in floors.values():
+    for aq, (floor, names) in floors.items():
         before = float(aq.scale)
         aq.scale.fill_(floor * (1 + 2**-20))  # float32 rounding must not bring a code back over the limit
         lines.append(f"the input scale of {', '.join(names)} was raised from {before:.3g} to {float(aq.scale):.3g} "
