@@ -7,11 +7,12 @@
 
    every distinct int8 GEMM shape of the int8 and mostly4bit artifacts at batch 256 and 1 (47 shapes for
    ResNet-50, the same for both recipes), each with every tile configuration of the grid that compiles: the
-   trial budget, printed; 1,400 kernels in one module, 8 minutes here. ``tvm_gpu.py pack --tuning tune-sm90``
-   carries it to the GPU machine with the benchmark;
+   trial budget, printed; 2,560 kernels (1,400 ``wmma``, 1,160 pipelined ``mma``) in one module, 20 minutes
+   here. ``tvm_gpu.py pack --tuning tune-sm90`` carries it to the GPU machine with the benchmark;
 2. there, ``tvm_gpu_session.sh`` runs ``python benchmarks/tvm_tune.py measure --out DIR --json OUT/tuning.json``
-   before the benchmark: each kernel timed with ``time_evaluator`` (median of 3 means of 5 calls), the JSON
-   rewritten after each shape, so that a crash or ``--budget-s`` keeps what was timed;
+   before the benchmark: each kernel timed with ``time_evaluator`` (median of 3 means of 5 calls), each shape's
+   fastest checked against the default's output (``wrong`` lists those that differ), the JSON rewritten after
+   each shape, so that a crash or ``--budget-s`` keeps what was timed;
 3. here::
 
        python benchmarks/tvm_tune.py commit --out tune-sm90 --measured OUT/tuning.json --device "NVIDIA H200"
@@ -55,7 +56,8 @@ def measure_step(args: argparse.Namespace) -> None:
     from qcompile.backends.tvm import tuning
 
     measured = tuning.measure(args.out, device=args.device, out=args.json, budget_s=args.budget_s)
-    print(f"timed {len(measured['ms'])} candidate kernels on {args.device}, {len(measured['failed'])} failed"
+    print(f"timed {len(measured['ms'])} candidate kernels on {args.device}, {len(measured['failed'])} failed, "
+          f"{len(measured['wrong'])} fast ones with another output than the default's"
           f"{'' if measured['complete'] else ' (not all: the budget ran out, or launches kept failing)'}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from qcompile.backends.tvm import cuda as tvm_cuda
 from qcompile.backends.tvm import require_tvm
+from qcompile.backends.tvm.int8_schedule import PASS_CONFIG
 from qcompile.backends.tvm.relax_builder import RelaxModel, to_relax
 from qcompile.backends.tvm.targets import TargetSpec, get_target
 from qcompile.backends.tvm.tuning import load_table
@@ -49,7 +50,8 @@ def compile_relax(model: RelaxModel, spec: TargetSpec, cuda_graph: bool = False)
     tvm = require_tvm()
     target = spec.tvm_target()
     pipeline = tvm_cuda.relax_pipeline(target, load_table(spec.name)) if spec.is_cuda else "default"
-    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graph}):
+    config = {"relax.backend.use_cuda_graph": cuda_graph, **(PASS_CONFIG if spec.is_cuda else {})}
+    with tvm.transform.PassContext(config=config):
         return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
 
 

@@ -35,9 +35,10 @@ def _int8_rule(table: Mapping[str, TileConfig]) -> Any:
     from qcompile.backends.tvm.tuning import checked_schedule
 
     class Int8TensorCore(GPUScheduleRule):
-        """dlight's int8 wmma schedule without software pipelining, for every int8 GEMM, with the tile sizes the
-        tuning table gives its shape. A tuned config is checked to compile for this very function (its epilogue
-        or inlined producer may differ from the one tuned) and the default taken where it does not."""
+        """The int8 tensor-core schedule for every int8 GEMM: dlight's wmma tiles, or the tiles and instruction
+        (wmma, or pipelined mma) the tuning table gives its shape. A tuned config is checked to compile for this
+        very function (its epilogue or inlined producer may differ from the one tuned) and the default taken
+        where it does not."""
 
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
             if not is_int8_gemm(func):
@@ -256,7 +257,8 @@ def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
         src.write_text(source)
         arch = dict(spec.attrs)["arch"].replace("sm_", "compute_")
         codes = [f"-gencode={g}" for g in spec.gencode] if fmt == "fatbin" else [f"-arch={arch}"]
-        proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True, text=True)
+        proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1:]
             raise NvccError(f"nvcc failed for {spec.name}: {last}", proc.stderr)

@@ -34,7 +34,8 @@ def serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
     try:
         ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
     except OSError as exc:
-        raise ArtifactError(f"cannot load the TVM CUDA runtime ({exc}); is this a machine with an NVIDIA driver?") from None
+        raise ArtifactError(f"cannot load the TVM CUDA runtime ({exc}); is this a machine with an NVIDIA "
+                            "driver?") from None
     fatbin = (folder / meta["cuda"]["fatbin"]).read_bytes()
     digest = meta["cuda"]["source_sha256"]
 
@@ -85,7 +86,8 @@ class TvmModel:
         x = np.asarray(x, np.float32)
         expected = tuple(self.meta["input"]["shape"])
         if tuple(x.shape[1:]) != expected:
-            raise ArtifactError(f"{self.folder}: the artifact takes inputs of shape (N, {', '.join(map(str, expected))}), "
+            shape = ", ".join(map(str, expected))
+            raise ArtifactError(f"{self.folder}: the artifact takes inputs of shape (N, {shape}), "
                                 f"got {tuple(x.shape)}")
         if self.batch is None or len(x) == self.batch:
             return self.run_batch(x)

@@ -1,13 +1,14 @@
 """Tuned int8 tensor-core schedules: candidates compiled here, timed on a GPU with the TVM runtime alone, the
 fastest tile configuration per GEMM shape committed as a table that CUDA builds apply.
 
-The search is one round over a fixed grid (:data:`GRID`, 48 configurations): for every distinct GEMM shape of a
-model after fusion (:func:`~qcompile.backends.tvm.int8_schedule.gemm_key`; one function represents each),
-every :class:`~qcompile.backends.tvm.int8_schedule.TileConfig` that schedules, all compiled here into one module
-(``candidates.so`` + ``candidates.fatbin``). On the GPU, :func:`measure` times each with ``time_evaluator``. Back
-here, :func:`commit` writes each shape's fastest configuration, with its measured time and the default's, to
-``backends/tvm/tuning/<target>.json``; the int8 tensor-core rule schedules every function of a listed shape with
-it and every other one with the default.
+The search is one round over a fixed grid (:data:`GRID`: 48 ``wmma`` and 40 ``mma`` configurations): for every
+distinct GEMM shape of a model after fusion (:func:`~qcompile.backends.tvm.int8_schedule.gemm_key`; one function
+represents each), every :class:`~qcompile.backends.tvm.int8_schedule.TileConfig` that schedules, all compiled
+here into one module (``candidates.so`` + ``candidates.fatbin``). On the GPU, :func:`measure` times each with
+``time_evaluator`` and checks, fastest first, that a shape's winner writes the very output of the default
+configuration. Back here, :func:`commit` writes each shape's fastest configuration, with its measured time and
+the default's, to ``backends/tvm/tuning/<target>.json``; the int8 tensor-core rule schedules every function of a
+listed shape with it and every other one with the default.
 
 Not MetaSchedule's tuner and database, for three measured reasons: its search builds and runs every round from one
 process, and the GPU machines this project gets have no TVM compiler, no nvcc and no network; its structural
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.backends.tvm import TvmBackendError
-from qcompile.backends.tvm.int8_schedule import DEFAULT, TileConfig
+from qcompile.backends.tvm.int8_schedule import DEFAULT, PASS_CONFIG, TileConfig
 
 TABLES = Path(__file__).resolve().parent / "tuning"
 MANIFEST = "manifest.json"
@@ -44,9 +45,11 @@ MAX_FAILURES_IN_A_ROW = 5
 # small GEMM M of late layers and of batch 1; K steps per shared-memory stage; the copies' vector width
 _TILES = ((4, 4, 2, 2), (2, 4, 2, 2), (4, 2, 2, 2), (2, 2, 2, 2), (2, 2, 4, 4), (1, 4, 1, 2), (1, 2, 1, 2),
           (2, 2, 1, 1))
-GRID: tuple[TileConfig, ...] = (DEFAULT, *(
-    TileConfig(wm, wn, fm, fn, k, v) for wm, wn, fm, fn in _TILES for k in (1, 2, 4) for v in (4, 16)
-    if TileConfig(wm, wn, fm, fn, k, v) != DEFAULT))
+_WMMA = tuple(TileConfig(wm, wn, fm, fn, k, v) for wm, wn, fm, fn in _TILES for k in (1, 2, 4) for v in (4, 16))
+# mma: the same block tiles, 32-wide K steps, cp.async copies two or three stages deep
+_MMA = tuple(TileConfig(wm, wn, fm, fn, k, v, "mma", stages) for wm, wn, fm, fn in _TILES
+             for k, v, stages in ((1, 16, 2), (1, 4, 2), (2, 16, 2), (2, 4, 2), (1, 16, 3)))
+GRID: tuple[TileConfig, ...] = (DEFAULT, *(c for c in _WMMA + _MMA if c != DEFAULT))
 
 
 @dataclass
@@ -114,7 +117,8 @@ def _compile(funcs: dict[str, Any], spec: Any, rounds: int = 3) -> tuple[Any, st
     from qcompile.backends.tvm import cuda
 
     for _ in range(rounds):
-        lib = tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target())
+        with tvm.transform.PassContext(config=PASS_CONFIG):
+            lib = tvm.compile(tvm.IRModule(funcs), target=spec.tvm_target())
         if not spec.is_cuda:
             return lib, "", b""
         source = cuda.cuda_source(lib)
@@ -153,8 +157,9 @@ def checked_schedule(func: Any, config: TileConfig, target: Any) -> Any:
     if sch is None:
         return None
     try:
-        lib = tvm.compile(tvm.IRModule({"candidate": sch.mod["main"].with_attr("global_symbol", "candidate")}),
-                          target=target)
+        with tvm.transform.PassContext(config=PASS_CONFIG):
+            lib = tvm.compile(tvm.IRModule({"candidate": sch.mod["main"].with_attr("global_symbol", "candidate")}),
+                              target=target)
     except Exception:  # noqa: BLE001 - whatever fails to lower drops the candidate
         return None
     return sch if _vectors_well_formed(cuda_source(lib)) else None
@@ -250,7 +255,7 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
     lib = tvm.runtime.load_module(str(folder / "candidates.so"))
     rng = np.random.default_rng(0)
     result: dict[str, Any] = {"target": manifest["target"], "device": device, "number": number, "repeat": repeat,
-                              "complete": False, "ms": {}, "failed": {}}
+                              "complete": False, "ms": {}, "failed": {}, "wrong": []}
     by_task: dict[str, list[dict[str, Any]]] = {}
     for entry in manifest["candidates"]:
         by_task.setdefault(entry["task"], []).append(entry)
@@ -258,7 +263,8 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
     for entries in by_task.values():
         if budget_s is not None and time.monotonic() - start > budget_s or in_a_row >= MAX_FAILURES_IN_A_ROW:
             break
-        args = [tvm.runtime.tensor(_random(a, rng), dev) for a in entries[0]["args"]]
+        initial = [_random(a, rng) for a in entries[0]["args"]]
+        args = [tvm.runtime.tensor(a, dev) for a in initial]
         for entry in entries:
             try:
                 timer = lib.time_evaluator(entry["name"], dev, number=number, repeat=repeat)
@@ -269,6 +275,8 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
                 in_a_row += 1
                 if in_a_row >= MAX_FAILURES_IN_A_ROW:  # a dead CUDA context fails every launch after it
                     break
+        if in_a_row < MAX_FAILURES_IN_A_ROW:
+            result["wrong"] += wrong_fastest(lib, entries, result["ms"], args, initial[-1])
         if out is not None:
             Path(out).write_text(json.dumps(result, indent=1))
     result["complete"] = len(result["ms"]) + len(result["failed"]) == len(manifest["candidates"])
@@ -277,15 +285,51 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
     return result
 
 
+def _is_default(config: dict[str, Any] | None) -> bool:
+    """Whether a manifest's config is the default's (None: a CPU target's one candidate); manifests written
+    before a field existed leave it out, which means its default."""
+    return config is None or TileConfig(**config) == DEFAULT
+
+
+def wrong_fastest(lib: Any, entries: list[dict[str, Any]], ms: dict[str, float], args: list[Any],
+                  initial_output: np.ndarray) -> list[str]:
+    """The candidates of one GEMM shape, fastest first, whose output differs from the default configuration's,
+    up to the first that agrees: the winner is then a kernel known to compute the same integers. The output
+    (the last argument: Relax passes a TIR function its outputs last) is reset before each run, so a kernel that
+    leaves part of it unwritten disagrees too.
+    Only the fastest are checked: copying every candidate's output back would cost more than timing it."""
+    default = next((e["name"] for e in entries if _is_default(e["config"])), None)
+    if default not in ms:
+        return []
+
+    def output(name: str) -> np.ndarray:
+        args[-1].copyfrom(initial_output)
+        lib[name](*args)
+        return args[-1].numpy()
+
+    expected, wrong = output(default), []
+    for name in sorted((e["name"] for e in entries if e["name"] in ms), key=ms.__getitem__):
+        try:
+            agrees = name == default or np.array_equal(output(name), expected)
+        except Exception:  # noqa: BLE001 - a run that fails after its timing passed is no winner either
+            agrees = False
+        if agrees:
+            break
+        wrong.append(name)
+    return wrong
+
+
 def fastest(manifest: dict[str, Any], measured: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per GEMM shape, its fastest measured configuration: config, ms, the default config's ms, the function."""
+    """Per GEMM shape, its fastest measured configuration that is not known to compute a wrong result: config,
+    ms, the default config's ms, the function."""
     out: dict[str, dict[str, Any]] = {}
+    wrong = set(measured.get("wrong", ()))
     for entry in manifest["candidates"]:
         ms = measured["ms"].get(entry["name"])
-        if ms is None:
+        if ms is None or entry["name"] in wrong:
             continue
         row = out.setdefault(entry["task"], {"ms": float("inf"), "default_ms": None, "function": entry["function"]})
-        if entry["config"] in (None, DEFAULT.as_dict()):
+        if _is_default(entry["config"]):
             row["default_ms"] = ms
         if ms < row["ms"]:
             row.update(config=entry["config"], ms=ms)

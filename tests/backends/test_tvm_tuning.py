@@ -1,6 +1,6 @@
 """Tuning int8 tensor-core tile sizes: candidates compile here (nvcc, no GPU), a table of measured winners
-applies to every later CUDA build of the same GEMM shapes, a build without a table keeps dlight's tiles, and
-timing the candidates survives one that cannot run."""
+applies to every later CUDA build of the same GEMM shapes, a build without a table keeps dlight's tiles, timing
+the candidates survives one that cannot run, and a fast candidate with a wrong output never wins."""
 
 import json
 import re
@@ -9,6 +9,10 @@ import shutil
 import pytest
 
 pytest.importorskip("tvm")
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
 
 from qcompile.backends.tvm import tuning  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
@@ -20,6 +24,7 @@ from tests.backends.test_tvm import CPU, ConvChain  # noqa: E402
 from tests.passes.test_lower_integer import _lowered  # noqa: E402
 
 SMALL, WIDE = TileConfig(2, 2, 1, 1, 1, 4), TileConfig(2, 2, 2, 2, 2, 16)
+MMA = TileConfig(1, 2, 1, 2, 1, 4, "mma", 2)
 
 
 def _launch_bounds(source: str) -> set[int]:
@@ -99,3 +104,52 @@ def test_a_tuned_config_that_does_not_compile_for_a_function_falls_back_to_the_d
         tuning.load_table.cache_clear()
     assert _launch_bounds(source) == {DEFAULT.threads}
     assert sum("wmma::mma_sync" in body for body in kernel_bodies(source).values()) == 4
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_a_table_of_pipelined_mma_winners_builds_ldmatrix_mma_kernels(tmp_path, monkeypatch):
+    """The mma form of the schedule: fragments through ``ldmatrix``, ``mma.sync`` m16n8k32 in every GEMM kernel
+    instead of wmma, and the global -> shared copies of an unpadded GEMM as ``cp.async`` in a two-stage
+    pipeline; nvcc compiles it for sm90."""
+    spec = get_target("sm90")
+    ir = _lowered(ConvChain(), "int8", size=12).context.ir
+    tasks = tuning.gemm_tasks(to_relax(ir, 8, pack_int4=False).mod, spec)
+    table = tmp_path / "sm90.json"
+    table.write_text(json.dumps({"target": "sm90", "shapes": {t.key: {"config": MMA.as_dict()} for t in tasks}}))
+    monkeypatch.setattr(tuning, "TABLES", tmp_path)
+    tuning.load_table.cache_clear()
+    try:
+        source = (build(ir, "sm90", tmp_path / "out", batch=8).path / "kernels.cu").read_text()
+    finally:
+        tuning.load_table.cache_clear()
+    gemms = [body for body in kernel_bodies(source).values() if "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32"
+             in body]
+    assert len(gemms) == 4 and all("ldmatrix.sync.aligned" in body for body in gemms)
+    assert "wmma::" not in source
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", source)  # the copy helpers the kernels call
+    assert any(re.search(r"ptx_cp_async_legacy_c[ag]_", body) for body in gemms)
+    assert all("cp_async_wait_group" in body for body in gemms)
+
+
+def _add(written: int, k: int):  # noqa: ANN202 - a TVMScript function: c[:written] = a[:written] + k
+    @T.prim_func
+    def func(a: T.Buffer((64,), "int32"), c: T.Buffer((64,), "int32")):
+        for i in range(written):
+            c[i] = a[i] + k
+    return func
+
+
+def test_the_fastest_candidate_must_write_the_default_candidates_output():
+    """Checked fastest first, up to the first that agrees: an off-by-one kernel and one that writes half its
+    output (the output is reset before each run) are found wrong; slower ones are not run."""
+    kernels = {"default": _add(64, 1), "half": _add(32, 1), "off_by_one": _add(64, 2), "right": _add(64, 1),
+               "slow_wrong": _add(64, 3)}
+    lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in kernels.items()}), target="llvm")
+    initial = [np.arange(64, dtype="int32"), np.full(64, 7, "int32")]
+    args = [tvm.runtime.tensor(a, tvm.cpu(0)) for a in initial]
+    entries = [{"name": n, "config": None if n == "default" else SMALL.as_dict()} for n in kernels]
+    ms = {"half": 0.1, "off_by_one": 0.2, "right": 0.3, "default": 0.4, "slow_wrong": 0.5}
+    wrong = tuning.wrong_fastest(lib, entries, ms, args, initial[-1])
+    assert wrong == ["half", "off_by_one"]
+    manifest = {"candidates": [{**e, "task": "t", "function": "f"} for e in entries]}
+    assert tuning.fastest(manifest, {"ms": ms, "wrong": wrong})["t"]["ms"] == 0.3
