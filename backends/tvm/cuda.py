@@ -245,16 +245,47 @@ def source_digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+_MAKE_VECTOR = re.compile(r"\bmake_int([1-4])\(")
+
+
+def repair_vectors(source: str) -> str:
+    """0.27's CUDA codegen writes a vector of ``4n`` int8 lanes (a 16-byte copy of a padded conv input: its zero
+    padding) as ``make_int<n>`` with ``4n`` char arguments, which nvcc rejects; each such call becomes ``n`` ints
+    packing four lanes each, lane ``i`` in byte ``i`` (little-endian, the lanes' order in memory). Lines are
+    kept, so that nvcc's error lines still point into the source TVM wrote."""
+    out, pos = [], 0
+    for match in _MAKE_VECTOR.finditer(source):
+        if match.start() < pos:
+            continue
+        n, args, start = int(match.group(1)), [], match.end()
+        depth, i = 1, start
+        while depth:
+            ch = source[i]
+            depth += (ch == "(") - (ch == ")")
+            if (ch == "," and depth == 1) or depth == 0:
+                args.append(source[start:i].strip())
+                start = i + 1
+            i += 1
+        if len(args) != 4 * n:
+            continue
+        words = [" | ".join(f"((unsigned)(unsigned char)({a}) << {8 * b})" for b, a in enumerate(args[4 * w:4 * w + 4]))
+                 for w in range(n)]
+        out.append(source[pos:match.start()] + f"make_int{n}(" + ", ".join(f"(int)({w})" for w in words) + ")")
+        pos = i
+    return "".join(out) + source[pos:]
+
+
 def nvcc(source: str, spec: TargetSpec, fmt: str = "fatbin") -> bytes:
     """Compile CUDA C with nvcc to a fatbin (the target's SASS and PTX) or to PTX for inspection; no fast-math,
-    so that quantize's division and requantize's rounding are those of the reference."""
+    so that quantize's division and requantize's rounding are those of the reference. The source is compiled
+    after :func:`repair_vectors` (the artifact's ``kernels.cu`` and digest stay those of TVM's source)."""
     exe = shutil.which("nvcc")
     if exe is None:
         raise TvmBackendError.with_parameters(f"{{target}} {spec.name} needs nvcc on PATH (the CUDA toolkit) to build "
                                               "the fatbin")
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / f"kernels.{fmt}"
-        src.write_text(source)
+        src.write_text(repair_vectors(source))
         arch = dict(spec.attrs)["arch"].replace("sm_", "compute_")
         codes = [f"-gencode={g}" for g in spec.gencode] if fmt == "fatbin" else [f"-arch={arch}"]
         proc = subprocess.run([exe, f"--{fmt}", "-O3", *codes, "-o", str(out), str(src)], capture_output=True,

@@ -40,11 +40,15 @@ class TileConfig:
     instruction: str = "wmma"
     stages: int = 1
 
+    def __post_init__(self) -> None:
+        if self.instruction not in MICRO_K or (self.instruction == "wmma" and self.stages != 1):
+            raise ValueError(f"no tensor-core schedule for {self}: wmma (not pipelined in 0.27) or mma")
+
     @property
     def threads(self) -> int:
         return WARP * self.warps_m * self.warps_n
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
 

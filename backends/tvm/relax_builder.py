@@ -125,6 +125,9 @@ class _Builder:
         readers = _readers(ir)
         self.offset = _offset_values(ir, readers)
         self.siblings = _sibling_quantizes(ir, readers, self.offset)
+        # the high byte of a joint int16 that only convs read: value -> the joint, taken in the conv's own kernel
+        self.high_bytes: dict[str, Any] = {}
+        self.conv_only = {name for name, rs in readers.items() if rs and all(r.kind == "conv2d" for r in rs)}
 
     # --- helpers -----------------------------------------------------------------------------------------
     def emit(self, expr: Any) -> Any:
@@ -246,8 +249,11 @@ class _Builder:
         joint = self.emit(self.op.add(self.op.multiply(codes[1], self.const(256, "int16")),
                                       self.op.add(codes[0], self.const(128, "int16"))))
         # two separate chains from the joint value: a binding both shared would be a kernel of its own
-        top = self.op.right_shift(self.op.astype(joint, "int32"), self.const(8, "int32"))  # floor(joint / 256)
-        self.env[high] = self.emit(self.op.astype(top, "int8"))
+        if high in self.conv_only and src in self.nhwc:  # each conv takes the byte in its input load
+            self.high_bytes[high] = joint
+        else:
+            top = self.op.right_shift(self.op.astype(joint, "int32"), self.const(8, "int32"))  # floor(joint / 256)
+            self.env[high] = self.emit(self.op.astype(top, "int8"))
         bottom = self.op.bitwise_and(self.op.astype(joint, "int32"), self.const(255, "int32"))
         self.env[low] = self.emit(self.op.astype(self.op.subtract(bottom, self.const(128, "int32")), "int8"))
         if src in self.nhwc:
@@ -311,12 +317,30 @@ class _Builder:
             self.set(op.output, self.op.astype(acc, "float32"), True)
             return
         w = self.weights(op.inputs[1], (0, 2, 3, 1))
-        x, how = self.int8_operand(op.inputs[0], pad)
-        acc = self.op.nn.conv2d(x, w, padding=(0, 0) if how == SHIFTED else pad, out_dtype="int32", **conv)
+        if op.inputs[0] in self.high_bytes:
+            acc, how = self._conv_of_high_byte(op.inputs[0], w, pad, conv), OFFSET if op.inputs[0] in self.offset \
+                else SIGNED
+        else:
+            x, how = self.int8_operand(op.inputs[0], pad)
+            acc = self.op.nn.conv2d(x, w, padding=(0, 0) if how == SHIFTED else pad, out_dtype="int32", **conv)
         acc = self._bias(op, acc, w_codes.reshape(len(w_codes), -1), how != SIGNED)
         if how == OFFSET and any(pad):
             acc = self.op.add(acc, self.const(self._border(op, xt, w_codes), "int32"))
         self.set(op.output, acc, True)
+
+    def _conv_of_high_byte(self, name: str, w: Any, pad: tuple[int, int], conv: dict[str, Any]) -> Any:
+        """The int32 conv of ``name``'s codes, the high byte of a joint int16 (:func:`_sibling_quantizes`), as one
+        TE function: the byte is taken where the conv loads its input (the tensor-core schedule inlines it into
+        the shared-memory copy), not by a kernel of its own that Relax would not fuse into the conv."""
+        from tvm import te, topi
+
+        def conv_of_high_byte(joint: Any, filt: Any) -> Any:
+            codes = te.compute(joint.shape, lambda *i: (joint[i].astype("int32") >> 8).astype("int8"),
+                               name="high_byte")
+            return topi.nn.conv(codes, filt, conv["strides"], pad, conv["dilation"], conv["groups"], "NHWC",
+                                "OHWI", "int32")
+
+        return self.bb.call_te(conv_of_high_byte, self.high_bytes[name], w, primfunc_name_hint="conv2d")
 
     def _border(self, op: Op, xt: TensorInfo, w_codes: np.ndarray) -> np.ndarray:
         """``-128 ·`` the weights that fall on the implicit padding, per output position and channel (NHWC):

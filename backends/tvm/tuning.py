@@ -146,23 +146,20 @@ def _kernels_at(source: str, lines: set[int]) -> set[str]:
 
 
 def checked_schedule(func: Any, config: TileConfig, target: Any) -> Any:
-    """The traced schedule of ``func`` with ``config`` if it schedules and compiles alone for ``target`` (some
-    tile shapes fail to lower, e.g. ``tvm_access_ptr element type must match``, or lower to CUDA nvcc rejects),
-    else None."""
+    """The traced schedule of ``func`` with ``config`` if it schedules and lowers alone for ``target`` (some
+    tile shapes fail to lower, e.g. ``tvm_access_ptr element type must match``), else None."""
     import tvm
-
-    from qcompile.backends.tvm.cuda import cuda_source
 
     sch = _schedule(func, config)
     if sch is None:
         return None
     try:
         with tvm.transform.PassContext(config=PASS_CONFIG):
-            lib = tvm.compile(tvm.IRModule({"candidate": sch.mod["main"].with_attr("global_symbol", "candidate")}),
-                              target=target)
+            tvm.compile(tvm.IRModule({"candidate": sch.mod["main"].with_attr("global_symbol", "candidate")}),
+                        target=target)
     except Exception:  # noqa: BLE001 - whatever fails to lower drops the candidate
         return None
-    return sch if _vectors_well_formed(cuda_source(lib)) else None
+    return sch
 
 
 def _compilable(func: Any, config: TileConfig | None, spec: Any) -> Any:
@@ -172,22 +169,6 @@ def _compilable(func: Any, config: TileConfig | None, spec: Any) -> Any:
         return func
     sch = checked_schedule(func, config, spec.tvm_target())
     return None if sch is None else sch.mod["main"]
-
-
-def _vectors_well_formed(source: str) -> bool:
-    """Whether every ``make_<type><n>(...)`` in the CUDA has ``n`` arguments: 0.27 writes a 16-lane int8 zero
-    (the padding of a conv input copied 16 bytes at a time) as ``make_int4`` with 16, which nvcc rejects. Found
-    here, per candidate, instead of by nvcc, which stops after 100 errors in the joint module."""
-    for match in re.finditer(r"make_[a-z]+(\d)\(", source):
-        depth, commas = 1, 0
-        for ch in source[match.end():]:
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                break
-            commas += ch == "," and depth == 1
-        if commas + 1 != int(match.group(1)):
-            return False
-    return True
 
 
 def _args(func: Any) -> list[dict[str, Any]]:

@@ -226,6 +226,26 @@ class ConvChain(nn.Module):
 SHIFT_ONLY = re.compile(r"fused_(pad\d*_)?cast\d*_subtract\d*_cast\d*_kernel")
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_int8_vectors_nvcc_rejects_are_repaired_byte_for_byte(tmp_path):
+    """0.27 writes a 16-lane int8 vector as ``make_int4`` of 16 chars; the repair packs four lanes per int, lane
+    i in byte i, which a host compiler checks here (CUDA's int4 is four ints in memory order)."""
+    from qcompile.backends.tvm.cuda import repair_vectors
+
+    lanes = [-128, -1, 0, 1, 127, 5, -7, 64, 3, -100, 99, 0, -2, 2, 42, -42]
+    call = "make_int4(" + ", ".join(f"(signed char){v}" for v in lanes) + ")"
+    repaired = repair_vectors(f"int4 v = {call};\nint4 w = make_int4(1, 2, 3, 4);\n")
+    assert repaired.count("\n") == 2 and "make_int4(1, 2, 3, 4)" in repaired
+    program = tmp_path / "lanes.cpp"
+    program.write_text("#include <cstdio>\nstruct int4 { int x, y, z, w; };\n"
+                       "int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }\n"
+                       "int main() {\n" + repaired + "const signed char* b = (const signed char*)&v;\n"
+                       "for (int i = 0; i < 16; ++i) printf(\"%d \", b[i]);\n}\n")
+    subprocess.run(["g++", "-std=c++17", "-o", str(tmp_path / "lanes"), str(program)], check=True)
+    out = subprocess.run([str(tmp_path / "lanes")], capture_output=True, text=True, check=True).stdout
+    assert [int(v) for v in out.split()] == lanes
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_activations_read_only_by_convs_are_written_shifted_by_their_producer(tmp_path):
     """No kernel only shifts (or pads and shifts) a uint8 activation into int8: the producer's epilogue writes
@@ -281,12 +301,15 @@ class ResidualPair(nn.Module):
 
 
 QUANTIZE_ONLY = re.compile(r"fused_divide\d*_tir_round\d*_tir_clip\d*_cast\d*(_kernel(_\d+)?)?")
+BYTE_ONLY = re.compile(r"fused_cast\d*_(right_shift|bitwise_and)\d*(_subtract\d*)?_cast\d*(_kernel(_\d+)?)?")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_a_sum_quantized_twice_is_written_by_its_producer_in_both_codes(tmp_path):
     """The sum's 8-bit and 4-bit codes travel as one int16 that the producing conv's epilogue writes: no kernel
-    quantizes a float sum on its own, and the artifacts stay bit-exact with the reference."""
+    quantizes a float sum on its own, none only takes a byte out of the int16 (the add's consumer takes the low
+    byte, the reading conv the high one as it loads its input), and the artifacts stay bit-exact with the
+    reference."""
     from qcompile.backends.tvm import relax_builder
 
     ir = _lowered(ResidualPair(), "mostly4bit", size=12).context.ir
@@ -295,6 +318,8 @@ def test_a_sum_quantized_twice_is_written_by_its_producer_in_both_codes(tmp_path
     kernels = kernel_bodies((build(ir, "sm90", tmp_path, batch=8).path / "kernels.cu").read_text())
     # one is left: the stem's 8-bit codes requantized (DQ -> Q) for the first 4-bit conv, not a sum
     assert len([k for k in kernels if QUANTIZE_ONLY.fullmatch(k)]) == 1, list(kernels)
+    assert not [k for k in kernels if BYTE_ONLY.fullmatch(k)], list(kernels)
+    assert any("short*" in body.split("{")[0] and ">>" in body for k, body in kernels.items() if "conv2d" in k)
     assert all(TENSOR_CORE_CUDA.search(body) for k, body in kernels.items() if "conv2d" in k or "matmul" in k)
     x = np.random.default_rng(0).standard_normal((9, 3, 12, 12)).astype(np.float32)
     cpu = runtime.load(build(ir, CPU, tmp_path / "cpu").path)
@@ -431,8 +456,8 @@ def test_tvm_batch_without_the_tvm_backend_is_a_one_line_error(tmp_path, capsys,
 @pytest.mark.parametrize(("target", "recipe"), [("sm90", "int8"), ("sm90", "mostly4bit"), ("sm80", "int8")])
 def test_resnet50_cuda_builds_run_every_layer_on_tensor_cores(target, recipe, tmp_path):
     """ResNet-50 at batch 256, as benchmarks/tvm_gpu.py builds it: every conv and the fc on tensor cores (the
-    stem's 3 input channels included), no kernel that only shifts activations or only quantizes a float sum, and
-    no 4-bit weight unpacking."""
+    stem's 3 input channels included), no kernel that only shifts activations, only quantizes a float sum or only
+    takes a byte out of a joint int16, and no 4-bit weight unpacking: 40 kernels for either recipe."""
     from qcompile.backends.tvm.cuda import nvcc
     from qcompile.models import resnet50
 
@@ -445,7 +470,8 @@ def test_resnet50_cuda_builds_run_every_layer_on_tensor_cores(target, recipe, tm
     kernels = kernel_bodies(source)
     layers = [k for k in kernels if "conv2d" in k or "matmul" in k]
     assert layers and all(TENSOR_CORE_CUDA.search(kernels[k]) for k in layers)
-    assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k) or QUANTIZE_ONLY.fullmatch(k)
+    assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k) or QUANTIZE_ONLY.fullmatch(k) or BYTE_ONLY.fullmatch(k)
                 or ("bitwise" in k and "conv2d" not in k)]
+    assert len(kernels) == 40  # 37 GEMM functions (convs and the fc), the input's quantize, the two pools
     ptx = nvcc(source, get_target(target), "ptx").decode()
     assert len(TENSOR_CORE_PTX.findall(ptx)) >= len(layers)
