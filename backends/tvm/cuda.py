@@ -245,19 +245,19 @@ def source_digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-_MAKE_VECTOR = re.compile(r"\bmake_int([1-4])\(")
+_MAKE_VECTOR = re.compile(r"\bmake_(u?)int([1-4])\(")
 
 
 def repair_vectors(source: str) -> str:
-    """0.27's CUDA codegen writes a vector of ``4n`` int8 lanes (a 16-byte copy of a padded conv input: its zero
-    padding) as ``make_int<n>`` with ``4n`` char arguments, which nvcc rejects; each such call becomes ``n`` ints
-    packing four lanes each, lane ``i`` in byte ``i`` (little-endian, the lanes' order in memory). Lines are
-    kept, so that nvcc's error lines still point into the source TVM wrote."""
+    """0.27's CUDA codegen writes a vector of ``4n`` 8-bit lanes (a 16-byte copy of a padded conv input: its zero
+    padding) as ``make_[u]int<n>`` with ``4n`` char arguments, which nvcc rejects; each such call becomes ``n``
+    words packing four lanes each, lane ``i`` in byte ``i`` (little-endian, the lanes' order in memory). Lines
+    are kept, so that nvcc's error lines still point into the source TVM wrote."""
     out, pos = [], 0
     for match in _MAKE_VECTOR.finditer(source):
         if match.start() < pos:
             continue
-        n, args, start = int(match.group(1)), [], match.end()
+        unsigned, n, args, start = match.group(1), int(match.group(2)), [], match.end()
         depth, i = 1, start
         while depth:
             ch = source[i]
@@ -268,9 +268,11 @@ def repair_vectors(source: str) -> str:
             i += 1
         if len(args) != 4 * n:
             continue
-        words = [" | ".join(f"((unsigned)(unsigned char)({a}) << {8 * b})" for b, a in enumerate(args[4 * w:4 * w + 4]))
-                 for w in range(n)]
-        out.append(source[pos:match.start()] + f"make_int{n}(" + ", ".join(f"(int)({w})" for w in words) + ")")
+        lanes = [f"((unsigned)(unsigned char)({a}) << {8 * (k % 4)})" for k, a in enumerate(args)]
+        words = [" | ".join(lanes[4 * w:4 * w + 4]) for w in range(n)]
+        word = "unsigned" if unsigned else "int"
+        out.append(source[pos:match.start()] + f"make_{unsigned}int{n}("
+                   + ", ".join(f"({word})({w})" for w in words) + ")")
         pos = i
     return "".join(out) + source[pos:]
 

@@ -228,22 +228,26 @@ SHIFT_ONLY = re.compile(r"fused_(pad\d*_)?cast\d*_subtract\d*_cast\d*_kernel")
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_int8_vectors_nvcc_rejects_are_repaired_byte_for_byte(tmp_path):
-    """0.27 writes a 16-lane int8 vector as ``make_int4`` of 16 chars; the repair packs four lanes per int, lane
-    i in byte i, which a host compiler checks here (CUDA's int4 is four ints in memory order)."""
+    """0.27 writes a 16-lane 8-bit vector as ``make_[u]int4`` of 16 chars; the repair packs four lanes per word,
+    lane i in byte i, which a host compiler checks here (CUDA's int4 is four ints in memory order)."""
     from qcompile.backends.tvm.cuda import repair_vectors
 
     lanes = [-128, -1, 0, 1, 127, 5, -7, 64, 3, -100, 99, 0, -2, 2, 42, -42]
-    call = "make_int4(" + ", ".join(f"(signed char){v}" for v in lanes) + ")"
-    repaired = repair_vectors(f"int4 v = {call};\nint4 w = make_int4(1, 2, 3, 4);\n")
-    assert repaired.count("\n") == 2 and "make_int4(1, 2, 3, 4)" in repaired
+    signed = "make_int4(" + ", ".join(f"(signed char){v}" for v in lanes) + ")"
+    unsigned = "make_uint4(" + ", ".join(f"(unsigned char){v % 256}" for v in lanes) + ")"
+    repaired = repair_vectors(f"int4 v = {signed};\nuint4 u = {unsigned};\nint4 w = make_int4(1, 2, 3, 4);\n")
+    assert repaired.count("\n") == 3 and "make_int4(1, 2, 3, 4)" in repaired
     program = tmp_path / "lanes.cpp"
-    program.write_text("#include <cstdio>\nstruct int4 { int x, y, z, w; };\n"
+    program.write_text("#include <cstdio>\nstruct int4 { int x, y, z, w; };\nstruct uint4 { unsigned x, y, z, w; };\n"
                        "int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }\n"
+                       "uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }\n"
                        "int main() {\n" + repaired + "const signed char* b = (const signed char*)&v;\n"
-                       "for (int i = 0; i < 16; ++i) printf(\"%d \", b[i]);\n}\n")
+                       "const unsigned char* c = (const unsigned char*)&u;\n"
+                       "for (int i = 0; i < 16; ++i) printf(\"%d %d \", b[i], c[i]);\n}\n")
     subprocess.run(["g++", "-std=c++17", "-o", str(tmp_path / "lanes"), str(program)], check=True)
-    out = subprocess.run([str(tmp_path / "lanes")], capture_output=True, text=True, check=True).stdout
-    assert [int(v) for v in out.split()] == lanes
+    out = [int(v) for v in subprocess.run([str(tmp_path / "lanes")], capture_output=True, text=True,
+                                          check=True).stdout.split()]
+    assert out[0::2] == lanes and out[1::2] == [v % 256 for v in lanes]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
