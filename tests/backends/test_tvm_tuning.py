@@ -33,6 +33,16 @@ def _launch_bounds(source: str) -> set[int]:
     return {bounds[name] for name, body in kernel_bodies(source).items() if "wmma::mma_sync" in body}
 
 
+def _build_with_tables(ir, tables, out, monkeypatch):  # noqa: ANN001, ANN202
+    """A batch-8 sm90 build of ``ir`` with the tuning tables of folder ``tables``: the artifact."""
+    monkeypatch.setattr(tuning, "TABLES", tables)
+    tuning.load_table.cache_clear()
+    try:
+        return build(ir, "sm90", out, batch=8)
+    finally:
+        tuning.load_table.cache_clear()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 def test_candidates_compile_and_a_measured_table_applies_to_later_builds(tmp_path, monkeypatch):
     spec = get_target("sm90")
@@ -56,12 +66,7 @@ def test_candidates_compile_and_a_measured_table_applies_to_later_builds(tmp_pat
     assert {row["default_ms"] for row in table["shapes"].values()} == {2.0}
 
     default = (build(ir, "sm90", tmp_path / "default", batch=8).path / "kernels.cu").read_text()
-    monkeypatch.setattr(tuning, "TABLES", tmp_path / "tables")
-    tuning.load_table.cache_clear()
-    try:
-        art = build(ir, "sm90", tmp_path / "tuned", batch=8)
-    finally:
-        tuning.load_table.cache_clear()
+    art = _build_with_tables(ir, tmp_path / "tables", tmp_path / "tuned", monkeypatch)
     tuned = (art.path / "kernels.cu").read_text()
     assert _launch_bounds(default) == {DEFAULT.threads} and _launch_bounds(tuned) == {SMALL.threads}
     assert sum("wmma::mma_sync" in body for body in kernel_bodies(tuned).values()) == 4
@@ -96,12 +101,7 @@ def test_a_tuned_config_that_does_not_compile_for_a_function_falls_back_to_the_d
     assert tuning.checked_schedule(padded.func, broken, spec.tvm_target()) is None
     table = tmp_path / "sm90.json"
     table.write_text(json.dumps({"target": "sm90", "shapes": {padded.key: {"config": broken.as_dict()}}}))
-    monkeypatch.setattr(tuning, "TABLES", tmp_path)
-    tuning.load_table.cache_clear()
-    try:
-        source = (build(ir, "sm90", tmp_path / "out", batch=8).path / "kernels.cu").read_text()
-    finally:
-        tuning.load_table.cache_clear()
+    source = (_build_with_tables(ir, tmp_path, tmp_path / "out", monkeypatch).path / "kernels.cu").read_text()
     assert _launch_bounds(source) == {DEFAULT.threads}
     assert sum("wmma::mma_sync" in body for body in kernel_bodies(source).values()) == 4
 
@@ -116,12 +116,7 @@ def test_a_table_of_pipelined_mma_winners_builds_ldmatrix_mma_kernels(tmp_path, 
     tasks = tuning.gemm_tasks(to_relax(ir, 8, pack_int4=False).mod, spec)
     table = tmp_path / "sm90.json"
     table.write_text(json.dumps({"target": "sm90", "shapes": {t.key: {"config": MMA.as_dict()} for t in tasks}}))
-    monkeypatch.setattr(tuning, "TABLES", tmp_path)
-    tuning.load_table.cache_clear()
-    try:
-        source = (build(ir, "sm90", tmp_path / "out", batch=8).path / "kernels.cu").read_text()
-    finally:
-        tuning.load_table.cache_clear()
+    source = (_build_with_tables(ir, tmp_path, tmp_path / "out", monkeypatch).path / "kernels.cu").read_text()
     gemms = [body for body in kernel_bodies(source).values() if "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32"
              in body]
     assert len(gemms) == 4 and all("ldmatrix.sync.aligned" in body for body in gemms)
