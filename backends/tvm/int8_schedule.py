@@ -21,6 +21,7 @@ from typing import Any
 
 MICRO = 16  # the M and N of a fragment: wmma m16n16k16, two mma m16n8k32
 MICRO_K = {"wmma": 16, "mma": 32}
+FRAGMENT_SCOPES = {"wmma": ("wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator"), "mma": ("warp",) * 3}
 WARP = 32
 PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async for pipelined copies; nothing else uses it
 
@@ -149,8 +150,7 @@ def schedule_int8_gemm(func: Any, config: TileConfig = DEFAULT) -> Any:
     auto_inline_producers(sch, b_g2s)
 
     # shared memory -> fragments; accumulator -> shared memory -> global memory through the epilogue
-    fragment_scopes = ("wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator") if config.instruction == "wmma" \
-        else ("warp", "warp", "warp")
+    fragment_scopes = FRAGMENT_SCOPES[config.instruction]
     a_mat = sch.cache_read(block_outer, 0, fragment_scopes[0])
     b_mat = sch.cache_read(block_outer, 1, fragment_scopes[1])
     sch.compute_at(a_mat, k1)
@@ -186,7 +186,8 @@ def schedule_int8_gemm(func: Any, config: TileConfig = DEFAULT) -> Any:
 
 
 def _tile_fragment(sch: Any, block: Any, height: int, width: int) -> Any:
-    """Split a fragment load's two inner loops into tiles of ``height`` x ``width``; the tile's outer loop."""
+    """Split a fragment load's two inner loops into tiles of ``height`` x ``width``: the loops over tiles, and
+    the first loop within a tile (where a load intrinsic tensorizes)."""
     i, j = sch.get_loops(block)[-2:]
     i0, i1 = sch.split(i, factors=[None, height])
     j0, j1 = sch.split(j, factors=[None, width])

@@ -318,8 +318,8 @@ class _Builder:
             return
         w = self.weights(op.inputs[1], (0, 2, 3, 1))
         if op.inputs[0] in self.high_bytes:
-            acc, how = self._conv_of_high_byte(op.inputs[0], w, pad, conv), OFFSET if op.inputs[0] in self.offset \
-                else SIGNED
+            how = OFFSET if op.inputs[0] in self.offset else SIGNED
+            acc = self._conv_of_high_byte(op.inputs[0], w, pad, conv)
         else:
             x, how = self.int8_operand(op.inputs[0], pad)
             acc = self.op.nn.conv2d(x, w, padding=(0, 0) if how == SHIFTED else pad, out_dtype="int32", **conv)
