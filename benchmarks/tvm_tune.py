@@ -10,9 +10,10 @@
    trial budget, printed; 3,810 kernels (2,002 ``wmma``, 1,808 pipelined ``mma``) in one module, 28 minutes
    here. ``tvm_gpu.py pack --tuning tune-sm90`` carries it to the GPU machine with the benchmark;
 2. there, ``tvm_gpu_session.sh`` runs ``python benchmarks/tvm_tune.py measure --out DIR --json OUT/tuning.json``
-   before the benchmark: each kernel timed with ``time_evaluator`` (median of 3 means of 5 calls), each shape's
-   fastest checked against the default's output (``wrong`` lists those that differ), the JSON rewritten after
-   each shape, so that a crash or ``--budget-s`` keeps what was timed;
+   before the benchmark: each kernel timed with ``time_evaluator`` (median of 3 means of 5 calls; every shape's
+   wmma candidates before any mma one), each shape's fastest checked against the default's output (``wrong``
+   lists those that differ), the JSON rewritten after each shape, so that a crash or ``--budget-s`` keeps what
+   was timed;
 3. here::
 
        python benchmarks/tvm_tune.py commit --out tune-sm90 --measured OUT/tuning.json --device "NVIDIA H200"

@@ -241,7 +241,7 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
     for entry in manifest["candidates"]:
         by_task.setdefault(entry["task"], []).append(entry)
     in_a_row = 0
-    for entries in by_task.values():
+    for key, entries in _phases(by_task):
         if budget_s is not None and time.monotonic() - start > budget_s or in_a_row >= MAX_FAILURES_IN_A_ROW:
             break
         initial = [_random(a, rng) for a in entries[0]["args"]]
@@ -257,13 +257,24 @@ def measure(folder: str | Path, device: str = "cuda", number: int = 5, repeat: i
                 if in_a_row >= MAX_FAILURES_IN_A_ROW:  # a dead CUDA context fails every launch after it
                     break
         if in_a_row < MAX_FAILURES_IN_A_ROW:
-            result["wrong"] += wrong_fastest(lib, entries, result["ms"], args, initial[-1])
+            result["wrong"] += wrong_fastest(lib, by_task[key], result["ms"], args, initial[-1], set(result["wrong"]))
         if out is not None:
             Path(out).write_text(json.dumps(result, indent=1))
     result["complete"] = len(result["ms"]) + len(result["failed"]) == len(manifest["candidates"])
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _phases(by_task: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(GEMM shape, candidates) to time in order: every shape's ``wmma`` candidates (the default's form), then
+    every shape's ``mma`` ones, so that a kernel that kills the CUDA context, or the end of the budget, in the
+    newer form leaves the whole first round timed."""
+    def instruction(entry: dict[str, Any]) -> str:
+        return (entry["config"] or {}).get("instruction", "wmma")
+
+    return [(key, part) for form in ("wmma", "mma") for key, entries in by_task.items()
+            if (part := [e for e in entries if instruction(e) == form])]
 
 
 def _is_default(config: dict[str, Any] | None) -> bool:
@@ -273,11 +284,11 @@ def _is_default(config: dict[str, Any] | None) -> bool:
 
 
 def wrong_fastest(lib: Any, entries: list[dict[str, Any]], ms: dict[str, float], args: list[Any],
-                  initial_output: np.ndarray) -> list[str]:
+                  initial_output: np.ndarray, known_wrong: set[str] = frozenset()) -> list[str]:
     """The candidates of one GEMM shape, fastest first, whose output differs from the default configuration's,
     up to the first that agrees: the winner is then a kernel known to compute the same integers. The output
     (the last argument: Relax passes a TIR function its outputs last) is reset before each run, so a kernel that
-    leaves part of it unwritten disagrees too.
+    leaves part of it unwritten disagrees too. Candidates in ``known_wrong`` are passed over, not run again.
     Only the fastest are checked: copying every candidate's output back would cost more than timing it."""
     default = next((e["name"] for e in entries if _is_default(e["config"])), None)
     if default not in ms:
@@ -289,7 +300,8 @@ def wrong_fastest(lib: Any, entries: list[dict[str, Any]], ms: dict[str, float],
         return args[-1].numpy()
 
     expected, wrong = output(default), []
-    for name in sorted((e["name"] for e in entries if e["name"] in ms), key=ms.__getitem__):
+    for name in sorted((e["name"] for e in entries if e["name"] in ms and e["name"] not in known_wrong),
+                       key=ms.__getitem__):
         try:
             agrees = name == default or np.array_equal(output(name), expected)
         except Exception:  # noqa: BLE001 - a run that fails after its timing passed is no winner either

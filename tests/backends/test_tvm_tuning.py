@@ -148,3 +148,12 @@ def test_the_fastest_candidate_must_write_the_default_candidates_output():
     assert wrong == ["half", "off_by_one"]
     manifest = {"candidates": [{**e, "task": "t", "function": "f"} for e in entries]}
     assert tuning.fastest(manifest, {"ms": ms, "wrong": wrong})["t"]["ms"] == 0.3
+
+
+def test_every_shapes_wmma_candidates_are_timed_before_any_mma_one():
+    """A kernel of the newer form that kills the CUDA context (after which every launch fails) must not cost the
+    first round: all shapes' wmma candidates come first."""
+    by_task = {task: [{"name": f"{task}_{i}", "config": c.as_dict()} for i, c in enumerate((DEFAULT, MMA, SMALL))]
+               for task in ("a", "b")}
+    order = [(key, [e["name"] for e in entries]) for key, entries in tuning._phases(by_task)]
+    assert order == [("a", ["a_0", "a_2"]), ("b", ["b_0", "b_2"]), ("a", ["a_1"]), ("b", ["b_1"])]
