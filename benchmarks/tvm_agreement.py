@@ -1,9 +1,10 @@
-"""A TVM CPU artifact against the reference interpreter on a whole data split (the acceptance check).
+"""A TVM artifact against the reference interpreter on a whole data split (the acceptance check).
 
     python benchmarks/tvm_agreement.py OUT/ir OUT/tvm/cpu --data cifar10-jpeg.tar.gz [--split test] [--limit N]
 
-Prints the ``tvm_cpu_vs_reference`` figures (top-1 agreement, identical final integers, max LSB difference),
-the reference's and TVM's top-1 accuracy, and the time each took.
+A CUDA artifact (``OUT/tvm/sm90``) runs on the machine's GPU. Prints the ``tvm_<target>_vs_reference`` figures
+(top-1 agreement, identical final integers, max LSB difference), the reference's and TVM's top-1 accuracy, and
+the time each took.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     y = np.concatenate(labels)
     ref_top1 = float((np.concatenate([r for _, r in pairs]).argmax(1) == y).mean())
     tvm_top1 = float((np.concatenate(outs).argmax(1) == y).mean())
-    print({"tvm_cpu_vs_reference": result, "reference_top1": ref_top1, "tvm_top1": tvm_top1,
+    print({f"tvm_{model.meta['target']}_vs_reference": result, "reference_top1": ref_top1, "tvm_top1": tvm_top1,
            "reference_s": round(t_ref, 1), "tvm_s": round(t_tvm, 1)})
 
 

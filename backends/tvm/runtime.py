@@ -51,12 +51,14 @@ def serve_fatbin(tvm: Any, folder: Path, meta: dict[str, Any]) -> None:
 class TvmModel:
     """A loaded artifact: ``model(x)`` takes float32 NCHW images of any count and returns the outputs."""
 
-    def __init__(self, folder: str | os.PathLike[str], device: str = "cpu") -> None:
+    def __init__(self, folder: str | os.PathLike[str], device: str | None = None) -> None:
         self.folder = Path(folder)
         try:
             self.meta = json.loads((self.folder / "meta.json").read_text())
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{self.folder}: not a TVM artifact folder ({exc})") from None
+        if device is None:
+            device = "cuda" if "cuda" in self.meta else "cpu"
         tvm = require_extra("tvm", "tvm.runtime.vm", extra="tvm", needed_for="running TVM artifacts",
                             error=ArtifactError)
         if "cuda" in self.meta:
@@ -101,6 +103,19 @@ class TvmModel:
         return [np.concatenate(outs) for outs in zip(*chunks)]
 
 
-def load(folder: str | os.PathLike[str], device: str = "cpu") -> TvmModel:
-    """Load ``DIR/tvm/<target>/`` on ``cpu`` or ``cuda``."""
+def load(folder: str | os.PathLike[str], device: str | None = None) -> TvmModel:
+    """Load ``DIR/tvm/<target>/`` on ``cpu`` or ``cuda`` (default: the device it was built for)."""
     return TvmModel(folder, device)
+
+
+def cuda_device_count() -> int:
+    """NVIDIA GPUs the driver reports (0 without a driver), asked of ``libcuda`` directly: whether a CUDA
+    artifact can be checked here, known without loading TVM's CUDA runtime."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value

@@ -75,8 +75,8 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
 
 def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report: dict[str, Any],
                         pairs: ReferencePairs) -> None:
-    """OUT/tvm/<target>/ per --target; CPU artifacts are run with qcompile.backends.tvm.runtime and checked against the
-    reference."""
+    """OUT/tvm/<target>/ per --target, each run with qcompile.backends.tvm.runtime and checked against the
+    reference where this machine can run it (a CUDA artifact: where the driver reports a GPU)."""
     if "tvm" not in (args.backends or []):
         return
     if importlib.util.find_spec("tvm") is None:
@@ -90,9 +90,11 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
         artifact = build(ir, name, out, batch=args.tvm_batch)
         report.setdefault("artifacts", {})[f"tvm_{name}"] = str(artifact.path)
         spec = get_target(name)
-        if spec.is_cuda:
+        if spec.is_cuda and not runtime.cuda_device_count():
+            report["warnings"].append(f"TVM {name} artifact not verified: no NVIDIA GPU on this machine (check it on "
+                                      f"one: python benchmarks/tvm_agreement.py OUT/ir OUT/tvm/{name} --data DATA)")
             continue
-        if not spec.host_can_run():
+        if not spec.is_cuda and not spec.host_can_run():
             report["warnings"].append(f"TVM {name} artifact not verified: this CPU lacks {', '.join(spec.cpu_flags)}")
             continue
         if not pairs:

@@ -25,6 +25,7 @@ from qcompile.backends.tvm.targets import get_target  # noqa: E402
 from qcompile.ir import (
     int4,  # noqa: E402
     reference,  # noqa: E402
+    serialize,  # noqa: E402
 )
 from qcompile.ir.agreement import compare_backend  # noqa: E402
 from qcompile.ir.types import DType  # noqa: E402
@@ -412,6 +413,37 @@ def test_cli_builds_and_verifies_the_cpu_artifact(tmp_path, capsys, monkeypatch)
     assert report["artifacts"][f"tvm_{CPU}"] == str(out / "tvm" / CPU)
     ver = report["verification"][f"tvm_{CPU.replace('-', '_')}_vs_reference"]
     assert ver == {"images": 32, "top1_agreement": 1.0, "identical_fraction": 1.0, "max_lsb_diff": 0}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cli_verifies_a_cuda_artifact_where_a_gpu_is_and_says_so_where_none_is(tmp_path, capsys, monkeypatch):
+    """Without a GPU the sm90 artifact is built and the report says it is not verified, and how to check it on a
+    GPU machine; with one (here the driver's answer and the loaded artifact are stand-ins that run the CPU
+    build) it is run against the reference like a CPU artifact."""
+    from qcompile.cli import main
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_MODEL_FILE)
+    argv = [str(model_file), "--recipe", "int8", "--verify-size", "16", "--backend", "tvm", "--target", "sm90",
+            "--tvm-batch", "8", "--quiet"]
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)
+    assert main([*argv, "--out", str(tmp_path / "none")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "none" / "report.json").read_text())
+    assert (tmp_path / "none" / "tvm" / "sm90" / "model.fatbin").is_file()
+    assert "tvm_sm90_vs_reference" not in report["verification"]
+    assert any("TVM sm90 artifact not verified: no NVIDIA GPU" in w for w in report["warnings"])
+
+    cpu_build = build(serialize.load(tmp_path / "none" / "ir"), CPU, tmp_path / "cpu", batch=8).path
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 1)
+    loaded = []
+    monkeypatch.setattr(runtime, "load",
+                        lambda folder, device=None: loaded.append(folder) or runtime.TvmModel(cpu_build))
+    assert main([*argv, "--out", str(tmp_path / "gpu")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "gpu" / "report.json").read_text())
+    assert [Path(f).name for f in loaded] == ["sm90"]
+    assert report["verification"]["tvm_sm90_vs_reference"]["identical_fraction"] == 1.0
+    assert not any("not verified" in w for w in report["warnings"])
 
 
 def test_cli_without_tvm_names_the_extra(tmp_path, capsys, monkeypatch):
