@@ -28,7 +28,7 @@ from qcompile.backends.tvm import TvmBackendError, require_tvm
 
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.ops import OpTable, basic_index
+from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
 from qcompile.ir.reference import global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 
@@ -541,11 +541,12 @@ class _Builder:
             y = self.op.divide(self.op.multiply(x, y) if fn == "hardswish" else y, self.const(6.0, "float32"))
         elif fn == "leaky_relu":
             y = nn.leakyrelu(x, float(a["alpha"]))
-        elif fn in ("add", "mul", "div"):
-            fns = {"add": self.op.add, "mul": self.op.multiply, "div": self.op.divide}
-            y = fns[fn](x, self.const(a["alpha"], "float32"))
-        elif fn in ("rsub", "rdiv"):
-            y = (self.op.subtract if fn == "rsub" else self.op.divide)(self.const(a["alpha"], "float32"), x)
+        elif fn in SCALAR_ARITHMETIC:
+            alpha = self.const(a["alpha"], "float32")
+            f, operands = {"add": (self.op.add, (x, alpha)), "mul": (self.op.multiply, (x, alpha)),
+                           "div": (self.op.divide, (x, alpha)), "rsub": (self.op.subtract, (alpha, x)),
+                           "rdiv": (self.op.divide, (alpha, x))}[fn]
+            y = f(*operands)
         else:
             y = {"sigmoid": self.op.sigmoid, "silu": nn.silu, "tanh": self.op.tanh, "gelu": nn.gelu,
                  "gelu_tanh": nn.gelu_tanh}[fn](x)

@@ -107,15 +107,3 @@ def load(folder: str | os.PathLike[str], device: str | None = None) -> TvmModel:
     """Load ``DIR/tvm/<target>/`` on ``cpu`` or ``cuda`` (default: the device it was built for)."""
     return TvmModel(folder, device)
 
-
-def cuda_device_count() -> int:
-    """NVIDIA GPUs the driver reports (0 without a driver), asked of ``libcuda`` directly: whether a CUDA
-    artifact can be checked here, known without loading TVM's CUDA runtime."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,28 @@ class TargetSpec:
         return tvm.target.Target(config)
 
     def host_can_run(self) -> bool:
-        """Whether this machine's CPU has the instructions the code was compiled for (CPU targets only)."""
+        """Whether this machine can run the code: for a CPU target, its CPU has the instructions the code was
+        compiled for; for a CUDA target, the driver reports a GPU."""
         if self.is_cuda:
-            return False
+            return cuda_device_count() > 0
         try:
             flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
         except (OSError, StopIteration):
             return False
         return set(self.cpu_flags) <= set(flags.split(":", 1)[1].split())
+
+
+def cuda_device_count() -> int:
+    """NVIDIA GPUs the driver reports (0 without a driver), asked of ``libcuda`` directly, without loading TVM's
+    CUDA runtime."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 TARGETS: dict[str, TargetSpec] = {

@@ -115,7 +115,7 @@ class _Tvm:
     def load(self, path: Path) -> Any:
         from qcompile.backends.tvm import runtime
 
-        model = runtime.load(path, device="cuda" if self.spec.is_cuda else "cpu")
+        model = runtime.load(path)  # on the device it was built for
         if self.spec.is_cuda:
             self.meta["device"] = model.device.device_name  # the GPU; "machine" names the host
         return model

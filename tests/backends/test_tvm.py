@@ -17,7 +17,7 @@ from torch import nn
 
 pytest.importorskip("tvm")
 
-from qcompile.backends.tvm import runtime  # noqa: E402
+from qcompile.backends.tvm import runtime, targets  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.backends.tvm.cuda import kernel_bodies  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
@@ -427,7 +427,7 @@ def test_cli_verifies_a_cuda_artifact_where_a_gpu_is_and_says_so_where_none_is(t
     model_file.write_text(TINY_MODEL_FILE)
     argv = [str(model_file), "--recipe", "int8", "--verify-size", "16", "--backend", "tvm", "--target", "sm90",
             "--tvm-batch", "8", "--quiet"]
-    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(targets, "cuda_device_count", lambda: 0)
     assert main([*argv, "--out", str(tmp_path / "none")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "none" / "report.json").read_text())
     assert (tmp_path / "none" / "tvm" / "sm90" / "model.fatbin").is_file()
@@ -435,7 +435,7 @@ def test_cli_verifies_a_cuda_artifact_where_a_gpu_is_and_says_so_where_none_is(t
     assert any("TVM sm90 artifact not verified: no NVIDIA GPU" in w for w in report["warnings"])
 
     cpu_build = build(serialize.load(tmp_path / "none" / "ir"), CPU, tmp_path / "cpu", batch=8).path
-    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(targets, "cuda_device_count", lambda: 1)
     loaded = []
     monkeypatch.setattr(runtime, "load",
                         lambda folder, device=None: loaded.append(folder) or runtime.TvmModel(cpu_build))
