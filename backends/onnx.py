@@ -33,6 +33,7 @@ from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
+from qcompile.ir.reference import avgpool_divisors, avgpool_windows
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -106,6 +107,7 @@ class _Exporter:
         self.unfused: dict[str, str] = {}  # dequantized value -> its Cast → Sub → Mul form, written once
         self.readers: dict[str, list[Op]] = {}
         self.producer = {o.output: o for o in ir.ops}
+        self.tail = ir.float_tail()  # float values no quantizer rounds again: computed as the reference computes them
         for o in ir.ops:
             for name in o.inputs:
                 self.readers.setdefault(name, []).append(o)
@@ -363,21 +365,36 @@ class _Exporter:
     @OPS.implements("avgpool2d")
     def op_avgpool2d(self, op: Op) -> None:
         """A float ``AveragePool`` of unfused dequantized codes: onnxruntime fuses DQ → AveragePool → Q into its
-        ``QLinearAveragePool``, which rounds differently (a DenseNet transition disagreed on 0.6% of outputs)."""
+        ``QLinearAveragePool``, which rounds differently (a DenseNet transition disagreed on 0.6% of outputs). In
+        double where no quantizer follows (the model's output is the pooling), as the reference pools."""
+        if op.output in self.tail:
+            self.in_double(op, lambda x: self.avgpool_in_double(x, op))
+            return
         a = op.attrs
         self.node("AveragePool", [self.unfused_dq(op.inputs[0])], op.output, kernel_shape=list(a["kernel"]),
                   strides=list(a["stride"]), pads=list(a["padding"]) * 2, count_include_pad=int(a["count_include_pad"]),
                   ceil_mode=int(a["ceil_mode"]))
+
+    def avgpool_in_double(self, x: str, op: Op) -> str:
+        """``avgpool2d`` of a double tensor (onnxruntime's ``AveragePool`` is float32 only): the window sums as a
+        matrix product of the flattened map with the windows' 0/1 matrix, over PyTorch's divisors. Sums of
+        float32 values are exact in double in any order, so this is the reference's pooling bit for bit."""
+        (c, h, w), (oh, ow) = self.ir.values[op.inputs[0]].shape[1:], self.ir.values[op.output].shape[2:]
+        flat = self.reshape(x, [-1, h * w])
+        sums = self.node("MatMul", [flat, self.const("windows", avgpool_windows((h, w), op.attrs))])
+        means = self.node("Div", [sums, self.const("divisors", avgpool_divisors((h, w), op.attrs).reshape(-1))])
+        return self.reshape(means, [-1, c, oh, ow])
 
     @OPS.implements("adaptive_avgpool2d")
     def op_adaptive_avgpool2d(self, op: Op) -> None:
         """Global or fixed-window pooling where the output size divides the input; otherwise PyTorch's windows
         of two lengths, one ``ReduceMean`` per output cell, concatenated. Pooling a float op's output (not
         dequantized codes) takes double ``ReduceMean``s (onnxruntime pools in float32 only): float32 sums of
-        arbitrary floats round where the reference's float64 sum, rounded once, does not."""
+        arbitrary floats round where the reference's float64 sum, rounded once, does not; so does a pooling that
+        no quantizer rounds again (the model's output is the pooling)."""
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
-        if not self.dequantized_codes(op.inputs[0]):
+        if not self.dequantized_codes(op.inputs[0]) or op.output in self.tail:
             self.in_double(op, lambda x: self.window_means(x, out, (h, w)))
             return
         src = self.unfused_dq(op.inputs[0])  # onnxruntime's QLinear pooling kernels round differently
@@ -421,10 +438,11 @@ class _Exporter:
 
     @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:
-        """``ReduceMean``; in double for a float op's output, as adaptive pooling."""
+        """``ReduceMean``; in double for a float op's output and for a mean no quantizer rounds again, as
+        adaptive pooling."""
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
         keep = int(op.attrs["keepdim"])
-        if self.dequantized_codes(op.inputs[0]):
+        if self.dequantized_codes(op.inputs[0]) and op.output not in self.tail:
             self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=keep)
             return
         self.in_double(op, lambda x: self.node("ReduceMean", [x, axes], keepdims=keep))

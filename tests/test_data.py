@@ -124,6 +124,24 @@ def test_cifar_sized_data_is_unchanged():
             assert torch.equal(x, x0) and torch.equal(y, y0)
 
 
+def test_fewer_images_than_a_hooks_batches_hold_are_a_class_mixed_draw():
+    """The bundled sample stores its images by class: --calib-size / --eval-size below its size draw class-mixed
+    subsets (seeded by --calib-seed for calibration), where the first images would be airplanes only; at the
+    default sizes the hooks' own batches are used as they are."""
+    mf = load_model_file(R20)
+    args = build_parser().parse_args([R20, "--calib-size", "64", "--eval-size", "100", "--calib-seed", "3"])
+    calib, evald = resolve_data(args, mf)
+    want_calib = list(iterate_batches(load_split(SAMPLE, "train").subset(64, seed=3), 128))
+    want_eval = list(iterate_batches(load_split(SAMPLE, "test").subset(100), 500))
+    for got, want in ((calib, want_calib), (evald, want_eval)):
+        assert len(got) == len(want) and all(torch.equal(x, x0) and torch.equal(y, y0)
+                                             for (x, y), (x0, y0) in zip(got, want))
+        assert len(torch.cat([y for _, y in got]).unique()) == 10
+    full_calib, full_eval = resolve_data(build_parser().parse_args([R20]), mf)
+    assert torch.equal(torch.cat([y for _, y in full_calib]), torch.from_numpy(load_split(SAMPLE, "train").labels))
+    assert sum(len(y) for _, y in full_eval) == 2000
+
+
 @pytest.mark.parametrize(
     ("text", "stats"),
     [

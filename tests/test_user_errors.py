@@ -164,6 +164,16 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     assert a_file.read_text() == "mine"
 
 
+def test_a_warning_the_model_raises_each_time_it_runs_is_printed_once(tmp_path, capsys):
+    """A deprecated call in a model's forward warns at capture, calibration, evaluation and verification, each
+    time from another frame: one line in all."""
+    forward = "        __import__('warnings').warn('this call is deprecated', FutureWarning)\n" + SMALL["forward"]
+    code = main([model_file(tmp_path, "warns", forward=forward), "--recipe", "int8", "--backend", "none",
+                 "--measure", "0", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("qcompile: warning: this call is deprecated") == 1, err
+
+
 def test_library_errors_name_the_parameter_not_a_flag(tmp_path):
     """From Python, a bad value is named as the library's parameter, with the value and field as attributes."""
     a_file = tmp_path / "a_file"

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,9 +29,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'qcompile.cli' has no attribute {name!r}")
 
 
-def _one_line_warning(message: Warning | str, *_: object, **__: object) -> None:
-    text = str(message).strip()
-    print(f"qcompile: warning: {text.splitlines()[0] if text else type(message).__name__}", file=sys.stderr)
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints each warning as one line, once per run: a model's own warning
+    (a deprecated call in its forward) is raised again each time the model runs (capture, calibration,
+    verification), each time from another frame."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        text = str(message).strip()
+        line = f"qcompile: warning: {text.splitlines()[0] if text else type(message).__name__}"
+        if line not in shown:
+            shown.add(line)
+            print(line, file=sys.stderr)
+
+    return show
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
+            warnings.showwarning = _one_line_warnings()
             return _main(argv)
     finally:
         if in_main_thread:

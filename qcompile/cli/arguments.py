@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "images, imagenet otherwise)")
     ap.add_argument("--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)")
     ap.add_argument("--calib-seed", type=int, default=0, metavar="S",
-                    help="--data: which --calib-size training images calibrate (a seeded draw; default 0)")
+                    help="which --calib-size training images calibrate (a seeded draw; default 0), from --data "
+                         "or a calibration_data() returning qcompile.data.Batches")
     ap.add_argument("--eval-size", type=int, default=None, metavar="N", help="evaluation images (default: all)")
     ap.add_argument("--calibrator", help="activation calibrator for every layer: ema_max, max, percentile, mse "
                                          "(default: the recipe's)")

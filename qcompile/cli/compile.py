@@ -53,8 +53,19 @@ def resolve_data(
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
         return calib, Batches(test, args.batch_size, shuffle=True, stats=stats)
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
-    calib = list(take_images(calib_src, args.calib_size)) if calib_src is not None else None
-    return calib, (list(take_images(eval_src, args.eval_size)) if eval_src is not None else None)
+    calib = list(take_images(_drawn(calib_src, args.calib_size, args.calib_seed), args.calib_size)) \
+        if calib_src is not None else None
+    return calib, (list(take_images(_drawn(eval_src, args.eval_size, 0), args.eval_size))
+                   if eval_src is not None else None)
+
+
+def _drawn(batches: Any, n: int | None, seed: int) -> Any:
+    """A data hook's batches, of which the CLI takes the first ``n`` images; where the hook returns qcompile's
+    :class:`Batches` over more than ``n`` images, a seeded class-mixed draw of ``n`` of them instead, as --data
+    draws: image sets are often stored by class, and their first images are then one or two classes."""
+    if not isinstance(batches, Batches) or n is None or n >= len(batches.data):
+        return batches
+    return Batches(batches.data.subset(n, seed), batches.batch_size, batches.shuffle, batches.seed, batches.stats)
 
 
 def output_dir(args: argparse.Namespace, recipe: str) -> Path:

@@ -36,12 +36,13 @@ class TensorAgreement:
 
 
 def final_scale(ir: IRGraph) -> np.ndarray | None:
-    """The scale the IR's logits are dequantized with, broadcast over (N, classes); None where the output is a
-    softmax head's floats, which are compared bit for bit instead."""
+    """The scale the IR's logits are dequantized with, broadcast over (N, classes); None where float ops follow
+    the dequantize (a softmax head, a pooling of the last feature map), whose outputs are compared bit for bit."""
     finals = ir.final_integers()
     if not finals:
-        raise QCompileError("the IR's output is not a dequantized integer tensor or a softmax of one")
-    return None if ir.head() else ir.values[finals[0]].broadcast_scale(2)
+        raise QCompileError("the IR's output is not computed from integers (no quantized layer before it)")
+    logits = ir.dequantized_logits()
+    return None if logits is None else ir.values[logits].broadcast_scale(2)
 
 
 def _float_bits(x: np.ndarray) -> np.ndarray:

@@ -13,12 +13,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.ir.ops import checked_attrs
-from qcompile.ir.types import TensorInfo
-
-HEADS = frozenset({"softmax", "log_softmax"})
-"""Float ops a classifier's output may end in after its logits: verification compares the logits' integers
-with the fake-quant model's and the backends' float outputs bit for bit."""
-
+from qcompile.ir.types import DType, TensorInfo
 
 @dataclass
 class Op:
@@ -83,25 +78,45 @@ class IRGraph:
                 del self.values[op.output]
         self.ops = kept[::-1]
 
-    def head(self) -> str | None:
-        """The float op a classifier's output ends in (``softmax``, ``log_softmax``) after its dequantized
-        logits, or None when the output is the dequantized integers themselves."""
+    def dequantized_logits(self) -> str | None:
+        """The integers the first output (the logits) dequantizes (through a ReLU applied to them, if any), so
+        that a backend's logits compare as those integers; None where float ops follow the dequantize (a softmax
+        head, a pooling of the last feature map, a flatten) and the logits compare as float32 bits."""
         op = self.producer(self.outputs[0]) if self.outputs else None
-        return op.kind if op is not None and op.kind in HEADS else None
+        return self._dequantized(op) if op is not None and op.kind == "dequantize" else None
 
     def final_integers(self) -> list[str]:
-        """The integer values the outputs are dequantized from (through a ReLU applied to them, if any, and
-        before a softmax head)."""
-        finals = []
-        for out in self.outputs:
-            op = self.producer(out)
-            if op is not None and op.kind in HEADS:
-                op = self.producer(op.inputs[0])
-            if op is None or op.kind != "dequantize":
+        """The integer values the outputs are computed from: what each output dequantizes (through a ReLU
+        applied to them, if any), or, where float ops follow the dequantize (a softmax head, a global average
+        pool of the last feature map, a flatten), the integers those float ops start from."""
+        return self._output_tail()[0]
+
+    def float_tail(self) -> set[str]:
+        """The float values between the final integers and the outputs (dequantizes and outputs included): no
+        quantizer rounds them again, so a backend computes them as the reference does, bit for bit."""
+        return self._output_tail()[1]
+
+    def _output_tail(self) -> tuple[list[str], set[str]]:
+        finals: list[str] = []
+        tail: set[str] = set()
+        todo = list(reversed(self.outputs))
+        while todo:
+            name = todo.pop()
+            op = self.producer(name)
+            if name in tail or op is None or self.values[name].dtype is not DType.FLOAT32:
                 continue
-            src = self.producer(op.inputs[0])
-            finals.append(src.inputs[0] if src is not None and src.kind == "relu" else op.inputs[0])
-        return finals
+            tail.add(name)
+            if op.kind == "dequantize":
+                if (ints := self._dequantized(op)) not in finals:
+                    finals.append(ints)
+            else:
+                todo.extend(reversed([i for i in op.inputs if i not in self.constants]))
+        return finals, tail
+
+    def _dequantized(self, op: Op) -> str:
+        """The integers a dequantize reads, a ReLU applied to them seen through."""
+        src = self.producer(op.inputs[0])
+        return src.inputs[0] if src is not None and src.kind == "relu" else op.inputs[0]
 
     def summary(self) -> str:
         """One line per op, for humans."""

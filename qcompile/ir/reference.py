@@ -173,12 +173,24 @@ def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: float,
 def _avgpool(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
     """Window sums in float64 over the divisor PyTorch uses, rounded once to float32."""
     sums = _pool_windows(x.astype(np.float64), attrs, 0.0).sum(axis=(-2, -1))
-    include_pad = attrs["count_include_pad"]
-    if include_pad and not attrs["ceil_mode"]:
+    if attrs["count_include_pad"] and not attrs["ceil_mode"]:
         return _as_f32(sums / float(np.prod(attrs["kernel"])))
-    ones = np.ones((1, 1, *x.shape[2:]), dtype=np.float64)  # the padding counts when included, the overhang never
-    counts = _pool_windows(ones, attrs, 1.0 if include_pad else 0.0, 0.0).sum(axis=(-2, -1))
-    return _as_f32(sums / counts)
+    return _as_f32(sums / avgpool_divisors(x.shape[2:], attrs))
+
+
+def avgpool_divisors(size: tuple[int, ...], attrs: dict[str, Any]) -> np.ndarray:
+    """The (OH, OW) divisors of ``avgpool2d``'s windows over an (H, W) map, PyTorch's: the padding counts when
+    included, the overhang of a ``ceil_mode`` window never."""
+    ones = np.ones((1, 1, *size), dtype=np.float64)
+    return _pool_windows(ones, attrs, 1.0 if attrs["count_include_pad"] else 0.0, 0.0).sum(axis=(-2, -1))[0, 0]
+
+
+def avgpool_windows(size: tuple[int, ...], attrs: dict[str, Any]) -> np.ndarray:
+    """``avgpool2d``'s windows over an (H, W) map as an (H·W, OH·OW) 0/1 matrix (pixel in window), so that a
+    backend without a float64 pooling sums the windows in float64 by a matrix product."""
+    h, w = size
+    basis = np.eye(h * w, dtype=np.float64).reshape(h * w, 1, h, w)
+    return _pool_windows(basis, attrs, 0.0).sum(axis=(-2, -1)).reshape(h * w, -1)
 
 
 def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:

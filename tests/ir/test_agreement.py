@@ -85,10 +85,10 @@ def test_tensor_agreement_accumulates_over_updates():
     assert TensorAgreement("empty").identical_fraction == 1.0
 
 
-def test_compare_backend_needs_a_dequantized_integer_output():
+def test_compare_backend_needs_an_output_computed_from_integers():
     ir = IRGraph(inputs=["x"], outputs=["x"])
     ir.add_value("x", TensorInfo(DType.FLOAT32, (1, 4)))
-    with pytest.raises(QCompileError, match="not a dequantized integer tensor"):
+    with pytest.raises(QCompileError, match="not computed from integers"):
         compare_backend(ir, lambda x: x, [])
 
 

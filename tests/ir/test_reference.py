@@ -3,11 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qcompile.ir.graph import IRGraph
-from qcompile.ir.reference import IntegerOverflowError, activation, conv2d, global_avgpool_multiplier, rhe, run
+from qcompile.ir.reference import (IntegerOverflowError, activation, avgpool_divisors, avgpool_windows, conv2d,
+                                   global_avgpool_multiplier, rhe, run)
 from qcompile.ir.types import DType, TensorInfo
 
 
@@ -101,6 +102,21 @@ def test_global_avgpool_is_the_quantized_mean_but_for_float_rounding(in_dtype, o
     want = np.clip(np.rint(exact), pooled.qmin, pooled.qmax)
     near_tie = np.abs(np.abs(exact - np.floor(exact)) - 0.5) < 1e-5 * np.maximum(1.0, np.abs(exact))
     assert np.all((got == want) | (near_tie & (np.abs(got - want) <= 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2),
+       ceil=st.booleans(), include_pad=st.booleans(), seed=st.integers(0, 2**16))
+def test_avgpool_windows_over_divisors_is_pytorchs_average_pool(h, w, k, s, p, ceil, include_pad, seed):
+    """The (H·W, OH·OW) window matrix and divisors a backend pools with in double give PyTorch's ``avg_pool2d``
+    (padding, ``ceil_mode`` overhang and ``count_include_pad`` included), as the reference's own pooling does."""
+    assume(2 * p <= k <= min(h, w) + 2 * p)  # PyTorch's conditions on a pooling window
+    x = np.random.default_rng(seed).standard_normal((2, 3, h, w))
+    attrs = {"kernel": [k, k], "stride": [s, s], "padding": [p, p], "ceil_mode": ceil, "count_include_pad": include_pad}
+    expected = torch.nn.functional.avg_pool2d(torch.from_numpy(x), k, s, p, ceil, include_pad).numpy()
+    sums = x.reshape(6, h * w) @ avgpool_windows((h, w), attrs)
+    pooled = (sums / avgpool_divisors((h, w), attrs).reshape(-1)).reshape(expected.shape)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_global_avgpool_is_undefined_where_onnxruntime_refuses_it():

@@ -1,6 +1,8 @@
 """One small graph per construct of the torchvision / timm CNN classifiers: each lowers, the reference equals
 the fake-quant model, and onnxruntime (and, in the slow set, the TVM CPU library) equals the reference."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -227,6 +229,21 @@ class SoftmaxHead(nn.Module):
         return self.head(logits) if self.head is not None else F.softmax(logits, dim=1)
 
 
+class ConvClassifier(nn.Module):
+    """SqueezeNet's (and Network in Network's) classifier: a 1x1 conv to the classes, ReLU, an average pool
+    (SqueezeNet's adaptive one, a mean, or a 2x2 pooling whose map the output keeps) and a flatten, so the
+    logits are a float average of codes rather than a layer's dequantized output."""
+
+    def __init__(self, pool: Callable[[torch.Tensor], torch.Tensor] = nn.AdaptiveAvgPool2d((1, 1))) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(8, 10, 1), nn.ReLU(inplace=True))
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.classifier(F.relu(self.conv(x)))), 1)
+
+
 class PReLUs(nn.Module):
     """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
     super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
@@ -391,7 +408,9 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct,
           "convnext_block": ConvNeXtBlock, "layernorm2d": LayerNorm2dStem, "prelu": PReLUs, "bit": BiT,
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
-          "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse}
+          "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse,
+          "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
+          "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2))}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -399,7 +418,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
                 "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"},
                 "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"},
-                "upsample": {"upsample_nearest", "add"}}
+                "upsample": {"upsample_nearest", "add"}, "conv_classifier": {"adaptive_avgpool2d", "flatten"},
+                "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -498,8 +518,19 @@ def test_a_softmax_head_reads_the_logits_accumulators_and_they_are_the_final_int
     would, and verification compares those integers with the fake-quant model's."""
     ir = lowered(name, "int8").context.ir
     head = ir.producer(ir.outputs[0])
-    assert ir.head() == head.kind and head.attrs["dim"] == 1
+    assert head.kind == name.removesuffix("_head") and head.attrs["dim"] == 1 and ir.dequantized_logits() is None
     assert ir.producer(head.inputs[0]).kind == "dequantize" and ir.values[ir.final_integers()[0]].dtype is DType.INT32
+
+
+def test_logits_averaged_from_codes_are_compared_as_floats_and_the_codes_are_the_final_integers():
+    """A model whose output is a float pooling of its last codes (no layer after them, so nothing quantizes the
+    average) lowers and verifies: the codes are the final integers, the logits compare as float32 bits."""
+    ir = lowered("conv_classifier", "int8").context.ir
+    tail = [ir.producer(ir.outputs[0])]
+    tail.append(ir.producer(tail[-1].inputs[0]))
+    assert [op.kind for op in tail] == ["flatten", "adaptive_avgpool2d"] and ir.dequantized_logits() is None
+    [final] = ir.final_integers()
+    assert ir.producer(final).kind == "requantize" and ir.values[final].dtype is DType.UINT8
 
 
 def test_reference_group_norm_is_float64_group_norm():
