@@ -262,8 +262,8 @@ class _Exporter:
         return self.node("DequantizeLinear", [b, s, zp], self.uid(f"{name}_dq"), axis=0)
 
     def copies(self, op: Op) -> list[str]:
-        """Output names for a conv/dense: one per requantize that reads it, so that each DQ → Conv → Q chain
-        fuses into an integer kernel (a shared float output would stay a float Conv); else the output itself."""
+        """Output names for a dense layer: one per requantize that reads it, so that each DQ → Gemm → Q chain
+        fuses into an integer kernel (a shared float output would stay a float Gemm); else the output itself."""
         readers = self.readers.get(op.output, [])
         if len(readers) > 1 and all(o.kind == "requantize" for o in readers):
             names = []
@@ -274,40 +274,39 @@ class _Exporter:
             return names
         return [op.output]
 
-    def pooled_requantizes(self, op: Op) -> tuple[list[Op], list[Op]] | None:
-        """A conv's ``relu``/``maxpool2d`` chain ending in requantizes (a ResNet stem), when the chain pools.
+    def requantize_routes(self, op: Op) -> list[tuple[list[Op], Op]] | None:
+        """Every requantize that reads a conv's output, directly or through ReLUs and max pools, with the ops
+        between (a ResNet stem's ReLU → max pool; CBAM's global max pool beside the block's own requantize);
+        None where anything else reads it.
 
         The IR pools the int32 accumulators and requantizes after; onnxruntime fuses a conv into QLinearConv only
-        when a QuantizeLinear follows it directly. Requantizing is monotone per channel (positive multipliers,
-        zero maps to zero), so it commutes with ReLU and max pooling: Conv → Q → MaxPool on the codes computes
-        the same integers, once per requantize that reads the chain."""
-        chain: list[Op] = []
-        readers = self.readers.get(op.output, [])
-        while len(readers) == 1 and readers[0].kind in ("relu", "maxpool2d"):
-            chain.append(readers[0])
-            readers = self.readers.get(readers[0].output, [])
-        if (not any(c.kind == "maxpool2d" for c in chain) or not readers
-                or not all(r.kind == "requantize" and r.attrs["mode"] != "dyadic" for r in readers)):
-            return None
-        return chain, readers
+        when a QuantizeLinear alone follows it. Requantizing is monotone per channel (positive multipliers, zero
+        maps to zero), so it commutes with ReLU and max pooling: Conv → Q → MaxPool on the codes computes the
+        same integers, with one Conv → Q per route."""
 
-    def conv_then_pool(self, inputs: list[str], conv_attrs: dict[str, Any], chain: list[Op],
-                       requantizes: list[Op]) -> None:
-        """Per requantize: Conv → ReLU → Q (one integer kernel) → the chain's max pools on the codes."""
-        pools = [c for c in chain if c.kind == "maxpool2d"]
-        chain_relu = any(c.kind == "relu" for c in chain)
-        for rq in requantizes:
-            src = self.node("Conv", inputs, **conv_attrs)
-            t = self.ir.values[rq.output]
-            src = self.quantize_to(src, self.uid(f"{rq.output}_unpooled"),
-                                   rectified(t) if chain_relu or rq.attrs["relu"] else t)
-            for i, pool in enumerate(pools):
-                src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
-            self.done.add(rq.output)
-        self.done.update(c.output for c in chain)
+        def routes_from(r: Op, chain: list[Op]) -> list[tuple[list[Op], Op]] | None:
+            if r.kind == "requantize":
+                return None if r.attrs["mode"] == "dyadic" else [(chain, r)]
+            readers = self.readers.get(r.output, [])
+            if r.kind not in ("relu", "maxpool2d") or not readers or r.output in self.ir.outputs:
+                return None
+            found: list[tuple[list[Op], Op]] = []
+            for nxt in readers:
+                if (sub := routes_from(nxt, [*chain, r])) is None:
+                    return None
+                found += sub
+            return found
+
+        readers = self.readers.get(op.output, [])
+        routes = [routes_from(r, []) for r in readers]
+        if not readers or op.output in self.ir.outputs or any(r is None for r in routes):
+            return None
+        return [route for rs in routes for route in rs]  # type: ignore[union-attr]
 
     @OPS.implements("conv2d")
     def op_conv2d(self, op: Op) -> None:
+        """A float Conv of DQ inputs, one per requantize that reads it (:meth:`requantize_routes`), so that
+        every DQ → Conv → Q chain fuses into an integer kernel; a shared float output would stay a float Conv."""
         a = op.attrs
         inputs = [self.dq(op.inputs[0]), self._weights(op.inputs[1])]
         if len(op.inputs) > 2:
@@ -315,12 +314,26 @@ class _Exporter:
         w_shape = self.ir.constants[op.inputs[1]].shape
         attrs = dict(strides=list(a["stride"]), pads=list(a["padding"]) * 2, dilations=list(a["dilation"]),
                      group=a["groups"], kernel_shape=list(w_shape[2:]))
-        pooled = self.pooled_requantizes(op)
-        if pooled is not None:
-            self.conv_then_pool(inputs, attrs, *pooled)
+        routes = self.requantize_routes(op)
+        if routes is None or (len(routes) == 1 and not any(c.kind == "maxpool2d" for c in routes[0][0])):
+            self.node("Conv", inputs, op.output, **attrs)
             return
-        for out in self.copies(op):
-            self.node("Conv", inputs, out, **attrs)
+        for chain, rq in routes:
+            if not chain:  # the requantize writes its QuantizeLinear, reading this copy
+                self.alias[(rq.output, op.output)] = self.node("Conv", inputs, f"{op.output}__for_{rq.output}",
+                                                                 **attrs)
+                continue
+            t = self.ir.values[rq.output]
+            relu = rq.attrs["relu"] or any(c.kind == "relu" for c in chain)
+            src = self.quantize_to(self.node("Conv", inputs, **attrs), self.uid(f"{rq.output}_unpooled"),
+                                   rectified(t) if relu else t)
+            pools = [c for c in chain if c.kind == "maxpool2d"]
+            for i, pool in enumerate(pools):
+                src = self.maxpool(src, pool, rq.output if i == len(pools) - 1 else None)
+            if not pools:
+                self.node("Identity", [src], rq.output)
+            self.done.add(rq.output)
+            self.done.update(c.output for c in chain)
 
     @OPS.implements("dense")
     def op_dense(self, op: Op) -> None:
@@ -446,6 +459,12 @@ class _Exporter:
             self.node("ReduceMean", [op.inputs[0], axes], op.output, keepdims=keep)
             return
         self.in_double(op, lambda x: self.node("ReduceMean", [x, axes], keepdims=keep))
+
+    @OPS.implements("reduce_max")
+    def op_reduce_max(self, op: Op) -> None:
+        """``ReduceMax`` in float32: a max is one of its inputs, exact in any precision."""
+        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
+        self.node("ReduceMax", [op.inputs[0], axes], op.output, keepdims=int(op.attrs["keepdim"]))
 
     def in_double(self, op: Op, compute: Callable[[str], str]) -> None:
         """``op``'s float32 output computed in double from its first input (Cast in, ``compute``, Cast back), as

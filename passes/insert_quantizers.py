@@ -20,6 +20,9 @@ parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -41,6 +44,25 @@ _MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose}
 _MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous"}
 _TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, F.dropout} | _MOVE_FUNCTIONS
 _TRANSPARENT_METHODS = {"relu"} | _MOVE_METHODS
+
+
+def _shared_input_specs(gm: fx.GraphModule, layers: list[fx.Node]) -> dict[str, QuantSpec]:
+    """The one input spec of each quantized layer with a bias that is called at several sites: signed if any
+    site's input is signed; sites that differ otherwise are an error (the int32 bias needs one input scale)."""
+    calls = Counter(str(n.target) for n in layers)
+    specs: dict[str, QuantSpec] = {}
+    for node in layers:
+        target, spec = str(node.target), get_annotation(node).input_act
+        if calls[target] < 2 or getattr(gm.get_submodule(target), "bias", None) is None or not spec.is_quantized:
+            continue
+        first = specs.setdefault(target, spec)
+        if replace(first, signed=True) != replace(spec, signed=True):
+            raise PipelineError(f"insert_quantizers: {target} has a bias and is called on inputs that quantize "
+                                f"differently ({first.describe()}, {spec.describe()}); its int32 bias scale would "
+                                "be ambiguous: give its call sites one precision")
+        if spec.signed:
+            specs[target] = spec
+    return specs
 
 
 def is_concat(node: fx.Node) -> bool:
@@ -150,6 +172,8 @@ class InsertQuantizers(Pass):
         self._edges: dict[tuple[fx.Node, QuantSpec], fx.Node] = {}
         layers = compute_nodes(gm)
         weight_specs: dict[str, QuantSpec] = {}
+        shared_inputs: dict[str, fx.Node] = {}  # a biased layer called at several sites -> its input quantizer
+        shared_specs = _shared_input_specs(gm, layers)
         any_quantized = False
         for node in layers:
             ann = get_annotation(node)
@@ -162,8 +186,15 @@ class InsertQuantizers(Pass):
                         f"insert_quantizers: module {target} is called at several sites with different weight "
                         "precisions; give its call sites one precision"
                     )
-            if ann.input_act.is_quantized:
-                node.args = (self._quantize_edge(gm, node.args[0], ann.input_act), *node.args[1:])
+            if not ann.input_act.is_quantized:
+                continue
+            target = str(node.target)
+            if target in shared_specs:
+                q = self._quantize_shared_input(gm, node, shared_specs[target], shared_inputs.get(target))
+                shared_inputs.setdefault(target, q)
+            else:
+                q = self._quantize_edge(gm, node.args[0], ann.input_act)
+            node.args = (q, *node.args[1:])
         for target, spec in weight_specs.items():
             parametrize.register_parametrization(gm.get_submodule(target), "weight", WeightQuantizer(spec))
         self._quantize_biases(gm, layers)
@@ -315,6 +346,19 @@ class InsertQuantizers(Pass):
                 wq = next(p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer))
                 q.requantizes(layer, in_q, wq)
 
+    def _quantize_shared_input(self, gm: fx.GraphModule, node: fx.Node, spec: QuantSpec,
+                               first: fx.Node | None) -> fx.Node:
+        """The input quantizer of a biased layer called at several sites (CBAM's MLP, shared by the average-
+        and the max-pooled features): one module, called on each site's input and calibrated on all of them, so
+        that the layer's int32 bias has one scale."""
+        if first is None or node.args[0] is first.args[0]:
+            return self._quantize_edge(gm, node.args[0], spec)
+        src = node.args[0]
+        with gm.graph.inserting_after(src):
+            q = gm.graph.call_module(str(first.target), (src,))
+        q.meta["tensor_meta"] = src.meta.get("tensor_meta")
+        return q
+
     @staticmethod
     def _quantize_biases(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
         """int32 biases at ``s_x · s_w``, so the fake-quant model adds exactly what the integer kernel adds."""
@@ -325,7 +369,7 @@ class InsertQuantizers(Pass):
             layer = gm.get_submodule(target)
             if getattr(layer, "bias", None) is None or not parametrize.is_parametrized(layer, "weight"):
                 continue
-            inputs = {n.args[0] for n in nodes}
+            inputs = {id(module_of(gm, n.args[0])) for n in nodes}
             aq = module_of(gm, nodes[0].args[0])
             if len(inputs) != 1 or not isinstance(aq, ActivationQuantizer):
                 raise PipelineError(

@@ -276,6 +276,13 @@ class _Lowerer:
             dims = [dims] if isinstance(dims, int) else list(dims)
             return _Val(self.float_op(node, "mean", [self.as_float(node, node.args[0])], dims=dims,
                                       keepdim=bool(argument(node, 2, "keepdim", False))))
+        if (fn and t in (torch.max, torch.amax)) or (meth and t in ("max", "amax")):
+            return self.lower_reduce_max(node)
+        if fn and t in (operator.getitem, getattr) and isinstance(node.args[0], fx.Node) and _is_max_over_dim(
+                node.args[0]):
+            if node.args[1] not in (0, "values"):
+                raise self.fail(node, "the indices of a max (an argmax) do not lower; use its values")
+            return self.value(node, node.args[0])
         if fn and t is operator.getitem and isinstance(node.args[0], fx.Node) and _is_split(node.args[0]):
             return self.lower_split_piece(node)
         if fn and t is operator.getitem:
@@ -497,6 +504,24 @@ class _Lowerer:
             raise self.fail(node, "a transpose that moves the batch dimension does not lower")
         x = self.operand(node, src, keeps_channels=perm[1] == 1)
         return _Val(self.same(node, "transpose", [x], perm=perm))
+
+    def lower_reduce_max(self, node: fx.Node) -> _Val:
+        """``torch.max(x, dim)`` (its values: ``[0]`` or ``.values`` read them) and ``amax`` over some
+        dimensions, as a float ``reduce_max`` of the dequantized input, exact in any precision."""
+        dims = argument(node, 1, "dim")
+        if isinstance(dims, fx.Node):
+            raise self.fail(node, "an elementwise max of two tensors does not lower")
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            raise self.fail(node, "a max over every dimension (batch included) does not lower")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        rank = len(self.shape(node.args[0]))
+        if any(d % rank == 0 for d in dims):
+            raise self.fail(node, "a max over the batch dimension does not lower")
+        tm = node.meta["tensor_meta"]
+        shape = tuple(int(d) for d in (tm if hasattr(tm, "shape") else tm[0]).shape)  # torch.max: values, indices
+        return _Val(self.g.add_op("reduce_max", [self.as_float(node, node.args[0])], node.name,
+                                  TensorInfo(DType.FLOAT32, shape), self.src(node), dims=dims,
+                                  keepdim=bool(argument(node, 2, "keepdim", False))))
 
     def lower_split_piece(self, node: fx.Node) -> _Val:
         """Piece i of ``chunk``/``split``: a slice along the split dimension, bounds from the recorded shapes."""
@@ -731,6 +756,12 @@ def tabulate(fn: Callable[[torch.Tensor], torch.Tensor], in_t: TensorInfo, q: Ac
     if not bool(torch.isfinite(y).all()):
         return None
     return q.codes(y).numpy().astype(np.int32)
+
+
+def _is_max_over_dim(node: fx.Node) -> bool:
+    """``torch.max(x, dim)`` / ``x.max(dim)``: values and indices, as a pair."""
+    return ((node.op == "call_function" and node.target is torch.max) or (
+        node.op == "call_method" and node.target == "max")) and len(node.args) + len(node.kwargs) > 1
 
 
 def _is_split(node: fx.Node) -> bool:

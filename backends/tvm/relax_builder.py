@@ -428,6 +428,12 @@ class _Builder:
         m = self.op.mean(self.op.astype(x, "float64"), axis=axes, keepdims=keep)
         self.set(op.output, self.op.astype(m, "float32"), nhwc)
 
+    @OPS.implements("reduce_max")
+    def op_reduce_max(self, op: Op) -> None:
+        """A max over some dimensions, in float32 (exact in any precision)."""
+        dims = [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]]
+        self.set(op.output, self.op.max(self.nchw(op.inputs[0]), axis=dims, keepdims=op.attrs["keepdim"]), False)
+
     @OPS.implements("global_avgpool")
     def op_global_avgpool(self, op: Op) -> None:
         """One kernel: the int32 sum of each channel's codes (over H and W, NHWC axes 1 and 2; or over L of an

@@ -188,6 +188,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("avgpool2d", (*_POOL, Attr("count_include_pad", BOOL, True), Attr("ceil_mode", BOOL, False))),
     OpSchema("adaptive_avgpool2d", (Attr("output_size", PAIR),)),
     OpSchema("mean", (Attr("dims", INTS), Attr("keepdim", BOOL))),
+    OpSchema("reduce_max", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("global_avgpool", (Attr("keepdim", BOOL, True),)),
     OpSchema("add"),
     OpSchema("mul"),

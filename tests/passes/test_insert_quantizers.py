@@ -5,6 +5,7 @@ from qcompile.passes.insert_quantizers import activation_quantizers, is_add
 from torch.nn.utils import parametrize
 
 from qcompile import Pipeline, get_recipe
+from qcompile.errors import PipelineError
 from qcompile.frontend.graph import compute_nodes
 from qcompile.models import resnet20_cifar
 from qcompile.quantization.quantizer import ActivationQuantizer
@@ -49,6 +50,37 @@ def test_quantizers_are_shared_per_tensor_and_spec():
     stem_relu = next(n for n in gm.graph.nodes if n.op == "call_function" and n.name == "relu")
     quantizers = [u for u in stem_relu.users]
     assert len(quantizers) == 1  # block conv input and identity input agree (u8): one quantizer
+
+
+class SharedMLP(torch.nn.Module):
+    """CBAM's channel gate: one MLP (with biases) on the average- and on the max-pooled features."""
+
+    def __init__(self, signed_max: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.mlp = torch.nn.Linear(8, 8)
+        self.signed_max = signed_max
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        peak = x.amax((2, 3)) - 1.0 if self.signed_max else torch.max(x.flatten(2), 2).values
+        return self.mlp(x.mean((2, 3))) + self.mlp(peak)
+
+
+@pytest.mark.parametrize("signed_max", [False, True])
+def test_a_biased_layer_called_on_two_inputs_quantizes_both_with_one_quantizer(signed_max):
+    """One module called at both sites, so that the int32 bias has one scale (the calls stay two nodes); signed
+    when one of the inputs is."""
+    gm = _insert(SharedMLP(signed_max), "int8", shape=(1, 3, 8, 8))
+    sites = [n for n in compute_nodes(gm) if n.target == "mlp"]
+    assert len(sites) == 2 and sites[0].args[0] is not sites[1].args[0]
+    [target] = {n.args[0].target for n in sites}
+    assert gm.get_submodule(target).spec.signed == signed_max
+
+
+def test_a_biased_layer_called_at_two_precisions_is_refused():
+    with pytest.raises(PipelineError, match="mlp has a bias and is called on inputs that quantize differently"):
+        _insert(SharedMLP(), "int8", sets=["mlp@1=w8a4"], shape=(1, 3, 8, 8))
 
 
 def test_bf16_inserts_nothing():

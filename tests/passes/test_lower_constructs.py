@@ -244,6 +244,30 @@ class ConvClassifier(nn.Module):
         return torch.flatten(self.pool(self.classifier(F.relu(self.conv(x)))), 1)
 
 
+class CBAMGates(nn.Module):
+    """CBAM (Jongchan/attention-module) on a conv's output: the channel gate's MLP, with biases, shared by the
+    average- and the max-pooled features (``F.max_pool2d`` over the whole map of the accumulator, beside its own
+    requantize); the spatial gate's ``torch.max(x, 1)[0]`` and ``torch.mean(x, 1)``, unsqueezed and concatenated,
+    a 7x7 conv, sigmoid, the product; then ``amax`` and ``x.max(dim=1, keepdim=True).values``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 8))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        window = (x.size(2), x.size(3))
+        att = self.mlp(F.avg_pool2d(x, window, stride=window)) + self.mlp(F.max_pool2d(x, window, stride=window))
+        x = x * torch.sigmoid(att).unsqueeze(2).unsqueeze(3).expand_as(x)
+        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+        x = x * torch.sigmoid(self.spatial(pooled))
+        x = x + x.amax(dim=(2, 3), keepdim=True) * x.max(dim=1, keepdim=True).values
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
 class PReLUs(nn.Module):
     """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
     super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
@@ -410,7 +434,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
           "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse,
           "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
-          "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2))}
+          "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -419,7 +443,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "bit": {"group_norm", "slice"}, "softmax_head": {"softmax"}, "log_softmax_head": {"log_softmax"},
                 "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"},
                 "upsample": {"upsample_nearest", "add"}, "conv_classifier": {"adaptive_avgpool2d", "flatten"},
-                "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"}}
+                "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"},
+                "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -441,7 +466,7 @@ def test_construct_lowers_and_reference_equals_fake_quant(name, recipe):
     res = lowered(name, recipe)
     ir = res.context.ir
     kinds = {op.kind for op in ir.ops}
-    assert ("lut" in kinds) == (name in TABULATED | {"squeeze_excite", "hand_hardswish", "eca"})
+    assert ("lut" in kinds) == (name in TABULATED | {"squeeze_excite", "hand_hardswish", "eca", "cbam"})
     assert EXPECTED_OPS.get(name, set()) <= kinds
     v = verify_reference(res.graph_module, ir, _batches()).summary()
     assert v["top1_agreement"] >= 0.99 and v["identical_fraction"] >= 0.999 and v["max_lsb_diff"] <= 1
@@ -606,6 +631,20 @@ def test_onnxruntime_runs_every_conv_as_an_integer_kernel_and_no_rounding_kernel
     assert [k for k in kinds if k.startswith("QLinear") and "Pool" in k] == ["QLinearGlobalAveragePool"]
     x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()
     assert all(row["max_lsb_diff"] == 0 for row in qonnx.layer_diff(ir, qonnx.to_onnx(ir), x))
+
+
+def test_a_conv_whose_accumulator_is_also_max_pooled_stays_an_integer_kernel_on_each_path(tmp_path):
+    """CBAM's channel gate max-pools a conv's accumulator beside the conv's own requantize: each path gets its own
+    Conv → Q (a QLinearConv) and the pooling runs on its codes; one float Conv shared by both would round the
+    accumulator in float32 before quantizing, off by a code at near-ties."""
+    import onnx
+    from qcompile.backends import onnx as qonnx
+
+    ir = lowered("cbam", "int8").context.ir
+    optimized = tmp_path / "optimized.onnx"
+    qonnx.session(qonnx.to_onnx(ir), optimized_path=str(optimized))
+    kinds = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert kinds.count("QLinearConv") == 3 and "Conv" not in kinds and "FusedConv" not in kinds  # 2 convs, 1 twice
 
 
 FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name != "elu"] + ["squeeze_excite", "hand_hardswish",
