@@ -1,4 +1,4 @@
-"""The example model zoo (examples/mobilenet_v2.py ... bit_resnetv2.py, mobilenet_v3.py): each file keeps the
+"""The example model zoo (examples/mobilenet_v2.py ... mobilenet_v3.py, cbam_resnet.py): each file keeps the
 model-file contract, runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
@@ -77,6 +77,13 @@ KEYS = {
         "stage_1.stage_1_bottleneck_0.shortcut.shortcut_bn.running_mean",
         "stage_3.stage_3_bottleneck_2.conv_expand.weight", "classifier.weight", "classifier.bias",
     ],
+    "cbam_resnet": [
+        "conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.bn2.bias",
+        "layer1.0.cbam.ChannelGate.mlp.1.weight", "layer1.0.cbam.ChannelGate.mlp.1.bias",
+        "layer1.0.cbam.ChannelGate.mlp.3.weight", "layer1.0.cbam.SpatialGate.spatial.conv.weight",
+        "layer1.0.cbam.SpatialGate.spatial.bn.running_mean", "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.weight", "layer4.1.cbam.ChannelGate.mlp.3.bias", "fc.weight", "fc.bias",
+    ],
     "bit_resnetv2": [
         "root.conv.weight", "body.block1.unit01.gn1.weight", "body.block1.unit01.conv1.weight",
         "body.block1.unit01.gn2.bias", "body.block1.unit01.conv2.weight", "body.block1.unit01.gn3.weight",
@@ -119,6 +126,12 @@ ORIGINAL = {
                         {"stage_1.stage_1_bottleneck_0.conv_conv.weight": (512, 64, 3, 3),
                          "stage_3.stage_3_bottleneck_2.conv_expand.weight": (1024, 2048, 1, 1),
                          "classifier.weight": (10, 1024)}),
+    # Jongchan/attention-module's ResidualNet("ImageNet", 18, 1000, "CBAM"): the CBAM paper's 11.78M
+    "cbam_resnet": (dict(network_type="ImageNet"), 11_779_392, {"conv1.weight": (64, 3, 7, 7),
+                                                                 "layer1.0.cbam.ChannelGate.mlp.1.weight": (4, 64),
+                                                                 "layer4.1.cbam.ChannelGate.mlp.3.weight": (512, 32),
+                                                                 "layer4.1.cbam.SpatialGate.spatial.conv.weight":
+                                                                     (1, 2, 7, 7)}),
     # BiT-M-R50x1 (google-research/big_transfer; timm's resnetv2_50x1_bit at 1000 classes: 25.55M)
     "bit_resnetv2": (dict(cifar=False), 25_549_352, {"root.conv.weight": (64, 3, 7, 7),
                                                       "body.block1.unit01.downsample.weight": (256, 64, 1, 1),
@@ -138,6 +151,7 @@ MACS = {
     "convnext": 44_657_280,
     "resnext29_cifar": 493_561_856,
     "bit_resnetv2": 333_664_256,
+    "cbam_resnet": 555_863_360,
 }
 
 NAMES = sorted(KEYS)

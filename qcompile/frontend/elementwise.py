@@ -127,8 +127,10 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
             return None
         clamp = (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None
         return Unary(type(m).__name__, m, clamp, _module_activation(m))
-    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+    if node.op not in ("call_function", "call_method") or not node.args:
         return None
+    if not isinstance(node.args[0], fx.Node):
+        return _scalar_arithmetic(node)  # a number first: BAM's ``1 + F.sigmoid(...)``
     t = node.target
     rest, kwargs = node.args[1:], dict(node.kwargs)
     if not all(_constant(a) for a in (*rest, *kwargs.values())):
