@@ -34,14 +34,17 @@ MANTISSA_BITS = 8
 
 
 def concat_inputs(gm: fx.GraphModule) -> list[list[ActivationQuantizer]]:
-    """Per concatenation whose inputs are all read through quantizers of one spec: those quantizers."""
+    """Per concatenation whose inputs are all read through quantizers of one spec: those quantizers, and the
+    quantizers of that spec that read the concatenation (a layer's input): on the same grid, they move no code,
+    where a scale of their own would requantize the whole concatenation (DenseNet: before every layer)."""
     out = []
     for node in gm.graph.nodes:
         if not is_concat(node):
             continue
         qs = [module_of(gm, p) for p in node.args[0]]
         if all(isinstance(q, ActivationQuantizer) for q in qs) and len({q.spec for q in qs}) == 1:  # type: ignore[union-attr]
-            out.append(qs)
+            readers = [module_of(gm, r) for r in node.users]
+            out.append(qs + [r for r in readers if isinstance(r, ActivationQuantizer) and r.spec == qs[0].spec])
     return out  # type: ignore[return-value]
 
 
