@@ -182,7 +182,25 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What both block kinds do after their convs, as the repository's blocks do: the shortcut, CBAM on the
+    residual branch, the in-place add and the ReLU."""
+
+    downsample: nn.Module | None
+    cbam: CBAM | None
+    relu: nn.ReLU
+
+    def join(self, out: Tensor, x: Tensor) -> Tensor:
+        residual = x
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        if self.cbam is not None:
+            out = self.cbam(out)
+        out += residual
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
@@ -198,22 +216,11 @@ class BasicBlock(nn.Module):
         self.cbam = CBAM(planes, 16) if use_cbam else None
 
     def forward(self, x: Tensor) -> Tensor:
-        residual = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            residual = self.downsample(x)
-        if self.cbam is not None:
-            out = self.cbam(out)
-        out += residual
-        out = self.relu(out)
-        return out
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.join(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
@@ -231,17 +238,9 @@ class Bottleneck(nn.Module):
         self.cbam = CBAM(planes * 4, 16) if use_cbam else None
 
     def forward(self, x: Tensor) -> Tensor:
-        residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            residual = self.downsample(x)
-        if self.cbam is not None:
-            out = self.cbam(out)
-        out += residual
-        out = self.relu(out)
-        return out
+        return self.join(self.bn3(self.conv3(out)), x)
 
 
 class ResNet(nn.Module):

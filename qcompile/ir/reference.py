@@ -373,7 +373,7 @@ def _mean(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 
 @OPS.implements("reduce_max")
 def _reduce_max(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
-    return _as_f32(args[0]).max(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]).astype(np.float32)
+    return _as_f32(args[0]).max(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"])
 
 
 @OPS.implements("global_avgpool")
