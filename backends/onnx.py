@@ -685,9 +685,13 @@ class _Exporter:
             ty, offset = np.float32, 0
         else:
             ty, offset = self.container(t)
+        pads_const = self.const("pads", np.array(begin + end, np.int64))
+        if op.attrs["mode"] != "constant":
+            mode = {"reflect": "reflect", "replicate": "edge"}[op.attrs["mode"]]
+            self.node("Pad", [op.inputs[0], pads_const], op.output, mode=mode)
+            return
         value = self.const("pad_value", np.array(op.attrs["value"] + offset, ty))
-        self.node("Pad", [op.inputs[0], self.const("pads", np.array(begin + end, np.int64)), value], op.output,
-                  mode="constant")
+        self.node("Pad", [op.inputs[0], pads_const, value], op.output, mode="constant")
 
     @OPS.implements("concat")
     def op_concat(self, op: Op) -> None:

@@ -34,7 +34,7 @@ from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, 
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.reference import global_avgpool_multiplier
+from qcompile.ir.reference import PAD_MODES, global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
 from qcompile.quantization.quantizer import (
@@ -700,8 +700,11 @@ class _Lowerer:
         pads = list(argument(node, 1, "pad"))
         mode = argument(node, 2, "mode", "constant")
         value = argument(node, 3, "value", None) or 0.0
-        if mode != "constant":
-            raise self.fail(node, f"padding mode {mode!r} does not lower (constant only)")
+        if mode not in PAD_MODES:
+            raise self.fail(node, f"padding mode {mode!r} does not lower ({', '.join(PAD_MODES)} do)")
+        if mode != "constant":  # values of the input repeated: on codes, as a zero padding
+            x = self.operand(node, node.args[0], keeps_channels=len(pads) <= 4)
+            return _Val(self.same(node, "pad", [x], pads=pads, mode=mode))
         if value == 0:
             x = self.operand(node, node.args[0], keeps_channels=len(pads) <= 4)
             return _Val(self.same(node, "pad", [x], pads=pads, value=0))

@@ -614,7 +614,8 @@ class _Builder:
         width = [0] * (2 * rank)
         for i in range(len(pads) // 2):
             width[2 * (rank - 1 - i)], width[2 * (rank - 1 - i) + 1] = pads[2 * i], pads[2 * i + 1]
-        self.set(op.output, self.op.nn.pad(x, width, pad_value=float(op.attrs["value"])), False)
+        self.set(op.output, self.op.nn.pad(x, width, pad_mode=op.attrs["mode"], pad_value=float(op.attrs["value"])),
+                 False)
 
     @OPS.implements("concat")
     def op_concat(self, op: Op) -> None:

@@ -141,6 +141,16 @@ def canonicalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def shape_argument_layers_to_modules(gm: fx.GraphModule) -> None:
+    """:func:`functional_layers_to_modules` again once the shapes are numbers: a call whose hyper-parameters read
+    the input's shape (antialiased-cnns' BlurPool: ``F.conv2d(x, self.filt, stride=2, groups=x.shape[1])``) is
+    a layer too."""
+    functional_layers_to_modules(gm)
+    numeric_conv_padding(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
 def parameter_computations_folded(gm: fx.GraphModule) -> None:
     """Each computation whose inputs are parameters and buffers alone → a buffer holding its result (a Python
     number or tuple → that constant), read where the computation was."""
@@ -292,12 +302,18 @@ def padding_modules_to_functions(gm: fx.GraphModule) -> None:
 
 def numeric_conv_padding(gm: fx.GraphModule) -> None:
     """Each conv with ``padding="same"`` or ``"valid"`` → numeric padding, and an ``F.pad`` before each of its
-    call sites where "same" is asymmetric."""
+    call sites where "same" is asymmetric; a conv with another ``padding_mode`` than zeros (``"reflect"``,
+    ``"replicate"``, ``"circular"``) → that ``F.pad`` before each call site and no padding of its own, as
+    PyTorch computes it."""
     asymmetric: dict[nn.Module, list[int]] = {}
+    modes: dict[nn.Module, str] = {}
     for node in list(gm.graph.nodes):
         m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if not isinstance(m, nn.Conv2d):
             continue
+        if m.padding_mode != "zeros":
+            asymmetric[m], modes[m] = list(m._reversed_padding_repeated_twice), m.padding_mode
+            m.padding, m.padding_mode = (0, 0), "zeros"
         if m.padding == "valid":
             m.padding = (0, 0)
         elif m.padding == "same":
@@ -307,7 +323,8 @@ def numeric_conv_padding(gm: fx.GraphModule) -> None:
                 asymmetric[m] = [p for e in reversed(extent) for p in (e // 2, e - e // 2)]  # F.pad: W, then H
         if m in asymmetric:
             with gm.graph.inserting_before(node):
-                pad = gm.graph.call_function(F.pad, (node.args[0], asymmetric[m]))
+                mode = {"mode": modes[m]} if m in modes else {}
+                pad = gm.graph.call_function(F.pad, (node.args[0], asymmetric[m]), mode)
             pad.meta.update({k: v for k, v in node.meta.items() if k == "stack_trace"})
             node.replace_input_with(node.args[0], pad)
 

@@ -27,7 +27,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError, first_line
-from qcompile.frontend.canonical import canonicalize, identities_removed
+from qcompile.frontend.canonical import canonicalize, identities_removed, shape_argument_layers_to_modules
 from qcompile.frontend.graph import call, literal
 
 LeafSpec = str | type[nn.Module]
@@ -528,5 +528,6 @@ def capture(
     values = _propagate(gm, example_inputs, shape_nodes)
     if shape_nodes:
         _specialize_shapes(gm, example_inputs, shape_nodes, values)
+        shape_argument_layers_to_modules(gm)
     identities_removed(gm)
     return gm

@@ -210,7 +210,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("reshape", (Attr("shape", INTS),)),
     OpSchema("transpose", (Attr("perm", INTS),)),
     OpSchema("slice", (Attr("index", INDEX),)),
-    OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0))),
+    OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0), Attr("mode", STR, "constant"))),
     OpSchema("upsample_nearest", (Attr("scale", PAIR),)),
     OpSchema("concat", (Attr("dim", INT),)),
 )}

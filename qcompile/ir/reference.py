@@ -459,12 +459,19 @@ def _slice(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return np.ascontiguousarray(args[0][_index(op.attrs["index"])])
 
 
+PAD_MODES = ("constant", "reflect", "replicate")
+"""``pad``'s modes, PyTorch's names: a constant, the mirror image without the edge, the edge repeated."""
+_NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge"}
+
+
 @OPS.implements("pad")
 def _pad(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     pads, x = op.attrs["pads"], args[0]
     width = [(0, 0)] * x.ndim
     for i in range(len(pads) // 2):
         width[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+    if op.attrs["mode"] != "constant":
+        return np.pad(x, width, mode=_NUMPY_PAD_MODES[op.attrs["mode"]])
     return np.pad(x, width, constant_values=op.attrs["value"])
 
 

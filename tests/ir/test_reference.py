@@ -119,6 +119,17 @@ def test_avgpool_windows_over_divisors_is_pytorchs_average_pool(h, w, k, s, p, c
     np.testing.assert_allclose(pooled, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_pad_is_pytorchs_pad(mode):
+    x = np.random.default_rng(0).integers(-128, 128, (2, 3, 5, 6)).astype(np.int32)
+    g = IRGraph(inputs=["x"], outputs=["y"])
+    g.add_value("x", TensorInfo(DType.INT8, x.shape, np.float32(0.1), qmin=-128, qmax=127))
+    g.add_op("pad", ["x"], "y", TensorInfo(DType.INT8, (2, 3, 8, 9), np.float32(0.1), qmin=-128, qmax=127),
+             pads=[1, 2, 3, 0], mode=mode)
+    expected = torch.nn.functional.pad(torch.from_numpy(x).double(), [1, 2, 3, 0], mode=mode).numpy()
+    np.testing.assert_array_equal(run(g, x)["y"], expected)
+
+
 def test_global_avgpool_is_undefined_where_onnxruntime_refuses_it():
     codes = TensorInfo(DType.UINT8, (1, 4, 7, 7), np.float32(0.1))
     assert global_avgpool_multiplier(codes, TensorInfo(DType.UINT8, (1, 4, 1, 1), np.float32(0.05))) is not None

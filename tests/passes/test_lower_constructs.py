@@ -268,6 +268,27 @@ class CBAMGates(nn.Module):
         return self.fc(F.relu(x).mean((2, 3)))
 
 
+class BlurPool(nn.Module):
+    """antialiased-cnns' BlurPool (adobe/antialiased-cnns), as written there: a reflection pad, then
+    ``F.conv2d`` with a fixed binomial filter buffer and ``groups=inp.shape[1]``; beside it convs with
+    ``padding_mode`` reflect and replicate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        a = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        filt = a[:, None] * a[None, :]
+        self.register_buffer("filt", (filt / filt.sum())[None, None].repeat(8, 1, 1, 1))
+        self.pad = nn.ReflectionPad2d([1, 2, 1, 2])
+        self.edge = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = F.conv2d(self.pad(x), self.filt, stride=2, groups=x.shape[1])
+        return self.fc(F.relu(self.edge(x)).mean((2, 3)))
+
+
 class PReLUs(nn.Module):
     """PReLU with one slope per channel, with one slope, and ``F.prelu`` on a module's own weight (older face and
     super-resolution networks); a global max pool head (``nn.AdaptiveMaxPool2d(1)``) after an adaptive max pool to
@@ -434,7 +455,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "softmax_head": lambda: SoftmaxHead(log=False), "log_softmax_head": lambda: SoftmaxHead(log=True),
           "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse,
           "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
-          "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates}
+          "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
+          "blur_pool": BlurPool}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -444,7 +466,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"},
                 "upsample": {"upsample_nearest", "add"}, "conv_classifier": {"adaptive_avgpool2d", "flatten"},
                 "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"},
-                "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}}
+                "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -556,6 +578,17 @@ def test_logits_averaged_from_codes_are_compared_as_floats_and_the_codes_are_the
     assert [op.kind for op in tail] == ["flatten", "adaptive_avgpool2d"] and ir.dequantized_logits() is None
     [final] = ir.final_integers()
     assert ir.producer(final).kind == "requantize" and ir.values[final].dtype is DType.UINT8
+
+
+def test_a_blur_filter_is_a_layer_and_reflection_padding_moves_codes():
+    """BlurPool's ``F.conv2d`` on its filter buffer, whose ``groups`` reads the input's shape, is a layer once the
+    shapes are numbers; the reflection pads (a module, a conv's ``padding_mode``) and the replicating one act on
+    codes, but for the image's."""
+    ir = lowered("blur_pool", "int8").context.ir
+    pads = [op for op in ir.ops if op.kind == "pad"]
+    assert len([op for op in ir.ops if op.kind == "conv2d"]) == 3  # conv, blur, edge conv
+    assert sorted(op.attrs["mode"] for op in pads) == ["reflect", "reflect", "replicate"]
+    assert [ir.values[op.inputs[0]].dtype.is_int for op in pads] == [False, True, True]  # the image is float
 
 
 def test_reference_group_norm_is_float64_group_norm():
