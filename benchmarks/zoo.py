@@ -33,7 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MODELS = ("mobilenet_v2", "se_resnet", "efficientnet_b0", "preact_resnet18", "shufflenet_v2", "densenet",
-          "convnext", "resnext29_cifar", "bit_resnetv2", "mobilenet_v3", "cbam_resnet")
+          "convnext", "resnext29_cifar", "bit_resnetv2", "mobilenet_v3", "cbam_resnet",
+          "antialiased_resnet")
 RECIPES = ("int8", "mostly4bit")
 COLUMNS = ("model", "recipe", "compiles", "reference vs fake-quant", "ONNX serving vs ref", "ONNX compact vs ref",
            "TVM CPU vs ref", "MACs", "params", "linear vs bf16", "ONNX ms (vs float)", "seconds")

@@ -1,4 +1,4 @@
-"""The example model zoo (examples/mobilenet_v2.py ... mobilenet_v3.py, cbam_resnet.py): each file keeps the
+"""The example model zoo (examples/mobilenet_v2.py ... cbam_resnet.py, antialiased_resnet.py): each file keeps the
 model-file contract, runs at 32x32, keeps the original's parameter names and shapes, and costs what it should."""
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ KEYS = {
         "stage_1.stage_1_bottleneck_0.shortcut.shortcut_bn.running_mean",
         "stage_3.stage_3_bottleneck_2.conv_expand.weight", "classifier.weight", "classifier.bias",
     ],
+    "antialiased_resnet": [
+        "conv1.weight", "bn1.running_mean", "maxpool.1.filt", "layer1.0.conv1.weight", "layer1.0.conv2.weight",
+        "layer2.0.conv2.0.filt", "layer2.0.conv2.1.weight", "layer2.0.bn2.running_var", "layer2.0.downsample.0.filt",
+        "layer2.0.downsample.1.weight", "layer2.0.downsample.2.bias", "layer4.1.conv2.weight", "fc.weight", "fc.bias",
+    ],
     "cbam_resnet": [
         "conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.bn2.bias",
         "layer1.0.cbam.ChannelGate.mlp.1.weight", "layer1.0.cbam.ChannelGate.mlp.1.bias",
@@ -126,6 +131,11 @@ ORIGINAL = {
                         {"stage_1.stage_1_bottleneck_0.conv_conv.weight": (512, 64, 3, 3),
                          "stage_3.stage_3_bottleneck_2.conv_expand.weight": (1024, 2048, 1, 1),
                          "classifier.weight": (10, 1024)}),
+    # adobe/antialiased-cnns' resnet18(filter_size=4): BlurPool holds buffers only, so torchvision ResNet-18's count
+    "antialiased_resnet": (dict(cifar=False), 11_689_512, {"conv1.weight": (64, 3, 7, 7),
+                                                           "maxpool.1.filt": (64, 1, 4, 4),
+                                                           "layer4.0.downsample.0.filt": (256, 1, 4, 4),
+                                                           "layer4.0.downsample.1.weight": (512, 256, 1, 1)}),
     # Jongchan/attention-module's ResidualNet("ImageNet", 18, 1000, "CBAM"): the CBAM paper's 11.78M
     "cbam_resnet": (dict(network_type="ImageNet"), 11_779_392, {"conv1.weight": (64, 3, 7, 7),
                                                                  "layer1.0.cbam.ChannelGate.mlp.1.weight": (4, 64),
@@ -152,6 +162,7 @@ MACS = {
     "resnext29_cifar": 493_561_856,
     "bit_resnetv2": 333_664_256,
     "cbam_resnet": 555_863_360,
+    "antialiased_resnet": 183_260_160,
 }
 
 NAMES = sorted(KEYS)
