@@ -244,6 +244,19 @@ class ConvClassifier(nn.Module):
         return torch.flatten(self.pool(self.classifier(F.relu(self.conv(x)))), 1)
 
 
+class TemperatureHead(nn.Module):
+    """Logits divided by a calibrated temperature (a buffer), as a temperature-scaled classifier returns them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        self.register_buffer("temperature", torch.tensor(1.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).mean((2, 3))) / self.temperature
+
+
 class CBAMGates(nn.Module):
     """CBAM (Jongchan/attention-module) on a conv's output: the channel gate's MLP, with biases, shared by the
     average- and the max-pooled features (``F.max_pool2d`` over the whole map of the accumulator, beside its own
@@ -456,7 +469,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse,
           "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
-          "blur_pool": BlurPool}
+          "blur_pool": BlurPool, "temperature": TemperatureHead}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -466,7 +479,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "eca": {"conv2d", "lut", "mul", "concat", "maxpool2d"}, "split_attention": {"softmax", "mul", "slice"},
                 "upsample": {"upsample_nearest", "add"}, "conv_classifier": {"adaptive_avgpool2d", "flatten"},
                 "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"},
-                "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"}}
+                "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
+                "temperature": {"div"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
