@@ -594,6 +594,21 @@ def test_logits_averaged_from_codes_are_compared_as_floats_and_the_codes_are_the
     assert ir.producer(final).kind == "requantize" and ir.values[final].dtype is DType.UINT8
 
 
+def test_an_unsqueezed_gate_keeps_its_grid():
+    """CBAM's channel gate (``sigmoid(...).unsqueeze(2).unsqueeze(3)``) reaches its product on the sigmoid
+    table's own codes: unsqueeze moves codes like a reshape, so no requantize of the gate in between."""
+    ir = lowered("cbam", "int8").context.ir
+    producer = {op.output: op for op in ir.ops}
+    gate = next(op for op in ir.ops if op.kind == "lut")
+    for op in ir.ops:
+        dq = producer.get(op.inputs[0])
+        if op.kind == "quantize" and dq is not None and dq.kind == "dequantize":
+            src = producer[dq.inputs[0]]
+            while src.kind == "reshape":
+                src = producer[src.inputs[0]]
+            assert src is not gate, op.output
+
+
 def test_a_blur_filter_is_a_layer_and_reflection_padding_moves_codes():
     """BlurPool's ``F.conv2d`` on its filter buffer, whose ``groups`` reads the input's shape, is a layer once the
     shapes are numbers; the reflection pads (a module, a conv's ``padding_mode``) and the replicating one act on
