@@ -33,7 +33,7 @@ from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
-from qcompile.ir.reference import avgpool_divisors, avgpool_windows
+from qcompile.ir.reference import PAD_MODES, avgpool_divisors, avgpool_windows
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -266,13 +266,14 @@ class _Exporter:
         fuses into an integer kernel (a shared float output would stay a float Gemm); else the output itself."""
         readers = self.readers.get(op.output, [])
         if len(readers) > 1 and all(o.kind == "requantize" for o in readers):
-            names = []
-            for o in readers:
-                alias = f"{op.output}__for_{o.output}"
-                self.alias[(o.output, op.output)] = alias
-                names.append(alias)
-            return names
+            return [self.copy_for(op, o) for o in readers]
         return [op.output]
+
+    def copy_for(self, op: Op, requantize: Op) -> str:
+        """The name of ``op``'s output copy that ``requantize`` alone reads (its QuantizeLinear follows it)."""
+        alias = f"{op.output}__for_{requantize.output}"
+        self.alias[(requantize.output, op.output)] = alias
+        return alias
 
     def requantize_routes(self, op: Op) -> list[tuple[list[Op], Op]] | None:
         """Every requantize that reads a conv's output, directly or through ReLUs and max pools, with the ops
@@ -320,8 +321,7 @@ class _Exporter:
             return
         for chain, rq in routes:
             if not chain:  # the requantize writes its QuantizeLinear, reading this copy
-                self.alias[(rq.output, op.output)] = self.node("Conv", inputs, f"{op.output}__for_{rq.output}",
-                                                                 **attrs)
+                self.node("Conv", inputs, self.copy_for(op, rq), **attrs)
                 continue
             t = self.ir.values[rq.output]
             relu = rq.attrs["relu"] or any(c.kind == "relu" for c in chain)
@@ -687,8 +687,7 @@ class _Exporter:
             ty, offset = self.container(t)
         pads_const = self.const("pads", np.array(begin + end, np.int64))
         if op.attrs["mode"] != "constant":
-            mode = {"reflect": "reflect", "replicate": "edge"}[op.attrs["mode"]]
-            self.node("Pad", [op.inputs[0], pads_const], op.output, mode=mode)
+            self.node("Pad", [op.inputs[0], pads_const], op.output, mode=PAD_MODES[op.attrs["mode"]])
             return
         value = self.const("pad_value", np.array(op.attrs["value"] + offset, ty))
         self.node("Pad", [op.inputs[0], pads_const, value], op.output, mode="constant")

@@ -106,4 +106,3 @@ class TvmModel:
 def load(folder: str | os.PathLike[str], device: str | None = None) -> TvmModel:
     """Load ``DIR/tvm/<target>/`` on ``cpu`` or ``cuda`` (default: the device it was built for)."""
     return TvmModel(folder, device)
-

@@ -459,9 +459,9 @@ def _slice(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return np.ascontiguousarray(args[0][_index(op.attrs["index"])])
 
 
-PAD_MODES = ("constant", "reflect", "replicate")
-"""``pad``'s modes, PyTorch's names: a constant, the mirror image without the edge, the edge repeated."""
-_NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge"}
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+"""``pad``'s modes by their PyTorch names (a constant, the mirror image without the edge, the edge repeated),
+each with its name in numpy's ``np.pad`` and ONNX's ``Pad``, which agree."""
 
 
 @OPS.implements("pad")
@@ -471,7 +471,7 @@ def _pad(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     for i in range(len(pads) // 2):
         width[x.ndim - 1 - i] = (pads[2 * i], pads[2 * i + 1])
     if op.attrs["mode"] != "constant":
-        return np.pad(x, width, mode=_NUMPY_PAD_MODES[op.attrs["mode"]])
+        return np.pad(x, width, mode=PAD_MODES[op.attrs["mode"]])
     return np.pad(x, width, constant_values=op.attrs["value"])
 
 
