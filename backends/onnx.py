@@ -460,6 +460,12 @@ class _Exporter:
             return
         self.in_double(op, lambda x: self.node("ReduceMean", [x, axes], keepdims=keep))
 
+    @OPS.implements("reduce_sum")
+    def op_reduce_sum(self, op: Op) -> None:
+        """``ReduceSum`` in double, as the reference sums."""
+        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
+        self.in_double(op, lambda x: self.node("ReduceSum", [x, axes], keepdims=int(op.attrs["keepdim"])))
+
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:
         """``ReduceMax`` in float32: a max is one of its inputs, exact in any precision."""

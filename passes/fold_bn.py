@@ -121,6 +121,24 @@ _FUNCTIONAL_NORMS = {F.batch_norm: _batch_norm_module, F.layer_norm: _layer_norm
                      F.group_norm: _group_norm_module}
 
 
+def _instance_norm_as(m: nn.Module, training: bool) -> nn.Module | None:
+    """``nn.InstanceNorm1d/2d`` (IBN-Net's ResNets) as what it computes: with running statistics in eval mode,
+    a BatchNorm of them (which folds); else a GroupNorm of one channel per group, the per-sample statistics."""
+    if type(m) not in (nn.InstanceNorm1d, nn.InstanceNorm2d):
+        return None
+    c = m.num_features
+    if m.track_running_stats and not training:
+        norm: nn.Module = nn.BatchNorm2d(c, eps=m.eps, affine=m.affine)
+        norm.running_mean.copy_(m.running_mean)
+        norm.running_var.copy_(m.running_var)
+    else:
+        norm = nn.GroupNorm(c, c, eps=m.eps, affine=m.affine)
+    if m.affine:
+        norm.weight.data.copy_(m.weight.detach())
+        norm.bias.data.copy_(m.bias.detach())
+    return norm.train(training)
+
+
 def _functional_to_modules(gm: fx.GraphModule) -> None:
     """Functional batch, layer and group norms on attribute tensors → modules (then folded, converted or
     lowered)."""
@@ -203,6 +221,9 @@ class FoldBatchNorm(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         _functional_to_modules(gm)
+        for target, m in list(gm.named_modules()):
+            if (norm := _instance_norm_as(m, gm.training)) is not None:
+                set_submodule(gm, target, norm)
         sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         for bn_node in list(gm.graph.nodes):
             bn = module_of(gm, bn_node)

@@ -269,13 +269,8 @@ class _Lowerer:
         if fn and t is F.adaptive_avg_pool2d:
             return _Val(self.float_op(node, "adaptive_avgpool2d", [self.as_float(node, node.args[0])],
                                       output_size=list(self.shape(node)[2:])))
-        if (fn and t is torch.mean) or (meth and t == "mean"):
-            dims = argument(node, 1, "dim")
-            if dims is None:
-                raise self.fail(node, "a mean over every dimension (batch included) does not lower")
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            return _Val(self.float_op(node, "mean", [self.as_float(node, node.args[0])], dims=dims,
-                                      keepdim=bool(argument(node, 2, "keepdim", False))))
+        if (fn and t in (torch.mean, torch.sum)) or (meth and t in ("mean", "sum")):
+            return self.lower_reduction(node, "mean" if t in (torch.mean, "mean") else "sum")
         if (fn and t in (torch.max, torch.amax)) or (meth and t in ("max", "amax")):
             return self.lower_reduce_max(node)
         if fn and t in (operator.getitem, getattr) and isinstance(node.args[0], fx.Node) and _is_max_over_dim(
@@ -504,6 +499,21 @@ class _Lowerer:
             raise self.fail(node, "a transpose that moves the batch dimension does not lower")
         x = self.operand(node, src, keeps_channels=perm[1] == 1)
         return _Val(self.same(node, "transpose", [x], perm=perm))
+
+    def lower_reduction(self, node: fx.Node, what: str) -> _Val:
+        """A mean or a sum over some dimensions (not the batch): float ``mean`` / ``reduce_sum`` of the
+        dequantized input, in float64 and rounded once (timm's selective kernels sum their branches so)."""
+        dims = argument(node, 1, "dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            raise self.fail(node, f"a {what} over every dimension (batch included) does not lower")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if any(d % len(self.shape(node.args[0])) == 0 for d in dims):
+            raise self.fail(node, f"a {what} over the batch dimension does not lower")
+        if argument(node, 3, "dtype") is not None:
+            raise self.fail(node, f"a {what} with a dtype does not lower")
+        return _Val(self.float_op(node, "mean" if what == "mean" else "reduce_sum",
+                                  [self.as_float(node, node.args[0])], dims=dims,
+                                  keepdim=bool(argument(node, 2, "keepdim", False))))
 
     def lower_reduce_max(self, node: fx.Node) -> _Val:
         """``torch.max(x, dim)`` (its values: ``[0]`` or ``.values`` read them) and ``amax`` over some

@@ -428,6 +428,13 @@ class _Builder:
         m = self.op.mean(self.op.astype(x, "float64"), axis=axes, keepdims=keep)
         self.set(op.output, self.op.astype(m, "float32"), nhwc)
 
+    @OPS.implements("reduce_sum")
+    def op_reduce_sum(self, op: Op) -> None:
+        """A sum over some dimensions in float64, as the reference sums."""
+        dims = [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]]
+        s = self.op.sum(self.op.astype(self.nchw(op.inputs[0]), "float64"), axis=dims, keepdims=op.attrs["keepdim"])
+        self.set(op.output, self.op.astype(s, "float32"), False)
+
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:
         """A max over some dimensions, in float32 (exact in any precision)."""

@@ -19,6 +19,8 @@
   called with ``training`` left at its default of True drops in eval mode too, and stays.
 - Adding the number 0 goes: Python's ``sum(tensors)`` starts from 0 (ResNeSt's split attention sums its
   splits so).
+- ``torch.stack`` of a list is a ``torch.cat`` of the parts unsqueezed (timm's selective kernels stack their
+  branches), the one form in which the passes join codes.
 - A 1-d conv is a 2-d conv of height 1 between an ``unsqueeze(2)`` and a ``squeeze(2)`` (ECA-Net's channel
   attention runs ``nn.Conv1d`` across the channels), so the passes and backends see the conv they know.
 - Casts that change nothing go (after shapes are known, :func:`identities_removed`): ``x.float()``,
@@ -42,7 +44,7 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
-from qcompile.frontend.graph import call, literal, set_submodule, unused_name
+from qcompile.frontend.graph import argument, call, literal, set_submodule, unused_name
 
 
 def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
@@ -130,6 +132,7 @@ def canonicalize(gm: fx.GraphModule) -> None:
     """Rewrite ``gm`` in place into the spellings above and recompile it."""
     padding_modules_to_functions(gm)
     conv1d_as_conv2d(gm)
+    stack_as_cat(gm)
     zero_additions_removed(gm)
     if not gm.training:
         parameter_computations_folded(gm)
@@ -213,6 +216,24 @@ def zero_additions_removed(gm: fx.GraphModule) -> None:
         if len(values) == 1 and len(zeros) == 1:
             node.replace_all_uses_with(values[0])
             gm.graph.erase_node(node)
+
+
+def stack_as_cat(gm: fx.GraphModule) -> None:
+    """Each ``torch.stack(xs, dim)`` of a list of values → ``torch.cat([x.unsqueeze(dim) for x in xs], dim)``,
+    the same tensor, in the one form the passes join codes in (timm's selective kernels stack their branches)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.stack:
+            continue
+        parts, dim = node.args[0] if node.args else node.kwargs.get("tensors"), argument(node, 1, "dim", 0)
+        if not isinstance(parts, list | tuple) or not all(isinstance(p, fx.Node) for p in parts):
+            continue
+        with gm.graph.inserting_before(node):
+            wide = [gm.graph.call_method("unsqueeze", (p, dim)) for p in parts]
+            cat = gm.graph.call_function(torch.cat, (wide, dim))
+        for n in (*wide, cat):
+            n.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(cat)
+        gm.graph.erase_node(node)
 
 
 def conv1d_as_conv2d(gm: fx.GraphModule) -> None:

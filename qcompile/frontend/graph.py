@@ -251,8 +251,8 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_max_pool1d,
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-        torch.unsqueeze, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.amax, F.dropout,
-        F.interpolate,
+        torch.unsqueeze, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.sum, torch.amax,
+        F.dropout, F.interpolate,
     ), _first),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6), _always),
     **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul), _both),
@@ -266,7 +266,7 @@ _FUNCTION_RULES: dict[object, _Rule] = {
 _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys((
         "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk", "split",
-        "mean", "amax",
+        "mean", "sum", "amax",
     ), _first),
     **dict.fromkeys(("add", "mul"), _both),
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),

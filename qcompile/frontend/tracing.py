@@ -29,6 +29,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import canonicalize, identities_removed, shape_argument_layers_to_modules
 from qcompile.frontend.graph import call, literal
+from qcompile.frontend.inplace import inplace_ops_functionalized
+from qcompile.frontend.reparametrized import check_trainable, copy_for_inference
 
 LeafSpec = str | type[nn.Module]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -496,6 +498,51 @@ def _trace_with_shapes(model: nn.Module, leaves: tuple[set[str], tuple[type, ...
                 b.copy_(buffers[name])
 
 
+def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``module``'s output tensors on copies of ``inputs`` (an in-place model may change them), in eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(*[x.clone() for x in inputs])
+    finally:
+        module.train(was_training)
+    found: list[torch.Tensor] = []
+    map_aggregate(out, lambda t: found.append(t) if isinstance(t, torch.Tensor) else None)
+    return found
+
+
+def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Make ``gm``'s in-place operations values (:mod:`qcompile.frontend.inplace`) and check on the example that
+    the graph still computes the model: it does not where a changed tensor is also read through a view."""
+    done = inplace_ops_functionalized(gm)
+    for node, written in done.refused.items():
+        raise CaptureError(f"{written} at {source_location(node)} changes a tensor in place and has no "
+                           "out-of-place form that qcompile follows; compute a new tensor instead")
+    if not done.rewritten:
+        return
+    try:
+        ours, theirs = _outputs(gm, example_inputs), _outputs(model, example_inputs)
+    except Exception as exc:
+        raise CaptureError(f"the example input does not run through the model: {first_line(exc)}") from None
+    if len(ours) == len(theirs) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)
+                                        for a, b in zip(ours, theirs)):
+        return
+    node, written = next(iter(done.rewritten.items()))
+    places = ", ".join(f"{w} at {source_location(n)}" for n, w in list(done.rewritten.items())[:3])
+    raise CaptureError(f"the model changes tensors in place ({places}{', ...' if len(done.rewritten) > 3 else ''}) "
+                       "and one of them is also read through a view, which the graph cannot follow; "
+                       "write that operation out of place (y = x.relu() rather than x.relu_())")
+
+
+def _copy_to_trace(model: nn.Module) -> nn.Module:
+    """The copy that is traced: in eval mode, with weight and spectral norms baked into plain weights."""
+    if model.training:
+        check_trainable(model)
+        return copy.deepcopy(model)
+    return copy_for_inference(model)
+
+
 def capture(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -511,18 +558,19 @@ def capture(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     check_finite(model)
-    traced = copy.deepcopy(model)
+    traced = _copy_to_trace(model)
     leaves = _split_leaves(traced, leaf_modules)
     try:
         graph = _trace(_SiteTracer(*leaves), traced, len(example_inputs))
     except Exception:
-        traced = copy.deepcopy(model)
+        traced = _copy_to_trace(model)
         try:
             graph = _trace_with_shapes(traced, leaves, example_inputs)
         except Exception as exc:
             raise _untraceable(exc) from None
     gm = fx.GraphModule(traced, graph, class_name=type(traced).__name__)
     gm.train(traced.training)
+    _functionalize(gm, model, example_inputs)
     canonicalize(gm)
     shape_nodes = _shape_arithmetic(gm.graph)
     values = _propagate(gm, example_inputs, shape_nodes)

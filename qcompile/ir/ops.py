@@ -189,6 +189,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("adaptive_avgpool2d", (Attr("output_size", PAIR),)),
     OpSchema("mean", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("reduce_max", (Attr("dims", INTS), Attr("keepdim", BOOL))),
+    OpSchema("reduce_sum", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("global_avgpool", (Attr("keepdim", BOOL, True),)),
     OpSchema("add"),
     OpSchema("mul"),

@@ -22,6 +22,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   (:func:`global_avgpool_multiplier`). Those axes are kept as 1s, or dropped without ``keepdim``.
 - ``add``, ``mul`` (both broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
   dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
 - ``reduce_max`` over ``dims`` (CBAM's ``torch.max(x, 1)[0]``, ``amax``): a float op, exact in any precision.
 - ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
   ``var = mean(d²)`` (biased), ``d / sqrt(var + eps) · w + b``, rounded once to float32. ``eps`` is a float32
@@ -369,6 +370,11 @@ def _adaptive_avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.nd
 @OPS.implements("mean")
 def _mean(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _as_f32(args[0].astype(np.float64).mean(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]))
+
+
+@OPS.implements("reduce_sum")
+def _reduce_sum(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return _as_f32(args[0].astype(np.float64).sum(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]))
 
 
 @OPS.implements("reduce_max")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.node import map_aggregate
 from tqdm import tqdm
 
 from qcompile.ir import reference
@@ -55,14 +56,40 @@ class Verification:
         }
 
 
+def _float32(a: object) -> object:
+    return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+
 VERIFY_PART_ELEMENTS = 1 << 19
 """Input values compared per run (3 images of 3x224x224): the reference keeps every intermediate tensor of a
 run, about 0.2 GB per ImageNet-sized image for ResNet-50, so a batch is verified in parts of this size."""
 
 
+def tabulated_nodes(gm: fx.GraphModule, ir: IRGraph) -> set[str]:
+    """The fx nodes whose functions the IR's ``lut`` ops tabulate: each chain of one-input nodes from the
+    quantizer a table's output is named after back to the codes it reads."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found: set[str] = set()
+    for op in ir.ops:
+        if op.kind != "lut" or op.output not in nodes:
+            continue
+        chain: list[str] = []
+        n = nodes[op.output].args[0] if nodes[op.output].args else None
+        while isinstance(n, fx.Node) and n.name != op.inputs[0] and len(n.all_input_nodes) == 1:
+            chain.append(n.name)
+            n = n.all_input_nodes[0]
+        if isinstance(n, fx.Node) and n.name == op.inputs[0]:
+            found.update(chain)
+    return found
+
+
 class _Comparer(fx.Interpreter):
     """Runs the fake-quant graph and compares every named integer tensor with the reference's values as it is
-    produced (before a later in-place op can change it), so no copy of it is kept."""
+    produced (before a later in-place op can change it), so no copy of it is kept.
+
+    The functions the IR tabulates run in float32, as the tables were computed: in float64, ``leaky_relu(x,
+    0.1)`` of a code whose result lies on a rounding tie (``0.1 · -5 = -0.5`` codes where the input and output
+    scales agree) rounds the other way, a difference of the check, not of the model."""
 
     def __init__(self, gm: fx.GraphModule, ir: IRGraph, reference_values: dict[str, np.ndarray],
                  by_name: dict[str, TensorAgreement]) -> None:
@@ -70,9 +97,18 @@ class _Comparer(fx.Interpreter):
         self.ir = ir
         self.reference_values = reference_values
         self.by_name = by_name
+        self.tabulated = tabulated_nodes(gm, ir)
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if n.name in self.tabulated:
+            return map_aggregate(args, _float32), map_aggregate(kwargs, _float32)  # type: ignore[return-value]
+        return args, kwargs
 
     def run_node(self, n: fx.Node) -> object:
         out = super().run_node(n)
+        if n.name in self.tabulated and isinstance(out, torch.Tensor):
+            out = out.double()
         if n.name in self.by_name and isinstance(out, torch.Tensor):
             t = self.ir.values[n.name]
             codes = np.rint(out.detach().numpy().astype(np.float64) / t.broadcast_scale(out.ndim).astype(np.float64))

@@ -119,3 +119,20 @@ def test_frozen_and_synchronised_batch_norms_fold_into_their_conv(norm):
     assert [n.op for n in gm.graph.nodes] == ["placeholder", *["call_module"] * 3, "output"]
     with torch.no_grad():
         assert (model(x) - gm(x)).abs().max().item() < 1e-5
+
+
+def test_instance_norms_become_the_norms_they_compute():
+    """IBN-Net's instance norms: with running statistics (eval) a BatchNorm that folds into the conv before it,
+    without them a GroupNorm of one channel per group; the model computes the same."""
+    from tests.passes.test_lower_constructs import InstanceBatchNorm
+
+    torch.manual_seed(0)
+    model = randomize_bn(InstanceBatchNorm()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    gm = fold_bn.fold_bn(capture(model, x[:1]))
+    kinds = {name: type(m) for name, m in gm.named_modules()}
+    assert "tracked" not in kinds and not any(isinstance(m, nn.InstanceNorm2d) for m in gm.modules())
+    assert kinds["IN"] is nn.GroupNorm and gm.IN.num_groups == gm.IN.num_channels == 4
+    assert kinds["out_in"] is nn.GroupNorm and gm.out_in.weight is None
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-4, atol=1e-5)

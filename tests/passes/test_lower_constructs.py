@@ -448,6 +448,97 @@ class UpsampleFuse(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class SelectiveKernel(nn.Module):
+    """timm's selective kernel: two branches stacked (``torch.stack``), summed over the branch axis for the
+    attention (``x.sum(1)``), a softmax over the branches, the weighted branches summed (``torch.sum(x, 1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=d, dilation=d) for d in (1, 2)])
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.select = nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.stack([F.relu(p(x)) for p in self.paths], dim=1)
+        a = self.select(F.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        a = torch.softmax(a.view(a.shape[0], 2, 8, 1, 1), dim=1)
+        return self.fc(torch.sum(x * a, dim=1).mean((2, 3)))
+
+
+class InstanceBatchNorm(nn.Module):
+    """IBN-Net's IBN-a block: half the channels instance-normalised, half batch-normalised, then concatenated; an
+    instance norm of the residual sum (IBN-b); one instance norm with running statistics, which folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.tracked = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.IN = nn.InstanceNorm2d(4, affine=True)
+        self.BN = nn.BatchNorm2d(4)
+        self.out_in = nn.InstanceNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():
+            for norm in (self.tracked, self.IN):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0.0, 0.1)
+            self.tracked.running_mean.normal_(0.0, 0.2)
+            self.tracked.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.tracked(self.stem(x)))
+        a, b = torch.split(self.conv(x), 4, 1)
+        y = torch.cat((self.IN(a.contiguous()), self.BN(b.contiguous())), 1)
+        x = F.relu(self.out_in(x + y))
+        return self.fc(x.mean((2, 3)))
+
+
+class InPlaceStatements(nn.Module):
+    """In-place operations written as statements, their results unused (``out.add_(x)``, ``F.relu(out,
+    inplace=True)``, an in-place ``nn.ReLU`` called for its effect, ``x.clamp_(min=0)``): the graph must read what
+    they changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x.clamp_(min=0)
+        out = self.conv1(x)
+        F.relu(out, inplace=True)
+        out = self.conv2(out)
+        out.add_(x)
+        self.act(out)
+        return self.fc(out.mean((2, 3)).unsqueeze_(1).squeeze_(1))
+
+
+class WeightNormed(nn.Module):
+    """Weight and spectral normalisation, the deprecated hooks and their parametrizations: plain layers once
+    captured for inference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+        self.stem = weight_norm(nn.Conv2d(3, 8, 3, padding=1))
+        self.conv = parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = parametrizations.spectral_norm(nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = F.leaky_relu(self.stem(x), 0.1)
+        x = F.relu(self.conv2(F.relu(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -469,9 +560,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "eca": ECAHead, "split_attention": SplitAttention, "upsample": UpsampleFuse,
           "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
-          "blur_pool": BlurPool, "temperature": TemperatureHead}
+          "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
+          "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
-             "convnext_block"}
+             "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
                 "convnext_block": {"layer_norm"}, "layernorm2d": {"layer_norm"}, "prelu": {"relu", "maxpool2d", "mul"},
@@ -480,7 +572,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "upsample": {"upsample_nearest", "add"}, "conv_classifier": {"adaptive_avgpool2d", "flatten"},
                 "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"},
                 "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
-                "temperature": {"div"}}
+                "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
+                "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
