@@ -219,6 +219,9 @@ class _Lowerer:
                                       output_size=list(self.shape(node)[2:])))
         if isinstance(m, nn.Flatten):
             return self.lower_flatten(node, m.start_dim, m.end_dim)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
+            raise self.fail(node, f"{type(m).__name__} without running statistics (track_running_stats=False) "
+                                  "normalises every batch by that batch's statistics; it has no integer lowering")
         raise self.fail(node, f"module type {type(m).__name__} has no integer lowering")
 
     def lower_call(self, node: fx.Node) -> _Val | None:

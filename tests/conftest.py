@@ -34,7 +34,7 @@ def randomize_bn(model: nn.Module, seed: int = 0, data: torch.Tensor | None = No
     """
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.track_running_stats:
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -42,7 +42,7 @@ def randomize_bn(model: nn.Module, seed: int = 0, data: torch.Tensor | None = No
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     if data is not None:
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.track_running_stats:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the batches below
         model.train()

@@ -376,3 +376,36 @@ def test_messages_are_printed_as_they_are_not_as_rich_markup(capsys):
     printed = capsys.readouterr().out
     assert "warning: ONNX artifacts skipped (pip install 'qcompile[onnx]') :cd:" in printed
     assert "models/[v2]/net.py" in printed and "features[0]" in printed
+
+
+FEATURES_TOO = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        features = F.relu(self.conv(x)).mean((2, 3))
+        return self.fc(features), features
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+def example_input():
+    return torch.randn(1, 3, 32, 32)
+"""
+
+
+def test_a_model_returning_logits_and_features_is_compiled_and_scored_on_its_logits(tmp_path, capsys):
+    model = _write(tmp_path, "features.py", FEATURES_TOO)
+    code, captured, out = run([model, "--recipe", "int8", "--data", SAMPLE, *FAST], tmp_path, capsys)
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["onnx_vs_reference"]["serving"]["identical_fraction"] == 1.0
+    assert report["accuracy"]["n"] == 100 and 0.0 <= report["accuracy"]["float_top1"] <= 1.0

@@ -28,6 +28,12 @@ from qcompile.frontend.tracing import user_frame
 REQUIRED = ("build_model", "example_input")
 
 
+def logits(output: object) -> torch.Tensor:
+    """The logits of a model's output: the tensor, or the first of a tuple or list (a model that returns
+    ``(logits, features)``, as the compiled model may)."""
+    return output[0] if isinstance(output, tuple | list) else output  # type: ignore[return-value]
+
+
 def _line_in(exc: BaseException, path: Path) -> str:
     if isinstance(exc, SyntaxError) and exc.lineno:
         return f"{path}:{exc.lineno}"

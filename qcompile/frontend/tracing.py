@@ -13,13 +13,14 @@ would need dynamic-shape specifications from the user and produces aten-level gr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import os
 import re
 import traceback
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -81,13 +82,34 @@ class _SiteTracer(fx.Tracer):
                 m.forward = functools.partial(self._direct_forward, m, m.forward)
                 routed.append(m)
         try:
-            return super().trace(root, concrete_args)
+            with _script_functions_inlined(root):
+                return super().trace(root, concrete_args)
         finally:
             for m in routed:
                 del m.forward
 
     def _direct_forward(self, m: nn.Module, forward, *args, **kwargs):  # type: ignore[no-untyped-def]
         return self.call_module(m, forward, args, kwargs)
+
+
+@contextlib.contextmanager
+def _script_functions_inlined(root: nn.Module) -> Iterator[None]:
+    """TorchScript functions (``@torch.jit.script`` helpers, as timm's older activations are written) are opaque
+    to torch.fx, which cannot pass them a proxy. While tracing, each name bound to one in the globals of a module's
+    ``forward`` reads its Python original, which torch keeps for torch.compile (``_torchdynamo_inline``)."""
+    patched: list[tuple[dict[str, object], str, object]] = []
+    namespaces = {id(g): g for m in root.modules() if (g := getattr(type(m).forward, "__globals__", None))}
+    for g in namespaces.values():
+        for name, value in list(g.items()):
+            original = getattr(value, "_torchdynamo_inline", None)
+            if isinstance(value, torch.jit.ScriptFunction) and callable(original):
+                patched.append((g, name, value))
+                g[name] = original
+    try:
+        yield
+    finally:
+        for g, name, value in patched:
+            g[name] = value
 
 
 class _NoValue(Exception):

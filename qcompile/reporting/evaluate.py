@@ -8,13 +8,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qcompile.frontend.model_file import logits
+
 
 @torch.no_grad()
 def hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str = "eval") -> torch.Tensor:
     """Per image, in order: whether the model's top-1 class is the label (for paired comparisons of models)."""
     was_training = model.training
     model.eval()
-    out = [model(x).argmax(dim=1) == y for x, y in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False)]
+    out = [logits(model(x)).argmax(dim=1) == y
+           for x, y in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False)]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 

@@ -17,6 +17,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from tqdm import tqdm
 
+from qcompile.frontend.model_file import logits
 from qcompile.ir import reference
 from qcompile.ir.agreement import TensorAgreement
 from qcompile.ir.graph import IRGraph
@@ -147,7 +148,7 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
                 logits_ref = env[ir.outputs[0]]
                 del env
                 result.reference_outputs.append((inputs, logits_ref))
-                logits_fq = (fq_out[0] if isinstance(fq_out, (tuple, list)) else fq_out).numpy()
+                logits_fq = logits(fq_out).numpy()
                 result.images += len(y)
                 result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
                 result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())

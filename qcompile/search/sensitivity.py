@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from qcompile import cache
 from qcompile.errors import PipelineError, RecipeError
+from qcompile.frontend.model_file import logits
 from qcompile.pipeline import BN_FOLDED, PassContext, Pipeline
 from qcompile.quantization.recipes import Override, activation_calibrator
 from qcompile.quantization.spec import Precision
@@ -53,7 +54,7 @@ def outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     """The model's logits per calibration batch (eval mode)."""
     was_training = model.training
     model.eval()
-    out = [model(x) for x, _ in batches]
+    out = [logits(model(x)) for x, _ in batches]
     model.train(was_training)
     return out
 

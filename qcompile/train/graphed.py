@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile.frontend.model_file import logits
 from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 
 WARMUP_STEPS = 3  # eager steps before recording: cuDNN's algorithm search and lazy initialisations happen there
@@ -77,7 +78,7 @@ class CapturedStep:
 
     def _forward_backward_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits(self.model(x)), y, label_smoothing=self.label_smoothing)
         loss.backward()
         sgd_step(self.opt, self.lr)
         return loss.detach()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from qcompile.artifacts import atomic_path
 from qcompile.errors import CheckpointError
+from qcompile.frontend.model_file import logits
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext, mean_across
 from qcompile.train.graphed import CapturedStep
@@ -117,7 +118,7 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContex
                 loss = captured(x, y)
             else:
                 with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = F.cross_entropy(runner(x), y, label_smoothing=cfg.label_smoothing)
+                    loss = F.cross_entropy(logits(runner(x)), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -176,9 +177,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in batches:
-        logits = model(x).float()
-        correct += int((logits.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        z = logits(model(x)).float()
+        correct += int((z.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(z, y, reduction="sum"))
         n += len(y)
     model.train(was_training)
     return (correct / n if n else float("nan")), (loss / n if n else float("nan")), n

@@ -380,3 +380,26 @@ def test_a_model_made_of_torch_modules_is_located_in_torch():
     conv = next(n for n in gm.graph.nodes if n.op == "call_module")
     path, _, line = source_location(conv).rpartition(":")
     assert path == os.path.join(os.path.dirname(torch.__file__), "nn", "modules", "container.py") and line.isdigit()
+
+
+@torch.jit.script
+def _scripted_swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+class ScriptedActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return _scripted_swish(self.conv(x)).mean((2, 3))
+
+
+def test_torchscript_functions_are_traced_through_their_python_originals():
+    model = ScriptedActivation().eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert {n.target for n in gm.graph.nodes if n.op == "call_function"} >= {torch.sigmoid, operator.mul}
+    assert globals()["_scripted_swish"].__class__ is torch.jit.ScriptFunction  # restored after tracing
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(gm(x), model(x))

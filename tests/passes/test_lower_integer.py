@@ -209,3 +209,10 @@ def test_unlowerable_op_names_node_op_and_line():
     msg = str(err.value)
     assert "node cumsum (call_function cumsum)" in msg and "test_lower_integer.py" in msg
     assert "no integer lowering" in msg
+
+
+def test_batch_statistics_norm_says_why_it_does_not_lower():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
+    with pytest.raises(LoweringError, match=r"node _1 .*BatchNorm2d without running statistics "
+                                            r"\(track_running_stats=False\) normalises every batch"):
+        _lowered(model, "int8")
