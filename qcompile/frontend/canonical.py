@@ -21,6 +21,8 @@
   splits so).
 - ``torch.stack`` of a list is a ``torch.cat`` of the parts unsqueezed (timm's selective kernels stack their
   branches), the one form in which the passes join codes.
+- Once shapes are known, a concatenation with tensors of zeros at either end is a zero padding of the rest
+  (PyramidNet widens its shortcut by ``torch.cat((shortcut, torch.zeros(n, c, h, w)), 1)``).
 - A 1-d conv is a 2-d conv of height 1 between an ``unsqueeze(2)`` and a ``squeeze(2)`` (ECA-Net's channel
   attention runs ``nn.Conv1d`` across the channels), so the passes and backends see the conv they know.
 - Casts that change nothing go (after shapes are known, :func:`identities_removed`): ``x.float()``,
@@ -234,6 +236,47 @@ def stack_as_cat(gm: fx.GraphModule) -> None:
             n.meta["stack_trace"] = node.meta.get("stack_trace")
         node.replace_all_uses_with(cat)
         gm.graph.erase_node(node)
+
+
+def _is_zeros(node: object) -> bool:
+    """``torch.zeros(...)``, ``torch.zeros_like(x)``, ``x.new_zeros(...)``: a tensor of zeros (float by default)."""
+    if not isinstance(node, fx.Node) or "dtype" in node.kwargs:
+        return False
+    return (node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like)) or (
+        node.op == "call_method" and node.target == "new_zeros")
+
+
+def zero_concatenations_as_pads(gm: fx.GraphModule) -> bool:
+    """Each ``torch.cat`` with tensors of zeros first or last → ``F.pad`` of the rest along that dimension
+    (PyramidNet widens its shortcut so: ``torch.cat((shortcut, torch.zeros(n, c, h, w)), 1)``), a padding of
+    codes. Needs the recorded shapes; whether anything changed (the new nodes have none yet)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.cat or "tensor_meta" not in node.meta:
+            continue
+        parts, dim = list(argument(node, 0, "tensors")), argument(node, 1, "dim", 0)
+        rank = len(node.meta["tensor_meta"].shape)
+        lead = next((i for i, p in enumerate(parts) if not _is_zeros(p)), len(parts))
+        tail = next((i for i, p in enumerate(reversed(parts)) if not _is_zeros(p)), len(parts))
+        kept = parts[lead:len(parts) - tail]
+        if not kept or len(kept) == len(parts) or any(_is_zeros(p) for p in kept) or dim % rank == 0:
+            continue
+        before, after = (sum(p.meta["tensor_meta"].shape[dim] for p in zeros)
+                         for zeros in (parts[:lead], parts[len(parts) - tail:]))
+        pads = [0] * (2 * (rank - dim % rank))
+        pads[-2:] = [before, after]
+        with gm.graph.inserting_before(node):
+            x = kept[0] if len(kept) == 1 else gm.graph.call_function(torch.cat, (kept, dim))
+            pad = gm.graph.call_function(F.pad, (x, tuple(pads)))
+        for n in {x, pad} - {kept[0]}:
+            n.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(pad)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
 
 
 def conv1d_as_conv2d(gm: fx.GraphModule) -> None:

@@ -28,7 +28,12 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError, first_line
-from qcompile.frontend.canonical import canonicalize, identities_removed, shape_argument_layers_to_modules
+from qcompile.frontend.canonical import (
+    canonicalize,
+    identities_removed,
+    shape_argument_layers_to_modules,
+    zero_concatenations_as_pads,
+)
 from qcompile.frontend.graph import call, literal
 from qcompile.frontend.inplace import inplace_ops_functionalized
 from qcompile.frontend.reparametrized import check_trainable, copy_for_inference
@@ -82,7 +87,7 @@ class _SiteTracer(fx.Tracer):
                 m.forward = functools.partial(self._direct_forward, m, m.forward)
                 routed.append(m)
         try:
-            with _script_functions_inlined(root):
+            with _script_functions_inlined(root), _zeros_of_traced_sizes():
                 return super().trace(root, concrete_args)
         finally:
             for m in routed:
@@ -110,6 +115,26 @@ def _script_functions_inlined(root: nn.Module) -> Iterator[None]:
     finally:
         for g, name, value in patched:
             g[name] = value
+
+
+@contextlib.contextmanager
+def _zeros_of_traced_sizes() -> Iterator[None]:
+    """``torch.zeros(n, c, h, w)`` with a traced size (the batch: PyramidNet pads its shortcut's channels by
+    concatenating such a tensor) is a graph node while tracing: torch's argument parser takes no proxy."""
+    original = torch.zeros
+
+    def zeros(*args: object, **kwargs: object) -> object:
+        proxies: list[fx.Proxy] = []
+        map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
+        return original(*args, **kwargs)
+
+    torch.zeros = zeros
+    try:
+        yield
+    finally:
+        torch.zeros = original
 
 
 class _NoValue(Exception):
@@ -599,5 +624,7 @@ def capture(
     if shape_nodes:
         _specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
+    if zero_concatenations_as_pads(gm):
+        propagate_shapes(gm, example_inputs)
     identities_removed(gm)
     return gm

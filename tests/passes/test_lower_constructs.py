@@ -539,6 +539,28 @@ class WeightNormed(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class PyramidShortcut(nn.Module):
+    """PyramidNet's widening shortcut: the input (average-pooled where the block strides) concatenated with zeros
+    of the batch's size, ``torch.zeros(n, c, h, w)`` or ``x.new_zeros(...)``, and added to the wider branch."""
+
+    def __init__(self, new_zeros: bool = False) -> None:
+        super().__init__()
+        self.new_zeros = new_zeros
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        out, shortcut = self.conv(x), self.pool(x)
+        n, (h, w) = out.size()[0], shortcut.size()[2:4]
+        c = out.size()[1] - shortcut.size()[1]
+        zeros = shortcut.new_zeros(n, c, h, w) if self.new_zeros else torch.zeros(n, c, h, w, device=x.device)
+        out = F.relu(out + torch.cat((shortcut, zeros), 1))
+        return self.fc(out.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -561,7 +583,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "conv_classifier": ConvClassifier, "conv_classifier_mean": lambda: ConvClassifier(lambda x: x.mean((2, 3))),
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
-          "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed}
+          "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
+          "pyramid_zeros": PyramidShortcut, "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -573,7 +596,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "conv_classifier_mean": {"mean", "flatten"}, "conv_classifier_avgpool": {"avgpool2d", "flatten"},
                 "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
                 "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
-                "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"}}
+                "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"},
+                "pyramid_zeros": {"pad", "add"}, "pyramid_new_zeros": {"pad", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
