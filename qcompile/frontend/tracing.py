@@ -566,7 +566,7 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
     for node, written in done.refused.items():
         raise CaptureError(f"{written} at {source_location(node)} changes a tensor in place and has no "
                            "out-of-place form that qcompile follows; compute a new tensor instead")
-    if not done.rewritten:
+    if not done.rewritten or any(x.is_meta for x in example_inputs):  # a meta capture (costs) has no values
         return
     try:
         ours, theirs = _outputs(gm, example_inputs), _outputs(model, example_inputs)
