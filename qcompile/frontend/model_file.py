@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qcompile.errors import CheckpointError, DataError, ModelFileError, first_line
-from qcompile.frontend.tracing import user_frame
+from qcompile.frontend.tracing import unwrapped, user_frame
 
 REQUIRED = ("build_model", "example_input")
 
@@ -71,7 +71,7 @@ class ModelFile:
             raise ModelFileError(f"{_line_in(exc, self.path)}: build_model() failed: {first_line(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, expected a torch.nn.Module")
-        return model
+        return unwrapped(model)
 
     def example_input(self) -> tuple[torch.Tensor, ...]:
         """``example_input()`` as a tuple of tensors."""

@@ -582,6 +582,18 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
                        "write that operation out of place (y = x.relu() rather than x.relu_())")
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` and ``torch.compile`` wrappers (a model
+    file may return its model wrapped for training), which torch.fx cannot trace through."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _copy_to_trace(model: nn.Module) -> nn.Module:
     """The copy that is traced: in eval mode, with weight and spectral norms baked into plain weights."""
     if model.training:
@@ -604,6 +616,7 @@ def capture(
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    model = unwrapped(model)
     check_finite(model)
     traced = _copy_to_trace(model)
     leaves = _split_leaves(traced, leaf_modules)

@@ -403,3 +403,10 @@ def test_torchscript_functions_are_traced_through_their_python_originals():
     assert globals()["_scripted_swish"].__class__ is torch.jit.ScriptFunction  # restored after tracing
     x = torch.randn(2, 3, 8, 8)
     assert torch.allclose(gm(x), model(x))
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile, lambda m: torch.compile(nn.DataParallel(m))])
+def test_training_wrappers_are_taken_off(wrap):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval()
+    gm = capture(wrap(model), torch.randn(1, 3, 8, 8))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
