@@ -650,9 +650,14 @@ class _Exporter:
 
     @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
-        if op.attrs["end_dim"] not in (-1, len(self.ir.values[op.inputs[0]].shape) - 1):
-            self.unsupported(op)
-        self.node("Flatten", [op.inputs[0]], op.output, axis=op.attrs["start_dim"])
+        """``Flatten`` of every axis after the batch; any other range (``x.flatten(2)``: (N, C, H·W)) a ``Reshape``
+        that copies the batch, since ONNX's ``Flatten`` always makes a matrix."""
+        rank = len(self.ir.values[op.inputs[0]].shape)
+        if op.attrs["start_dim"] == 1 and op.attrs["end_dim"] % rank == rank - 1:
+            self.node("Flatten", [op.inputs[0]], op.output, axis=1)
+            return
+        shape = np.array([0, *self.ir.values[op.output].shape[1:]], np.int64)
+        self.node("Reshape", [op.inputs[0], self.const("shape", shape)], op.output)
 
     @OPS.implements("reshape")
     def op_reshape(self, op: Op) -> None:

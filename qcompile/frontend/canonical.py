@@ -328,8 +328,12 @@ def _broadcast_away(node: fx.Node, source: tuple[int, ...], expanded: tuple[int,
 
 def identities_removed(gm: fx.GraphModule) -> None:
     """Each cast method whose output has its input's dtype and shape, and each expand that broadcasting makes
-    redundant (``tensor_meta`` from shape propagation) → its input."""
+    redundant (``tensor_meta`` from shape propagation) → its input; ``x.view_as(y)`` / ``x.reshape_as(y)`` →
+    ``x.reshape(-1, *y.shape[1:])``, the one reshape spelling the passes know, the batch kept a free size."""
     for node in list(gm.graph.nodes):
+        shaped = node.meta.get("tensor_meta")
+        if node.op == "call_method" and node.target in ("view_as", "reshape_as") and hasattr(shaped, "shape"):
+            node.target, node.args = "reshape", (node.args[0], -1, *shaped.shape[1:])
         is_cast = node.op == "call_method" and node.target in _SAME_VALUE
         is_expand = node.op == "call_method" and node.target in ("expand", "expand_as")
         source = node.args[0] if (is_cast or is_expand) and node.args else None

@@ -561,6 +561,21 @@ class PyramidShortcut(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+class FlattenedMean(nn.Module):
+    """A global mean over ``x.flatten(2)`` (an (N, C, H·W) view: ONNX's ``Flatten`` would make a matrix of it),
+    after a ``view_as``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv(x))))
+        return self.fc(x.view_as(x).flatten(start_dim=2).mean(-1))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -584,7 +599,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
-          "pyramid_zeros": PyramidShortcut, "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
+          "flattened_mean": FlattenedMean, "pyramid_zeros": PyramidShortcut, "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -597,7 +612,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
                 "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
                 "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"},
-                "pyramid_zeros": {"pad", "add"}, "pyramid_new_zeros": {"pad", "add"}}
+                "flattened_mean": {"flatten", "global_avgpool"}, "pyramid_zeros": {"pad", "add"}, "pyramid_new_zeros": {"pad", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
