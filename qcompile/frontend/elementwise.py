@@ -2,8 +2,9 @@
 
 The integer IR runs a unary function of a quantized tensor of at most 8 bits as a table of output codes, one per
 input code (docs/numerics.md), computed once at lowering from the very function the fake-quant model calls. So any
-function of one tensor and constants qualifies: activations (SiLU, Hardswish, GELU, sigmoid, ...), clamps, and
-arithmetic with a Python number (``x + 3``, ``x / 6``). Clamps (ReLU6, Hardtanh, ``clamp``) are recorded with
+function of one tensor and constants qualifies: activations (SiLU, Hardswish, GELU, sigmoid, ...), clamps,
+arithmetic with a Python number (``x + 3``, ``x / 6``, ``x ** 2``) and elementwise math (``abs``, ``exp``, ``sqrt``,
+...). Clamps (ReLU6, Hardtanh, ``clamp``) are recorded with
 their bounds as well: right after a conv or dense layer they fold into the requantize's clipping instead.
 Common activations also name the IR's float ``activation`` that computes them, which a float model runs and
 which the ONNX exporter uses for a table where onnxruntime computes the same codes from it.
@@ -77,14 +78,19 @@ def _function_activation(node: fx.Node, clamp: Bounds | None) -> dict[str, Any] 
 
 _MODULES = (
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink,
+    nn.Hardshrink, nn.RReLU,
 )
 _FUNCTIONS = {
     F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.sigmoid, torch.sigmoid, F.gelu, torch.tanh, F.tanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, torch.clamp, torch.clip, torch.clamp_min,
-    torch.clamp_max,
+    torch.clamp_max, F.softsign, F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink, F.rrelu,
+    # elementwise math of one tensor and numbers (``x ** 2``, ``torch.abs(x)``, ``-x``): tables like the rest
+    torch.abs, torch.exp, torch.expm1, torch.log, torch.log1p, torch.sqrt, torch.rsqrt, torch.square, torch.erf,
+    torch.neg, operator.neg, torch.reciprocal, torch.pow, operator.pow,
 }
-_METHODS = {"sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "hardswish"}
+_METHODS = {"sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "hardswish", "abs", "exp", "expm1", "log",
+            "log1p", "sqrt", "rsqrt", "square", "erf", "neg", "reciprocal", "pow"}
 _ARITHMETIC_FUNCTIONS = {
     **dict.fromkeys((operator.add, torch.add), "add"), **dict.fromkeys((operator.sub, torch.sub), "sub"),
     **dict.fromkeys((operator.mul, torch.mul), "mul"), **dict.fromkeys((operator.truediv, torch.div), "div"),

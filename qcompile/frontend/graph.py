@@ -14,6 +14,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _MaxPoolNd
 
+from qcompile.quantization.quantizer import ActivationQuantizer
 from qcompile.quantization.spec import LayerRole
 
 COMPUTE_MODULES = (_ConvNd, nn.Linear)
@@ -254,7 +255,8 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         torch.unsqueeze, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.sum, torch.amax,
         F.dropout, F.interpolate,
     ), _first),
-    **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6), _always),
+    **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
+                     torch.rsqrt, torch.square), _always),
     **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul), _both),
     **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
     **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
@@ -270,7 +272,7 @@ _METHOD_RULES: dict[str, _Rule] = {
     ), _first),
     **dict.fromkeys(("add", "mul"), _both),
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
-    "sigmoid": _always,
+    **dict.fromkeys(("sigmoid", "abs", "exp", "sqrt", "rsqrt", "square"), _always),
     "maximum": _either,
     "max": _max,
 }
@@ -279,6 +281,8 @@ _METHOD_RULES: dict[str, _Rule] = {
 def _module_nonnegative(m: nn.Module, node: fx.Node, nonneg: _Nonneg) -> bool:
     if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Hardsigmoid):
         return True
+    if isinstance(m, ActivationQuantizer):  # unsigned codes, or the input's sign
+        return not m.spec.signed or _first(node, nonneg)
     if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
         return _clamped(m.min_val, m.max_val, lambda: _first(node, nonneg), nonneg)
     return isinstance(m, _PASS_MODULES) and _first(node, nonneg)

@@ -589,6 +589,8 @@ ACTIVATIONS = {
     "tanh": lambda: ConvAct(fn=torch.tanh),
     "leaky_relu": lambda: ConvAct(nn.LeakyReLU(0.1)),
     "elu": lambda: ConvAct(fn=F.elu),
+    "softsign": lambda: ConvAct(nn.Softsign()),
+    "math": lambda: ConvAct(fn=lambda x: torch.exp(-x.abs()) + x ** 2 - torch.sqrt(torch.square(x) + 1.0)),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
           "shuffle": Shuffle, "pools": Pools, "dense_transition": DenseTransition, "preact": PreAct,
@@ -600,7 +602,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
           "flattened_mean": FlattenedMean, "pyramid_zeros": PyramidShortcut, "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
-TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "clamp_of_sum",
+TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
+             "clamp_of_sum",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
@@ -841,8 +844,9 @@ def test_a_conv_whose_accumulator_is_also_max_pooled_stays_an_integer_kernel_on_
     assert kinds.count("QLinearConv") == 3 and "Conv" not in kinds and "FusedConv" not in kinds  # 2 convs, 1 twice
 
 
-FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name != "elu"] + ["squeeze_excite", "hand_hardswish",
-                                                                            "convnext_block"]
+TABLES_ONLY = {"elu", "softsign", "math"}  # functions without a float form in the IR
+FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name not in TABLES_ONLY] + [
+    "squeeze_excite", "hand_hardswish", "convnext_block"]
 
 
 @pytest.mark.parametrize("name", FLOAT_FUNCTION_MODELS)
