@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import os
 import re
 import traceback
@@ -513,9 +514,31 @@ def _trace(tracer: _SiteTracer, model: nn.Module, n_inputs: int) -> fx.Graph:
     tracer.record_stack_traces = True
     defaults = _defaults_after(model, n_inputs)
     graph = tracer.trace(model, concrete_args=defaults or None)
+    _variadic_inputs_resolved(graph, n_inputs)
     if defaults:
         _drop_specialized_inputs(graph, n_inputs)
     return graph
+
+
+def _variadic_inputs_resolved(graph: fx.Graph, n_inputs: int) -> None:
+    """``forward(self, x, *args, **kwargs)``: torch.fx makes ``*args`` and ``**kwargs`` placeholders, which the
+    example does not fill. Those the traced code does not read go; ``forward(self, *inputs)`` reading
+    ``inputs[i]`` takes the example's tensors as placeholders of their own."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    named = sum(not str(p.target).startswith("*") for p in placeholders)
+    for p in placeholders:
+        if not str(p.target).startswith("*"):
+            continue
+        if not str(p.target).startswith("**") and p.users:
+            with graph.inserting_before(p):
+                own = [graph.placeholder(f"{p.name}_{i}") for i in range(max(n_inputs - named, 0))]
+            for reader in list(p.users):
+                i = reader.args[1] if reader.target is operator.getitem and len(reader.args) == 2 else None
+                if isinstance(i, int) and -len(own) <= i < len(own):
+                    reader.replace_all_uses_with(own[i])
+                    graph.erase_node(reader)
+        if not p.users:
+            graph.erase_node(p)
 
 
 def _untraceable(exc: Exception) -> CaptureError:

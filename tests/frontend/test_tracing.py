@@ -410,3 +410,28 @@ def test_training_wrappers_are_taken_off(wrap):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval()
     gm = capture(wrap(model), torch.randn(1, 3, 8, 8))
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+
+
+class _Variadic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+
+class StarInputs(_Variadic):
+    def forward(self, *inputs, **kwargs):
+        return self.conv(inputs[0]).mean((2, 3))
+
+
+class ExtraArgs(_Variadic):
+    def forward(self, x, *args, **kwargs):
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("model", [StarInputs, ExtraArgs])
+def test_variadic_forward_parameters_take_the_example_and_nothing_else(model):
+    m = model().eval()
+    gm = capture(m, torch.randn(1, 3, 8, 8))
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), m(x))
