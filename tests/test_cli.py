@@ -148,6 +148,7 @@ def _write(tmp_path, name, text):
         ("untraceable", ["cannot trace the model in module 'gate'", "--leaf-module gate"]),
         ("weights_with_width", ["--weights cannot be combined with --width"]),
         ("bad_example_input", ["example input does not run"]),
+        ("uint8_example_input", ["example_input() returns a uint8 tensor", "takes float32 inputs"]),
         ("unknown_dump_pass", ["cannot dump after nope"]),
         ("bad_overrides_file", ["not valid TOML"]),
     ],
@@ -177,6 +178,9 @@ def test_user_errors_are_one_line(case, fragments, tmp_path, capsys):
         "bad_example_input": [_write(tmp_path, "s.py", "import torch\nfrom qcompile.models import resnet20_cifar\n"
                                       "def build_model():\n    return resnet20_cifar()\n"
                                       "def example_input():\n    return torch.randn(1, 1, 32, 32)\n")],
+        "uint8_example_input": [_write(tmp_path, "u8.py", "import torch\nfrom qcompile.models import resnet20_cifar\n"
+                                       "def build_model():\n    return resnet20_cifar()\n"
+                                       "def example_input():\n    return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)\n")],
         "unknown_dump_pass": [R20, "--dump-after", "nope"],
         "bad_overrides_file": [R20, "--overrides", _write(tmp_path, "o.toml", "= =")],
     }[case]

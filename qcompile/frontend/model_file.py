@@ -84,6 +84,11 @@ class ModelFile:
         inputs = (value,) if isinstance(value, torch.Tensor) else value
         if not isinstance(inputs, tuple | list) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
             raise ModelFileError(f"{self.path}: example_input() must return a Tensor or a tuple of Tensors")
+        other = next((t.dtype for t in inputs if t.dtype != torch.float32), None)
+        if other is not None:
+            hint = "" if other.is_floating_point else " (a model that scales its images itself takes them as float32)"
+            raise ModelFileError(f"{self.path}: example_input() returns a {str(other).removeprefix('torch.')} tensor; "
+                                 f"the compiled model takes float32 inputs{hint}")
         return tuple(inputs)
 
     def data(self, name: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]] | None:
