@@ -33,7 +33,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import is_compute, module_of, permutation, set_submodule
-from qcompile.pipeline import BN_FOLDED, Pass, PassContext
+from qcompile.pipeline import BN_FOLDED, COST, PRECISION, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: a DDP checkpoint's model
@@ -218,6 +218,7 @@ def _fold_layer_scales_and_shifts(gm: fx.GraphModule) -> None:
 class FoldBatchNorm(Pass):
     name = "fold_bn"
     guarantees = frozenset({BN_FOLDED})
+    invalidates = frozenset({PRECISION, COST})  # a BatchNorm that follows no layer becomes a layer of its own
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         _functional_to_modules(gm)

@@ -108,7 +108,8 @@ def ptq_passes(recipe: Recipe, mode: str | None, *, budget: Budget | None = None
                    AssignPrecision(), AnnotateCost(profile)]
     if mode is not None:
         passes.append(BnTune())
-    passes += [FoldBatchNorm(), *quantize_passes()]
+    # a BatchNorm that follows no layer becomes one when folded (pre-activation blocks): assign and cost it too
+    passes += [FoldBatchNorm(), AssignPrecision(), AnnotateCost(profile), *quantize_passes()]
     if mode == "advanced":
         passes += [AdaQuant(iterations=adaquant_iterations, scope=adaquant_scope), BiasCorrect()]
     return passes + [LowerInteger(dyadic=dyadic)]

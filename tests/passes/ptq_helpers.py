@@ -17,8 +17,9 @@ def batches(seed: int = 1, n: int = 4, size: int = 32) -> list[tuple[torch.Tenso
 
 def quantize(model: nn.Module, data, before_fold: list[Pass] = (), after_calibrate: list[Pass] = (),
              recipe: str = "int4") -> PipelineResult:
-    """AssignPrecision → AnnotateCost → [before_fold] → fold → quantize → calibrate → [after_calibrate] → lower."""
-    passes = [AssignPrecision(), AnnotateCost(), *before_fold, FoldBatchNorm(), InsertQuantizers(), Calibrate(),
-              *after_calibrate, LowerInteger()]
+    """AssignPrecision → AnnotateCost → [before_fold] → fold → assign and cost again → quantize → calibrate →
+    [after_calibrate] → lower (the order of ``ptq_passes``)."""
+    passes = [AssignPrecision(), AnnotateCost(), *before_fold, FoldBatchNorm(), AssignPrecision(), AnnotateCost(),
+              InsertQuantizers(), Calibrate(), *after_calibrate, LowerInteger()]
     with torch.no_grad():
         return Pipeline(passes).run(model, data[0][0][:1], recipe=get_recipe(recipe), calibration_data=data)
