@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 _NO_VALUE_CHANGE = frozenset({"requires_grad_", "retain_grad"})
+_NOT_TWINS = frozenset({"bernoulli_", "resize_"})  # an out-of-place method of the same name that computes otherwise
 
 
 @dataclass
@@ -39,7 +40,7 @@ def _inplace_method(name: str) -> str | None:
     """``add_`` → ``add``: the out-of-place tensor method of an in-place one, or None if ``name`` is none."""
     if name.startswith("_") or not name.endswith("_"):
         return None
-    return name[:-1] if callable(getattr(torch.Tensor, name[:-1], None)) else ""
+    return name[:-1] if name not in _NOT_TWINS and callable(getattr(torch.Tensor, name[:-1], None)) else ""
 
 
 def _inplace_function(target: object) -> object | None:
