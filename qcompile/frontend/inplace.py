@@ -37,7 +37,8 @@ class Functionalized:
 
 
 def _inplace_method(name: str) -> str | None:
-    """``add_`` → ``add``: the out-of-place tensor method of an in-place one, or None if ``name`` is none."""
+    """``add_`` → ``add``: the out-of-place tensor method of an in-place one; "" for an in-place method without
+    one (``zero_``), None for a name that is not in place."""
     if name.startswith("_") or not name.endswith("_"):
         return None
     return name[:-1] if name not in _NOT_TWINS and callable(getattr(torch.Tensor, name[:-1], None)) else ""
@@ -67,16 +68,20 @@ def _without_inplace_flag(node: fx.Node) -> bool:
     return True
 
 
-def _inplace_module(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A torch.nn module built with ``inplace=True`` (``nn.ReLU(inplace=True)``), made out of place."""
-    m = gm.get_submodule(str(node.target))
-    if getattr(m, "inplace", False) is not True or not type(m).__module__.startswith("torch.nn"):
+def _inplace_module(gm: fx.GraphModule, node: fx.Node, made: set[str]) -> bool:
+    """A torch.nn module built with ``inplace=True`` (``nn.ReLU(inplace=True)``), made out of place; ``made``
+    holds those already made so (a module called at several sites changes its input at each)."""
+    target = str(node.target)
+    m = gm.get_submodule(target)
+    if target not in made and (getattr(m, "inplace", False) is not True
+                               or not type(m).__module__.startswith("torch.nn")):
         return False
     m.inplace = False
+    made.add(target)
     return True
 
 
-def _rewrite(node: fx.Node, gm: fx.GraphModule) -> bool | None:
+def _rewrite(node: fx.Node, gm: fx.GraphModule, made: set[str]) -> bool | None:
     """Make ``node`` out of place: True if it was in place, False if not, None if it has no out-of-place form."""
     if node.op == "call_method":
         base = _inplace_method(str(node.target))
@@ -89,13 +94,13 @@ def _rewrite(node: fx.Node, gm: fx.GraphModule) -> bool | None:
             return True
         return _without_inplace_flag(node)
     if node.op == "call_module":
-        return _inplace_module(gm, node)
+        return _inplace_module(gm, node, made)
     return False
 
 
 def inplace_ops_functionalized(gm: fx.GraphModule) -> Functionalized:
     """Rewrite ``gm``'s in-place operations as values (see the module docstring); recompile it."""
-    done = Functionalized()
+    done, made = Functionalized(), set[str]()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         changed = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -105,7 +110,7 @@ def inplace_ops_functionalized(gm: fx.GraphModule) -> Functionalized:
             continue
         written = describe(node)
         later = [r for r in (changed.users if changed is not None else ()) if order[r] > order[node]]
-        rewritten = _rewrite(node, gm)
+        rewritten = _rewrite(node, gm, made)
         if rewritten is None and (later or node.users):
             done.refused[node] = written
         elif rewritten and changed is not None:

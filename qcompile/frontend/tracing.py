@@ -586,7 +586,8 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
     """Make ``gm``'s in-place operations values (:mod:`qcompile.frontend.inplace`) and check on the example that
     the graph still computes the model: it does not where a changed tensor is also read through a view."""
     done = inplace_ops_functionalized(gm)
-    for node, written in done.refused.items():
+    if done.refused:
+        node, written = next(iter(done.refused.items()))
         raise CaptureError(f"{written} at {source_location(node)} changes a tensor in place and has no "
                            "out-of-place form that qcompile follows; compute a new tensor instead")
     if not done.rewritten or any(x.is_meta for x in example_inputs):  # a meta capture (costs) has no values
@@ -598,7 +599,6 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
     if len(ours) == len(theirs) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)
                                         for a, b in zip(ours, theirs)):
         return
-    node, written = next(iter(done.rewritten.items()))
     places = ", ".join(f"{w} at {source_location(n)}" for n, w in list(done.rewritten.items())[:3])
     raise CaptureError(f"the model changes tensors in place ({places}{', ...' if len(done.rewritten) > 3 else ''}) "
                        "and one of them is also read through a view, which the graph cannot follow; "

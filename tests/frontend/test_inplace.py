@@ -21,6 +21,22 @@ class _AsDataflow(fx.Interpreter):
             return getattr(self, n.op)(n.target, *copied)
 
 
+class SharedInplaceModule(nn.Module):
+    """One in-place ReLU called for its effect at two sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.relu(y)
+        z = self.conv(y) - 0.5
+        self.relu(z)
+        return z
+
+
 class Chained(nn.Module):
     """The same tensor changed twice, by a function and a method with an out-of-place twin, read in between."""
 
@@ -36,7 +52,7 @@ class Chained(nn.Module):
         return before + y
 
 
-@pytest.mark.parametrize("model", [InPlaceStatements, Chained])
+@pytest.mark.parametrize("model", [InPlaceStatements, SharedInplaceModule, Chained])
 def test_the_graph_read_as_dataflow_computes_the_model(model):
     torch.manual_seed(0)
     m = model().eval()
