@@ -128,7 +128,8 @@ def _instance_norm_as(m: nn.Module, training: bool) -> nn.Module | None:
         return None
     c = m.num_features
     if m.track_running_stats and not training:
-        norm: nn.Module = nn.BatchNorm2d(c, eps=m.eps, affine=m.affine)
+        norm: nn.Module = (nn.BatchNorm1d if isinstance(m, nn.InstanceNorm1d) else nn.BatchNorm2d)(
+            c, eps=m.eps, affine=m.affine)
         norm.running_mean.copy_(m.running_mean)
         norm.running_var.copy_(m.running_var)
     else:

@@ -89,8 +89,8 @@ class _Comparer(fx.Interpreter):
     produced (before a later in-place op can change it), so no copy of it is kept.
 
     The functions the IR tabulates run in float32, as the tables were computed: in float64, ``leaky_relu(x,
-    0.1)`` of a code whose result lies on a rounding tie (``0.1 · -5 = -0.5`` codes where the input and output
-    scales agree) rounds the other way, a difference of the check, not of the model."""
+    0.1)`` of a code whose result lies on a rounding tie (code -15 gives -1.5 codes where the input and output
+    scales agree) can round the other way, a difference of the check, not of the model."""
 
     def __init__(self, gm: fx.GraphModule, ir: IRGraph, reference_values: dict[str, np.ndarray],
                  by_name: dict[str, TensorAgreement]) -> None:
