@@ -180,7 +180,8 @@ def test_user_errors_are_one_line(case, fragments, tmp_path, capsys):
                                       "def example_input():\n    return torch.randn(1, 1, 32, 32)\n")],
         "uint8_example_input": [_write(tmp_path, "u8.py", "import torch\nfrom qcompile.models import resnet20_cifar\n"
                                        "def build_model():\n    return resnet20_cifar()\n"
-                                       "def example_input():\n    return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)\n")],
+                                       "def example_input():\n"
+                                       "    return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)\n")],
         "unknown_dump_pass": [R20, "--dump-after", "nope"],
         "bad_overrides_file": [R20, "--overrides", _write(tmp_path, "o.toml", "= =")],
     }[case]

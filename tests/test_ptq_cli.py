@@ -71,8 +71,8 @@ def test_advanced_ptq_lowers_and_verifies(tiny_file, tmp_path, capsys):
     assert code == 0, captured.err
     report = report_of(out)
     assert [p["name"] for p in report["passes"]] == [
-        "assign_precision", "annotate_cost", "bn_tune", "fold_bn", "assign_precision", "annotate_cost", "insert_quantizers",
-        "calibrate", "align_add_scales", "adaquant", "bias_correct", "lower_integer"]
+        "assign_precision", "annotate_cost", "bn_tune", "fold_bn", "assign_precision", "annotate_cost",
+        "insert_quantizers", "calibrate", "align_add_scales", "adaquant", "bias_correct", "lower_integer"]
     ptq = report["ptq"]
     assert ptq["mode"] == "advanced" and [r["unit"] for r in ptq["adaquant"]["units"]] == ["stem", "body", "head"]
     assert ptq["bn_tune"]["batchnorms"] == 2 and len(ptq["bias_correct"]["layers"]) == 3

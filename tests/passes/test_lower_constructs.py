@@ -601,7 +601,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
-          "flattened_mean": FlattenedMean, "pyramid_zeros": PyramidShortcut, "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
+          "flattened_mean": FlattenedMean, "pyramid_zeros": PyramidShortcut,
+          "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "clamp_of_sum",
              "convnext_block", "weight_norm"}
@@ -615,7 +616,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
                 "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
                 "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"},
-                "flattened_mean": {"flatten", "global_avgpool"}, "pyramid_zeros": {"pad", "add"}, "pyramid_new_zeros": {"pad", "add"}}
+                "flattened_mean": {"flatten", "global_avgpool"}, "pyramid_zeros": {"pad", "add"},
+                "pyramid_new_zeros": {"pad", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):

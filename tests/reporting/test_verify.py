@@ -2,7 +2,6 @@
 of it: tabulated functions run in float32, as their tables were computed."""
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from qcompile.passes import LowerInteger
