@@ -21,6 +21,12 @@ class _AsDataflow(fx.Interpreter):
             return getattr(self, n.op)(n.target, *copied)
 
 
+class _OneConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+
 class SharedInplaceModule(nn.Module):
     """One in-place ReLU called for its effect at two sites."""
 
@@ -37,12 +43,8 @@ class SharedInplaceModule(nn.Module):
         return z
 
 
-class Chained(nn.Module):
+class Chained(_OneConv):
     """The same tensor changed twice, by a function and a method with an out-of-place twin, read in between."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x):
         y = self.conv(x)
@@ -63,22 +65,14 @@ def test_the_graph_read_as_dataflow_computes_the_model(model):
     assert all(n.users for n in gm.graph.nodes if n.op != "output")
 
 
-class ChangesAView(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
+class ChangesAView(_OneConv):
     def forward(self, x):
         x = self.conv(x)
         x[:, :2].relu_()
         return x.mean((2, 3))
 
 
-class AssignsItems(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
+class AssignsItems(_OneConv):
     def forward(self, x):
         x = self.conv(x)
         out = torch.cat([x, x], 1) * 0
@@ -86,11 +80,7 @@ class AssignsItems(nn.Module):
         return out.mean((2, 3))
 
 
-class ZeroesPart(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
+class ZeroesPart(_OneConv):
     def forward(self, x):
         x = self.conv(x)
         x.zero_()

@@ -37,14 +37,18 @@ class ConvAct(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class ClampOfSum(nn.Module):
-    """ReLU6 of a residual sum (codes, not an accumulator): a table."""
+class _TwoConvs(nn.Module):
+    """conv, conv2 and a classifier, for constructs that differ in their forward only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(8, 5)
+
+
+class ClampOfSum(_TwoConvs):
+    """ReLU6 of a residual sum (codes, not an accumulator): a table."""
 
     def forward(self, x):
         x = F.relu6(self.conv(x))
@@ -561,15 +565,9 @@ class PyramidShortcut(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-class FlattenedMean(nn.Module):
+class FlattenedMean(_TwoConvs):
     """A global mean over ``x.flatten(2)`` (an (N, C, H·W) view: ONNX's ``Flatten`` would make a matrix of it),
     after a ``view_as``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
         x = F.relu(self.conv2(F.relu(self.conv(x))))
