@@ -27,7 +27,15 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import QCompileError
-from qcompile.frontend.elementwise import Bounds, Unary, arithmetic_kind, is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.elementwise import (
+    Bounds,
+    Unary,
+    arithmetic_kind,
+    is_binary_mul,
+    scalar_arguments,
+    tensor_input,
+    unary_of,
+)
 from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
                                      softmax_of, unused_name)
@@ -232,7 +240,8 @@ class _Lowerer:
             return self.lower_arithmetic(node, kind)
         if fn and t is F.prelu and (slope := attribute_tensor(self.gm, argument(node, 1, "weight"))) is not None:
             return self.lower_prelu(node, slope)
-        params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        scalars = scalar_arguments(self.gm, node)
+        params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a not in scalars]
         if params:
             raise self.fail(node, f"reads parameter {params[0]} as a tensor; parameters lower only as a layer's "
                                   "weights or as a layer scale right after a conv/dense (folded by fold_bn)")
@@ -764,6 +773,7 @@ def _tighter(a: Bounds | None, b: Bounds | None) -> Bounds | None:
     return (max(lows) if lows else None, min(highs) if highs else None)
 
 
+@torch.no_grad()
 def tabulate(fn: Callable[[torch.Tensor], torch.Tensor], in_t: TensorInfo, q: ActivationQuantizer) -> np.ndarray | None:
     """The output code of ``fn`` for every input code ``qmin..qmax`` of ``in_t``: quantizer ``q`` of ``fn`` of
     the float32 dequantized code ``code · s_in``, as the fake-quant model computes it; None if not finite."""

@@ -113,6 +113,20 @@ def _constant(v: Any) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
 
+def _scalar_attribute(gm: fx.GraphModule, v: Any) -> bool:
+    """Whether ``v`` reads a one-element parameter or buffer (GeM pooling's learned exponent, ``x.pow(self.p)``)."""
+    if not isinstance(v, fx.Node) or v.op != "get_attr":
+        return False
+    t = operator.attrgetter(str(v.target))(gm)
+    return isinstance(t, torch.Tensor) and t.numel() == 1
+
+
+def scalar_arguments(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The one-element parameters and buffers a unary function reads besides its tensor (their values at each
+    call: the table is computed from the ones the fake-quant model has then)."""
+    return [a for a in (*node.args[1:], *node.kwargs.values()) if _scalar_attribute(gm, a)]
+
+
 def _bound(node: fx.Node, where: tuple[int, str] | None, default: float | None) -> float | None:
     if where is None:
         return None
@@ -139,7 +153,9 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
         return _scalar_arithmetic(node)  # a number first: BAM's ``1 + F.sigmoid(...)``
     t = node.target
     rest, kwargs = node.args[1:], dict(node.kwargs)
-    if not all(_constant(a) for a in (*rest, *kwargs.values())):
+    if not all(_constant(a) for a in (*rest, *kwargs.values())) and (
+            arithmetic_kind(node) is not None
+            or not all(_constant(a) or _scalar_attribute(gm, a) for a in (*rest, *kwargs.values()))):
         return _scalar_arithmetic(node)
     if node.op == "call_function" and t in _FUNCTIONS:
         fn: Callable[..., torch.Tensor] = t  # type: ignore[assignment]
@@ -155,7 +171,11 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     elif t in _CLAMP_ARGS:
         lo, hi = _CLAMP_ARGS[t]  # type: ignore[index]
         clamp = (_bound(node, lo, -1.0 if t is F.hardtanh else None), _bound(node, hi, 1.0 if t is F.hardtanh else None))
-    return Unary(_name(t), lambda x: fn(x, *rest, **kwargs), clamp, _function_activation(node, clamp))
+    def value(a: Any) -> Any:
+        return operator.attrgetter(str(a.target))(gm) if isinstance(a, fx.Node) else a
+
+    return Unary(_name(t), lambda x: fn(x, *map(value, rest), **{k: value(v) for k, v in kwargs.items()}), clamp,
+                 _function_activation(node, clamp) if not scalar_arguments(gm, node) else None)
 
 
 def arithmetic_kind(node: fx.Node, inplace: bool = False) -> str | None:

@@ -66,6 +66,11 @@ VERIFY_PART_ELEMENTS = 1 << 19
 run, about 0.2 GB per ImageNet-sized image for ResNet-50, so a batch is verified in parts of this size."""
 
 
+def _values_read(n: fx.Node) -> list[fx.Node]:
+    """The graph values ``n`` reads, parameters and buffers aside (GeM's ``x.pow(self.p)`` reads one value)."""
+    return [a for a in n.all_input_nodes if a.op != "get_attr"]
+
+
 def tabulated_nodes(gm: fx.GraphModule, ir: IRGraph) -> set[str]:
     """The fx nodes whose functions the IR's ``lut`` ops tabulate: each chain of one-input nodes from the
     quantizer a table's output is named after back to the codes it reads."""
@@ -76,9 +81,9 @@ def tabulated_nodes(gm: fx.GraphModule, ir: IRGraph) -> set[str]:
             continue
         chain: list[str] = []
         n = nodes[op.output].args[0] if nodes[op.output].args else None
-        while isinstance(n, fx.Node) and n.name != op.inputs[0] and len(n.all_input_nodes) == 1:
+        while isinstance(n, fx.Node) and n.name != op.inputs[0] and len(values := _values_read(n)) == 1:
             chain.append(n.name)
-            n = n.all_input_nodes[0]
+            n = values[0]
         if isinstance(n, fx.Node) and n.name == op.inputs[0]:
             found.update(chain)
     return found

@@ -543,6 +543,20 @@ class WeightNormed(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class GeMPool(_TwoConvs):
+    """Generalised-mean pooling with a learned exponent (a one-element parameter):
+    ``avg_pool2d(x.clamp(min=eps).pow(p), (H, W)).pow(1 / p)``, two tables around a global average of codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([3.0]))
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv(x))))
+        x = F.avg_pool2d(x.clamp(min=1e-6).pow(self.p), (x.size(-2), x.size(-1))).pow(1.0 / self.p)
+        return self.fc(x.flatten(1))
+
+
 class PyramidShortcut(nn.Module):
     """PyramidNet's widening shortcut: the input (average-pooled where the block strides) concatenated with zeros
     of the batch's size, ``torch.zeros(n, c, h, w)`` or ``x.new_zeros(...)``, and added to the wider branch."""
@@ -599,10 +613,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
-          "flattened_mean": FlattenedMean, "pyramid_zeros": PyramidShortcut,
+          "flattened_mean": FlattenedMean, "gem": GeMPool, "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "clamp_of_sum",
+             "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
                 "pools": {"maxpool2d", "avgpool2d", "adaptive_avgpool2d"}, "preact": {"conv2d"},
@@ -614,7 +628,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "cbam": {"reduce_max", "mean", "concat", "lut", "mul"}, "blur_pool": {"pad", "conv2d"},
                 "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
                 "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"},
-                "flattened_mean": {"flatten", "global_avgpool"}, "pyramid_zeros": {"pad", "add"},
+                "flattened_mean": {"flatten", "global_avgpool"}, "gem": {"lut", "global_avgpool"},
+                "pyramid_zeros": {"pad", "add"},
                 "pyramid_new_zeros": {"pad", "add"}}
 
 
