@@ -241,7 +241,8 @@ class _Lowerer:
         if fn and t is F.prelu and (slope := attribute_tensor(self.gm, argument(node, 1, "weight"))) is not None:
             return self.lower_prelu(node, slope)
         scalars = scalar_arguments(self.gm, node)
-        params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a not in scalars]
+        params = [str(a.target) for a in node.args
+                  if isinstance(a, fx.Node) and a.op == "get_attr" and a not in scalars]
         if params:
             raise self.fail(node, f"reads parameter {params[0]} as a tensor; parameters lower only as a layer's "
                                   "weights or as a layer scale right after a conv/dense (folded by fold_bn)")
