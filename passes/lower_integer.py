@@ -416,8 +416,10 @@ class _Lowerer:
         as the fake-quant model computes it (float32 ``q · s``, the model's own function, the quantizer)."""
         assert v.unary is not None
         table = tabulate(v.unary.fn, self.info(v.name), q)
-        if table is None:
-            raise self.fail(node, f"{v.unary.name} is not finite on the codes of its input")
+        if table is None:  # named after the function, where the model computes it, not after its quantizer
+            fn_node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+            raise self.fail(fn_node, f"{v.unary.name} is not finite on every code of its input (a code outside its "
+                                     "domain: the log of 0, a root of a negative code); clamp its input first")
         name = self.g.add_constant(f"{node.name}__table", table, TensorInfo(DType.INT32, table.shape))
         float_form = {"activation" if k == "function" else k: a for k, a in (v.unary.activation or {}).items()}
         return self.g.add_op("lut", [v.name, name], node.name, out_t, self.src(node), function=v.unary.name,

@@ -216,3 +216,18 @@ def test_batch_statistics_norm_says_why_it_does_not_lower():
     with pytest.raises(LoweringError, match=r"node _1 .*BatchNorm2d without running statistics "
                                             r"\(track_running_stats=False\) normalises every batch"):
         _lowered(model, "int8")
+
+
+class LogOfAbs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.log(self.conv(x).abs()).mean((2, 3))
+
+
+def test_a_function_undefined_on_some_code_names_itself_and_its_line():
+    with pytest.raises(LoweringError, match=r"node log \(call_function log\) at .*test_lower_integer.py:\d+: log is not "
+                                            r"finite on every code of its input .* clamp its input first"):
+        _lowered(LogOfAbs(), "int8")
