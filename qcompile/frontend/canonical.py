@@ -7,7 +7,8 @@
   conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
   parameter objects. A call whose weight is computed from the input (or, in a training-mode capture, from
   parameters) or whose hyper-parameters are graph values is left alone; the lowering then names it.
-- In an eval-mode capture, computations on parameters and buffers alone are their results: weight
+- In an eval-mode capture, computations on parameters, buffers and literals alone (``torch.tensor([...],
+  device=x.device)`` made in ``forward``) are their results: weight
   standardisation (BiT's ``StdConv2d`` standardises its weight in ``forward``), a scale reshaped for
   broadcasting, ``self.weight.t()``. Each result that feeds the rest of the graph becomes a buffer of the module
   holding the first tensor it reads (``root.weight_folded``), so a conv on a standardised weight is a layer like
@@ -156,19 +157,43 @@ def shape_argument_layers_to_modules(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+_CONSTANT_MAKERS = frozenset({torch.tensor, torch.as_tensor, torch.ones, torch.zeros, torch.full, torch.arange,
+                              torch.linspace, torch.eye})
+_NEW_METHODS = frozenset({"new_tensor", "new_ones", "new_zeros", "new_full"})
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    return next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
+
+
 def parameter_computations_folded(gm: fx.GraphModule) -> None:
-    """Each computation whose inputs are parameters and buffers alone → a buffer holding its result (a Python
-    number or tuple → that constant), read where the computation was."""
+    """Each computation whose inputs are parameters, buffers and constants alone → a buffer holding its result
+    (a Python number or tuple → that constant), read where the computation was. Constants include tensors made
+    in ``forward`` from literals (``torch.tensor([0.485, 0.456, 0.406], device=x.device)``,
+    ``x.new_tensor(...)``: a model normalising its own input), whose only reads of the input are its device."""
     values: dict[fx.Node, object] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             if (t := attribute_tensor(gm, node)) is not None:
                 values[node] = t
             continue
-        inputs = node.all_input_nodes
-        if node.op not in ("call_function", "call_method") or not inputs or not all(a in values for a in inputs):
+        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("device",):
+            values[node] = _device_of(gm)
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+        inputs = node.all_input_nodes
+        made = (node.op == "call_function" and node.target in _CONSTANT_MAKERS) or (
+            node.op == "call_method" and node.target in _NEW_METHODS)
+        if made and node.op == "call_method":
+            inputs = inputs[1:] if inputs and inputs[0] is node.args[0] else inputs
+        if node.op not in ("call_function", "call_method") or not (inputs or made) or not all(
+                a in values for a in inputs):
+            continue
+        if made and node.op == "call_method":
+            self_ = torch.empty(0, device=_device_of(gm))
+            args, kwargs = fx.node.map_arg((node.args[1:], node.kwargs), values.__getitem__)
+            args = (self_, *args)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
         try:
             with torch.no_grad():
                 values[node] = call(node.op, node.target, args, kwargs)  # type: ignore[arg-type]
@@ -179,7 +204,8 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
         if node.op == "get_attr" or not outside:
             continue
         if isinstance(value, torch.Tensor):
-            holder, _, attribute = str(_attribute_inputs(node)[0].target).rpartition(".")
+            attributes = _attribute_inputs(node)
+            holder, _, attribute = str(attributes[0].target).rpartition(".") if attributes else ("", "", node.name)
             module = gm.get_submodule(holder)
             name = unused_name(f"{attribute}_folded", lambda n: hasattr(module, n))
             module.register_buffer(name, value.detach().clone())

@@ -557,6 +557,16 @@ class GeMPool(_TwoConvs):
         return self.fc(x.flatten(1))
 
 
+class LiteralNormalization(_TwoConvs):
+    """A model normalising its own input with tensors made in ``forward`` from literals, on the input's device."""
+
+    def forward(self, x):
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / x.new_tensor([0.229, 0.224, 0.225])[None, :, None, None]
+        x = F.relu(self.conv2(F.relu(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 class PyramidShortcut(nn.Module):
     """PyramidNet's widening shortcut: the input (average-pooled where the block strides) concatenated with zeros
     of the batch's size, ``torch.zeros(n, c, h, w)`` or ``x.new_zeros(...)``, and added to the wider branch."""
@@ -613,7 +623,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "conv_classifier_avgpool": lambda: ConvClassifier(nn.AvgPool2d(2)), "cbam": CBAMGates,
           "blur_pool": BlurPool, "temperature": TemperatureHead, "selective_kernel": SelectiveKernel,
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
-          "flattened_mean": FlattenedMean, "gem": GeMPool, "pyramid_zeros": PyramidShortcut,
+          "flattened_mean": FlattenedMean, "gem": GeMPool, "literal_normalization": LiteralNormalization,
+          "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "clamp_of_sum", "gem",
@@ -629,6 +640,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "temperature": {"div"}, "selective_kernel": {"concat", "reduce_sum", "softmax", "mul"},
                 "instance_norm": {"group_norm", "concat"}, "inplace_statements": {"add"},
                 "flattened_mean": {"flatten", "global_avgpool"}, "gem": {"lut", "global_avgpool"},
+                "literal_normalization": {"add", "div"},
                 "pyramid_zeros": {"pad", "add"},
                 "pyramid_new_zeros": {"pad", "add"}}
 
