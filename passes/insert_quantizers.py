@@ -308,9 +308,12 @@ class InsertQuantizers(Pass):
             if len(readers) < 2:
                 continue
             widest, wq = max(readers, key=lambda r: r[1].spec.bits)
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
             for u, q in readers:
                 if q.spec.bits < wq.spec.bits and q.spec.signed == wq.spec.signed:
                     u.replace_input_with(node, widest)
+                    if order[u] < order[widest]:  # the value's quantizers sit right after it, newest first
+                        widest.append(u)
 
     def _quantize_sum(self, gm: fx.GraphModule, add: fx.Node, bits: int, ctx: PassContext,
                       memo: dict[fx.Node, bool]) -> None:

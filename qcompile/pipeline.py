@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from qcompile.errors import PipelineError
+from qcompile.errors import PipelineError, first_line
 from qcompile.frontend.graph import compute_nodes, format_graph
 from qcompile.frontend.tracing import LeafSpec, capture
 from qcompile.quantization.cost import CostTotals
@@ -195,7 +195,7 @@ class Pipeline:
             except PipelineError as exc:
                 raise PipelineError(f"after pass {p.name}: {exc}") from None
             except RuntimeError as exc:  # torch.fx's own Graph.lint
-                raise PipelineError(f"after pass {p.name}: graph is malformed: {exc}") from None
+                raise PipelineError(f"after pass {p.name}: graph is malformed: {first_line(exc)}") from None
             if p.name in self.dump_after or "all" in self.dump_after:
                 text = format_graph(gm) if p.name != "lower_integer" or ctx.ir is None else ctx.ir.summary()
                 self.dump(f"--- graph after {p.name} ---\n{text}")

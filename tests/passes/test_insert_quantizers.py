@@ -100,3 +100,34 @@ def test_fake_quant_graph_still_runs_and_keeps_shapes():
     assert tuple(gm(torch.randn(2, 3, 32, 32)).shape) == (2, 10)
     with pytest.raises(StopIteration):
         next(n for n in gm.graph.nodes if n.op != "output" and "tensor_meta" not in n.meta)
+
+
+class TwoWidthsReadAProduct(torch.nn.Module):
+    """A scaled activation (not a residual sum) read by an 8-bit and a 4-bit layer: the 4-bit quantizer
+    requantizes the 8-bit one's codes, and must come after it in the graph (NF-ResNet's ``act(x) * beta``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.wide = torch.nn.Conv2d(8, 8, 1)
+        self.narrow = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        v = torch.relu(self.stem(x)) * 1.5
+        return self.fc((self.narrow(v) + self.wide(v)).mean((2, 3)))
+
+
+class WideReadFirst(TwoWidthsReadAProduct):
+    def forward(self, x):
+        v = torch.relu(self.stem(x)) * 1.5
+        return self.fc((self.wide(v) + self.narrow(v)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [TwoWidthsReadAProduct, WideReadFirst])
+@pytest.mark.parametrize(("recipe", "sets"), [("int8", ["narrow=4"]), ("mostly4bit", ["wide=8"])])
+def test_a_narrower_quantizer_of_a_value_follows_the_widest_it_reads(model, recipe, sets):
+    gm = _insert(model(), recipe, sets)
+    gm.graph.lint()
+    quantizers = [n for n in gm.graph.nodes if n.op == "call_module" and n.name.startswith("mul_aq_")]
+    assert len(quantizers) == 2 and quantizers[1].args[0] is quantizers[0]
