@@ -300,6 +300,7 @@ class InsertQuantizers(Pass):
         the layer producing the value then runs once as an integer kernel, followed by an elementwise
         requantize, instead of once per reader. A sum stays read in float by each quantizer: each becomes its
         own integer add in onnxruntime."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # a move below reorders one value's quantizers only
         for node in list(gm.graph.nodes):
             src = node.args[0] if is_relu(gm, node) and node.args else node
             if isinstance(src, fx.Node) and is_add(src):
@@ -308,7 +309,6 @@ class InsertQuantizers(Pass):
             if len(readers) < 2:
                 continue
             widest, wq = max(readers, key=lambda r: r[1].spec.bits)
-            order = {n: i for i, n in enumerate(gm.graph.nodes)}
             for u, q in readers:
                 if q.spec.bits < wq.spec.bits and q.spec.signed == wq.spec.signed:
                     u.replace_input_with(node, widest)

@@ -180,20 +180,15 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target is getattr and node.args[1:] == ("device",):
             values[node] = _device_of(gm)
             continue
-        inputs = node.all_input_nodes
         made = (node.op == "call_function" and node.target in _CONSTANT_MAKERS) or (
             node.op == "call_method" and node.target in _NEW_METHODS)
-        if made and node.op == "call_method":
-            inputs = inputs[1:] if inputs and inputs[0] is node.args[0] else inputs
+        # ``x.new_tensor(...)`` reads nothing of ``x`` but its dtype and device: an empty tensor stands in for it
+        stand_in = {node.args[0]: torch.empty(0, device=_device_of(gm))} if node.op == "call_method" and made else {}
+        inputs = [a for a in node.all_input_nodes if a not in stand_in]
         if node.op not in ("call_function", "call_method") or not (inputs or made) or not all(
                 a in values for a in inputs):
             continue
-        if made and node.op == "call_method":
-            self_ = torch.empty(0, device=_device_of(gm))
-            args, kwargs = fx.node.map_arg((node.args[1:], node.kwargs), values.__getitem__)
-            args = (self_, *args)
-        else:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: stand_in.get(a, values.get(a)))
         try:
             with torch.no_grad():
                 values[node] = call(node.op, node.target, args, kwargs)  # type: ignore[arg-type]

@@ -113,11 +113,16 @@ def _constant(v: Any) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
 
+def _attribute(gm: fx.GraphModule, v: fx.Node) -> Any:
+    """What a ``get_attr`` node reads, as it is now."""
+    return operator.attrgetter(str(v.target))(gm)
+
+
 def _scalar_attribute(gm: fx.GraphModule, v: Any) -> bool:
     """Whether ``v`` reads a one-element parameter or buffer (GeM pooling's learned exponent, ``x.pow(self.p)``)."""
     if not isinstance(v, fx.Node) or v.op != "get_attr":
         return False
-    t = operator.attrgetter(str(v.target))(gm)
+    t = _attribute(gm, v)
     return isinstance(t, torch.Tensor) and t.numel() == 1
 
 
@@ -153,9 +158,10 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
         return _scalar_arithmetic(node)  # a number first: BAM's ``1 + F.sigmoid(...)``
     t = node.target
     rest, kwargs = node.args[1:], dict(node.kwargs)
-    if not all(_constant(a) for a in (*rest, *kwargs.values())) and (
-            arithmetic_kind(node) is not None
-            or not all(_constant(a) or _scalar_attribute(gm, a) for a in (*rest, *kwargs.values()))):
+    def allowed(a: Any) -> bool:  # arithmetic with a parameter is a float op (lower_arithmetic), not a table
+        return _constant(a) or (arithmetic_kind(node) is None and _scalar_attribute(gm, a))
+
+    if not all(allowed(a) for a in (*rest, *kwargs.values())):
         return _scalar_arithmetic(node)
     if node.op == "call_function" and t in _FUNCTIONS:
         fn: Callable[..., torch.Tensor] = t  # type: ignore[assignment]
@@ -172,7 +178,7 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
         lo, hi = _CLAMP_ARGS[t]  # type: ignore[index]
         clamp = (_bound(node, lo, -1.0 if t is F.hardtanh else None), _bound(node, hi, 1.0 if t is F.hardtanh else None))
     def value(a: Any) -> Any:
-        return operator.attrgetter(str(a.target))(gm) if isinstance(a, fx.Node) else a
+        return _attribute(gm, a) if isinstance(a, fx.Node) else a
 
     return Unary(_name(t), lambda x: fn(x, *map(value, rest), **{k: value(v) for k, v in kwargs.items()}), clamp,
                  _function_activation(node, clamp) if not scalar_arguments(gm, node) else None)
