@@ -10,6 +10,7 @@ from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quantizers import InsertQuantizers
 from qcompile.passes.lower_integer import LowerInteger
+from qcompile.passes.norm_layers import NormsAsLayers
 from qcompile.passes.width_scale import WidthScale
 
-__all__ = ["AdaQuant", "AlignAddScales", "AnnotateCost", "AssignPrecision", "BiasCorrect", "BnTune", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "LowerInteger", "WidthScale"]
+__all__ = ["AdaQuant", "AlignAddScales", "AnnotateCost", "AssignPrecision", "BiasCorrect", "BnTune", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "LowerInteger", "NormsAsLayers", "WidthScale"]

@@ -22,7 +22,6 @@ BatchNorm frozen into buffers (torchvision's and detectron2's ``FrozenBatchNorm2
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 import torch
@@ -32,15 +31,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
-from qcompile.frontend.graph import is_compute, module_of, permutation, set_submodule
+from qcompile.frontend.graph import module_of, permutation, set_submodule, tensor_rank
+from qcompile.passes.norm_layers import BATCH_NORMS, NormLayer, becomes_layer, call_sites, folds_into_layer
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: a DDP checkpoint's model
 
-
-def affine_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """The eval-mode BatchNorm as a depthwise 1×1 conv computing the same per-channel affine map."""
+def affine_conv(bn: nn.Module) -> nn.Conv2d:
+    """The eval-mode BatchNorm (or :class:`NormLayer`) as a depthwise 1×1 conv computing the same per-channel affine
+    map."""
     c = bn.num_features
     inv = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c, dtype=torch.float64)
@@ -153,11 +152,6 @@ def _functional_to_modules(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
 
 
-def _rank(node: fx.Node) -> int:
-    tm = node.meta.get("tensor_meta")
-    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else -1
-
-
 def _channel_constant(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, int] | None:
     """``y ∘ gamma`` (either order, ``node`` a product or a sum) with an attribute ``gamma`` that has one value
     along a single axis of ``y``: ``(y, gamma as a vector, that axis)``."""
@@ -168,7 +162,7 @@ def _channel_constant(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch
         return None
     gamma = attribute_tensor(gm, params[0]).detach()
     y = next(a for a in node.args if a is not params[0])
-    rank = _rank(y)
+    rank = tensor_rank(y)
     if gamma.dim() > rank:
         return None
     shape = (1,) * (rank - gamma.dim()) + tuple(gamma.shape)
@@ -183,10 +177,10 @@ def _channel_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     if found is None:
         return None
     y, gamma, axis = found
-    while len(y.users) == 1 and (perm := permutation(y, _rank(y))) is not None:
+    while len(y.users) == 1 and (perm := permutation(y, tensor_rank(y))) is not None:
         axis, y = perm[axis], y.args[0]  # type: ignore[assignment]
     layer = module_of(gm, y)
-    if not isinstance(layer, nn.Conv2d | nn.Linear) or len(y.users) != 1 or axis != channel_axis(layer, _rank(y)):
+    if not isinstance(layer, nn.Conv2d | nn.Linear) or len(y.users) != 1 or axis != channel_axis(layer, tensor_rank(y)):
         return None
     return (y, gamma) if len(gamma) == layer.weight.shape[0] else None
 
@@ -194,7 +188,7 @@ def _channel_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
 def _fold_layer_scales_and_shifts(gm: fx.GraphModule) -> None:
     """Every layer scale folded into its conv/dense's weight and bias, every layer shift into its bias (per output
     channel, from float64), in graph order, so that ``conv(x) * scale + shift`` folds whole."""
-    sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    sites = call_sites(gm)
     for node in list(gm.graph.nodes):
         found = _channel_layer(gm, node)
         if found is None or sites[found[0].target] != 1:
@@ -226,21 +220,15 @@ class FoldBatchNorm(Pass):
         for target, m in list(gm.named_modules()):
             if (norm := _instance_norm_as(m, gm.training)) is not None:
                 set_submodule(gm, target, norm)
-        sites = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        sites = call_sites(gm)
         for bn_node in list(gm.graph.nodes):
             bn = module_of(gm, bn_node)
-            if not isinstance(bn, _BN):
-                continue
-            src = bn_node.args[0] if bn_node.args else None
-            usable = bn.track_running_stats and bn.running_mean is not None
-            foldable = (
-                isinstance(src, fx.Node)
-                and is_compute(gm, src)
-                and len(src.users) == 1
-                and sites[src.target] == 1
-                and usable
-            )
-            if foldable:
+            if isinstance(bn, NormLayer) or becomes_layer(gm, bn_node, sites):  # a NormLayer: QAT trained it so
+                set_submodule(gm, str(bn_node.target), affine_conv(bn))
+                ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; "
+                                    "it runs as a depthwise 1x1 conv")
+            elif isinstance(bn, BATCH_NORMS) and folds_into_layer(gm, bn_node, sites):
+                src = bn_node.args[0]
                 layer = module_of(gm, src)
                 was_training = layer.training
                 fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
@@ -249,11 +237,7 @@ class FoldBatchNorm(Pass):
                 set_submodule(gm, str(src.target), fused)
                 bn_node.replace_all_uses_with(src)
                 gm.graph.erase_node(bn_node)
-            elif (isinstance(bn, nn.BatchNorm2d) or _rank(bn_node) == 4) and usable and sites[bn_node.target] == 1:
-                set_submodule(gm, str(bn_node.target), affine_conv(bn))
-                ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; "
-                                    "it runs as a depthwise 1x1 conv")
-            else:
+            elif isinstance(bn, BATCH_NORMS):
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; left unfolded")
         _fold_layer_scales_and_shifts(gm)
         gm.delete_all_unused_submodules()

@@ -32,6 +32,7 @@ from qcompile.errors import PipelineError
 from qcompile.frontend.elementwise import arithmetic_kind, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.graph import (compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of,
                                      nearest_upsampling)
+from qcompile.passes.norm_layers import NormLayer
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
 from qcompile.quantization.recipes import activation_calibrator
@@ -341,7 +342,7 @@ class InsertQuantizers(Pass):
         rounds exactly as the integer kernel."""
         for node, q in activation_quantizer_calls(gm):
             src = _quantized_layer(gm, node.args[0])
-            if src is None:
+            if src is None or isinstance(module_of(gm, src), NormLayer):  # no integer accumulator while training
                 continue
             layer = module_of(gm, src)
             in_q = module_of(gm, src.args[0]) if isinstance(src.args[0], fx.Node) else None
@@ -370,7 +371,8 @@ class InsertQuantizers(Pass):
             sites.setdefault(str(n.target), []).append(n)
         for target, nodes in sites.items():
             layer = gm.get_submodule(target)
-            if getattr(layer, "bias", None) is None or not parametrize.is_parametrized(layer, "weight"):
+            if (getattr(layer, "bias", None) is None or not parametrize.is_parametrized(layer, "weight")
+                    or isinstance(layer, NormLayer)):  # its bias is β, not the folded bias the IR rounds
                 continue
             inputs = {id(module_of(gm, n.args[0])) for n in nodes}
             aq = module_of(gm, nodes[0].args[0])

@@ -37,6 +37,7 @@ from qcompile.passes import (
 )
 from qcompile.passes.load_bounds import BoundKey, LoadBounds
 from qcompile.passes.mixed_precision import MixedPrecision
+from qcompile.passes.norm_layers import NormsAsLayers
 from qcompile.pipeline import Pass
 from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.ptq import PTQ_MODES, parse_bits
@@ -135,9 +136,10 @@ def sensitivity_passes(*, fold_bn: bool = True, adaquant_iterations: int = 0, ad
 
 def qat_prepare_passes(width: float | None = None, profile: LatencyProfile | None = None) -> list[Pass]:
     """QAT's capture: optional width scaling (re-initialising), precision and cost (with a latency ``profile``,
-    the predicted latency too); BN is kept for training."""
+    the predicted latency too); BN is kept for training, a BatchNorm that folds into a layer of its own as that
+    layer (``norms_as_layers``)."""
     passes: list[Pass] = [WidthScale(width)] if width is not None else []
-    return passes + [AssignPrecision(), AnnotateCost(profile)]
+    return passes + [NormsAsLayers(), AssignPrecision(), AnnotateCost(profile)]
 
 
 def qat_quantizer_passes() -> list[Pass]:

@@ -114,6 +114,12 @@ def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
+def tensor_rank(node: fx.Node) -> int:
+    """The rank of the tensor ``node`` was recorded to produce; -1 when capture recorded none."""
+    tm = node.meta.get("tensor_meta")
+    return len(tm.shape) if tm is not None and hasattr(tm, "shape") else -1
+
+
 def permutation(node: fx.Node, rank: int) -> list[int] | None:
     """The axis order a ``permute`` or ``transpose`` node produces (output axis i is input axis ``perm[i]``), in
     any of their call forms; None for any other node."""

@@ -230,9 +230,13 @@ def _strip_holder(model: nn.Module, state: Mapping[str, object]) -> tuple[Mappin
     return stripped, prefix
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, object], missing: list[str], unexpected: list[str]) -> str:
-    """The keys PyTorch reported and the shapes that differ, as one clause list."""
+def state_mismatch(model: nn.Module, state: Mapping[str, object], missing: list[str] | None = None,
+                   unexpected: list[str] | None = None) -> str:
+    """The keys missing from ``state`` and unexpected in it (as PyTorch reported them, else compared by name) and
+    the shapes that differ, as one clause list."""
     expected = model.state_dict()
+    if missing is None or unexpected is None:
+        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state.items()
@@ -259,7 +263,7 @@ def _strict_load(model: nn.Module, state: Mapping[str, object], where: str) -> N
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = _mismatch(model, state, found.get("missing", []), found.get("unexpected", []))
+        detail = state_mismatch(model, state, found.get("missing", []), found.get("unexpected", []))
         if not detail:
             lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
             detail = lines[0] if lines else first_line(exc)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from qcompile.artifacts import atomic_path
 from qcompile.errors import CheckpointError
-from qcompile.frontend.model_file import logits
+from qcompile.frontend.model_file import logits, state_mismatch
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext, mean_across
 from qcompile.train.graphed import CapturedStep
@@ -155,7 +155,11 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
                     gen: torch.Generator, schedule: ActivationSchedule, cfg: TrainConfig) -> tuple[int, float]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CheckpointError(f"cannot resume from {path}: it holds another graph, "
+                                  f"{state_mismatch(model, state['model'])}; delete it to start over") from None
         if "opt" in state:
             opt.load_state_dict(state["opt"])
         elif state["epoch"] < cfg.epochs:  # a finished run may drop the optimiser's state; an unfinished one not

@@ -11,6 +11,7 @@ from qcompile.passes.insert_quantizers import activation_quantizers, weight_quan
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from qcompile.data import ImageSet
+from qcompile.errors import CheckpointError
 from qcompile.quantization.quantizer import QuantizerState, WeightQuantizer, quantize
 from qcompile.quantization.recipes import get_recipe
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
@@ -160,3 +161,17 @@ def test_checkpoint_resume_continues_exactly(tmp_path, monkeypatch):
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert all(q.state is QuantizerState.FROZEN for q in activation_quantizers(resumed).values())
+
+
+def test_a_checkpoint_of_another_graph_is_refused_in_one_line_naming_the_keys(tmp_path):
+    """A resume checkpoint written for another recipe (or by a qcompile whose graph had other quantizers) says
+    which keys differ, not only PyTorch's headline."""
+    data = _random_split(32, 0)
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, checkpoint=ckpt)
+    train(_qat_tiny(recipe="int8").graph, data, cfg)
+    with pytest.raises(CheckpointError) as err:
+        train(_qat_tiny(recipe="bf16").graph, data, replace(cfg, epochs=2))
+    message = str(err.value)
+    assert "\n" not in message and "another graph" in message and "missing (" in message
+    assert "unexpected (" in message and "delete it" in message

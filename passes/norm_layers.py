@@ -1,0 +1,92 @@
+"""In a training graph, make each BatchNorm that ``fold_bn`` will turn into a layer of its own train as that layer.
+
+``fold_bn`` turns a 2-d BatchNorm that follows no foldable conv/dense (pre-activation ResNets, DenseNet, DPN)
+into a depthwise 1×1 conv, which gets a precision and quantizes its input like any layer. Quantization-aware
+training keeps its BatchNorms, so without this pass the trained graph has no quantizer where the deployed one
+quantizes such a layer's input: the bounds QAT learned would not cover the model it ships, and the residual
+stream of a pre-activation network would be rounded at deployment in a way training never saw. Here each such
+BatchNorm becomes a :class:`NormLayer`: a depthwise 1×1 conv to every pass (precision, cost, input quantizer)
+that still normalises with the batch's statistics in training, as the BatchNorm did.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qcompile.frontend.graph import is_compute, module_of, set_submodule, tensor_rank
+from qcompile.pipeline import COST, PRECISION, Pass, PassContext
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # SyncBatchNorm: a DDP model's
+
+
+def call_sites(gm: fx.GraphModule) -> Counter[object]:
+    """How many times each submodule is called."""
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+
+def _usable(bn: nn.Module) -> bool:
+    return bool(bn.track_running_stats) and bn.running_mean is not None
+
+
+def folds_into_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:
+    """Whether ``fold_bn`` fuses this BatchNorm into the conv/dense it reads (used there alone)."""
+    src = bn_node.args[0] if bn_node.args else None
+    return (isinstance(src, fx.Node) and is_compute(gm, src) and len(src.users) == 1 and sites[src.target] == 1
+            and _usable(module_of(gm, bn_node)))
+
+
+def becomes_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:
+    """Whether ``fold_bn`` makes this BatchNorm, which follows no foldable layer, a depthwise 1×1 conv."""
+    bn = module_of(gm, bn_node)
+    return (isinstance(bn, BATCH_NORMS) and not folds_into_layer(gm, bn_node, sites)
+            and (isinstance(bn, nn.BatchNorm2d) or tensor_rank(bn_node) == 4) and _usable(bn) and sites[bn_node.target] == 1)
+
+
+class NormLayer(nn.Conv2d):
+    """A BatchNorm that will fold into a depthwise 1×1 conv, as that conv in a training graph.
+
+    It computes what the BatchNorm computed (batch statistics in training, running statistics in eval) and holds
+    its state under the BatchNorm's names, with γ as ``weight``: so the weight quantizer a 4-bit or 8-bit layer
+    gets is exact on it (one value per channel is its channel's bound), as it is on the folded weight γ/σ, and
+    ``fold_bn`` folds it like the BatchNorm. Its bias is added in float (the folded bias is rounded to int32
+    only when lowering)."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        c = bn.num_features
+        super().__init__(c, c, 1, groups=c, bias=True, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        with torch.no_grad():
+            gamma = bn.weight.detach().clone() if bn.weight is not None else torch.ones_like(bn.running_mean)
+            beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        self.weight = nn.Parameter(gamma, requires_grad=bn.weight is not None)
+        self.bias = nn.Parameter(beta, requires_grad=bn.bias is not None)
+        self.num_features, self.eps, self.momentum = c, bn.eps, bn.momentum
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+        self.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average, as BatchNorm's momentum=None
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            0.0 if factor is None else factor, self.eps)
+
+
+class NormsAsLayers(Pass):
+    name = "norms_as_layers"
+    invalidates = frozenset({PRECISION, COST})  # new layers, as folding makes them
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        sites = call_sites(gm)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and becomes_layer(gm, node, sites):
+                set_submodule(gm, str(node.target), NormLayer(module_of(gm, node)))
+        gm.recompile()
+        return gm
