@@ -11,15 +11,15 @@ from collections.abc import Mapping
 
 import torch
 from qcompile.passes.insert_quantizers import activation_quantizer_calls
-from torch import fx, nn
+from torch import fx
 
 from qcompile.errors import PipelineError
 from qcompile.frontend.graph import is_compute, module_of
+from qcompile.passes.norm_layers import BATCH_NORMS
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.quantization.quantizer import ActivationQuantizer, QuantizerState
 from qcompile.quantization.spec import QuantSpec
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 BoundKey = tuple[str, QuantSpec]
 
@@ -30,7 +30,7 @@ def bound_key(gm: fx.GraphModule, node: fx.Node) -> BoundKey:
     assert isinstance(q, ActivationQuantizer)
     src = node.args[0]
     assert isinstance(src, fx.Node)
-    if isinstance(module_of(gm, src), _BN) and isinstance(src.args[0], fx.Node):
+    if isinstance(module_of(gm, src), BATCH_NORMS) and isinstance(src.args[0], fx.Node):
         conv = src.args[0]
         if is_compute(gm, conv) and len(conv.users) == 1:
             src = conv

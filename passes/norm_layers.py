@@ -42,8 +42,8 @@ def folds_into_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object
 def becomes_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:
     """Whether ``fold_bn`` makes this BatchNorm, which follows no foldable layer, a depthwise 1×1 conv."""
     bn = module_of(gm, bn_node)
-    return (isinstance(bn, BATCH_NORMS) and not folds_into_layer(gm, bn_node, sites)
-            and (isinstance(bn, nn.BatchNorm2d) or tensor_rank(bn_node) == 4) and _usable(bn) and sites[bn_node.target] == 1)
+    return (isinstance(bn, BATCH_NORMS) and not folds_into_layer(gm, bn_node, sites) and _usable(bn)
+            and (isinstance(bn, nn.BatchNorm2d) or tensor_rank(bn_node) == 4) and sites[bn_node.target] == 1)
 
 
 class NormLayer(nn.Conv2d):

@@ -16,10 +16,10 @@ from qcompile.errors import PipelineError, QCompileError
 from qcompile.frontend.graph import compute_nodes, module_of, set_submodule
 from qcompile.frontend.tracing import propagate_shapes
 from qcompile.models.width import scaled_channels
+from qcompile.passes.norm_layers import BATCH_NORMS
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference
 from qcompile.quantization.cost import layer_macs, weight_count
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -71,9 +71,9 @@ class WidthScale(Pass):
                 self._resize_linear(gm, node, m, src, new, resized)
                 new[node] = old
             else:
-                if isinstance(m, _BN) and str(node.target) not in resized and src is not None:
+                if isinstance(m, BATCH_NORMS) and str(node.target) not in resized and src is not None:
                     self._resize_bn(gm, node, m, new[src], resized)
-                elif m is not None and any(True for _ in m.parameters()) and not isinstance(m, _BN):
+                elif m is not None and any(True for _ in m.parameters()) and not isinstance(m, BATCH_NORMS):
                     raise PipelineError(
                         f"width_scale: cannot resize {node.target} ({type(m).__name__}); "
                         "it holds parameters width_scale does not know how to scale"

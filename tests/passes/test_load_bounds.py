@@ -36,3 +36,17 @@ def test_unfrozen_quantizers_and_missing_bounds_are_errors():
     target = _frozen("mostly4bit")
     with pytest.raises(PipelineError, match="no trained bound"):
         LoadBounds(activation_bounds(_frozen("int4").graph)).run(target.graph, target.context)
+
+
+def test_a_ddp_models_sync_batchnorms_are_seen_through_like_batchnorms():
+    """A model converted for DDP (``nn.SyncBatchNorm``, not a ``BatchNorm2d``) keys its bounds as the plain one does,
+    so its QAT lowers."""
+    torch.manual_seed(0)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(TinyNet()))
+    qm = prepare_qat(model, (torch.randn(1, 3, 8, 8),), qat_recipe(get_recipe("int8")))
+    sched = ActivationSchedule(qm.graph, total_steps=2, fraction=0.5)
+    with torch.no_grad():
+        qm.graph.eval()(torch.randn(4, 3, 8, 8))
+    sched.before_step(1)
+    plain = activation_bounds(_frozen("int8").graph)
+    assert set(activation_bounds(qm.graph)) == set(plain)

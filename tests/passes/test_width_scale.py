@@ -51,3 +51,10 @@ def test_parameterised_module_it_cannot_scale():
 def test_bad_width():
     with pytest.raises(PipelineError):
         WidthScale(0.0)
+
+
+def test_a_ddp_models_sync_batchnorms_are_resized_like_batchnorms():
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(resnet20_cifar()).eval()
+    gm, _ = _scaled(model, 0.5, (1, 3, 32, 32))
+    assert gm.get_submodule("bn1").num_features == 8 and isinstance(gm.get_submodule("bn1"), torch.nn.SyncBatchNorm)
+    assert tuple(gm(torch.randn(2, 3, 32, 32)).shape) == (2, 10)
