@@ -300,6 +300,69 @@ def zero_concatenations_as_pads(gm: fx.GraphModule) -> bool:
     return changed
 
 
+_PIXEL_SHUFFLES: dict[object, tuple[bool, str]] = {  # callable -> (shuffle, not unshuffle; its factor's keyword)
+    F.pixel_shuffle: (True, "upscale_factor"), torch.pixel_shuffle: (True, "upscale_factor"),
+    F.pixel_unshuffle: (False, "downscale_factor"), torch.pixel_unshuffle: (False, "downscale_factor"),
+}
+
+
+def _pixel_shuffle(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, int] | None:
+    """``(shuffle, factor)`` of a pixel (un)shuffle call, module or function; None for anything else."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, nn.PixelShuffle):
+            return True, m.upscale_factor
+        return (False, m.downscale_factor) if isinstance(m, nn.PixelUnshuffle) else None
+    if node.op != "call_function" or node.target not in _PIXEL_SHUFFLES:  # type: ignore[operator]
+        return None
+    shuffle, keyword = _PIXEL_SHUFFLES[node.target]
+    factor = argument(node, 1, keyword)
+    return (shuffle, factor) if isinstance(factor, int) else None
+
+
+def pixel_shuffles_as_reshapes(gm: fx.GraphModule) -> bool:
+    """Each pixel shuffle / unshuffle of a 4-d tensor (``nn.PixelUnshuffle(2)`` as a space-to-depth stem) → the
+    reshape, permute, reshape that PyTorch defines it as, with the batch kept a free size: moves of codes. Needs
+    the recorded shapes; whether anything changed (the new nodes have none yet)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        found = _pixel_shuffle(gm, node)
+        shape = _shape_of(node.args[0]) if found and node.args else None
+        if found is None or shape is None or len(shape) != 4:
+            continue
+        (shuffle, r), (_, c, h, w) = found, shape
+        if shuffle:
+            split, order, joined = (c // (r * r), r, r, h, w), (0, 1, 4, 2, 5, 3), (c // (r * r), h * r, w * r)
+        else:
+            split, order, joined = (c, h // r, r, w // r, r), (0, 1, 3, 5, 2, 4), (c * r * r, h // r, w // r)
+        with gm.graph.inserting_before(node):
+            a = gm.graph.call_method("reshape", (node.args[0], -1, *split))
+            b = gm.graph.call_method("permute", (a, *order))
+            out = gm.graph.call_method("reshape", (b, -1, *joined))
+        for n in (a, b, out):
+            n.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def batch_kept_in_squeezes(gm: fx.GraphModule) -> bool:
+    """Each ``x.squeeze()`` / ``torch.squeeze(x)`` without dimensions on a tensor whose batch is 1 in the example
+    (a head written ``self.pool(x).squeeze()``, which squeezes the batch too at batch size 1) → a squeeze of the
+    size-1 dimensions after the batch, as it runs at every other batch size: the compiled model keeps its batch.
+    Needs the recorded shapes; whether anything changed (the shapes after it change)."""
+    changed = False
+    for node in gm.graph.nodes:
+        squeeze = (node.op == "call_method" and node.target == "squeeze") or (
+            node.op == "call_function" and node.target is torch.squeeze)
+        shape = _shape_of(node.args[0]) if squeeze and len(node.args) == 1 and not node.kwargs else None
+        if shape and shape[0] == 1:
+            node.args = (node.args[0], tuple(i for i, d in enumerate(shape) if i > 0 and d == 1))
+            changed = True
+    return changed
+
+
 def conv1d_as_conv2d(gm: fx.GraphModule) -> None:
     """Each ``nn.Conv1d`` (zero padding) → an ``nn.Conv2d`` with kernel (1, k) holding the same weights with a
     unit height, called on ``x.unsqueeze(2)`` and squeezed back."""

@@ -79,12 +79,12 @@ def _function_activation(node: fx.Node, clamp: Bounds | None) -> dict[str, Any] 
 _MODULES = (
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU,
     nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink,
-    nn.Hardshrink, nn.RReLU,
+    nn.Hardshrink, nn.RReLU, nn.Threshold,
 )
 _FUNCTIONS = {
     F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.sigmoid, torch.sigmoid, F.gelu, torch.tanh, F.tanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, torch.clamp, torch.clip, torch.clamp_min,
-    torch.clamp_max, F.softsign, F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink, F.rrelu,
+    torch.clamp_max, F.softsign, F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink, F.rrelu, F.threshold,
     # elementwise math of one tensor and numbers (``x ** 2``, ``torch.abs(x)``, ``-x``): tables like the rest
     torch.abs, torch.exp, torch.expm1, torch.log, torch.log1p, torch.sqrt, torch.rsqrt, torch.square, torch.erf,
     torch.neg, operator.neg, torch.reciprocal, torch.pow, operator.pow,

@@ -30,8 +30,10 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import (
+    batch_kept_in_squeezes,
     canonicalize,
     identities_removed,
+    pixel_shuffles_as_reshapes,
     shape_argument_layers_to_modules,
     zero_concatenations_as_pads,
 )
@@ -660,7 +662,10 @@ def capture(
     if shape_nodes:
         _specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
-    if zero_concatenations_as_pads(gm):
+    rewritten = [zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm), batch_kept_in_squeezes(gm)]
+    if any(rewritten):
+        gm.delete_all_unused_submodules()
+        gm.recompile()
         propagate_shapes(gm, example_inputs)
     identities_removed(gm)
     return gm

@@ -435,3 +435,23 @@ def test_variadic_forward_parameters_take_the_example_and_nothing_else(model):
     assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(gm(x), m(x))
+
+
+class _SqueezedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.squeeze(F.adaptive_avg_pool2d(self.conv(x), 1)))
+
+
+def test_a_squeeze_without_dims_keeps_the_batch_of_a_batch_of_one():
+    """``pool(x).squeeze()`` drops the batch too when it is 1, as the example's is: the graph squeezes the other
+    size-1 dimensions, as the model does at every other batch size, so the compiled model keeps its batch."""
+    model = _SqueezedHead().eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert tuple(gm(torch.randn(1, 3, 8, 8)).shape) == (1, 4)
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))

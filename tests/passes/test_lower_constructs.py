@@ -589,6 +589,22 @@ class PyramidShortcut(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+class PixelShuffles(nn.Module):
+    """A space-to-depth stem (``nn.PixelUnshuffle``) and a depth-to-space upsampling (``F.pixel_shuffle``): moves of
+    codes once written as the reshapes PyTorch defines them as; the head squeezes with no dimension given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.pixel_shuffle(F.relu(self.conv(self.unshuffle(x))), 2)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv2(x)), 1).squeeze())
+
+
 class FlattenedMean(_TwoConvs):
     """A global mean over ``x.flatten(2)`` (an (N, C, H·W) view: ONNX's ``Flatten`` would make a matrix of it),
     after a ``view_as``."""
@@ -612,6 +628,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda: ConvAct(nn.LeakyReLU(0.1)),
     "elu": lambda: ConvAct(fn=F.elu),
     "softsign": lambda: ConvAct(nn.Softsign()),
+    "threshold": lambda: ConvAct(nn.Threshold(0.1, -0.5)),
     "math": lambda: ConvAct(fn=lambda x: torch.exp(-x.abs()) + x ** 2 - torch.sqrt(torch.square(x) + 1.0)),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
@@ -625,8 +642,9 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
           "flattened_mean": FlattenedMean, "gem": GeMPool, "literal_normalization": LiteralNormalization,
           "pyramid_zeros": PyramidShortcut,
-          "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True)}
+          "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
+             "threshold",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -642,7 +660,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "flattened_mean": {"flatten", "global_avgpool"}, "gem": {"lut", "global_avgpool"},
                 "literal_normalization": {"add", "div"},
                 "pyramid_zeros": {"pad", "add"},
-                "pyramid_new_zeros": {"pad", "add"}}
+                "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -871,7 +889,7 @@ def test_a_conv_whose_accumulator_is_also_max_pooled_stays_an_integer_kernel_on_
     assert kinds.count("QLinearConv") == 3 and "Conv" not in kinds and "FusedConv" not in kinds  # 2 convs, 1 twice
 
 
-TABLES_ONLY = {"elu", "softsign", "math"}  # functions without a float form in the IR
+TABLES_ONLY = {"elu", "softsign", "math", "threshold"}  # functions without a float form in the IR
 FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name not in TABLES_ONLY] + [
     "squeeze_excite", "hand_hardswish", "convnext_block"]
 
