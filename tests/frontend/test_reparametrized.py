@@ -1,10 +1,11 @@
-"""Weight and spectral norms: baked into plain weights for an inference capture, in both their forms, without
-touching the user's model; kept for QAT where the parametrizations train, refused in one line where they cannot."""
+"""Weight and spectral norms and pruning masks: baked into plain weights for an inference capture, in every form,
+without touching the user's model; kept for QAT where the parametrizations train, refused in one line where they
+cannot."""
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize, spectral_norm, weight_norm
+from torch.nn.utils import parametrizations, parametrize, prune, spectral_norm, weight_norm
 
 from qcompile import capture
 from qcompile.errors import CaptureError
@@ -54,3 +55,34 @@ def test_a_training_capture_keeps_parametrizations_and_refuses_the_old_hooks():
     with pytest.raises(CaptureError, match=r"^0 uses torch.nn.utils.weight_norm \(deprecated hooks\).*"
                                            r"use torch.nn.utils.parametrizations.weight_norm"):
         capture(_net(weight_norm).train(), torch.randn(2, 3, 8, 8))
+
+
+def _pruned():
+    model = _net(lambda m: m)
+    for m in (model[0], model[3]):
+        prune.l1_unstructured(m, "weight", amount=0.5)
+    return model
+
+
+def test_a_pruned_model_compiles_with_its_masked_weights_also_from_a_checkpoint_loaded_after_pruning(tmp_path):
+    """``torch.nn.utils.prune`` leaves ``weight`` a plain attribute that a pre-hook recomputes from
+    ``weight_orig * weight_mask`` at each call; a checkpoint loaded since has not been applied to it yet."""
+    trained = _pruned()
+    with torch.no_grad():
+        trained[0].weight_orig.mul_(3.0)
+    torch.save(trained.state_dict(), tmp_path / "pruned.pt")
+    model = _pruned().eval()
+    model.load_state_dict(torch.load(tmp_path / "pruned.pt", weights_only=True))
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(model, x[:1])
+    conv = gm.get_submodule("0")
+    assert isinstance(conv.weight, nn.Parameter) and not conv._forward_pre_hooks
+    assert torch.equal(conv.weight == 0, model[0].weight_mask == 0)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)  # the model's own forward applies the mask
+    assert hasattr(model[0], "weight_orig")  # the model is untouched
+
+
+def test_a_training_capture_refuses_pruning_naming_the_fix():
+    with pytest.raises(CaptureError, match=r"^0 is pruned with torch.nn.utils.prune.*prune.remove\(module, 'weight'\)"):
+        capture(_pruned().train(), torch.randn(2, 3, 8, 8))
