@@ -38,7 +38,7 @@ from qcompile.frontend.elementwise import (
 )
 from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
-                                     softmax_of, unused_name)
+                                     resize_mode, softmax_of, unused_name)
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -183,6 +183,9 @@ class _Lowerer:
             return self.lower_softmax(node, *head)
         if (scale := nearest_upsampling(self.gm, node)) is not None:
             return self.lower_upsampling(node, scale)
+        if (mode := resize_mode(self.gm, node)) is not None:
+            raise self.fail(node, f"{mode!r} resizing to {list(self.shape(node)[2:])} does not lower: only "
+                                  "nearest-neighbour upsampling by whole factors does")
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)

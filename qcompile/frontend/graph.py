@@ -61,17 +61,21 @@ def softmax_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int | None] | No
     return None
 
 
+def resize_mode(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The mode of a resizing call (``F.interpolate``, ``nn.Upsample`` and its subclasses); None for other nodes."""
+    m = module_of(gm, node)
+    if isinstance(m, nn.Upsample):
+        return m.mode
+    if node.op == "call_function" and node.target is F.interpolate:
+        return argument(node, 3, "mode", "nearest")
+    return None
+
+
 def nearest_upsampling(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
     """The integer (height, width) factors of a nearest-neighbour upsampling of a 4-d tensor (``F.interpolate``,
     ``nn.Upsample``, ``nn.UpsamplingNearest2d`` with mode ``"nearest"``: every pixel repeated), read from the
     recorded shapes; None for any other node, another mode, or factors that are not integers."""
-    m = module_of(gm, node)
-    if isinstance(m, nn.Upsample):
-        mode = m.mode
-    elif node.op == "call_function" and node.target is F.interpolate:
-        mode = argument(node, 3, "mode", "nearest")
-    else:
-        return None
+    mode = resize_mode(gm, node)
     src = node.args[0] if node.args else None
     if mode != "nearest" or not isinstance(src, fx.Node) or "tensor_meta" not in node.meta:
         return None

@@ -231,3 +231,19 @@ def test_a_function_undefined_on_some_code_names_itself_and_its_line():
     with pytest.raises(LoweringError, match=r"node log \(call_function log\) at .*test_lower_integer.py:\d+: log is not "
                                             r"finite on every code of its input .* clamp its input first"):
         _lowered(LogOfAbs(), "int8")
+
+
+class Resize(nn.Module):
+    def __init__(self, mode: str, factor: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.mode, self.factor = mode, factor
+
+    def forward(self, x):
+        return F.interpolate(self.conv(x), scale_factor=self.factor, mode=self.mode).mean((2, 3))
+
+
+@pytest.mark.parametrize(("mode", "factor"), [("bilinear", 2.0), ("nearest", 1.5)])
+def test_a_resize_that_does_not_lower_says_which_does(mode, factor):
+    with pytest.raises(LoweringError, match=rf"'{mode}' resizing to \[\d+, \d+\] does not lower: only nearest-"):
+        _lowered(Resize(mode, factor), "int8")
