@@ -12,6 +12,7 @@ import inspect
 import re
 import sys
 import traceback
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,22 @@ def _line_in(exc: BaseException, path: Path) -> str:
         return f"{path}:{exc.lineno}"
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
     return f"{path}:{frames[-1].lineno}" if frames else str(path)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def in_float32(model: nn.Module) -> nn.Module:
+    """``model`` with float16 / bfloat16 parameters and buffers made float32 (exactly: every half value is a
+    float32 one), with a warning: the passes and the float reference compute in float32, and a checkpoint then loads
+    into float32 tensors, unrounded."""
+    tensors = [*model.parameters(), *model.buffers()]
+    half = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype in _HALF})
+    if half:
+        warnings.warn(f"the model holds {' and '.join(half)} tensors; it is compiled from their float32 values "
+                      "(exact)", stacklevel=2)
+        model.float()
+    return model
 
 
 @dataclass
@@ -71,7 +88,7 @@ class ModelFile:
             raise ModelFileError(f"{_line_in(exc, self.path)}: build_model() failed: {first_line(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, expected a torch.nn.Module")
-        return unwrapped(model)
+        return in_float32(unwrapped(model))
 
     def example_input(self) -> tuple[torch.Tensor, ...]:
         """``example_input()`` as a tuple of tensors."""
@@ -335,8 +352,21 @@ def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
         with torch.no_grad():
             model(first[0])
     except Exception as exc:
-        hint = (f"; it runs on example_input() at batch size {want[0]}: does it assume that batch size?"
-                if got[0] != want[0] else "")
+        if got[0] != want[0] and _runs(model, example):
+            hint = f"; it runs on example_input() at batch size {want[0]}: does it assume that batch size?"
+        elif got[0] != want[0]:
+            hint = "; it fails on example_input() too"
+        else:
+            hint = ""
         raise DataError(f"the model fails on the first {what} batch, of shape {got}, at {user_frame(exc)}: "
                         f"{first_line(exc)}{hint}") from None
+
+
+def _runs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:
+        return False
+    return True
 

@@ -262,3 +262,42 @@ def test_cli_weights_key_loads_a_legacy_ema_checkpoint(tiny_file, tmp_path, caps
     assert code == 0, captured.err
     code, captured = _cli(tiny_file, tmp_path, capsys, "--weights-key", "model_ema")
     assert code == 2 and captured.err.strip() == "qcompile: error: --weights-key applies to --weights"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_compiled_from_its_exact_float32_values(dtype, tmp_path):
+    """A model built in half precision: made float32 before the checkpoint loads (a float32 checkpoint is then not
+    rounded to half), with a warning."""
+    path = tmp_path / "half.py"
+    path.write_text(MODEL_FILE.replace("nn.Flatten(), nn.Linear(4, classes))",
+                                       f"nn.Flatten(), nn.Linear(4, classes)).to(torch.{dtype})"))
+    with pytest.warns(UserWarning, match=f"holds {str(dtype)[6:]} tensors; it is compiled from their float32"):
+        model = load_model_file(path).build()
+    assert all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    load_weights(model, _saved(state, tmp_path))
+    assert torch.equal(model[0].weight, state["0.weight"])
+
+
+def _saved(state, tmp_path):
+    torch.save(state, tmp_path / "w.pt")
+    return tmp_path / "w.pt"
+
+
+@pytest.mark.parametrize(("forward", "hint"), [
+    ("x.reshape(1, 12)", "it runs on example_input() at batch size 1: does it assume that batch size?"),
+    ("x.view(1, -1, 7)", "it fails on example_input() too"),
+])
+def test_a_model_failing_on_a_batch_says_whether_it_runs_on_the_example(forward, hint):
+    from qcompile.errors import DataError
+    from qcompile.frontend.model_file import check_batches
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return eval(forward)
+
+    batch = [(torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(DataError) as err:
+        check_batches(Flat(), (torch.randn(1, 3, 2, 2),), batch, "calibration")
+    assert "the model fails on the first calibration batch, of shape (4, 3, 2, 2)" in str(err.value)
+    assert str(err.value).endswith(f"; {hint}")
