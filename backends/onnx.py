@@ -648,6 +648,16 @@ class _Exporter:
     def op_transpose(self, op: Op) -> None:
         self.node("Transpose", [op.inputs[0]], op.output, perm=list(op.attrs["perm"]))
 
+    @OPS.implements("flip")
+    def op_flip(self, op: Op) -> None:
+        """``Slice`` backwards along each flipped axis: from the last element, step -1, to before the first."""
+        dims = list(op.attrs["dims"])
+        k = len(dims)
+        backwards = self.const("steps", np.full(k, -1, np.int64))
+        self.node("Slice", [op.inputs[0], self.const("starts", np.full(k, -1, np.int64)),
+                            self.const("ends", np.full(k, np.iinfo(np.int64).min, np.int64)),
+                            self.const("axes", np.array(dims, np.int64)), backwards], op.output)
+
     @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
         """``Flatten`` of every axis after the batch; any other range (``x.flatten(2)``: (N, C, H·W)) a ``Reshape``

@@ -13,4 +13,5 @@ from qcompile.passes.lower_integer import LowerInteger
 from qcompile.passes.norm_layers import NormsAsLayers
 from qcompile.passes.width_scale import WidthScale
 
-__all__ = ["AdaQuant", "AlignAddScales", "AnnotateCost", "AssignPrecision", "BiasCorrect", "BnTune", "Calibrate", "FoldBatchNorm", "InsertQuantizers", "LowerInteger", "NormsAsLayers", "WidthScale"]
+__all__ = ["AdaQuant", "AlignAddScales", "AnnotateCost", "AssignPrecision", "BiasCorrect", "BnTune", "Calibrate",
+           "FoldBatchNorm", "InsertQuantizers", "LowerInteger", "NormsAsLayers", "WidthScale"]

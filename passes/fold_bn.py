@@ -221,22 +221,27 @@ class FoldBatchNorm(Pass):
             if (norm := _instance_norm_as(m, gm.training)) is not None:
                 set_submodule(gm, target, norm)
         sites = call_sites(gm)
+        folding = {n for n in gm.graph.nodes if isinstance(module_of(gm, n), BATCH_NORMS)
+                   and folds_into_layer(gm, n, sites)}  # decided before any fold changes who reads what
+        fused_layers: set[object] = set()
         for bn_node in list(gm.graph.nodes):
             bn = module_of(gm, bn_node)
-            if isinstance(bn, NormLayer) or becomes_layer(gm, bn_node, sites):  # a NormLayer: QAT trained it so
+            if bn_node in folding:
+                src = bn_node.args[0]
+                if src.target not in fused_layers:  # a layer called at several sites folds once
+                    fused_layers.add(src.target)
+                    layer = module_of(gm, src)
+                    was_training = layer.training
+                    fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+                    fused = fuse(layer.eval(), bn.eval())
+                    fused.train(was_training)
+                    set_submodule(gm, str(src.target), fused)
+                bn_node.replace_all_uses_with(src)
+                gm.graph.erase_node(bn_node)
+            elif isinstance(bn, NormLayer) or becomes_layer(gm, bn_node, sites):  # a NormLayer: QAT trained it so
                 set_submodule(gm, str(bn_node.target), affine_conv(bn))
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; "
                                     "it runs as a depthwise 1x1 conv")
-            elif isinstance(bn, BATCH_NORMS) and folds_into_layer(gm, bn_node, sites):
-                src = bn_node.args[0]
-                layer = module_of(gm, src)
-                was_training = layer.training
-                fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-                fused = fuse(layer.eval(), bn.eval())
-                fused.train(was_training)
-                set_submodule(gm, str(src.target), fused)
-                bn_node.replace_all_uses_with(src)
-                gm.graph.erase_node(bn_node)
             elif isinstance(bn, BATCH_NORMS):
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; left unfolded")
         _fold_layer_scales_and_shifts(gm)

@@ -41,8 +41,9 @@ from qcompile.quantization.spec import Granularity, QuantSpec, annotate, get_ann
 _NO_OPS = (nn.Identity, nn.Dropout)
 _NO_OP_METHODS = frozenset({"contiguous", "clone"})
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
-_MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
-_MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
+_MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                   torch.flip}
+_MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip"}
 _TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, F.dropout} | _MOVE_FUNCTIONS
 _TRANSPARENT_METHODS = {"relu"} | _MOVE_METHODS
 

@@ -233,6 +233,9 @@ class _Lowerer:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
             raise self.fail(node, f"{type(m).__name__} without running statistics (track_running_stats=False) "
                                   "normalises every batch by that batch's statistics; it has no integer lowering")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise self.fail(node, f"{type(m).__name__} that fold_bn left unfolded (its layer's output has other "
+                                  "readers, or it is called where its layer is not) has no integer lowering")
         raise self.fail(node, f"module type {type(m).__name__} has no integer lowering")
 
     def lower_call(self, node: fx.Node) -> _Val | None:
@@ -270,6 +273,8 @@ class _Lowerer:
             return self.value(node, node.args[0])
         if (fn and t in (torch.permute, torch.transpose)) or (meth and t in ("permute", "transpose")):
             return self.lower_transpose(node)
+        if (fn and t is torch.flip) or (meth and t == "flip"):
+            return self.lower_flip(node)
         if fn and t is F.max_pool2d:
             k = argument(node, 1, "kernel_size")
             return self.lower_maxpool(node, k, argument(node, 2, "stride") or k, argument(node, 3, "padding", 0),
@@ -517,6 +522,16 @@ class _Lowerer:
             raise self.fail(node, "a transpose that moves the batch dimension does not lower")
         x = self.operand(node, src, keeps_channels=perm[1] == 1)
         return _Val(self.same(node, "transpose", [x], perm=perm))
+
+    def lower_flip(self, node: fx.Node) -> _Val:
+        """``torch.flip(x, dims)`` (test-time augmentation in ``forward``: the image mirrored) moves codes."""
+        src, rank = node.args[0], len(self.shape(node))
+        dims = argument(node, 1, "dims")
+        dims = sorted({int(d) % rank for d in ((dims,) if isinstance(dims, int) else dims)})
+        if 0 in dims:
+            raise self.fail(node, "a flip of the batch dimension does not lower")
+        x = self.operand(node, src, keeps_channels=1 not in dims)
+        return _Val(self.same(node, "flip", [x], dims=dims))
 
     def lower_reduction(self, node: fx.Node, what: str) -> _Val:
         """A mean or a sum over some dimensions (not the batch): float ``mean`` / ``reduce_sum`` of the

@@ -33,10 +33,16 @@ def _usable(bn: nn.Module) -> bool:
 
 
 def folds_into_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:
-    """Whether ``fold_bn`` fuses this BatchNorm into the conv/dense it reads (used there alone)."""
+    """Whether ``fold_bn`` fuses this BatchNorm into the conv/dense it reads: that call's only reader, and, where
+    the layer is called at several sites (one body run on an image and on its mirror image), the only reader of
+    every one of them, each a call of this BatchNorm, which is called nowhere else."""
     src = bn_node.args[0] if bn_node.args else None
-    return (isinstance(src, fx.Node) and is_compute(gm, src) and len(src.users) == 1 and sites[src.target] == 1
-            and _usable(module_of(gm, bn_node)))
+    if not (isinstance(src, fx.Node) and is_compute(gm, src) and _usable(module_of(gm, bn_node))):
+        return False
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target]
+    return sites[bn_node.target] == len(calls) and all(
+        len(c.users) == 1 and next(iter(c.users)).target == bn_node.target
+        and next(iter(c.users)).op == "call_module" for c in calls)
 
 
 def becomes_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:

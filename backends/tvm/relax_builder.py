@@ -578,6 +578,13 @@ class _Builder:
     def op_transpose(self, op: Op) -> None:
         self.set(op.output, self.op.permute_dims(self.nchw(op.inputs[0]), list(op.attrs["perm"])), False)
 
+    @OPS.implements("flip")
+    def op_flip(self, op: Op) -> None:
+        x = self.nchw(op.inputs[0])
+        for d in op.attrs["dims"]:
+            x = self.op.flip(x, d)
+        self.set(op.output, x, False)
+
     @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)

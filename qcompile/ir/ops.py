@@ -210,6 +210,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("flatten", (Attr("start_dim", INT), Attr("end_dim", INT))),
     OpSchema("reshape", (Attr("shape", INTS),)),
     OpSchema("transpose", (Attr("perm", INTS),)),
+    OpSchema("flip", (Attr("dims", INTS),)),
     OpSchema("slice", (Attr("index", INDEX),)),
     OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0), Attr("mode", STR, "constant"))),
     OpSchema("upsample_nearest", (Attr("scale", PAIR),)),

@@ -11,7 +11,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
   integer-only rounding.
-- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``transpose``, ``slice``, ``pad`` (zero), ``concat``,
+- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``transpose``, ``flip``, ``slice``, ``pad`` (zero), ``concat``,
   ``upsample_nearest`` (each pixel repeated ``scale`` times along height and width): on codes directly (they
   commute with a positive scale and a zero point of 0).
 - ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
@@ -446,6 +446,11 @@ def _lut(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("transpose")
 def _transpose(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(args[0], op.attrs["perm"]))
+
+
+@OPS.implements("flip")
+def _flip(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.ascontiguousarray(np.flip(args[0], op.attrs["dims"]))
 
 
 @OPS.implements("flatten")

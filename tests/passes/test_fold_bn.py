@@ -136,3 +136,25 @@ def test_instance_norms_become_the_norms_they_compute():
     assert kinds["out_in"] is nn.GroupNorm and gm.out_in.weight is None
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_and_its_batchnorm_called_at_two_sites_fold_once():
+    """One body run on an image and on its mirror image (test-time augmentation): each call of the conv is read by
+    a call of the same BatchNorm, so the pair folds, once; a BatchNorm called after two different layers does not."""
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = randomize_bn(nn.ModuleDict({"body": body})).eval()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model["body"]
+
+        def forward(self, x):
+            return self.body(x) + self.body(torch.flip(x, dims=[3]))
+
+    twice = Twice().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fold_bn.fold_bn(capture(twice, x))
+    assert not _bn_nodes(gm)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["body.0", "body.0"]
+    assert (gm(x) - twice(x)).abs().max().item() < 1e-5

@@ -605,6 +605,23 @@ class PixelShuffles(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv2(x)), 1).squeeze())
 
 
+class MirrorAveraged(nn.Module):
+    """Test-time augmentation in ``forward``: one body (conv → BN → ReLU, a strided conv → BN) run on the image and
+    on ``torch.flip(x, dims=[3])``, the logits averaged: BatchNorms after layers called at two sites, and a flip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 5)
+
+    def logits(self, x):
+        return self.fc(self.body(x).flip(-1).mean((2, 3)))
+
+    def forward(self, x):
+        return (self.logits(x) + self.logits(torch.flip(x, dims=[3]))) / 2
+
+
 class FlattenedMean(_TwoConvs):
     """A global mean over ``x.flatten(2)`` (an (N, C, H·W) view: ONNX's ``Flatten`` would make a matrix of it),
     after a ``view_as``."""
@@ -642,9 +659,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "instance_norm": InstanceBatchNorm, "inplace_statements": InPlaceStatements, "weight_norm": WeightNormed,
           "flattened_mean": FlattenedMean, "gem": GeMPool, "literal_normalization": LiteralNormalization,
           "pyramid_zeros": PyramidShortcut,
-          "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles}
+          "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
+          "mirror_averaged": MirrorAveraged}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold",
+             "threshold", "mirror_averaged",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -660,7 +678,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "flattened_mean": {"flatten", "global_avgpool"}, "gem": {"lut", "global_avgpool"},
                 "literal_normalization": {"add", "div"},
                 "pyramid_zeros": {"pad", "add"},
-                "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"}}
+                "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"},
+                "mirror_averaged": {"flip", "conv2d"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
