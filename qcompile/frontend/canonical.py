@@ -141,7 +141,9 @@ def canonicalize(gm: fx.GraphModule) -> None:
         parameter_computations_folded(gm)
     functional_layers_to_modules(gm)
     numeric_conv_padding(gm)
-    if not gm.training:
+    if gm.training:
+        training_dropout_as_modules(gm)
+    else:
         eval_dropout_removed(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -481,14 +483,29 @@ def numeric_conv_padding(gm: fx.GraphModule) -> None:
             node.replace_input_with(node.args[0], pad)
 
 
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                    F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+                    F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+
+
+def training_dropout_as_modules(gm: fx.GraphModule) -> None:
+    """In a training-mode capture, each functional dropout that drops (``F.dropout(x, p, self.training)``, traced
+    with ``self.training`` True) → a dropout module, which follows the graph's mode: the graph QAT trains drops, and
+    the one it lowers in eval mode has the identity there, as the model has."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUT_MODULES:
+            continue
+        p, training = argument(node, 1, "p", 0.5), argument(node, 2, "training", True)
+        if training is True and isinstance(p, float | int) and isinstance(node.args[0], fx.Node):
+            module = _DROPOUT_MODULES[node.target](float(p))
+            replace_with_module(gm, node, free_module_name(gm, "dropout"), module.train(gm.training))
 
 
 def eval_dropout_removed(gm: fx.GraphModule) -> None:
     """Each dropout that is the identity in eval mode → its input."""
     for node in list(gm.graph.nodes):
         module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        functional = node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
+        functional = node.op == "call_function" and node.target in _DROPOUT_MODULES
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
         if isinstance(module, _DropoutNd) or (functional and training is False):
             node.replace_all_uses_with(node.args[0])

@@ -570,12 +570,17 @@ def _trace_with_shapes(model: nn.Module, leaves: tuple[set[str], tuple[type, ...
                 b.copy_(buffers[name])
 
 
-def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``module``'s output tensors on copies of ``inputs`` (an in-place model may change them), in eval mode."""
+def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor], training: bool) -> list[torch.Tensor]:
+    """``module``'s output tensors on copies of ``inputs`` (an in-place model may change them), in eval mode or,
+    for a training capture (whose graph holds ``self.training`` branches as traced), in training mode on a copy
+    (a training forward updates BatchNorm statistics) with the random generator seeded (dropout draws alike)."""
+    if training:
+        module = copy.deepcopy(module)
     was_training = module.training
-    module.eval()
+    module.train(training)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             out = module(*[x.clone() for x in inputs])
     finally:
         module.train(was_training)
@@ -595,7 +600,7 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
     if not done.rewritten or any(x.is_meta for x in example_inputs):  # a meta capture (costs) has no values
         return
     try:
-        ours, theirs = _outputs(gm, example_inputs), _outputs(model, example_inputs)
+        ours, theirs = _outputs(gm, example_inputs, gm.training), _outputs(model, example_inputs, gm.training)
     except Exception as exc:
         raise CaptureError(f"the example input does not run through the model: {first_line(exc)}") from None
     if len(ours) == len(theirs) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=0)

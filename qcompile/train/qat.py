@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
+from qcompile.errors import QCompileError
 from qcompile.frontend.tracing import LeafSpec
 from qcompile.passes.align_add_scales import align_add_scales
 from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import activation_bounds
 from qcompile.pipeline import PassContext, Pipeline
-from qcompile.pipelines import qat_lowering_passes, qat_prepare_passes, qat_quantizer_passes
+from qcompile.pipelines import (qat_lowering_check_passes, qat_lowering_passes, qat_prepare_passes,
+                                qat_quantizer_passes)
 from qcompile.quantization.quantizer import QuantizerState, fit_bias_scales
 from qcompile.quantization.recipes import Override, Recipe
 from qcompile.quantization.spec import Calibrator
@@ -61,8 +64,25 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], recipe
     gm, ctx = result.graph_module, result.context
     float_graph = copy.deepcopy(gm)
     if recipe.quantized:
+        check_lowers(float_graph, ctx)
         gm = Pipeline(qat_quantizer_passes()).run_graph(gm, ctx)
     return QATModel(gm.train(), float_graph, ctx)
+
+
+def check_lowers(float_graph: fx.GraphModule, ctx: PassContext) -> None:
+    """Lower a copy of the untrained model, calibrated on the example input: a model that cannot lower (an
+    operation with no integer form) then stops before training, in one line, not after a training run."""
+    gm = copy.deepcopy(float_graph).cpu().eval()
+    example = tuple(x.cpu() for x in ctx.example_inputs)
+    check = PassContext(example_inputs=example, recipe=ctx.recipe, overrides=list(ctx.overrides), width=ctx.width,
+                        width_reference=ctx.width_reference,
+                        calibration_data=[(example[0], torch.zeros(len(example[0]), dtype=torch.long))])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the example's degenerate ranges: this model is not the one trained
+            Pipeline(qat_lowering_check_passes()).run_graph(gm, check)
+    except QCompileError as exc:
+        raise type(exc)(f"the model would not lower after training, so it is not trained: {exc}") from None
 
 
 class ActivationSchedule:

@@ -455,3 +455,29 @@ def test_a_squeeze_without_dims_keeps_the_batch_of_a_batch_of_one():
     assert tuple(gm(torch.randn(1, 3, 8, 8)).shape) == (1, 4)
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(gm(x), model(x))
+
+
+class _DropsInTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x), inplace=True)
+        return self.fc(F.dropout(x.mean((2, 3)), 0.5, self.training))
+
+
+def test_a_training_capture_makes_functional_dropout_follow_the_graphs_mode():
+    """``F.dropout(x, p, self.training)`` traced in training mode is a dropout module: the QAT graph drops, the graph
+    lowered in eval mode does not. The in-place check compares graph and model in training mode (same draws)."""
+    model = _DropsInTraining().train()
+    gm = capture(model, torch.randn(2, 3, 8, 8))
+    assert [type(m) for m in gm.modules() if isinstance(m, nn.Dropout)] == [nn.Dropout]
+    x = torch.randn(5, 3, 8, 8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        trained = gm(x)
+        torch.manual_seed(1)
+        assert torch.equal(trained, model(x))
+    assert torch.equal(gm.eval()(x), model.eval()(x))

@@ -175,3 +175,22 @@ def test_a_checkpoint_of_another_graph_is_refused_in_one_line_naming_the_keys(tm
     message = str(err.value)
     assert "\n" not in message and "another graph" in message and "missing (" in message
     assert "unexpected (" in message and "delete it" in message
+
+
+class _CumSum(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), 1).mean((2, 3))
+
+
+def test_a_model_that_cannot_lower_stops_before_training():
+    """The lowering QAT ends with is tried on the untrained model first: a GPU run must not train for minutes and
+    then stop at an operation with no integer form."""
+    from qcompile.passes.lower_integer import LoweringError
+
+    with pytest.raises(LoweringError, match=r"^the model would not lower after training, so it is not trained: "
+                                            r"cannot lower node cumsum"):
+        prepare_qat(_CumSum(), (torch.randn(1, 3, 8, 8),), qat_recipe(get_recipe("int8")))
