@@ -307,22 +307,38 @@ def _load_error(p: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(f"cannot load checkpoint {p} with weights_only=True: {first_line(exc)}")
 
 
+def _safetensors(p: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (the format timm and Hugging Face publish weights in: no pickled code)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"checkpoint {p} is a safetensors file, which needs the safetensors package: "
+                              "pip install 'qcompile[safetensors]'") from None
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read safetensors checkpoint {p}: {first_line(exc)}") from None
+
+
 def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> list[str]:
     """Load a checkpoint exactly when ``model.load_state_dict(strict=True)`` accepts it; a refusal is one line.
 
-    ``torch.load(weights_only=True)`` never runs pickled code. Training containers are unwrapped (``key``
-    picks an entry such as ``model_ema`` first) and DataParallel / torch.compile prefixes stripped, keeping the
-    ``_metadata`` versions that BatchNorm's legacy loading reads, as is a framework's wrapper prefix that every
-    key shares and the model lacks (returned as a note for the report). As with PyTorch, a refused load may have
+    ``torch.load(weights_only=True)`` never runs pickled code; a ``.safetensors`` file holds none. Training
+    containers are unwrapped (``key`` picks an entry such as ``model_ema`` first) and DataParallel / torch.compile
+    prefixes stripped, keeping the ``_metadata`` versions that BatchNorm's legacy loading reads, as is a
+    framework's wrapper prefix that every key shares and the model lacks (returned as a note for the report). As with PyTorch, a refused load may have
     copied the matching tensors already.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise _load_error(p, exc) from None
+    if p.suffix == ".safetensors":
+        obj: object = _safetensors(p)
+    else:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise _load_error(p, exc) from None
     try:
         state = _unwrap(_select(obj, key))
         _check_tensors(state)

@@ -301,3 +301,26 @@ def test_a_model_failing_on_a_batch_says_whether_it_runs_on_the_example(forward,
         check_batches(Flat(), (torch.randn(1, 3, 2, 2),), batch, "calibration")
     assert "the model fails on the first calibration batch, of shape (4, 3, 2, 2)" in str(err.value)
     assert str(err.value).endswith(f"; {hint}")
+
+
+def test_a_safetensors_checkpoint_loads_like_a_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    model = randomize_bn(TinyNet())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    fresh = TinyNet()
+    load_weights(fresh, tmp_path / "w.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"^cannot read safetensors checkpoint .*bad.safetensors: "):
+        load_weights(fresh, tmp_path / "bad.safetensors")
+
+
+def test_a_safetensors_checkpoint_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # the import fails
+    with pytest.raises(CheckpointError, match=r"needs the safetensors package: pip install 'qcompile\[safetensors\]'"):
+        load_weights(TinyNet(), tmp_path / "w.safetensors")
