@@ -126,6 +126,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "data folder without train/ and test/": ([model_file(tmp, "d3"), "--data", str(flat)], "train"),
         "unknown recipe": ([model_file(tmp, "r"), "--recipe", "int3"], "int3"),
         "missing model file": ([str(tmp / "nope.py")], "nope.py"),
+        "TorchScript model": ([model_file(tmp, "scripted", tamper="    model = torch.jit.script(model.eval())"),
+                               "--recipe", "int8"], "is a TorchScript module (RecursiveScriptModule"),
     }
 
 
@@ -133,7 +135,7 @@ CASES = ["accumulator overflow, verified", "accumulator overflow, unverified", "
          "example input 8x8, data 16x16", "dense sized for 8x8, data 10x10",
          "model written for batch size 1", "model returning a dict", "NaN weight", "Inf BatchNorm variance",
          "width nan", "width inf", "data not a tarball", "data a text file", "data folder without train/ and test/",
-         "unknown recipe", "missing model file"]
+         "unknown recipe", "missing model file", "TorchScript model"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -647,6 +647,10 @@ def capture(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     model = unwrapped(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
+                           "torch.jit.trace), which torch.fx cannot capture; give qcompile the nn.Module it was made "
+                           "from")
     check_finite(model)
     traced = _copy_to_trace(model)
     leaves = _split_leaves(traced, leaf_modules)
