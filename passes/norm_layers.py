@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import is_compute, module_of, set_submodule, tensor_rank
 from qcompile.pipeline import COST, PRECISION, Pass, PassContext
 
@@ -85,11 +86,48 @@ class NormLayer(nn.Conv2d):
                             0.0 if factor is None else factor, self.eps)
 
 
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _trainable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """A BatchNorm module for ``F.batch_norm`` on a module's running statistics and trainable affine parameters,
+    called with the capture's own mode (``training=self.training``, as timm's ``BatchNormAct2d`` calls it), sharing
+    those tensors; None for any other call (a frozen BatchNorm's buffers, a literal mode)."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    args = dict(zip(_BATCH_NORM_ARGS, node.args)) | dict(node.kwargs)
+    mean, var = attribute_tensor(gm, args.get("running_mean")), attribute_tensor(gm, args.get("running_var"))
+    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
+    momentum, eps, rank = args.get("momentum", 0.1), args.get("eps", 1e-5), tensor_rank(node)
+    if (mean is None or var is None or not all(isinstance(p, nn.Parameter) and p.requires_grad for p in (weight, bias))
+            or args.get("training", False) is not gm.training or not isinstance(momentum, float | int)
+            or not isinstance(eps, float | int) or rank not in (2, 3, 4)):
+        return None
+    bn = (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(mean.numel(), eps=float(eps), momentum=float(momentum))
+    bn.weight, bn.bias = weight, bias
+    bn.running_mean, bn.running_var = mean, var
+    counter = getattr(gm.get_submodule(holder_of(args["running_mean"])), "num_batches_tracked", None)
+    if isinstance(counter, torch.Tensor):
+        bn.num_batches_tracked = counter
+    return bn.to(mean.device).train(gm.training)
+
+
+def batch_norm_calls_as_modules(gm: fx.GraphModule) -> None:
+    """Each ``F.batch_norm`` :func:`_trainable_batch_norm` accepts → a call of that module, which follows the graph's
+    mode: batch statistics while QAT trains, running ones when lowered; folded or made a layer like any BatchNorm."""
+    for node in list(gm.graph.nodes):
+        if (bn := _trainable_batch_norm(gm, node)) is not None:
+            holder = holder_of(node.args[1] if len(node.args) > 1 else node.kwargs["running_mean"])
+            replace_with_module(gm, node, free_module_name(gm, f"{holder}.bn" if holder else "batch_norm"), bn)
+    gm.graph.eliminate_dead_code()
+
+
 class NormsAsLayers(Pass):
     name = "norms_as_layers"
     invalidates = frozenset({PRECISION, COST})  # new layers, as folding makes them
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        batch_norm_calls_as_modules(gm)
         sites = call_sites(gm)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and becomes_layer(gm, node, sites):

@@ -374,11 +374,11 @@ def _record_meta(n: fx.Node, result: object) -> None:
 
 
 def _run(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], recorder: _ShapeRecorder) -> None:
-    """Run ``recorder`` in eval mode without gradients, leaving ``gm``'s train/eval mode as it was."""
+    """Run ``recorder`` in eval mode without gradients, leaving ``gm``'s train/eval mode and buffers as they were."""
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_kept(gm):
             recorder.run(*inputs)
     finally:
         gm.train(was_training)
@@ -561,12 +561,20 @@ def _trace_with_shapes(model: nn.Module, leaves: tuple[set[str], tuple[type, ...
     """Trace with :class:`_ShapeValuedTracer`, leaving ``model``'s buffers as they were (a model in training
     mode updates its BatchNorm statistics when the ops run)."""
     runs = [example_inputs, *filter(None, [_one_more_sample(example_inputs)])]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
+    with _buffers_kept(model):
         return _trace(_ShapeValuedTracer(*leaves, runs), model, len(example_inputs))
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """``module``'s buffers restored after the block: BatchNorm statistics that running ops on an example would
+    update (a training-mode ``F.batch_norm`` does whatever the module's mode)."""
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    try:
+        yield
     finally:
         with torch.no_grad():
-            for name, b in model.named_buffers():
+            for name, b in module.named_buffers():
                 b.copy_(buffers[name])
 
 

@@ -93,3 +93,74 @@ def test_qat_of_a_preactivation_net_lowers_with_the_bounds_it_trained(recipe):
     x = torch.randn(32, 3, 8, 8, generator=g)
     with torch.no_grad():  # the deployed model computes what QAT trained, up to rounding details (among them
         assert torch.allclose(lowered(x), gm(x), atol=0.05)  # the folded BatchNorm's int32 bias)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's fused norm-activation layer: a BatchNorm2d subclass calling ``F.batch_norm`` itself."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return F.relu(x)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """detectron2's: statistics and affine parameters are buffers; never trained."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        for name, value in (("weight", 1.5), ("bias", 0.1), ("running_mean", 0.2), ("running_var", 2.0)):
+            self.register_buffer(name, torch.full((c,), value))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+
+
+class FusedNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.frozen = FrozenBatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.frozen(self.conv2(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_norm_activation_layer_trains_as_a_batchnorm_in_either_capture_mode(training):
+    """``F.batch_norm(..., self.training, ...)`` on a module's own statistics, captured in either mode, becomes a
+    BatchNorm sharing those tensors: it normalises with the batch while QAT trains (before, a model captured in
+    eval mode trained with its statistics frozen) and lowers folded (before, one captured in training mode
+    stopped at lowering). A frozen BatchNorm (buffers, a literal mode) stays as written."""
+    torch.manual_seed(0)
+    model = randomize_bn(FusedNormNet()).train(training)
+    gm = capture(model, torch.randn(2, 3, 8, 8))
+    gm = NormsAsLayers()(gm, PassContext.for_graph(gm))
+    calls = [n for n in gm.graph.nodes if n.target is F.batch_norm]
+    assert len(calls) == 1 and "frozen" in str(calls[0].args[1].target)
+    assert isinstance(gm.get_submodule("bn.bn"), nn.BatchNorm2d)
+    x = torch.randn(6, 3, 8, 8)
+    reference = randomize_bn(FusedNormNet()).train()
+    reference.load_state_dict(model.state_dict())
+    gm.train()
+    assert torch.allclose(gm(x), reference(x), atol=1e-6)  # batch statistics, and the running ones updated alike
+    assert torch.equal(gm.get_submodule("bn.bn").running_mean, reference.bn.running_mean)
+    gm.eval(), reference.eval()
+    assert torch.allclose(gm(x), reference(x), atol=1e-6)
+
+
+def test_qat_of_a_fused_norm_activation_model_lowers():
+    torch.manual_seed(0)
+    qm = prepare_qat(randomize_bn(FusedNormNet()).train(), (torch.randn(1, 3, 8, 8),),
+                     qat_recipe(get_recipe("int8")))
+    sched = ActivationSchedule(qm.graph, total_steps=2, fraction=0.5)
+    qm.graph.train()(torch.randn(8, 3, 8, 8))
+    sched.before_step(1)
+    lowered, ctx = lower_trained(qm.graph.eval() and qm)
+    assert ctx.ir is not None and not any(n.target is F.batch_norm and "bn" == str(n.args[1].target).split(".")[0]
+                                          for n in lowered.graph.nodes)
