@@ -65,6 +65,11 @@ class IntegerOverflowError(QCompileError, ArithmeticError):
     """An accumulator left (or could leave) the int32 range: an integer kernel would silently wrap."""
 
 
+class DivisionByZeroError(QCompileError, ArithmeticError):
+    """A division of two values divided by zero on some input: its divisor is quantized, and code 0 is exactly 0,
+    so a divisor that is small next to its quantizer's range becomes 0 (``0 / 0`` has no code at all)."""
+
+
 class InputShapeError(QCompileError, ValueError):
     """Inputs that are not of the shape the graph was compiled for (batch size aside)."""
 
@@ -404,7 +409,13 @@ def _mul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 
 @OPS.implements("div")
 def _div(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
-    return (_as_f32(args[0]) / _as_f32(args[1])).astype(np.float32)
+    divisor = _as_f32(args[1])
+    if not np.all(divisor):
+        raise DivisionByZeroError(
+            f"{op.source or op.output} divides by zero: its divisor is quantized, and a divisor small next to its "
+            "range becomes 0 (0 / 0 has no code); keep the divisor away from zero at 8 bits (a larger epsilon added "
+            "to it) or divide by a parameter, which stays float")
+    return (_as_f32(args[0]) / divisor).astype(np.float32)
 
 
 @OPS.implements("layer_norm")

@@ -6,8 +6,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qcompile.ir.graph import IRGraph
-from qcompile.ir.reference import (IntegerOverflowError, activation, avgpool_divisors, avgpool_windows, conv2d,
+from qcompile.ir.graph import IRGraph, Op
+from qcompile.ir.reference import (DivisionByZeroError, IntegerOverflowError, activation, avgpool_divisors, avgpool_windows, conv2d,
                                    global_avgpool_multiplier, rhe, run)
 from qcompile.ir.types import DType, TensorInfo
 
@@ -180,3 +180,19 @@ def arithmetic_activations() -> tuple[IRGraph, np.ndarray]:
         y = g.add_op("activation", [y], f"y{i}", info, function=fn, alpha=alpha)
     g.outputs.append(y)
     return g, np.random.default_rng(0).uniform(0.5, 2.0, (2, 4, 3, 3)).astype(np.float32)
+
+
+def test_a_division_by_a_divisor_quantized_to_zero_is_an_error_naming_its_source():
+    """SimAM divides by ``4 * (variance + eps)``: quantized, a small variance becomes code 0, and ``0 / 0`` has no
+    code (it came out as int32's minimum and crashed the next table)."""
+    g = IRGraph(inputs=["x", "d"], outputs=["y"])
+    for name in ("x", "d"):
+        g.add_value(name, TensorInfo(DType.FLOAT32, (1, 3)))
+    g.add_op("quantize", ["d"], "dq", TensorInfo(DType.UINT8, (1, 3), np.float32(0.5)))
+    g.add_op("dequantize", ["dq"], "dd", TensorInfo(DType.FLOAT32, (1, 3)))
+    g.ops.append(Op("div", ["x", "dd"], "y", source="truediv @ simam.py:9"))
+    g.add_value("y", TensorInfo(DType.FLOAT32, (1, 3)))
+    x = np.zeros((1, 3), np.float32)
+    assert run(g, x, np.array([[1.0, 2.0, 3.0]], np.float32))["y"].tolist() == [[0.0, 0.0, 0.0]]
+    with pytest.raises(DivisionByZeroError, match=r"^truediv @ simam.py:9 divides by zero: its divisor is quantized"):
+        run(g, x, np.array([[1.0, 0.2, 3.0]], np.float32))  # 0.2 at scale 0.5 is code 0
