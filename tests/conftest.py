@@ -56,3 +56,22 @@ def randomize_bn(model: nn.Module, seed: int = 0, data: torch.Tensor | None = No
 def tiny() -> nn.Module:
     torch.manual_seed(0)
     return randomize_bn(TinyNet()).eval()
+
+
+def train_steps(gm: torch.nn.Module, steps: int = 6, classes: int = 5, size: int = 8) -> torch.nn.Module:
+    """A few SGD steps of a QAT graph on random images, its activation quantizers observing the first half and
+    frozen for the rest; returned in eval mode."""
+    from qcompile.train.qat import ActivationSchedule
+
+    gm.train()
+    sched = ActivationSchedule(gm, total_steps=steps, fraction=0.5)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        sched.before_step(step)
+        x, y = torch.randn(16, 3, size, size, generator=g), torch.randint(0, classes, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(gm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gm.eval()

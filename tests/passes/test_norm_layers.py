@@ -12,8 +12,8 @@ from torch import nn
 from qcompile import capture
 from qcompile.pipeline import PassContext
 from qcompile.quantization.recipes import get_recipe
-from qcompile.train.qat import ActivationSchedule, lower_trained, prepare_qat, qat_recipe
-from tests.conftest import randomize_bn
+from qcompile.train.qat import lower_trained, prepare_qat, qat_recipe
+from tests.conftest import randomize_bn, train_steps
 
 
 class PreActNet(nn.Module):
@@ -70,18 +70,8 @@ def test_a_norm_layer_computes_and_updates_what_its_batchnorm_did(momentum):
 def test_qat_of_a_preactivation_net_lowers_with_the_bounds_it_trained(recipe):
     torch.manual_seed(0)
     qm = prepare_qat(randomize_bn(PreActNet()), (torch.randn(1, 3, 8, 8),), qat_recipe(get_recipe(recipe)))
-    gm = qm.graph.train()
-    sched = ActivationSchedule(gm, total_steps=6, fraction=0.5)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    for step in range(6):
-        sched.before_step(step)
-        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-        loss = F.cross_entropy(gm(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    gm.eval()
+    gm = train_steps(qm.graph)
+    g = torch.Generator().manual_seed(2)
     trained_cost = qm.context.cost
     lowered, ctx = lower_trained(qm)
     assert ctx.ir is not None
@@ -154,13 +144,10 @@ def test_a_fused_norm_activation_layer_trains_as_a_batchnorm_in_either_capture_m
     assert torch.allclose(gm(x), reference(x), atol=1e-6)
 
 
-def test_qat_of_a_fused_norm_activation_model_lowers():
+def test_qat_of_a_fused_norm_activation_model_lowers_with_it_folded():
     torch.manual_seed(0)
     qm = prepare_qat(randomize_bn(FusedNormNet()).train(), (torch.randn(1, 3, 8, 8),),
                      qat_recipe(get_recipe("int8")))
-    sched = ActivationSchedule(qm.graph, total_steps=2, fraction=0.5)
-    qm.graph.train()(torch.randn(8, 3, 8, 8))
-    sched.before_step(1)
-    lowered, ctx = lower_trained(qm.graph.eval() and qm)
-    assert ctx.ir is not None and not any(n.target is F.batch_norm and "bn" == str(n.args[1].target).split(".")[0]
-                                          for n in lowered.graph.nodes)
+    train_steps(qm.graph, steps=2)
+    lowered, ctx = lower_trained(qm)
+    assert ctx.ir is not None and not any(isinstance(m, nn.BatchNorm2d) for m in lowered.modules())  # folded

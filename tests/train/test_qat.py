@@ -20,7 +20,7 @@ from qcompile.train import trainer
 from qcompile.train.data import DeviceData, augment
 from qcompile.train.qat import ActivationSchedule, lower_trained, prepare_qat, qat_recipe
 from qcompile.train.trainer import TrainConfig, train
-from tests.conftest import TinyNet, randomize_bn
+from tests.conftest import TinyNet, randomize_bn, train_steps
 
 
 def _codes(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,18 +86,8 @@ def test_schedule_observes_then_freezes_once_at_the_fraction():
 
 def test_lowered_model_keeps_the_trained_weight_codes_and_matches_the_reference():
     qm = _qat_tiny()
-    gm = qm.graph.train()
-    sched = ActivationSchedule(gm, total_steps=6, fraction=0.5)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    for step in range(6):
-        sched.before_step(step)
-        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-        loss = F.cross_entropy(gm(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    gm.eval()
+    gm = train_steps(qm.graph)
+    g = torch.Generator().manual_seed(2)
     lowered, ctx = lower_trained(qm)
     assert ctx.ir is not None and ctx.cost is not None
     trained_w = weight_quantizers(gm)
