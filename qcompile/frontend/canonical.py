@@ -47,6 +47,7 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
+from qcompile.frontend.regions import elementwise_regions_fused
 from qcompile.frontend.graph import argument, call, literal, set_submodule, unused_name
 
 
@@ -137,6 +138,7 @@ def canonicalize(gm: fx.GraphModule) -> None:
     conv1d_as_conv2d(gm)
     stack_as_cat(gm)
     zero_additions_removed(gm)
+    elementwise_regions_fused(gm)
     if not gm.training:
         parameter_computations_folded(gm)
     functional_layers_to_modules(gm)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompile.frontend.graph import argument
+from qcompile.frontend.graph import ElementwiseRegion, argument
 
 Bounds = tuple[float | None, float | None]
 
@@ -148,6 +148,8 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     arguments are constants; None otherwise (ReLU is not one: the IR keeps it as an op on codes)."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
+        if isinstance(m, ElementwiseRegion) and len(node.args) == 1:
+            return Unary(m.name, m)
         if not isinstance(m, _MODULES) or len(node.args) != 1 or node.kwargs:
             return None
         clamp = (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None

@@ -289,6 +289,30 @@ _METHOD_RULES: dict[str, _Rule] = {
 }
 
 
+class ElementwiseRegion(nn.Module):
+    """Elementwise operations of one tensor written with comparisons, ``torch.where`` or an elementwise max or min
+    of two of its functions (a leaky ReLU as ``torch.where(x > 0, x, 0.1 * x)`` or ``torch.maximum(x, 0.1 * x)``),
+    as one function of that tensor (:mod:`qcompile.frontend.regions`), which is tabulated on its codes like any
+    activation."""
+
+    def __init__(self, region: fx.GraphModule, name: str) -> None:
+        super().__init__()
+        self.region = region
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return self.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.region(x)
+
+    def nonnegative(self, input_nonnegative: bool) -> bool:
+        """Whether the function is >= 0, by the rules below applied inside it, its input as signed as given."""
+        nodes = list(self.region.graph.nodes)
+        memo = {n: input_nonnegative for n in nodes if n.op == "placeholder"}
+        return is_nonnegative(self.region, nodes[-1].args[0], memo)
+
+
 def _module_nonnegative(m: nn.Module, node: fx.Node, nonneg: _Nonneg) -> bool:
     if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Hardsigmoid):
         return True
@@ -296,6 +320,8 @@ def _module_nonnegative(m: nn.Module, node: fx.Node, nonneg: _Nonneg) -> bool:
         return not m.spec.signed or _first(node, nonneg)
     if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
         return _clamped(m.min_val, m.max_val, lambda: _first(node, nonneg), nonneg)
+    if isinstance(m, ElementwiseRegion):
+        return m.nonnegative(_first(node, nonneg))
     return isinstance(m, _PASS_MODULES) and _first(node, nonneg)
 
 

@@ -646,6 +646,8 @@ ACTIVATIONS = {
     "elu": lambda: ConvAct(fn=F.elu),
     "softsign": lambda: ConvAct(nn.Softsign()),
     "threshold": lambda: ConvAct(nn.Threshold(0.1, -0.5)),
+    "where_leaky": lambda: ConvAct(fn=lambda x: torch.where(x > 0, x, 0.1 * x)),
+    "maximum_leaky": lambda: ConvAct(fn=lambda x: torch.maximum(x, x * 0.2) + torch.min(x, torch.zeros_like(x))),
     "math": lambda: ConvAct(fn=lambda x: torch.exp(-x.abs()) + x ** 2 - torch.sqrt(torch.square(x) + 1.0)),
 }
 MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeExcite, "hand_hardswish": HandHardswish,
@@ -662,7 +664,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
           "mirror_averaged": MirrorAveraged}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold", "mirror_averaged",
+             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -908,7 +910,7 @@ def test_a_conv_whose_accumulator_is_also_max_pooled_stays_an_integer_kernel_on_
     assert kinds.count("QLinearConv") == 3 and "Conv" not in kinds and "FusedConv" not in kinds  # 2 convs, 1 twice
 
 
-TABLES_ONLY = {"elu", "softsign", "math", "threshold"}  # functions without a float form in the IR
+TABLES_ONLY = {"elu", "softsign", "math", "threshold", "where_leaky", "maximum_leaky"}  # functions without a float form in the IR
 FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name not in TABLES_ONLY] + [
     "squeeze_excite", "hand_hardswish", "convnext_block"]
 
