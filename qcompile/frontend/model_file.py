@@ -326,8 +326,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
     ``torch.load(weights_only=True)`` never runs pickled code; a ``.safetensors`` file holds none. Training
     containers are unwrapped (``key`` picks an entry such as ``model_ema`` first) and DataParallel / torch.compile
     prefixes stripped, keeping the ``_metadata`` versions that BatchNorm's legacy loading reads, as is a
-    framework's wrapper prefix that every key shares and the model lacks (returned as a note for the report). As with PyTorch, a refused load may have
-    copied the matching tensors already.
+    framework's wrapper prefix that every key shares and the model lacks (returned as a note for the report). As
+    with PyTorch, a refused load may have copied the matching tensors already.
     """
     p = Path(path)
     if not p.is_file():
