@@ -360,6 +360,12 @@ def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
     first = next(iter(batches), None) if batches is not None else None
     if first is None:
         return
+    if len(example) != 1 or not isinstance(first[0], torch.Tensor):
+        held = "a tensor" if isinstance(first[0], torch.Tensor) else f"a {type(first[0]).__name__}"
+        raise DataError(f"the {what} batches' inputs are {held} and example_input() gives {len(example)} "
+                        "tensor(s): calibration, accuracy and verification take models of one input tensor, "
+                        "whose batches are (images, labels); a model of several inputs compiles without data, for "
+                        "its costs")
     got, want = tuple(first[0].shape), tuple(example[0].shape)
     if got[1:] != want[1:]:
         raise DataError(f"the {what} images have shape {got} but example_input() is {want}; they must agree except "

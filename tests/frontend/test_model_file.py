@@ -324,3 +324,16 @@ def test_a_safetensors_checkpoint_without_the_package_says_what_to_install(tmp_p
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # the import fails
     with pytest.raises(CheckpointError, match=r"needs the safetensors package: pip install 'qcompile\[safetensors\]'"):
         load_weights(TinyNet(), tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(("example", "inputs", "held"), [
+    ((torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)), (torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)), "a tuple"),
+    ((torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2)), torch.randn(4, 3, 2, 2), "a tensor"),
+])
+def test_data_for_a_model_of_several_inputs_is_refused_in_one_line(example, inputs, held):
+    from qcompile.errors import DataError
+    from qcompile.frontend.model_file import check_batches
+
+    with pytest.raises(DataError, match=f"^the calibration batches' inputs are {held} and example_input\\(\\) gives 2 "
+                                        "tensor\\(s\\): calibration, accuracy and verification take models of one"):
+        check_batches(nn.Identity(), example, [(inputs, torch.zeros(4, dtype=torch.long))], "calibration")
