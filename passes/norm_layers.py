@@ -1,10 +1,15 @@
-"""In a training graph, make each BatchNorm that ``fold_bn`` will turn into a layer of its own train as that layer.
+"""The BatchNorms of a training graph (QAT), made to train as what ``fold_bn`` will make of them.
 
-``fold_bn`` turns a 2-d BatchNorm that follows no foldable conv/dense (pre-activation ResNets, DenseNet, DPN)
+First, ``F.batch_norm`` on a module's own statistics and trainable parameters (timm's fused norm-activation
+layers) becomes a BatchNorm module sharing those tensors, which follows the graph's mode: traced, the call holds
+the capture's ``self.training`` as a constant, so it would train with frozen statistics (an eval capture) or not
+lower (a training capture).
+
+Then: ``fold_bn`` turns a 2-d BatchNorm that follows no foldable conv/dense (pre-activation ResNets, DenseNet, DPN)
 into a depthwise 1×1 conv, which gets a precision and quantizes its input like any layer. Quantization-aware
 training keeps its BatchNorms, so without this pass the trained graph has no quantizer where the deployed one
 quantizes such a layer's input: the bounds QAT learned would not cover the model it ships, and the residual
-stream of a pre-activation network would be rounded at deployment in a way training never saw. Here each such
+stream of a pre-activation network would be rounded at deployment in a way training never saw. Second, each such
 BatchNorm becomes a :class:`NormLayer`: a depthwise 1×1 conv to every pass (precision, cost, input quantizer)
 that still normalises with the batch's statistics in training, as the BatchNorm did.
 """
