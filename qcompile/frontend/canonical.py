@@ -17,13 +17,19 @@
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
   ``F.dropout*(x, p, training=self.training)``) is the identity it computes there, and goes. A functional dropout
-  called with ``training`` left at its default of True drops in eval mode too, and stays.
+  called with ``training`` left at its default of True drops in eval mode too, and stays. In a training-mode
+  capture (QAT), a functional dropout that drops is a dropout module, which follows the graph's mode.
+- A function of one tensor written with comparisons, ``torch.where`` or an elementwise max or min (a leaky ReLU
+  as ``torch.where(x > 0, x, 0.1 * x)``) is one module (:mod:`qcompile.frontend.regions`), tabulated like an
+  activation.
 - Adding the number 0 goes: Python's ``sum(tensors)`` starts from 0 (ResNeSt's split attention sums its
   splits so).
 - ``torch.stack`` of a list is a ``torch.cat`` of the parts unsqueezed (timm's selective kernels stack their
   branches), the one form in which the passes join codes.
 - Once shapes are known, a concatenation with tensors of zeros at either end is a zero padding of the rest
-  (PyramidNet widens its shortcut by ``torch.cat((shortcut, torch.zeros(n, c, h, w)), 1)``).
+  (PyramidNet widens its shortcut by ``torch.cat((shortcut, torch.zeros(n, c, h, w)), 1)``); a pixel shuffle or
+  unshuffle is the reshape, permute and reshape PyTorch defines it as; a ``squeeze()`` without dimensions on a
+  batch of one squeezes the dimensions after the batch, as it does at any other batch size.
 - A 1-d conv is a 2-d conv of height 1 between an ``unsqueeze(2)`` and a ``squeeze(2)`` (ECA-Net's channel
   attention runs ``nn.Conv1d`` across the channels), so the passes and backends see the conv they know.
 - Casts that change nothing go (after shapes are known, :func:`identities_removed`): ``x.float()``,
@@ -47,8 +53,8 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
-from qcompile.frontend.regions import elementwise_regions_fused
 from qcompile.frontend.graph import argument, call, literal, set_submodule, unused_name
+from qcompile.frontend.regions import elementwise_regions_fused
 
 
 def attribute_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
