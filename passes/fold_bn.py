@@ -32,7 +32,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import module_of, permutation, set_submodule, tensor_rank
-from qcompile.passes.norm_layers import BATCH_NORMS, NormLayer, becomes_layer, call_sites, folds_into_layer
+from qcompile.passes.norm_layers import (BATCH_NORMS, NormLayer, becomes_layer, call_sites, folds_into_layer,
+                                        has_running_statistics)
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
@@ -243,7 +244,11 @@ class FoldBatchNorm(Pass):
                 ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; "
                                     "it runs as a depthwise 1x1 conv")
             elif isinstance(bn, BATCH_NORMS):
-                ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense; left unfolded")
+                calls = sites[bn_node.target]
+                why = ("it has no running statistics" if not has_running_statistics(bn) else
+                       f"it is called at {calls} sites" if calls > 1 else "it is not 2-d")
+                ctx.warnings.append(f"fold_bn: {bn_node.target} follows no single-use conv/dense and {why}; "
+                                    "left unfolded")
         _fold_layer_scales_and_shifts(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()

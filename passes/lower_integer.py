@@ -234,8 +234,8 @@ class _Lowerer:
             raise self.fail(node, f"{type(m).__name__} without running statistics (track_running_stats=False) "
                                   "normalises every batch by that batch's statistics; it has no integer lowering")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise self.fail(node, f"{type(m).__name__} that fold_bn left unfolded (its layer's output has other "
-                                  "readers, or it is called where its layer is not) has no integer lowering")
+            raise self.fail(node, f"a {type(m).__name__} that fold_bn could neither fold into its layer nor make a "
+                                  "layer of its own (the report's fold_bn warning says why) has no integer lowering")
         raise self.fail(node, f"module type {type(m).__name__} has no integer lowering")
 
     def lower_call(self, node: fx.Node) -> _Val | None:

@@ -34,7 +34,8 @@ def call_sites(gm: fx.GraphModule) -> Counter[object]:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
-def _usable(bn: nn.Module) -> bool:
+def has_running_statistics(bn: nn.Module) -> bool:
+    """Whether an eval-mode BatchNorm normalises with running statistics, so that it is an affine map."""
     return bool(bn.track_running_stats) and bn.running_mean is not None
 
 
@@ -43,7 +44,7 @@ def folds_into_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object
     the layer is called at several sites (one body run on an image and on its mirror image), the only reader of
     every one of them, each a call of this BatchNorm, which is called nowhere else."""
     src = bn_node.args[0] if bn_node.args else None
-    if not (isinstance(src, fx.Node) and is_compute(gm, src) and _usable(module_of(gm, bn_node))):
+    if not (isinstance(src, fx.Node) and is_compute(gm, src) and has_running_statistics(module_of(gm, bn_node))):
         return False
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target]
     return sites[bn_node.target] == len(calls) and all(
@@ -54,7 +55,7 @@ def folds_into_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object
 def becomes_layer(gm: fx.GraphModule, bn_node: fx.Node, sites: Counter[object]) -> bool:
     """Whether ``fold_bn`` makes this BatchNorm, which follows no foldable layer, a depthwise 1×1 conv."""
     bn = module_of(gm, bn_node)
-    return (isinstance(bn, BATCH_NORMS) and not folds_into_layer(gm, bn_node, sites) and _usable(bn)
+    return (isinstance(bn, BATCH_NORMS) and not folds_into_layer(gm, bn_node, sites) and has_running_statistics(bn)
             and (isinstance(bn, nn.BatchNorm2d) or tensor_rank(bn_node) == 4) and sites[bn_node.target] == 1)
 
 

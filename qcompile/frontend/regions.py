@@ -20,7 +20,7 @@ from qcompile.frontend.graph import ElementwiseRegion, is_relu, unused_name
 _COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le,
                 "gt", "lt", "ge", "le"}
 _JOINS = {torch.where, torch.maximum, torch.minimum, torch.max, torch.min, torch.fmax, torch.fmin,
-          "maximum", "minimum", "max", "min", "fmax", "fmin"}
+          "where", "maximum", "minimum", "max", "min", "fmax", "fmin"}
 _LIKE = {torch.zeros_like, torch.ones_like, torch.full_like}
 
 

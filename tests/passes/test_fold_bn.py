@@ -158,3 +158,23 @@ def test_a_layer_and_its_batchnorm_called_at_two_sites_fold_once():
     assert not _bn_nodes(gm)
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["body.0", "body.0"]
     assert (gm(x) - twice(x)).abs().max().item() < 1e-5
+
+
+def test_a_batchnorm_left_unfolded_says_why_and_lowering_points_at_it():
+    """One BatchNorm called after two different convs neither folds nor becomes a layer of its own."""
+    from qcompile.passes import FoldBatchNorm
+
+    from qcompile.pipeline import PassContext
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.bn(self.b(x))
+
+    gm = capture(randomize_bn(Shared()).eval(), torch.randn(2, 3, 8, 8))
+    ctx = PassContext.for_graph(gm)
+    FoldBatchNorm()(gm, ctx)
+    assert "fold_bn: bn follows no single-use conv/dense and it is called at 2 sites; left unfolded" in ctx.warnings
