@@ -160,6 +160,11 @@ def _quantized_layer(gm: fx.GraphModule, node: object) -> fx.Node | None:
     return node if layer is not None and parametrize.is_parametrized(layer, "weight") else None
 
 
+def _divides_by(node: fx.Node, value: fx.Node) -> bool:
+    """``node`` is ``a / value`` (``value`` only as the divisor): SimAM's ``x / (4 * (variance + eps))``."""
+    return arithmetic_kind(node) == "div" and node.args[1] is value and node.args[0] is not value
+
+
 def _activation_spec(bits: int, signed: bool, ctx: PassContext) -> QuantSpec:
     """A per-tensor activation quantizer at ``bits`` with the recipe's calibrator."""
     return QuantSpec(bits, signed, Granularity.PER_TENSOR, activation_calibrator(ctx.recipe), symmetric=False)
@@ -239,7 +244,10 @@ class InsertQuantizers(Pass):
                 continue
             readers = [r for r in node.users if not isinstance(module_of(gm, r), ActivationQuantizer)]
             if readers:
-                q = self._quantize_edge(gm, node, self._spec(gm, node, bits, ctx, memo))
+                spec = self._spec(gm, node, bits, ctx, memo)
+                if not spec.signed and all(_divides_by(r, node) for r in readers):
+                    spec = replace(spec, positive=True)  # a code 0 would divide by zero
+                q = self._quantize_edge(gm, node, spec)
                 for r in readers:
                     r.replace_input_with(node, q)
 

@@ -207,7 +207,7 @@ def _first(node: fx.Node, nonneg: _Nonneg) -> bool:
 
 
 def _both(node: fx.Node, nonneg: _Nonneg) -> bool:
-    """Sums and products: >= 0 if both operands are (and ``add``'s alpha)."""
+    """Sums, products and quotients: >= 0 if both operands are (and ``add``'s alpha)."""
     operands = (argument(node, 0, "input"), argument(node, 1, "other"), node.kwargs.get("alpha", 1))
     return all(nonneg(a) for a in operands)
 
@@ -220,6 +220,12 @@ def _either(node: fx.Node, nonneg: _Nonneg) -> bool:
 def _max(node: fx.Node, nonneg: _Nonneg) -> bool:
     """``torch.max(a, b)`` is an elementwise maximum; ``torch.max(x[, dim])`` a reduction of ``x``."""
     return (_either if isinstance(argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
+
+
+def _power(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """``x ** n``: >= 0 for an even integer ``n`` (SimAM's squared deviations), else if ``x`` is."""
+    exponent = argument(node, 1, "exponent")
+    return (isinstance(exponent, int) and exponent % 2 == 0) or _first(node, nonneg)
 
 
 def _all_tensors(node: fx.Node, nonneg: _Nonneg) -> bool:
@@ -264,11 +270,12 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
         torch.unsqueeze, torch.flip, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.sum,
         torch.amax,
-        F.dropout, F.interpolate, torch.pow, operator.pow,
+        F.dropout, F.interpolate,
     ), _first),
+    **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
                      torch.rsqrt, torch.square), _always),
-    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul), _both),
+    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div), _both),
     **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
     **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
     **dict.fromkeys((F.hardtanh, F.hardtanh_), _HARDTANH),
@@ -279,9 +286,10 @@ _FUNCTION_RULES: dict[object, _Rule] = {
 _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys((
         "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip", "chunk",
-        "split", "mean", "sum", "amax", "pow",
+        "split", "mean", "sum", "amax",
     ), _first),
-    **dict.fromkeys(("add", "mul"), _both),
+    "pow": _power,
+    **dict.fromkeys(("add", "mul", "div"), _both),
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
     **dict.fromkeys(("sigmoid", "abs", "exp", "sqrt", "rsqrt", "square"), _always),
     "maximum": _either,

@@ -61,8 +61,12 @@ class QuantSpec:
     calibrator: Calibrator = Calibrator.EMA_MAX
     fmt: NumFormat = NumFormat.INT
     symmetric: bool = True
+    positive: bool = False
+    """Unsigned codes from 1: for a divisor, which code 0 would make a division by zero."""
 
     def __post_init__(self) -> None:
+        if self.positive and self.signed:
+            raise ValueError("a positive spec is unsigned")
         if self.fmt is NumFormat.BF16:
             if self.bits != 16:
                 raise ValueError("a bf16 spec has 16 bits")
@@ -80,7 +84,7 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return code_range(self.bits, self.signed, self.symmetric)[0]
+        return 1 if self.positive else code_range(self.bits, self.signed, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
@@ -92,7 +96,7 @@ class QuantSpec:
     def describe(self) -> str:
         if not self.is_quantized:
             return "bf16"
-        return f"{'s' if self.signed else 'u'}{self.bits}"
+        return f"{'s' if self.signed else 'u'}{self.bits}{'pos' if self.positive else ''}"
 
 
 @dataclass(frozen=True)

@@ -622,6 +622,19 @@ class MirrorAveraged(nn.Module):
         return (self.logits(x) + self.logits(torch.flip(x, dims=[3]))) / 2
 
 
+class SimAM(_TwoConvs):
+    """SimAM's parameter-free attention: squared deviations over their sum plus a small epsilon, a tensor divided
+    by a tensor whose quantized values must not reach 0 (its quantizer starts at code 1)."""
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        n = x.shape[2] * x.shape[3] - 1
+        d = (x - x.mean(dim=[2, 3], keepdim=True)).pow(2)
+        y = d / (4 * (d.sum(dim=[2, 3], keepdim=True) / n + 1e-4)) + 0.5
+        x = x * torch.sigmoid(y)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 class FlattenedMean(_TwoConvs):
     """A global mean over ``x.flatten(2)`` (an (N, C, H·W) view: ONNX's ``Flatten`` would make a matrix of it),
     after a ``view_as``."""
@@ -662,9 +675,9 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "flattened_mean": FlattenedMean, "gem": GeMPool, "literal_normalization": LiteralNormalization,
           "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
-          "mirror_averaged": MirrorAveraged}
+          "mirror_averaged": MirrorAveraged, "simam": SimAM}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky",
+             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -681,7 +694,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "literal_normalization": {"add", "div"},
                 "pyramid_zeros": {"pad", "add"},
                 "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"},
-                "mirror_averaged": {"flip", "conv2d"}}
+                "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -707,6 +720,14 @@ def test_construct_lowers_and_reference_equals_fake_quant(name, recipe):
     assert EXPECTED_OPS.get(name, set()) <= kinds
     v = verify_reference(res.graph_module, ir, _batches()).summary()
     assert v["top1_agreement"] >= 0.99 and v["identical_fraction"] >= 0.999 and v["max_lsb_diff"] <= 1
+
+
+def test_a_divisor_is_quantized_from_code_1():
+    """SimAM divides by a table's output: its code 0 would divide by zero (0 / 0 on a constant channel)."""
+    ir = lowered("simam", "int8").context.ir
+    div = next(op for op in ir.ops if op.kind == "div")
+    dequantize = next(op for op in ir.ops if op.output == div.inputs[1])
+    assert dequantize.kind == "dequantize" and ir.values[dequantize.inputs[0]].qmin == 1
 
 
 def test_clamps_after_a_layer_fold_into_the_requantize():

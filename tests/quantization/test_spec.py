@@ -41,3 +41,10 @@ def test_annotation_lives_in_node_meta():
     x.meta[META_KEY] = {"bits": 4}
     with pytest.raises(TypeError, match="expected NodeQuant"):
         get_annotation(x)
+
+
+def test_a_positive_spec_starts_at_code_1_and_is_unsigned():
+    spec = QuantSpec(8, signed=False, positive=True)
+    assert (spec.qmin, spec.qmax, spec.describe()) == (1, 255, "u8pos")
+    with pytest.raises(ValueError, match="unsigned"):
+        QuantSpec(8, signed=True, positive=True)
