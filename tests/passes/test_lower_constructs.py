@@ -931,7 +931,8 @@ def test_a_conv_whose_accumulator_is_also_max_pooled_stays_an_integer_kernel_on_
     assert kinds.count("QLinearConv") == 3 and "Conv" not in kinds and "FusedConv" not in kinds  # 2 convs, 1 twice
 
 
-TABLES_ONLY = {"elu", "softsign", "math", "threshold", "where_leaky", "maximum_leaky"}  # functions without a float form in the IR
+# functions without a float form in the IR
+TABLES_ONLY = {"elu", "softsign", "math", "threshold", "where_leaky", "maximum_leaky"}
 FLOAT_FUNCTION_MODELS = [name for name in ACTIVATIONS if name not in TABLES_ONLY] + [
     "squeeze_excite", "hand_hardswish", "convnext_block"]
 
