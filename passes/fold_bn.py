@@ -32,8 +32,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import module_of, permutation, set_submodule, tensor_rank
-from qcompile.passes.norm_layers import (BATCH_NORMS, NormLayer, becomes_layer, call_sites, folds_into_layer,
-                                        has_running_statistics)
+from qcompile.passes.norm_layers import (BATCH_NORM_ARGS, BATCH_NORMS, NormLayer, becomes_layer, call_sites,
+                                        folds_into_layer, has_running_statistics)
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
@@ -55,8 +55,7 @@ def affine_conv(bn: nn.Module) -> nn.Conv2d:
 def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
     """``F.batch_norm(x, mean, var, weight, bias, False, momentum, eps)`` on attribute tensors as a module and the
     name to give it; None when the call is not one (training mode, computed statistics)."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    args = dict(zip(BATCH_NORM_ARGS, node.args)) | dict(node.kwargs)
     mean, var = attribute_tensor(gm, args.get("running_mean")), attribute_tensor(gm, args.get("running_var"))
     weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
     if mean is None or var is None or args.get("training", False) is not False or mean.dim() != 1:

@@ -38,7 +38,7 @@ from qcompile.frontend.elementwise import (
 )
 from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
-                                     resize_mode, softmax_of, unused_name)
+                                     resize_mode, softmax_of, target_name, unused_name)
 from qcompile.frontend.tracing import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -103,8 +103,8 @@ class _Lowerer:
 
     # --- helpers -----------------------------------------------------------------------------------------
     def fail(self, node: fx.Node, reason: str) -> LoweringError:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        return LoweringError(f"cannot lower node {node.name} ({node.op} {target}) at {source_location(node)}: {reason}")
+        return LoweringError(f"cannot lower node {node.name} ({node.op} {target_name(node)}) at "
+                             f"{source_location(node)}: {reason}")
 
     def src(self, node: fx.Node) -> str:
         return f"{node.name} @ {source_location(node)}"

@@ -92,16 +92,18 @@ class NormLayer(nn.Conv2d):
                             0.0 if factor is None else factor, self.eps)
 
 
-_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+"""``F.batch_norm``'s parameters in order."""
 
 
-def _trainable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+def _trainable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
     """A BatchNorm module for ``F.batch_norm`` on a module's running statistics and trainable affine parameters,
     called with the capture's own mode (``training=self.training``, as timm's ``BatchNormAct2d`` calls it), sharing
-    those tensors; None for any other call (a frozen BatchNorm's buffers, a literal mode)."""
+    those tensors, and the path of the module holding them; None for any other call (a frozen BatchNorm's buffers,
+    a literal mode)."""
     if node.op != "call_function" or node.target is not F.batch_norm:
         return None
-    args = dict(zip(_BATCH_NORM_ARGS, node.args)) | dict(node.kwargs)
+    args = dict(zip(BATCH_NORM_ARGS, node.args)) | dict(node.kwargs)
     mean, var = attribute_tensor(gm, args.get("running_mean")), attribute_tensor(gm, args.get("running_var"))
     weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
     momentum, eps, rank = args.get("momentum", 0.1), args.get("eps", 1e-5), tensor_rank(node)
@@ -112,18 +114,19 @@ def _trainable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None
     bn = (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(mean.numel(), eps=float(eps), momentum=float(momentum))
     bn.weight, bn.bias = weight, bias
     bn.running_mean, bn.running_var = mean, var
-    counter = getattr(gm.get_submodule(holder_of(args["running_mean"])), "num_batches_tracked", None)
+    holder = holder_of(args["running_mean"])
+    counter = getattr(gm.get_submodule(holder), "num_batches_tracked", None)
     if isinstance(counter, torch.Tensor):
         bn.num_batches_tracked = counter
-    return bn.to(mean.device).train(gm.training)
+    return bn.to(mean.device).train(gm.training), holder
 
 
 def batch_norm_calls_as_modules(gm: fx.GraphModule) -> None:
     """Each ``F.batch_norm`` :func:`_trainable_batch_norm` accepts → a call of that module, which follows the graph's
     mode: batch statistics while QAT trains, running ones when lowered; folded or made a layer like any BatchNorm."""
     for node in list(gm.graph.nodes):
-        if (bn := _trainable_batch_norm(gm, node)) is not None:
-            holder = holder_of(node.args[1] if len(node.args) > 1 else node.kwargs["running_mean"])
+        if (found := _trainable_batch_norm(gm, node)) is not None:
+            bn, holder = found
             replace_with_module(gm, node, free_module_name(gm, f"{holder}.bn" if holder else "batch_norm"), bn)
     gm.graph.eliminate_dead_code()
 

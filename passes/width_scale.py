@@ -21,7 +21,6 @@ from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthRefe
 from qcompile.quantization.cost import layer_macs, weight_count
 
 
-
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
     """``new`` on the device and dtype of ``old``'s parameters, in ``old``'s train/eval mode."""
     ref = next(old.parameters(), None)

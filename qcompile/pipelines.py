@@ -147,12 +147,6 @@ def qat_quantizer_passes() -> list[Pass]:
     return [InsertQuantizers()]
 
 
-def qat_lowering_check_passes() -> list[Pass]:
-    """QAT's lowering with calibration in place of the trained bounds: run on the untrained model before training,
-    so that one which cannot lower stops then."""
-    return [FoldBatchNorm(), AssignPrecision(), *quantize_passes(), LowerInteger()]
-
-
 def qat_lowering_passes(recipe: Recipe, bounds: Mapping[BoundKey, Any]) -> list[Pass]:
     """Lower a trained model from its float graph: fold BN, assign and cost, then (when the recipe quantizes)
     quantizers with the activation ``bounds`` QAT froze instead of calibration, and the integer IR."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompile.frontend.graph import ElementwiseRegion, argument
+from qcompile.frontend.graph import ElementwiseRegion, argument, target_name
 
 Bounds = tuple[float | None, float | None]
 
@@ -139,10 +139,6 @@ def _bound(node: fx.Node, where: tuple[int, str] | None, default: float | None) 
     return None if v is None else float(v)
 
 
-def _name(target: object) -> str:
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
 def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     """The float function ``node`` applies to its one tensor input, when it is elementwise and its other
     arguments are constants; None otherwise (ReLU is not one: the IR keeps it as an op on codes)."""
@@ -182,7 +178,8 @@ def unary_of(gm: fx.GraphModule, node: fx.Node) -> Unary | None:
     def value(a: Any) -> Any:
         return _attribute(gm, a) if isinstance(a, fx.Node) else a
 
-    return Unary(_name(t), lambda x: fn(x, *map(value, rest), **{k: value(v) for k, v in kwargs.items()}), clamp,
+    return Unary(target_name(node), lambda x: fn(x, *map(value, rest), **{k: value(v) for k, v in kwargs.items()}),
+                 clamp,
                  _function_activation(node, clamp) if not scalar_arguments(gm, node) else None)
 
 
@@ -208,11 +205,11 @@ def _scalar_arithmetic(node: fx.Node) -> Unary | None:
     if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
         op = getattr(torch.Tensor, f"__{dunder}__")
         form = {"function": "add", "alpha": -float(b)} if kind == "sub" else {"function": kind, "alpha": float(b)}
-        return Unary(_name(node.target), lambda x: op(x, b), activation=form)
+        return Unary(target_name(node), lambda x: op(x, b), activation=form)
     if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool) and node.op == "call_function":
         op = getattr(torch.Tensor, f"__r{dunder}__")
         function = {"add": "add", "mul": "mul", "sub": "rsub", "div": "rdiv"}[kind]
-        return Unary(_name(node.target), lambda x: op(x, a), activation={"function": function, "alpha": float(a)})
+        return Unary(target_name(node), lambda x: op(x, a), activation={"function": function, "alpha": float(a)})
     return None
 
 

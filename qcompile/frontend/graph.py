@@ -118,6 +118,12 @@ def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
+def target_name(node: fx.Node) -> str:
+    """What ``node`` calls, as its source names it: a method or module path, or a function's name."""
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 def tensor_rank(node: fx.Node) -> int:
     """The rank of the tensor ``node`` was recorded to produce; -1 when capture recorded none."""
     tm = node.meta.get("tensor_meta")
@@ -269,8 +275,7 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
         torch.unsqueeze, torch.flip, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.sum,
-        torch.amax,
-        F.dropout, F.interpolate,
+        torch.amax, F.dropout, F.interpolate,
     ), _first),
     **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
@@ -315,7 +320,7 @@ class ElementwiseRegion(nn.Module):
         return self.region(x)
 
     def nonnegative(self, input_nonnegative: bool) -> bool:
-        """Whether the function is >= 0, by the rules below applied inside it, its input as signed as given."""
+        """Whether the function is >= 0, by the rules above applied inside it, its input as signed as given."""
         nodes = list(self.region.graph.nodes)
         memo = {n: input_nonnegative for n in nodes if n.op == "placeholder"}
         return is_nonnegative(self.region, nodes[-1].args[0], memo)
@@ -366,9 +371,8 @@ def format_graph(gm: fx.GraphModule) -> str:
     for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")
         shape = "x".join(str(d) for d in tm.shape) if tm is not None and hasattr(tm, "shape") else "-"
-        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         args = ", ".join(a.name for a in n.all_input_nodes)
-        line = f"{n.name:<28} {n.op:<13} {str(target):<28} [{shape}] ({args})"
+        line = f"{n.name:<28} {n.op:<13} {target_name(n):<28} [{shape}] ({args})"
         ann = get_annotation(n)
         if ann is not None:
             bits = []

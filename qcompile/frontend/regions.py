@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from qcompile.frontend.elementwise import arithmetic_kind, unary_of
-from qcompile.frontend.graph import ElementwiseRegion, is_relu, unused_name
+from qcompile.frontend.graph import ElementwiseRegion, is_relu, target_name, unused_name
 
 _COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le,
                 "gt", "lt", "ge", "le"}
@@ -81,7 +81,7 @@ def elementwise_regions_fused(gm: fx.GraphModule) -> None:
             env[n] = region.node_copy(n, env.__getitem__)
         region.output(env[join])
         name = unused_name(f"{join.name}_region", {m for m, _ in gm.named_modules()}.__contains__)
-        gm.add_submodule(name, ElementwiseRegion(fx.GraphModule(gm, region), f"{_name(join)} of one tensor"))
+        gm.add_submodule(name, ElementwiseRegion(fx.GraphModule(gm, region), f"{target_name(join)} of one tensor"))
         with gm.graph.inserting_before(join):
             call = gm.graph.call_module(name, (root,))
         call.meta.update(join.meta)
@@ -89,7 +89,3 @@ def elementwise_regions_fused(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(join)
         gm.graph.eliminate_dead_code()
 
-
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))

@@ -26,8 +26,7 @@ from qcompile.passes.align_add_scales import align_add_scales
 from qcompile.passes.insert_quantizers import activation_quantizers
 from qcompile.passes.load_bounds import activation_bounds
 from qcompile.pipeline import PassContext, Pipeline
-from qcompile.pipelines import (qat_lowering_check_passes, qat_lowering_passes, qat_prepare_passes,
-                                qat_quantizer_passes)
+from qcompile.pipelines import lowering_passes, qat_lowering_passes, qat_prepare_passes, qat_quantizer_passes
 from qcompile.quantization.quantizer import QuantizerState, fit_bias_scales
 from qcompile.quantization.recipes import Override, Recipe
 from qcompile.quantization.spec import Calibrator
@@ -80,7 +79,7 @@ def check_lowers(float_graph: fx.GraphModule, ctx: PassContext) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the example's degenerate ranges: this model is not the one trained
-            Pipeline(qat_lowering_check_passes()).run_graph(gm, check)
+            Pipeline(lowering_passes()).run_graph(gm, check)  # QAT's lowering, calibrated instead of trained
     except QCompileError as exc:
         raise type(exc)(f"the model would not lower after training, so it is not trained: {exc}") from None
 
