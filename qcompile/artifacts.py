@@ -26,6 +26,8 @@ STAGING = "qcompile-staging"  # NAME.qcompile-staging-PID-RANDOM: a run being wr
 BACKUP = "qcompile-backup"  # NAME.qcompile-backup-PID-RANDOM: the previous run while the new one is renamed in
 FAILED = "qcompile-failed"  # NAME.qcompile-failed: the last run that failed verification, kept for inspection
 STALE_AFTER_S = 24 * 3600  # a staging or backup folder this old is a dead run's, even if its pid was reused
+# what only a write raises, when the storage, not the run, is at fault: the user frees space or picks another place
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def default_mode(directory: bool = False) -> int:
@@ -49,8 +51,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, as open() gives
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.filename is None or Path(os.fsdecode(exc.filename)) == tmp):
+            exc.filename = str(target)  # the file being written (a write names none), not its temporary name
         raise
 
 
@@ -95,20 +99,43 @@ def output_transaction(out: Path, marker: str = "report.json") -> Iterator[Path]
     """
     check_output_dir(out, marker)
     target = out.resolve()
+    staging = _sibling(target, STAGING)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         recover(target)
     except OSError as exc:
-        raise OutputDirError(out, str(exc), action="write") from None
-    staging = _sibling(target, STAGING)
+        raise OutputDirError(out, exc.strerror or str(exc), action="write") from None
     try:
-        staging.mkdir()  # inside the try, by a name chosen before: an interrupt cannot orphan it
+        try:
+            staging.mkdir()  # inside the outer try, by a name chosen before: an interrupt cannot orphan it
+        except OSError as exc:
+            raise OutputDirError(out, f"cannot create a folder beside it: {exc.strerror}", action="write") from None
         yield staging
         _swap_in(staging, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and _written_in(exc, staging):
+            raise OutputDirError(out, _storage_reason(exc, staging), action="write") from None
         raise
     shutil.rmtree(failed_path(target), ignore_errors=True)
+
+
+def _written_in(exc: OSError, staging: Path) -> bool:
+    """Whether the error is the storage's, writing the run's folder: full, read-only or not ours to write (a file
+    under ``staging``), or full where the error names no file (a zip member being closed)."""
+    if exc.filename is None:
+        return exc.errno in STORAGE_ERRORS
+    return (exc.errno in (*STORAGE_ERRORS, errno.EACCES, errno.EPERM)
+            and Path(os.fsdecode(exc.filename)).resolve().is_relative_to(staging))
+
+
+def _storage_reason(exc: OSError, staging: Path) -> str:
+    """The error's message, with the artifact it was writing relative to the run's folder."""
+    reason = exc.strerror or os.strerror(exc.errno or 0)
+    if exc.filename is None:
+        return reason
+    name = Path(os.fsdecode(exc.filename)).resolve().relative_to(staging).as_posix()
+    return f"{reason} (writing {name})" if name != "." else reason
 
 
 def recover(out: Path) -> None:

@@ -5,6 +5,7 @@ runs' leftovers, interrupts as a file or folder is being created), then end to e
 points of its runs, alternating SIGINT and SIGKILL and two recipes, must leave ``--out`` holding one complete run.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -19,13 +20,14 @@ import pytest
 
 from qcompile.artifacts import (
     STALE_AFTER_S,
+    atomic_path,
     default_mode,
     keep_failed,
     output_transaction,
     write_json,
     write_text,
 )
-from qcompile.errors import QCompileError
+from qcompile.errors import OutputDirError, QCompileError
 from tests.test_ptq_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +73,65 @@ def test_failure_leaves_the_previous_run_and_no_staging(out):
             (staging / "report.json").write_text("half a run")
             raise ValueError("boom")
     assert tree(out) == before and siblings(out) == []
+
+
+FULL = os.strerror(errno.ENOSPC)
+
+
+@pytest.mark.parametrize("raised, line", [
+    (lambda staging: OSError(errno.ENOSPC, FULL), f"cannot write out {{out}}: {FULL}"),  # a zip member's close
+    (lambda staging: OSError(errno.ENOSPC, FULL, str(staging / "ir" / "tensors.npz")),
+     f"cannot write out {{out}}: {FULL} (writing ir/tensors.npz)"),
+    (lambda staging: OSError(errno.EROFS, os.strerror(errno.EROFS), str(staging / "report.json")),
+     f"cannot write out {{out}}: {os.strerror(errno.EROFS)} (writing report.json)"),
+    (lambda staging: OSError(errno.EACCES, os.strerror(errno.EACCES), str(staging / "tvm")),
+     f"cannot write out {{out}}: {os.strerror(errno.EACCES)} (writing tvm)"),
+])
+def test_a_full_or_read_only_disk_is_one_error_naming_the_folder(raised, line, out):
+    """The storage's failures while the run's folder is written: an OutputDirError, the previous run kept."""
+    before = tree(out)
+    with pytest.raises(OutputDirError) as caught:
+        with output_transaction(out) as staging:
+            (staging / "ir").mkdir()
+            raise raised(staging)
+    assert caught.value.naming("out") == line.format(out=out)
+    assert tree(out) == before and siblings(out) == []
+
+
+@pytest.mark.parametrize("raised", [OSError(errno.EACCES, "Permission denied", "/etc/shadow"),
+                                    OSError(errno.ENOENT, "No such file or directory", None)])
+def test_other_os_errors_in_the_block_are_not_the_output_folders(raised, out):
+    """Reading a file the run may not read, or a missing one, is not a write into --out."""
+    with pytest.raises(OSError) as caught:
+        with output_transaction(out):
+            raise raised
+    assert caught.value is raised and siblings(out) == []
+
+
+def test_a_failed_write_names_the_file_not_its_temporary_name(tmp_path, monkeypatch):
+    """A write into a full disk names no file; atomic_path names the file it was writing."""
+    def full(self, data):
+        raise OSError(errno.ENOSPC, FULL)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "checkpoint.pt") as tmp:
+            tmp.write_bytes(b"x")
+    assert caught.value.filename == str(tmp_path / "checkpoint.pt") and list(tmp_path.iterdir()) == []
+
+
+def test_the_staging_folder_that_cannot_be_made_is_one_error(out, monkeypatch):
+    real_mkdir = os.mkdir
+
+    def refused(path, mode=0o777, **kw):
+        if "qcompile-staging" not in str(path):
+            return real_mkdir(path, mode, **kw)
+        raise OSError(errno.ENOENT, "No such file or directory", path)  # as in /proc
+
+    monkeypatch.setattr(os, "mkdir", refused)
+    with pytest.raises(OutputDirError, match="cannot create a folder beside it: No such file or directory"):
+        with output_transaction(out):
+            pytest.fail("the block must not run")
 
 
 def test_first_run_creates_the_folder_and_its_parents(tmp_path):

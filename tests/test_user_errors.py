@@ -223,3 +223,46 @@ def test_sigterm_stops_a_run_in_one_line_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "qcompile: terminated", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_run(previous_run, capsys, monkeypatch):
+    """Writing the run into a full disk (here the IR's arrays, as np.savez closes its zip) stops in one line, and
+    the previous run stays whole."""
+    import errno
+    import os
+
+    import qcompile.cli.artifacts
+
+    def full(ir, folder):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    root, out = previous_run
+    before = snapshot(out)
+    monkeypatch.setattr(qcompile.cli.artifacts, "save_ir", full)
+    code = main([str(root / "good.py"), "--recipe", "int8", "--verify-size", "8", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"qcompile: error: cannot write --out {out}: No space left on device", err
+    assert snapshot(out) == before
+
+
+def test_a_full_disk_outside_the_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """A training run's checkpoint lives in its resumable folder, written file by file: a full disk there is
+    named by file."""
+    import errno
+    import os
+
+    import qcompile.train.trainer
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(qcompile.train.trainer, "save_checkpoint", full)
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-sample.tar.gz"
+    out = tmp_path / "train"
+    ten_classes = SMALL["layers"].replace("nn.Linear(8, 4)", "nn.Linear(8, 10)")
+    model = model_file(tmp_path, "m", layers=ten_classes, size=32, data_size=32)
+    code = main(["train", model, "--data", str(data), "--epochs", "1", "--train-size", "32", "--batch-size", "32",
+                 "--eval-size", "16", "--verify-size", "0", "--recipe", "int8", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    checkpoint = out / "checkpoint.pt"
+    assert code == 2 and err.strip() == f"qcompile: error: cannot write {checkpoint}: No space left on device", err

@@ -8,7 +8,10 @@ says so) and ``kernels.cu``. TVM 0.27 exports CUDA modules as source compiled wh
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,9 @@ from qcompile.ir.graph import IRGraph
 # replaying a CUDA graph saves a few microseconds per kernel: all of a batch-1 call's time on a GPU, nothing at
 # batch 256, where it would hide the kernels from the VM's per-call profile (a graph replays them in one call)
 GRAPH_MAX_BATCH = 16
+# free space the export needs: its object files and the library, about 2 x 2.8 MB for ResNet-50 on the CPU, with
+# room for larger models
+EXPORT_SPACE = 32 * 2**20
 
 
 @dataclass
@@ -62,6 +68,34 @@ def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
+def export_library(executable: Any, target: Path) -> None:
+    """``executable.export_library`` written atomically to ``target``, with the compiler's object files in a
+    folder beside it rather than in the temporary directory, so that what the build writes lands where its artifact
+    goes (and is gone with it); a link that failed for want of space is an ``OSError`` like any other full disk,
+    not a compiler log.
+
+    LLVM ends the process when it cannot write an object file, so a file system with less than
+    :data:`EXPORT_SPACE` free is refused before it is tried."""
+    free = shutil.disk_usage(target.parent).free
+    if free < EXPORT_SPACE:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free, and building a TVM "
+                                    f"library needs {EXPORT_SPACE // 2**20} MiB", str(target))
+    with atomic_path(target) as tmp:
+        lib = tmp.with_name(tmp.name + ".so")  # the linker picks its mode of output from the suffix
+        workspace = tmp.with_name(tmp.name + ".build")
+        workspace.mkdir()
+        try:
+            executable.export_library(str(lib), workspace_dir=str(workspace))
+            lib.replace(tmp)
+        except RuntimeError as exc:
+            if os.strerror(errno.ENOSPC) in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from None
+            raise
+        finally:
+            lib.unlink(missing_ok=True)
+            shutil.rmtree(workspace, ignore_errors=True)
+
+
 def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
           float_dtype: str = "float64", cuda_graph: bool | None = None) -> Artifact:
     """Build ``out/tvm/<target>/``; ``batch=None`` compiles a symbolic batch dimension (``float_dtype``: see
@@ -90,10 +124,7 @@ def build(ir: IRGraph, target: str, out: str | Path, batch: int | None = None,
         meta["cuda"] = {"fatbin": "model.fatbin", "source_sha256": tvm_cuda.source_digest(source),
                         "gencode": list(spec.gencode), "graph": cuda_graph,
                         "tuning_table_shapes": len(load_table(spec.name))}
-    with atomic_path(folder / "model.so") as tmp:
-        lib = tmp.with_suffix(".so")
-        executable.export_library(str(lib))
-        lib.replace(tmp)
+    export_library(executable, folder / "model.so")
     _save_params(folder / "params.npz", model.params)
     write_json(folder / "meta.json", meta)
     return Artifact(folder, executable, time.perf_counter() - start)

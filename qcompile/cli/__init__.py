@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from qcompile.artifacts import STORAGE_ERRORS
 from qcompile.errors import QCompileError
 
 __all__ = ["build_parser", "main", "resolve_data"]  # the parser and data resolution serve the benchmarks too
@@ -114,3 +115,8 @@ def _main(argv: list[str]) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error of the compile
         sys.stderr.close()
         return 0
+    except OSError as exc:  # outside an output folder (a training run's checkpoint, a temporary file)
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        print(f"qcompile: error: cannot write {exc.filename or 'a file'}: {exc.strerror}", file=sys.stderr)
+        return 2

@@ -5,6 +5,7 @@ over channels-last tensors."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import time
@@ -147,8 +148,10 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     state = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "opt": opt.state_dict(),
              "sched": sched.state_dict(), "gen": gen.get_state(), "quantizers": schedule.state_dict(),  # type: ignore[attr-defined]
              "epoch": epoch, "elapsed": elapsed}
+    buffer = io.BytesIO()  # torch.save into a full disk fails as "enforce fail at inline_container.cc"
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())  # a full disk is an OSError naming the file
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: object,

@@ -1,6 +1,7 @@
 """The TVM backend: CPU artifacts bit-exact with the reference, runnable with the runtime library alone;
 CUDA artifacts built here with int8 layers on tensor cores."""
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from torch import nn
 pytest.importorskip("tvm")
 
 from qcompile.backends.tvm import runtime, targets  # noqa: E402
+from qcompile.backends.tvm import build as tvm_build  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.backends.tvm.cuda import kernel_bodies  # noqa: E402
 from qcompile.backends.tvm.targets import get_target  # noqa: E402
@@ -511,3 +514,40 @@ def test_resnet50_cuda_builds_run_every_layer_on_tensor_cores(target, recipe, tm
     assert len(kernels) == 40  # 37 GEMM functions (convs and the fc), the input's quantize, the two pools
     ptx = nvcc(source, get_target(target), "ptx").decode()
     assert len(TENSOR_CORE_PTX.findall(ptx)) >= len(layers)
+
+
+class _Exported:
+    """An executable whose export behaves as a linker on a full disk does, or writes the library."""
+
+    def __init__(self, failure: str | None = None) -> None:
+        self.failure, self.workspace = failure, None
+
+    def export_library(self, path: str, workspace_dir: str) -> None:
+        self.workspace = Path(workspace_dir)
+        assert self.workspace.is_dir() and self.workspace.parent == Path(path).parent  # not in /tmp
+        (self.workspace / "lib0.o").write_bytes(b"object")
+        if self.failure:
+            raise RuntimeError(f"Compilation error:\n/usr/bin/ld: final link failed: {self.failure}")
+        Path(path).write_bytes(b"library")
+
+
+def test_export_writes_the_library_with_its_object_files_beside_it(tmp_path):
+    executable = _Exported()
+    tvm_build.export_library(executable, tmp_path / "model.so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.so"] and not executable.workspace.exists()
+
+
+def test_a_link_into_a_full_disk_is_an_os_error_naming_the_library(tmp_path):
+    with pytest.raises(OSError) as caught:
+        tvm_build.export_library(_Exported(os.strerror(errno.ENOSPC)), tmp_path / "model.so")
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(tmp_path / "model.so"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_too_full_for_llvm_is_refused_before_it_ends_the_process(tmp_path, monkeypatch):
+    """LLVM calls exit(1) when it cannot write an object file: the export is not tried with too little space."""
+    monkeypatch.setattr(tvm_build.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+    executable = _Exported()
+    with pytest.raises(OSError, match=r"1.0 MiB free, and building a TVM library needs 32 MiB") as caught:
+        tvm_build.export_library(executable, tmp_path / "model.so")
+    assert caught.value.errno == errno.ENOSPC and executable.workspace is None and list(tmp_path.iterdir()) == []
