@@ -58,6 +58,6 @@ class BnTune(Pass):
             bn.running_mean.copy_(new.running_mean)
             if self.variance:
                 bn.running_var.copy_(new.running_var)
-        ctx.results["bn_tune"] = {"batchnorms": len(bns), "images": sum(len(y) for _, y in data),
+        ctx.results["bn_tune"] = {"batchnorms": len(bns), "images": sum(len(x) for x, _ in data),
                                   "mean_shift_in_std": sum(shifts) / len(shifts)}
         return gm

@@ -299,6 +299,20 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
     return _at_size(splits[split], size)
 
 
+def load_train_test(path: str | os.PathLike[str], size: Size | None = None) -> tuple[ImageSet, ImageSet]:
+    """The train and test splits of one data set (see :func:`load_split`), whose labels must mean the same
+    classes: a label is its class folder's position in sorted order, so a class that one split lacks shifts the
+    labels of every class after it, and a model trained or calibrated on one split would be scored against
+    different classes on the other."""
+    train, test = load_split(path, "train", size), load_split(path, "test", size)
+    if train.classes != test.classes:
+        only = {"train": set(train.classes) - set(test.classes), "test": set(test.classes) - set(train.classes)}
+        sides = [f"{split} only: {', '.join(sorted(names))}" for split, names in only.items() if names]
+        raise DataError(f"data {path}: the train and test splits have different classes ({'; '.join(sides)}); "
+                        "labels are the classes' positions in sorted order, so they would name different classes")
+    return train, test
+
+
 def parse_normalization(text: str) -> Stats:
     """``cifar``, ``imagenet`` or ``MEAN,MEAN,MEAN,STD,STD,STD`` (six numbers: RGB means, then RGB stds)."""
     if text.strip().lower() in NORMALIZATIONS:

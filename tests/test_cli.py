@@ -414,3 +414,35 @@ def test_a_model_returning_logits_and_features_is_compiled_and_scored_on_its_log
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["onnx_vs_reference"]["serving"]["identical_fraction"] == 1.0
     assert report["accuracy"]["n"] == 100 and 0.0 <= report["accuracy"]["float_top1"] <= 1.0
+
+
+UNLABELLED = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def example_input():
+    return torch.randn(1, 3, 8, 8)
+
+
+def calibration_data():  # images alone, as PT2E's and onnxruntime's calibration loops feed them
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]
+"""
+
+
+def test_calibration_images_need_no_labels(tmp_path, capsys):
+    """Calibrated and verified on images alone: the reference's top-1 is not claimed without labels."""
+    model = tmp_path / "unlabelled.py"
+    model.write_text(UNLABELLED)
+    assert main([str(model), "--recipe", "int8", "--measure", "0", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    verified = report["verification"]["reference_vs_fakequant"]
+    assert verified["images"] == 16 and verified["reference_top1"] is None and verified["identical_fraction"] == 1.0
+    assert "integer reference vs fake-quant on 16 images" in printed and "reference top-1" not in printed

@@ -349,6 +349,14 @@ def truncated_archive(root: Path) -> Path:
     return archive
 
 
+def classes_differ(root: Path) -> Path:
+    """A class in test/ that train/ lacks: every label after it would shift between the splits."""
+    image_folder(root)
+    (root / "test" / "fox").mkdir()
+    shutil.copy(root / "test" / "cat" / "0.jpg", root / "test" / "fox" / "0.jpg")
+    return root
+
+
 def text_named_tar(root: Path) -> Path:
     root.mkdir()
     (root / "x.tar.gz").write_text("hello\n")
@@ -365,6 +373,8 @@ def text_named_tar(root: Path) -> Path:
                       "test/<class>/<image> inside it"),
         (train_only, "has no test/ subdirectory; expected train/<class>/<image> and test/<class>/<image>"),
         (corrupt_image, "cannot decode image"),
+        (classes_differ, "the train and test splits have different classes (test only: fox); labels are the "
+                         "classes' positions in sorted order, so they would name different classes"),
     ],
 )
 def test_cli_unusable_data_is_one_line(make, fragment, tmp_path, capsys):

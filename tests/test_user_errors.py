@@ -3,6 +3,7 @@ previous run untouched (the same files, byte for byte, and nothing left beside i
 the model's through --data is resized, not an error: tests/test_data.py.)"""
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,19 @@ def model_file(folder: Path, name: str, **fields: object) -> str:
     return str(path)
 
 
+def with_hooks(path: str, hooks: str) -> str:
+    """The model file with its data hooks replaced."""
+    source = Path(path).read_text()
+    Path(path).write_text(source[: source.index("def calibration_data")] + hooks)
+    return path
+
+
+IMAGES = "torch.randn(8, 3, 8, 8)"
+LABELS_PAST_LOGITS = f"def calibration_data():\n    return [({IMAGES}, torch.arange(8) % 6)]\n"
+EVAL_IMAGES_ALONE = f"def calibration_data():\n    return [{IMAGES}]\n\ndef eval_data():\n    return [{IMAGES}]\n"
+DICT_BATCHES = f"def calibration_data():\n    return [{{'image': {IMAGES}, 'label': torch.zeros(8)}}]\n"
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under the folder, and every entry beside it (staging or backup leftovers would show)."""
     files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -128,6 +142,12 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing model file": ([str(tmp / "nope.py")], "nope.py"),
         "TorchScript model": ([model_file(tmp, "scripted", tamper="    model = torch.jit.script(model.eval())"),
                                "--recipe", "int8"], "is a TorchScript module (RecursiveScriptModule"),
+        "labels past the model's logits": ([with_hooks(model_file(tmp, "l6"), LABELS_PAST_LOGITS)],
+                                           "the calibration labels run from 0 to 5 but the model gives 4 logits"),
+        "evaluation images without labels": ([with_hooks(model_file(tmp, "unlabelled"), EVAL_IMAGES_ALONE)],
+                                             "eval_data() yields a Tensor; it must yield (inputs, labels) pairs"),
+        "batches as dicts": ([with_hooks(model_file(tmp, "dicts"), DICT_BATCHES)],
+                             "calibration_data() yields dicts (keys 'image', 'label'); yield (inputs, labels) pairs"),
     }
 
 
@@ -135,7 +155,8 @@ CASES = ["accumulator overflow, verified", "accumulator overflow, unverified", "
          "example input 8x8, data 16x16", "dense sized for 8x8, data 10x10",
          "model written for batch size 1", "model returning a dict", "NaN weight", "Inf BatchNorm variance",
          "width nan", "width inf", "data not a tarball", "data a text file", "data folder without train/ and test/",
-         "unknown recipe", "missing model file", "TorchScript model"]
+         "unknown recipe", "missing model file", "TorchScript model", "labels past the model's logits",
+         "evaluation images without labels", "batches as dicts"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -266,3 +287,15 @@ def test_a_full_disk_outside_the_output_folder_is_one_line(tmp_path, capsys, mon
     err = capsys.readouterr().err
     checkpoint = out / "checkpoint.pt"
     assert code == 2 and err.strip() == f"qcompile: error: cannot write {checkpoint}: No space left on device", err
+
+
+def test_training_data_of_more_classes_than_logits_is_one_line_before_training(tmp_path, capsys):
+    """A label past the last logit stopped training with an IndexError traceback from cross_entropy."""
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-sample.tar.gz"
+    code = main(["train", model_file(tmp_path, "four", size=32, data_size=32), "--data", str(data), "--epochs", "1",
+                 "--train-size", "32", "--batch-size", "32", "--eval-size", "16", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(r"qcompile: error: the training labels run from \d to 9 \(10 classes\) but the model gives 4 "
+                        r"logits per image, which labels index: is the data for another model\?", lines[0]), lines
+    assert not (tmp_path / "out").exists()

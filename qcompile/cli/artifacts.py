@@ -20,7 +20,8 @@ from qcompile.ir.serialize import save as save_ir
 from qcompile.reporting.evaluate import take_images
 from qcompile.reporting.verify import verify_reference
 
-LabelledBatches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # a list, or a re-iterable qcompile.data.Batches
+# a list, or a re-iterable qcompile.data.Batches; calibration batches may have labels None (images alone)
+LabelledBatches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 ReferencePairs = list[tuple[np.ndarray, np.ndarray]]  # (inputs, reference logits) per batch
 
 

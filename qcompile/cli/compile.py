@@ -14,9 +14,16 @@ from qcompile.artifacts import check_output_dir, output_transaction, write_json
 from qcompile.cli.arguments import check_compile_args
 from qcompile.cli.artifacts import LabelledBatches, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
 from qcompile.cli.measure import float_reference, measure_onnx, measure_tvm
-from qcompile.data import Batches, default_normalization, iterate_batches, load_split, parse_normalization
+from qcompile.data import Batches, default_normalization, iterate_batches, load_train_test, parse_normalization
 from qcompile.errors import QCompileError
-from qcompile.frontend.model_file import ModelFile, check_batches, load_model_file, load_weights, parse_model_args
+from qcompile.frontend.model_file import (
+    ModelFile,
+    check_batches,
+    hook_batches,
+    load_model_file,
+    load_weights,
+    parse_model_args,
+)
 from qcompile.pipeline import Pipeline, PipelineResult
 from qcompile.pipelines import compile_passes, uses_ptq
 from qcompile.quantization.latency import LatencyProfile
@@ -46,17 +53,17 @@ def resolve_data(
     if args.data:
         asked = parse_normalization(args.normalize) if args.normalize is not None else None
         size = _image_size(example if example is not None else mf.example_input())
-        train = load_split(args.data, "train", size).subset(args.calib_size, seed=args.calib_seed)
-        test = load_split(args.data, "test", size).subset(args.eval_size)
+        train, test = load_train_test(args.data, size)
+        train, test = train.subset(args.calib_size, seed=args.calib_seed), test.subset(args.eval_size)
         stats = asked or default_normalization(train, test)
         calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
         return calib, Batches(test, args.batch_size, shuffle=True, stats=stats)
     calib_src, eval_src = mf.data("calibration_data"), mf.data("eval_data")
-    calib = list(take_images(_drawn(calib_src, args.calib_size, args.calib_seed), args.calib_size)) \
-        if calib_src is not None else None
-    return calib, (list(take_images(_drawn(eval_src, args.eval_size, 0), args.eval_size))
-                   if eval_src is not None else None)
+    calib = list(take_images(hook_batches(_drawn(calib_src, args.calib_size, args.calib_seed), "calibration_data",
+                                          labelled=False), args.calib_size)) if calib_src is not None else None
+    return calib, (list(take_images(hook_batches(_drawn(eval_src, args.eval_size, 0), "eval_data", labelled=True),
+                                    args.eval_size)) if eval_src is not None else None)
 
 
 def _drawn(batches: Any, n: int | None, seed: int) -> Any:

@@ -7,9 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
 from qcompile.cli.arguments import build_train_parser, check_train_args, parse_widths
-from qcompile.data import load_split
-from qcompile.frontend.model_file import load_model_file, load_weights, parse_model_args
+from qcompile.data import load_train_test
+from qcompile.frontend.model_file import check_labels, load_model_file, load_weights, logit_count, parse_model_args
 from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.recipes import get_recipe, parse_set
 from qcompile.train.distributed import init_from_env
@@ -24,9 +28,13 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        progress=not args.quiet, compile=args.compile)
 
 
-def _splits(args: argparse.Namespace, device: Any) -> Splits:
-    train = load_split(args.data, "train").subset(args.train_size)
-    test = load_split(args.data, "test").subset(args.eval_size)
+def _splits(args: argparse.Namespace, device: Any, model: nn.Module, example: tuple[torch.Tensor, ...]) -> Splits:
+    """The --data splits, whose labels must index the model's logits."""
+    train, test = load_train_test(args.data)
+    train, test = train.subset(args.train_size), test.subset(args.eval_size)
+    count = logit_count(model, example)
+    if count is not None:
+        check_labels(count, torch.from_numpy(np.concatenate([train.labels, test.labels])), "training", train.classes)
     return Splits.from_imagesets(train, test, device, args.train_eval_size)
 
 
@@ -52,11 +60,12 @@ def run_subcommand(argv: list[str]) -> int:
     if command == "train":
         recipe = get_recipe(args.recipe)
         dist = init_from_env(args.device)
-        splits = _splits(args, dist.device)
         model = mf.build(**model_args)
         for note in load_weights(model, args.weights) if args.weights else []:
             print(f"warning: {note}")
-        spec = RunSpec(model, mf.example_input(), recipe, args.width, parse_set(args.sets, "--set"),
+        example = mf.example_input()
+        splits = _splits(args, dist.device, model, example)
+        spec = RunSpec(model, example, recipe, args.width, parse_set(args.sets, "--set"),
                        args.leaf_modules)
         out = Path(args.out) if args.out else Path("qcompile-out") / f"train-{stem}-{recipe.name}"
         row = train_and_lower(spec, splits, cfg, dist, out, args.verify_size)
@@ -68,7 +77,7 @@ def run_subcommand(argv: list[str]) -> int:
     recipes = [get_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
     pairs = [Pair(w, r.name) for w in widths for r in recipes]
     dist = init_from_env(args.device)
-    splits = _splits(args, dist.device)
+    splits = _splits(args, dist.device, mf.build(**model_args), mf.example_input())
     out = Path(args.out) if args.out else Path("qcompile-out") / f"sweep-{stem}"
 
     def make_spec(pair: Pair) -> RunSpec:

@@ -1,7 +1,7 @@
 """The model-file contract: a Python file with ``build_model(**kwargs)`` and ``example_input()``.
 
-Optional hooks ``calibration_data()``, ``eval_data()`` and ``train_data()`` return iterables of
-``(inputs, labels)`` batches. Every way this can go wrong becomes one :class:`ModelFileError` line.
+Optional hooks ``calibration_data()`` and ``eval_data()`` return iterables of ``(inputs, labels)`` batches
+(calibration batches may be inputs alone). Every way this can go wrong becomes one :class:`ModelFileError` line.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import traceback
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -295,8 +295,18 @@ _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _load_error(p: Path, exc: Exception) -> CheckpointError:
-    """One line for a file ``torch.load(weights_only=True)`` refuses; a pickled object says what to do."""
+    """One line for a file ``torch.load(weights_only=True)`` refuses: not torch.save's at all, a damaged archive,
+    or a pickled object (which says what to do)."""
     text = str(exc)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return CheckpointError(f"checkpoint {p} is empty")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
+        return CheckpointError(f"checkpoint {p} is not a file torch.save wrote (it starts with {head!r}); pass the "
+                               "state dict saved with torch.save(model.state_dict(), PATH), or a .safetensors file")
+    if "failed finding central directory" in text or "failed reading zip archive" in text:
+        return CheckpointError(f"checkpoint {p} is truncated or damaged: its zip archive cannot be read")
     if "Weights only load failed" in text:
         found = _UNSUPPORTED_GLOBAL.search(text)
         what = f" ({found.group(1)})" if found else ""
@@ -351,8 +361,9 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
 
 
 def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
-                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None, what: str) -> None:
-    """The first batch has the example input's shape except for the batch size, and the model runs on it.
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None, what: str) -> None:
+    """The first batch has the example input's shape except for the batch size, the model runs on it, and the
+    labels index its logits (:func:`check_labels`).
 
     Calibrating, verifying or measuring accuracy on another shape would silently use costs and scales of the
     wrong model; a model that fails on a batch (one written for the example's batch size, ``x.view(1, -1)``)
@@ -372,7 +383,7 @@ def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
                         "for the batch size")
     try:
         with torch.no_grad():
-            model(first[0])
+            out = logits(model(first[0]))
     except Exception as exc:
         if got[0] != want[0] and _runs(model, example):
             hint = f"; it runs on example_input() at batch size {want[0]}: does it assume that batch size?"
@@ -382,6 +393,78 @@ def check_batches(model: nn.Module, example: Sequence[torch.Tensor],
             hint = ""
         raise DataError(f"the model fails on the first {what} batch, of shape {got}, at {user_frame(exc)}: "
                         f"{first_line(exc)}{hint}") from None
+    labels = _labels(batches)
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and labels is not None:
+        check_labels(out.shape[1], labels, what, getattr(getattr(batches, "data", None), "classes", ()))
+
+
+def _labels(batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
+    """Every label of the batches (None where a batch has none): from an image set's array without decoding
+    its images, or from batches already in memory."""
+    held = getattr(getattr(batches, "data", None), "labels", None)
+    if held is not None:
+        return torch.as_tensor(held)
+    labels = [y for _, y in batches]
+    return torch.cat([y.reshape(-1) for y in labels]) if labels and all(y is not None for y in labels) else None
+
+
+def check_labels(logit_count: int, labels: torch.Tensor, what: str, classes: Sequence[str] = ()) -> None:
+    """Labels index the model's logits: a label past the last logit is a miss in every accuracy, whatever the
+    model computes (and stops training with an IndexError), so data for a model of fewer classes is refused. With
+    the data's class names (``--data``), a model of more logits than classes is warned about: a hit then needs its
+    first classes to be the data's, in sorted order."""
+    if len(labels) == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    named = f" ({len(classes)} classes)" if classes else ""
+    if low < 0 or high >= logit_count:
+        raise DataError(f"the {what} labels run from {low} to {high}{named} but the model gives {logit_count} logits "
+                        "per image, which labels index: is the data for another model?")
+    if classes and logit_count > len(classes):
+        warnings.warn(f"the model gives {logit_count} logits and the {what} data has {len(classes)} classes: "
+                      f"top-1 counts a hit only if the model's first {len(classes)} classes are the data's "
+                      f"({', '.join(classes[:3])}, ...) in this order", stacklevel=2)
+
+
+def logit_count(model: nn.Module, example: Sequence[torch.Tensor]) -> int | None:
+    """How many logits the model gives per image (run once on the example, in eval mode so that no statistics
+    move), or None for an output that is not (N, classes)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits(model(*example))
+    except Exception:  # said in one line, with the line, where the model is captured
+        return None
+    finally:
+        model.train(was_training)
+    return out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+
+
+def hook_batches(batches: Iterable[Any], hook: str, labelled: bool) -> Iterator[tuple[Any, torch.Tensor | None]]:
+    """A data hook's batches as ``(inputs, labels)``. Calibration needs no labels, so a calibration hook may yield
+    image tensors alone (``labelled=False``: their labels are None); one-hot or probability labels ``(N, C)`` are
+    read as their top class; a batch of another form (a dict, as Hugging Face loaders give) is one line saying
+    which pairs to yield."""
+    for batch in batches:
+        if isinstance(batch, torch.Tensor) and not labelled:
+            yield batch, None
+            continue
+        if isinstance(batch, Mapping):
+            keys = ", ".join(repr(k) for k in batch)
+            raise DataError(f"{hook}() yields dicts (keys {keys}); yield (inputs, labels) pairs instead, e.g. "
+                            "(batch['image'], batch['label'])")
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            held = f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, tuple | list) else "")
+            need = "(inputs, labels) pairs" if labelled else "(inputs, labels) pairs or input tensors"
+            raise DataError(f"{hook}() yields {held}; it must yield {need}")
+        inputs, labels = batch
+        labels = torch.as_tensor(labels)
+        if labels.ndim == 2:
+            labels = labels.argmax(dim=1) if labels.shape[1] > 1 else labels[:, 0]
+        if labels.is_floating_point():
+            labels = labels.long()
+        yield inputs, labels
 
 
 def _runs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:

@@ -34,14 +34,17 @@ def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
 
 def take_images(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``limit`` images of a batch stream (all when ``limit`` is None), cutting the last batch."""
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], limit: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The first ``limit`` images of a batch stream (all when ``limit`` is None), cutting the last batch; a
+    batch's labels may be None (calibration images alone)."""
     seen = 0
     for x, y in batches:
         if limit is not None and seen >= limit:
             return
-        if limit is not None and seen + len(y) > limit:
-            x, y = x[: limit - seen], y[: limit - seen]
-        seen += len(y)
+        size = len(y) if y is not None else len(x)
+        if limit is not None and seen + size > limit:
+            x, y = x[: limit - seen], (y[: limit - seen] if y is not None else None)
+            size = limit - seen
+        seen += size
         yield x, y

@@ -157,9 +157,11 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
                       f"(calibrated on {acc['calibration_images']} images)")
     ver = report.get("verification", {}).get("reference_vs_fakequant")
     if ver:
+        top1 = ver["reference_top1"]
+        labelled = f" · reference top-1 {top1 * 100:.2f}%" if top1 is not None else ""
         _say(console, f"integer reference vs fake-quant on {ver['images']} images: top-1 agreement "
                       f"{ver['top1_agreement'] * 100:.2f}% · identical final outputs {ver['identical_fraction'] * 100:.3f}% "
-                      f"· max diff {ver['max_lsb_diff']} LSB · reference top-1 {ver['reference_top1'] * 100:.2f}%")
+                      f"· max diff {ver['max_lsb_diff']} LSB{labelled}")
     for artifact, res in artifact_checks(report):
         _say(console, f"{artifact} vs integer reference on {res['images']} images: top-1 agreement "
                       f"{res['top1_agreement'] * 100:.2f}% · identical final outputs {res['identical_fraction'] * 100:.3f}% "

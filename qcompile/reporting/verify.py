@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from itertools import repeat
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ class Verification:
 
     images: int = 0
     top1_agree: int = 0
+    labelled: int = 0
+    """Images with labels (calibration images may have none), which the reference's top-1 is measured on."""
     reference_correct: int = 0
     final: list[TensorAgreement] = field(default_factory=list)
     layers: list[TensorAgreement] = field(default_factory=list)
@@ -41,8 +44,9 @@ class Verification:
         return self.top1_agree / self.images if self.images else float("nan")
 
     @property
-    def reference_top1(self) -> float:
-        return self.reference_correct / self.images if self.images else float("nan")
+    def reference_top1(self) -> float | None:
+        """None when no image had a label."""
+        return self.reference_correct / self.labelled if self.labelled else None
 
     def summary(self) -> dict[str, object]:
         """The ``report.json`` entry."""
@@ -125,7 +129,7 @@ class _Comparer(fx.Interpreter):
         return out
 
 
-def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
                      dtype: torch.dtype = torch.float64) -> Verification:
     """Compare the reference interpreter with the fake-quant graph, batch by batch (in parts of at most
     :data:`VERIFY_PART_ELEMENTS` input values).
@@ -146,7 +150,7 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
     with torch.no_grad():
         for batch, labels in tqdm(batches, desc="verify", unit="batch", disable=None, leave=False):
             size = max(1, VERIFY_PART_ELEMENTS // max(1, batch[0].numel()))
-            for x, y in zip(batch.split(size), labels.split(size)):
+            for x, y in zip(batch.split(size), labels.split(size) if labels is not None else repeat(None)):
                 inputs = np.asarray(x.numpy(), np.float32)
                 env = reference.run(ir, inputs, keep=True)
                 fq_out = _Comparer(gm, ir, env, by_name).run(x.to(dtype))
@@ -154,8 +158,10 @@ def verify_reference(gm: fx.GraphModule, ir: IRGraph, batches: Iterable[tuple[to
                 del env
                 result.reference_outputs.append((inputs, logits_ref))
                 logits_fq = logits(fq_out).numpy()
-                result.images += len(y)
+                result.images += len(x)
                 result.top1_agree += int((logits_ref.argmax(1) == logits_fq.argmax(1)).sum())
-                result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
+                if y is not None:
+                    result.labelled += len(y)
+                    result.reference_correct += int((logits_ref.argmax(1) == y.numpy()).sum())
     gm.train(was_training)
     return result

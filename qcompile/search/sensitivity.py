@@ -59,6 +59,11 @@ def outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     return out
 
 
+def labelled(batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Whether every batch has labels (a calibration set may be images alone)."""
+    return all(y is not None for _, y in batches)
+
+
 def calibration_loss(logits: Sequence[torch.Tensor], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean cross-entropy of the logits against the batches' labels."""
     total = sum(float(F.cross_entropy(z, y, reduction="sum")) for z, (_, y) in zip(logits, batches))
@@ -104,7 +109,7 @@ def cache_key(gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, torch.Te
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     for x, y in batches:
         h.update(x.contiguous().numpy().tobytes())
-        h.update(y.contiguous().numpy().tobytes())
+        h.update(y.contiguous().numpy().tobytes() if y is not None else b"unlabelled")
     return h.hexdigest()[:24]
 
 
@@ -138,7 +143,7 @@ def table_problem(stored: Mapping[str, Any], units: Sequence[str], lowered: Sequ
     """
     if stored.get("metric") != metric:
         return f"measures {stored.get('metric')!r}, not {metric!r}"
-    if not _finite(stored.get("reference_loss")):
+    if not _finite(stored.get("reference_loss")) and not (metric == "kl" and stored.get("reference_loss") is None):
         return f"has reference loss {stored.get('reference_loss')!r}, not a finite number"
     layers = stored.get("layers")
     if not isinstance(layers, dict) or set(layers) != set(units):
@@ -170,7 +175,8 @@ def _measure_table(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Seq
         logits = measure_one(gm, ctx, units[unit], p, batches, widest, adaquant_iterations, adaquant_scope)
         layers[unit][str(p)] = degradation(metric, reference, logits, batches)
     return {"metric": metric, "adaquant_iterations": adaquant_iterations, "adaquant_scope": adaquant_scope,
-            "reference": str(widest), "reference_loss": calibration_loss(reference, batches), "layers": layers}
+            "reference": str(widest), "layers": layers,
+            "reference_loss": calibration_loss(reference, batches) if labelled(batches) else None}
 
 
 def _cached_table(path: Path, units: Sequence[str], lowered: Sequence[str], metric: str) -> dict[str, Any] | None:
@@ -192,6 +198,9 @@ def sensitivities(gm: fx.GraphModule, ctx: PassContext, units: Mapping[str, Sequ
     ``adaquant_iterations`` each lowered unit is AdaQuant-optimised before it is measured, as in Hubara et al.'s
     advanced pipeline: the search then prices a layer by what is left after AdaQuant."""
     check_metric(metric)
+    if not labelled(batches) and metric == "loss":
+        raise PipelineError("mixed_precision: the 'loss' sensitivity metric needs labelled calibration batches; "
+                            "these have images only (the 'kl' metric needs no labels)")
     widest = max(candidates, key=lambda p: (p.w_bits, p.a_bits))
     lowered = [p for p in candidates if p != widest]
     names = [str(p) for p in lowered]

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from qcompile.cli import main
-from qcompile.errors import CheckpointError
-from qcompile.frontend.model_file import load_model_file, load_weights
+from qcompile.errors import CheckpointError, DataError
+from qcompile.frontend.model_file import check_labels, hook_batches, load_model_file, load_weights
 from tests.conftest import TinyNet, randomize_bn
 
 BN_MODULES = ("stem_bn", "body_bn")
@@ -121,6 +121,27 @@ def test_a_pickled_model_is_one_line_saying_how_to_resave(saved, tmp_path):
     assert "\n" not in msg and "\x1b" not in msg
     assert "holds a pickled Python object (tests.conftest.TinyNet)" in msg
     assert "torch.save(model.state_dict(), PATH)" in msg
+
+
+def _truncated(path):
+    torch.save(trained().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+@pytest.mark.parametrize("write, line", [
+    (_truncated, "is truncated or damaged: its zip archive cannot be read"),
+    (lambda path: path.write_text("hello"), "is not a file torch.save wrote (it starts with b'hell'); pass the state "
+                                            "dict saved with torch.save(model.state_dict(), PATH)"),
+    (lambda path: path.write_bytes(b"\x93NUMPY\x01\x00"), "is not a file torch.save wrote (it starts with "
+                                                            "b'\\x93NUM')"),
+    (lambda path: path.write_bytes(b""), "is empty"),
+], ids=["truncated", "text", "numpy", "empty"])
+def test_a_file_torch_save_did_not_write_is_one_line_saying_so(write, line, tmp_path):
+    """Not the library's internal message (miniz's paragraph, "KeyError: 101"), but what the file is."""
+    write(tmp_path / "w.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(TinyNet(), tmp_path / "w.pt")
+    assert str(err.value).startswith(f"checkpoint {tmp_path / 'w.pt'} {line}"), str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -337,3 +358,44 @@ def test_data_for_a_model_of_several_inputs_is_refused_in_one_line(example, inpu
     with pytest.raises(DataError, match=f"^the calibration batches' inputs are {held} and example_input\\(\\) gives 2 "
                                         "tensor\\(s\\): calibration, accuracy and verification take models of one"):
         check_batches(nn.Identity(), example, [(inputs, torch.zeros(4, dtype=torch.long))], "calibration")
+
+
+def _batch(labels: object) -> tuple[torch.Tensor, object]:
+    return torch.zeros(3, 3, 4, 4), labels
+
+
+@pytest.mark.parametrize("batch, labels", [
+    (_batch(torch.tensor([2, 0, 1])), [2, 0, 1]),
+    (_batch(torch.eye(3)[[2, 0, 1]]), [2, 0, 1]),  # one-hot
+    (_batch(torch.tensor([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.3, 0.4, 0.3]])), [2, 0, 1]),  # soft labels
+    (_batch(torch.tensor([[2], [0], [1]])), [2, 0, 1]),
+    (_batch(torch.tensor([2.0, 0.0, 1.0])), [2, 0, 1]),
+    (_batch([2, 0, 1]), [2, 0, 1]),
+    (torch.zeros(3, 3, 4, 4), None),  # calibration images alone
+])
+def test_hook_batches_are_read_as_images_and_class_indices(batch, labels):
+    [(inputs, got)] = list(hook_batches([batch], "calibration_data", labelled=False))
+    assert inputs.shape == (3, 3, 4, 4)
+    assert got is None if labels is None else (got.dtype == torch.int64 and got.tolist() == labels)
+
+
+@pytest.mark.parametrize("batch, line", [
+    (torch.zeros(3, 3, 4, 4), "eval_data() yields a Tensor; it must yield (inputs, labels) pairs"),
+    ({"pixel_values": torch.zeros(3, 3, 4, 4), "labels": torch.zeros(3)},
+     "eval_data() yields dicts (keys 'pixel_values', 'labels'); yield (inputs, labels) pairs instead"),
+    ((torch.zeros(3, 3, 4, 4), torch.zeros(3), "path"), "eval_data() yields a tuple of 3 items; it must yield"),
+])
+def test_hook_batches_of_another_form_are_one_line(batch, line):
+    with pytest.raises(DataError) as caught:
+        list(hook_batches([batch], "eval_data", labelled=True))
+    assert str(caught.value).startswith(line) and "\n" not in str(caught.value)
+
+
+def test_labels_past_the_logits_are_refused_and_more_logits_than_classes_warned():
+    check_labels(10, torch.tensor([0, 9]), "evaluation")
+    with pytest.raises(DataError, match=r"labels run from -1 to 3 but the model gives 10 logits"):
+        check_labels(10, torch.tensor([-1, 3]), "evaluation")
+    with pytest.raises(DataError, match=r"labels run from 0 to 10 \(11 classes\) but the model gives 10 logits"):
+        check_labels(10, torch.tensor([0, 10]), "training", [f"c{i}" for i in range(11)])
+    with pytest.warns(UserWarning, match=r"the model gives 1000 logits and the evaluation data has 10 classes"):
+        check_labels(1000, torch.tensor([0, 9]), "evaluation", [f"c{i}" for i in range(10)])

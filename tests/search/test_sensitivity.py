@@ -153,3 +153,15 @@ def test_a_measured_table_that_is_not_finite_is_an_error_and_not_cached(tiny, tm
                                             r"finite number; nothing was cached"):
         search(tiny)
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_unlabelled_calibration_batches_are_measured_by_kl_alone(tiny, tmp_path, monkeypatch):
+    """Calibration images may come without labels: the KL search needs none; the loss metric says it needs them."""
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    images = [(x, None) for x, _ in DATA]
+    passes = [AssignPrecision(), AnnotateCost(), MixedPrecision(parse_budget("linear=0.4"))]
+    with torch.no_grad():
+        result = Pipeline(passes).run(tiny, DATA[0][0][:1], recipe=get_recipe("auto"), calibration_data=images)
+    assert result.context.results["mixed_precision"]["sensitivity_reference_loss"] is None
+    with pytest.raises(PipelineError, match="the 'loss' sensitivity metric needs labelled calibration batches"):
+        sensitivities(tiny, None, {}, [], images, metric="loss")  # type: ignore[arg-type]
