@@ -21,9 +21,26 @@ from tqdm import tqdm
 from qcompile.errors import DataError, PipelineError
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.quantization.quantizer import ActivationQuantizer, BatchPart, QuantizerState, fit_bias_scales
+from qcompile.frontend.tracing import source_location
+from qcompile.quantization.quantizer import (
+    ActivationQuantizer,
+    BatchPart,
+    NonFiniteActivation,
+    QuantizerState,
+    fit_bias_scales,
+)
 
 PART_ELEMENTS = 1 << 24  # input values per forward: 111 images of 3x224x224 (about 1 GB of ResNet-50 activations)
+
+
+def _not_finite(gm: fx.GraphModule, quantizer: torch.nn.Module) -> str:
+    """One line naming the value a quantizer found NaN or inf in, and the model's line that computed it."""
+    name = next(n for n, m in gm.named_modules() if m is quantizer)
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+    value = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+    return (f"calibration: {value.name} ({source_location(value)}) is not finite (NaN or inf) on a calibration batch, "
+            "so it has no range to quantize; the float model computes it so on these inputs (a log or square root of "
+            "a negative value, a division by zero, an overflow?)")
 
 
 class Calibrate(Pass):
@@ -53,6 +70,8 @@ class Calibrate(Pass):
                 for x, _ in tqdm(ctx.calibration_data, desc="calibrate", unit="batch", disable=None, leave=False):
                     self._observe(gm, acts.values(), x)
                     images += len(x)
+        except NonFiniteActivation as exc:
+            raise DataError(_not_finite(gm, exc.quantizer)) from None
         finally:
             for w in weights.values():
                 w.enabled = True

@@ -84,6 +84,7 @@ def with_hooks(path: str, hooks: str) -> str:
     return path
 
 
+LOG_FORWARD = "        return self.fc(torch.log(self.bn(self.conv(x))).mean((2, 3)))"  # log of negatives: NaN
 IMAGES = "torch.randn(8, 3, 8, 8)"
 LABELS_PAST_LOGITS = f"def calibration_data():\n    return [({IMAGES}, torch.arange(8) % 6)]\n"
 EVAL_IMAGES_ALONE = f"def calibration_data():\n    return [{IMAGES}]\n\ndef eval_data():\n    return [{IMAGES}]\n"
@@ -146,6 +147,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                            "the calibration labels run from 0 to 5 but the model gives 4 logits"),
         "evaluation images without labels": ([with_hooks(model_file(tmp, "unlabelled"), EVAL_IMAGES_ALONE)],
                                              "eval_data() yields a Tensor; it must yield (inputs, labels) pairs"),
+        "NaN activation on the calibration data": ([model_file(tmp, "logs", forward=LOG_FORWARD), "--recipe", "int8"],
+                                                   "calibration: log (" + str(tmp / "logs.py") + ":13) is not finite"),
         "batches as dicts": ([with_hooks(model_file(tmp, "dicts"), DICT_BATCHES)],
                              "calibration_data() yields dicts (keys 'image', 'label'); yield (inputs, labels) pairs"),
     }
@@ -156,7 +159,7 @@ CASES = ["accumulator overflow, verified", "accumulator overflow, unverified", "
          "model written for batch size 1", "model returning a dict", "NaN weight", "Inf BatchNorm variance",
          "width nan", "width inf", "data not a tarball", "data a text file", "data folder without train/ and test/",
          "unknown recipe", "missing model file", "TorchScript model", "labels past the model's logits",
-         "evaluation images without labels", "batches as dicts"]
+         "evaluation images without labels", "batches as dicts", "NaN activation on the calibration data"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qcompile.errors import DataError
 from qcompile.quantization import fused_kernels
 from qcompile.quantization.spec import Calibrator, Granularity, QuantSpec
 
@@ -373,9 +374,18 @@ def _memory_order(x: torch.Tensor) -> torch.Tensor:
     return x.permute(order).reshape(-1)
 
 
-def _check_finite(batch_max: torch.Tensor) -> None:
+class NonFiniteActivation(DataError):
+    """An activation quantizer observed NaN or inf, which has no range to quantize: raised with the quantizer, for
+    the pass running the forward to name the value and the line that computed it."""
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__("an activation quantizer observed a value that is not finite (NaN or inf)")
+        self.quantizer = quantizer
+
+
+def _check_finite(batch_max: torch.Tensor, quantizer: nn.Module) -> None:
     if not capturing() and not torch.isfinite(batch_max):
-        raise ValueError("activation quantizer observed a non-finite value")
+        raise NonFiniteActivation(quantizer)
 
 
 class QuantizerState(enum.Enum):
@@ -432,7 +442,7 @@ class ActivationQuantizer(nn.Module):
         if self._part is None:
             self._record(batch_max)
         else:
-            _check_finite(batch_max)
+            _check_finite(batch_max, self)
             self._part_max = batch_max if self._part_max is None else torch.maximum(self._part_max, batch_max)
         if self.calibrator is not None:
             self.calibrator.observe(x, self._part)
@@ -458,7 +468,7 @@ class ActivationQuantizer(nn.Module):
     def _record(self, batch_max: torch.Tensor) -> None:
         if self.sync_across_ranks:
             torch.distributed.all_reduce(batch_max, op=torch.distributed.ReduceOp.MAX)
-        _check_finite(batch_max)
+        _check_finite(batch_max, self)
         self.ema_max.copy_(batch_max if self.batches == 0 else EMA_DECAY * self.ema_max + (1 - EMA_DECAY) * batch_max)
         self.running_max.copy_(torch.maximum(self.running_max, batch_max))
         self.batches += 1
