@@ -39,8 +39,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CROP_FRACTION = 0.875  # torchvision's evaluation transform: Resize(size / 0.875), CenterCrop(size)
-SPLITS = ("train", "test")
-LAYOUT = "train/<class>/<image> and test/<class>/<image>"
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
+"""The folders a split is read from, the first present: evaluation images are as often in ``val/`` (ImageNet's
+layout, Imagenette) or ``valid/`` (fastai's) as in ``test/``."""
+LAYOUT = "train/<class>/<image> and test/<class>/<image> (or val/<class>/<image>)"
 CACHE_KIND = "images"
 CACHE_VERSION = 2  # 2: qcompile.cache header (version, content hash); 1 had none
 
@@ -260,15 +262,27 @@ def _at_size(data: ImageSet, size: Size | None) -> ImageSet:
     return ImageSet(ResizedImages(np.asarray(data.images), size), data.labels, data.classes, data.source_size)
 
 
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The folder ``split`` is read from (see :data:`SPLIT_FOLDERS`), or None."""
+    return next((d for name in SPLIT_FOLDERS.get(split, (split,)) if (d := _split_dir(root, name)) is not None), None)
+
+
+def _by_split(found: dict[str, ImageSet]) -> dict[str, ImageSet]:
+    """An archive's splits by the name they are loaded as: its ``val/`` is the test split when it has no ``test/``."""
+    named = {split: next((found[f] for f in folders if f in found), None) for split, folders in SPLIT_FOLDERS.items()}
+    return {split: data for split, data in named.items() if data is not None}
+
+
 def _missing_splits(root: Path, split: str) -> str:
     """A one-line error for a directory without ``split``, naming every standard split it lacks."""
-    missing = [s for s in dict.fromkeys((split, *SPLITS)) if _split_dir(root, s) is None]
+    missing = [s for s in dict.fromkeys((split, *SPLIT_FOLDERS)) if _split_folder(root, s) is None]
     names = " and no ".join(f"{s}/" for s in missing)
     return f"data directory {root} has no {names} subdirectory; expected {LAYOUT} inside it"
 
 
 def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None) -> ImageSet:
-    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*``.
+    """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*`` (the test split
+    from ``val/`` where there is no ``test/``: :data:`SPLIT_FOLDERS`).
 
     With ``size`` (H, W), images of another size go through :func:`resize_center_crop` (when they are read, for
     a split whose images share one size). A directory without the split is an error rather than a fallback to the
@@ -278,7 +292,7 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
-    where = _split_dir(p, split) if p.is_dir() else None
+    where = _split_folder(p, split) if p.is_dir() else None
     if p.is_dir() and where is None:
         raise DataError(_missing_splits(p, split))
     hit = _cached(p, split, None)
@@ -290,11 +304,12 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
         data = _read_folder(where, size)
         _store(p, split, size, data)
         return _at_size(data, size)
-    splits = _read_archive(p, size)
+    found = _read_archive(p, size)
+    splits = _by_split(found)
     for name, data in splits.items():
         _store(p, name, size, data)
     if split not in splits:
-        raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(splits)) or 'none'}; "
+        raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(found)) or 'none'}; "
                         f"expected {LAYOUT})")
     return _at_size(splits[split], size)
 

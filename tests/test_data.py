@@ -370,7 +370,7 @@ def text_named_tar(root: Path) -> Path:
         (zip_file, "data.zip is a zip archive; expected a tar archive"),
         (truncated_archive, "cannot read archive"),
         (flat_folder, "has no train/ and no test/ subdirectory; expected train/<class>/<image> and "
-                      "test/<class>/<image> inside it"),
+                      "test/<class>/<image> (or val/<class>/<image>) inside it"),
         (train_only, "has no test/ subdirectory; expected train/<class>/<image> and test/<class>/<image>"),
         (corrupt_image, "cannot decode image"),
         (classes_differ, "the train and test splits have different classes (test only: fox); labels are the "
@@ -402,3 +402,15 @@ def test_normalized_batches_are_contiguous_nchw():
     assert x.shape == (4, 3, 8, 8) and x.is_contiguous()
     conv = torch.nn.Conv2d(3, 5, 3)
     assert conv(x).view(4, -1).shape == (4, 5 * 6 * 6)
+
+
+@pytest.mark.parametrize("folder", ["val", "valid", "validation"])
+def test_a_val_folder_is_the_test_split_where_there_is_no_test_folder(folder, tmp_path, cache):
+    """ImageNet's layout (train/, val/) and fastai's (valid/), as a directory and as an archive."""
+    root = image_folder(tmp_path / "d")
+    (root / "test").rename(root / folder)
+    test = load_split(root, "test")
+    assert (len(test), test.classes) == (2, ("cat", "dog"))
+    with tarfile.open(tmp_path / "d.tar", "w") as tar:
+        tar.add(root, arcname="d")
+    assert np.array_equal(load_split(tmp_path / "d.tar", "test").labels, test.labels)
