@@ -18,7 +18,7 @@ import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,8 +105,13 @@ class ImageSet:
         """A fixed, class-mixed subset of ``n`` images (all of them when ``n`` is None or too large)."""
         if n is None or n >= len(self):
             return self
-        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        idx = _draw(len(self), n, seed)
         return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source_size)
+
+
+def _draw(total: int, n: int, seed: int) -> np.ndarray:
+    """Which ``n`` of ``total`` images a seeded, class-mixed subset holds, in their order."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n])
 
 
 def _source_key(path: Path) -> str:
@@ -160,20 +165,37 @@ def _decode(data: bytes, where: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _stack(decoded: list[np.ndarray], labels: list[int], classes: tuple[str, ...], size: Size | None,
-           where: str) -> ImageSet:
-    """The split as decoded when its images share one size (:func:`load_split` resizes it when read), else each
-    image resized to ``size``."""
-    if not decoded:
-        raise DataError(f"no images found in {where}")
-    sources = {im.shape[:2] for im in decoded}
-    source_size = next(iter(sources)) if len(sources) == 1 else None
-    if source_size is None:
-        if size is None:
-            shapes = sorted({im.shape for im in decoded})
-            raise DataError(f"images in {where} have different sizes {shapes[:3]}; resize them to one size")
-        decoded = [im if im.shape[:2] == size else _resize_pixels(im, size) for im in decoded]
-    return ImageSet(np.stack(decoded), np.asarray(labels, dtype=np.int64), classes, source_size)
+class _Decoded:
+    """A split's images as they are decoded: kept as decoded while they share one size (:func:`load_split` resizes
+    such a split when it is read, and caches it once for every size), else each resized to ``size`` as it comes,
+    so that a split of mixed sizes (ImageNet's) never holds its full-size images at once."""
+
+    def __init__(self, size: Size | None, where: str) -> None:
+        self.size, self.where = size, where
+        self.images: list[np.ndarray] = []
+        self.mixed = False
+
+    def add(self, pixels: np.ndarray) -> None:
+        if not self.mixed and self.images and pixels.shape[:2] != self.images[0].shape[:2]:
+            if self.size is None:
+                shapes = sorted({self.images[0].shape, pixels.shape})
+                raise DataError(f"images in {self.where} have different sizes {shapes}; resize them to one size")
+            self.mixed = True
+            self.images = [self._resized(im) for im in self.images]
+        self.images.append(self._resized(pixels) if self.mixed else pixels)
+
+    def _resized(self, pixels: np.ndarray) -> np.ndarray:
+        assert self.size is not None
+        return pixels if pixels.shape[:2] == self.size else _resize_pixels(pixels, self.size)
+
+    def image_set(self, labels: Sequence[int], classes: tuple[str, ...],
+                  order: Sequence[int] | None = None) -> ImageSet:
+        """The images (in ``order`` of their decoding, when given) with their labels."""
+        if not self.images:
+            raise DataError(f"no images found in {self.where}")
+        images = self.images if order is None else [self.images[i] for i in order]
+        source_size = None if self.mixed else self.images[0].shape[:2]
+        return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), classes, source_size)
 
 
 def _open_archive(path: Path) -> tarfile.TarFile:
@@ -192,7 +214,8 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
     """Decode every split of an ImageFolder-layout tar archive (``root/<split>/<class>/<image>``) in one pass."""
     from tqdm import tqdm
 
-    found: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+    decoded: dict[str, _Decoded] = {}
+    members: dict[str, list[tuple[str, str]]] = {}  # split -> (member name, class) in the order decoded
     try:
         with _open_archive(path) as tar:
             for member in tqdm(tar, desc=f"decode {path.name}", unit="file", disable=None, leave=False):
@@ -202,17 +225,17 @@ def _read_archive(path: Path, size: Size | None) -> dict[str, ImageSet]:
                 split, cls = parts[-3], parts[-2]
                 fh = tar.extractfile(member)
                 assert fh is not None
-                decoded = _decode(fh.read(), f"{path}:{member.name}")
-                found.setdefault(split, []).append((cls, member.name, decoded))
+                pixels = _decode(fh.read(), f"{path}:{member.name}")
+                decoded.setdefault(split, _Decoded(size, f"{path}:{split}")).add(pixels)
+                members.setdefault(split, []).append((member.name, cls))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # a damaged or truncated archive
         raise DataError(f"cannot read archive {path}: {cache.first_line(exc)}") from None
     out = {}
-    for split, items in found.items():
-        items.sort(key=lambda t: t[1])
-        classes = tuple(sorted({c for c, _, _ in items}))
+    for split, items in members.items():
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        classes = tuple(sorted({c for _, c in items}))
         index = {c: i for i, c in enumerate(classes)}
-        out[split] = _stack([im for _, _, im in items], [index[c] for c, _, _ in items], classes, size,
-                            f"{path}:{split}")
+        out[split] = decoded[split].image_set([index[items[i][1]] for i in order], classes, order)
     return out
 
 
@@ -222,15 +245,24 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def _read_folder(root: Path, size: Size | None) -> ImageSet:
+def _read_folder(root: Path, size: Size | None, limit: int | None = None, seed: int = 0) -> ImageSet:
+    """``root/<class>/<image>``; with ``limit``, only the images :meth:`ImageSet.subset` would draw are decoded
+    (the same ones: 512 calibration images of ImageNet's 1.28 million, not all of them)."""
+    from tqdm import tqdm
+
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    decoded, labels = [], []
-    for i, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                decoded.append(_decode(f.read_bytes(), str(f)))
-                labels.append(i)
-    return _stack(decoded, labels, classes, size, str(root))
+    files = [(f, i) for i, cls in enumerate(classes) for f in sorted((root / cls).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"no images found in {root}")
+    if limit is not None and limit < len(files):
+        files = [files[i] for i in _draw(len(files), limit, seed)]
+    if not files:  # --calib-size 0: the classes alone
+        return ImageSet(np.zeros((0, *(size or (1, 1)), 3), np.uint8), np.zeros(0, np.int64), classes, size)
+    decoded = _Decoded(size, str(root))
+    for f, _ in tqdm(files, desc=f"decode {root.name}", unit="file", disable=None, leave=False):
+        decoded.add(_decode(f.read_bytes(), str(f)))
+    return decoded.image_set([label for _, label in files], classes)
 
 
 def _cache_file(path: Path, split: str, size: Size | None) -> Path:
@@ -280,9 +312,11 @@ def _missing_splits(root: Path, split: str) -> str:
     return f"data directory {root} has no {names} subdirectory; expected {LAYOUT} inside it"
 
 
-def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None) -> ImageSet:
+def load_split(path: str | os.PathLike[str], split: str, size: Size | None = None, limit: int | None = None,
+               seed: int = 0) -> ImageSet:
     """Load ``split`` ("train" or "test") from a tar archive, or from ``DIR/<split>/<class>/*`` (the test split
-    from ``val/`` where there is no ``test/``: :data:`SPLIT_FOLDERS`).
+    from ``val/`` where there is no ``test/``: :data:`SPLIT_FOLDERS`); with ``limit``, its seeded class-mixed
+    subset of that many images (:meth:`ImageSet.subset`), of which a directory decodes only those.
 
     With ``size`` (H, W), images of another size go through :func:`resize_center_crop` (when they are read, for
     a split whose images share one size). A directory without the split is an error rather than a fallback to the
@@ -295,14 +329,14 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
     where = _split_folder(p, split) if p.is_dir() else None
     if p.is_dir() and where is None:
         raise DataError(_missing_splits(p, split))
-    hit = _cached(p, split, None)
-    if hit is None and size is not None:
-        hit = _cached(p, split, size)
-    if hit is not None:
-        return _at_size(hit, size)
+    drawn = split if where is None or limit is None else f"{split}-draw{limit}-seed{seed}"
+    for name in dict.fromkeys((split, drawn)):
+        hit = _cached(p, name, None) or (_cached(p, name, size) if size is not None else None)
+        if hit is not None:
+            return _at_size(hit.subset(limit, seed), size)
     if where is not None:
-        data = _read_folder(where, size)
-        _store(p, split, size, data)
+        data = _read_folder(where, size, limit, seed)
+        _store(p, drawn, size, data)
         return _at_size(data, size)
     found = _read_archive(p, size)
     splits = _by_split(found)
@@ -311,15 +345,16 @@ def load_split(path: str | os.PathLike[str], split: str, size: Size | None = Non
     if split not in splits:
         raise DataError(f"archive {p} has no '{split}' split (found: {', '.join(sorted(found)) or 'none'}; "
                         f"expected {LAYOUT})")
-    return _at_size(splits[split], size)
+    return _at_size(splits[split].subset(limit, seed), size)
 
 
-def load_train_test(path: str | os.PathLike[str], size: Size | None = None) -> tuple[ImageSet, ImageSet]:
-    """The train and test splits of one data set (see :func:`load_split`), whose labels must mean the same
-    classes: a label is its class folder's position in sorted order, so a class that one split lacks shifts the
-    labels of every class after it, and a model trained or calibrated on one split would be scored against
-    different classes on the other."""
-    train, test = load_split(path, "train", size), load_split(path, "test", size)
+def load_train_test(path: str | os.PathLike[str], size: Size | None = None, train_size: int | None = None,
+                    test_size: int | None = None, train_seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """The train and test splits of one data set (see :func:`load_split`; ``train_size`` and ``test_size``
+    images of them), whose labels must mean the same classes: a label is its class folder's position in sorted
+    order, so a class that one split lacks shifts the labels of every class after it, and a model trained or
+    calibrated on one split would be scored against different classes on the other."""
+    train, test = load_split(path, "train", size, train_size, train_seed), load_split(path, "test", size, test_size)
     if train.classes != test.classes:
         only = {"train": set(train.classes) - set(test.classes), "test": set(test.classes) - set(train.classes)}
         sides = [f"{split} only: {', '.join(sorted(names))}" for split, names in only.items() if names]

@@ -414,3 +414,25 @@ def test_a_val_folder_is_the_test_split_where_there_is_no_test_folder(folder, tm
     with tarfile.open(tmp_path / "d.tar", "w") as tar:
         tar.add(root, arcname="d")
     assert np.array_equal(load_split(tmp_path / "d.tar", "test").labels, test.labels)
+
+
+def test_a_folders_subset_decodes_only_the_images_drawn(tmp_path, cache, monkeypatch):
+    """512 calibration images of ImageNet's 1.28 million decode 512 files: the same draw as ImageSet.subset."""
+    import qcompile.data as data
+
+    root = image_folder(tmp_path / "d")
+    for i in range(2, 6):  # 6 training images per class
+        for cls in ("cat", "dog"):
+            shutil.copy(root / "train" / cls / "0.png", root / "train" / cls / f"{i}.png")
+    whole = load_split(root, "train")
+    decoded = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda raw, where: decoded.append(where) or real_decode(raw, where))
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "another-cache"))
+    drawn = load_split(root, "train", limit=5, seed=3)
+    expected = whole.subset(5, seed=3)
+    assert len(decoded) == 5 and np.array_equal(drawn.labels, expected.labels)
+    assert np.array_equal(np.asarray(drawn.images), np.asarray(expected.images))
+    assert load_split(root, "train", limit=5, seed=3).labels.tolist() == expected.labels.tolist()
+    assert len(decoded) == 5  # cached
+    assert len(load_split(root, "train", limit=0)) == 0

@@ -53,8 +53,7 @@ def resolve_data(
     if args.data:
         asked = parse_normalization(args.normalize) if args.normalize is not None else None
         size = _image_size(example if example is not None else mf.example_input())
-        train, test = load_train_test(args.data, size)
-        train, test = train.subset(args.calib_size, seed=args.calib_seed), test.subset(args.eval_size)
+        train, test = load_train_test(args.data, size, args.calib_size, args.eval_size, args.calib_seed)
         stats = asked or default_normalization(train, test)
         calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes

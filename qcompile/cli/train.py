@@ -30,8 +30,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def _splits(args: argparse.Namespace, device: Any, model: nn.Module, example: tuple[torch.Tensor, ...]) -> Splits:
     """The --data splits, whose labels must index the model's logits."""
-    train, test = load_train_test(args.data)
-    train, test = train.subset(args.train_size), test.subset(args.eval_size)
+    train, test = load_train_test(args.data, train_size=args.train_size, test_size=args.eval_size)
     count = logit_count(model, example)
     if count is not None:
         check_labels(count, torch.from_numpy(np.concatenate([train.labels, test.labels])), "training", train.classes)
