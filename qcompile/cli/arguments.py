@@ -226,7 +226,8 @@ def check_profile_args(args: argparse.Namespace) -> None:
     if args.batch < 1 or args.rounds < 1 or args.threads < 1:
         raise QCompileError("--batch, --rounds and --threads must be at least 1")
     if (args.model is None) == (args.staged is None):
-        raise QCompileError("give a model file or --staged DIR (the models a --stage run built), not both")
+        both = ", not both" if args.model is not None else ""
+        raise QCompileError(f"give a model file or --staged DIR (the models a --stage run built){both}")
     if args.stage and (args.backend != "tvm" or args.staged):
         raise QCompileError("--stage builds TVM artifacts: it needs --backend tvm and a model file")
     if args.target.startswith("sm") and not args.stage and not args.staged:

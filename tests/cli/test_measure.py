@@ -188,7 +188,8 @@ def test_profile_errors_are_one_line(tmp_path, monkeypatch, capsys) -> None:
     mine.mkdir()
     (mine / "notes.txt").write_text("a user's file")
     cases = [([model, "--backend", "tvm", "--stage", str(mine), "--out", "p.json"], "is a folder without plan.json"),
-             (["--out", "p.json"], "give a model file or --staged DIR"),
+             (["--out", "p.json"], "give a model file or --staged DIR (the models a --stage run built)\n"),
+             ([model, "--staged", str(mine), "--out", "p.json"], "--staged DIR (the models a --stage run built), not both"),
              ([model, "--backend", "tvm", "--target", "sm90", "--out", "p.json"], "--target sm90 cannot run on this"),
              ([model, "--stage", str(tmp_path / "s"), "--out", "p.json"], "--stage builds TVM artifacts"),
              (["--staged", str(tmp_path / "none"), "--out", "p.json"], "not a folder written by --stage")]
