@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from qcompile.artifacts import write_json, write_text
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, first_line
 from qcompile.pipeline import Pipeline
 from qcompile.pipelines import qat_prepare_passes
 from qcompile.quantization.latency import LatencyProfile
@@ -53,7 +54,16 @@ def finished(out: Path, pair: Pair, expected: dict[str, Any]) -> dict[str, Any] 
     f = run_dir(out, pair) / "result.json"
     if not f.exists():
         return None
-    row = json.loads(f.read_text())
+    try:
+        row = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:  # edited or damaged: the pair is trained (or resumed) again
+        warnings.warn(f"cannot read {f} ({first_line(exc)}); training the pair again", stacklevel=2)
+        return None
+    missing = [k for k in expected if k not in row] if isinstance(row, dict) else list(expected)
+    if missing:
+        warnings.warn(f"{f} is not a finished pair's result (it lacks {', '.join(missing)}); training the pair "
+                      "again", stacklevel=2)
+        return None
     differs = [f"{k} {row.get(k)} (now {v})" for k, v in expected.items() if row.get(k) != v]
     if differs:
         raise QCompileError.with_parameters(f"{f} was trained with other settings: {', '.join(differs)}; "

@@ -93,6 +93,12 @@ def test_tiny_sweep_writes_tables_and_plots_and_resumes(tmp_path, capsys):
     # resumed from its final checkpoint: the same trained model, so the same numbers
     assert again["0.5", "int8"]["int_top1"] == by[0.5, "int8"]["int_top1"]
 
+    # a damaged result (edited by hand) is trained again, with a warning, not a JSONDecodeError traceback
+    (out / "runs" / "w1-bf16" / "result.json").write_text('{"broken')
+    code, captured = _sweep(model, out, capsys)
+    assert code == 0 and captured.out.count("(done before)") == 3, captured.err
+    assert f"qcompile: warning: cannot read {out / 'runs' / 'w1-bf16' / 'result.json'}" in captured.err
+
     code, captured = _sweep(model, out, capsys, epochs="2")  # other settings must not mix into the table
     assert code == 2 and "trained with other settings: epochs 1 (now 2)" in captured.err
     code, captured = _sweep(model, out, capsys, lr="0.1")
