@@ -302,3 +302,19 @@ def test_training_data_of_more_classes_than_logits_is_one_line_before_training(t
     assert re.fullmatch(r"qcompile: error: the training labels run from \d to 9 \(10 classes\) but the model gives 4 "
                         r"logits per image, which labels index: is the data for another model\?", lines[0]), lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "int8"])
+def test_training_that_diverges_stops_in_one_line(recipe, tmp_path, capsys):
+    """A learning rate far too high trained to NaN and wrote a model of NaN with its scores (or, quantized, stopped
+    with "an activation quantizer observed a value that is not finite")."""
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-sample.tar.gz"
+    ten_classes = SMALL["layers"].replace("nn.Linear(8, 4)", "nn.Linear(8, 10)")
+    model = model_file(tmp_path, "m", layers=ten_classes, size=32, data_size=32)
+    code = main(["train", model, "--data", str(data), "--epochs", "2", "--train-size", "64", "--batch-size", "32",
+                 "--eval-size", "16", "--recipe", recipe, "--lr", "1e30", "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert re.fullmatch(r"qcompile: error: training diverged in epoch \d of 2: (its mean loss is nan|an activation "
+                        r"became NaN or inf at step \d+); train with a lower --lr \(now 1e\+30\)",
+                        err.strip().splitlines()[-1]), err

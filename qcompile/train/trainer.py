@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qcompile.artifacts import atomic_path
-from qcompile.errors import CheckpointError
+from qcompile.errors import CheckpointError, QCompileError
 from qcompile.frontend.model_file import logits, state_mismatch
+from qcompile.quantization.quantizer import NonFiniteActivation
 from qcompile.train.data import DeviceData
 from qcompile.train.distributed import DistContext, mean_across
 from qcompile.train.graphed import CapturedStep
@@ -115,20 +116,25 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContex
                 captured.reset()  # the quantizers froze: record the step again
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if captured is not None:
-                loss = captured(x, y)
-            else:
-                with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = F.cross_entropy(logits(runner(x)), y, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            try:
+                if captured is not None:
+                    loss = captured(x, y)
+                else:
+                    with torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=cuda):
+                        loss = F.cross_entropy(logits(runner(x)), y, label_smoothing=cfg.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            except NonFiniteActivation:  # an observing quantizer saw the weights' NaN or inf
+                raise _diverged(epoch, cfg, f"an activation became NaN or inf at step {step + 1}") from None
             with warnings.catch_warnings():  # a captured step updates the weights without calling opt.step()
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                 sched.step()
             step += 1
             total += loss.detach().float()
         epoch_loss = mean_across(float(total) / steps_per_epoch, dist)
+        if not math.isfinite(epoch_loss):  # checked once an epoch: a check per step would wait on the GPU
+            raise _diverged(epoch, cfg, f"its mean loss is {epoch_loss}")
         elapsed += time.perf_counter() - t0
         if cfg.checkpoint is not None and dist.is_main:
             save_checkpoint(cfg.checkpoint, model, opt, sched, gen, schedule, epoch + 1, elapsed)
@@ -140,6 +146,13 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig, dist: DistContex
         schedule.freeze()
     model.eval()
     return TrainResult(cfg.epochs, step, elapsed, epoch_loss, start_epoch, completed)
+
+
+def _diverged(epoch: int, cfg: TrainConfig, what: str) -> QCompileError:
+    """Training that reached NaN or inf stops, keeping the checkpoint of the last finished epoch, rather than
+    writing a model of NaN and scoring it."""
+    return QCompileError.with_parameters(f"training diverged in epoch {epoch + 1} of {cfg.epochs}: {what}; train "
+                                         f"with a lower {{lr}} (now {cfg.lr:g})")
 
 
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: object,
