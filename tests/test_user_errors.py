@@ -2,12 +2,16 @@
 previous run untouched (the same files, byte for byte, and nothing left beside it). (Data of another size than
 the model's through --data is resized, not an error: tests/test_data.py.)"""
 
+import errno
 import hashlib
+import os
 import re
 from pathlib import Path
 
 import pytest
 
+import qcompile.cli.artifacts
+import qcompile.train.trainer
 from qcompile.artifacts import check_output_dir
 from qcompile.cli import main
 from qcompile.errors import BitWidthsError, BudgetError, InvalidValueError, OutputDirError
@@ -252,11 +256,6 @@ def test_sigterm_stops_a_run_in_one_line_and_leaves_nothing(tmp_path):
 def test_a_full_disk_is_one_line_and_leaves_the_previous_run(previous_run, capsys, monkeypatch):
     """Writing the run into a full disk (here the IR's arrays, as np.savez closes its zip) stops in one line, and
     the previous run stays whole."""
-    import errno
-    import os
-
-    import qcompile.cli.artifacts
-
     def full(ir, folder):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -272,11 +271,6 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_run(previous_run, capsy
 def test_a_full_disk_outside_the_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     """A training run's checkpoint lives in its resumable folder, written file by file: a full disk there is
     named by file."""
-    import errno
-    import os
-
-    import qcompile.train.trainer
-
     def full(path, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
@@ -318,3 +312,30 @@ def test_training_that_diverges_stops_in_one_line(recipe, tmp_path, capsys):
     assert re.fullmatch(r"qcompile: error: training diverged in epoch \d of 2: (its mean loss is nan|an activation "
                         r"became NaN or inf at step \d+); train with a lower --lr \(now 1e\+30\)",
                         err.strip().splitlines()[-1]), err
+
+
+NEGATIVE = "--calib-size, --eval-size, --verify-size, --calib-seed and --adaquant-iters must not be negative"
+NEGATIVE_TRAIN = "--train-size, --eval-size, --train-eval-size and --verify-size must not be negative"
+
+
+@pytest.mark.parametrize("command, flags, line", [
+    ("compile", ["--batch-size", "0"], "--batch-size must be at least 1"),  # was range()'s ValueError traceback
+    ("compile", ["--verify-size", "-1"], NEGATIVE),
+    ("compile", ["--calib-seed", "-1"], NEGATIVE),  # was numpy's ValueError traceback
+    ("compile", ["--adaquant-iters", "-5", "--ptq", "advanced"], NEGATIVE),
+    ("train", ["--lr", "-1"], "--lr must be a positive number, got -1.0"),  # was SGD's ValueError traceback
+    ("train", ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    ("train", ["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    ("train", ["--momentum", "1.5"], "--momentum must be in [0, 1), got 1.5"),
+    ("train", ["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
+    ("train", ["--train-size", "-5"], NEGATIVE_TRAIN),  # trained on all images but 5
+    ("sweep", ["--train-eval-size", "-1"], NEGATIVE_TRAIN),
+])
+def test_flags_out_of_range_are_one_line_before_any_work(command, flags, line, tmp_path, capsys):
+    model = model_file(tmp_path, "m")
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-sample.tar.gz"
+    argv = [model] if command == "compile" else [command, model, "--data", str(data)]
+    code = main([*argv, *flags, "--out", str(tmp_path / "out"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [f"qcompile: error: {line}"], lines
+    assert not (tmp_path / "out").exists()

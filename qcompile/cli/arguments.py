@@ -119,8 +119,11 @@ def check_compile_args(args: argparse.Namespace) -> None:
         )
     if args.weights_key is not None and not args.weights:
         raise QCompileError("--weights-key applies to --weights")
-    if args.calib_size < 0 or (args.eval_size is not None and args.eval_size < 0):
-        raise QCompileError("--calib-size and --eval-size must not be negative")
+    if min(args.calib_size, args.eval_size or 0, args.verify_size, args.calib_seed, args.adaquant_iters) < 0:
+        raise QCompileError("--calib-size, --eval-size, --verify-size, --calib-seed and --adaquant-iters must not be "
+                            "negative")
+    if args.batch_size < 1:
+        raise QCompileError("--batch-size must be at least 1")
     if args.normalize is not None and not args.data:
         raise QCompileError("--normalize applies to --data")
     if args.measure < 0 or args.measure_threads < 1:
@@ -241,6 +244,14 @@ def check_train_args(command: str, args: argparse.Namespace) -> None:
         raise QCompileError("--epochs and --batch-size must be at least 1")
     if not 0 < args.observe_fraction <= 1:
         raise QCompileError(f"--observe-fraction must be in (0, 1], got {args.observe_fraction}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise QCompileError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise QCompileError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise QCompileError(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
+    if min(args.train_size or 0, args.eval_size or 0, args.train_eval_size, args.verify_size) < 0:
+        raise QCompileError("--train-size, --eval-size, --train-eval-size and --verify-size must not be negative")
     if command == "train" and args.width is not None and args.weights:
         raise QCompileError("--weights cannot be combined with --width: width_scale re-initialises every layer")
 
