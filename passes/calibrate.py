@@ -19,9 +19,9 @@ from torch import fx
 from tqdm import tqdm
 
 from qcompile.errors import DataError, PipelineError
+from qcompile.frontend.source_lines import source_location
 from qcompile.pipeline import CALIBRATED, QUANTIZERS, Pass, PassContext
 from qcompile.passes.insert_quantizers import activation_quantizers, weight_quantizers
-from qcompile.frontend.tracing import source_location
 from qcompile.quantization.quantizer import (
     ActivationQuantizer,
     BatchPart,

@@ -39,7 +39,7 @@ from qcompile.frontend.elementwise import (
 from qcompile.frontend.canonical import attribute_tensor
 from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
                                      resize_mode, softmax_of, target_name, unused_name)
-from qcompile.frontend.tracing import source_location
+from qcompile.frontend.source_lines import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.reference import PAD_MODES, global_avgpool_multiplier

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from qcompile.errors import PipelineError, QCompileError
 from qcompile.frontend.graph import compute_nodes, module_of, set_submodule
-from qcompile.frontend.tracing import propagate_shapes
+from qcompile.frontend.shapes import propagate_shapes
 from qcompile.models.width import scaled_channels
 from qcompile.passes.norm_layers import BATCH_NORMS
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "capture": "qcompile.frontend.tracing",
-    "propagate_shapes": "qcompile.frontend.tracing",
+    "propagate_shapes": "qcompile.frontend.shapes",
     "QCompileError": "qcompile.errors",
     "Pass": "qcompile.pipeline",
     "PassContext": "qcompile.pipeline",

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from qcompile.errors import CheckpointError, DataError, ModelFileError, first_line
-from qcompile.frontend.tracing import unwrapped, user_frame
+from qcompile.frontend.source_lines import user_frame
+from qcompile.frontend.tracing import unwrapped
 
 REQUIRED = ("build_model", "example_input")
 

@@ -1,14 +1,11 @@
 """Graph capture: torch.fx symbolic tracing plus shape propagation, with errors that say what to do.
 
-Tracing happens on a deep copy, so passes never mutate the user's model.
-
-Shape arithmetic (``x.size()[3]``, ``c // groups``, ``x.dim()``) traces to nodes that compute Python numbers,
-which the integer lowering cannot take as, say, a pooling kernel. :func:`capture` runs the model at the example's
-batch size and at one more, and replaces every such number that is the same in both by its value; those that
-change (``x.size(0)``, ``x.numel()``) stay nodes, so the graph module still runs at any batch size. Python that
-branches on sizes (dynamic "same" padding) cannot be traced with sizes as nodes; such a model is traced again by
-:class:`_ShapeValuedTracer`, which knows the sizes while tracing. torch.export
-would need dynamic-shape specifications from the user and produces aten-level graphs the passes do not work on.
+Tracing happens on a deep copy, so passes never mutate the user's model. Shape arithmetic that does not depend on
+the batch size is folded into constants (:mod:`qcompile.frontend.shapes`). Python that branches on sizes (dynamic
+"same" padding) cannot be traced with sizes as nodes; such a model is traced again by :class:`_ShapeValuedTracer`,
+which knows the sizes while tracing. torch.export would need dynamic-shape specifications from the user and
+produces aten-level graphs the passes do not work on. Errors name the user's line
+(:mod:`qcompile.frontend.source_lines`).
 """
 
 from __future__ import annotations
@@ -18,15 +15,11 @@ import copy
 import functools
 import inspect
 import operator
-import os
-import re
-import traceback
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_aggregate, map_arg
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.node import map_aggregate
 
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend.canonical import (
@@ -37,21 +30,20 @@ from qcompile.frontend.canonical import (
     shape_argument_layers_to_modules,
     zero_concatenations_as_pads,
 )
-from qcompile.frontend.graph import call, literal
+from qcompile.frontend.graph import call
 from qcompile.frontend.inplace import inplace_ops_functionalized
 from qcompile.frontend.reparametrized import check_trainable, copy_for_inference
+from qcompile.frontend.shapes import (
+    buffers_kept,
+    one_more_sample,
+    propagate,
+    propagate_shapes,
+    shape_arithmetic,
+    specialize_shapes,
+)
+from qcompile.frontend.source_lines import source_location, user_frame
 
 LeafSpec = str | type[nn.Module]
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_TORCH_PLUMBING = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"))
-_HERE = os.path.abspath(__file__)
-_QCOMPILE_DIR = os.path.dirname(_HERE) + os.sep
-_BUNDLED_MODELS = os.path.join(_QCOMPILE_DIR, "models") + os.sep
-_FRAME = re.compile(r'File "(.+)", line (\d+)')
-_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
-_SHAPE_ATTRS = frozenset({"shape", "ndim"})
-
-
 class _SiteTracer(fx.Tracer):
     """A tracer that treats named modules as leaves and remembers which module it was inside when it failed."""
 
@@ -269,40 +261,6 @@ class _ShapeValuedTracer(_SiteTracer):
         raise _NoValue
 
 
-def _is_model_code(path: str) -> bool:
-    """Anything but torch and qcompile: the user's files and installed packages (torchvision is not torch).
-    qcompile's bundled models are model code too."""
-    if path.startswith(_TORCH_DIR):
-        return False
-    return not path.startswith(_QCOMPILE_DIR) or path.startswith(_BUNDLED_MODELS)
-
-
-def _is_torch_model_code(path: str) -> bool:
-    """torch's own modules (a root ``nn.Sequential``'s forward), not the tracer or the module-call wrapper."""
-    return path.startswith(_TORCH_DIR) and not path.startswith(_TORCH_PLUMBING)
-
-
-def _blamed_frame(paths: Sequence[str]) -> int | None:
-    """Index of the innermost frame in model code, else of the innermost in torch's own modules (better than no
-    location when the whole model is torch's), else None."""
-    for wanted in (_is_model_code, _is_torch_model_code):
-        hits = [i for i, p in enumerate(paths) if wanted(p)]
-        if hits:
-            return hits[-1]
-    return None
-
-
-def user_frame(exc: BaseException) -> str:
-    """``file:line`` and the code of the frame to blame for ``exc``: the user's offending line where there is one."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    i = _blamed_frame([os.path.abspath(f.filename) for f in frames])
-    if i is None:
-        return "unknown location"
-    f = frames[i]
-    code = f" `{f.line.strip()}`" if f.line else ""
-    return f"{f.filename}:{f.lineno}{code}"
-
-
 def _split_leaves(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[set[str], tuple[type, ...], set[str]]:
     names: set[str] = set()
     types: list[type] = []
@@ -319,161 +277,6 @@ def _split_leaves(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[s
         else:
             raise CaptureError(f"leaf module {leaf!r} matches no submodule name or class of {type(model).__name__}")
     return names, tuple(types), type_names
-
-
-def source_location(node: fx.Node) -> str:
-    """``file:line`` of the code that created ``node`` (recorded at trace time), or ``unknown location``."""
-    frames = _FRAME.findall(node.stack_trace or "")
-    i = _blamed_frame([os.path.abspath(path) for path, _ in frames])
-    return "unknown location" if i is None else f"{os.path.abspath(frames[i][0])}:{frames[i][1]}"
-
-
-class _NodeFailure(Exception):
-    def __init__(self, node: fx.Node, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.node, self.cause = node, cause
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """torch.fx's ShapeProp without its traceback printing: names the failing node, records ``tensor_meta``
-    (with ``record_meta``) and keeps the values of the ``watched`` nodes."""
-
-    def __init__(self, gm: fx.GraphModule, watched: Collection[fx.Node] = (), record_meta: bool = True) -> None:
-        super().__init__(gm)
-        self.watched = set(watched)
-        self.record_meta = record_meta
-        self.values: dict[fx.Node, object] = {}
-
-    def run_node(self, n: fx.Node) -> object:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:
-            raise _NodeFailure(n, exc) from exc
-        if n in self.watched:
-            self.values[n] = result
-        if self.record_meta:
-            _record_meta(n, result)
-        return result
-
-
-def _record_meta(n: fx.Node, result: object) -> None:
-    """``tensor_meta`` for the tensors in ``result`` (none for a Python value), and its type."""
-    found = False
-
-    def extract(obj: object) -> object:
-        nonlocal found
-        if isinstance(obj, torch.Tensor):
-            found = True
-            return _extract_tensor_metadata(obj)
-        return obj
-
-    meta = map_aggregate(result, extract)
-    if found:
-        n.meta["tensor_meta"] = meta
-    n.meta["type"] = type(result)
-
-
-def _run(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], recorder: _ShapeRecorder) -> None:
-    """Run ``recorder`` in eval mode without gradients, leaving ``gm``'s train/eval mode and buffers as they were."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad(), _buffers_kept(gm):
-            recorder.run(*inputs)
-    finally:
-        gm.train(was_training)
-
-
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running the example inputs in eval mode."""
-    _propagate(gm, example_inputs, watched=())
-
-
-def _propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
-               watched: Collection[fx.Node]) -> dict[fx.Node, object]:
-    """:func:`propagate_shapes`, returning the ``watched`` nodes' values from the same run."""
-    recorder = _ShapeRecorder(gm, watched)
-    try:
-        _run(gm, example_inputs, recorder)
-    except _NodeFailure as fail:
-        n = fail.node
-        raise CaptureError(
-            f"the example input does not run through the model at node {n.name} ({n.op} {n.target}, "
-            f"{source_location(n)}): {first_line(fail.cause)}"
-        ) from None
-    except Exception as exc:
-        raise CaptureError(f"the example input does not run through the model: {first_line(exc)}") from None
-    return recorder.values
-
-
-def _reads_shape(n: fx.Node) -> bool:
-    """``x.size()``, ``x.dim()``, ``x.numel()``, ``x.shape``, ``x.ndim``: where shape arithmetic starts."""
-    if n.op == "call_method":
-        return n.target in _SHAPE_METHODS
-    return n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRS
-
-
-def _shape_arithmetic(graph: fx.Graph) -> list[fx.Node]:
-    """Shape reads and the operators (``[]``, ``//``, ``*``, ...) applied to them only, in graph order.
-
-    Only these are specialised: a number computed from tensor data (``x.max().item()``) is not a constant even
-    when two runs on the same data agree."""
-    found: dict[fx.Node, None] = {}
-    for n in graph.nodes:
-        is_operator = n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator"
-        if _reads_shape(n) or (is_operator and n.all_input_nodes and all(a in found for a in n.all_input_nodes)):
-            found[n] = None
-    return list(found)
-
-
-def _one_more_sample(example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The inputs with their first sample repeated at the end (batch b+1, also from b = 1); None if none has a
-    batch dimension."""
-    grown = [torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() and len(x) else x
-             for x in example_inputs]
-    return None if all(g is x for g, x in zip(grown, example_inputs)) else grown
-
-
-def _batch_dependent(nodes: Sequence[fx.Node], here: dict[fx.Node, object],
-                     there: dict[fx.Node, object]) -> set[fx.Node]:
-    """Nodes whose value differs between the two batch sizes, or computed from a number that does: two batch
-    sizes can agree by chance (``n // 4`` at 1 and 2), but arithmetic on the batch size is never a constant."""
-    dependent: set[fx.Node] = set()
-    for n in nodes:
-        value = literal(here.get(n))
-        from_batch = any(a in dependent and isinstance(here.get(a), bool | int | float) for a in n.all_input_nodes)
-        if value is None or value != literal(there.get(n)) or from_batch:
-            dependent.add(n)
-    return dependent
-
-
-def _substitute(node: fx.Node, value: object) -> None:
-    """Write ``value`` into the arguments of ``node``'s users in its place."""
-    for user in list(node.users):
-        user.args = map_arg(user.args, lambda a: value if a is node else a)
-        user.kwargs = map_arg(user.kwargs, lambda a: value if a is node else a)
-
-
-def _specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], nodes: Sequence[fx.Node],
-                       here: dict[fx.Node, object]) -> None:
-    """Fold the shape arithmetic that does not depend on the batch size into constants (``here``: the values at
-    the example's batch size). A model that does not run at another batch size is left as traced."""
-    grown = _one_more_sample(example_inputs)
-    if grown is None:
-        return
-    recorder = _ShapeRecorder(gm, nodes, record_meta=False)
-    try:
-        _run(gm, grown, recorder)
-    except _NodeFailure:
-        return
-    dependent = _batch_dependent(nodes, here, recorder.values)
-    for n in nodes:
-        if n not in dependent:
-            _substitute(n, literal(here[n]))
-    for n in reversed(nodes):
-        if not n.users:
-            gm.graph.erase_node(n)
-    gm.recompile()
 
 
 def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, object]:
@@ -560,22 +363,9 @@ def _trace_with_shapes(model: nn.Module, leaves: tuple[set[str], tuple[type, ...
                        example_inputs: Sequence[torch.Tensor]) -> fx.Graph:
     """Trace with :class:`_ShapeValuedTracer`, leaving ``model``'s buffers as they were (a model in training
     mode updates its BatchNorm statistics when the ops run)."""
-    runs = [example_inputs, *filter(None, [_one_more_sample(example_inputs)])]
-    with _buffers_kept(model):
+    runs = [example_inputs, *filter(None, [one_more_sample(example_inputs)])]
+    with buffers_kept(model):
         return _trace(_ShapeValuedTracer(*leaves, runs), model, len(example_inputs))
-
-
-@contextlib.contextmanager
-def _buffers_kept(module: nn.Module) -> Iterator[None]:
-    """``module``'s buffers restored after the block: BatchNorm statistics that running ops on an example would
-    update (a training-mode ``F.batch_norm`` does whatever the module's mode)."""
-    buffers = {name: b.clone() for name, b in module.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                b.copy_(buffers[name])
 
 
 def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor], training: bool) -> list[torch.Tensor]:
@@ -674,10 +464,10 @@ def capture(
     gm.train(traced.training)
     _functionalize(gm, model, example_inputs)
     canonicalize(gm)
-    shape_nodes = _shape_arithmetic(gm.graph)
-    values = _propagate(gm, example_inputs, shape_nodes)
+    shape_nodes = shape_arithmetic(gm.graph)
+    values = propagate(gm, example_inputs, shape_nodes)
     if shape_nodes:
-        _specialize_shapes(gm, example_inputs, shape_nodes, values)
+        specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
     rewritten = [zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm), batch_kept_in_squeezes(gm)]
     if any(rewritten):

@@ -21,7 +21,7 @@ from torch import fx, nn
 from qcompile import Pipeline, capture, get_recipe
 from qcompile.errors import CaptureError
 from qcompile.frontend.graph import compute_nodes
-from qcompile.frontend.tracing import _is_model_code, source_location
+from qcompile.frontend.source_lines import is_model_code, source_location
 from qcompile.models import resnet18
 from qcompile.quantization.spec import LayerRole, annotate, get_annotation
 from qcompile.reporting.verify import verify_reference
@@ -371,8 +371,21 @@ def test_locations_in_an_installed_package(tmp_path, monkeypatch):
 
 def test_packages_named_torch_something_are_model_code():
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    assert _is_model_code(os.path.join(site, "torchvision", "models", "resnet.py"))
-    assert not _is_model_code(os.path.join(site, "torch", "nn", "modules", "conv.py"))
+    assert is_model_code(os.path.join(site, "torchvision", "models", "resnet.py"))
+    assert not is_model_code(os.path.join(site, "torch", "nn", "modules", "conv.py"))
+
+
+def test_qcompiles_own_code_is_not_model_code_but_its_bundled_models_are():
+    """Its passes, backends and pipeline are never the line a message blames (the check once looked at
+    qcompile/frontend/ alone); the models it ships are model code like any other."""
+    import qcompile.backends.onnx
+    import qcompile.models.resnet
+    import qcompile.passes.calibrate
+    import qcompile.pipeline
+
+    for module in (qcompile.pipeline, qcompile.passes.calibrate, qcompile.backends.onnx):
+        assert not is_model_code(os.path.abspath(module.__file__)), module.__name__
+    assert is_model_code(os.path.abspath(qcompile.models.resnet.__file__))
 
 
 def test_a_model_made_of_torch_modules_is_located_in_torch():
