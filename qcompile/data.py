@@ -357,10 +357,16 @@ def load_train_test(path: str | os.PathLike[str], size: Size | None = None, trai
     train, test = load_split(path, "train", size, train_size, train_seed), load_split(path, "test", size, test_size)
     if train.classes != test.classes:
         only = {"train": set(train.classes) - set(test.classes), "test": set(test.classes) - set(train.classes)}
-        sides = [f"{split} only: {', '.join(sorted(names))}" for split, names in only.items() if names]
+        sides = [f"{split} only: {_some(sorted(names))}" for split, names in only.items() if names]
         raise DataError(f"data {path}: the train and test splits have different classes ({'; '.join(sides)}); "
                         "labels are the classes' positions in sorted order, so they would name different classes")
     return train, test
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first few names, and how many more: a split of 1,000 ImageNet classes would not fit on one line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def parse_normalization(text: str) -> Stats:

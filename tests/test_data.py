@@ -26,6 +26,7 @@ from qcompile.data import (
     default_normalization,
     iterate_batches,
     load_split,
+    load_train_test,
     parse_normalization,
 )
 from qcompile.errors import DataError
@@ -436,3 +437,16 @@ def test_a_folders_subset_decodes_only_the_images_drawn(tmp_path, cache, monkeyp
     assert load_split(root, "train", limit=5, seed=3).labels.tolist() == expected.labels.tolist()
     assert len(decoded) == 5  # cached
     assert len(load_split(root, "train", limit=0)) == 0
+
+
+def test_splits_of_different_classes_name_a_few_of_them(tmp_path):
+    """A validation subset of 3 of 9 classes: one line naming five of the six missing, and how many more."""
+    root = tmp_path / "d"
+    for split, classes in (("train", range(9)), ("test", range(3))):
+        for c in classes:
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / split / f"n{c:08d}" / "0.png")
+    with pytest.raises(DataError) as caught:
+        load_train_test(root)
+    assert ("the train and test splits have different classes (train only: n00000003, n00000004, n00000005, "
+            "n00000006, n00000007 and 1 more); labels are") in str(caught.value)
