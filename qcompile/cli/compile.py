@@ -33,7 +33,7 @@ from qcompile.reporting.html import render_html
 from qcompile.reporting.report import build_report, print_report
 
 
-def _image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+def data_image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     """The (H, W) --data images are resized to: the example input's, which must be one (N, 3, H, W) tensor."""
     shape = tuple(example[0].shape) if len(example) == 1 else ()
     if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
@@ -52,7 +52,7 @@ def resolve_data(
     """
     if args.data:
         asked = parse_normalization(args.normalize) if args.normalize is not None else None
-        size = _image_size(example if example is not None else mf.example_input())
+        size = data_image_size(example if example is not None else mf.example_input())
         train, test = load_train_test(args.data, size, args.calib_size, args.eval_size, args.calib_seed)
         stats = asked or default_normalization(train, test)
         calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qcompile.cli.arguments import build_train_parser, check_train_args, parse_widths
+from qcompile.cli.compile import data_image_size
 from qcompile.data import load_train_test
 from qcompile.frontend.model_file import check_labels, load_model_file, load_weights, logit_count, parse_model_args
 from qcompile.quantization.latency import LatencyProfile
@@ -29,8 +30,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _splits(args: argparse.Namespace, device: Any, model: nn.Module, example: tuple[torch.Tensor, ...]) -> Splits:
-    """The --data splits, whose labels must index the model's logits."""
-    train, test = load_train_test(args.data, train_size=args.train_size, test_size=args.eval_size)
+    """The --data splits at the example input's size (as ``qcompile MODEL.py`` reads them: the trained model is
+    lowered and verified at that size), whose labels must index the model's logits."""
+    train, test = load_train_test(args.data, data_image_size(example), args.train_size, args.eval_size)
     count = logit_count(model, example)
     if count is not None:
         check_labels(count, torch.from_numpy(np.concatenate([train.labels, test.labels])), "training", train.classes)

@@ -147,3 +147,18 @@ def test_a_profile_adds_the_measured_latency_axis(tmp_path, capsys):
     assert rows[(1.0, "bf16")]["latency_cost"] == pytest.approx(1.0)
     assert all(r["latency_cost"] > 0 for r in rows.values())
     assert (out / "top1_vs_latency.png").stat().st_size > 1000
+
+
+def test_train_reads_data_at_the_example_inputs_size(tmp_path, capsys):
+    """A model whose example is 16x16 trained on the 32x32 sample: the images are resized as qcompile MODEL.py
+    resizes them, so the lowered model is verified on images of its size (it trained, then stopped with "the
+    graph was compiled for (N, 3, 16, 16)")."""
+    model = tmp_path / "small16.py"
+    model.write_text(MODEL.replace("torch.randn(1, 3, 32, 32)", "torch.randn(1, 3, 16, 16)"))
+    out = tmp_path / "train"
+    code = main(["train", str(model), "--data", str(SAMPLE), "--epochs", "1", "--batch-size", "32", "--train-size",
+                 "64", "--eval-size", "32", "--verify-size", "16", "--recipe", "int8", "--device", "cpu",
+                 "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    row = json.loads((out / "result.json").read_text())
+    assert row["reference_images"] == 16 and row["reference_agreement"] >= 0.9
