@@ -44,6 +44,9 @@ from qcompile.frontend.shapes import (
 from qcompile.frontend.source_lines import source_location, user_frame
 
 LeafSpec = str | type[nn.Module]
+# in-place random fills: timm's drop_path draws its mask with x.new_empty(shape).bernoulli_(keep_prob)
+_RANDOM_FILLS = frozenset({"bernoulli_", "uniform_", "normal_", "exponential_", "geometric_", "cauchy_",
+                           "log_normal_", "random_"})
 class _SiteTracer(fx.Tracer):
     """A tracer that treats named modules as leaves and remembers which module it was inside when it failed."""
 
@@ -393,6 +396,10 @@ def _functionalize(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequenc
     done = inplace_ops_functionalized(gm)
     if done.refused:
         node, written = next(iter(done.refused.items()))
+        if gm.training and node.op == "call_method" and node.target in _RANDOM_FILLS:
+            raise CaptureError(f"{written} at {source_location(node)} draws random numbers in the model's training "
+                               "mode (stochastic depth, a hand-written dropout), which does not lower; return the "
+                               "model from build_model() in eval mode (model.eval()): QAT then trains without it")
         raise CaptureError(f"{written} at {source_location(node)} changes a tensor in place and has no "
                            "out-of-place form that qcompile follows; compute a new tensor instead")
     if not done.rewritten or any(x.is_meta for x in example_inputs):  # a meta capture (costs) has no values

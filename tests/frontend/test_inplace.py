@@ -98,6 +98,26 @@ def test_what_the_graph_cannot_follow_is_one_line(model, line):
     assert "\n" not in str(info.value)
 
 
+class DropsPaths(_OneConv):
+    """timm's drop_path, as its models run it in training mode."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(0.9)
+            x = x * mask.div_(0.9)
+        return x.mean((2, 3))
+
+
+def test_stochastic_depth_in_a_training_capture_says_to_capture_in_eval_mode():
+    """In eval mode the branch is not traced; in training mode its random draw is one line saying what to do."""
+    capture(DropsPaths().eval(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(CaptureError, match=r"x.bernoulli_\(...\) at .*test_inplace.py:\d+ draws random numbers in "
+                                           r"the model's training mode .* return the model from build_model\(\) in "
+                                           r"eval mode \(model.eval\(\)\): QAT then trains without it"):
+        capture(DropsPaths().train(), torch.randn(1, 3, 8, 8))
+
+
 def test_an_inplace_module_used_for_its_value_is_made_out_of_place():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Hardtanh(inplace=True)).eval()
     gm = capture(m, torch.randn(1, 3, 8, 8))
