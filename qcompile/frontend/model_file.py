@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -444,12 +445,12 @@ def logit_count(model: nn.Module, example: Sequence[torch.Tensor]) -> int | None
 
 def hook_batches(batches: Iterable[Any], hook: str, labelled: bool) -> Iterator[tuple[Any, torch.Tensor | None]]:
     """A data hook's batches as ``(inputs, labels)``. Calibration needs no labels, so a calibration hook may yield
-    image tensors alone (``labelled=False``: their labels are None); one-hot or probability labels ``(N, C)`` are
-    read as their top class; a batch of another form (a dict, as Hugging Face loaders give) is one line saying
-    which pairs to yield."""
+    image tensors alone (``labelled=False``: their labels are None); NumPy arrays are tensors; one-hot or
+    probability labels ``(N, C)`` are read as their top class; a batch of another form (a dict, as Hugging Face
+    loaders give) is one line saying which pairs to yield."""
     for batch in batches:
-        if isinstance(batch, torch.Tensor) and not labelled:
-            yield batch, None
+        if isinstance(batch, np.ndarray | torch.Tensor) and not labelled:
+            yield torch.as_tensor(batch), None
             continue
         if isinstance(batch, Mapping):
             keys = ", ".join(repr(k) for k in batch)
@@ -460,6 +461,7 @@ def hook_batches(batches: Iterable[Any], hook: str, labelled: bool) -> Iterator[
             need = "(inputs, labels) pairs" if labelled else "(inputs, labels) pairs or input tensors"
             raise DataError(f"{hook}() yields {held}; it must yield {need}")
         inputs, labels = batch
+        inputs = torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs
         labels = torch.as_tensor(labels)
         if labels.ndim == 2:
             labels = labels.argmax(dim=1) if labels.shape[1] > 1 else labels[:, 0]

@@ -4,6 +4,7 @@ DataParallel / torch.compile prefixes are taken off; what it refuses is one line
 import copy
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -372,10 +373,12 @@ def _batch(labels: object) -> tuple[torch.Tensor, object]:
     (_batch(torch.tensor([2.0, 0.0, 1.0])), [2, 0, 1]),
     (_batch([2, 0, 1]), [2, 0, 1]),
     (torch.zeros(3, 3, 4, 4), None),  # calibration images alone
+    ((np.zeros((3, 3, 4, 4), np.float32), np.array([2, 0, 1])), [2, 0, 1]),
+    (np.zeros((3, 3, 4, 4), np.float32), None),
 ])
 def test_hook_batches_are_read_as_images_and_class_indices(batch, labels):
     [(inputs, got)] = list(hook_batches([batch], "calibration_data", labelled=False))
-    assert inputs.shape == (3, 3, 4, 4)
+    assert isinstance(inputs, torch.Tensor) and inputs.shape == (3, 3, 4, 4)
     assert got is None if labels is None else (got.dtype == torch.int64 and got.tolist() == labels)
 
 
