@@ -25,11 +25,16 @@ BoundKey = tuple[str, QuantSpec]
 
 
 def bound_key(gm: fx.GraphModule, node: fx.Node) -> BoundKey:
-    """``(source tensor, spec)`` of the quantizer called at ``node``, a foldable BN's output named after its conv."""
+    """``(source tensor, spec)`` of the quantizer called at ``node``, a foldable BN's output named after its conv,
+    and a quantizer chained to requantize another's codes (a value read at 8 and at 4 bits) after that one's key:
+    the quantizer it reads is named after the BN in the trained graph and after the conv in the folded one."""
     q = module_of(gm, node)
     assert isinstance(q, ActivationQuantizer)
     src = node.args[0]
     assert isinstance(src, fx.Node)
+    if isinstance(module_of(gm, src), ActivationQuantizer):
+        inner, spec = bound_key(gm, src)
+        return f"{inner} as {spec.describe()}", q.spec
     if isinstance(module_of(gm, src), BATCH_NORMS) and isinstance(src.args[0], fx.Node):
         conv = src.args[0]
         if is_compute(gm, conv) and len(conv.users) == 1:
