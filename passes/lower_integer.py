@@ -44,6 +44,7 @@ from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.reference import PAD_MODES, global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
+from qcompile.passes.align_add_scales import add_groups, concat_inputs
 from qcompile.pipeline import CALIBRATED, LOWERED, QUANTIZERS, Pass, PassContext
 from qcompile.quantization.quantizer import (
     ActivationQuantizer,
@@ -100,8 +101,18 @@ class _Lowerer:
         self.dyadic = dyadic_requant
         self._dq_cache: dict[str, str] = {}
         self.layer_names = layer_names(gm)  # a module called at several sites gets constants per site
+        self._tied: set[int] | None = None  # quantizers whose scales align_add_scales tied together
 
     # --- helpers -----------------------------------------------------------------------------------------
+    def free_scale(self, q: ActivationQuantizer) -> bool:
+        """Whether ``q``'s scale is its own: not aligned with others' at a residual add or a concatenation
+        (:mod:`~qcompile.passes.align_add_scales`), so that lowering may narrow it."""
+        if self._tied is None:
+            modules = dict(self.gm.named_modules())
+            self._tied = {id(modules[n]) for group in add_groups(self.gm) for n in group}
+            self._tied |= {id(t) for group in concat_inputs(self.gm) for t in group}
+        return id(q) not in self._tied
+
     def fail(self, node: fx.Node, reason: str) -> LoweringError:
         return LoweringError(f"cannot lower node {node.name} ({node.op} {target_name(node)}) at "
                              f"{source_location(node)}: {reason}")
@@ -332,11 +343,11 @@ class _Lowerer:
         if in_t.dtype is DType.INT32:
             if not np.array_equal(q.accumulator_scale().numpy().astype(np.float32), in_t.scale):
                 raise self.fail(node, "the quantizer's accumulator scale differs from the IR's (internal error)")
-            mult = (in_t.scale.astype(np.float64) / float(out_t.scale)).astype(np.float32)
             attrs: dict[str, Any] = {"relu": v.relu}
             if v.clamp is not None:
-                out_t = self.clamped(node, q, v.clamp, out_t, in_t.scale.size)
+                out_t = self.clamped(node, q, v.clamp, out_t, in_t.scale.size)  # may narrow q's scale
                 attrs["relu"] = False
+            mult = (in_t.scale.astype(np.float64) / float(out_t.scale)).astype(np.float32)
             if self.dyadic:
                 mant, shift = dyadic(mult)
                 attrs.update(mode="dyadic",
@@ -407,17 +418,21 @@ class _Lowerer:
                 channels: int) -> TensorInfo:
         """The requantize's code range narrowed to the clamp's bounds: the fake-quant model requantizes the
         clamped accumulator, which (requantizing being monotone) is the requantized codes clipped to the codes of
-        the bounds. Those are computed by the quantizer itself; they must agree across ``channels``."""
+        the bounds. Those are computed by the quantizer itself; they must agree across ``channels``, and where
+        they do not (a bound calibration made the range's end), a scale of the quantizer's own is narrowed until
+        they do (:meth:`ActivationQuantizer.saturate_at`)."""
         lo, hi = out_t.qmin, out_t.qmax
         for i, b in enumerate(bounds):
             if b is None:
                 continue
             codes = q.codes(torch.full((1, channels), b, dtype=torch.float32)).unique()
+            if codes.numel() != 1 and self.free_scale(q) and q.saturate_at(b, channels):
+                codes = q.codes(torch.full((1, channels), b, dtype=torch.float32)).unique()
             if codes.numel() != 1:
                 raise self.fail(node, f"the clamp bound {b} requantizes to different codes per channel "
                                       f"({codes.tolist()}); quantize the clamp's input explicitly")
             lo, hi = (max(lo, int(codes)), hi) if i == 0 else (lo, min(hi, int(codes)))
-        return replace(out_t, qmin=lo, qmax=hi)
+        return replace(out_t, scale=q.scale.detach().numpy().astype(np.float32), qmin=lo, qmax=hi)
 
     def lut(self, node: fx.Node, v: _Val, q: ActivationQuantizer, out_t: TensorInfo) -> str:
         """``lut``: the quantizer's code of the unary function of every input code's dequantized value, computed

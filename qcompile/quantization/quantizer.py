@@ -493,6 +493,29 @@ class ActivationQuantizer(nn.Module):
         """The integer codes this frozen quantizer gives ``x`` (what the integer IR holds), by its own forward."""
         return torch.round(self(x).float() / self.scale.float())
 
+    @torch.no_grad()
+    def saturate_at(self, bound: float, channels: int) -> bool:
+        """Narrow the scale, if need be, until ``bound`` (a clamp's, ReLU6's 6.0) gives the range's end code in
+        every one of ``channels``; whether it now does.
+
+        Requantizing a clamped accumulator rounds twice (``rhe(bound / s_acc[c])`` then ``· M[c]``), so a bound
+        that calibration made the range's end (max and EMA-max calibrators on ReLU6) lands on ``qmax`` in some
+        channels and one below in others: clamps of one code per channel, which no integer kernel has. With
+        ``s ≤ (|bound| − s_acc_max / 2) / (|end| − 1/2)`` every channel reaches the end (a 4-bit output's range
+        narrows by at most s_acc_max / 2)."""
+        end = self.spec.qmax if bound > 0 else self.spec.qmin
+        s_acc = self.accumulator_scale()
+        limit = (abs(bound) - 0.5 * float(s_acc.max())) / (abs(end) - 0.5) if s_acc is not None and end else 0.0
+        saved = self.scale.clone()
+        for step in range(4):  # float32 rounding of M[c] may need the limit a hair lower
+            if limit <= 0 or limit * (1 - 2e-6 * 4**step) >= float(saved):
+                break
+            self.scale.fill_(limit * (1 - 2e-6 * 4**step))
+            if self.codes(torch.full((1, channels), bound)).unique().tolist() == [end]:
+                return True
+        self.scale.copy_(saved)
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state is QuantizerState.OBSERVING:
             self.observe(x)

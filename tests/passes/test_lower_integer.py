@@ -1,5 +1,7 @@
 """Lowering is general: the tensor code real CNN model files contain lowers, and verifies bit-exactly."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 from qcompile import Pipeline, get_recipe
 from qcompile.ir import reference
+from qcompile.quantization.spec import Calibrator
 from qcompile.reporting.verify import verify_reference
 from tests.conftest import randomize_bn
 
@@ -247,3 +250,39 @@ class Resize(nn.Module):
 def test_a_resize_that_does_not_lower_says_which_does(mode, factor):
     with pytest.raises(LoweringError, match=rf"'{mode}' resizing to \[\d+, \d+\] does not lower: only nearest-"):
         _lowered(Resize(mode, factor), "int8")
+
+
+class SaturatedRelu6(nn.Module):
+    """MobileNetV2's last block: a 4-bit conv's BN output through ReLU6, which calibration saturates at 6.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 64, 1, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.fc(F.relu6(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("recipe", ["mostly4bit", "int4"])
+def test_a_relu6_bound_calibrated_as_the_range_end_lowers_bit_exactly(recipe):
+    """With the max and EMA-max calibrators (QAT's) the bound is exactly 6.0; requantizing it from a coarse 4-bit
+    accumulator rounded to 255 in some channels and 254 in others ("the clamp bound 6.0 requantizes to different
+    codes per channel"), so MobileNetV2 could not lower, or be trained, at 4 bits. The quantizer's scale narrows
+    until 6.0 is code 255 in every channel."""
+    torch.manual_seed(0)
+    model = randomize_bn(SaturatedRelu6(), data=torch.randn(16, 3, 8, 8))
+    model.bn.weight.data *= 20  # most outputs past 6: the ReLU6 saturates
+    calib = [(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    recipe = dataclasses.replace(get_recipe(recipe), act_calibrator=Calibrator.EMA_MAX)
+    passes = [FoldBatchNorm(), AssignPrecision(), InsertQuantizers(), Calibrate()]
+    calibrated = Pipeline(passes).run(model, torch.randn(1, 3, 8, 8), recipe=recipe, calibration_data=calib)
+    q = dict(calibrated.graph_module.named_modules())["relu6_aq_u8_ema_max"]
+    assert float(q.scale) * 255 == pytest.approx(6.0)  # calibrated at the clamp
+    res = Pipeline([LowerInteger()]).run_graph(calibrated.graph_module, calibrated.context)
+    assert 0.9 < float(q.scale) * 255 / 6.0 < 1.0  # narrowed by half the accumulator's step (MobileNetV2: 0.3%)
+    v = verify_reference(res, calibrated.context.ir, calib).summary()
+    assert v["identical_fraction"] == 1.0 and v["max_lsb_diff"] == 0
