@@ -44,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the graph after this pass ('all' for every pass; repeatable)")
     ap.add_argument("--data", help="CIFAR-style archive (.tar.gz) or ImageFolder directory with train/ and test/ "
                                    "splits; overrides the model file's calibration_data()/eval_data()")
-    ap.add_argument("--normalize", metavar="cifar|imagenet|MEAN,STD",
-                    help="--data: input normalisation, cifar, imagenet, or six numbers: three RGB means, then "
-                         "three standard deviations, e.g. 0.5,0.5,0.5,0.25,0.25,0.25 (default: cifar for 32x32 "
-                         "images, imagenet otherwise)")
+    _normalize_flag(ap)
     ap.add_argument("--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)")
     ap.add_argument("--calib-seed", type=int, default=0, metavar="S",
                     help="which --calib-size training images calibrate (a seeded draw; default 0), from --data "
@@ -148,10 +145,18 @@ def parse_sizes(text: str, flag: str) -> list[int]:
     return sizes
 
 
+def _normalize_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--normalize", metavar="cifar|imagenet|MEAN,STD",
+                    help="--data: input normalisation, cifar, imagenet, or six numbers: three RGB means, then "
+                         "three standard deviations, e.g. 0.5,0.5,0.5,0.25,0.25,0.25 (default: cifar for 32x32 "
+                         "images, imagenet otherwise)")
+
+
 def _train_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("model", help="model file defining build_model(**kwargs) and example_input()")
     ap.add_argument("--data", required=True, help="CIFAR-style archive (.tar.gz) or ImageFolder directory with "
                                                   "train/ and test/ splits")
+    _normalize_flag(ap)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
     ap.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the cosine schedule (default 0.1)")

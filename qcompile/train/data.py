@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qcompile.data import ImageSet, normalize
+from qcompile.data import CIFAR_MEAN, CIFAR_STD, ImageSet, Stats, normalize
 from qcompile.errors import DataError
 
 
@@ -74,8 +74,9 @@ class DeviceData:
     labels: torch.Tensor
 
     @classmethod
-    def from_imageset(cls, data: ImageSet, device: torch.device | str = "cpu") -> DeviceData:
-        return cls(normalize(data.images).to(device), torch.from_numpy(data.labels).to(device))
+    def from_imageset(cls, data: ImageSet, device: torch.device | str = "cpu",
+                      stats: Stats = (CIFAR_MEAN, CIFAR_STD)) -> DeviceData:
+        return cls(normalize(data.images, *stats).to(device), torch.from_numpy(data.labels).to(device))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qcompile.artifacts import write_json
-from qcompile.data import ImageSet
+from qcompile.data import CIFAR_MEAN, CIFAR_STD, ImageSet, Stats
 from qcompile.frontend.tracing import LeafSpec
 from qcompile.ir.serialize import save as save_ir
 from qcompile.quantization.recipes import Override, Recipe
@@ -35,13 +35,13 @@ class Splits:
 
     @classmethod
     def from_imagesets(cls, train: ImageSet, test: ImageSet, device: torch.device,
-                       train_eval_size: int | None = 10_000) -> Splits:
-        dev_train = DeviceData.from_imageset(train, device)
+                       train_eval_size: int | None = 10_000, stats: Stats = (CIFAR_MEAN, CIFAR_STD)) -> Splits:
+        dev_train = DeviceData.from_imageset(train, device, stats)
         order = np.random.default_rng(0).permutation(len(test))  # splits are class-sorted: mix the classes so
         dev_eval = DeviceData.from_imageset(  # the first --verify-size images are a fair sample
-            ImageSet(test.images[order], test.labels[order], test.classes), device)
+            ImageSet(test.images[order], test.labels[order], test.classes), device, stats)
         sub = train.subset(train_eval_size, seed=1)
-        dev_sub = dev_train if len(sub) == len(train) else DeviceData.from_imageset(sub, device)
+        dev_sub = dev_train if len(sub) == len(train) else DeviceData.from_imageset(sub, device, stats)
         return cls(dev_train, dev_eval, dev_sub)
 
 

@@ -1,12 +1,18 @@
 """``qcompile sweep`` end to end on a tiny model and a few hundred bundled images: CSV, JSON, PNGs, resume."""
 
+import argparse
 import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import qcompile.cli.train as train_cli
 from qcompile.cli import main
+from qcompile.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from qcompile.frontend.model_file import load_model_file
 from qcompile.train.plots import pareto_front
 from qcompile.train.sweep import COLUMNS
 
@@ -162,3 +168,24 @@ def test_train_reads_data_at_the_example_inputs_size(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     row = json.loads((out / "result.json").read_text())
     assert row["reference_images"] == 16 and row["reference_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("side, normalize, stats", [(32, None, (CIFAR_MEAN, CIFAR_STD)),
+                                                     (40, None, (IMAGENET_MEAN, IMAGENET_STD)),
+                                                     (40, "cifar", (CIFAR_MEAN, CIFAR_STD))])
+def test_train_normalises_data_as_compile_does(side, normalize, stats, tmp_path):
+    """CIFAR statistics for 32x32 images, ImageNet's otherwise, or --normalize: as qcompile MODEL.py --data reads
+    the same folder (training used CIFAR's whatever the images)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(tmp_path / "d" / split / cls / "0.png")
+    model = tmp_path / "small.py"
+    model.write_text(MODEL)
+    args = argparse.Namespace(data=str(tmp_path / "d"), train_size=None, eval_size=None, normalize=normalize,
+                              train_eval_size=2)
+    splits = train_cli._splits(args, torch.device("cpu"), load_model_file(model).build(), (torch.randn(1, 3, 32, 32),))
+    expected = [(128 / 255 - m) / s for m, s in zip(*stats)]
+    assert splits.train.images[0, :, 0, 0].tolist() == pytest.approx(expected, abs=1e-5)
