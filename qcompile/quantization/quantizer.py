@@ -501,8 +501,8 @@ class ActivationQuantizer(nn.Module):
         Requantizing a clamped accumulator rounds twice (``rhe(bound / s_acc[c])`` then ``· M[c]``), so a bound
         that calibration made the range's end (max and EMA-max calibrators on ReLU6) lands on ``qmax`` in some
         channels and one below in others: clamps of one code per channel, which no integer kernel has. With
-        ``s ≤ (|bound| − s_acc_max / 2) / (|end| − 1/2)`` every channel reaches the end (a 4-bit output's range
-        narrows by at most s_acc_max / 2)."""
+        ``s ≤ (|bound| − s_acc_max / 2) / (|end| − 1/2)`` every channel reaches the end: the range narrows by
+        about half the coarsest accumulator step (MobileNetV2's last ReLU6: 0.3%)."""
         end = self.spec.qmax if bound > 0 else self.spec.qmin
         s_acc = self.accumulator_scale()
         limit = (abs(bound) - 0.5 * float(s_acc.max())) / (abs(end) - 0.5) if s_acc is not None and end else 0.0
