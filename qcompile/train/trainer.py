@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import re
 import time
 import warnings
@@ -167,6 +168,16 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
         tmp.write_bytes(buffer.getbuffer())  # a full disk is an OSError naming the file
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why a resume checkpoint could not be read, in a few words rather than torch's paragraph."""
+    text = str(exc)
+    if isinstance(exc, EOFError) or "failed reading zip archive" in text:
+        return "it is empty, truncated or damaged"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it is not a checkpoint qcompile wrote"
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: object,
                     gen: torch.Generator, schedule: ActivationSchedule, cfg: TrainConfig) -> tuple[int, float]:
     try:
@@ -183,8 +194,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
         sched.load_state_dict(state["sched"])  # type: ignore[attr-defined]
         gen.set_state(state["gen"])
         schedule.load_state_dict(state["quantizers"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0]}; delete it to start over") from None
+    except (KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: {_unreadable(exc)}; delete it to start over") from None
     if state["epoch"] > cfg.epochs:
         raise CheckpointError(f"{path} is past epoch {cfg.epochs} (it has {state['epoch']}); delete it to start over")
     return int(state["epoch"]), float(state["elapsed"])

@@ -167,6 +167,25 @@ def test_a_checkpoint_of_another_graph_is_refused_in_one_line_naming_the_keys(tm
     assert "unexpected (" in message and "delete it" in message
 
 
+@pytest.mark.parametrize("content, reason", [(b"", "it is empty, truncated or damaged"),
+                                             (b"garbage\n", "it is not a checkpoint qcompile wrote"),
+                                             (None, "it is empty, truncated or damaged")],
+                         ids=["empty", "text", "truncated"])
+def test_a_resume_checkpoint_that_cannot_be_read_is_one_line(content, reason, tmp_path):
+    """An empty or foreign file where the checkpoint goes was an EOFError or UnpicklingError traceback, a truncated
+    one miniz's paragraph."""
+    data = _random_split(32, 0)
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, checkpoint=ckpt)
+    if content is None:
+        train(_qat_tiny(recipe="int8").graph, data, cfg)
+        content = ckpt.read_bytes()[:1000]
+    ckpt.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        train(_qat_tiny(recipe="int8").graph, data, cfg)
+    assert str(err.value) == f"cannot resume from {ckpt}: {reason}; delete it to start over"
+
+
 class _CumSum(torch.nn.Module):
     def __init__(self):
         super().__init__()
