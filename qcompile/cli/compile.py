@@ -14,7 +14,15 @@ from qcompile.artifacts import check_output_dir, output_transaction, write_json
 from qcompile.cli.arguments import check_compile_args
 from qcompile.cli.artifacts import LabelledBatches, VerificationFailed, keep_failed_run, seal_report, write_integer_artifacts
 from qcompile.cli.measure import float_reference, measure_onnx, measure_tvm
-from qcompile.data import Batches, default_normalization, iterate_batches, load_train_test, parse_normalization
+from qcompile.data import (
+    Batches,
+    ImageSet,
+    Stats,
+    default_normalization,
+    iterate_batches,
+    load_train_test,
+    parse_normalization,
+)
 from qcompile.errors import QCompileError
 from qcompile.frontend.model_file import (
     ModelFile,
@@ -33,7 +41,7 @@ from qcompile.reporting.html import render_html
 from qcompile.reporting.report import build_report, print_report
 
 
-def data_image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+def _image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     """The (H, W) --data images are resized to: the example input's, which must be one (N, 3, H, W) tensor."""
     shape = tuple(example[0].shape) if len(example) == 1 else ()
     if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
@@ -41,6 +49,15 @@ def data_image_size(example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
         raise QCompileError(f"--data needs one (N, 3, H, W) example input to size the images; example_input() "
                             f"gives {shapes}")
     return shape[2], shape[3]
+
+
+def data_splits(args: argparse.Namespace, example: tuple[torch.Tensor, ...], train_size: int | None,
+                test_size: int | None, train_seed: int = 0) -> tuple[ImageSet, ImageSet, Stats]:
+    """--data's train and test splits (``train_size`` and ``test_size`` images) at the example input's size, and
+    their normalisation: --normalize's, parsed before any image is decoded, else the images' default."""
+    asked = parse_normalization(args.normalize) if args.normalize is not None else None
+    train, test = load_train_test(args.data, _image_size(example), train_size, test_size, train_seed)
+    return train, test, asked or default_normalization(train, test)
 
 
 def resolve_data(
@@ -51,10 +68,8 @@ def resolve_data(
     --data images are resized to the example input's size (``mf.example_input()`` when none is given).
     """
     if args.data:
-        asked = parse_normalization(args.normalize) if args.normalize is not None else None
-        size = data_image_size(example if example is not None else mf.example_input())
-        train, test = load_train_test(args.data, size, args.calib_size, args.eval_size, args.calib_seed)
-        stats = asked or default_normalization(train, test)
+        train, test, stats = data_splits(args, example if example is not None else mf.example_input(),
+                                         args.calib_size, args.eval_size, args.calib_seed)
         calib = list(iterate_batches(train, args.batch_size, stats=stats)) if args.calib_size else []
         # a fixed shuffle, so that the first --verify-size images of the (class-sorted) split mix the classes
         return calib, Batches(test, args.batch_size, shuffle=True, stats=stats)

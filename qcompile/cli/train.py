@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from qcompile.cli.arguments import build_train_parser, check_train_args, parse_widths
-from qcompile.cli.compile import data_image_size
-from qcompile.data import default_normalization, load_train_test, parse_normalization
+from qcompile.cli.compile import data_splits
 from qcompile.frontend.model_file import check_labels, load_model_file, load_weights, logit_count, parse_model_args
 from qcompile.quantization.latency import LatencyProfile
 from qcompile.quantization.recipes import get_recipe, parse_set
@@ -32,11 +31,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def _splits(args: argparse.Namespace, device: Any, model: nn.Module, example: tuple[torch.Tensor, ...]) -> Splits:
     """The --data splits at the example input's size and normalised as ``qcompile MODEL.py`` reads them (the trained
     model is lowered and verified on them), whose labels must index the model's logits."""
-    train, test = load_train_test(args.data, data_image_size(example), args.train_size, args.eval_size)
+    train, test, stats = data_splits(args, example, args.train_size, args.eval_size)
     count = logit_count(model, example)
     if count is not None:
         check_labels(count, torch.from_numpy(np.concatenate([train.labels, test.labels])), "training", train.classes)
-    stats = parse_normalization(args.normalize) if args.normalize is not None else default_normalization(train, test)
     return Splits.from_imagesets(train, test, device, args.train_eval_size, stats)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from itertools import repeat
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
