@@ -40,6 +40,8 @@ Flavour = Literal["serving", "compact"]
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
 NODE_SEPARATOR = "/"
+_ACCUMULATOR_MOVES = frozenset({"reshape", "flatten", "transpose", "slice", "flip", "maxpool2d", "relu"})
+"""Ops that move or max-pool an int32 value, keeping it the accumulator it was."""
 """Nodes are named ``<IR op output>/<ONNX op>__<n>``: a profile of the model maps every kernel back to its IR op."""
 
 
@@ -212,10 +214,21 @@ class _Exporter:
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
         self.quantize_to(src, op.output, self.ir.values[op.output])
 
+    def holds_accumulator(self, name: str) -> bool:
+        """Whether the ONNX tensor of int32 IR value ``name`` is the accumulator itself (a ``matmul``'s, moved
+        or max-pooled since), in float32, rather than its dequantized value (a float ``Conv``'s or ``Gemm``'s)."""
+        op = self.producer.get(name)
+        while op is not None and op.kind in _ACCUMULATOR_MOVES:
+            op = self.producer.get(op.inputs[0])
+        return op is not None and op.kind == "matmul"
+
     @OPS.implements("dequantize")
     def op_dequantize(self, op: Op) -> None:
         src = self.ir.values[op.inputs[0]]
-        if src.dtype is DType.INT32:
+        if src.dtype is DType.INT32 and self.holds_accumulator(op.inputs[0]):
+            self.node("Mul", [op.inputs[0], self.const(f"{op.output}_scale", src.scale.astype(np.float32))],
+                      op.output)
+        elif src.dtype is DType.INT32:
             self.node("Identity", [op.inputs[0]], op.output)
         else:
             s, zp = self.scale_zp(op.inputs[0], src)
@@ -231,6 +244,10 @@ class _Exporter:
         src = flat or src
         if op.attrs["relu"]:
             t = rectified(t)
+        if self.holds_accumulator(op.inputs[0]):  # rhe(float32(acc) · M): the multiply, then a scale of 1
+            m = self.const(f"{op.output}_multiplier", self.ir.constants[op.attrs["multiplier"]])
+            self.quantize_to(self.node("Mul", [src, m]), op.output, replace(t, scale=np.ones_like(t.scale)))
+            return
         if flat is None:
             self.quantize_to(src, op.output, t)
             return
@@ -354,6 +371,20 @@ class _Exporter:
             self.flat[out] = self.node("Gemm", inputs, transB=1)
             if out == op.output and float_readers:
                 self.reshape(self.flat[out], [-1, *shape[1:]], out)
+
+    @OPS.implements("matmul")
+    def op_matmul(self, op: Op) -> None:
+        """``MatMulInteger`` of the codes, their containers' offsets as zero points: the exact int32 accumulator,
+        held in float32 for the requantize that reads it (:meth:`holds_accumulator`). onnxruntime fuses DQ →
+        ``MatMul`` → Q into its integer ``QLinearMatMul`` only when all three are uint8; a float ``MatMul`` would
+        round its sums."""
+        inputs, zero_points = [], []
+        for name in op.inputs:
+            ty, offset = self.container(self.ir.values[name])
+            inputs.append(name)
+            zero_points.append(self.const(f"{name}_zp", np.array(offset, ty)))
+        acc = self.node("MatMulInteger", [*inputs, *zero_points])
+        self.node("Cast", [acc], op.output, to=self.onnx.TensorProto.FLOAT)
 
     @OPS.implements("relu")
     def op_relu(self, op: Op) -> None:

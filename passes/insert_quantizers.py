@@ -1,20 +1,21 @@
 """Insert fake quantizers: per-channel weights, per-tensor activations on compute inputs and residual adds.
 
 Every conv/dense input gets an activation quantizer with the layer's spec (one quantizer per tensor and spec,
-shared by consumers that agree). Each residual add and each product of two tensors gets quantizers on those
-inputs that are not already on a quantizer's grid (an add's before the permutes and reshapes producing it, which
-then move codes), and one on its output (after the ReLU that follows an add, if any), at the recipe's residual
-width: in the integer IR they are DQ → op → Q. A unary function (SiLU, sigmoid, a clamp, ``x + 3``) gets a
-quantizer on its input unless it is on a grid already, and one on its output unless only quantizers read it:
-the IR tabulates it from input codes to output codes. A clamp of a layer's output needs no input quantizer: it
-folds into the layer's requantize. A LayerNorm needs no quantizer of its own: it reads its input in float like
-any float op, and whatever reads its output either quantizes it (a layer, an add, a product, a unary function),
-is exact on floats (permutes, reshapes) or is a float op the IR defines anyway (pooling), so every backend
-computes the same float32 values. The inputs of a concatenation get quantizers of one spec
-(``align_add_scales`` then gives them one scale, so the concatenation moves codes). Last, a quantized
-layer's accumulator is never read in float: where anything but a quantizer, a ReLU, a clamp or max pooling
-reads it (pooling, a mean, a reshape), it is quantized first, so every layer runs as an integer kernel and no
-backend's float accumulation order can show. Signedness comes from the graph. Weights are quantized through a
+shared by consumers that agree). Each residual add and each product of two tensors gets quantizers on those inputs
+that are not already on a quantizer's grid (an add's before the permutes and reshapes producing it, which then move
+codes), and one on its output (after the ReLU that follows an add, if any), at the recipe's residual width: in the
+integer IR they are DQ → op → Q, except that a matrix product (``a @ b``) multiplies the codes into an int32
+accumulator that its output quantizer requantizes, as a layer's. A unary function (SiLU, sigmoid, a clamp, ``x +
+3``) gets a quantizer on its input unless it is on a grid already, and one on its output unless only quantizers
+read it: the IR tabulates it from input codes to output codes. A clamp of a layer's output needs no input
+quantizer: it folds into the layer's requantize. A LayerNorm needs no quantizer of its own: it reads its input in
+float like any float op, and whatever reads its output either quantizes it (a layer, an add, a product, a unary
+function), is exact on floats (permutes, reshapes) or is a float op the IR defines anyway (pooling), so every
+backend computes the same float32 values. The inputs of a concatenation get quantizers of one spec
+(``align_add_scales`` then gives them one scale, so the concatenation moves codes). Last, a quantized layer's
+accumulator is never read in float: where anything but a quantizer, a ReLU, a clamp or max pooling reads it
+(pooling, a mean, a reshape), it is quantized first, so every layer runs as an integer kernel and no backend's
+float accumulation order can show. Signedness comes from the graph. Weights are quantized through a
 parametrization, so layers stay ``nn.Conv2d`` / ``nn.Linear``.
 """
 
@@ -30,11 +31,12 @@ from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
 from qcompile.frontend.elementwise import arithmetic_kind, is_binary_mul, tensor_input, unary_of
-from qcompile.frontend.graph import (compute_nodes, is_compute, is_nonnegative, is_relu, is_softmax_head, module_of,
-                                     nearest_upsampling)
+from qcompile.frontend.graph import (compute_nodes, is_compute, is_matmul, is_nonnegative, is_relu, is_softmax_head,
+                                     module_of, nearest_upsampling)
 from qcompile.passes.norm_layers import NormLayer
 from qcompile.pipeline import PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
-from qcompile.quantization.quantizer import ActivationQuantizer, BiasQuantizer, WeightQuantizer
+from qcompile.quantization.quantizer import (ActivationQuantizer, BiasQuantizer, LayerAccumulator, ProductAccumulator,
+                                             WeightQuantizer)
 from qcompile.quantization.recipes import activation_calibrator
 from qcompile.quantization.spec import Granularity, QuantSpec, annotate, get_annotation
 
@@ -160,6 +162,19 @@ def _quantized_layer(gm: fx.GraphModule, node: object) -> fx.Node | None:
     return node if layer is not None and parametrize.is_parametrized(layer, "weight") else None
 
 
+def _quantized_product(gm: fx.GraphModule, node: object) -> ProductAccumulator | None:
+    """The accumulator of the matrix product of two quantized tensors whose output ``node`` is (seen back through
+    a ReLU), else None."""
+    if isinstance(node, fx.Node) and is_relu(gm, node):
+        node = tensor_input(node)
+    if not isinstance(node, fx.Node) or not is_matmul(node):
+        return None
+    a, b = (module_of(gm, x) for x in node.args)  # type: ignore[arg-type]
+    if isinstance(a, ActivationQuantizer) and isinstance(b, ActivationQuantizer):
+        return ProductAccumulator(a, b)
+    return None
+
+
 def _divides_by(node: fx.Node, value: fx.Node) -> bool:
     """``node`` is ``a / value`` (``value`` only as the divisor): SimAM's ``x / (4 * (variance + eps))``."""
     return arithmetic_kind(node) == "div" and node.args[1] is value and node.args[0] is not value
@@ -232,12 +247,14 @@ class InsertQuantizers(Pass):
         """Quantizers around unary functions and products of tensors, in graph order (so a function's output
         quantizer is in place before its readers ask whether their input is on a grid)."""
         for node in list(gm.graph.nodes):
+            if "tensor_meta" not in node.meta:
+                continue  # sizes and other Python values: ``B * self.heads`` is shape arithmetic, not a function
             u = unary_of(gm, node)
             if u is not None:
                 src = tensor_input(node)
                 if u.clamp is None or _quantized_layer(gm, src) is None:  # a clamp of a layer folds instead
                     self._quantize_input(gm, node, src, bits, ctx, memo)
-            elif is_binary_mul(node):
+            elif is_binary_mul(node) or is_matmul(node):
                 for a in dict.fromkeys(node.args):
                     self._quantize_input(gm, node, a, bits, ctx, memo)
             else:
@@ -347,9 +364,12 @@ class InsertQuantizers(Pass):
     @staticmethod
     def _link_requantizers(gm: fx.GraphModule) -> None:
         """Tell each quantizer that reads a quantized layer's output (through ReLU and max-pooling, which
-        commute with the accumulator's positive per-channel scale) which accumulator it requantizes, so it
-        rounds exactly as the integer kernel."""
+        commute with the accumulator's positive per-channel scale), or a matrix product of two quantized tensors
+        (through a ReLU), which accumulator it requantizes, so it rounds exactly as the integer kernel."""
         for node, q in activation_quantizer_calls(gm):
+            if (product := _quantized_product(gm, node.args[0])) is not None:
+                q.requantizes(product)
+                continue
             src = _quantized_layer(gm, node.args[0])
             if src is None or isinstance(module_of(gm, src), NormLayer):  # no integer accumulator while training
                 continue
@@ -357,7 +377,7 @@ class InsertQuantizers(Pass):
             in_q = module_of(gm, src.args[0]) if isinstance(src.args[0], fx.Node) else None
             if isinstance(in_q, ActivationQuantizer):
                 wq = next(p for p in layer.parametrizations.weight if isinstance(p, WeightQuantizer))
-                q.requantizes(layer, in_q, wq)
+                q.requantizes(LayerAccumulator(layer, in_q, wq))
 
     def _quantize_shared_input(self, gm: fx.GraphModule, node: fx.Node, spec: QuantSpec,
                                first: fx.Node | None) -> fx.Node:

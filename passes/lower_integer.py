@@ -6,7 +6,8 @@ into its clipping), on codes of another grid ``dequantize`` → ``quantize``, an
 (SiLU, sigmoid, Hardswish, a clamp, ``x + 3``) a ``lut``: the table of the quantizer's output code for every
 input code, computed with the function the fake-quant model calls. A quantized conv/dense is an integer
 conv/dense with int32 accumulation and bias (a dense on a channels-last tensor has its channels, and its
-accumulator's scales, on the last axis); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
+accumulator's scales, on the last axis), and so is a matrix product of two quantized tensors (one scale,
+``s_a · s_b``); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
 pieces included), zero padding and same-grid concatenation act on codes; a quantized global average of codes
 (adaptive or global-window average pooling, a mean over every axis after the channels) is an integer
 ``global_avgpool``; add, mul, LayerNorm and other average pooling and means run in float between dequantize and
@@ -37,8 +38,9 @@ from qcompile.frontend.elementwise import (
     unary_of,
 )
 from qcompile.frontend.canonical import attribute_tensor
-from qcompile.frontend.graph import (argument, is_relu, layer_names, module_of, nearest_upsampling, permutation,
-                                     resize_mode, softmax_of, target_name, unused_name)
+from qcompile.frontend.shapes import BATCH_MULTIPLE
+from qcompile.frontend.graph import (argument, is_matmul, is_relu, layer_names, module_of, nearest_upsampling,
+                                     permutation, resize_mode, softmax_of, target_name, unused_name)
 from qcompile.frontend.source_lines import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -269,6 +271,8 @@ class _Lowerer:
             return self.lower_unary(node, u)
         if is_binary_mul(node):
             return _Val(self.float_op(node, "mul", [self.as_float(node, a) for a in node.args]))
+        if is_matmul(node):
+            return self.lower_matmul(node)
         if (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             tensors = [a for a in node.args if isinstance(a, fx.Node)]
             if len(tensors) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -644,6 +648,21 @@ class _Lowerer:
                                   TensorInfo(DType.INT32, shape, s_acc, channel_axis(m, len(shape))),
                                   self.src(node), **attrs))
 
+    def lower_matmul(self, node: fx.Node) -> _Val:
+        """A matrix product of two quantized tensors (a global-context block's attention pooling): the codes'
+        exact product into an int32 accumulator at ``float32(s_a · s_b)``, which the quantizer reading it
+        requantizes as a layer's (insert_quantizers links the two)."""
+        names = [self.materialize(node, self.value(node, a)) for a in node.args]
+        a, b = (self.info(n) for n in names)
+        if any(not t.dtype.is_int or t.dtype is DType.INT32 or t.per_channel for t in (a, b)):
+            raise self.fail(node, "a matrix product lowers on the codes of two quantized tensors (run "
+                                  "insert_quantizers)")
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise self.fail(node, "a matrix product of a vector does not lower: unsqueeze it to a matrix")
+        s_acc = np.asarray(np.float32(a.scale) * np.float32(b.scale), dtype=np.float32)
+        return _Val(self.g.add_op("matmul", names, node.name, TensorInfo(DType.INT32, self.shape(node), s_acc),
+                                  self.src(node)))
+
     def lower_layer_norm(self, node: fx.Node, m: nn.LayerNorm) -> _Val:
         """Float ``layer_norm`` of the dequantized input; the quantizer of whatever reads it (the next layer's
         input) rounds it. A missing weight or bias is ones or zeros (exact); eps is kept as the float32 that
@@ -720,12 +739,35 @@ class _Lowerer:
         return _Val(self.same(node, "flatten", [x], start_dim=int(start), end_dim=int(end)))
 
     def lower_reshape(self, node: fx.Node) -> _Val:
+        """A reshape after the batch dimension, or one folding rows of each sample into it and back (attention
+        heads as ``q.reshape(B * heads, d, -1)`` ... ``out.reshape(B, C, H, W)``): the IR's ``-1`` first size then
+        keeps each sample's rows together at any batch size."""
         src = node.args[0]
         out, inp = self.shape(node), self.shape(src)  # type: ignore[arg-type]
-        if not out or not inp or out[0] != inp[0]:
+        if not out or not inp or (out[0] != inp[0] and not self.folds_batch(node, out[0])):
             raise self.fail(node, "a reshape that moves the batch dimension does not lower")
         x = self.operand(node, src, keeps_channels=False)
         return _Val(self.same(node, "reshape", [x], shape=[-1, *out[1:]]))
+
+    def folds_batch(self, node: fx.Node, rows: int) -> bool:
+        """Whether a reshape's first size is a whole number of rows per sample at any batch size: ``-1`` with
+        the rest fixed, or a size the capture found to be k times the batch size (:data:`BATCH_MULTIPLE`)."""
+        if node.op == "call_function" or (node.op == "call_method" and node.target in ("squeeze", "unsqueeze")):
+            return False  # torch.reshape(x, shape) and squeezes: not seen folding heads; refused as before
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        if not sizes or any(isinstance(s, fx.Node) for s in sizes[1:]):
+            return False
+        batch = self.example_batch()
+        first = sizes[0]
+        if isinstance(first, fx.Node):
+            return first.meta.get(BATCH_MULTIPLE, 0) * batch == rows
+        return first == -1 and rows % batch == 0
+
+    def example_batch(self) -> int:
+        """The batch size of the example input the shapes were recorded with."""
+        return next(self.shape(n)[0] for n in self.gm.graph.nodes if n.op == "placeholder" and self.shape(n))
 
     def lower_slice(self, node: fx.Node) -> _Val:
         src, index = node.args[0], node.args[1]

@@ -137,7 +137,10 @@ class _Builder:
         return self.relax.const(np.asarray(array).astype(dtype), dtype)
 
     def shape(self, name: str) -> tuple[Any, ...]:
-        return (self.batch, *self.ir.values[name].shape[1:])
+        """The value's shape at the runtime batch: ``rows`` per sample (more than 1 where a reshape folded
+        attention heads into the batch)."""
+        rows = self.ir.values[name].shape[0] // self.ir.values[self.ir.inputs[0]].shape[0]
+        return (self.batch * rows if rows != 1 else self.batch, *self.ir.values[name].shape[1:])
 
     def param(self, key: str, array: np.ndarray, dtype: str) -> Any:
         var = self.relax.Var(key, self.relax.TensorType(array.shape, dtype))
@@ -375,6 +378,12 @@ class _Builder:
         x, how = self.int8_operand(op.inputs[0], None)
         acc = self.op.matmul(x, w, out_dtype="int32")
         self.set(op.output, self._bias(op, acc, w_codes, how != SIGNED), False)
+
+    @OPS.implements("matmul")
+    def op_matmul(self, op: Op) -> None:
+        """The codes' matrix product in int32 (their readers never take them shifted: see OFFSET_READERS)."""
+        a, b = (self.op.astype(self.nchw(name), "int32") for name in op.inputs)
+        self.set(op.output, self.op.matmul(a, b, out_dtype="int32"), False)
 
     def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool) -> Any:
         """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8 (a vector

@@ -145,6 +145,19 @@ def permutation(node: fx.Node, rank: int) -> list[int] | None:
     return None
 
 
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm"}
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """A matrix product of two computed tensors (``a @ b``, ``torch.matmul``, ``torch.bmm``): attention over
+    positions in a global-context or non-local block. A product with a parameter is a layer's business."""
+    calls = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS)
+    return (calls and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args))
+
+
 def is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Conv and dense call sites: the layers that carry weights, MACs and a precision."""
     m = module_of(gm, node)
@@ -280,7 +293,9 @@ _FUNCTION_RULES: dict[object, _Rule] = {
     **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
                      torch.rsqrt, torch.square), _always),
-    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div), _both),
+    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div, operator.matmul,
+                     torch.matmul, torch.bmm), _both),
+    **dict.fromkeys((F.softmax, torch.softmax), _always),
     **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
     **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
     **dict.fromkeys((F.hardtanh, F.hardtanh_), _HARDTANH),
@@ -294,7 +309,8 @@ _METHOD_RULES: dict[str, _Rule] = {
         "split", "mean", "sum", "amax",
     ), _first),
     "pow": _power,
-    **dict.fromkeys(("add", "mul", "div"), _both),
+    **dict.fromkeys(("add", "mul", "div", "matmul", "bmm"), _both),
+    "softmax": _always,
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
     **dict.fromkeys(("sigmoid", "abs", "exp", "sqrt", "rsqrt", "square"), _always),
     "maximum": _either,
@@ -327,7 +343,7 @@ class ElementwiseRegion(nn.Module):
 
 
 def _module_nonnegative(m: nn.Module, node: fx.Node, nonneg: _Nonneg) -> bool:
-    if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Hardsigmoid):
+    if isinstance(m, nn.ReLU | nn.Sigmoid | nn.Hardsigmoid | nn.Softmax):
         return True
     if isinstance(m, ActivationQuantizer):  # unsigned codes, or the input's sign
         return not m.spec.signed or _first(node, nonneg)
@@ -349,7 +365,8 @@ def _proven_nonnegative(gm: fx.GraphModule, node: fx.Node, nonneg: _Nonneg) -> b
 
 def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool] | None = None) -> bool:
     """Whether the graph guarantees ``node``'s output is >= 0: a ReLU, a sigmoid, a clamp at >= 0, or moving,
-    pooling, padding, concatenating, adding, multiplying or taking the maximum of such (the rules above)."""
+    pooling, padding, concatenating, adding, multiplying or taking the maximum of such (the rules above); a
+    softmax."""
     memo = {} if _memo is None else _memo
     if node not in memo:
         memo[node] = False

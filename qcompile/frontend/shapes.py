@@ -144,6 +144,20 @@ def _batch_dependent(nodes: Sequence[fx.Node], here: dict[fx.Node, object],
     return dependent
 
 
+BATCH_MULTIPLE = "qcompile_batch_multiple"
+"""``node.meta`` key of a batch-dependent size that is k times the batch size, at both sizes run: k. A reshape whose
+first size is one (``q.reshape(B * heads, d, -1)``, attention heads folded into the batch) keeps each sample's rows
+together at any batch size."""
+
+
+def _mark_batch_multiples(nodes: Collection[fx.Node], here: dict[fx.Node, object], there: dict[fx.Node, object],
+                          batch: int) -> None:
+    for n in nodes:
+        a, b = here.get(n), there.get(n)
+        if type(a) is int and type(b) is int and a > 0 and a % batch == 0 and b == a // batch * (batch + 1):
+            n.meta[BATCH_MULTIPLE] = a // batch
+
+
 def _substitute(node: fx.Node, value: object) -> None:
     """Write ``value`` into the arguments of ``node``'s users in its place."""
     for user in list(node.users):
@@ -164,6 +178,8 @@ def specialize_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     except _NodeFailure:
         return
     dependent = _batch_dependent(nodes, here, recorder.values)
+    batch = next(len(x) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() and len(x))
+    _mark_batch_multiples(dependent, here, recorder.values, batch)
     for n in nodes:
         if n not in dependent:
             _substitute(n, literal(here[n]))

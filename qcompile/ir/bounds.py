@@ -1,4 +1,4 @@
-"""Static int32 safety of the integer IR: every conv and dense accumulator bounded from its weights and its
+"""Static int32 safety of the integer IR: every conv, dense and matmul accumulator bounded from its weights and its
 input's code range, whatever the data (docs/numerics.md: accumulators are proven to fit at lowering, not only checked
 on test images). A bound past int32 means an integer kernel could wrap silently, so lowering refuses it.
 
@@ -37,8 +37,17 @@ class AccumulatorBound:
         return self.bound <= INT32_MAX
 
 
+def _largest(ir: IRGraph, name: str) -> int:
+    """The largest magnitude of a value's code range."""
+    t = ir.values[name]
+    return max(abs(int(t.qmin)), abs(int(t.qmax)))
+
+
 def accumulator_bound(ir: IRGraph, op: Op) -> int:
-    """The worst-case |accumulator| of an integer conv2d/dense ``op`` over every input its codes allow."""
+    """The worst-case |accumulator| of an integer conv2d/dense/matmul ``op`` over every input its codes allow
+    (a matrix product: its inner dimension times the largest product of two codes)."""
+    if op.kind == "matmul":
+        return ir.values[op.inputs[0]].shape[-1] * _largest(ir, op.inputs[0]) * _largest(ir, op.inputs[1])
     x = ir.values[op.inputs[0]]
     w = ir.constants[op.inputs[1]].astype(np.int64)
     largest_input = max(abs(int(x.qmin)), abs(int(x.qmax)))
@@ -49,10 +58,10 @@ def accumulator_bound(ir: IRGraph, op: Op) -> int:
 
 
 def accumulator_bounds(ir: IRGraph) -> list[AccumulatorBound]:
-    """The bound of every integer conv2d/dense, in op order (float layers have no accumulator to bound)."""
+    """The bound of every integer conv2d/dense/matmul, in op order (float layers have no accumulator to bound)."""
     return [AccumulatorBound(op.output, op.source, accumulator_bound(ir, op))
             for op in ir.ops
-            if op.kind in ("conv2d", "dense") and ir.values[op.inputs[0]].dtype.is_int]
+            if op.kind in ("conv2d", "dense", "matmul") and ir.values[op.inputs[0]].dtype.is_int]
 
 
 def check_int32(ir: IRGraph) -> list[AccumulatorBound]:
@@ -60,9 +69,17 @@ def check_int32(ir: IRGraph) -> list[AccumulatorBound]:
     bounds = accumulator_bounds(ir)
     for b in bounds:
         if not b.fits:
-            x = ir.values[next(op for op in ir.ops if op.output == b.op).inputs[0]]
+            op = next(op for op in ir.ops if op.output == b.op)
+            x = ir.values[op.inputs[0]]
+            where = f"{b.op}{f' ({b.source})' if b.source else ''}"
+            if op.kind == "matmul":
+                y = ir.values[op.inputs[1]]
+                raise IntegerOverflowError(
+                    f"matrix product {where}: its int32 accumulator can reach {b.bound:,} (> {INT32_MAX:,}) for "
+                    f"{x.shape[-1]:,} products of codes in [{x.qmin}, {x.qmax}] and [{y.qmin}, {y.qmax}]; an integer "
+                    "kernel could wrap: give its operands fewer bits")
             raise IntegerOverflowError(
-                f"layer {b.op}{f' ({b.source})' if b.source else ''}: its int32 accumulator can reach {b.bound:,} (> {INT32_MAX:,}) for "
+                f"layer {where}: its int32 accumulator can reach {b.bound:,} (> {INT32_MAX:,}) for "
                 f"inputs in [{x.qmin}, {x.qmax}]; an integer kernel could wrap: give this layer fewer input or weight "
                 "bits")
     return bounds

@@ -183,6 +183,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
                             Attr("shift", STR, Presence.OPTIONAL)), _requantize_constants),
     OpSchema("conv2d", (Attr("stride", PAIR), Attr("padding", PAIR), Attr("dilation", PAIR), Attr("groups", INT))),
     OpSchema("dense"),
+    OpSchema("matmul"),
     OpSchema("relu"),
     OpSchema("maxpool2d", (*_POOL, Attr("dilation", PAIR, (1, 1)), Attr("ceil_mode", BOOL, False))),
     OpSchema("avgpool2d", (*_POOL, Attr("count_include_pad", BOOL, True), Attr("ceil_mode", BOOL, False))),

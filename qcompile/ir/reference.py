@@ -8,6 +8,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   accumulator outside int32 raises :class:`IntegerOverflowError`. On float32 operands: a float convolution.
   ``dense`` contracts the last axis of an input of any rank (``nn.Linear`` on a channels-last tensor), so its
   output channels, and the accumulator's per-channel scale, run along the last axis (the value's ``axis``).
+- ``matmul`` of two code tensors (batch axes broadcasting, as ``np.matmul``): exact integer accumulation of
+  ``Σ q_a · q_b``, an int32 accumulator at the one scale ``float32(s_a · s_b)`` that a ``requantize`` reads.
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
   integer-only rounding.
@@ -350,6 +352,13 @@ def _dense(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _as_f32(out + args[2] if len(args) > 2 else out)
 
 
+@OPS.implements("matmul")
+def _matmul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    a, b = args
+    acc_t = exact_gemm_dtype(a, b, a.shape[-1])
+    return _check_int32(np.matmul(a.astype(acc_t), b.astype(acc_t)).astype(np.int64), op)
+
+
 @OPS.implements("relu")
 def _relu(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return np.maximum(args[0], 0).astype(args[0].dtype)
@@ -473,7 +482,7 @@ def _flatten(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 
 @OPS.implements("reshape")
 def _reshape(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
-    return args[0].reshape(args[0].shape[0], *op.attrs["shape"][1:])
+    return args[0].reshape(-1, *op.attrs["shape"][1:])
 
 
 @OPS.implements("slice")

@@ -416,21 +416,23 @@ class ActivationQuantizer(nn.Module):
         self.batches = 0
         self._part: BatchPart | None = None  # the batch being observed in parts, from begin_batch
         self._part_max: torch.Tensor | None = None
-        self._accumulator: tuple[nn.Module, ActivationQuantizer, WeightQuantizer] | None = None
+        self._accumulator: LayerAccumulator | ProductAccumulator | None = None
         cls = CALIBRATORS.get(spec.calibrator)
         self.calibrator: ActivationCalibrator | None = None if cls is None else cls(self)
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, calibrator={self.spec.calibrator.value}, state={self.state.value}"
 
-    def requantizes(self, layer: nn.Module, input_quantizer: ActivationQuantizer, weight_quantizer: WeightQuantizer) -> None:
-        """Mark this quantizer as the requantize of ``layer``'s integer accumulator (a ReLU may sit between):
-        it then rounds exactly as the integer kernel does. The layer is referred to, not owned."""
-        object.__setattr__(self, "_accumulator", (layer, input_quantizer, weight_quantizer))
+    def requantizes(self, accumulator: LayerAccumulator | ProductAccumulator) -> None:
+        """Mark this quantizer as the requantize of an integer accumulator (a ReLU may sit between): it then
+        rounds exactly as the integer kernel does. The accumulator's layer and quantizers are referred to, not
+        owned."""
+        object.__setattr__(self, "_accumulator", accumulator)
 
     def accumulator_scale(self) -> torch.Tensor | None:
-        """``s_x · s_w[c]`` (float32, per channel) of the accumulator this quantizer requantizes, if any."""
-        return None if self._accumulator is None else accumulator_scale(*self._accumulator)
+        """The float32 scale of the accumulator this quantizer requantizes, if any: ``s_x · s_w[c]`` per channel
+        of a layer's, ``s_a · s_b`` of a matrix product's."""
+        return None if self._accumulator is None else self._accumulator.scale()
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -522,9 +524,10 @@ class ActivationQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        s_acc = self.accumulator_scale()
-        if s_acc is not None and self._accumulator[1].state is QuantizerState.FROZEN and self._accumulator[2].enabled:  # type: ignore[index]
-            axis = channel_axis(self._accumulator[0], x.dim())  # type: ignore[index]
+        acc = self._accumulator
+        if acc is not None and acc.ready():
+            axis = acc.axis(x.dim())
+            s_acc = acc.scale().reshape(-1).expand(x.shape[axis])  # one scale per channel along the axis
             return _Requantize.apply(x, s_acc, self.scale, axis, self.spec.qmin, self.spec.qmax)
         return fake_quantize(x, self.scale, self.spec.qmin, self.spec.qmax)
 
@@ -567,6 +570,43 @@ def accumulator_scale(layer: nn.Module, input_quantizer: ActivationQuantizer,
     """``s_x · s_w[c]`` in float32: the scale of a quantized layer's int32 accumulator and of its bias."""
     w = layer.parametrizations.weight.original
     return input_quantizer.scale.float() * weight_quantizer.scale_for(w).reshape(-1)
+
+
+@dataclass(frozen=True)
+class LayerAccumulator:
+    """The int32 accumulator of a quantized conv or dense layer: ``Σ q_x · q_w[c] + b_q[c]``."""
+
+    layer: nn.Module
+    input_quantizer: ActivationQuantizer
+    weight_quantizer: WeightQuantizer
+
+    def scale(self) -> torch.Tensor:
+        return accumulator_scale(self.layer, self.input_quantizer, self.weight_quantizer)
+
+    def ready(self) -> bool:
+        """Whether the layer computes on codes yet (its input quantizer frozen, its weights quantized)."""
+        return self.input_quantizer.state is QuantizerState.FROZEN and self.weight_quantizer.enabled
+
+    def axis(self, ndim: int) -> int:
+        return channel_axis(self.layer, ndim)
+
+
+@dataclass(frozen=True)
+class ProductAccumulator:
+    """The int32 accumulator of a matrix product of two quantized tensors: ``Σ q_a · q_b``, one scale."""
+
+    a: ActivationQuantizer
+    b: ActivationQuantizer
+
+    def scale(self) -> torch.Tensor:
+        return self.a.scale.float() * self.b.scale.float()
+
+    def ready(self) -> bool:
+        """Whether both operands are codes yet."""
+        return all(q.state is QuantizerState.FROZEN and q.enabled for q in (self.a, self.b))
+
+    def axis(self, ndim: int) -> int:
+        return ndim - 1  # any: the scale is the same along every axis
 
 
 class BiasQuantizer(nn.Module):

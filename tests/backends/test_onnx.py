@@ -193,6 +193,41 @@ def test_global_avgpool_is_onnxruntimes_integer_pooling_bit_for_bit(in_dtype, ou
     np.testing.assert_array_equal(qonnx.run(sess, [x])[0], reference.run(g, x)["y"])
 
 
+def _matmul_graph(a: TensorInfo, b: TensorInfo, out: TensorInfo, relu: bool) -> IRGraph:
+    """Two float inputs quantized to ``a`` and ``b``, their codes' matrix product requantized to ``out``."""
+    g = IRGraph(inputs=["x", "y"], outputs=["z"])
+    g.add_value("x", TensorInfo(DType.FLOAT32, a.shape))
+    g.add_value("y", TensorInfo(DType.FLOAT32, b.shape))
+    g.add_op("quantize", ["x"], "a", a)
+    g.add_op("quantize", ["y"], "b", b)
+    s_acc = np.asarray(np.float32(a.scale) * np.float32(b.scale), np.float32)
+    g.add_op("matmul", ["a", "b"], "acc", TensorInfo(DType.INT32, (*a.shape[:-1], b.shape[-1]), s_acc))
+    mult = g.add_constant("mult", (s_acc.astype(np.float64) / float(out.scale)).astype(np.float32),
+                          TensorInfo(DType.FLOAT32, ()))
+    g.add_op("requantize", ["acc"], "q", out, relu=relu, multiplier=mult)
+    g.add_op("dequantize", ["q"], "z", TensorInfo(DType.FLOAT32, out.shape))
+    return g
+
+
+@settings(max_examples=30, deadline=None)
+@given(a_dtype=st.sampled_from([DType.UINT8, DType.INT8, DType.UINT4, DType.INT4]),
+       b_dtype=st.sampled_from([DType.UINT8, DType.INT8]), out_dtype=st.sampled_from([DType.UINT8, DType.INT8]),
+       k=st.integers(1, 300), s_a=st.floats(1e-3, 1.0), s_b=st.floats(1e-3, 1.0), ratio=st.floats(1e-3, 0.2),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_matmul_is_the_references_integer_product_bit_for_bit(a_dtype, b_dtype, out_dtype, k, s_a, s_b, ratio, relu,
+                                                              seed):
+    """``MatMulInteger`` and the float32 multiply by M: onnxruntime's codes equal the reference's for every
+    signedness and container (its fused ``QLinearMatMul`` takes uint8 only, and a float ``MatMul`` rounds)."""
+    a = TensorInfo(a_dtype, (4, 2, 3, k), np.float32(s_a))
+    b = TensorInfo(b_dtype, (4, 1, k, 5), np.float32(s_b))
+    out_scale = np.float32(s_a * s_b * k * ratio * 64)
+    g = _matmul_graph(a, b, TensorInfo(out_dtype, (4, 2, 3, 5), out_scale), relu)
+    rng = np.random.default_rng(seed)
+    x, y = ((rng.integers(t.qmin, t.qmax + 1, t.shape) * t.scale).astype(np.float32) for t in (a, b))
+    got = qonnx.run(qonnx.session(qonnx.to_onnx(g, "serving")), [x, y])[0]
+    np.testing.assert_array_equal(got, reference.run(g, x, y)["z"])
+
+
 def test_fused_add_is_refused_for_unaligned_scales():
     from qcompile.ir.types import DType, TensorInfo
 

@@ -118,6 +118,11 @@ SIGNEDNESS = {  # name: (construct, whether its output is proven >= 0)
     "add_negative_scalar": (lambda x: _r(x) + -1.0, False),
     "add_negative_alpha": (lambda x: torch.add(_r(x), _r(x), alpha=-1), False),
     "mean": (lambda x: _r(x).mean((2, 3), keepdim=True), True),
+    "softmax": (lambda x: F.softmax(x, dim=1), True),
+    "softmax_method": (lambda x: x.softmax(-1), True),
+    "log_softmax": (lambda x: F.log_softmax(x, dim=1), False),
+    "matmul": (lambda x: _r(x) @ x.softmax(-1), True),
+    "matmul_signed": (lambda x: torch.matmul(_r(x), x), False),
 }
 
 MODULE_SIGNEDNESS = {  # name: (module, proven >= 0 after a ReLU, proven >= 0 on the signed input)
@@ -134,6 +139,7 @@ MODULE_SIGNEDNESS = {  # name: (module, proven >= 0 after a ReLU, proven >= 0 on
     "Sigmoid": (nn.Sigmoid(), True, True),
     "Hardsigmoid": (nn.Hardsigmoid(), True, True),
     "Tanh": (nn.Tanh(), False, False),
+    "Softmax": (nn.Softmax(dim=1), True, True),
 }
 
 

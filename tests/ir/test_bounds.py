@@ -78,3 +78,37 @@ def test_a_model_that_could_overflow_is_refused_at_lowering():
         Pipeline(passes).run(WideConv(), calib[0][0][:1], recipe=get_recipe("int8"), calibration_data=calib)
     res = Pipeline(passes).run(WideConv(), calib[0][0][:1], recipe=get_recipe("int4"), calibration_data=calib)
     assert all(b.fits for b in accumulator_bounds(res.context.ir))  # 4-bit codes fit
+
+
+def _matmul_ir(k: int, a_signed: bool, b_signed: bool) -> IRGraph:
+    ir = IRGraph(inputs=["a", "b"], outputs=["y"])
+    for name, signed, shape in (("a", a_signed, (2, 3, k)), ("b", b_signed, (2, k, 4))):
+        lo, hi = code_range(8, signed, symmetric=False)
+        ir.add_value(name, TensorInfo(DType.for_bits(8, signed), shape, np.float32(1), None, lo, hi))
+    ir.add_op("matmul", ["a", "b"], "y", TensorInfo(DType.INT32, (2, 3, 4), np.float32(1)))
+    return ir
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), a_signed=st.booleans(), b_signed=st.booleans())
+def test_a_matmul_bound_holds_and_is_reached(seed, a_signed, b_signed):
+    """The bound of a product of two code tensors is its inner size times the largest product of two codes,
+    which codes at the ends of both ranges reach."""
+    ir = _matmul_ir(50, a_signed, b_signed)
+    (bound,) = accumulator_bounds(ir)
+    a_lo, a_hi = code_range(8, a_signed, symmetric=False)
+    b_lo, b_hi = code_range(8, b_signed, symmetric=False)
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(a_lo, a_hi + 1, (2, 3, 50)), rng.integers(b_lo, b_hi + 1, (2, 50, 4))
+    assert np.abs(reference.run_op(ir.ops[0], [a, b], ir).astype(np.int64)).max() <= bound.bound
+    a_end, b_end = (a_lo if abs(a_lo) > a_hi else a_hi), (b_lo if abs(b_lo) > b_hi else b_hi)
+    worst = reference.run_op(ir.ops[0], [np.full((2, 3, 50), a_end), np.full((2, 50, 4), b_end)], ir)
+    assert abs(int(worst[0, 0, 0])) == bound.bound
+
+
+def test_a_matmul_that_could_overflow_is_refused():
+    """70,000 products of signed 8-bit codes stay within int32 (at most 70,000 · 128 · 128 ≈ 1.15e9); 140,000
+    could pass it."""
+    assert accumulator_bounds(_matmul_ir(70_000, True, True))[0].fits
+    with pytest.raises(IntegerOverflowError, match=r"matrix product y: .*140,000 products of codes in \[-128, 127\]"):
+        check_int32(_matmul_ir(140_000, True, True))

@@ -644,6 +644,65 @@ class FlattenedMean(_TwoConvs):
         return self.fc(x.view_as(x).flatten(start_dim=2).mean(-1))
 
 
+class GlobalContext(_TwoConvs):
+    """GCNet's context block: a softmax over positions pools the features by a matrix product
+    (``(N, 1, C, HW) @ (N, 1, HW, 1)``), added back after a 1×1 bottleneck with a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = nn.Conv2d(8, 1, 1)
+        self.transform = nn.Sequential(nn.Conv2d(8, 4, 1), nn.LayerNorm([4, 1, 1]), nn.ReLU(), nn.Conv2d(4, 8, 1))
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        n, c, h, w = x.shape
+        attention = F.softmax(self.mask(x).view(n, 1, h * w), dim=2).unsqueeze(-1)
+        context = torch.matmul(x.view(n, c, h * w).unsqueeze(1), attention).view(n, c, 1, 1)
+        x = x + self.transform(context)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+class NonLocal(_TwoConvs):
+    """A non-local block (Wang et al.): affinities ``θ(x)ᵀ φ(x)`` between positions, a softmax, the values
+    ``g(x)`` gathered by a second product, permuted back and added through a 1×1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta, self.phi, self.g = (nn.Conv2d(8, 4, 1) for _ in range(3))
+        self.out = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        n = x.size(0)
+        theta = self.theta(x).view(n, 4, -1).permute(0, 2, 1)
+        phi = F.max_pool2d(self.phi(x), 2).view(n, 4, -1)
+        g = F.max_pool2d(self.g(x), 2).view(n, 4, -1).permute(0, 2, 1)
+        y = torch.matmul(F.softmax(torch.matmul(theta, phi), dim=-1), g)
+        y = y.permute(0, 2, 1).contiguous().view(n, 4, *x.size()[2:])
+        return self.fc(F.relu(self.conv2(self.out(y) + x)).mean((2, 3)))
+
+
+class HeadsInBatch(_TwoConvs):
+    """BoTNet-style attention over positions with the heads folded into the batch
+    (``q.reshape(B * heads, d, -1)``), a scaled ``q @ k``, a softmax, ``@ v``, and back to (B, C, H, W)."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(8, 24, 1, bias=False)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        b, c, h, w = x.shape
+        q, k, v = torch.split(self.qkv(x), c, dim=1)
+        q = q.reshape(b * self.heads, c // self.heads, -1).transpose(-1, -2)
+        k = k.reshape(b * self.heads, c // self.heads, -1)
+        v = v.reshape(b * self.heads, c // self.heads, -1).transpose(-1, -2)
+        attention = ((q @ k) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        x = (attention @ v).transpose(-1, -2).reshape(b, c, h, w)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -675,9 +734,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "flattened_mean": FlattenedMean, "gem": GeMPool, "literal_normalization": LiteralNormalization,
           "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
-          "mirror_averaged": MirrorAveraged, "simam": SimAM}
+          "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
+          "non_local": NonLocal, "heads_in_batch": HeadsInBatch}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam",
+             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -694,7 +754,9 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "literal_normalization": {"add", "div"},
                 "pyramid_zeros": {"pad", "add"},
                 "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"},
-                "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"}}
+                "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"},
+                "global_context": {"matmul", "softmax", "layer_norm"}, "non_local": {"matmul", "softmax", "transpose"},
+                "heads_in_batch": {"matmul", "softmax", "reshape"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -1017,3 +1079,32 @@ def test_without_onnxruntime_a_table_is_exported_as_a_gather(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
     assert "Gather" in [n.op_type for n in qonnx.to_onnx(ir).graph.node]
+
+
+@pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch"])
+def test_a_matrix_product_is_an_integer_kernel_requantized_as_a_layer(name):
+    """Both operands are codes, the int32 product is requantized by the quantizer reading it (which rounds as
+    that kernel does, so the fake-quant model equals the reference exactly), and nothing reads it in float."""
+    res = lowered(name, "int8")
+    ir = res.context.ir
+    for op in (op for op in ir.ops if op.kind == "matmul"):
+        assert all(ir.values[i].dtype in (DType.INT8, DType.UINT8) for i in op.inputs)
+        assert {r.kind for r in ir.ops if op.output in r.inputs} == {"requantize"}
+    v = verify_reference(res.graph_module, ir, _batches()).summary()
+    assert v["identical_fraction"] == 1.0 and v["max_lsb_diff"] == 0
+
+
+class BatchMixingView(_TwoConvs):
+    """``x.view(C, -1)``: at batch N its rows hold several samples, so it cannot lower as a per-sample reshape."""
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        y = x.view(x.size(1), -1)
+        return y.mean(1)
+
+
+def test_a_reshape_mixing_samples_is_still_refused():
+    from qcompile.passes.lower_integer import LoweringError
+
+    with pytest.raises(LoweringError, match="a reshape that moves the batch dimension does not lower"):
+        lowered("mixing", "int8", {"mixing": BatchMixingView})
