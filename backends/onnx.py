@@ -544,6 +544,14 @@ class _Exporter:
     def op_div(self, op: Op) -> None:
         self.node("Div", self.binary_operands(op), op.output)
 
+    @OPS.implements("maximum")
+    def op_maximum(self, op: Op) -> None:
+        self.node("Max", self.binary_operands(op), op.output)
+
+    @OPS.implements("minimum")
+    def op_minimum(self, op: Op) -> None:
+        self.node("Min", self.binary_operands(op), op.output)
+
     def binary_operands(self, op: Op) -> list[str]:
         """The float operands of a product or quotient: the largest dequantized-codes operand as it is (one
         ``DequantizeLinear`` pass over it), any other in its unfused form (:meth:`unfused_dq`), so that no

@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from qcompile.errors import PipelineError
-from qcompile.frontend.elementwise import arithmetic_kind, is_binary_mul, tensor_input, unary_of
+from qcompile.frontend.elementwise import arithmetic_kind, binary_extremum, is_binary_mul, tensor_input, unary_of
 from qcompile.frontend.graph import (compute_nodes, is_compute, is_matmul, is_nonnegative, is_relu, is_softmax_head,
                                      module_of, nearest_upsampling)
 from qcompile.passes.norm_layers import NormLayer
@@ -254,7 +254,7 @@ class InsertQuantizers(Pass):
                 src = tensor_input(node)
                 if u.clamp is None or _quantized_layer(gm, src) is None:  # a clamp of a layer folds instead
                     self._quantize_input(gm, node, src, bits, ctx, memo)
-            elif is_binary_mul(node) or is_matmul(node):
+            elif is_binary_mul(node) or is_matmul(node) or binary_extremum(node) is not None:
                 for a in dict.fromkeys(node.args):
                     self._quantize_input(gm, node, a, bits, ctx, memo)
             else:

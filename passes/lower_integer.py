@@ -32,6 +32,7 @@ from qcompile.frontend.elementwise import (
     Bounds,
     Unary,
     arithmetic_kind,
+    binary_extremum,
     is_binary_mul,
     scalar_arguments,
     tensor_input,
@@ -273,6 +274,8 @@ class _Lowerer:
             return _Val(self.float_op(node, "mul", [self.as_float(node, a) for a in node.args]))
         if is_matmul(node):
             return self.lower_matmul(node)
+        if (extremum := binary_extremum(node)) is not None:  # exact on dequantized codes, as a max pooling is
+            return _Val(self.float_op(node, extremum, [self.as_float(node, a) for a in node.args]))
         if (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             tensors = [a for a in node.args if isinstance(a, fx.Node)]
             if len(tensors) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -571,8 +574,6 @@ class _Lowerer:
         """``torch.max(x, dim)`` (its values: ``[0]`` or ``.values`` read them) and ``amax`` over some
         dimensions, as a float ``reduce_max`` of the dequantized input, exact in any precision."""
         dims = argument(node, 1, "dim")
-        if isinstance(dims, fx.Node):
-            raise self.fail(node, "an elementwise max of two tensors does not lower")
         if dims is None or (isinstance(dims, (list, tuple)) and not dims):
             raise self.fail(node, "a max over every dimension (batch included) does not lower")
         dims = [dims] if isinstance(dims, int) else list(dims)

@@ -497,6 +497,14 @@ class _Builder:
     def op_div(self, op: Op) -> None:
         self.binary(op, self.op.divide)
 
+    @OPS.implements("maximum")
+    def op_maximum(self, op: Op) -> None:
+        self.binary(op, self.op.maximum)
+
+    @OPS.implements("minimum")
+    def op_minimum(self, op: Op) -> None:
+        self.binary(op, self.op.minimum)
+
     def binary(self, op: Op, fn: Any) -> None:
         """An elementwise float op of two values or float constants, NHWC when all are 4-d (broadcasting)."""
         a, b = op.inputs

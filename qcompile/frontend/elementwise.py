@@ -225,6 +225,25 @@ def is_mul(node: fx.Node) -> bool:
     return is_call and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs
 
 
+_EXTREMA = {torch.maximum: "maximum", torch.fmax: "maximum", torch.max: "maximum", torch.minimum: "minimum",
+            torch.fmin: "minimum", torch.min: "minimum"}
+_EXTREMUM_METHODS = {"maximum": "maximum", "fmax": "maximum", "max": "maximum", "minimum": "minimum",
+                     "fmin": "minimum", "min": "minimum"}
+
+
+def binary_extremum(node: fx.Node) -> str | None:
+    """``"maximum"`` or ``"minimum"`` for an elementwise max or min of two computed tensors (FReLU's
+    ``torch.max(x, self.bn(self.conv(x)))``, maxout), else None. One of two functions of one tensor is an
+    :class:`~qcompile.frontend.graph.ElementwiseRegion` by now; ``torch.max(x, dim)`` is a reduction."""
+    if node.op == "call_function":
+        kind = _EXTREMA.get(node.target)  # type: ignore[arg-type]
+    else:
+        kind = _EXTREMUM_METHODS.get(str(node.target)) if node.op == "call_method" else None
+    if kind is None or len(node.args) != 2 or node.kwargs:
+        return None
+    return kind if all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args) else None
+
+
 def is_binary_mul(node: fx.Node) -> bool:
     """A product of two computed tensors (a squeeze-and-excitation gate, an attention map), with broadcasting.
     A product with a parameter (a layer scale) is not one: fold_bn folds it into the layer before it."""

@@ -241,6 +241,11 @@ def _max(node: fx.Node, nonneg: _Nonneg) -> bool:
     return (_either if isinstance(argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
 
 
+def _min(node: fx.Node, nonneg: _Nonneg) -> bool:
+    """``torch.min(a, b)`` is an elementwise minimum; ``torch.min(x[, dim])`` a reduction of ``x``."""
+    return (_both if isinstance(argument(node, 1, "other"), fx.Node) else _first)(node, nonneg)
+
+
 def _power(node: fx.Node, nonneg: _Nonneg) -> bool:
     """``x ** n``: >= 0 for an even integer ``n`` (SimAM's squared deviations), else if ``x`` is."""
     exponent = argument(node, 1, "exponent")
@@ -299,8 +304,10 @@ _FUNCTION_RULES: dict[object, _Rule] = {
     **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
     **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
     **dict.fromkeys((F.hardtanh, F.hardtanh_), _HARDTANH),
-    torch.maximum: _either,
+    **dict.fromkeys((torch.maximum, torch.fmax), _either),
+    **dict.fromkeys((torch.minimum, torch.fmin), _both),
     torch.max: _max,
+    torch.min: _min,
     F.pad: _pad,
 }
 _METHOD_RULES: dict[str, _Rule] = {
@@ -313,8 +320,10 @@ _METHOD_RULES: dict[str, _Rule] = {
     "softmax": _always,
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
     **dict.fromkeys(("sigmoid", "abs", "exp", "sqrt", "rsqrt", "square"), _always),
-    "maximum": _either,
+    **dict.fromkeys(("maximum", "fmax"), _either),
+    **dict.fromkeys(("minimum", "fmin"), _both),
     "max": _max,
+    "min": _min,
 }
 
 

@@ -195,6 +195,8 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("add"),
     OpSchema("mul"),
     OpSchema("div"),
+    OpSchema("maximum"),
+    OpSchema("minimum"),
     OpSchema("layer_norm", (Attr("eps", FLOAT),)),
     OpSchema("group_norm", (Attr("groups", INT), Attr("eps", FLOAT))),
     OpSchema("softmax", (Attr("dim", INT),)),

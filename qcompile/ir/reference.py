@@ -22,7 +22,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   axis after the channels, ``clip(rhe(float32(Σ q) · M), qmin, qmax)`` with ``M = s_in / (s_out · float32(H·W))``
   in float32: onnxruntime's ``QLinearGlobalAveragePool`` (MLAS), bit for bit, defined where MLAS defines it
   (:func:`global_avgpool_multiplier`). Those axes are kept as 1s, or dropped without ``keepdim``.
-- ``add``, ``mul`` (both broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
+- ``add``, ``mul``, ``maximum``, ``minimum`` (broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
   dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
 - ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
 - ``reduce_max`` over ``dims`` (CBAM's ``torch.max(x, 1)[0]``, ``amax``): a float op, exact in any precision.
@@ -414,6 +414,16 @@ def _add(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("mul")
 def _mul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return (_as_f32(args[0]) * _as_f32(args[1])).astype(np.float32)
+
+
+@OPS.implements("maximum")
+def _maximum(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.maximum(_as_f32(args[0]), _as_f32(args[1])).astype(np.float32)
+
+
+@OPS.implements("minimum")
+def _minimum(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.minimum(_as_f32(args[0]), _as_f32(args[1])).astype(np.float32)
 
 
 @OPS.implements("div")

@@ -123,6 +123,9 @@ SIGNEDNESS = {  # name: (construct, whether its output is proven >= 0)
     "log_softmax": (lambda x: F.log_softmax(x, dim=1), False),
     "matmul": (lambda x: _r(x) @ x.softmax(-1), True),
     "matmul_signed": (lambda x: torch.matmul(_r(x), x), False),
+    "minimum": (lambda x: torch.minimum(_r(x), torch.sigmoid(x)), True),
+    "minimum_signed": (lambda x: torch.min(_r(x), x), False),
+    "min_reduce": (lambda x: _r(x).min(1)[0], True),
 }
 
 MODULE_SIGNEDNESS = {  # name: (module, proven >= 0 after a ReLU, proven >= 0 on the signed input)

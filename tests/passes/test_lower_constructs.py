@@ -703,6 +703,22 @@ class HeadsInBatch(_TwoConvs):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
+class FunnelActivation(_TwoConvs):
+    """FReLU (Ma et al.): ``torch.max(x, bn(dwconv(x)))``, a maximum of a tensor and a layer's output; then a
+    maxout-style ``torch.minimum`` of two layers' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.funnel = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.other = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = torch.max(x, self.funnel(x))
+        x = torch.minimum(self.conv2(x), self.other(x))
+        return self.fc(x.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -735,7 +751,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
-          "non_local": NonLocal, "heads_in_batch": HeadsInBatch}
+          "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "clamp_of_sum", "gem",
@@ -756,7 +772,7 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"},
                 "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"},
                 "global_context": {"matmul", "softmax", "layer_norm"}, "non_local": {"matmul", "softmax", "transpose"},
-                "heads_in_batch": {"matmul", "softmax", "reshape"}}
+                "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
