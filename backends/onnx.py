@@ -377,7 +377,10 @@ class _Exporter:
         """``MatMulInteger`` of the codes, their containers' offsets as zero points: the exact int32 accumulator,
         held in float32 for the requantize that reads it (:meth:`holds_accumulator`). onnxruntime fuses DQ →
         ``MatMul`` → Q into its integer ``QLinearMatMul`` only when all three are uint8; a float ``MatMul`` would
-        round its sums."""
+        round its sums. A float model's product is a float ``MatMul``."""
+        if self.ir.values[op.inputs[0]].dtype is DType.FLOAT32:
+            self.node("MatMul", list(op.inputs), op.output)
+            return
         inputs, zero_points = [], []
         for name in op.inputs:
             ty, offset = self.container(self.ir.values[name])

@@ -652,9 +652,11 @@ class _Lowerer:
     def lower_matmul(self, node: fx.Node) -> _Val:
         """A matrix product of two quantized tensors (a global-context block's attention pooling): the codes'
         exact product into an int32 accumulator at ``float32(s_a · s_b)``, which the quantizer reading it
-        requantizes as a layer's (insert_quantizers links the two)."""
+        requantizes as a layer's (insert_quantizers links the two). Of two float tensors, a float product."""
         names = [self.materialize(node, self.value(node, a)) for a in node.args]
         a, b = (self.info(n) for n in names)
+        if a.dtype is DType.FLOAT32 and b.dtype is DType.FLOAT32:  # the float model (bf16, --measure's)
+            return _Val(self.float_op(node, "matmul", names))
         if any(not t.dtype.is_int or t.dtype is DType.INT32 or t.per_channel for t in (a, b)):
             raise self.fail(node, "a matrix product lowers on the codes of two quantized tensors (run "
                                   "insert_quantizers)")

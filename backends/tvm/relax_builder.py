@@ -381,9 +381,12 @@ class _Builder:
 
     @OPS.implements("matmul")
     def op_matmul(self, op: Op) -> None:
-        """The codes' matrix product in int32 (their readers never take them shifted: see OFFSET_READERS)."""
-        a, b = (self.op.astype(self.nchw(name), "int32") for name in op.inputs)
-        self.set(op.output, self.op.matmul(a, b, out_dtype="int32"), False)
+        """The codes' matrix product in int32 (their readers never take them shifted: see OFFSET_READERS); a
+        float model's in its float dtype."""
+        dtype = self.float_dtype if self.ir.values[op.output].dtype is DType.FLOAT32 else "int32"
+        a, b = (self.op.astype(self.nchw(name), dtype) for name in op.inputs)
+        product = self.op.matmul(a, b, out_dtype=dtype)
+        self.set(op.output, self.op.astype(product, "float32") if dtype != "int32" else product, False)
 
     def _bias(self, op: Op, acc: Any, w_rows: np.ndarray, shifted: bool) -> Any:
         """The int32 bias, plus ``128 · Σw`` per output channel when the input was shifted into int8 (a vector

@@ -9,7 +9,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   ``dense`` contracts the last axis of an input of any rank (``nn.Linear`` on a channels-last tensor), so its
   output channels, and the accumulator's per-channel scale, run along the last axis (the value's ``axis``).
 - ``matmul`` of two code tensors (batch axes broadcasting, as ``np.matmul``): exact integer accumulation of
-  ``Σ q_a · q_b``, an int32 accumulator at the one scale ``float32(s_a · s_b)`` that a ``requantize`` reads.
+  ``Σ q_a · q_b``, an int32 accumulator at the one scale ``float32(s_a · s_b)`` that a ``requantize`` reads. Of
+  float32 operands (a float model's): in float64, rounded once.
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
   integer-only rounding.
@@ -22,8 +23,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   axis after the channels, ``clip(rhe(float32(Σ q) · M), qmin, qmax)`` with ``M = s_in / (s_out · float32(H·W))``
   in float32: onnxruntime's ``QLinearGlobalAveragePool`` (MLAS), bit for bit, defined where MLAS defines it
   (:func:`global_avgpool_multiplier`). Those axes are kept as 1s, or dropped without ``keepdim``.
-- ``add``, ``mul``, ``maximum``, ``minimum`` (broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``: float ops between
-  dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- ``add``, ``mul``, ``maximum``, ``minimum`` (broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``:
+  float ops between dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
 - ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
 - ``reduce_max`` over ``dims`` (CBAM's ``torch.max(x, 1)[0]``, ``amax``): a float op, exact in any precision.
 - ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
@@ -355,6 +356,8 @@ def _dense(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("matmul")
 def _matmul(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     a, b = args
+    if not np.issubdtype(a.dtype, np.integer):
+        return _as_f32(np.matmul(a.astype(np.float64), b.astype(np.float64)))
     acc_t = exact_gemm_dtype(a, b, a.shape[-1])
     return _check_int32(np.matmul(a.astype(acc_t), b.astype(acc_t)).astype(np.int64), op)
 

@@ -1124,3 +1124,20 @@ def test_a_reshape_mixing_samples_is_still_refused():
 
     with pytest.raises(LoweringError, match="a reshape that moves the batch dimension does not lower"):
         lowered("mixing", "int8", {"mixing": BatchMixingView})
+
+
+@pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel"])
+def test_the_float_model_of_a_product_or_extremum_lowers(name):
+    """The float form (``bf16``, which ``--measure`` times beside the artifact) has float ``matmul``, ``maximum``
+    and ``minimum``: the reference computes the PyTorch model's logits, onnxruntime within float32 rounding."""
+    from qcompile.backends import onnx as qonnx
+    from qcompile.ir import reference
+
+    res = lowered(name, "bf16")
+    ir = res.context.ir
+    x = _batches()[0][0]
+    want = res.graph_module(x).detach().numpy()
+    got = reference.run(ir, x.numpy())[ir.outputs[0]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    served = qonnx.run(qonnx.session(qonnx.to_onnx(ir, "serving")), [x.numpy()])[0]
+    np.testing.assert_allclose(served, got, rtol=1e-4, atol=1e-5)
