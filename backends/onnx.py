@@ -604,6 +604,18 @@ class _Exporter:
 
         self.in_double(op, normalize)
 
+    @OPS.implements("normalize")
+    def op_normalize(self, op: Op) -> None:
+        """The reference's float64 form op by op: ``x / max(sqrt(Σ x²), eps)``."""
+        axes = np.array([op.attrs["dim"]], np.int64)
+
+        def normalize(xd: str) -> str:
+            sums = self.node("ReduceSum", [self.node("Mul", [xd, xd]), self.const("axes", axes)], keepdims=1)
+            eps = self.const("eps", np.array(op.attrs["eps"], np.float64))
+            return self.node("Div", [xd, self.node("Max", [self.node("Sqrt", [sums]), eps])])
+
+        self.in_double(op, normalize)
+
     @OPS.implements("group_norm")
     def op_group_norm(self, op: Op) -> None:
         """The reference's float64 form op by op on (N, G, C/G·H·W) (onnxruntime has no double

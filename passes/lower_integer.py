@@ -323,6 +323,8 @@ class _Lowerer:
             return self.lower_slice(node)
         if fn and t is F.pad:
             return self.lower_pad(node)
+        if fn and t is F.normalize:
+            return self.lower_normalize(node)
         if fn and t is torch.cat:
             return self.lower_concat(node)
         raise self.fail(node, "this operation has no integer lowering")
@@ -687,6 +689,18 @@ class _Lowerer:
         consts = self.affine_constants(node, m, (m.num_channels,))
         return _Val(self.float_op(node, "group_norm", [self.as_float(node, node.args[0]), *consts],
                                   groups=int(m.num_groups), eps=float(np.float32(m.eps))))
+
+    def lower_normalize(self, node: fx.Node) -> _Val:
+        """``F.normalize`` (L2, a cosine classifier's features or an embedding): a float op of the dequantized
+        input in float64 in every backend; the quantizer of whatever reads it rounds it. eps is kept as the
+        float32 that PyTorch compares with."""
+        p, dim = argument(node, 1, "p", 2.0), argument(node, 2, "dim", 1)
+        rank = len(self.shape(node))
+        if p != 2 or not isinstance(dim, int) or dim % rank == 0:
+            raise self.fail(node, f"F.normalize with p={p}, dim={dim} does not lower: only the L2 norm over a "
+                                  "dimension after the batch does")
+        return _Val(self.float_op(node, "normalize", [self.as_float(node, node.args[0])], dim=dim % rank,
+                                  eps=float(np.float32(argument(node, 3, "eps", 1e-12)))))
 
     def lower_softmax(self, node: fx.Node, kind: str, dim: int | None) -> _Val:
         """Float ``softmax`` / ``log_softmax`` of the dequantized input (a classifier's head: the PyTorch MNIST

@@ -533,6 +533,14 @@ class _Builder:
                         self.const(self.ir.constants[b], "float64"))
         self.set(op.output, self.op.astype(y, "float32"), False)
 
+    @OPS.implements("normalize")
+    def op_normalize(self, op: Op) -> None:
+        """The reference's float64 form: ``x / max(sqrt(Σ x²), eps)``."""
+        xd = self.emit(self.op.astype(self.nchw(op.inputs[0]), "float64"))
+        norm = self.op.sqrt(self.op.sum(self.op.multiply(xd, xd), axis=[op.attrs["dim"]], keepdims=True))
+        y = self.op.divide(xd, self.op.maximum(norm, self.const(op.attrs["eps"], "float64")))
+        self.set(op.output, self.op.astype(y, "float32"), False)
+
     @OPS.implements("group_norm")
     def op_group_norm(self, op: Op) -> None:
         """The reference's float64 form op by op on (N, G, C/G·H·W), then the per-channel affine."""

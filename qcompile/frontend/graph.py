@@ -293,7 +293,7 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
         torch.unsqueeze, torch.flip, torch.chunk, torch.split, operator.getitem, getattr, torch.mean, torch.sum,
-        torch.amax, F.dropout, F.interpolate,
+        torch.amax, F.dropout, F.interpolate, F.normalize,
     ), _first),
     **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,

@@ -199,6 +199,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("minimum"),
     OpSchema("layer_norm", (Attr("eps", FLOAT),)),
     OpSchema("group_norm", (Attr("groups", INT), Attr("eps", FLOAT))),
+    OpSchema("normalize", (Attr("dim", INT), Attr("eps", FLOAT))),
     OpSchema("softmax", (Attr("dim", INT),)),
     OpSchema("log_softmax", (Attr("dim", INT),)),
     # ``function``: the tabulated function's name, for readers; ``activation`` (with its parameters): the float

@@ -35,6 +35,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``group_norm(x, w, b)`` with ``groups`` G on (N, C, ...): ``layer_norm``'s float64 normalisation over each
   group of C/G channels and every axis after them, then ``· w + b`` per channel (shape (C,)), rounded once to
   float32.
+- ``normalize`` over ``dim`` (``F.normalize``: a cosine classifier, an embedding): in float64,
+  ``x / max(sqrt(Σ x²), eps)``, rounded once to float32.
 - ``softmax`` and ``log_softmax`` over ``dim`` of float values (a classifier's head, after its logits): in
   float64, ``e = exp(x - max)``, ``e / Σe`` or ``x - max - log(Σe)``, rounded once to float32.
 - ``activation`` of float values (a float model's SiLU, GELU, sigmoid, ...; a quantized model tabulates its
@@ -443,6 +445,13 @@ def _div(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("layer_norm")
 def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return layer_norm(args[0], args[1], args[2], op.attrs["eps"])
+
+
+@OPS.implements("normalize")
+def _normalize(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    x = args[0].astype(np.float64)
+    norm = np.sqrt((x * x).sum(axis=op.attrs["dim"], keepdims=True))
+    return _as_f32(x / np.maximum(norm, op.attrs["eps"]))
 
 
 @OPS.implements("group_norm")

@@ -126,6 +126,8 @@ SIGNEDNESS = {  # name: (construct, whether its output is proven >= 0)
     "minimum": (lambda x: torch.minimum(_r(x), torch.sigmoid(x)), True),
     "minimum_signed": (lambda x: torch.min(_r(x), x), False),
     "min_reduce": (lambda x: _r(x).min(1)[0], True),
+    "normalize": (lambda x: F.normalize(_r(x), dim=1), True),
+    "normalize_signed": (lambda x: F.normalize(x, dim=1), False),
 }
 
 MODULE_SIGNEDNESS = {  # name: (module, proven >= 0 after a ReLU, proven >= 0 on the signed input)

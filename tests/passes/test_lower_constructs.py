@@ -719,6 +719,24 @@ class FunnelActivation(_TwoConvs):
         return self.fc(x.mean((2, 3)))
 
 
+class CosineClassifier(_TwoConvs):
+    """A cosine classifier (few-shot and metric-learning heads): ``F.linear(F.normalize(x), F.normalize(w))``
+    scaled, and an L2-normalised feature map before it; the weight's normalisation is a constant at capture."""
+
+    def forward(self, x):
+        x = F.normalize(self.conv2(F.relu(self.conv(x))), dim=1)
+        x = F.relu(x).mean((2, 3))
+        return F.linear(F.normalize(x), F.normalize(self.fc.weight)) * 16.0
+
+
+class NormalizedEmbedding(_TwoConvs):
+    """An embedding model (face recognition, retrieval): the output is ``F.normalize(fc(x), dim=-1)``."""
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv(x)))).mean((2, 3))
+        return F.normalize(self.fc(x), p=2, dim=-1)
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -751,9 +769,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "pyramid_zeros": PyramidShortcut,
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
-          "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation}
+          "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
+          "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
+             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch", "cosine_classifier",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -772,7 +791,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "pyramid_new_zeros": {"pad", "add"}, "pixel_shuffle": {"reshape", "transpose"},
                 "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"},
                 "global_context": {"matmul", "softmax", "layer_norm"}, "non_local": {"matmul", "softmax", "transpose"},
-                "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"}}
+                "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"},
+                "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
