@@ -772,7 +772,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
-             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch", "cosine_classifier",
+             "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
+             "cosine_classifier",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
