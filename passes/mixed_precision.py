@@ -42,8 +42,9 @@ class MixedPrecision(Pass):
                  bits: Sequence[int] = DEFAULT_BITS, metric: str = "kl", adaquant_iterations: int = 0,
                  adaquant_scope: str = "layer", profile: LatencyProfile | None = None) -> None:
         if (budget is None) == (max_degradation is None):
+            both = ", not both" if budget is not None else ""
             raise RecipeError.with_parameters("mixed precision needs either a cost budget ({budget} linear=0.30) or a "
-                                              "degradation bound ({max_degradation}), not both")
+                                              "degradation bound ({max_degradation})" + both)
         if max_degradation is not None and not (math.isfinite(max_degradation) and max_degradation >= 0):
             raise DegradationError(max_degradation, "must be a finite number >= 0 (the allowed loss, e.g. 0.05)")
         bad = [b for b in bits if b not in SUPPORTED_INT_BITS]

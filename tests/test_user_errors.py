@@ -228,11 +228,24 @@ def test_library_errors_name_the_parameter_not_a_flag(tmp_path):
     (["--set", "conv=12"], "--set conv=12: weight bit width 12 cannot be honoured"),
     (["--recipe", "auto", "--max-degradation", "nan"], "--max-degradation nan: must be a finite number >= 0"),
     (["--recipe", "auto", "--max-degradation", "-0.1"], "--max-degradation -0.1: must be a finite number >= 0"),
+    (["--recipe", "auto"], "mixed precision needs either a cost budget (--budget linear=0.30) or a degradation bound "
+                           "(--max-degradation)"),
+    (["--recipe", "auto", "--budget", "linear=0.5", "--max-degradation", "0.1"], "mixed precision needs either a "
+     "cost budget (--budget linear=0.30) or a degradation bound (--max-degradation), not both"),
+    (["--bits", "2,8"], "--bits sets how --recipe auto chooses widths; add --recipe auto"),
+    (["--sensitivity", "loss"], "--sensitivity sets how --recipe auto chooses widths; add --recipe auto"),
+    (["--adaquant-iters", "20"], "--adaquant-iters sets how --ptq advanced runs AdaQuant; add --ptq advanced"),
 ])
 def test_the_cli_words_library_errors_in_its_flags(flags, line, tmp_path, capsys):
     code = main([model_file(tmp_path, "m"), *flags, "--out", str(tmp_path / "out"), "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"qcompile: error: {line}"), lines
+
+
+def test_auto_without_a_budget_does_not_say_not_both(tmp_path, capsys):
+    code = main([model_file(tmp_path, "m"), "--recipe", "auto", "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not both" not in err and "--max-degradation" in err, err
 
 
 def test_sigterm_stops_a_run_in_one_line_and_leaves_nothing(tmp_path):

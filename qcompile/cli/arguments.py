@@ -19,6 +19,8 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
 """The flag that gives each library parameter a user error names (an ``InvalidValueError``'s ``field``, the
 ``{parameter}`` fields of a message built with :meth:`QCompileError.with_parameters`)."""
 
+_DEFAULT_BITS, _DEFAULT_METRIC, _DEFAULT_ADAQUANT_ITERS = "4,8", "kl", 200
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``qcompile MODEL.py``."""
@@ -75,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-degradation", type=float, metavar="LOSS",
                     help="--recipe auto: cheapest plan whose predicted degradation (in --sensitivity units) is at "
                          "most LOSS")
-    ap.add_argument("--bits", default="4,8", metavar="B,B", help="--recipe auto: candidate widths (default 4,8; 2-8)")
-    ap.add_argument("--sensitivity", choices=METRICS, default="kl",
+    ap.add_argument("--bits", default=_DEFAULT_BITS, metavar="B,B",
+                    help="--recipe auto: candidate widths (default 4,8; 2-8)")
+    ap.add_argument("--sensitivity", choices=METRICS, default=_DEFAULT_METRIC,
                     help="--recipe auto: per-layer degradation measure, kl = KL divergence from the all-widest "
                          "network's outputs (default), loss = calibration cross-entropy change")
-    ap.add_argument("--adaquant-iters", type=int, default=200, metavar="N",
+    ap.add_argument("--adaquant-iters", type=int, default=_DEFAULT_ADAQUANT_ITERS, metavar="N",
                     help="AdaQuant Adam steps per layer or block (default 200)")
     ap.add_argument("--adaquant-scope", choices=SCOPES, default="layer",
                     help="--ptq advanced: match each layer's output to the float network (layer, Hubara et al.) "
@@ -121,6 +124,13 @@ def check_compile_args(args: argparse.Namespace) -> None:
                             "negative")
     if args.batch_size < 1:
         raise QCompileError("--batch-size must be at least 1")
+    searched = args.recipe == "auto"
+    for flag, value, default in (("--bits", args.bits, _DEFAULT_BITS), ("--sensitivity", args.sensitivity,
+                                                                       _DEFAULT_METRIC)):
+        if value != default and not searched:
+            raise QCompileError(f"{flag} sets how --recipe auto chooses widths; add --recipe auto")
+    if args.adaquant_iters != _DEFAULT_ADAQUANT_ITERS and args.ptq != "advanced":
+        raise QCompileError("--adaquant-iters sets how --ptq advanced runs AdaQuant; add --ptq advanced")
     if args.normalize is not None and not args.data:
         raise QCompileError("--normalize applies to --data")
     if args.measure < 0 or args.measure_threads < 1:
