@@ -33,7 +33,7 @@ from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
-from qcompile.ir.reference import PAD_MODES, avgpool_divisors, avgpool_windows
+from qcompile.ir.reference import PAD_MODES, adaptive_window, avgpool_divisors, avgpool_windows
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -442,7 +442,7 @@ class _Exporter:
         out = tuple(op.attrs["output_size"])
         h, w = self.ir.values[op.inputs[0]].shape[2:]
         if not self.dequantized_codes(op.inputs[0]) or op.output in self.tail:
-            self.in_double(op, lambda x: self.window_means(x, out, (h, w)))
+            self.in_double(op, lambda x: self.adaptive_windows(x, out, (h, w)))
             return
         src = self.unfused_dq(op.inputs[0])  # onnxruntime's QLinear pooling kernels round differently
         if out == (1, 1):
@@ -451,25 +451,31 @@ class _Exporter:
             k = [h // out[0], w // out[1]]
             self.node("AveragePool", [src], op.output, kernel_shape=k, strides=k)
         else:
-            self.window_means(op.inputs[0], out, (h, w), op.output)
+            self.adaptive_windows(op.inputs[0], out, (h, w), op.output)
 
-    def window_means(self, src: str, out: tuple[int, int], size: tuple[int, int], output: str | None = None) -> str:
-        """PyTorch's adaptive windows of ``src`` (H, W = ``size``), one ``ReduceMean`` per output cell, joined."""
-        rows = [[self.window_mean(src, (i, out[0], size[0]), (j, out[1], size[1])) for j in range(out[1])]
-                for i in range(out[0])]
+    def adaptive_windows(self, src: str, out: tuple[int, int], size: tuple[int, int], output: str | None = None,
+                         reduce: str = "ReduceMean") -> str:
+        """PyTorch's adaptive windows of ``src`` (H, W = ``size``), one ``reduce`` per output cell, joined."""
+        rows = [[self.window_reduce(src, (i, out[0], size[0]), (j, out[1], size[1]), reduce)
+                 for j in range(out[1])] for i in range(out[0])]
         joined = [r[0] if len(r) == 1 else self.node("Concat", r, axis=3) for r in rows]
         if len(joined) == 1:
             return self.node("Identity", joined, output) if output else joined[0]
         return self.node("Concat", joined, output, axis=2)
 
-    def window_mean(self, src: str, row: tuple[int, int, int], col: tuple[int, int, int]) -> str:
-        """The mean over adaptive window (i of n over size) × (j of m over size), kept 4-d."""
-        (i, n, h), (j, m, w) = row, col
-        starts = [(i * h) // n, (j * w) // m]
-        ends = [math.ceil((i + 1) * h / n), math.ceil((j + 1) * w / m)]
-        c = [self.const(n_, np.array(v, np.int64)) for n_, v in (("starts", starts), ("ends", ends), ("axes", [2, 3]))]
+    def window_reduce(self, src: str, row: tuple[int, int, int], col: tuple[int, int, int], reduce: str) -> str:
+        """``reduce`` (a mean, a max) over adaptive window (i of n over size) × (j of m over size), kept 4-d."""
+        (h0, h1), (w0, w1) = adaptive_window(*row), adaptive_window(*col)
+        c = [self.const(n_, np.array(v, np.int64)) for n_, v in (("starts", [h0, w0]), ("ends", [h1, w1]),
+                                                                 ("axes", [2, 3]))]
         window = self.node("Slice", [src, *c])
-        return self.node("ReduceMean", [window, self.const("axes", np.array([2, 3], np.int64))], keepdims=1)
+        return self.node(reduce, [window, self.const("axes", np.array([2, 3], np.int64))], keepdims=1)
+
+    @OPS.implements("adaptive_maxpool2d")
+    def op_adaptive_maxpool2d(self, op: Op) -> None:
+        """One ``ReduceMax`` per output cell on the codes (or the accumulator), joined."""
+        size = self.ir.values[op.inputs[0]].shape[2:]
+        self.adaptive_windows(op.inputs[0], tuple(op.attrs["output_size"]), size, op.output, "ReduceMax")
 
     @OPS.implements("global_avgpool")
     def op_global_avgpool(self, op: Op) -> None:

@@ -730,16 +730,18 @@ class _Lowerer:
         return _Val(self.same(node, "upsample_nearest", [x], scale=list(scale)))
 
     def lower_adaptive_maxpool(self, node: fx.Node) -> _Val:
-        """Adaptive max pooling (global max pooling, to 1×1) where every output takes an equal window of the input:
-        a ``maxpool2d`` whose kernel and stride are that window, on codes."""
+        """Adaptive max pooling on codes: where every output takes an equal window of the input (global max
+        pooling, to 1×1), a ``maxpool2d`` whose kernel and stride are that window; else PyTorch's windows of two
+        lengths (a spatial pyramid's 7×7 to 2×2), an ``adaptive_maxpool2d``."""
         if argument(node, 2, "return_indices", False) or getattr(module_of(self.gm, node), "return_indices", False):
             raise self.fail(node, "max pooling that returns indices does not lower")
         sides, out = self.shape(node.args[0])[2:], self.shape(node)[2:]
-        if any(i % o for i, o in zip(sides, out)):
-            raise self.fail(node, f"adaptive max pooling of {tuple(sides)} to {tuple(out)} has unequal windows; "
-                                  "only sizes that divide the input lower")
-        window = [i // o for i, o in zip(sides, out)]
-        return self.lower_maxpool(node, window, window, 0, 1, False)
+        if not any(i % o for i, o in zip(sides, out)):
+            window = [i // o for i, o in zip(sides, out)]
+            return self.lower_maxpool(node, window, window, 0, 1, False)
+        v = self.value(node, node.args[0])
+        x = v.name if v.clamp is not None else self.materialize(node, v)  # max pooling commutes with a clamp
+        return _Val(self.same(node, "adaptive_maxpool2d", [x], output_size=list(out)), clamp=v.clamp)
 
     def lower_avgpool(self, node: fx.Node, k: Any, s: Any, p: Any, ceil: bool, include_pad: bool,
                       divisor: Any) -> _Val:

@@ -29,7 +29,7 @@ from qcompile.backends.tvm import TvmBackendError, require_tvm
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
-from qcompile.ir.reference import global_avgpool_multiplier
+from qcompile.ir.reference import adaptive_window, global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
@@ -429,6 +429,22 @@ class _Builder:
         x = self.op.astype(self.as_nhwc(op.inputs[0]), "float64")
         pooled = self.op.nn.adaptive_avg_pool2d(x, tuple(op.attrs["output_size"]), layout="NHWC")
         self.set(op.output, self.op.astype(pooled, "float32"), True)
+
+    @OPS.implements("adaptive_maxpool2d")
+    def op_adaptive_maxpool2d(self, op: Op) -> None:
+        """PyTorch's adaptive windows (Relax has no adaptive max pooling): one ``max`` per output cell, joined."""
+        x = self.nchw(op.inputs[0])
+        (h, w), (oh, ow) = self.ir.values[op.inputs[0]].shape[2:], op.attrs["output_size"]
+        rows = []
+        for i in range(oh):
+            h0, h1 = adaptive_window(i, oh, h)
+            cells = []
+            for j in range(ow):
+                w0, w1 = adaptive_window(j, ow, w)
+                window = self.op.strided_slice(x, axes=[2, 3], begin=[h0, w0], end=[h1, w1])
+                cells.append(self.emit(self.op.max(window, axis=[2, 3], keepdims=True)))
+            rows.append(self.emit(self.op.concat(cells, axis=3)) if ow > 1 else cells[0])
+        self.set(op.output, self.op.concat(rows, axis=2) if oh > 1 else rows[0], False)
 
     @OPS.implements("mean")
     def op_mean(self, op: Op) -> None:

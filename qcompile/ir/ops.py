@@ -188,6 +188,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("maxpool2d", (*_POOL, Attr("dilation", PAIR, (1, 1)), Attr("ceil_mode", BOOL, False))),
     OpSchema("avgpool2d", (*_POOL, Attr("count_include_pad", BOOL, True), Attr("ceil_mode", BOOL, False))),
     OpSchema("adaptive_avgpool2d", (Attr("output_size", PAIR),)),
+    OpSchema("adaptive_maxpool2d", (Attr("output_size", PAIR),)),
     OpSchema("mean", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("reduce_max", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("reduce_sum", (Attr("dims", INTS), Attr("keepdim", BOOL))),

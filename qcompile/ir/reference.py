@@ -14,7 +14,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
   integer-only rounding.
-- ``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``transpose``, ``flip``, ``slice``, ``pad`` (zero), ``concat``,
+- ``relu``, ``maxpool2d``, ``adaptive_maxpool2d`` (PyTorch's adaptive windows), ``flatten``, ``reshape``, ``transpose``, ``flip``, ``slice``, ``pad`` (zero), ``concat``,
   ``upsample_nearest`` (each pixel repeated ``scale`` times along height and width): on codes directly (they
   commute with a positive scale and a zero point of 0).
 - ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
@@ -205,16 +205,26 @@ def avgpool_windows(size: tuple[int, ...], attrs: dict[str, Any]) -> np.ndarray:
     return _pool_windows(basis, attrs, 0.0).sum(axis=(-2, -1)).reshape(h * w, -1)
 
 
-def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+def adaptive_window(i: int, cells: int, size: int) -> tuple[int, int]:
+    """PyTorch's adaptive window ``[start, end)`` of output cell ``i`` of ``cells`` over ``size`` inputs."""
+    return (i * size) // cells, math.ceil((i + 1) * size / cells)
+
+
+def _adaptive_pool(x: np.ndarray, out_size: tuple[int, int], reduce: Callable[..., np.ndarray],
+                   dtype: Any) -> np.ndarray:
     n, c, h, w = x.shape
     oh, ow = out_size
-    out = np.empty((n, c, oh, ow), dtype=np.float64)
+    out = np.empty((n, c, oh, ow), dtype=dtype)
     for i in range(oh):
-        h0, h1 = (i * h) // oh, math.ceil((i + 1) * h / oh)
+        h0, h1 = adaptive_window(i, oh, h)
         for j in range(ow):
-            w0, w1 = (j * w) // ow, math.ceil((j + 1) * w / ow)
-            out[:, :, i, j] = x[:, :, h0:h1, w0:w1].astype(np.float64).mean(axis=(2, 3))
-    return _as_f32(out)
+            w0, w1 = adaptive_window(j, ow, w)
+            out[:, :, i, j] = reduce(x[:, :, h0:h1, w0:w1], axis=(2, 3))
+    return out
+
+
+def _adaptive_avg(x: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    return _as_f32(_adaptive_pool(x.astype(np.float64), out_size, np.mean, np.float64))
 
 
 def _normalized(x64: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
@@ -384,6 +394,11 @@ def _avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("adaptive_avgpool2d")
 def _adaptive_avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _adaptive_avg(args[0], tuple(op.attrs["output_size"]))
+
+
+@OPS.implements("adaptive_maxpool2d")
+def _adaptive_maxpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return _adaptive_pool(args[0], tuple(op.attrs["output_size"]), np.max, args[0].dtype)
 
 
 @OPS.implements("mean")

@@ -737,6 +737,21 @@ class NormalizedEmbedding(_TwoConvs):
         return F.normalize(self.fc(x), p=2, dim=-1)
 
 
+class SpatialPyramid(_TwoConvs):
+    """A spatial pyramid head (SPPNet): adaptive max pooling of an 8×8 map to 1×1, 2×2 and 3×3 (3 does not divide
+    8: windows of 3 and 4 overlapping), flattened and concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool3 = nn.AdaptiveMaxPool2d(3)
+        self.fc = nn.Linear(8 * 14, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv(x))))[:, :, ::2, ::2]
+        levels = [F.adaptive_max_pool2d(x, k).flatten(1) for k in (1, 2)] + [self.pool3(x).flatten(1)]
+        return self.fc(torch.cat(levels, 1))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -770,7 +785,8 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "pyramid_new_zeros": lambda: PyramidShortcut(new_zeros=True), "pixel_shuffle": PixelShuffles,
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
-          "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding}
+          "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
+          "spatial_pyramid": SpatialPyramid}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "cosine_classifier",
@@ -793,7 +809,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "mirror_averaged": {"flip", "conv2d"}, "simam": {"div", "reduce_sum", "lut", "mul"},
                 "global_context": {"matmul", "softmax", "layer_norm"}, "non_local": {"matmul", "softmax", "transpose"},
                 "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"},
-                "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"}}
+                "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"},
+                "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
