@@ -14,9 +14,10 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``requantize``: ``clip(rhe(float32(acc) * M[c]), lo, qmax)`` with ``lo = max(qmin, 0)`` when a ReLU is folded
   in, ``c`` along the accumulator's channel axis; in ``dyadic`` mode ``M = m · 2^-shift`` with an int32 ``m`` and
   integer-only rounding.
-- ``relu``, ``maxpool2d``, ``adaptive_maxpool2d`` (PyTorch's adaptive windows), ``flatten``, ``reshape``, ``transpose``, ``flip``, ``slice``, ``pad`` (zero), ``concat``,
-  ``upsample_nearest`` (each pixel repeated ``scale`` times along height and width): on codes directly (they
-  commute with a positive scale and a zero point of 0).
+- ``relu``, ``maxpool2d``, ``adaptive_maxpool2d`` (PyTorch's adaptive windows), ``flatten``, ``reshape``,
+  ``transpose``, ``flip``, ``slice``, ``pad`` (zero), ``concat``, ``upsample_nearest`` (each pixel repeated
+  ``scale`` times along height and width): on codes directly (they commute with a positive scale and a zero point
+  of 0).
 - ``lut``: ``table[q - qmin_in]``, a table of output codes per input code: a unary function of a tensor of at
   most 8 bits, tabulated at lowering (exact by construction in every backend).
 - ``global_avgpool`` on codes of at most 8 bits, per tensor, (N, C, H, W) or (N, C, L): the sum over every
