@@ -39,9 +39,9 @@ from qcompile.frontend.elementwise import (
     unary_of,
 )
 from qcompile.frontend.canonical import attribute_tensor
-from qcompile.frontend.shapes import BATCH_MULTIPLE
 from qcompile.frontend.graph import (argument, is_matmul, is_relu, layer_names, module_of, nearest_upsampling,
                                      permutation, resize_mode, softmax_of, target_name, unused_name)
+from qcompile.frontend.shapes import BATCH_MULTIPLE
 from qcompile.frontend.source_lines import source_location
 from qcompile.ir.bounds import check_int32
 from qcompile.ir.graph import IRGraph, Op
@@ -771,8 +771,9 @@ class _Lowerer:
     def folds_batch(self, node: fx.Node, rows: int) -> bool:
         """Whether a reshape's first size is a whole number of rows per sample at any batch size: ``-1`` with
         the rest fixed, or a size the capture found to be k times the batch size (:data:`BATCH_MULTIPLE`)."""
-        if node.op == "call_function" or (node.op == "call_method" and node.target in ("squeeze", "unsqueeze")):
-            return False  # torch.reshape(x, shape) and squeezes: not seen folding heads; refused as before
+        if not ((node.op == "call_function" and node.target is torch.reshape)
+                or (node.op == "call_method" and node.target in ("view", "reshape"))):
+            return False  # a squeeze or unsqueeze of the batch
         sizes = node.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = tuple(sizes[0])

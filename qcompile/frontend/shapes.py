@@ -152,6 +152,7 @@ together at any batch size."""
 
 def _mark_batch_multiples(nodes: Collection[fx.Node], here: dict[fx.Node, object], there: dict[fx.Node, object],
                           batch: int) -> None:
+    """Mark the sizes that are k times the batch size at ``batch`` (``here``) and at ``batch + 1`` (``there``)."""
     for n in nodes:
         a, b = here.get(n), there.get(n)
         if type(a) is int and type(b) is int and a > 0 and a % batch == 0 and b == a // batch * (batch + 1):

@@ -684,7 +684,8 @@ class NonLocal(_TwoConvs):
 
 class HeadsInBatch(_TwoConvs):
     """BoTNet-style attention over positions with the heads folded into the batch
-    (``q.reshape(B * heads, d, -1)``), a scaled ``q @ k``, a softmax, ``@ v``, and back to (B, C, H, W)."""
+    (``q.reshape(B * heads, d, -1)``, ``torch.reshape`` too), a scaled ``q @ k``, a softmax, ``@ v``, and back to
+    (B, C, H, W)."""
 
     def __init__(self, heads: int = 2) -> None:
         super().__init__()
@@ -695,7 +696,7 @@ class HeadsInBatch(_TwoConvs):
         x = F.relu(self.conv(x))
         b, c, h, w = x.shape
         q, k, v = torch.split(self.qkv(x), c, dim=1)
-        q = q.reshape(b * self.heads, c // self.heads, -1).transpose(-1, -2)
+        q = torch.reshape(q, (b * self.heads, c // self.heads, -1)).transpose(-1, -2)
         k = k.reshape(b * self.heads, c // self.heads, -1)
         v = v.reshape(b * self.heads, c // self.heads, -1).transpose(-1, -2)
         attention = ((q @ k) * (c // self.heads) ** -0.5).softmax(dim=-1)
