@@ -33,7 +33,7 @@ from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
-from qcompile.ir.reference import PAD_MODES, adaptive_window, avgpool_divisors, avgpool_windows
+from qcompile.ir.reference import PAD_MODES, adaptive_window, avgpool_divisors, avgpool_windows, bilinear_taps
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
@@ -703,6 +703,22 @@ class _Exporter:
         scales = self.const("scales", np.array([1, 1, *op.attrs["scale"]], np.float32))
         self.node("Resize", [op.inputs[0], "", scales], op.output, mode="nearest",
                   coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+    @OPS.implements("upsample_bilinear")
+    def op_upsample_bilinear(self, op: Op) -> None:
+        """The reference's float64 taps (onnxruntime's ``Resize`` is float32): per axis, two ``Gather``s of the
+        source pixels, each multiplied by its weights, added; width first."""
+        def resize(xd: str) -> str:
+            for axis, (low, high, w_low, w_high) in zip((3, 2), bilinear_taps(self.ir.values[op.inputs[0]].shape,
+                                                                              op.attrs)):
+                shape = (-1, 1) if axis == 2 else (-1,)
+                taps = [self.node("Mul", [self.node("Gather", [xd, self.const("index", index)], axis=axis),
+                                          self.const("weight", weight.reshape(shape))])
+                        for index, weight in ((low, w_low), (high, w_high))]
+                xd = self.node("Add", taps)
+            return xd
+
+        self.in_double(op, resize)
 
     @OPS.implements("transpose")
     def op_transpose(self, op: Op) -> None:

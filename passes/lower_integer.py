@@ -197,9 +197,11 @@ class _Lowerer:
             return self.lower_softmax(node, *head)
         if (scale := nearest_upsampling(self.gm, node)) is not None:
             return self.lower_upsampling(node, scale)
-        if (mode := resize_mode(self.gm, node)) is not None:
+        if (mode := resize_mode(self.gm, node)) in ("bilinear", "linear"):
+            return self.lower_bilinear(node)
+        if mode is not None:
             raise self.fail(node, f"{mode!r} resizing to {list(self.shape(node)[2:])} does not lower: only "
-                                  "nearest-neighbour upsampling by whole factors does")
+                                  "nearest-neighbour upsampling by whole factors and bilinear resizing do")
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
@@ -728,6 +730,23 @@ class _Lowerer:
         """Nearest-neighbour upsampling repeats each value, on the codes insert_quantizers puts before it."""
         x = self.materialize(node, self.value(node, node.args[0]))
         return _Val(self.same(node, "upsample_nearest", [x], scale=list(scale)))
+
+    def lower_bilinear(self, node: fx.Node) -> _Val:
+        """Bilinear resizing (``F.interpolate(mode="bilinear")``, ``nn.Upsample``, ``nn.UpsamplingBilinear2d``): a
+        float op of the dequantized input, in float64 in every backend, with PyTorch's source coordinates (the
+        quantizer of whatever reads it rounds it)."""
+        m = module_of(self.gm, node)
+        if m is not None:
+            factor, align, recompute, antialias = m.scale_factor, m.align_corners, m.recompute_scale_factor, False
+        else:
+            factor, align = argument(node, 2, "scale_factor"), argument(node, 4, "align_corners")
+            recompute, antialias = argument(node, 5, "recompute_scale_factor"), argument(node, 6, "antialias", False)
+        if antialias or len(self.shape(node)) != 4:
+            raise self.fail(node, "bilinear resizing lowers for 4-d tensors without antialias")
+        factors = factor if isinstance(factor, (tuple, list)) else (factor, factor)
+        scale = [0.0, 0.0] if factor is None or recompute else [float(f) for f in factors]
+        return _Val(self.float_op(node, "upsample_bilinear", [self.as_float(node, node.args[0])],
+                                  size=list(self.shape(node)[2:]), align_corners=bool(align), scale=scale))
 
     def lower_adaptive_maxpool(self, node: fx.Node) -> _Val:
         """Adaptive max pooling on codes: where every output takes an equal window of the input (global max

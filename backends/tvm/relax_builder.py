@@ -29,7 +29,7 @@ from qcompile.backends.tvm import TvmBackendError, require_tvm
 from qcompile.ir import int4
 from qcompile.ir.graph import IRGraph, Op
 from qcompile.ir.ops import SCALAR_ARITHMETIC, OpTable, basic_index
-from qcompile.ir.reference import adaptive_window, global_avgpool_multiplier
+from qcompile.ir.reference import adaptive_window, bilinear_taps, global_avgpool_multiplier
 from qcompile.ir.types import DType, TensorInfo
 
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # NCHW axis -> NHWC axis
@@ -617,6 +617,20 @@ class _Builder:
         table = self.const(self.ir.constants[op.inputs[1]], container(t_out))
         index = self.op.subtract(self.op.astype(self.env[src], "int32"), self.const(t_in.qmin, "int32"))
         self.set(op.output, self.op.take(table, index, axis=0, mode="clip"), src in self.nhwc)
+
+    @OPS.implements("upsample_bilinear")
+    def op_upsample_bilinear(self, op: Op) -> None:
+        """The reference's float64 taps: per axis, two ``take``s of the source pixels, weighted, added; width
+        first."""
+        x = self.emit(self.op.astype(self.nchw(op.inputs[0]), "float64"))
+        for axis, (low, high, w_low, w_high) in zip((3, 2), bilinear_taps(self.ir.values[op.inputs[0]].shape,
+                                                                          op.attrs)):
+            shape = (-1, 1) if axis == 2 else (-1,)
+            taps = [self.op.multiply(self.op.take(x, self.const(index, "int64"), axis=axis, mode="clip"),
+                                     self.const(weight.reshape(shape), "float64"))
+                    for index, weight in ((low, w_low), (high, w_high))]
+            x = self.emit(self.op.add(*taps))
+        self.set(op.output, self.op.astype(x, "float32"), False)
 
     @OPS.implements("transpose")
     def op_transpose(self, op: Op) -> None:

@@ -80,6 +80,8 @@ NUMBER = AttrType("a number", lambda v: isinstance(v, numbers.Real) and not isin
 STR = AttrType("a string", lambda v: isinstance(v, str))
 INTS = AttrType("a list of ints", _is_ints)
 PAIR = AttrType("a list of two ints", lambda v: _is_ints(v) and len(v) == 2)
+NUMBER_PAIR = AttrType("a list of two numbers", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(
+    isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v))
 INDEX = AttrType("a list of index items ({'slice': [start, stop, step]}, {'index': i}, {'ellipsis': true} or "
                  "{'none': true})", lambda v: isinstance(v, list | tuple) and all(map(_is_index_item, v)))
 REQUANTIZE_MODE = AttrType("'float32' or 'dyadic'", lambda v: v in ("float32", "dyadic"))
@@ -219,6 +221,8 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("slice", (Attr("index", INDEX),)),
     OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0), Attr("mode", STR, "constant"))),
     OpSchema("upsample_nearest", (Attr("scale", PAIR),)),
+    # ``scale``: the model's scale factor per axis where it gave one (PyTorch's kernel then steps by 1 / it), else 0
+    OpSchema("upsample_bilinear", (Attr("size", PAIR), Attr("align_corners", BOOL), Attr("scale", NUMBER_PAIR))),
     OpSchema("concat", (Attr("dim", INT),)),
 )}
 """Every op kind of the IR; :mod:`qcompile.ir.reference` defines what each computes."""

@@ -26,6 +26,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
   (:func:`global_avgpool_multiplier`). Those axes are kept as 1s, or dropped without ``keepdim``.
 - ``add``, ``mul``, ``maximum``, ``minimum`` (broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``:
   float ops between dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
+- ``upsample_bilinear`` to ``size`` (PyTorch's linear interpolation, ``align_corners`` either way): a float op,
+  in float64, width then height, rounded once (:func:`linear_resize_weights`).
 - ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
 - ``reduce_max`` over ``dims`` (CBAM's ``torch.max(x, 1)[0]``, ``amax``): a float op, exact in any precision.
 - ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
@@ -204,6 +206,44 @@ def avgpool_windows(size: tuple[int, ...], attrs: dict[str, Any]) -> np.ndarray:
     h, w = size
     basis = np.eye(h * w, dtype=np.float64).reshape(h * w, 1, h, w)
     return _pool_windows(basis, attrs, 0.0).sum(axis=(-2, -1)).reshape(h * w, -1)
+
+
+def linear_resize_taps(size: int, out: int, align_corners: bool, scale: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's linear interpolation along one axis (``upsample_bilinear2d``), as the two source indices of each
+    output and their float64 weights: source ``s = step · i`` with ``align_corners``, else ``step · (i + 0.5) − 0.5``
+    clamped at 0, where ``step`` is ``(size − 1) / (out − 1)``, or ``1 / scale`` for a scale factor the model gave
+    (``scale`` > 0), else ``size / out``; the neighbours ``floor(s)`` and the next (the last pixel repeats),
+    weighted ``1 − λ`` and ``λ``."""
+    if align_corners:
+        step = (size - 1) / (out - 1) if out > 1 else 0.0
+    else:
+        step = 1.0 / scale if scale > 0 else size / out
+    low, high, w_low, w_high = (np.zeros(out, np.int64), np.zeros(out, np.int64), np.zeros(out), np.zeros(out))
+    for i in range(out):
+        src = step * i if align_corners else max(step * (i + 0.5) - 0.5, 0.0)
+        low[i] = min(int(math.floor(src)), size - 1)
+        high[i] = low[i] + (1 if low[i] < size - 1 else 0)
+        w_high[i] = min(max(src - low[i], 0.0), 1.0)
+        w_low[i] = 1.0 - w_high[i]
+    return low, high, w_low, w_high
+
+
+def bilinear_taps(shape: tuple[int, ...], attrs: dict[str, Any]) -> list[tuple[np.ndarray, ...]]:
+    """:func:`linear_resize_taps` of ``upsample_bilinear``'s width, then its height (PyTorch's order)."""
+    (h, w), (oh, ow), (sh, sw) = shape[2:], attrs["size"], attrs["scale"]
+    align = attrs["align_corners"]
+    return [linear_resize_taps(w, ow, align, sw), linear_resize_taps(h, oh, align, sh)]
+
+
+def resize_bilinear(x: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    """``upsample_bilinear`` in float64, two weighted taps per output along the width, then the height, each
+    ``x[low] · w_low + x[high] · w_high`` (no fused multiply-add), rounded once."""
+    y = x.astype(np.float64)
+    for axis, (low, high, w_low, w_high) in zip((3, 2), bilinear_taps(x.shape, attrs)):
+        shape = (-1, 1) if axis == 2 else (-1,)
+        y = np.take(y, low, axis) * w_low.reshape(shape) + np.take(y, high, axis) * w_high.reshape(shape)
+    return _as_f32(y)
 
 
 def adaptive_window(i: int, cells: int, size: int) -> tuple[int, int]:
@@ -400,6 +440,11 @@ def _adaptive_avgpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.nd
 @OPS.implements("adaptive_maxpool2d")
 def _adaptive_maxpool2d(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _adaptive_pool(args[0], tuple(op.attrs["output_size"]), np.max, args[0].dtype)
+
+
+@OPS.implements("upsample_bilinear")
+def _upsample_bilinear(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return resize_bilinear(args[0], op.attrs)
 
 
 @OPS.implements("mean")

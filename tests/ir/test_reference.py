@@ -3,12 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qcompile.ir.graph import IRGraph, Op
-from qcompile.ir.reference import (DivisionByZeroError, IntegerOverflowError, activation, avgpool_divisors, avgpool_windows, conv2d,
-                                   global_avgpool_multiplier, rhe, run)
+from qcompile.ir.reference import (DivisionByZeroError, IntegerOverflowError, activation, avgpool_divisors,
+                                   avgpool_windows, conv2d, global_avgpool_multiplier, resize_bilinear, rhe, run)
 from qcompile.ir.types import DType, TensorInfo
 
 
@@ -196,3 +197,18 @@ def test_a_division_by_a_divisor_quantized_to_zero_is_an_error_naming_its_source
     assert run(g, x, np.array([[1.0, 2.0, 3.0]], np.float32))["y"].tolist() == [[0.0, 0.0, 0.0]]
     with pytest.raises(DivisionByZeroError, match=r"^truediv @ simam.py:9 divides by zero: its divisor is quantized"):
         run(g, x, np.array([[1.0, 0.2, 3.0]], np.float32))  # 0.2 at scale 0.5 is code 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), oh=st.integers(1, 30), ow=st.integers(1, 30),
+       align=st.booleans(), factor=st.sampled_from([None, 0.5, 1.5, 2.0, 7 / 3]), seed=st.integers(0, 2**16))
+def test_bilinear_resize_is_pytorchs_in_float64(h, w, oh, ow, align, factor, seed):
+    """``upsample_bilinear`` samples where PyTorch does (sizes or a scale factor, ``align_corners`` either way):
+    within a few float64 units of its float64 kernel, whose operation order differs."""
+    x = np.random.default_rng(seed).standard_normal((2, 3, h, w)).astype(np.float32)
+    kwargs = {"size": (oh, ow)} if factor is None else {"scale_factor": factor}
+    assume(factor is None or min(int(h * factor), int(w * factor)) > 0)
+    want = F.interpolate(torch.from_numpy(x).double(), mode="bilinear", align_corners=align, **kwargs).numpy()
+    scale = [0.0, 0.0] if factor is None else [factor, factor]
+    got = resize_bilinear(x, {"size": list(want.shape[2:]), "align_corners": align, "scale": scale})
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=2e-7, atol=1e-12)

@@ -753,6 +753,24 @@ class SpatialPyramid(_TwoConvs):
         return self.fc(torch.cat(levels, 1))
 
 
+class AttentionMask(_TwoConvs):
+    """Residual Attention Network's mask branch: max pooling down, a conv, ``nn.UpsamplingBilinear2d`` back
+    (``align_corners=True``), a sigmoid mask ``(1 + m) * trunk``; and ``F.interpolate`` bilinear by a scale factor
+    of 1.5 (PyTorch then steps by its inverse) and to a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.UpsamplingBilinear2d(size=(16, 16))
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        m = torch.sigmoid(self.up(F.relu(self.mask(F.max_pool2d(x, 3, 2, 1)))))
+        x = (1 + m) * F.relu(self.conv2(x))
+        y = F.interpolate(x, scale_factor=1.5, mode="bilinear", align_corners=False)
+        return self.fc(F.interpolate(y, size=(5, 7), mode="bilinear").mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -787,10 +805,10 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
-          "spatial_pyramid": SpatialPyramid}
+          "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
-             "cosine_classifier",
+             "cosine_classifier", "attention_mask",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -811,7 +829,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "global_context": {"matmul", "softmax", "layer_norm"}, "non_local": {"matmul", "softmax", "transpose"},
                 "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"},
                 "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"},
-                "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"}}
+                "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"},
+                "attention_mask": {"upsample_bilinear", "lut", "mul"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
