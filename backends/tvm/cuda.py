@@ -50,8 +50,8 @@ def _int8_rule(table: Mapping[str, TileConfig]) -> Any:
                     return sch
             try:
                 return schedule_int8_gemm(func, DEFAULT)
-            except ScheduleError:  # e.g. strided convs (compute-at fails): dlight's Matmul (dp4a) takes them
-                return None
+            except (ScheduleError, AssertionError):  # e.g. strided convs (compute-at fails), a matrix product whose
+                return None  # consumers do not inline (dlight's assertion): dlight's Matmul (dp4a) takes them
 
     return Int8TensorCore()
 
@@ -59,7 +59,8 @@ def _int8_rule(table: Mapping[str, TileConfig]) -> Any:
 def _matmul_rule() -> Any:
     """dlight's Matmul; where its own int8 tensorization raises (it tries it when every GEMM dimension exceeds 64,
     e.g. ResNet-50's 128-channel 28x28 convs: "not a stage pipeline"), the same rule again with that path off,
-    i.e. its CUDA-core schedule."""
+    i.e. its CUDA-core schedule; where that raises too (a matrix product whose consumers do not inline: dlight
+    asserts), none, so that the fallback rules schedule the function."""
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.gpu import matmul as dl_matmul
     from tvm.s_tir.schedule import ScheduleError
@@ -72,11 +73,13 @@ def _matmul_rule() -> Any:
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
             try:
                 return super().apply(func, target, tunable)
-            except ScheduleError:
+            except (ScheduleError, AssertionError):
                 saved = dl_matmul.MatmulInt8Tensorization
                 dl_matmul.MatmulInt8Tensorization = _NoTensorization
                 try:
                     return super().apply(func, target, tunable)
+                except (ScheduleError, AssertionError):
+                    return None
                 finally:
                     dl_matmul.MatmulInt8Tensorization = saved
 

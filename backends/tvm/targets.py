@@ -16,7 +16,7 @@ class TargetSpec:
 
     name: str
     kind: str
-    attrs: tuple[tuple[str, str], ...]
+    attrs: tuple[tuple[str, str | int], ...]
     gencode: tuple[str, ...] = ()
     cpu_flags: tuple[str, ...] = ()
 
@@ -61,10 +61,12 @@ def cuda_device_count() -> int:
 TARGETS: dict[str, TargetSpec] = {
     # x86-64 with AVX-512 VNNI (vpdpbusd): Cascade Lake and later Intel, Zen 4 and later AMD
     "cpu": TargetSpec("cpu", "llvm", (("mcpu", "cascadelake"),), cpu_flags=("avx512f", "avx512bw", "avx512_vnni")),
-    # A100: SASS for sm_80 plus compute_80 PTX, so later GPUs can JIT the same artifact
-    "sm80": TargetSpec("sm80", "cuda", (("arch", "sm_80"),),
+    # A100: SASS for sm_80 plus compute_80 PTX, so later GPUs can JIT the same artifact; shared memory per block
+    # without opting in (48 KiB), which dlight's GEMV rules otherwise assume with a warning
+    "sm80": TargetSpec("sm80", "cuda", (("arch", "sm_80"), ("max_shared_memory_per_block", 49152)),
                        gencode=("arch=compute_80,code=sm_80", "arch=compute_80,code=compute_80")),
-    "sm90": TargetSpec("sm90", "cuda", (("arch", "sm_90"),), gencode=("arch=compute_90,code=sm_90",)),
+    "sm90": TargetSpec("sm90", "cuda", (("arch", "sm_90"), ("max_shared_memory_per_block", 49152)),
+                       gencode=("arch=compute_90,code=sm_90",)),
 }
 
 # plain x86-64 (AVX2): for hosts without VNNI, e.g. to test the CPU path on an older CI machine
