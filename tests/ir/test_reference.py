@@ -153,10 +153,14 @@ _TORCH_FUNCTIONS = {
        xs=st.lists(st.floats(-60, 60, width=32), min_size=1, max_size=64))
 def test_a_float_activation_is_pytorchs_function_rounded_once(fn, xs):
     """PyTorch's definition in float64, rounded once to float32: torch computing the same formula in float64
-    gives the same float32 values."""
+    gives the same float32 values, but where numpy's and torch's float64 ``tanh`` / ``erf`` differ by units in the
+    last place and a cancellation amplifies them (``1 + tanh(u)`` near −1: GELU far below 0), a few float64
+    units of ``|x|``."""
     x = np.array(xs, np.float32)
     expected = _TORCH_FUNCTIONS[fn](torch.from_numpy(x).double()).float().numpy()
-    np.testing.assert_allclose(activation(x, fn, {}), expected, rtol=2**-23, atol=1e-38)
+    got = activation(x, fn, {})
+    slack = 2**-23 * np.abs(expected) + np.abs(x).astype(np.float64) * 2**-50
+    assert np.all(np.abs(got.astype(np.float64) - expected) <= slack), (got, expected)
 
 
 def test_clip_and_leaky_relu_read_their_parameters():
