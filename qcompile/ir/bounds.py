@@ -77,7 +77,8 @@ def check_int32(ir: IRGraph) -> list[AccumulatorBound]:
                 raise IntegerOverflowError(
                     f"matrix product {where}: its int32 accumulator can reach {b.bound:,} (> {INT32_MAX:,}) for "
                     f"{x.shape[-1]:,} products of codes in [{x.qmin}, {x.qmax}] and [{y.qmin}, {y.qmax}]; an integer "
-                    "kernel could wrap: give its operands fewer bits")
+                    "kernel could wrap: the product sums over too many positions for its codes; run the model on "
+                    "smaller inputs")
             raise IntegerOverflowError(
                 f"layer {where}: its int32 accumulator can reach {b.bound:,} (> {INT32_MAX:,}) for "
                 f"inputs in [{x.qmin}, {x.qmax}]; an integer kernel could wrap: give this layer fewer input or weight "
