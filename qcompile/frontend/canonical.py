@@ -7,6 +7,8 @@
   conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
   parameter objects. A call whose weight is computed from the input (or, in a training-mode capture, from
   parameters) or whose hyper-parameters are graph values is left alone; the lowering then names it.
+- In an eval-mode capture, a matrix product with a 2-d parameter or buffer (``features @ self.weight``) is
+  ``F.linear`` on its transpose, so it becomes a layer as above.
 - In an eval-mode capture, computations on parameters, buffers and literals alone (``torch.tensor([...],
   device=x.device)`` made in ``forward``) are their results: weight
   standardisation (BiT's ``StdConv2d`` standardises its weight in ``forward``), a scale reshaped for
@@ -44,6 +46,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -147,6 +150,7 @@ def canonicalize(gm: fx.GraphModule) -> None:
     elementwise_regions_fused(gm)
     if not gm.training:
         parameter_computations_folded(gm)
+        weight_products_as_linear(gm)
     functional_layers_to_modules(gm)
     numeric_conv_padding(gm)
     if gm.training:
@@ -518,6 +522,36 @@ def eval_dropout_removed(gm: fx.GraphModule) -> None:
         if isinstance(module, _DropoutNd) or (functional and training is False):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+
+
+_PRODUCTS = {("call_function", torch.matmul), ("call_function", operator.matmul), ("call_function", torch.mm),
+             ("call_method", "matmul"), ("call_method", "mm")}
+
+
+def weight_products_as_linear(gm: fx.GraphModule) -> None:
+    """``x @ W`` (``torch.matmul``, ``torch.mm``, their methods) with ``W`` a 2-d parameter or buffer, or one
+    folded from them (``self.rel_k.t()``) → ``F.linear(x, Wᵀ)``, ``Wᵀ`` a buffer beside ``W``: a classifier written
+    as ``features @ self.weight + self.bias`` is a dense layer like ``nn.Linear`` (eval captures: in training
+    ``W`` changes)."""
+    for node in list(gm.graph.nodes):
+        if (node.op, node.target) not in _PRODUCTS or len(node.args) != 2 or node.kwargs:
+            continue
+        x, w_node = node.args
+        w = attribute_tensor(gm, w_node)
+        if w is None or w.dim() != 2 or not isinstance(x, fx.Node):
+            continue
+        holder, _, attribute = str(w_node.target).rpartition(".")
+        module = gm.get_submodule(holder)
+        name = unused_name(f"{attribute}_t", lambda n: hasattr(module, n))
+        module.register_buffer(name, w.detach().t().contiguous())
+        with gm.graph.inserting_before(node):
+            read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
+            linear = gm.graph.call_function(F.linear, (x, read))
+        linear.meta.update(node.meta)
+        node.replace_all_uses_with(linear)
+        gm.graph.erase_node(node)
+        if not w_node.users:
+            gm.graph.erase_node(w_node)
 
 
 def functional_layers_to_modules(gm: fx.GraphModule) -> None:

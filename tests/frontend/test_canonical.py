@@ -166,11 +166,38 @@ def test_a_1d_conv_is_a_2d_conv_of_height_one_and_a_redundant_expand_goes():
     assert torch.equal(gm(x), model(x))
 
 
+class MatmulHead(nn.Module):
+    """Heads written as products with parameters: ``torch.mm(x, self.proj.t())`` and ``x @ self.w + self.b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Parameter(torch.randn(6, 8) / math.sqrt(8))
+        self.w = nn.Parameter(torch.randn(6, 10) / math.sqrt(6))
+        self.b = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(torch.mm(F.relu(self.conv(x)).mean((2, 3)), self.proj.t()))
+        return x @ self.w + self.b
+
+
+def test_a_product_with_a_parameter_is_a_dense_layer_in_eval_mode():
+    """In an eval capture ``x @ W`` is ``F.linear(x, Wᵀ)`` and so an ``nn.Linear`` (a layer with weights, MACs and
+    a precision); a training capture keeps the product, whose weight changes (QAT refuses it in one line)."""
+    model = MatmulHead().eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    assert [type(gm.get_submodule(str(n.target))).__name__ for n in compute_nodes(gm)] == ["Conv2d", "Linear",
+                                                                                            "Linear"]
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+    assert len(compute_nodes(capture(model.train(), torch.randn(2, 3, 8, 8)))) == 1
+
+
 def standardized_net() -> nn.Module:
     return nn.Sequential(StandardizedConv(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
-@pytest.mark.parametrize("model", [FunctionalNet, SameNet, standardized_net])
+@pytest.mark.parametrize("model", [FunctionalNet, SameNet, standardized_net, MatmulHead])
 def test_functional_layers_quantize_lower_and_verify(model):
     res = _lowered(model(), "mostly4bit", size=9)
     assert sum(op.kind in ("conv2d", "dense") for op in res.context.ir.ops) == len(compute_nodes(res.graph_module))
