@@ -217,7 +217,7 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
             holder, _, attribute = str(attributes[0].target).rpartition(".") if attributes else ("", "", node.name)
             module = gm.get_submodule(holder)
             name = unused_name(f"{attribute}_folded", lambda n: hasattr(module, n))
-            module.register_buffer(name, value.detach().clone())
+            _register_folded(module, name, value, [values[a] for a in attributes])
             with gm.graph.inserting_before(node):
                 read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
             read.meta.update(node.meta)
@@ -229,6 +229,15 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
     for node in reversed(list(values)):
         if not node.users:
             gm.graph.erase_node(node)
+
+
+def _register_folded(module: nn.Module, name: str, value: torch.Tensor, sources: list[object]) -> None:
+    """``value`` as an attribute of ``module``: a trainable parameter where it is computed from one (quantization-
+    aware training of an eval-mode capture then trains it, as the layer weight it becomes), else a buffer."""
+    if any(isinstance(s, nn.Parameter) and s.requires_grad for s in sources):
+        module.register_parameter(name, nn.Parameter(value.detach().clone()))
+    else:
+        module.register_buffer(name, value.detach().clone())
 
 
 def _attribute_inputs(node: fx.Node) -> list[fx.Node]:
@@ -530,9 +539,9 @@ _PRODUCTS = {("call_function", torch.matmul), ("call_function", operator.matmul)
 
 def weight_products_as_linear(gm: fx.GraphModule) -> None:
     """``x @ W`` (``torch.matmul``, ``torch.mm``, their methods) with ``W`` a 2-d parameter or buffer, or one
-    folded from them (``self.rel_k.t()``) → ``F.linear(x, Wᵀ)``, ``Wᵀ`` a buffer beside ``W``: a classifier written
-    as ``features @ self.weight + self.bias`` is a dense layer like ``nn.Linear`` (eval captures: in training
-    ``W`` changes)."""
+    folded from them (``self.rel_k.t()``) → ``F.linear(x, Wᵀ)``, ``Wᵀ`` an attribute beside ``W`` (a parameter
+    if ``W`` is one): a classifier written as ``features @ self.weight + self.bias`` is a dense layer like
+    ``nn.Linear`` (eval captures; a training capture keeps the product)."""
     for node in list(gm.graph.nodes):
         if (node.op, node.target) not in _PRODUCTS or len(node.args) != 2 or node.kwargs:
             continue
@@ -543,7 +552,7 @@ def weight_products_as_linear(gm: fx.GraphModule) -> None:
         holder, _, attribute = str(w_node.target).rpartition(".")
         module = gm.get_submodule(holder)
         name = unused_name(f"{attribute}_t", lambda n: hasattr(module, n))
-        module.register_buffer(name, w.detach().t().contiguous())
+        _register_folded(module, name, w.t().contiguous(), [w])
         with gm.graph.inserting_before(node):
             read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
             linear = gm.graph.call_function(F.linear, (x, read))

@@ -106,6 +106,22 @@ def test_a_computed_weight_is_a_layer_in_eval_mode_and_stays_computed_for_traini
     assert not compute_nodes(trained)
 
 
+def test_a_weight_folded_from_a_parameter_trains_and_a_buffer_used_as_one_does_not():
+    """Quantization-aware training of an eval-mode capture (as ``build_model()`` returns most models) trains the
+    folded weights that come from parameters (BiT's standardised convs were frozen, all 53 of them), not those
+    computed from buffers."""
+    from qcompile.train.qat import prepare_qat
+
+    from qcompile import get_recipe
+
+    gm = capture(StandardizedConv(3, 4, 3).eval(), torch.randn(1, 3, 8, 8))
+    assert all(p.requires_grad for p in gm.parameters())
+    fixed = FunctionalNet().eval()
+    assert not capture(fixed, torch.randn(1, 3, 8, 8)).get_submodule("fw_fc").weight.requires_grad  # fw: a buffer
+    qat = prepare_qat(standardized_net().eval(), (torch.randn(1, 3, 9, 9),), get_recipe("mostly4bit"))
+    assert all(p.requires_grad for p in qat.graph.parameters())
+
+
 def test_a_number_computed_from_a_parameter_is_a_constant():
     class Net(nn.Module):
         def __init__(self) -> None:
