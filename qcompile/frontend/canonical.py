@@ -7,14 +7,15 @@
   conv), traces to calls whose weights are ``get_attr`` reads, and each becomes a module holding the same
   parameter objects. A call whose weight is computed from the input (or, in a training-mode capture, from
   parameters) or whose hyper-parameters are graph values is left alone; the lowering then names it.
-- In an eval-mode capture, a matrix product with a 2-d parameter or buffer (``features @ self.weight``) is
-  ``F.linear`` on its transpose, so it becomes a layer as above.
 - In an eval-mode capture, computations on parameters, buffers and literals alone (``torch.tensor([...],
   device=x.device)`` made in ``forward``) are their results: weight
   standardisation (BiT's ``StdConv2d`` standardises its weight in ``forward``), a scale reshaped for
-  broadcasting, ``self.weight.t()``. Each result that feeds the rest of the graph becomes a buffer of the module
-  holding the first tensor it reads (``root.weight_folded``), so a conv on a standardised weight is a layer like
-  any other. A training-mode capture (QAT) keeps them: there the parameters change.
+  broadcasting, ``self.weight.t()``. Each result that feeds the rest of the graph becomes an attribute of the
+  module holding the first tensor it reads (``root.weight_folded``): a trainable parameter where it is computed
+  from one (QAT of an eval-mode capture trains it), else a buffer. So a conv on a standardised weight is a layer
+  like any other. A training-mode capture (QAT) keeps the computations: there the parameters change.
+- In an eval-mode capture, a matrix product with a 2-d parameter or buffer (``features @ self.weight``) is
+  ``F.linear`` on its transpose, so it becomes a layer as above.
 - Padding modules become ``F.pad``: ``nn.ZeroPad2d``, ``nn.ConstantPad2d`` and the reflection / replication pads
   are the function with their padding, value and mode, which the sign analysis and the lowering read.
 - In an eval-mode capture, dropout in every form (``nn.Dropout``, ``Dropout2d``, ``AlphaDropout``, ...,
