@@ -47,7 +47,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +56,7 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
-from qcompile.frontend.graph import argument, call, literal, set_submodule, unused_name
+from qcompile.frontend.graph import argument, call, literal, matrix_product_operands, set_submodule, unused_name
 from qcompile.frontend.regions import elementwise_regions_fused
 
 
@@ -534,19 +533,15 @@ def eval_dropout_removed(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
-_PRODUCTS = {("call_function", torch.matmul), ("call_function", operator.matmul), ("call_function", torch.mm),
-             ("call_method", "matmul"), ("call_method", "mm")}
-
-
 def weight_products_as_linear(gm: fx.GraphModule) -> None:
     """``x @ W`` (``torch.matmul``, ``torch.mm``, their methods) with ``W`` a 2-d parameter or buffer, or one
     folded from them (``self.rel_k.t()``) → ``F.linear(x, Wᵀ)``, ``Wᵀ`` an attribute beside ``W`` (a parameter
     if ``W`` is one): a classifier written as ``features @ self.weight + self.bias`` is a dense layer like
     ``nn.Linear`` (eval captures; a training capture keeps the product)."""
     for node in list(gm.graph.nodes):
-        if (node.op, node.target) not in _PRODUCTS or len(node.args) != 2 or node.kwargs:
+        if (operands := matrix_product_operands(node)) is None:
             continue
-        x, w_node = node.args
+        x, w_node = operands
         w = attribute_tensor(gm, w_node)
         if w is None or w.dim() != 2 or not isinstance(x, fx.Node):
             continue

@@ -145,17 +145,23 @@ def permutation(node: fx.Node, rank: int) -> list[int] | None:
     return None
 
 
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
-_MATMUL_METHODS = {"matmul", "bmm"}
+_MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.mm, torch.bmm)
+_MATMUL_METHODS = ("matmul", "mm", "bmm")
+
+
+def matrix_product_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """The two operands of a matrix product (``a @ b``, ``torch.matmul``, ``torch.mm``, ``torch.bmm`` or their
+    methods), else None."""
+    calls = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS)
+    return (node.args[0], node.args[1]) if calls and len(node.args) == 2 and not node.kwargs else None
 
 
 def is_matmul(node: fx.Node) -> bool:
-    """A matrix product of two computed tensors (``a @ b``, ``torch.matmul``, ``torch.bmm``): attention over
-    positions in a global-context or non-local block. A product with a parameter is a layer's business."""
-    calls = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _MATMUL_METHODS)
-    return (calls and len(node.args) == 2 and not node.kwargs
-            and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args))
+    """A matrix product of two computed tensors: attention over positions in a global-context or non-local
+    block. A product with a parameter is a layer's business (canonical makes it one)."""
+    operands = matrix_product_operands(node)
+    return operands is not None and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands)
 
 
 def is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -298,8 +304,8 @@ _FUNCTION_RULES: dict[object, _Rule] = {
     **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
                      torch.rsqrt, torch.square), _always),
-    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div, operator.matmul,
-                     torch.matmul, torch.bmm), _both),
+    **dict.fromkeys((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div,
+                     *_MATMUL_FUNCTIONS), _both),
     **dict.fromkeys((F.softmax, torch.softmax), _always),
     **dict.fromkeys((torch.cat, torch.stack), _all_tensors),
     **dict.fromkeys((torch.clamp, torch.clip, torch.clamp_min), _CLAMP),
@@ -316,7 +322,7 @@ _METHOD_RULES: dict[str, _Rule] = {
         "split", "mean", "sum", "amax",
     ), _first),
     "pow": _power,
-    **dict.fromkeys(("add", "mul", "div", "matmul", "bmm"), _both),
+    **dict.fromkeys(("add", "mul", "div", *_MATMUL_METHODS), _both),
     "softmax": _always,
     **dict.fromkeys(("clamp", "clip", "clamp_min"), _CLAMP),
     **dict.fromkeys(("sigmoid", "abs", "exp", "sqrt", "rsqrt", "square"), _always),
