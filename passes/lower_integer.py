@@ -75,7 +75,7 @@ class _Val:
 
 _ADD_FUNCS = {operator.add, torch.add}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout)
-_SPLITS = {"chunk", "split"}
+_SPLITS = {"chunk", "split", "unbind"}
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -205,6 +205,10 @@ class _Lowerer:
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
+        if node.op == "call_function" and node.target is torch.einsum:  # one capture did not rewrite
+            raise self.fail(node, f"einsum {node.args[0]!r} has no integer lowering: an einsum lowers as products "
+                                  "of tensors that share a batch index and of a tensor and a weight that shares no "
+                                  "index with the output; diagonals and operands that broadcast do not")
         return self.lower_call(node)
 
     def lower_output(self, node: fx.Node) -> None:
@@ -591,17 +595,23 @@ class _Lowerer:
                                   keepdim=bool(argument(node, 2, "keepdim", False))))
 
     def lower_split_piece(self, node: fx.Node) -> _Val:
-        """Piece i of ``chunk``/``split``: a slice along the split dimension, bounds from the recorded shapes."""
+        """Piece i of ``chunk``/``split``: a slice along the split dimension, bounds from the recorded shapes;
+        of ``unbind`` (``q, k, v = qkv.unbind(1)``): index i of that dimension."""
         split, i = node.args[0], node.args[1]
         src = split.args[0]
         rank = len(self.shape(src))
-        dim = int(argument(split, 2, "dim", 0)) % rank
+        unbind = split.target in ("unbind", torch.unbind)
+        dim = int(argument(split, 1 if unbind else 2, "dim", 0)) % rank
         if dim == 0:
             raise self.fail(node, "splitting the batch dimension does not lower")
         pieces = [tuple(p.shape) for p in split.meta["tensor_meta"]]
         i = int(i) % len(pieces)
-        start = sum(p[dim] for p in pieces[:i])
-        items = [{"slice": [None, None, None]}] * dim + [{"slice": [start, start + pieces[i][dim], None]}]
+        if unbind:
+            piece = {"index": i}
+        else:
+            start = sum(p[dim] for p in pieces[:i])
+            piece = {"slice": [start, start + pieces[i][dim], None]}
+        items = [{"slice": [None, None, None]}] * dim + [piece]
         x = self.operand(node, src, keeps_channels=dim != 1)
         return _Val(self.same(node, "slice", [x], index=items))
 
@@ -909,7 +919,7 @@ def _is_max_over_dim(node: fx.Node) -> bool:
 
 def _is_split(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in _SPLITS) or (
-        node.op == "call_function" and node.target in (torch.chunk, torch.split))
+        node.op == "call_function" and node.target in (torch.chunk, torch.split, torch.unbind))
 
 
 class LowerInteger(Pass):

@@ -161,6 +161,15 @@ def canonicalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def weight_layers_to_modules(gm: fx.GraphModule) -> None:
+    """The folding and the functional layers above once more, for the rewrites that need shapes: an einsum with
+    a weight (``torch.einsum("bnkd,dc->bnkc", x, self.w)``) is ``F.linear`` of the input, reshaped, on the weight
+    permuted and reshaped, which an eval-mode capture folds into one weight of a dense layer."""
+    if not gm.training:
+        parameter_computations_folded(gm)
+    functional_layers_to_modules(gm)
+
+
 def shape_argument_layers_to_modules(gm: fx.GraphModule) -> None:
     """:func:`functional_layers_to_modules` again once the shapes are numbers: a call whose hyper-parameters read
     the input's shape (antialiased-cnns' BlurPool: ``F.conv2d(x, self.filt, stride=2, groups=x.shape[1])``) is

@@ -28,8 +28,10 @@ from qcompile.frontend.canonical import (
     identities_removed,
     pixel_shuffles_as_reshapes,
     shape_argument_layers_to_modules,
+    weight_layers_to_modules,
     zero_concatenations_as_pads,
 )
+from qcompile.frontend.einsum import einsums_as_products
 from qcompile.frontend.graph import call
 from qcompile.frontend.inplace import inplace_ops_functionalized
 from qcompile.frontend.reparametrized import check_trainable, copy_for_inference
@@ -476,7 +478,10 @@ def capture(
     if shape_nodes:
         specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
-    rewritten = [zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm), batch_kept_in_squeezes(gm)]
+    rewritten = [einsums_as_products(gm), zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
+                 batch_kept_in_squeezes(gm)]
+    if rewritten[0]:
+        weight_layers_to_modules(gm)
     if any(rewritten):
         gm.delete_all_unused_submodules()
         gm.recompile()

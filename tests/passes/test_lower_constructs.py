@@ -772,6 +772,26 @@ class AttentionMask(_TwoConvs):
         return self.fc(F.interpolate(y, size=(5, 7), mode="bilinear").mean((2, 3)))
 
 
+class EinsumAttention(_TwoConvs):
+    """Attention written with ``torch.einsum`` (non-local blocks, linear attention, lambda layers): q, k, v by
+    ``unbind``, affinities ``"bhdn,bhdm->bhnm"``, a softmax, the values gathered with an ellipsis, and a weight
+    applied across channels (``"bchw,oc->bohw"``: a dense layer, its output permuted back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(8, 24, 1, bias=False)
+        self.mix = nn.Parameter(torch.randn(8, 8) / 8 ** 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, 2, c // 2, h * w).unbind(1)
+        attention = torch.einsum("bhdn,bhdm->bhnm", q, k).softmax(dim=-1)
+        y = torch.einsum("...nm,...dm->...dn", attention, v).reshape(b, c, h, w)
+        x = x + torch.einsum("bchw,oc->bohw", y, self.mix)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -806,7 +826,7 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
-          "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask}
+          "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "cosine_classifier", "attention_mask",
@@ -831,7 +851,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "heads_in_batch": {"matmul", "softmax", "reshape"}, "funnel": {"maximum", "minimum"},
                 "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"},
                 "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"},
-                "attention_mask": {"upsample_bilinear", "lut", "mul"}}
+                "attention_mask": {"upsample_bilinear", "lut", "mul"},
+                "einsum_attention": {"matmul", "softmax", "slice", "dense", "transpose", "reshape"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -912,7 +933,7 @@ def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel", "cosine_classifier",
-                                  "spatial_pyramid", "attention_mask"])
+                                  "spatial_pyramid", "attention_mask", "einsum_attention"])
 def test_the_gpu_build_schedules_every_op(name, tmp_path):
     """The sm90 library builds (no GPU needed): dlight's matmul rule asserted on a matrix product whose
     consumers do not inline (GCNet's), which is now scheduled by the fallback rules."""

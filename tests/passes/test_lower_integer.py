@@ -253,6 +253,26 @@ def test_a_resize_that_does_not_lower_says_which_does(mode, factor):
         _lowered(Resize(mode, factor), "int8")
 
 
+class PerHeadWeight(nn.Module):
+    """A weight per attention head (``"bhn,hd->bhnd"``): no one dense layer, so the einsum stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.ones(2, 3))
+
+    def forward(self, x):
+        q = self.conv(x).flatten(2).reshape(x.shape[0], 2, -1)
+        return torch.einsum("bhn,hd->bhnd", q, self.scale).mean((2, 3))
+
+
+def test_an_einsum_that_does_not_lower_says_which_do():
+    with pytest.raises(LoweringError, match=r"node einsum \(call_function einsum\) at .*test_lower_integer.py:\d+: "
+                                            r"einsum 'bhn,hd->bhnd' has no integer lowering: an einsum lowers as "
+                                            r"products of tensors that share a batch index and"):
+        _lowered(PerHeadWeight(), "int8")
+
+
 class SaturatedRelu6(nn.Module):
     """MobileNetV2's last block: a 4-bit conv's BN output through ReLU6, which calibration saturates at 6.0."""
 
