@@ -39,7 +39,8 @@
   ``x.to(torch.float32)``, ``x.type_as(y)``, ``x.cpu()``, ``x.detach()`` on a float32 tensor, as mixed-precision
   and training code writes them. A cast that changes the dtype stays, and the lowering names it. So does
   ``y.expand_as(x)`` / ``y.expand(...)`` read only by elementwise arithmetic whose output already has the
-  expanded shape (ECA's ``x * y.expand_as(x)``): broadcasting computes the same.
+  expanded shape (ECA's ``x * y.expand_as(x)``), directly or through permutations (timm's relative-position
+  logits): broadcasting computes the same.
 - A conv's string padding becomes numbers: ``"valid"`` is 0, and ``"same"`` is the symmetric padding where the
   kernel's extent ``dilation·(k−1)`` is even, else zero padding with an ``F.pad`` before the conv that puts the
   extra row and column at the bottom and right, as PyTorch does.
@@ -56,7 +57,15 @@ from torch import fx, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from qcompile.frontend.elementwise import arithmetic_kind
-from qcompile.frontend.graph import argument, call, literal, matrix_product_operands, set_submodule, unused_name
+from qcompile.frontend.graph import (
+    argument,
+    call,
+    literal,
+    matrix_product_operands,
+    permutation,
+    set_submodule,
+    unused_name,
+)
 from qcompile.frontend.regions import elementwise_regions_fused
 
 
@@ -427,19 +436,31 @@ def _shape_of(arg: object) -> tuple[int, ...] | None:
     return () if isinstance(arg, bool | int | float) else None
 
 
-def _broadcast_away(node: fx.Node, source: tuple[int, ...], expanded: tuple[int, ...]) -> bool:
+def _broadcast_away(node: fx.Node, source: tuple[int, ...], expanded: tuple[int, ...]
+                    ) -> dict[fx.Node, tuple[int, ...]] | None:
     """Whether every reader of ``node`` (``source`` expanded to ``expanded``) is elementwise arithmetic whose
-    other operand broadcasts with ``source`` to ``expanded`` by itself."""
-    def unexpanded(u: fx.Node) -> bool:
-        other = [_shape_of(a) for a in u.args if a is not node]
-        if arithmetic_kind(u) is None or len(other) != 1 or other[0] is None:
-            return False
-        try:
-            return tuple(torch.broadcast_shapes(source, other[0])) == expanded
-        except RuntimeError:
-            return False
+    other operand broadcasts with ``source`` to ``expanded`` by itself, or a permutation whose readers are (timm's
+    relative-position logits expand, permute, then add): the permutations' shapes without the expand, else None."""
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
 
-    return bool(node.users) and all(unexpanded(u) for u in node.users)
+    def redundant(n: fx.Node, source: tuple[int, ...], expanded: tuple[int, ...]) -> bool:
+        for u in n.users:
+            if (perm := permutation(u, len(expanded))) is not None:
+                shapes[u] = tuple(source[p] for p in perm)
+                if not redundant(u, shapes[u], tuple(expanded[p] for p in perm)):
+                    return False
+                continue
+            other = [_shape_of(a) for a in u.args if a is not n]
+            if arithmetic_kind(u) is None or len(other) != 1 or other[0] is None:
+                return False
+            try:
+                if tuple(torch.broadcast_shapes(source, other[0])) != expanded:
+                    return False
+            except RuntimeError:
+                return False
+        return bool(n.users)
+
+    return shapes if redundant(node, source, expanded) else None
 
 
 def identities_removed(gm: fx.GraphModule) -> None:
@@ -458,9 +479,15 @@ def identities_removed(gm: fx.GraphModule) -> None:
         before, after = source.meta.get("tensor_meta"), node.meta.get("tensor_meta")
         if not (hasattr(before, "dtype") and hasattr(after, "dtype")) or before.dtype != after.dtype:
             continue
-        if before.shape == after.shape if is_cast else _broadcast_away(node, tuple(before.shape), tuple(after.shape)):
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
+        if is_cast and before.shape != after.shape:
+            continue
+        moved = {} if is_cast else _broadcast_away(node, tuple(before.shape), tuple(after.shape))
+        if moved is None:
+            continue
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        for n, shape in moved.items():  # what the next expand's check reads
+            n.meta["tensor_meta"] = n.meta["tensor_meta"]._replace(shape=torch.Size(shape))
     gm.recompile()
 
 

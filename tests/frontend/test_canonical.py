@@ -182,6 +182,26 @@ def test_a_1d_conv_is_a_2d_conv_of_height_one_and_a_redundant_expand_goes():
     assert torch.equal(gm(x), model(x))
 
 
+class PermutedExpands(nn.Module):
+    """Expands read through permutations by a sum: the first two broadcast along different axes (timm's relative
+    logits), so both go; the last two along the same axis, so the second must stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x[:, :1].expand(-1, 4, -1, -1).permute(0, 2, 3, 1)  # (N, 4, 5, 6) → (N, 5, 6, 4)
+        b = x[:, :, :1].expand(-1, -1, 5, -1).permute(0, 2, 3, 1)
+        c = x[:, :, :, :1].expand(-1, -1, -1, 6).transpose(1, 3).transpose(1, 2)
+        d = x[:, :, :, 1:2].expand(-1, -1, -1, 6).permute(0, 2, 3, 1)
+        return (a + b) * (c + d)
+
+
+def test_expands_that_broadcasting_makes_redundant_through_permutations_go_and_the_others_stay():
+    model = PermutedExpands()
+    gm = capture(model, torch.randn(1, 4, 5, 6))
+    assert len([n for n in gm.graph.nodes if n.target == "expand"]) == 1
+    x = torch.randn(3, 4, 5, 6)
+    assert torch.equal(gm(x), model(x))
+
+
 class MatmulHead(nn.Module):
     """Heads written as products with parameters: ``torch.mm(x, self.proj.t())`` and ``x @ self.w + self.b``."""
 

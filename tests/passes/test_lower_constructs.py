@@ -792,6 +792,48 @@ class EinsumAttention(_TwoConvs):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
+def rel_logits_1d(q: torch.Tensor, rel_k: torch.Tensor, permute_mask: list[int]) -> torch.Tensor:
+    """timm's relative logits along one axis: a product with the embedding, padding and reshapes from relative to
+    absolute positions, an ``expand`` over the other axis, a permutation."""
+    B, H, W, dim = q.shape
+    x = q @ rel_k.transpose(-1, -2)
+    x = x.reshape(-1, W, 2 * W - 1)
+    x_pad = F.pad(x, [0, 1]).flatten(1)
+    x_pad = F.pad(x_pad, [0, W - 1])
+    x_pad = x_pad.reshape(-1, W + 1, 2 * W - 1)
+    x = x_pad[:, :W, W - 1:]
+    x = x.reshape(B, H, 1, W, W).expand(-1, -1, H, -1, -1)
+    return x.permute(permute_mask)
+
+
+class RelativePositionAttention(_TwoConvs):
+    """timm's ``BottleneckAttn`` with ``PosEmbedRel`` (BoTNet): heads folded into the batch, ``q @ k`` plus
+    relative-position logits from two 2-d embeddings (each a dense layer, then the expand and permute above, added
+    by broadcasting)."""
+
+    def __init__(self, heads: int = 2, size: int = 16) -> None:
+        super().__init__()
+        self.heads, self.size = heads, size
+        self.qkv = nn.Conv2d(8, 24, 1, bias=False)
+        self.rel_height = nn.Parameter(torch.randn(2 * size - 1, 8 // heads) * 0.5)
+        self.rel_width = nn.Parameter(torch.randn(2 * size - 1, 8 // heads) * 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        B, C, H, W = x.shape
+        q, k, v = torch.split(self.qkv(x), [C, C, C], dim=1)
+        q = q.reshape(B * self.heads, C // self.heads, -1).transpose(-1, -2)
+        k = k.reshape(B * self.heads, C // self.heads, -1)
+        v = v.reshape(B * self.heads, C // self.heads, -1).transpose(-1, -2)
+        grid = q.reshape(B * self.heads, self.size, self.size, -1)
+        logits_w = rel_logits_1d(grid, self.rel_width, permute_mask=(0, 1, 3, 2, 4))
+        logits_h = rel_logits_1d(grid.transpose(1, 2), self.rel_height, permute_mask=(0, 3, 1, 4, 2))
+        position = (logits_h + logits_w).reshape(B * self.heads, H * W, H * W)
+        attention = ((q @ k) * (C // self.heads) ** -0.5 + position).softmax(dim=-1)
+        x = (attention @ v).transpose(-1, -2).reshape(B, C, H, W)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -826,10 +868,11 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "mirror_averaged": MirrorAveraged, "simam": SimAM, "global_context": GlobalContext,
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
-          "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention}
+          "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention,
+          "relative_position": RelativePositionAttention}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
-             "cosine_classifier", "attention_mask",
+             "cosine_classifier", "attention_mask", "relative_position",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -852,7 +895,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "cosine_classifier": {"normalize", "dense"}, "normalized_embedding": {"normalize"},
                 "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"},
                 "attention_mask": {"upsample_bilinear", "lut", "mul"},
-                "einsum_attention": {"matmul", "softmax", "slice", "dense", "transpose", "reshape"}}
+                "einsum_attention": {"matmul", "softmax", "slice", "dense", "transpose", "reshape"},
+                "relative_position": {"matmul", "dense", "pad", "slice", "transpose", "add", "softmax"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -933,7 +977,8 @@ def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel", "cosine_classifier",
-                                  "spatial_pyramid", "attention_mask", "einsum_attention"])
+                                  "spatial_pyramid", "attention_mask", "einsum_attention",
+                                  "relative_position"])
 def test_the_gpu_build_schedules_every_op(name, tmp_path):
     """The sm90 library builds (no GPU needed): dlight's matmul rule asserted on a matrix product whose
     consumers do not inline (GCNet's), which is now scheduled by the fallback rules."""
