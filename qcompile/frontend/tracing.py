@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from qcompile.errors import CaptureError, first_line
+from qcompile.frontend.attention import attention_decomposed, selections_before_permutations
 from qcompile.frontend.canonical import (
     batch_kept_in_squeezes,
     canonicalize,
@@ -478,8 +479,9 @@ def capture(
     if shape_nodes:
         specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
+    # in this order: each reads recorded shapes, which the nodes made by the ones before it lack until propagated
     rewritten = [einsums_as_products(gm), zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
-                 batch_kept_in_squeezes(gm)]
+                 batch_kept_in_squeezes(gm), attention_decomposed(gm), selections_before_permutations(gm)]
     if rewritten[0]:
         weight_layers_to_modules(gm)
     if any(rewritten):

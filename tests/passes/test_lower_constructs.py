@@ -834,6 +834,35 @@ class RelativePositionAttention(_TwoConvs):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
+class TokenAttention(_TwoConvs):
+    """timm's ViT ``Attention`` on the positions as tokens (MobileViT, CoAtNet): a LayerNorm, ``qkv`` as
+    ``reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)`` and ``unbind(0)`` (or ``qkv[0]``, ...), then
+    ``F.scaled_dot_product_attention`` (or the products it fuses, ``q * scale @ k.transpose(-2, -1)``), a
+    projection, back to (B, C, H, W)."""
+
+    def __init__(self, fused: bool = True, heads: int = 2) -> None:
+        super().__init__()
+        self.fused, self.heads = fused, heads
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        B, C, H, W = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        qkv = self.qkv(tokens).reshape(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            y = ((q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        y = self.proj(y.transpose(1, 2).reshape(B, H * W, C))
+        x = x + y.transpose(1, 2).reshape(B, C, H, W)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -869,10 +898,12 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "non_local": NonLocal, "heads_in_batch": HeadsInBatch, "funnel": FunnelActivation,
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
           "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention,
-          "relative_position": RelativePositionAttention}
+          "relative_position": RelativePositionAttention, "token_attention": TokenAttention,
+          "token_attention_unfused": lambda: TokenAttention(fused=False)}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
-             "cosine_classifier", "attention_mask", "relative_position",
+             "cosine_classifier", "attention_mask", "relative_position", "token_attention",
+             "token_attention_unfused",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -896,7 +927,9 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "spatial_pyramid": {"adaptive_maxpool2d", "maxpool2d", "concat"},
                 "attention_mask": {"upsample_bilinear", "lut", "mul"},
                 "einsum_attention": {"matmul", "softmax", "slice", "dense", "transpose", "reshape"},
-                "relative_position": {"matmul", "dense", "pad", "slice", "transpose", "add", "softmax"}}
+                "relative_position": {"matmul", "dense", "pad", "slice", "transpose", "add", "softmax"},
+                "token_attention": {"layer_norm", "slice", "matmul", "softmax", "dense"},
+                "token_attention_unfused": {"layer_norm", "slice", "matmul", "softmax", "dense"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -978,7 +1011,7 @@ def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel", "cosine_classifier",
                                   "spatial_pyramid", "attention_mask", "einsum_attention",
-                                  "relative_position"])
+                                  "relative_position", "token_attention"])
 def test_the_gpu_build_schedules_every_op(name, tmp_path):
     """The sm90 library builds (no GPU needed): dlight's matmul rule asserted on a matrix product whose
     consumers do not inline (GCNet's), which is now scheduled by the fallback rules."""

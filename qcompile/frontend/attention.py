@@ -1,0 +1,109 @@
+"""Attention as vision transformers and hybrid CNNs write it (timm's ``Attention``: MobileViT, CoAtNet, ...), in
+the forms the passes and backends know.
+
+- ``qkv.permute(2, 0, 3, 1, 4)`` then ``q, k, v = qkv.unbind(0)`` (or ``qkv[0]``, ``qkv[1]``, ...) moves the
+  batch away from the first axis only to take it back: each piece is the selection on the axis the permutation
+  brings first, then the rest of the permutation, so the batch stays first throughout.
+- ``F.scaled_dot_product_attention(q, k, v)`` without a mask or dropout is the computation it fuses:
+  ``softmax(q @ kᵀ · scale) @ v``, two matrix products of tensors and a softmax.
+
+Both need the recorded shapes (ranks, the head size).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qcompile.frontend.graph import argument, permutation, tensor_rank
+
+
+def _first_axis_selection(node: fx.Node) -> list[tuple[fx.Node, int]] | None:
+    """``(reader, index)`` for each reader of ``node`` that picks one index of its first axis (``x[i]``, a piece
+    of ``x.unbind(0)``), or None if any reader does something else."""
+    def picks_one(n: fx.Node) -> bool:
+        return n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int)
+
+    picks = []
+    for u in node.users:
+        if picks_one(u):
+            picks.append((u, u.args[1]))
+            continue
+        unbind = (u.op == "call_method" and u.target == "unbind") or (
+            u.op == "call_function" and u.target is torch.unbind)
+        if not unbind or argument(u, 1, "dim", 0) != 0 or not all(picks_one(piece) for piece in u.users):
+            return None
+        picks.extend((piece, piece.args[1]) for piece in u.users)
+    return picks or None
+
+
+def selections_before_permutations(gm: fx.GraphModule) -> bool:
+    """Each permutation that moves the batch and is read only by selections of its first axis → those
+    selections on the source, each permuted as the rest; whether any changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        rank = tensor_rank(node)
+        perm = permutation(node, rank) if rank > 0 else None
+        if perm is None or perm[0] == 0 or (picks := _first_axis_selection(node)) is None:
+            continue
+        axis, size = perm[0], node.meta["tensor_meta"].shape[0]
+        rest = [p - (p > axis) for p in perm[1:]]
+        for reader, index in picks:
+            with gm.graph.inserting_before(reader):
+                piece = gm.graph.call_function(operator.getitem,
+                                               (node.args[0], (*[slice(None)] * axis, index % size)))
+                out = piece if rest == sorted(rest) else gm.graph.call_method("permute", (piece, *rest))
+            for n in {piece, out}:
+                n.meta["stack_trace"] = reader.meta.get("stack_trace")
+            reader.replace_all_uses_with(out)
+        for reader, _ in picks:
+            gm.graph.erase_node(reader)
+        for u in list(node.users):  # the emptied unbind nodes
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float] | None:
+    """Query, key, value and scale of a ``scaled_dot_product_attention`` call without mask, dropout, causality or
+    grouped heads (the scale, where not given, its default: one over the square root of the head size); None for
+    any other node."""
+    if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        return None
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    if args.get("attn_mask") is not None or args.get("dropout_p", 0.0) != 0 or args.get("is_causal", False) \
+            or args.get("enable_gqa", False) or not isinstance(args.get("scale"), float | int | None):
+        return None
+    q, k, v = args["query"], args["key"], args["value"]
+    shape = getattr(q.meta.get("tensor_meta"), "shape", None)
+    if args.get("scale") is not None:
+        return q, k, v, float(args["scale"])
+    return None if shape is None else (q, k, v, shape[-1] ** -0.5)
+
+
+def attention_decomposed(gm: fx.GraphModule) -> bool:
+    """Each ``F.scaled_dot_product_attention`` of the form above → ``softmax(q @ kᵀ · scale, -1) @ v``; whether
+    any changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if (found := _sdpa_operands(node)) is None:
+            continue
+        q, k, v, scale = found
+        with gm.graph.inserting_before(node):
+            key_t = gm.graph.call_method("transpose", (k, -2, -1))
+            scores = gm.graph.call_method("matmul", (q, key_t))
+            scaled = gm.graph.call_function(operator.mul, (scores, scale))
+            weights = gm.graph.call_method("softmax", (scaled, -1))
+            out = gm.graph.call_method("matmul", (weights, v))
+        for n in (key_t, scores, scaled, weights):
+            n.meta["stack_trace"] = node.meta.get("stack_trace")
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
