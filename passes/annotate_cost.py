@@ -4,17 +4,22 @@ A module called at several sites costs MACs at every site but stores its weights
 precision any site asks for), so memory counts it at its first site only. With a latency profile (the measured
 cost model, :mod:`qcompile.quantization.latency`) every site also gets its predicted time, and the totals the
 model's predicted latency beside the float model's.
+
+A matrix product of two tensors (attention over positions) is annotated too, with its precision (both operands
+at the recipe's residual width, as ``insert_quantizers`` quantizes them; bf16 in a float model) and its cost,
+which the totals include; a latency profile has no entries for products, so the predicted latency leaves them
+out.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from qcompile.frontend.graph import compute_nodes, module_of
+from qcompile.frontend.graph import compute_nodes, is_matmul, module_of
 from qcompile.pipeline import COST, PRECISION, SHAPES, Pass, PassContext
-from qcompile.quantization.cost import CostTotals, layer_cost, layer_macs, weight_count
+from qcompile.quantization.cost import CostTotals, layer_cost, layer_macs, product_macs, weight_count
 from qcompile.quantization.latency import LatencyProfile, layer_key
-from qcompile.quantization.spec import BF16, get_annotation
+from qcompile.quantization.spec import BF16, Precision, annotate, get_annotation
 
 
 class AnnotateCost(Pass):
@@ -47,14 +52,20 @@ class AnnotateCost(Pass):
                 latency = self.profile.layer_ns(key, ann.precision)
                 float_ns += self.profile.layer_ns(key, BF16)
             ann.cost = layer_cost(layer_macs(module, n), weights, ann.precision, widest[str(n.target)], latency)
-        costs = [get_annotation(n).cost for n in nodes]  # type: ignore[union-attr]
+        layer_costs = [get_annotation(n).cost for n in nodes]  # type: ignore[union-attr]
+        quantized = any(not get_annotation(n).precision.is_float for n in nodes)  # type: ignore[union-attr]
+        products = Precision(ctx.recipe.residual_bits, ctx.recipe.residual_bits) if quantized else BF16
+        for n in gm.graph.nodes:
+            if is_matmul(n):
+                ann = annotate(n)
+                ann.precision, ann.cost = products, layer_cost(product_macs(n), 0, products)
+        costs = [*layer_costs, *(get_annotation(n).cost for n in gm.graph.nodes if is_matmul(n))]
         macs = sum(c.macs for c in costs)  # type: ignore[union-attr]
         params = sum(c.weights for c in costs)  # type: ignore[union-attr]
         ref = ctx.width_reference
         latency_ns = float_latency_ns = None
         if self.profile is not None:
-            quantized = any(not get_annotation(n).precision.is_float for n in nodes)  # type: ignore[union-attr]
-            latency_ns = self.profile.overhead_ns(quantized) + sum(c.latency_ns for c in costs)  # type: ignore
+            latency_ns = self.profile.overhead_ns(quantized) + sum(c.latency_ns for c in layer_costs)  # type: ignore
             float_latency_ns = self.profile.overhead_ns(False) + float_ns
         ctx.cost = CostTotals(
             macs=macs,

@@ -21,7 +21,7 @@ from qcompile.passes._layerwise import calibration_batches
 from torch import fx
 
 from qcompile.errors import DegradationError, PipelineError, RecipeError
-from qcompile.frontend.graph import compute_nodes, layer_names, module_of
+from qcompile.frontend.graph import compute_nodes, is_matmul, layer_names, module_of
 from qcompile.pipeline import COST, PRECISION, QUANTIZERS, SHAPES, Pass, PassContext
 from qcompile.quantization.cost import BF16_BITS, layer_cost
 from qcompile.quantization.latency import LatencyProfile, layer_key
@@ -87,8 +87,10 @@ class MixedPrecision(Pass):
         costs = {u: {p: sum(cost(s, p) for s in sites) for p in choices[u]} for u, sites in units.items()}
         bf16 = {"linear": ctx.cost.macs * BF16_BITS, "quadratic": ctx.cost.macs * BF16_BITS ** 2,
                 "memory_bits": ctx.cost.params * BF16_BITS, "latency_ns": ctx.cost.float_latency_ns}[field]
-        # a measured plan also pays the model's time outside its layers, which no choice changes
-        fixed = self.profile.overhead_ns(quantized=True) if field == "latency_ns" else 0  # type: ignore[union-attr]
+        # what no choice changes: a measured plan's time outside its layers; a modelled one's matrix products of
+        # two tensors (at the residual width)
+        fixed = self.profile.overhead_ns(quantized=True) if field == "latency_ns" else sum(  # type: ignore[union-attr]
+            getattr(get_annotation(n).cost, field) for n in gm.graph.nodes if is_matmul(n))
         limit = self.budget.limit(bf16) - fixed if self.budget else None
         cheapest = sum(min(c.values()) for c in costs.values())
         if limit is not None and cheapest > limit:  # before measuring anything

@@ -13,12 +13,12 @@ import math
 from torch import fx, nn
 
 from qcompile.errors import PipelineError, QCompileError
-from qcompile.frontend.graph import compute_nodes, module_of, set_submodule
+from qcompile.frontend.graph import compute_nodes, is_matmul, module_of, set_submodule
 from qcompile.frontend.shapes import propagate_shapes
 from qcompile.models.width import scaled_channels
 from qcompile.passes.norm_layers import BATCH_NORMS
 from qcompile.pipeline import SHAPES, WIDTH_SCALED, Pass, PassContext, WidthReference
-from qcompile.quantization.cost import layer_macs, weight_count
+from qcompile.quantization.cost import layer_macs, product_macs, weight_count
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -51,7 +51,8 @@ class WidthScale(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         layers = compute_nodes(gm)
         ctx.width_reference = WidthReference(
-            macs=sum(layer_macs(module_of(gm, n), n) for n in layers),
+            macs=sum(layer_macs(module_of(gm, n), n) for n in layers) + sum(
+                product_macs(n) for n in gm.graph.nodes if is_matmul(n)),
             params=sum(weight_count(module_of(gm, n)) for n in {n.target: n for n in layers}.values()),
         )
         ctx.width = self.width

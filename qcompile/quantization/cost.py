@@ -2,6 +2,8 @@
 
 Linear: ``MACs * max(bw, ba)`` with bits rounded up to 4, 8 or 16 (what hardware actually offers).
 Quadratic: ``MACs * bw * ba``. Memory: ``weights * bw`` (biases ignored). bf16 counts as 16 bits.
+A matrix product of two tensors (attention over positions) counts as a layer whose weight is its second operand,
+with no memory: its MACs at the width of its operands.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def layer_macs(module: nn.Module, node: fx.Node) -> int:
         * conv.out_channels
         // conv.groups  # type: ignore[operator]
     )
+
+
+def product_macs(node: fx.Node) -> int:
+    """Multiply-accumulates of a matrix product of two tensors (attention over positions): every output element
+    sums K products, K the first operand's last size."""
+    first = node.args[0]
+    assert isinstance(first, fx.Node)
+    return math.prod(node.meta["tensor_meta"].shape) * first.meta["tensor_meta"].shape[-1]
 
 
 def weight_count(module: nn.Module) -> int:

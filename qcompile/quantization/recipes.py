@@ -27,7 +27,7 @@ class Recipe:
     first: Precision | None = None
     last: Precision | None = None
     act_calibrator: Calibrator = Calibrator.EMA_MAX
-    residual_bits: int = 8  # residual-add tensors; the cost model counts conv/dense only
+    residual_bits: int = 8  # residual-add tensors and the operands of products of two tensors
     searched: bool = False
     """Widths are chosen per layer by the mixed-precision search (passes/mixed_precision.py) under a budget;
     ``default``/``first``/``last`` are only the starting point."""

@@ -132,7 +132,8 @@ class LayerCost:
 
 @dataclass
 class NodeQuant:
-    """Everything qcompile knows about one compute node (a conv or dense call site)."""
+    """Everything qcompile knows about one compute node (a conv or dense call site); on a matrix product of two
+    tensors, its precision and cost alone."""
 
     role: frozenset[LayerRole] = frozenset()  # set for compute nodes by assign_precision
     precision: Precision | None = None

@@ -11,7 +11,7 @@ from rich.text import Text
 from torch import fx, nn
 
 import qcompile
-from qcompile.frontend.graph import compute_nodes, layer_names, module_of
+from qcompile.frontend.graph import is_matmul, layer_names, module_of
 from qcompile.ir.bounds import accumulator_bounds
 from qcompile.pipeline import PassContext
 from qcompile.quantization.spec import get_annotation
@@ -35,7 +35,16 @@ def build_report(gm: fx.GraphModule, ctx: PassContext, model: str) -> dict[str, 
     names = layer_names(gm)
     bounds = {b.op: b for b in accumulator_bounds(ctx.ir)} if ctx.ir is not None else {}
     layers = []
-    for n in compute_nodes(gm):
+    for n in gm.graph.nodes:
+        if is_matmul(n):  # a matrix product of two tensors: a row of its own, no weights
+            ann = get_annotation(n)
+            assert ann is not None and ann.cost is not None and ann.precision is not None
+            layers.append({"name": n.name, "op": "matmul", "role": [], "macs": ann.cost.macs, "params": 0,
+                           "w_bits": ann.precision.w_bits, "a_bits": ann.precision.a_bits, "a_signed": None,
+                           "linear": ann.cost.linear, "quadratic": ann.cost.quadratic, "memory_bits": 0})
+            continue
+        if n not in names:
+            continue
         ann = get_annotation(n)
         assert ann is not None and ann.cost is not None and ann.precision is not None and ann.input_act is not None
         layers.append(

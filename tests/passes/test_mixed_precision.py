@@ -103,6 +103,33 @@ def test_budget_below_the_cheapest_plan_is_a_user_error(tiny):
         search(tiny, batches(), "linear=0.2")
 
 
+class Attending(torch.nn.Module):
+    """Two convs with attention over their 64 positions between them: products no width choice changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.conv2 = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2)
+        y = (torch.softmax(t.transpose(1, 2) @ t, dim=-1) @ t.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(self.conv2(y.reshape(x.shape[0], 4, 8, 8))).mean((2, 3)))
+
+
+def test_a_plan_pays_for_the_products_of_two_tensors_at_the_residual_width():
+    torch.manual_seed(0)
+    result = search(Attending().eval(), batches(), "linear=0.45")
+    ctx, mp = result.context, result.context.results["mixed_precision"]
+    products = 2 * 64 * 64 * 4 * 8  # two products of 64·64·4 MACs, 8-bit operands
+    layers = sum(get_annotation(n).cost.linear for n in compute_nodes(result.graph_module))
+    assert mp["plan_cost"] == ctx.cost.linear == layers + products <= 0.45 * ctx.cost.macs * BF16_BITS
+    # every layer at 4 bits still pays for the products: (4 · 19,240 + 8 · 32,768) / (16 · 52,008)
+    with pytest.raises(RecipeError, match=r"budget linear=0.3 cannot be met: the cheapest plan costs 0.4075 of bf16"):
+        search(Attending().eval(), batches(), "linear=0.3")
+
+
 def test_advanced_search_measures_each_layer_after_adaquant(tiny, monkeypatch):
     data = batches()
     plain = search(tiny, data, "linear=0.4").context.results["mixed_precision"]

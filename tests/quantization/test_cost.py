@@ -89,3 +89,30 @@ def test_shared_module_stores_weights_once():
     res = Pipeline([AssignPrecision(), AnnotateCost()]).run(Twice(), torch.randn(1, 4, 8, 8), recipe=get_recipe("int8"))
     c = res.context.cost
     assert c.macs == 2 * 9 * 16 * 64 and c.params == 144 and c.memory_bits == 144 * 8
+
+
+class NonLocalCost(torch.nn.Module):
+    """A 1×1 conv to 4 channels on an 8×8 map, then a non-local block's two products of positions: (64×4)(4×64)
+    and (64×64)(64×4), 16,384 MACs each."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1, bias=False)
+        self.fc = torch.nn.Linear(4, 10, bias=False)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2)  # (N, 4, 64)
+        a = torch.softmax(t.transpose(1, 2) @ t, dim=-1)  # (N, 64, 64)
+        y = a @ t.transpose(1, 2)  # (N, 64, 4)
+        return self.fc(y.mean(1))
+
+
+@pytest.mark.parametrize("recipe, layer_bits, product_bits", [("bf16", 16, 16), ("mostly4bit", 8, 8),
+                                                              ("int4", 4, 8)])
+def test_products_of_two_tensors_cost_their_macs_at_the_residual_width(recipe, layer_bits, product_bits):
+    c = costs(NonLocalCost(), (1, 3, 8, 8), recipe)
+    layers, products = 3 * 4 * 64 + 4 * 10, 2 * 64 * 64 * 4
+    assert c.macs == layers + products and c.params == 3 * 4 + 4 * 10
+    assert c.linear == layer_bits * layers + product_bits * products
+    assert c.quadratic == layer_bits ** 2 * layers + product_bits ** 2 * products
+    assert c.memory_bits == layer_bits * c.params
