@@ -40,9 +40,11 @@ Flavour = Literal["serving", "compact"]
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
 NODE_SEPARATOR = "/"
+"""Nodes are named ``<IR op output>/<ONNX op>__<n>``: a profile of the model maps every kernel back to its IR op."""
 _ACCUMULATOR_MOVES = frozenset({"reshape", "flatten", "transpose", "slice", "flip", "maxpool2d", "relu"})
 """Ops that move or max-pool an int32 value, keeping it the accumulator it was."""
-"""Nodes are named ``<IR op output>/<ONNX op>__<n>``: a profile of the model maps every kernel back to its IR op."""
+_CODE_MOVES = frozenset({"reshape", "flatten", "transpose"})
+"""Ops onnxruntime's transpose optimizer can take out from between two quantizations of codes."""
 
 
 class OnnxExportError(QCompileError):
@@ -212,7 +214,26 @@ class _Exporter:
     @OPS.implements("quantize")
     def op_quantize(self, op: Op) -> None:
         src = self.alias.get((op.output, op.inputs[0]), op.inputs[0])
+        if src == op.inputs[0] and self.requantizes_alone(src):
+            src = self.unfused_dq(src)
         self.quantize_to(src, op.output, self.ir.values[op.output])
+
+    def requantizes_alone(self, name: str) -> bool:
+        """Whether ``name`` dequantizes codes that nothing else reads, moved (transposed, reshaped) or not since
+        a quantizer or a layer's requantize wrote them, for one quantizer to requantize. Written as DQ → Q, that is onnxruntime's
+        ``Q → DQ → Q → DQ`` once its transpose optimizer has cancelled the moves (a channels-last block permutes
+        there and back), and its DoubleQDQPairsRemover then merges the two roundings into one of a new scale:
+        other codes. The requantization reads the unfused form instead (:meth:`unfused_dq`)."""
+        if not self.dequantized_codes(name) or len(self.readers.get(name, [])) != 1:
+            return False
+        codes = self.producer[name].inputs[0]
+        while len(self.readers.get(codes, [])) == 1 and (op := self.producer.get(codes)) is not None:
+            if op.kind in ("quantize", "requantize"):  # written as a QuantizeLinear
+                return True
+            if op.kind not in _CODE_MOVES:
+                return False
+            codes = op.inputs[0]
+        return False
 
     def holds_accumulator(self, name: str) -> bool:
         """Whether the ONNX tensor of int32 IR value ``name`` is the accumulator itself (a ``matmul``'s, moved
@@ -505,6 +526,13 @@ class _Exporter:
         """``ReduceSum`` in double, as the reference sums."""
         axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
         self.in_double(op, lambda x: self.node("ReduceSum", [x, axes], keepdims=int(op.attrs["keepdim"])))
+
+    @OPS.implements("reduce_l2")
+    def op_reduce_l2(self, op: Op) -> None:
+        """``sqrt(ReduceSum(x · x))`` in double, as the reference computes it."""
+        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
+        self.in_double(op, lambda x: self.node("Sqrt", [self.node("ReduceSum", [self.node("Mul", [x, x]), axes],
+                                                                  keepdims=int(op.attrs["keepdim"]))]))
 
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:

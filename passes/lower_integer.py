@@ -318,6 +318,8 @@ class _Lowerer:
             return self.lower_reduction(node, "mean" if t in (torch.mean, "mean") else "sum")
         if (fn and t in (torch.max, torch.amax)) or (meth and t in ("max", "amax")):
             return self.lower_reduce_max(node)
+        if (fn and t in (torch.norm, torch.linalg.vector_norm)) or (meth and t == "norm"):
+            return self.lower_norm(node)
         if fn and t in (operator.getitem, getattr) and isinstance(node.args[0], fx.Node) and _is_max_over_dim(
                 node.args[0]):
             if node.args[1] not in (0, "values"):
@@ -577,6 +579,22 @@ class _Lowerer:
         return _Val(self.float_op(node, "mean" if what == "mean" else "reduce_sum",
                                   [self.as_float(node, node.args[0])], dims=dims,
                                   keepdim=bool(argument(node, 2, "keepdim", False))))
+
+    def lower_norm(self, node: fx.Node) -> _Val:
+        """The L2 norm over some dimensions (not the batch): ``torch.norm(x, p=2, dim=(1, 2), keepdim=True)``
+        (ConvNeXt V2's global response normalisation), ``x.norm(dim=...)``, ``torch.linalg.vector_norm``; a
+        float ``reduce_l2`` of the dequantized input, in float64 and rounded once."""
+        vector = node.target is torch.linalg.vector_norm
+        p = argument(node, 1, "ord" if vector else "p", 2 if vector else "fro")
+        dims, keepdim = argument(node, 2, "dim"), argument(node, 3, "keepdim", False)
+        rank = len(self.shape(node.args[0]))
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if p not in (2, 2.0, "fro", None) or not dims or any(d % rank == 0 for d in dims) or len(node.args) > 4 or (
+                node.kwargs.get("dtype") is not None or node.kwargs.get("out") is not None):
+            raise self.fail(node, f"a norm with p={p!r} over dim={dims or None} does not lower: only the L2 norm "
+                                  "over dimensions after the batch does")
+        return _Val(self.float_op(node, "reduce_l2", [self.as_float(node, node.args[0])],
+                                  dims=[d % rank for d in dims], keepdim=bool(keepdim)))
 
     def lower_reduce_max(self, node: fx.Node) -> _Val:
         """``torch.max(x, dim)`` (its values: ``[0]`` or ``.values`` read them) and ``amax`` over some

@@ -463,6 +463,14 @@ class _Builder:
         s = self.op.sum(self.op.astype(self.nchw(op.inputs[0]), "float64"), axis=dims, keepdims=op.attrs["keepdim"])
         self.set(op.output, self.op.astype(s, "float32"), False)
 
+    @OPS.implements("reduce_l2")
+    def op_reduce_l2(self, op: Op) -> None:
+        """``sqrt(Σ x²)`` over some dimensions in float64, as the reference computes it."""
+        dims = [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]]
+        xd = self.emit(self.op.astype(self.nchw(op.inputs[0]), "float64"))
+        s = self.op.sum(self.op.multiply(xd, xd), axis=dims, keepdims=op.attrs["keepdim"])
+        self.set(op.output, self.op.astype(self.op.sqrt(s), "float32"), False)
+
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:
         """A max over some dimensions, in float32 (exact in any precision)."""

@@ -194,6 +194,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("mean", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("reduce_max", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("reduce_sum", (Attr("dims", INTS), Attr("keepdim", BOOL))),
+    OpSchema("reduce_l2", (Attr("dims", INTS), Attr("keepdim", BOOL))),
     OpSchema("global_avgpool", (Attr("keepdim", BOOL, True),)),
     OpSchema("add"),
     OpSchema("mul"),

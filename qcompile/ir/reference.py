@@ -29,6 +29,8 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``upsample_bilinear`` to ``size`` (PyTorch's linear interpolation, ``align_corners`` either way): a float op,
   in float64, width then height, rounded once (:func:`linear_resize_weights`).
 - ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
+- ``reduce_l2`` over ``dims`` (``torch.norm(x, p=2, dim=...)``: ConvNeXt V2's global response normalisation):
+  a float op, ``sqrt(Σ x²)`` in float64, rounded once.
 - ``reduce_max`` over ``dims`` (CBAM's ``torch.max(x, 1)[0]``, ``amax``): a float op, exact in any precision.
 - ``layer_norm(x, w, b)``: over the last ``w.ndim`` axes, in float64: ``d = x - mean(x)``,
   ``var = mean(d²)`` (biased), ``d / sqrt(var + eps) · w + b``, rounded once to float32. ``eps`` is a float32
@@ -455,6 +457,12 @@ def _mean(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("reduce_sum")
 def _reduce_sum(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _as_f32(args[0].astype(np.float64).sum(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]))
+
+
+@OPS.implements("reduce_l2")
+def _reduce_l2(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    x = args[0].astype(np.float64)
+    return _as_f32(np.sqrt((x * x).sum(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"])))
 
 
 @OPS.implements("reduce_max")

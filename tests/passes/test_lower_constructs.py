@@ -863,6 +863,41 @@ class TokenAttention(_TwoConvs):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
+class GlobalResponseNorm(_TwoConvs):
+    """ConvNeXt V2's GRN on a channels-last map (``torch.norm(x, p=2, dim=(1, 2), keepdim=True)`` over the
+    positions, divided by its mean over the channels), and the other spellings of an L2 norm: ``x.norm(dim=1)``,
+    ``torch.linalg.vector_norm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        x = self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x
+        x = self.conv2(x.permute(0, 3, 1, 2))
+        scale = x.norm(dim=1, keepdim=True) + torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+        return self.fc((x / scale).mean((2, 3)))
+
+
+class PermutedAffine(_TwoConvs):
+    """A per-channel affine on a channels-last map and a residual add, permuted there and back before a conv: the
+    sum's codes are requantized for the conv, and once onnxruntime's transpose optimizer cancels the two permutes
+    its DoubleQDQPairsRemover would merge that requantization into one rounding of another scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        x = self.conv2((self.gamma * x + self.beta + x).permute(0, 3, 1, 2))
+        return self.fc(x.mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -899,11 +934,12 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "cosine_classifier": CosineClassifier, "normalized_embedding": NormalizedEmbedding,
           "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention,
           "relative_position": RelativePositionAttention, "token_attention": TokenAttention,
-          "token_attention_unfused": lambda: TokenAttention(fused=False)}
+          "token_attention_unfused": lambda: TokenAttention(fused=False), "global_response_norm": GlobalResponseNorm,
+          "permuted_affine": PermutedAffine}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "cosine_classifier", "attention_mask", "relative_position", "token_attention",
-             "token_attention_unfused",
+             "token_attention_unfused", "global_response_norm",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -929,7 +965,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "einsum_attention": {"matmul", "softmax", "slice", "dense", "transpose", "reshape"},
                 "relative_position": {"matmul", "dense", "pad", "slice", "transpose", "add", "softmax"},
                 "token_attention": {"layer_norm", "slice", "matmul", "softmax", "dense"},
-                "token_attention_unfused": {"layer_norm", "slice", "matmul", "softmax", "dense"}}
+                "token_attention_unfused": {"layer_norm", "slice", "matmul", "softmax", "dense"},
+                "global_response_norm": {"reduce_l2", "mean", "div", "mul", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
