@@ -4,8 +4,9 @@ the forms the passes and backends know.
 - ``qkv.permute(2, 0, 3, 1, 4)`` then ``q, k, v = qkv.unbind(0)`` (or ``qkv[0]``, ``qkv[1]``, ...) moves the
   batch away from the first axis only to take it back: each piece is the selection on the axis the permutation
   brings first, then the rest of the permutation, so the batch stays first throughout.
-- ``F.scaled_dot_product_attention(q, k, v)`` without a mask or dropout is the computation it fuses:
-  ``softmax(q @ kᵀ · scale) @ v``, two matrix products of tensors and a softmax.
+- ``F.scaled_dot_product_attention(q, k, v)`` without dropout or causality, its mask (if any) a float bias (a
+  relative-position bias: MaxViT), is the computation it fuses: ``softmax(q @ kᵀ · scale + mask) @ v``, two matrix
+  products of tensors, an addition and a softmax.
 
 Both need the recorded shapes (ranks, the head size).
 """
@@ -68,39 +69,43 @@ def selections_before_permutations(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float] | None:
-    """Query, key, value and scale of a ``scaled_dot_product_attention`` call without mask, dropout, causality or
-    grouped heads (the scale, where not given, its default: one over the square root of the head size); None for
-    any other node."""
+def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, float] | None:
+    """Query, key, value, additive mask and scale of a ``scaled_dot_product_attention`` call without dropout,
+    causality, grouped heads or a boolean mask (the scale, where not given, its default: one over the square root
+    of the head size); None for any other node."""
     if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
         return None
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     args = dict(zip(names, node.args)) | dict(node.kwargs)
-    if args.get("attn_mask") is not None or args.get("dropout_p", 0.0) != 0 or args.get("is_causal", False) \
+    mask = args.get("attn_mask")
+    additive = mask is None or (isinstance(mask, fx.Node) and getattr(mask.meta.get("tensor_meta"), "dtype", None)
+                                in (torch.float32, torch.float64))
+    if not additive or args.get("dropout_p", 0.0) != 0 or args.get("is_causal", False) \
             or args.get("enable_gqa", False) or not isinstance(args.get("scale"), float | int | None):
         return None
     q, k, v = args["query"], args["key"], args["value"]
-    shape = getattr(q.meta.get("tensor_meta"), "shape", None)
     if args.get("scale") is not None:
-        return q, k, v, float(args["scale"])
-    return None if shape is None else (q, k, v, shape[-1] ** -0.5)
+        return q, k, v, mask, float(args["scale"])
+    shape = getattr(q.meta.get("tensor_meta"), "shape", None)
+    return None if shape is None else (q, k, v, mask, shape[-1] ** -0.5)
 
 
 def attention_decomposed(gm: fx.GraphModule) -> bool:
-    """Each ``F.scaled_dot_product_attention`` of the form above → ``softmax(q @ kᵀ · scale, -1) @ v``; whether
-    any changed."""
+    """Each ``F.scaled_dot_product_attention`` of the form above → ``softmax(q @ kᵀ · scale + mask, -1) @ v``;
+    whether any changed."""
     changed = False
     for node in list(gm.graph.nodes):
         if (found := _sdpa_operands(node)) is None:
             continue
-        q, k, v, scale = found
+        q, k, v, mask, scale = found
         with gm.graph.inserting_before(node):
             key_t = gm.graph.call_method("transpose", (k, -2, -1))
             scores = gm.graph.call_method("matmul", (q, key_t))
             scaled = gm.graph.call_function(operator.mul, (scores, scale))
-            weights = gm.graph.call_method("softmax", (scaled, -1))
+            logits = scaled if mask is None else gm.graph.call_function(operator.add, (scaled, mask))
+            weights = gm.graph.call_method("softmax", (logits, -1))
             out = gm.graph.call_method("matmul", (weights, v))
-        for n in (key_t, scores, scaled, weights):
+        for n in {key_t, scores, scaled, logits, weights}:
             n.meta["stack_trace"] = node.meta.get("stack_trace")
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)

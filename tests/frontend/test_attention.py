@@ -41,13 +41,31 @@ def test_picks_from_a_permuted_qkv_keep_the_batch_first_and_sdpa_is_its_products
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_attention_with_a_mask_stays_fused():
-    class Masked(nn.Module):
-        def forward(self, q):
-            return F.scaled_dot_product_attention(q, q * 2.0, q * 3.0, is_causal=True)
+class Biased(nn.Module):
+    """Attention with a relative-position bias as its float mask (MaxViT), a boolean mask, or causality."""
 
-    gm = capture(Masked().eval(), torch.randn(1, 2, 4, 6))
-    assert len(gm.graph.find_nodes(op="call_function", target=F.scaled_dot_product_attention)) == 1
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.mask = mask
+        self.bias = nn.Parameter(torch.randn(1, 2, 4, 4))
+        self.register_buffer("allowed", torch.rand(4, 4) > 0.3)
+
+    def forward(self, q):
+        k, v = q * 2.0, q * 3.0
+        if self.mask == "bias":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        if self.mask == "boolean":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("mask, fused", [("bias", 0), ("boolean", 1), ("causal", 1)])
+def test_a_float_mask_is_added_and_other_masks_stay_fused(mask, fused):
+    model = Biased(mask).eval()
+    gm = capture(model, torch.randn(1, 2, 4, 6))
+    assert len(gm.graph.find_nodes(op="call_function", target=F.scaled_dot_product_attention)) == fused
+    x = torch.randn(3, 2, 4, 6)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_permutation_read_otherwise_stays():

@@ -898,6 +898,32 @@ class PermutedAffine(_TwoConvs):
         return self.fc(x.mean((2, 3)))
 
 
+class WindowAttention(_TwoConvs):
+    """MaxViT's block attention (timm's ``maxxvit``): the channels-last map partitioned into 4×4 windows folded
+    into the batch (``view`` ... ``permute`` ... ``view(-1, 4, 4, C)``), q, k, v by ``chunk``, fused attention
+    with a relative-position bias gathered from its table by an index buffer as the float mask, and back."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(8, 24)
+        self.table = nn.Parameter(torch.randn(49, heads) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + 3
+        self.register_buffer("index", (relative[..., 0] * 7 + relative[..., 1]).view(-1), persistent=False)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        windows = x.view(B, H // 4, 4, W // 4, 4, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, 4, 4, C)
+        q, k, v = self.qkv(windows).view(windows.shape[0], -1, self.heads, 3 * C // self.heads).transpose(1, 2) \
+            .chunk(3, dim=3)
+        bias = self.table[self.index].view(16, 16, self.heads).permute(2, 0, 1).unsqueeze(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(-1, 4, 4, C)
+        y = y.view(-1, H // 4, W // 4, 4, 4, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, C)
+        return self.fc(F.relu(self.conv2((x + y).permute(0, 3, 1, 2))).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -935,11 +961,11 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention,
           "relative_position": RelativePositionAttention, "token_attention": TokenAttention,
           "token_attention_unfused": lambda: TokenAttention(fused=False), "global_response_norm": GlobalResponseNorm,
-          "permuted_affine": PermutedAffine}
+          "permuted_affine": PermutedAffine, "window_attention": WindowAttention}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "cosine_classifier", "attention_mask", "relative_position", "token_attention",
-             "token_attention_unfused", "global_response_norm",
+             "token_attention_unfused", "global_response_norm", "window_attention",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -966,7 +992,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "relative_position": {"matmul", "dense", "pad", "slice", "transpose", "add", "softmax"},
                 "token_attention": {"layer_norm", "slice", "matmul", "softmax", "dense"},
                 "token_attention_unfused": {"layer_norm", "slice", "matmul", "softmax", "dense"},
-                "global_response_norm": {"reduce_l2", "mean", "div", "mul", "add"}}
+                "global_response_norm": {"reduce_l2", "mean", "div", "mul", "add"},
+                "window_attention": {"reshape", "transpose", "slice", "matmul", "add", "softmax", "dense"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -1048,7 +1075,7 @@ def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel", "cosine_classifier",
                                   "spatial_pyramid", "attention_mask", "einsum_attention",
-                                  "relative_position", "token_attention"])
+                                  "relative_position", "token_attention", "window_attention"])
 def test_the_gpu_build_schedules_every_op(name, tmp_path):
     """The sm90 library builds (no GPU needed): dlight's matmul rule asserted on a matrix product whose
     consumers do not inline (GCNet's), which is now scheduled by the fallback rules."""
