@@ -22,7 +22,6 @@ BatchNorm frozen into buffers (torchvision's and detectron2's ``FrozenBatchNorm2
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,8 @@ from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
 from qcompile.frontend.graph import module_of, permutation, set_submodule, tensor_rank
 from qcompile.passes.norm_layers import (BATCH_NORM_ARGS, BATCH_NORMS, NormLayer, becomes_layer, call_sites,
-                                        folds_into_layer, has_running_statistics)
+                                        folds_into_layer, has_running_statistics,
+                                        layer_and_group_norm_calls_as_modules)
 from qcompile.pipeline import BN_FOLDED, COST, PRECISION, Pass, PassContext
 from qcompile.quantization.quantizer import channel_axis
 
@@ -72,52 +72,6 @@ def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     return bn, f"{holder}.bn" if holder else "batch_norm"
 
 
-def _norm_call(gm: fx.GraphModule, node: fx.Node, names: tuple[str, ...]
-               ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None] | None:
-    """A functional norm's arguments by ``names``, with its weight and bias read from attributes (or None);
-    None when either is computed."""
-    args = dict(zip(names, node.args)) | dict(node.kwargs)
-    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
-    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
-        return None
-    return args, weight, bias
-
-
-def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
-    """``F.layer_norm(x, shape, weight, bias, eps)`` with weight and bias read from attributes (or None) as an
-    ``nn.LayerNorm`` and the name to give it; None when either is computed."""
-    call = _norm_call(gm, node, ("input", "normalized_shape", "weight", "bias", "eps"))
-    if call is None:
-        return None
-    args, weight, bias = call
-    affine = weight is not None or bias is not None
-    ln = nn.LayerNorm(tuple(args["normalized_shape"]), eps=float(args.get("eps", 1e-5)), elementwise_affine=affine,
-                      bias=bias is not None)
-    if affine:
-        ln.weight.data.copy_(weight.detach() if weight is not None else torch.ones_like(bias))
-    if bias is not None:
-        ln.bias.data.copy_(bias.detach())
-    holder = holder_of(args.get("weight"), args.get("bias"))
-    return ln, f"{holder}.layer_norm" if holder else "layer_norm"
-
-
-def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
-    """``F.group_norm(x, groups, weight, bias, eps)`` (timm's ``GroupNormAct``) with weight and bias read from
-    attributes (or None) as an ``nn.GroupNorm`` and the name to give it; None when either is computed."""
-    call = _norm_call(gm, node, ("input", "num_groups", "weight", "bias", "eps"))
-    channels = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    if call is None or not isinstance(call[0].get("num_groups"), int) or channels is None:
-        return None
-    args, weight, bias = call
-    gn = nn.GroupNorm(args["num_groups"], channels.shape[1], eps=float(args.get("eps", 1e-5)))
-    gn.weight.data.copy_(weight.detach() if weight is not None else torch.ones(channels.shape[1]))
-    gn.bias.data.copy_(bias.detach() if bias is not None else torch.zeros(channels.shape[1]))
-    holder = holder_of(args.get("weight"), args.get("bias"))
-    return gn, f"{holder}.group_norm" if holder else "group_norm"
-
-
-_FUNCTIONAL_NORMS = {F.batch_norm: _batch_norm_module, F.layer_norm: _layer_norm_module,
-                     F.group_norm: _group_norm_module}
 
 
 def _instance_norm_as(m: nn.Module, training: bool) -> nn.Module | None:
@@ -143,12 +97,11 @@ def _functional_to_modules(gm: fx.GraphModule) -> None:
     """Functional batch, layer and group norms on attribute tensors → modules (then folded, converted or
     lowered)."""
     for node in list(gm.graph.nodes):
-        make = _FUNCTIONAL_NORMS.get(node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
-        made = make(gm, node) if make is not None else None
-        if made is None:
-            continue
-        module, base = made
-        replace_with_module(gm, node, free_module_name(gm, base), module.eval())
+        made = _batch_norm_module(gm, node) if node.op == "call_function" and node.target is F.batch_norm else None
+        if made is not None:
+            module, base = made
+            replace_with_module(gm, node, free_module_name(gm, base), module.eval())
+    layer_and_group_norm_calls_as_modules(gm)
     gm.graph.eliminate_dead_code()
 
 

@@ -3,7 +3,9 @@
 First, ``F.batch_norm`` on a module's own statistics and trainable parameters (timm's fused norm-activation
 layers) becomes a BatchNorm module sharing those tensors, which follows the graph's mode: traced, the call holds
 the capture's ``self.training`` as a constant, so it would train with frozen statistics (an eval capture) or not
-lower (a training capture).
+lower (a training capture). ``F.layer_norm`` and ``F.group_norm`` on attributes likewise become modules holding
+those tensors, as ``fold_bn`` makes them, so a quantizer that reads one has the same name in the graph QAT trains
+and in the one it lowers (the bounds it learned are found by that name).
 
 Then: ``fold_bn`` turns a 2-d BatchNorm that follows no foldable conv/dense (pre-activation ResNets, DenseNet, DPN)
 into a depthwise 1×1 conv, which gets a precision and quantizes its input like any layer. Quantization-aware
@@ -17,12 +19,19 @@ that still normalises with the batch's statistics in training, as the BatchNorm 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompile.frontend.canonical import attribute_tensor, free_module_name, holder_of, replace_with_module
+from qcompile.frontend.canonical import (
+    as_parameter,
+    attribute_tensor,
+    free_module_name,
+    holder_of,
+    replace_with_module,
+)
 from qcompile.frontend.graph import is_compute, module_of, set_submodule, tensor_rank
 from qcompile.pipeline import COST, PRECISION, Pass, PassContext
 
@@ -121,6 +130,66 @@ def _trainable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module,
     return bn.to(mean.device).train(gm.training), holder
 
 
+def _norm_call(gm: fx.GraphModule, node: fx.Node, names: tuple[str, ...]
+               ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None] | None:
+    """A functional norm's arguments by ``names``, with its weight and bias read from attributes (or None);
+    None when either is computed."""
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    weight, bias = attribute_tensor(gm, args.get("weight")), attribute_tensor(gm, args.get("bias"))
+    if (args.get("weight") is not None and weight is None) or (args.get("bias") is not None and bias is None):
+        return None
+    return args, weight, bias
+
+
+def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.layer_norm(x, shape, weight, bias, eps)`` with weight and bias read from attributes (or None) as an
+    ``nn.LayerNorm`` holding them and the name to give it; None when either is computed."""
+    call = _norm_call(gm, node, ("input", "normalized_shape", "weight", "bias", "eps"))
+    if call is None:
+        return None
+    args, weight, bias = call
+    ln = nn.LayerNorm(tuple(args["normalized_shape"]), eps=float(args.get("eps", 1e-5)),
+                      elementwise_affine=weight is not None or bias is not None, bias=bias is not None)
+    if weight is not None:
+        ln.weight = as_parameter(weight)
+    if bias is not None:
+        ln.bias = as_parameter(bias)
+    holder = holder_of(args.get("weight"), args.get("bias"))
+    return ln, f"{holder}.layer_norm" if holder else "layer_norm"
+
+
+def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """``F.group_norm(x, groups, weight, bias, eps)`` (timm's ``GroupNormAct``) with weight and bias read from
+    attributes (or None) as an ``nn.GroupNorm`` holding them and the name to give it; None when either is
+    computed."""
+    call = _norm_call(gm, node, ("input", "num_groups", "weight", "bias", "eps"))
+    channels = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if call is None or not isinstance(call[0].get("num_groups"), int) or channels is None:
+        return None
+    args, weight, bias = call
+    gn = nn.GroupNorm(args["num_groups"], channels.shape[1], eps=float(args.get("eps", 1e-5)))
+    if weight is not None:
+        gn.weight = as_parameter(weight)
+    if bias is not None:
+        gn.bias = as_parameter(bias)
+    holder = holder_of(args.get("weight"), args.get("bias"))
+    return gn, f"{holder}.group_norm" if holder else "group_norm"
+
+
+def layer_and_group_norm_calls_as_modules(gm: fx.GraphModule) -> None:
+    """Each ``F.layer_norm`` / ``F.group_norm`` on attribute tensors (timm's and torchvision's ``LayerNorm2d``,
+    ConvNeXt V2's channels-last ``LayerNorm``) → a call of a module holding the same tensors, named after their
+    holder: in the graph QAT trains (it trains those parameters) as in the one it lowers, so that a quantizer
+    reading the norm has one name in both."""
+    for node in list(gm.graph.nodes):
+        make = {F.layer_norm: _layer_norm_module, F.group_norm: _group_norm_module}.get(
+            node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
+        if (made := make(gm, node) if make is not None else None) is not None:
+            module, base = made
+            replace_with_module(gm, node, free_module_name(gm, base), module.train(gm.training))
+    gm.graph.eliminate_dead_code()
+
+
 def batch_norm_calls_as_modules(gm: fx.GraphModule) -> None:
     """Each ``F.batch_norm`` :func:`_trainable_batch_norm` accepts → a call of that module, which follows the graph's
     mode: batch statistics while QAT trains, running ones when lowered; folded or made a layer like any BatchNorm."""
@@ -137,6 +206,7 @@ class NormsAsLayers(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         batch_norm_calls_as_modules(gm)
+        layer_and_group_norm_calls_as_modules(gm)
         sites = call_sites(gm)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and becomes_layer(gm, node, sites):

@@ -102,7 +102,8 @@ def replace_with_module(gm: fx.GraphModule, node: fx.Node, name: str, module: nn
     return call
 
 
-def _as_parameter(t: torch.Tensor) -> nn.Parameter:
+def as_parameter(t: torch.Tensor) -> nn.Parameter:
+    """``t`` itself if a parameter (a module built around it trains it), else a frozen parameter on its storage."""
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=False)
 
 
@@ -619,9 +620,9 @@ def functional_layers_to_modules(gm: fx.GraphModule) -> None:
         layer = build(weight, bias, hyper)
         if layer is None:
             continue
-        layer.weight = _as_parameter(weight)
+        layer.weight = as_parameter(weight)
         if bias is not None:
-            layer.bias = _as_parameter(bias)
+            layer.bias = as_parameter(bias)
         holder = holder_of(args["weight"])
         if _used_up(gm, holder, node):
             set_submodule(gm, holder, layer)

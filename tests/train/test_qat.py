@@ -109,6 +109,39 @@ def test_lowered_model_keeps_the_trained_weight_codes_and_matches_the_reference(
         assert torch.allclose(lowered(x), gm(x), atol=0.05)
 
 
+class ChannelsLastNorm(torch.nn.Module):
+    """ConvNeXt V2's own ``LayerNorm`` (``F.layer_norm`` on its attributes) on a channels-last map before a
+    4-bit dense, and timm's ``GroupNormAct`` (``F.group_norm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.weight, self.bias = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.zeros(8))
+        self.pw = torch.nn.Linear(8, 8)
+        self.gn_weight, self.gn_bias = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.zeros(8))
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = self.pw(F.layer_norm(x, (8,), self.weight, self.bias, 1e-6)).permute(0, 3, 1, 2)
+        x = F.relu(F.group_norm(x, 2, self.gn_weight, self.gn_bias))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_functional_norms_train_and_their_quantizers_keep_their_names_when_lowered():
+    torch.manual_seed(0)
+    qm = prepare_qat(ChannelsLastNorm(), (torch.randn(1, 3, 8, 8),), qat_recipe(get_recipe("mostly4bit")))
+    norms = [m for m in qm.graph.modules() if isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm)]
+    assert [n.weight is w for n, w in zip(norms, (qm.graph.weight, qm.graph.gn_weight))] == [True, True]
+    before = [n.weight.detach().clone() for n in norms]
+    train_steps(qm.graph)
+    assert not any(torch.equal(n.weight, b) for n, b in zip(norms, before))  # they trained
+    lowered, ctx = lower_trained(qm)  # finds every trained bound, the norm's readers' included
+    x = torch.randn(16, 3, 8, 8)
+    summary = verify_reference(lowered, ctx.ir, [(x, torch.zeros(16, dtype=torch.long))]).summary()
+    assert summary["identical_fraction"] == 1.0
+
+
 def test_augment_crops_and_flips_per_sample_and_shards_like_the_whole_batch():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
     out = augment(x, torch.Generator().manual_seed(0))
