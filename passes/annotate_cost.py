@@ -7,8 +7,8 @@ model's predicted latency beside the float model's.
 
 A matrix product of two tensors (attention over positions) is annotated too, with its precision (both operands
 at the recipe's residual width, as ``insert_quantizers`` quantizes them; bf16 in a float model) and its cost,
-which the totals include; a latency profile has no entries for products, so the predicted latency leaves them
-out.
+which the totals include; a latency profile has no entries for products (it counts their time as the profiled
+model's time outside its layers).
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ from qcompile.errors import QCompileError
 from qcompile.frontend.graph import compute_nodes, module_of
 from qcompile.frontend.model_file import load_model_file, parse_model_args
 from qcompile.ir.graph import IRGraph
-from qcompile.ir.layers import INPUT
 from qcompile.ir.serialize import load as load_ir
 from qcompile.ir.serialize import save as save_ir
 from qcompile.quantization.latency import (
@@ -53,7 +52,7 @@ from qcompile.quantization.latency import (
 from qcompile.quantization.ptq import parse_bits
 from qcompile.quantization.recipes import Override, get_recipe
 from qcompile.quantization.spec import BF16, Precision
-from qcompile.reporting.measured import RUNTIME_INSERTED, machine, per_layer
+from qcompile.reporting.measured import machine, per_layer
 
 STAGE_PLAN = "plan.json"
 UNPAIRED = "TVM's calls do not pair with the IR's conv2d/dense ops: no per-layer profile"
@@ -260,7 +259,7 @@ def profile_model(argv: list[str]) -> int:
         by_width[entry.width][entry.precision] = model
         run = _Profiled(entry)
         for row in backend.layers(model, entry.ir, x):
-            if row["name"] in (INPUT, RUNTIME_INSERTED):
+            if row["name"] not in entry.keys:  # the input's, the runtime's, a matrix product of two tensors
                 run.outside += row["ms"]
             else:
                 run.layers[entry.keys[row["name"]]].append(row["ms"])
