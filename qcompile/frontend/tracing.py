@@ -14,6 +14,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import math
 import operator
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 
 from qcompile.errors import CaptureError, first_line
+from qcompile.frontend import einops_patterns
 from qcompile.frontend.attention import attention_decomposed, selections_before_permutations
 from qcompile.frontend.canonical import (
     batch_kept_in_squeezes,
@@ -54,9 +56,11 @@ class _SiteTracer(fx.Tracer):
     """A tracer that treats named modules as leaves and remembers which module it was inside when it failed."""
 
     def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], leaf_type_names: set[str]) -> None:
-        super().__init__()
+        # einops' functions and layers cannot run on proxies: each call is recorded as one node (einops_patterns)
+        super().__init__(autowrap_modules=(math, *einops_patterns.MODULES),
+                         autowrap_functions=einops_patterns.FUNCTIONS)
         self.leaf_names = leaf_names
-        self.leaf_types = leaf_types
+        self.leaf_types = (*leaf_types, *einops_patterns.LAYERS)
         self.leaf_type_names = leaf_type_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -480,10 +484,11 @@ def capture(
         specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
     # in this order: each reads recorded shapes, which the nodes made by the ones before it lack until propagated
-    rewritten = [einsums_as_products(gm), zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
-                 batch_kept_in_squeezes(gm), attention_decomposed(gm), selections_before_permutations(gm)]
-    if rewritten[0]:
+    rearranged, products = einops_patterns.einops_as_reshapes(gm), einsums_as_products(gm)
+    if products:
         weight_layers_to_modules(gm)
+    rewritten = [rearranged, products, zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
+                 batch_kept_in_squeezes(gm), attention_decomposed(gm), selections_before_permutations(gm)]
     if any(rewritten):
         gm.delete_all_unused_submodules()
         gm.recompile()
