@@ -41,7 +41,7 @@ OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
 NODE_SEPARATOR = "/"
 """Nodes are named ``<IR op output>/<ONNX op>__<n>``: a profile of the model maps every kernel back to its IR op."""
-_ACCUMULATOR_MOVES = frozenset({"reshape", "flatten", "transpose", "slice", "flip", "maxpool2d", "relu"})
+_ACCUMULATOR_MOVES = frozenset({"reshape", "flatten", "transpose", "slice", "flip", "roll", "maxpool2d", "relu"})
 """Ops that move or max-pool an int32 value, keeping it the accumulator it was."""
 _CODE_MOVES = frozenset({"reshape", "flatten", "transpose"})
 """Ops onnxruntime's transpose optimizer can take out from between two quantizations of codes."""
@@ -761,6 +761,21 @@ class _Exporter:
         self.node("Slice", [op.inputs[0], self.const("starts", np.full(k, -1, np.int64)),
                             self.const("ends", np.full(k, np.iinfo(np.int64).min, np.int64)),
                             self.const("axes", np.array(dims, np.int64)), backwards], op.output)
+
+    @OPS.implements("roll")
+    def op_roll(self, op: Op) -> None:
+        """Per rolled axis, the last ``shift`` elements ``Concat``-ed before the rest (two ``Slice``s)."""
+        x = op.inputs[0]
+        shape = self.ir.values[x].shape
+        for i, (shift, dim) in enumerate(zip(op.attrs["shifts"], op.attrs["dims"])):
+            cut = shape[dim] - shift % shape[dim]
+            axis = self.const("axes", np.array([dim], np.int64))
+            tail = self.node("Slice", [x, self.const("starts", np.array([cut], np.int64)),
+                                       self.const("ends", np.array([shape[dim]], np.int64)), axis])
+            head = self.node("Slice", [x, self.const("starts", np.array([0], np.int64)),
+                                       self.const("ends", np.array([cut], np.int64)), axis])
+            last = i == len(op.attrs["dims"]) - 1
+            x = self.node("Concat", [tail, head], op.output if last else None, axis=dim)
 
     @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:

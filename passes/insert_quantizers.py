@@ -44,8 +44,9 @@ _NO_OPS = (nn.Identity, nn.Dropout)
 _NO_OP_METHODS = frozenset({"contiguous", "clone"})
 _TRANSPARENT_MODULES = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.Flatten, nn.Dropout)
 _MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-                   torch.flip}
-_MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip"}
+                   torch.flip, torch.roll}
+_MOVE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip",
+                 "roll"}
 _TRANSPARENT_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, F.dropout} | _MOVE_FUNCTIONS
 _TRANSPARENT_METHODS = {"relu"} | _MOVE_METHODS
 

@@ -299,6 +299,8 @@ class _Lowerer:
             return self.lower_transpose(node)
         if (fn and t is torch.flip) or (meth and t == "flip"):
             return self.lower_flip(node)
+        if (fn and t is torch.roll) or (meth and t == "roll"):
+            return self.lower_roll(node)
         if fn and t is F.max_pool2d:
             k = argument(node, 1, "kernel_size")
             return self.lower_maxpool(node, k, argument(node, 2, "stride") or k, argument(node, 3, "padding", 0),
@@ -835,6 +837,17 @@ class _Lowerer:
     def example_batch(self) -> int:
         """The batch size of the example input the shapes were recorded with."""
         return next(self.shape(n)[0] for n in self.gm.graph.nodes if n.op == "placeholder" and self.shape(n))
+
+    def lower_roll(self, node: fx.Node) -> _Val:
+        """``torch.roll(x, shifts, dims)`` (Swin's shifted windows, spatial-shift blocks) moves codes."""
+        src, rank = node.args[0], len(self.shape(node))
+        shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+        dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else []
+        if not dims or len(dims) != len(shifts) or any(d % rank == 0 for d in dims):
+            raise self.fail(node, "a roll of the batch dimension, or of the flattened tensor, does not lower")
+        x = self.operand(node, src, keeps_channels=all(d % rank != 1 for d in dims))
+        return _Val(self.same(node, "roll", [x], shifts=[int(s) for s in shifts], dims=[d % rank for d in dims]))
 
     def lower_slice(self, node: fx.Node) -> _Val:
         src, index = node.args[0], node.args[1]

@@ -651,6 +651,18 @@ class _Builder:
             x = self.op.flip(x, d)
         self.set(op.output, x, False)
 
+    @OPS.implements("roll")
+    def op_roll(self, op: Op) -> None:
+        """Per rolled axis, the last ``shift`` elements concatenated before the rest."""
+        x = self.nchw(op.inputs[0])
+        shape = self.ir.values[op.inputs[0]].shape
+        for shift, dim in zip(op.attrs["shifts"], op.attrs["dims"]):
+            cut = shape[dim] - shift % shape[dim]
+            tail = self.op.strided_slice(x, axes=[dim], begin=[cut], end=[shape[dim]])
+            head = self.op.strided_slice(x, axes=[dim], begin=[0], end=[cut])
+            x = self.emit(self.op.concat([tail, head], axis=dim))
+        self.set(op.output, x, False)
+
     @OPS.implements("flatten")
     def op_flatten(self, op: Op) -> None:
         self.set(op.output, self.op.reshape(self.nchw(op.inputs[0]), self.shape(op.output)), False)

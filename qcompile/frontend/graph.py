@@ -298,8 +298,8 @@ _FUNCTION_RULES: dict[object, _Rule] = {
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_max_pool1d,
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
         F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-        torch.unsqueeze, torch.flip, torch.chunk, torch.split, torch.unbind, operator.getitem, getattr, torch.mean,
-        torch.sum, torch.amax, F.dropout, F.interpolate, F.normalize,
+        torch.unsqueeze, torch.flip, torch.roll, torch.chunk, torch.split, torch.unbind, operator.getitem, getattr,
+        torch.mean, torch.sum, torch.amax, F.dropout, F.interpolate, F.normalize,
     ), _first),
     **dict.fromkeys((torch.pow, operator.pow), _power),
     **dict.fromkeys((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.relu6, torch.abs, torch.exp, torch.sqrt,
@@ -318,7 +318,8 @@ _FUNCTION_RULES: dict[object, _Rule] = {
 }
 _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys((
-        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip", "chunk",
+        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip", "roll",
+        "chunk",
         "split", "unbind", "mean", "sum", "amax",
     ), _first),
     "pow": _power,

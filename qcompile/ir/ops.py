@@ -219,6 +219,7 @@ OP_SCHEMAS: dict[str, OpSchema] = {s.kind: s for s in (
     OpSchema("reshape", (Attr("shape", INTS),)),
     OpSchema("transpose", (Attr("perm", INTS),)),
     OpSchema("flip", (Attr("dims", INTS),)),
+    OpSchema("roll", (Attr("shifts", INTS), Attr("dims", INTS))),
     OpSchema("slice", (Attr("index", INDEX),)),
     OpSchema("pad", (Attr("pads", INTS), Attr("value", NUMBER, 0), Attr("mode", STR, "constant"))),
     OpSchema("upsample_nearest", (Attr("scale", PAIR),)),

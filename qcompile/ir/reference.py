@@ -564,6 +564,11 @@ def _flip(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return np.ascontiguousarray(np.flip(args[0], op.attrs["dims"]))
 
 
+@OPS.implements("roll")
+def _roll(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
+    return np.roll(args[0], op.attrs["shifts"], axis=op.attrs["dims"])
+
+
 @OPS.implements("flatten")
 def _flatten(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     x = args[0]

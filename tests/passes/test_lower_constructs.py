@@ -924,6 +924,18 @@ class WindowAttention(_TwoConvs):
         return self.fc(F.relu(self.conv2((x + y).permute(0, 3, 1, 2))).mean((2, 3)))
 
 
+class ShiftedWindows(_TwoConvs):
+    """Swin's cyclic shift on a channels-last map (``torch.roll`` by half a window over H and W, and back), and a
+    spatial-shift block's roll of one channel group along the width (``x.roll(1, dims=3)``)."""
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        y = torch.roll(x.permute(0, 2, 3, 1), shifts=(-2, -2), dims=(1, 2))
+        y = torch.roll(F.relu(y * 2.0 - 1.0), shifts=(2, 2), dims=(1, 2)).permute(0, 3, 1, 2)
+        z = torch.cat((x[:, :4].roll(1, dims=3), x[:, 4:]), 1)
+        return self.fc(F.relu(self.conv2(y + z)).mean((2, 3)))
+
+
 ACTIVATIONS = {
     "relu6": lambda: ConvAct(nn.ReLU6()),
     "hardtanh": lambda: ConvAct(nn.Hardtanh(-1.0, 1.0)),
@@ -961,11 +973,12 @@ MODELS = {**ACTIVATIONS, "clamp_of_sum": ClampOfSum, "squeeze_excite": SqueezeEx
           "spatial_pyramid": SpatialPyramid, "attention_mask": AttentionMask, "einsum_attention": EinsumAttention,
           "relative_position": RelativePositionAttention, "token_attention": TokenAttention,
           "token_attention_unfused": lambda: TokenAttention(fused=False), "global_response_norm": GlobalResponseNorm,
-          "permuted_affine": PermutedAffine, "window_attention": WindowAttention}
+          "permuted_affine": PermutedAffine, "window_attention": WindowAttention,
+          "shifted_windows": ShiftedWindows}
 TABULATED = {"hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu", "elu", "softsign", "math",
              "threshold", "mirror_averaged", "where_leaky", "maximum_leaky", "simam", "heads_in_batch",
              "cosine_classifier", "attention_mask", "relative_position", "token_attention",
-             "token_attention_unfused", "global_response_norm", "window_attention",
+             "token_attention_unfused", "global_response_norm", "window_attention", "shifted_windows",
              "clamp_of_sum", "gem",
              "convnext_block", "weight_norm"}
 EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul"}, "shuffle": {"transpose", "slice"},
@@ -993,7 +1006,8 @@ EXPECTED_OPS = {"squeeze_excite": {"lut", "mul"}, "hand_hardswish": {"lut", "mul
                 "token_attention": {"layer_norm", "slice", "matmul", "softmax", "dense"},
                 "token_attention_unfused": {"layer_norm", "slice", "matmul", "softmax", "dense"},
                 "global_response_norm": {"reduce_l2", "mean", "div", "mul", "add"},
-                "window_attention": {"reshape", "transpose", "slice", "matmul", "add", "softmax", "dense"}}
+                "window_attention": {"reshape", "transpose", "slice", "matmul", "add", "softmax", "dense"},
+                "shifted_windows": {"roll", "transpose", "concat", "add"}}
 
 
 def lowered(name: str, recipe: str, models: dict = MODELS):
@@ -1075,7 +1089,7 @@ def test_tvm_cpu_equals_reference(name, recipe, tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("name", ["global_context", "non_local", "heads_in_batch", "funnel", "cosine_classifier",
                                   "spatial_pyramid", "attention_mask", "einsum_attention",
-                                  "relative_position", "token_attention", "window_attention"])
+                                  "relative_position", "token_attention", "window_attention", "shifted_windows"])
 def test_the_gpu_build_schedules_every_op(name, tmp_path):
     """The sm90 library builds (no GPU needed): dlight's matmul rule asserted on a matrix product whose
     consumers do not inline (GCNet's), which is now scheduled by the fallback rules."""
