@@ -150,12 +150,7 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     args, weight, bias = call
     ln = nn.LayerNorm(tuple(args["normalized_shape"]), eps=float(args.get("eps", 1e-5)),
                       elementwise_affine=weight is not None or bias is not None, bias=bias is not None)
-    if weight is not None:
-        ln.weight = as_parameter(weight)
-    if bias is not None:
-        ln.bias = as_parameter(bias)
-    holder = holder_of(args.get("weight"), args.get("bias"))
-    return ln, f"{holder}.layer_norm" if holder else "layer_norm"
+    return _holding(ln, args, weight, bias, "layer_norm")
 
 
 def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
@@ -168,12 +163,18 @@ def _group_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
         return None
     args, weight, bias = call
     gn = nn.GroupNorm(args["num_groups"], channels.shape[1], eps=float(args.get("eps", 1e-5)))
+    return _holding(gn, args, weight, bias, "group_norm")
+
+
+def _holding(norm: nn.Module, args: dict[str, Any], weight: torch.Tensor | None, bias: torch.Tensor | None,
+             kind: str) -> tuple[nn.Module, str]:
+    """``norm`` holding the call's own weight and bias (where it has them), and its name: ``<holder>.<kind>``."""
     if weight is not None:
-        gn.weight = as_parameter(weight)
+        norm.weight = as_parameter(weight)
     if bias is not None:
-        gn.bias = as_parameter(bias)
+        norm.bias = as_parameter(bias)
     holder = holder_of(args.get("weight"), args.get("bias"))
-    return gn, f"{holder}.group_norm" if holder else "group_norm"
+    return norm, f"{holder}.{kind}" if holder else kind
 
 
 def layer_and_group_norm_calls_as_modules(gm: fx.GraphModule) -> None:

@@ -82,28 +82,21 @@ def products(draw, operands: int):
     return equation, [tuple(sizes[i] for i in t) for t in terms]
 
 
-@settings(max_examples=40, deadline=None)
-@given(products(2), st.integers(0, 2**31 - 1))
-def test_a_product_of_two_tensors_is_rewritten_and_computes_the_einsum(case, seed):
-    equation, shapes = case
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(s, generator=g) for s in shapes]
-    gm = capture(Einsum(equation).eval(), xs)
-    assert _einsums(gm) == 0, equation
-    torch.testing.assert_close(gm(*xs), torch.einsum(equation, *xs), rtol=1e-5, atol=1e-5)
-    larger = [torch.randn((s[0] + 2, *s[1:]), generator=g) for s in shapes]  # the batch is free in the reshapes
-    torch.testing.assert_close(gm(*larger), torch.einsum(equation, *larger), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("operands, examples", [(2, 40), (3, 20)])
+def test_products_are_rewritten_and_compute_the_einsum_at_any_batch_size(operands, examples):
+    @settings(max_examples=examples, deadline=None)
+    @given(products(operands), st.integers(0, 2**31 - 1))
+    def check(case, seed):
+        equation, shapes = case
+        g = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(s, generator=g) for s in shapes]
+        gm = capture(Einsum(equation).eval(), xs)
+        assert _einsums(gm) == 0, equation
+        torch.testing.assert_close(gm(*xs), torch.einsum(equation, *xs), rtol=1e-5, atol=1e-5)
+        larger = [torch.randn((s[0] + 2, *s[1:]), generator=g) for s in shapes]  # the batch is free in the reshapes
+        torch.testing.assert_close(gm(*larger), torch.einsum(equation, *larger), rtol=1e-5, atol=1e-5)
 
-
-@settings(max_examples=20, deadline=None)
-@given(products(3), st.integers(0, 2**31 - 1))
-def test_three_operands_are_two_products(case, seed):
-    equation, shapes = case
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(s, generator=g) for s in shapes]
-    gm = capture(Einsum(equation).eval(), xs)
-    assert _einsums(gm) == 0, equation
-    torch.testing.assert_close(gm(*xs), torch.einsum(equation, *xs), rtol=1e-5, atol=1e-5)
+    check()
 
 
 @pytest.mark.parametrize("equation, x_shape, w_shape, weight_first", [

@@ -863,25 +863,6 @@ class TokenAttention(_TwoConvs):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
-class GlobalResponseNorm(_TwoConvs):
-    """ConvNeXt V2's GRN on a channels-last map (``torch.norm(x, p=2, dim=(1, 2), keepdim=True)`` over the
-    positions, divided by its mean over the channels), and the other spellings of an L2 norm: ``x.norm(dim=1)``,
-    ``torch.linalg.vector_norm``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
-        self.beta = nn.Parameter(torch.randn(1, 1, 1, 8) * 0.5)
-
-    def forward(self, x):
-        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        x = self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x
-        x = self.conv2(x.permute(0, 3, 1, 2))
-        scale = x.norm(dim=1, keepdim=True) + torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
-        return self.fc((x / scale).mean((2, 3)))
-
-
 class PermutedAffine(_TwoConvs):
     """A per-channel affine on a channels-last map and a residual add, permuted there and back before a conv: the
     sum's codes are requantized for the conv, and once onnxruntime's transpose optimizer cancels the two permutes
@@ -896,6 +877,20 @@ class PermutedAffine(_TwoConvs):
         x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
         x = self.conv2((self.gamma * x + self.beta + x).permute(0, 3, 1, 2))
         return self.fc(x.mean((2, 3)))
+
+
+class GlobalResponseNorm(PermutedAffine):
+    """ConvNeXt V2's GRN on a channels-last map (``torch.norm(x, p=2, dim=(1, 2), keepdim=True)`` over the
+    positions, divided by its mean over the channels), and the other spellings of an L2 norm: ``x.norm(dim=1)``,
+    ``torch.linalg.vector_norm``."""
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        x = self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x
+        x = self.conv2(x.permute(0, 3, 1, 2))
+        scale = x.norm(dim=1, keepdim=True) + torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+        return self.fc((x / scale).mean((2, 3)))
 
 
 class WindowAttention(_TwoConvs):
