@@ -220,10 +220,10 @@ class _Exporter:
 
     def requantizes_alone(self, name: str) -> bool:
         """Whether ``name`` dequantizes codes that nothing else reads, moved (transposed, reshaped) or not since
-        a quantizer or a layer's requantize wrote them, for one quantizer to requantize. Written as DQ → Q, that is onnxruntime's
-        ``Q → DQ → Q → DQ`` once its transpose optimizer has cancelled the moves (a channels-last block permutes
-        there and back), and its DoubleQDQPairsRemover then merges the two roundings into one of a new scale:
-        other codes. The requantization reads the unfused form instead (:meth:`unfused_dq`)."""
+        a quantizer or a layer's requantize wrote them, for one quantizer to requantize. Written as DQ → Q, that is
+        onnxruntime's ``Q → DQ → Q → DQ`` once its transpose optimizer has cancelled the moves (a channels-last
+        block permutes there and back), and its DoubleQDQPairsRemover then merges the two roundings into one of a
+        new scale: other codes. The requantization reads the unfused form instead (:meth:`unfused_dq`)."""
         if not self.dequantized_codes(name) or len(self.readers.get(name, [])) != 1:
             return False
         codes = self.producer[name].inputs[0]

@@ -54,12 +54,13 @@ class AnnotateCost(Pass):
             ann.cost = layer_cost(layer_macs(module, n), weights, ann.precision, widest[str(n.target)], latency)
         layer_costs = [get_annotation(n).cost for n in nodes]  # type: ignore[union-attr]
         quantized = any(not get_annotation(n).precision.is_float for n in nodes)  # type: ignore[union-attr]
-        products = Precision(ctx.recipe.residual_bits, ctx.recipe.residual_bits) if quantized else BF16
-        for n in gm.graph.nodes:
-            if is_matmul(n):
-                ann = annotate(n)
-                ann.precision, ann.cost = products, layer_cost(product_macs(n), 0, products)
-        costs = [*layer_costs, *(get_annotation(n).cost for n in gm.graph.nodes if is_matmul(n))]
+        operands = Precision(ctx.recipe.residual_bits, ctx.recipe.residual_bits) if quantized else BF16
+        product_costs = []
+        for n in filter(is_matmul, gm.graph.nodes):
+            ann = annotate(n)
+            ann.precision, ann.cost = operands, layer_cost(product_macs(n), 0, operands)
+            product_costs.append(ann.cost)
+        costs = [*layer_costs, *product_costs]
         macs = sum(c.macs for c in costs)  # type: ignore[union-attr]
         params = sum(c.weights for c in costs)  # type: ignore[union-attr]
         ref = ctx.width_reference

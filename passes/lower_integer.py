@@ -7,10 +7,10 @@ into its clipping), on codes of another grid ``dequantize`` → ``quantize``, an
 input code, computed with the function the fake-quant model calls. A quantized conv/dense is an integer
 conv/dense with int32 accumulation and bias (a dense on a channels-last tensor has its channels, and its
 accumulator's scales, on the last axis), and so is a matrix product of two quantized tensors (one scale,
-``s_a · s_b``); ReLU, max-pool, reshapes, transposes, slices (``chunk`` and ``split``
-pieces included), zero padding and same-grid concatenation act on codes; a quantized global average of codes
+``s_a · s_b``); ReLU, max-pool, reshapes, transposes, flips and rolls, slices (``chunk``, ``split`` and
+``unbind`` pieces included), zero padding and same-grid concatenation act on codes; a quantized global average of codes
 (adaptive or global-window average pooling, a mean over every axis after the channels) is an integer
-``global_avgpool``; add, mul, LayerNorm and other average pooling and means run in float between dequantize and
+``global_avgpool``; add, mul, LayerNorm, L2 norms and other average pooling and means run in float between dequantize and
 quantize (ONNX QDQ semantics). A node it cannot lower is an error naming the node, the op and the source line.
 """
 
@@ -205,7 +205,7 @@ class _Lowerer:
         m = module_of(self.gm, node)
         if m is not None:
             return self.lower_module(node, m)
-        if node.op == "call_function" and node.target is torch.einsum:  # one capture did not rewrite
+        if node.op == "call_function" and node.target is torch.einsum:  # one that capture left as written
             raise self.fail(node, f"einsum {node.args[0]!r} has no integer lowering: an einsum lowers as products "
                                   "of tensors that share a batch index and of a tensor and a weight that shares no "
                                   "index with the output; diagonals and operands that broadcast do not")
@@ -567,6 +567,17 @@ class _Lowerer:
         x = self.operand(node, src, keeps_channels=1 not in dims)
         return _Val(self.same(node, "flip", [x], dims=dims))
 
+    def lower_roll(self, node: fx.Node) -> _Val:
+        """``torch.roll(x, shifts, dims)`` (Swin's shifted windows, spatial-shift blocks) moves codes."""
+        src, rank = node.args[0], len(self.shape(node))
+        shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+        dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else []
+        if not dims or len(dims) != len(shifts) or any(d % rank == 0 for d in dims):
+            raise self.fail(node, "a roll of the batch dimension, or of the flattened tensor, does not lower")
+        x = self.operand(node, src, keeps_channels=all(d % rank != 1 for d in dims))
+        return _Val(self.same(node, "roll", [x], shifts=[int(s) for s in shifts], dims=[d % rank for d in dims]))
+
     def lower_reduction(self, node: fx.Node, what: str) -> _Val:
         """A mean or a sum over some dimensions (not the batch): float ``mean`` / ``reduce_sum`` of the
         dequantized input, in float64 and rounded once (timm's selective kernels sum their branches so)."""
@@ -837,17 +848,6 @@ class _Lowerer:
     def example_batch(self) -> int:
         """The batch size of the example input the shapes were recorded with."""
         return next(self.shape(n)[0] for n in self.gm.graph.nodes if n.op == "placeholder" and self.shape(n))
-
-    def lower_roll(self, node: fx.Node) -> _Val:
-        """``torch.roll(x, shifts, dims)`` (Swin's shifted windows, spatial-shift blocks) moves codes."""
-        src, rank = node.args[0], len(self.shape(node))
-        shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
-        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
-        dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else []
-        if not dims or len(dims) != len(shifts) or any(d % rank == 0 for d in dims):
-            raise self.fail(node, "a roll of the batch dimension, or of the flattened tensor, does not lower")
-        x = self.operand(node, src, keeps_channels=all(d % rank != 1 for d in dims))
-        return _Val(self.same(node, "roll", [x], shifts=[int(s) for s in shifts], dims=[d % rank for d in dims]))
 
     def lower_slice(self, node: fx.Node) -> _Val:
         src, index = node.args[0], node.args[1]

@@ -319,8 +319,7 @@ _FUNCTION_RULES: dict[object, _Rule] = {
 _METHOD_RULES: dict[str, _Rule] = {
     **dict.fromkeys((
         "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "flip", "roll",
-        "chunk",
-        "split", "unbind", "mean", "sum", "amax",
+        "chunk", "split", "unbind", "mean", "sum", "amax",
     ), _first),
     "pow": _power,
     **dict.fromkeys(("add", "mul", "div", *_MATMUL_METHODS), _both),
