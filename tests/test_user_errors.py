@@ -281,6 +281,26 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_run(previous_run, capsy
     assert snapshot(out) == before
 
 
+def test_a_tvm_compiler_failure_is_one_line_and_leaves_the_previous_run(previous_run, capsys, monkeypatch):
+    """A schedule inside TVM that cannot take one of the model's kernels (dlight's assertions, a failed check in
+    its C++) stops the run in one line that says what still works, not in TVM's traceback."""
+    tvm = pytest.importorskip("tvm")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Check failed: (analyzer.CanProveEqual(a, b)) is false: cannot tile\n  more of the log")
+
+    root, out = previous_run
+    before = snapshot(out)
+    monkeypatch.setattr(tvm, "compile", fails)
+    code = main([str(root / "good.py"), "--recipe", "int8", "--backend", "tvm", "--verify-size", "8", "--out",
+                 str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (
+        "qcompile: error: TVM could not compile the model for --target cpu: RuntimeError: Check failed: "
+        "(analyzer.CanProveEqual(a, b)) is false: cannot tile; the ONNX artifacts do not need TVM (--backend onnx)")
+    assert snapshot(out) == before
+
+
 def test_a_full_disk_outside_the_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     """A training run's checkpoint lives in its resumable folder, written file by file: a full disk there is
     named by file."""

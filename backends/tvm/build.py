@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qcompile.backends.tvm import TvmBackendError, require_tvm
 from qcompile.backends.tvm import cuda as tvm_cuda
-from qcompile.backends.tvm import require_tvm
 from qcompile.backends.tvm.int8_schedule import PASS_CONFIG
 from qcompile.backends.tvm.relax_builder import RelaxModel, to_relax
 from qcompile.backends.tvm.targets import TargetSpec, get_target
 from qcompile.backends.tvm.tuning import load_table
 
 from qcompile.artifacts import atomic_path, write_json, write_text
+from qcompile.errors import first_line
 from qcompile.ir.graph import IRGraph
-
 
 # replaying a CUDA graph saves a few microseconds per kernel: all of a batch-1 call's time on a GPU, nothing at
 # batch 256, where it would hide the kernels from the VM's per-call profile (a graph replays them in one call)
@@ -57,8 +57,13 @@ def compile_relax(model: RelaxModel, spec: TargetSpec, cuda_graph: bool = False)
     target = spec.tvm_target()
     pipeline = tvm_cuda.relax_pipeline(target, load_table(spec.name)) if spec.is_cuda else "default"
     config = {"relax.backend.use_cuda_graph": cuda_graph, **(PASS_CONFIG if spec.is_cuda else {})}
-    with tvm.transform.PassContext(config=config):
-        return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
+    try:
+        with tvm.transform.PassContext(config=config):
+            return tvm.compile(model.mod, target=target, relax_pipeline=pipeline)
+    except Exception as exc:  # a schedule or code generator inside TVM that cannot take one of the model's kernels
+        raise TvmBackendError.with_parameters(
+            f"TVM could not compile the model for {{target}} {spec.name}: {first_line(exc)}; the ONNX artifacts "
+            "do not need TVM ({backend} onnx)") from exc
 
 
 def _save_params(path: Path, params: list[tuple[str, np.ndarray]]) -> None:

@@ -14,7 +14,7 @@ from qcompile.quantization.recipes import RECIPES
 from qcompile.search.sensitivity import METRICS
 
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "adaquant_scope", "batch_size", "bits", "budget", "cost_model", "data", "dyadic", "lr", "max_degradation",
+    "adaquant_scope", "backend", "batch_size", "bits", "budget", "cost_model", "data", "dyadic", "lr", "max_degradation",
     "model_arg", "normalize", "out", "ptq", "recipe", "target", "weights_key")}
 """The flag that gives each library parameter a user error names (an ``InvalidValueError``'s ``field``, the
 ``{parameter}`` fields of a message built with :meth:`QCompileError.with_parameters`)."""
