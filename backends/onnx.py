@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qcompile.errors import QCompileError, require_extra
+from qcompile.errors import QCompileError, first_line, require_extra
 from qcompile.ir import int4
 from qcompile.ir.agreement import TensorAgreement, compare_backend
 from qcompile.ir.graph import IRGraph, Op
@@ -931,13 +931,22 @@ def session(model: Any, threads: int = 2, optimized_path: str | None = None, spi
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # a kernel or a type this onnxruntime lacks: a runtime's refusal, not a traceback
+        raise OnnxExportError.with_parameters(f"onnxruntime {ort.__version__} cannot load the ONNX model: "
+                                              f"{first_line(exc)}; the TVM artifacts do not need it "
+                                              "({backend} tvm)") from exc
 
 
 def run(sess: Any, inputs: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Run a session on float32 inputs in graph order."""
     names = [i.name for i in sess.get_inputs()]
-    return sess.run(None, {n: np.asarray(x, np.float32) for n, x in zip(names, inputs)})
+    try:
+        return sess.run(None, {n: np.asarray(x, np.float32) for n, x in zip(names, inputs)})
+    except Exception as exc:  # onnxruntime's own failure on this model's data (a kernel's shape check)
+        raise OnnxExportError.with_parameters(f"onnxruntime cannot run the ONNX model: {first_line(exc)}; the TVM "
+                                              "artifacts do not need it ({backend} tvm)") from exc
 
 
 def layer_diff(ir: IRGraph, model: Any, x: np.ndarray) -> list[dict[str, Any]]:

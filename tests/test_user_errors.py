@@ -301,6 +301,25 @@ def test_a_tvm_compiler_failure_is_one_line_and_leaves_the_previous_run(previous
     assert snapshot(out) == before
 
 
+def test_an_onnxruntime_refusal_is_one_line_and_leaves_the_previous_run(previous_run, capsys, monkeypatch):
+    """onnxruntime failing to load the exported model (a kernel or type it lacks) is one line naming it."""
+    ort = pytest.importorskip("onnxruntime")
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for X\nmore")
+
+    root, out = previous_run
+    before = snapshot(out)
+    monkeypatch.setattr(ort, "InferenceSession", refuses)
+    code = main([str(root / "good.py"), "--recipe", "int8", "--verify-size", "8", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (
+        f"qcompile: error: onnxruntime {ort.__version__} cannot load the ONNX model: RuntimeError: [ONNXRuntimeError] "
+        ": 9 : NOT_IMPLEMENTED : Could not find an implementation for X; the TVM artifacts do not need it "
+        "(--backend tvm)"), err
+    assert snapshot(out) == before
+
+
 def test_a_full_disk_outside_the_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     """A training run's checkpoint lives in its resumable folder, written file by file: a full disk there is
     named by file."""
