@@ -1,5 +1,3 @@
-import sys
+from qcompile.cli import console
 
-from qcompile.cli import main
-
-sys.exit(main())
+console()

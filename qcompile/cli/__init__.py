@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def console() -> None:
+    """The ``qcompile`` command: :func:`main`, then exit with its status. Once ``main`` has returned, the run is
+    complete or cleaned up; a Ctrl-C or SIGTERM while the interpreter then shuts down (torch's exit handlers) could
+    only print a traceback, so both are ignored from there on."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def _main(argv: list[str]) -> int:
     try:
         with _signals_deferred():
