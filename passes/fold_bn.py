@@ -72,8 +72,6 @@ def _batch_norm_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, st
     return bn, f"{holder}.bn" if holder else "batch_norm"
 
 
-
-
 def _instance_norm_as(m: nn.Module, training: bool) -> nn.Module | None:
     """``nn.InstanceNorm1d/2d`` (IBN-Net's ResNets) as what it computes: with running statistics in eval mode,
     a BatchNorm of them (which folds); else a GroupNorm of one channel per group, the per-sample statistics."""

@@ -177,14 +177,16 @@ def _holding(norm: nn.Module, args: dict[str, Any], weight: torch.Tensor | None,
     return norm, f"{holder}.{kind}" if holder else kind
 
 
+_FUNCTIONAL_NORMS = {F.layer_norm: _layer_norm_module, F.group_norm: _group_norm_module}
+
+
 def layer_and_group_norm_calls_as_modules(gm: fx.GraphModule) -> None:
     """Each ``F.layer_norm`` / ``F.group_norm`` on attribute tensors (timm's and torchvision's ``LayerNorm2d``,
     ConvNeXt V2's channels-last ``LayerNorm``) → a call of a module holding the same tensors, named after their
     holder: in the graph QAT trains (it trains those parameters) as in the one it lowers, so that a quantizer
     reading the norm has one name in both."""
     for node in list(gm.graph.nodes):
-        make = {F.layer_norm: _layer_norm_module, F.group_norm: _group_norm_module}.get(
-            node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
+        make = _FUNCTIONAL_NORMS.get(node.target) if node.op == "call_function" else None  # type: ignore[call-overload]
         if (made := make(gm, node) if make is not None else None) is not None:
             module, base = made
             replace_with_module(gm, node, free_module_name(gm, base), module.train(gm.training))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qcompile.frontend.graph import argument, permutation, tensor_rank
+from qcompile.frontend.graph import argument, each_rewritten, inserted_before, permutation, recorded_shape, tensor_rank
 
 
 def _first_axis_selection(node: fx.Node) -> list[tuple[fx.Node, int]] | None:
@@ -53,12 +53,9 @@ def selections_before_permutations(gm: fx.GraphModule) -> bool:
         axis, size = perm[0], node.meta["tensor_meta"].shape[0]
         rest = [p - (p > axis) for p in perm[1:]]
         for reader, index in picks:
-            with gm.graph.inserting_before(reader):
-                piece = gm.graph.call_function(operator.getitem,
-                                               (node.args[0], (*[slice(None)] * axis, index % size)))
-                out = piece if rest == sorted(rest) else gm.graph.call_method("permute", (piece, *rest))
-            for n in {piece, out}:
-                n.meta["stack_trace"] = reader.meta.get("stack_trace")
+            piece = inserted_before(reader, "call_function", operator.getitem,
+                                    (node.args[0], (*[slice(None)] * axis, index % size)))
+            out = piece if rest == sorted(rest) else inserted_before(reader, "call_method", "permute", (piece, *rest))
             reader.replace_all_uses_with(out)
         for reader, _ in picks:
             gm.graph.erase_node(reader)
@@ -86,29 +83,28 @@ def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | 
     q, k, v = args["query"], args["key"], args["value"]
     if args.get("scale") is not None:
         return q, k, v, mask, float(args["scale"])
-    shape = getattr(q.meta.get("tensor_meta"), "shape", None)
-    return None if shape is None else (q, k, v, mask, shape[-1] ** -0.5)
+    shape = recorded_shape(q)
+    return None if not shape else (q, k, v, mask, shape[-1] ** -0.5)
+
+
+def _decomposed(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The nodes computing a fused attention of the form above from its products, the last returned; None for any
+    other node."""
+    if (found := _sdpa_operands(node)) is None:
+        return None
+    q, k, v, mask, scale = found
+
+    def emit(op: str, target: object, *args: object) -> fx.Node:
+        return inserted_before(node, op, target, args)
+
+    scores = emit("call_method", "matmul", q, emit("call_method", "transpose", k, -2, -1))
+    logits = emit("call_function", operator.mul, scores, scale)
+    if mask is not None:
+        logits = emit("call_function", operator.add, logits, mask)
+    return emit("call_method", "matmul", emit("call_method", "softmax", logits, -1), v)
 
 
 def attention_decomposed(gm: fx.GraphModule) -> bool:
     """Each ``F.scaled_dot_product_attention`` of the form above → ``softmax(q @ kᵀ · scale + mask, -1) @ v``;
     whether any changed."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if (found := _sdpa_operands(node)) is None:
-            continue
-        q, k, v, mask, scale = found
-        with gm.graph.inserting_before(node):
-            key_t = gm.graph.call_method("transpose", (k, -2, -1))
-            scores = gm.graph.call_method("matmul", (q, key_t))
-            scaled = gm.graph.call_function(operator.mul, (scores, scale))
-            logits = scaled if mask is None else gm.graph.call_function(operator.add, (scaled, mask))
-            weights = gm.graph.call_method("softmax", (logits, -1))
-            out = gm.graph.call_method("matmul", (weights, v))
-        for n in {key_t, scores, scaled, logits, weights}:
-            n.meta["stack_trace"] = node.meta.get("stack_trace")
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        changed = True
-    return changed
+    return each_rewritten(gm, _decomposed)

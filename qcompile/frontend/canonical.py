@@ -60,9 +60,11 @@ from qcompile.frontend.elementwise import arithmetic_kind
 from qcompile.frontend.graph import (
     argument,
     call,
+    inserted_before,
     literal,
     matrix_product_operands,
     permutation,
+    recorded_shape,
     set_submodule,
     unused_name,
 )
@@ -377,12 +379,9 @@ def pixel_shuffles_as_reshapes(gm: fx.GraphModule) -> bool:
             split, order, joined = (c // (r * r), r, r, h, w), (0, 1, 4, 2, 5, 3), (c // (r * r), h * r, w * r)
         else:
             split, order, joined = (c, h // r, r, w // r, r), (0, 1, 3, 5, 2, 4), (c * r * r, h // r, w // r)
-        with gm.graph.inserting_before(node):
-            a = gm.graph.call_method("reshape", (node.args[0], -1, *split))
-            b = gm.graph.call_method("permute", (a, *order))
-            out = gm.graph.call_method("reshape", (b, -1, *joined))
-        for n in (a, b, out):
-            n.meta["stack_trace"] = node.meta.get("stack_trace")
+        a = inserted_before(node, "call_method", "reshape", (node.args[0], -1, *split))
+        b = inserted_before(node, "call_method", "permute", (a, *order))
+        out = inserted_before(node, "call_method", "reshape", (b, -1, *joined))
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         changed = True
@@ -433,7 +432,7 @@ _SAME_VALUE = frozenset({"float", "to", "type", "type_as", "cpu", "detach"})
 
 def _shape_of(arg: object) -> tuple[int, ...] | None:
     if isinstance(arg, fx.Node):
-        return tuple(getattr(arg.meta.get("tensor_meta"), "shape", None) or ()) or None
+        return recorded_shape(arg) or None
     return () if isinstance(arg, bool | int | float) else None
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from qcompile.frontend.graph import each_rewritten, inserted_before, recorded_shape
+
 try:  # an optional dependency of the user's model, not of qcompile
     import einops
     from einops.layers.torch import Rearrange, Reduce
@@ -135,7 +137,7 @@ def _call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str, str | None, 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     found = _call(gm, node)
-    shape = getattr(found[0].meta.get("tensor_meta"), "shape", None) if found else None
+    shape = recorded_shape(found[0]) if found else None
     if found is None or shape is None:
         return None
     source, text, reduction, lengths = found
@@ -149,10 +151,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return None  # the batch would move, or an axis would vanish without a reduction
 
     def emit(target: str, *args: object) -> fx.Node:
-        with gm.graph.inserting_before(node):
-            n = gm.graph.call_method(target, args)
-        n.meta["stack_trace"] = node.meta.get("stack_trace")
-        return n
+        return inserted_before(node, "call_method", target, args)
 
     x = source
     if any(len(g) != 1 for g in pattern.left):
@@ -170,19 +169,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 
 def einops_as_reshapes(gm: fx.GraphModule) -> bool:
-    """Rewrite each einops call of the forms above (needs the recorded shapes); whether any changed. The node
-    that replaces one keeps its metadata (its shape: later rewrites read it)."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        out = _rewrite(gm, node)
-        if out is None:
-            continue
-        if out is not node.args[0]:
-            out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.delete_all_unused_submodules()
-    return changed
-
+    """Rewrite each einops call of the forms above (needs the recorded shapes); whether any changed."""
+    if not each_rewritten(gm, _rewrite):
+        return False
+    gm.delete_all_unused_submodules()
+    return True

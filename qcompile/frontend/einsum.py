@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qcompile.frontend.graph import each_rewritten, inserted_before, recorded_shape
+
+
 @dataclass(frozen=True)
 class Equation:
     """An einsum equation with ``...`` spelled out: one index per dimension of each operand and of the output
@@ -79,25 +82,17 @@ def _operands(node: fx.Node) -> tuple[str, list[fx.Node]] | None:
     return equation, rest
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(getattr(meta, "shape", None), torch.Size) else None
-
-
 class _Builder:
     """Emits the rewrite of one einsum before it, each new node carrying its source line."""
 
-    def __init__(self, graph: fx.Graph, einsum: fx.Node, sizes: dict[str, int]) -> None:
-        self.graph, self.einsum, self.sizes = graph, einsum, sizes
+    def __init__(self, einsum: fx.Node, sizes: dict[str, int]) -> None:
+        self.einsum, self.sizes = einsum, sizes
 
     def method(self, name: str, *args: object) -> fx.Node:
         return self.emit("call_method", name, args)
 
     def emit(self, op: str, target: object, args: tuple[object, ...]) -> fx.Node:
-        with self.graph.inserting_before(self.einsum):
-            n = self.graph.create_node(op, target, args)  # type: ignore[arg-type]
-        n.meta["stack_trace"] = self.einsum.meta.get("stack_trace")
-        return n
+        return inserted_before(self.einsum, op, target, args)
 
     def arrange(self, x: fx.Node, have: tuple[str, ...], want: tuple[str, ...]) -> fx.Node:
         """``x`` (indices ``have``) with its dimensions in the order ``want``."""
@@ -155,8 +150,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if found is None:
         return None
     equation, operands = found
-    shapes = [_shape(o) for o in operands]
-    if any(s is None for s in shapes) or _shape(node) is None:
+    shapes = [recorded_shape(o) for o in operands]
+    if any(s is None for s in shapes) or recorded_shape(node) is None:
         return None
     eq = parse_equation(equation, [len(s) for s in shapes])  # type: ignore[arg-type]
     if eq is None:
@@ -167,7 +162,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
             if sizes.setdefault(i, size) != size:
                 return None  # broadcasting
     mark = node.prev
-    build = _Builder(gm.graph, node, sizes)
+    build = _Builder(node, sizes)
     x, x_idx = build.summed(operands[0], eq.operands[0], set(eq.output).union(*eq.operands[1:]))
     for k in range(1, len(operands)):
         later = set(eq.output).union(*eq.operands[k + 1:])
@@ -191,17 +186,5 @@ def _erase_after(graph: fx.Graph, mark: fx.Node, stop: fx.Node) -> None:
 
 
 def einsums_as_products(gm: fx.GraphModule) -> bool:
-    """Rewrite each einsum of ``gm`` that has the forms above (needs the recorded shapes); whether any changed.
-    The node that replaces an einsum keeps its metadata (its shape: later rewrites read it)."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        out = _rewrite(gm, node)
-        if out is None:
-            continue
-        if out not in node.all_input_nodes:  # else a plain copy: ``torch.einsum("bc->bc", x)``
-            out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        changed = True
-    return changed
-
+    """Rewrite each einsum of ``gm`` that has the forms above (needs the recorded shapes); whether any changed."""
+    return each_rewritten(gm, _rewrite)

@@ -124,6 +124,38 @@ def target_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
+def recorded_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape of the tensor ``node`` was recorded to produce; None when capture recorded none."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return tuple(shape) if isinstance(shape, torch.Size) else None
+
+
+def inserted_before(node: fx.Node, op: str, target: Any, args: tuple[Any, ...]) -> fx.Node:
+    """A new ``call_function`` / ``call_method`` node just before ``node`` that carries its source line, so that
+    an error about a node a rewrite made names the user's line."""
+    with node.graph.inserting_before(node):
+        new = node.graph.create_node(op, target, args)
+    new.meta["stack_trace"] = node.meta.get("stack_trace")
+    return new
+
+
+def each_rewritten(gm: fx.GraphModule, rewrite: Callable[[fx.GraphModule, fx.Node], fx.Node | None]) -> bool:
+    """Each node for which ``rewrite`` emits the nodes computing it anew (returning the last, or one of its
+    inputs for an identity) replaced by them; the last keeps the node's metadata (its shape, which later rewrites
+    read). Whether any changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        out = rewrite(gm, node)
+        if out is None:
+            continue
+        if out not in node.all_input_nodes:
+            out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
 def tensor_rank(node: fx.Node) -> int:
     """The rank of the tensor ``node`` was recorded to produce; -1 when capture recorded none."""
     tm = node.meta.get("tensor_meta")

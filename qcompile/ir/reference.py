@@ -27,7 +27,7 @@ Semantics per op (``rhe`` = round half to even, all float arithmetic in float32 
 - ``add``, ``mul``, ``maximum``, ``minimum`` (broadcasting), ``avgpool2d``, ``adaptive_avgpool2d``, ``mean``:
   float ops between dequantize and quantize (ONNX DQ → op → Q); sums are taken in float64 and rounded once to float32.
 - ``upsample_bilinear`` to ``size`` (PyTorch's linear interpolation, ``align_corners`` either way): a float op,
-  in float64, width then height, rounded once (:func:`linear_resize_weights`).
+  in float64, width then height, rounded once (:func:`linear_resize_taps`).
 - ``reduce_sum`` over ``dims`` (timm's selective kernels sum their branches): a float op, summed in float64.
 - ``reduce_l2`` over ``dims`` (``torch.norm(x, p=2, dim=...)``: ConvNeXt V2's global response normalisation):
   a float op, ``sqrt(Σ x²)`` in float64, rounded once.
