@@ -459,10 +459,14 @@ def _reduce_sum(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     return _as_f32(args[0].astype(np.float64).sum(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"]))
 
 
+def _l2_norm(x64: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    """``sqrt(Σ x²)`` over ``axes`` of a float64 array, as ``normalize`` and ``reduce_l2`` take it."""
+    return np.sqrt((x64 * x64).sum(axis=axes, keepdims=keepdims))
+
+
 @OPS.implements("reduce_l2")
 def _reduce_l2(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
-    x = args[0].astype(np.float64)
-    return _as_f32(np.sqrt((x * x).sum(axis=tuple(op.attrs["dims"]), keepdims=op.attrs["keepdim"])))
+    return _as_f32(_l2_norm(args[0].astype(np.float64), tuple(op.attrs["dims"]), op.attrs["keepdim"]))
 
 
 @OPS.implements("reduce_max")
@@ -519,8 +523,7 @@ def _layer_norm(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
 @OPS.implements("normalize")
 def _normalize(op: Op, args: list[np.ndarray], graph: IRGraph) -> np.ndarray:
     x = args[0].astype(np.float64)
-    norm = np.sqrt((x * x).sum(axis=op.attrs["dim"], keepdims=True))
-    return _as_f32(x / np.maximum(norm, op.attrs["eps"]))
+    return _as_f32(x / np.maximum(_l2_norm(x, (op.attrs["dim"],), True), op.attrs["eps"]))
 
 
 @OPS.implements("group_norm")
