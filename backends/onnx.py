@@ -530,9 +530,13 @@ class _Exporter:
     @OPS.implements("reduce_l2")
     def op_reduce_l2(self, op: Op) -> None:
         """``sqrt(ReduceSum(x · x))`` in double, as the reference computes it."""
-        axes = self.const("axes", np.array(op.attrs["dims"], np.int64))
-        self.in_double(op, lambda x: self.node("Sqrt", [self.node("ReduceSum", [self.node("Mul", [x, x]), axes],
-                                                                  keepdims=int(op.attrs["keepdim"]))]))
+        self.in_double(op, lambda x: self.l2_norm(x, op.attrs["dims"], op.attrs["keepdim"]))
+
+    def l2_norm(self, xd: str, dims: list[int], keepdim: bool) -> str:
+        """``sqrt(Σ x²)`` over ``dims`` of a double tensor (``reduce_l2``, ``normalize``)."""
+        sums = self.node("ReduceSum", [self.node("Mul", [xd, xd]), self.const("axes", np.array(dims, np.int64))],
+                         keepdims=int(keepdim))
+        return self.node("Sqrt", [sums])
 
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:
@@ -641,12 +645,9 @@ class _Exporter:
     @OPS.implements("normalize")
     def op_normalize(self, op: Op) -> None:
         """The reference's float64 form op by op: ``x / max(sqrt(Σ x²), eps)``."""
-        axes = np.array([op.attrs["dim"]], np.int64)
-
         def normalize(xd: str) -> str:
-            sums = self.node("ReduceSum", [self.node("Mul", [xd, xd]), self.const("axes", axes)], keepdims=1)
             eps = self.const("eps", np.array(op.attrs["eps"], np.float64))
-            return self.node("Div", [xd, self.node("Max", [self.node("Sqrt", [sums]), eps])])
+            return self.node("Div", [xd, self.node("Max", [self.l2_norm(xd, [op.attrs["dim"]], True), eps])])
 
         self.in_double(op, normalize)
 

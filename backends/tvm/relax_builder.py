@@ -468,8 +468,11 @@ class _Builder:
         """``sqrt(Σ x²)`` over some dimensions in float64, as the reference computes it."""
         dims = [d % len(self.ir.values[op.inputs[0]].shape) for d in op.attrs["dims"]]
         xd = self.emit(self.op.astype(self.nchw(op.inputs[0]), "float64"))
-        s = self.op.sum(self.op.multiply(xd, xd), axis=dims, keepdims=op.attrs["keepdim"])
-        self.set(op.output, self.op.astype(self.op.sqrt(s), "float32"), False)
+        self.set(op.output, self.op.astype(self.l2_norm(xd, dims, op.attrs["keepdim"]), "float32"), False)
+
+    def l2_norm(self, xd: Any, dims: list[int], keepdim: bool) -> Any:
+        """``sqrt(Σ x²)`` over ``dims`` of a float64 tensor (``reduce_l2``, ``normalize``)."""
+        return self.op.sqrt(self.op.sum(self.op.multiply(xd, xd), axis=dims, keepdims=keepdim))
 
     @OPS.implements("reduce_max")
     def op_reduce_max(self, op: Op) -> None:
@@ -561,8 +564,8 @@ class _Builder:
     def op_normalize(self, op: Op) -> None:
         """The reference's float64 form: ``x / max(sqrt(Σ x²), eps)``."""
         xd = self.emit(self.op.astype(self.nchw(op.inputs[0]), "float64"))
-        norm = self.op.sqrt(self.op.sum(self.op.multiply(xd, xd), axis=[op.attrs["dim"]], keepdims=True))
-        y = self.op.divide(xd, self.op.maximum(norm, self.const(op.attrs["eps"], "float64")))
+        y = self.op.divide(xd, self.op.maximum(self.l2_norm(xd, [op.attrs["dim"]], True),
+                                               self.const(op.attrs["eps"], "float64")))
         self.set(op.output, self.op.astype(y, "float32"), False)
 
     @OPS.implements("group_norm")
