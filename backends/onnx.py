@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from qcompile.backends.host import u8s8_pairs_saturate
 
 from qcompile.errors import QCompileError, first_line, require_extra
 from qcompile.ir import int4
@@ -37,6 +38,8 @@ from qcompile.ir.reference import PAD_MODES, adaptive_window, avgpool_divisors, 
 from qcompile.ir.types import DType, TensorInfo
 
 Flavour = Literal["serving", "compact"]
+WeightType = Literal["auto", "int8", "uint8"]
+WEIGHT_TYPES: tuple[str, ...] = ("auto", "int8", "uint8")
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; opset 21 needs >= 10
 NODE_SEPARATOR = "/"
@@ -96,13 +99,15 @@ OPS: OpTable[Callable[[_Exporter, Op], None]] = OpTable("onnx")
 
 
 class _Exporter:
-    def __init__(self, ir: IRGraph, flavour: Flavour, float_luts: bool = False) -> None:
+    def __init__(self, ir: IRGraph, flavour: Flavour, float_luts: bool = False,
+                 weight_type: WeightType = "auto") -> None:
         """``float_luts``: write every ``lut`` that names its float function as that function, unchecked (the
-        probe of :func:`float_lut_is_exact`)."""
+        probe of :func:`float_lut_is_exact`). ``weight_type``: see :func:`to_onnx`."""
         self.onnx = _onnx()
         self.ir = ir
         self.flavour = flavour
         self.float_luts = float_luts
+        self.unsigned_weights = unsigned_weights(weight_type)
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.alias: dict[tuple[str, str], str] = {}  # (reader, value) -> the copy of value that reader uses
@@ -144,16 +149,26 @@ class _Exporter:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=name, **attrs))
         return output
 
-    def container(self, t: TensorInfo, weight: bool = False) -> tuple[type, int]:
-        """(numpy type, code offset) of a tensor: weights int8 as they are; activations uint8, signed ones
-        shifted by 128 (ONNX zero point 128)."""
-        if weight:
-            return (np.int8 if t.dtype.signed else np.uint8), 0
+    def container(self, t: TensorInfo) -> tuple[type, int]:
+        """(numpy type, code offset) of an activation: uint8, signed codes shifted by 128 (ONNX zero point
+        128)."""
         return np.uint8, (128 if t.dtype.signed else 0)
 
-    def scale_zp(self, base: str, t: TensorInfo, weight: bool = False) -> tuple[str, str]:
+    def weight_container(self, name: str) -> tuple[type, int]:
+        """(numpy type, code offset) of a weight: int8 as it is, but uint8 shifted by 128 where onnxruntime's
+        uint8 × int8 kernels could saturate on it (``unsigned_weights``, and codes past ±64: two products of a
+        byte activation with such codes can pass 32,767), so that onnxruntime takes its exact uint8 × uint8
+        kernels there."""
+        t = self.ir.values[name]
+        if not t.dtype.signed:
+            return np.uint8, 0
+        if self.unsigned_weights and int(np.abs(self.ir.constants[name]).max(initial=0)) > 64:
+            return np.uint8, 128
+        return np.int8, 0
+
+    def scale_zp(self, base: str, t: TensorInfo, container: tuple[type, int] | None = None) -> tuple[str, str]:
         assert t.scale is not None
-        ty, offset = self.container(t, weight)
+        ty, offset = container or self.container(t)
         zp = self.const(f"{base}_zp", np.full(t.scale.shape, offset, dtype=ty))
         return self.const(f"{base}_scale", t.scale.astype(np.float32)), zp
 
@@ -283,10 +298,11 @@ class _Exporter:
         TP = self.onnx.TensorProto
         packed = self.flavour == "compact" and t.dtype in (DType.INT4, DType.UINT4)
         elem = (TP.INT4 if t.dtype.signed else TP.UINT4) if packed else None
-        w = self.const(name, codes.astype(self.container(t, weight=True)[0]) if not packed else codes, elem)
+        ty, offset = self.weight_container(name)
+        w = self.const(name, (codes.astype(np.int32) + offset).astype(ty) if not packed else codes, elem)
         if packed:  # widened once at session start (constant folding), so the conv still fuses into QLinearConv
             w = self.node("Cast", [w], to=TP.INT8 if t.dtype.signed else TP.UINT8)
-        s, zp = self.scale_zp(name, t, weight=True)
+        s, zp = self.scale_zp(name, t, (ty, offset))
         return self.node("DequantizeLinear", [w, s, zp], self.uid(f"{name}_dq"), axis=0)
 
     def _bias(self, name: str) -> str:
@@ -871,12 +887,29 @@ def float_lut_is_exact(t_in: TensorInfo, t_out: TensorInfo, table: np.ndarray, a
     return _EXACT_FLOAT_LUTS[key]
 
 
-def to_onnx(ir: IRGraph, flavour: Flavour = "serving", metadata: dict[str, str] | None = None) -> Any:
-    """The IR as an ONNX ModelProto of the given flavour, checked by onnx.checker."""
+def unsigned_weights(weight_type: WeightType) -> bool:
+    """Whether 8-bit weights that could saturate onnxruntime's uint8 × int8 kernels are stored as uint8:
+    ``uint8`` always, ``int8`` never, ``auto`` where this CPU's kernels saturate
+    (:func:`~qcompile.backends.host.u8s8_pairs_saturate`)."""
+    if weight_type not in WEIGHT_TYPES:
+        raise OnnxExportError(f"unknown ONNX weight type {weight_type!r}; use one of: {', '.join(WEIGHT_TYPES)}")
+    return weight_type == "uint8" or (weight_type == "auto" and u8s8_pairs_saturate())
+
+
+def to_onnx(ir: IRGraph, flavour: Flavour = "serving", metadata: dict[str, str] | None = None,
+            weight_type: WeightType = "auto") -> Any:
+    """The IR as an ONNX ModelProto of the given flavour, checked by onnx.checker.
+
+    ``weight_type`` is onnxruntime's quantizer's choice of weight type, for the 8-bit weights whose codes pass
+    ±64: ``int8`` runs its fastest kernels, which are exact on CPUs with VNNI or AMX but saturate on x86-64
+    without (AVX2: a product pair past 32,767); ``uint8`` runs its exact uint8 × uint8 kernels everywhere, slower;
+    ``auto`` takes ``int8`` where this machine's kernels are exact and ``uint8`` where they are not. Other weights
+    are int8 in every case (no pair of their products can saturate). The choice is in the model's metadata."""
     if flavour not in ("serving", "compact"):
         raise OnnxExportError(f"unknown ONNX flavour {flavour!r}; use serving or compact")
-    model = _Exporter(ir, flavour).export()
-    meta = {"qcompile.flavour": flavour, **{f"qcompile.{k}": str(v) for k, v in ir.metadata.items()}}
+    model = _Exporter(ir, flavour, weight_type=weight_type).export()
+    meta = {"qcompile.flavour": flavour, "qcompile.weight_type": "uint8" if unsigned_weights(weight_type) else "int8",
+            **{f"qcompile.{k}": str(v) for k, v in ir.metadata.items()}}
     meta.update(metadata or {})
     onnx = _onnx()
     onnx.helper.set_model_props(model, meta)

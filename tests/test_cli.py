@@ -250,6 +250,9 @@ def test_integer_ir_is_written_and_verified(tmp_path, capsys, monkeypatch):
     assert report["artifacts"]["ir"] == str(out / "ir")
     assert {op.kind for op in ir.ops} >= {"quantize", "conv2d", "requantize", "add", "dense"}
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    from qcompile.backends.host import u8s8_pairs_saturate  # where int8 weights would not be exact: uint8 ones
+
+    assert report["onnx_weight_type"]["chosen"] == ("uint8" if u8s8_pairs_saturate() else "int8")
     for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
         assert report["artifacts"][f"onnx_{flavour}"] == str(out / name) and (out / name).is_file()
         onnx_ver = report["verification"]["onnx_vs_reference"][flavour]

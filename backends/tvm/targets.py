@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from qcompile.backends.host import cpu_flags
 from qcompile.backends.tvm import TvmBackendError
 
 
@@ -38,11 +38,7 @@ class TargetSpec:
         compiled for; for a CUDA target, the driver reports a GPU."""
         if self.is_cuda:
             return cuda_device_count() > 0
-        try:
-            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        except (OSError, StopIteration):
-            return False
-        return set(self.cpu_flags) <= set(flags.split(":", 1)[1].split())
+        return bool(cpu_flags()) and set(self.cpu_flags) <= cpu_flags()
 
 
 def cuda_device_count() -> int:
@@ -71,6 +67,12 @@ TARGETS: dict[str, TargetSpec] = {
 
 # plain x86-64 (AVX2): for hosts without VNNI, e.g. to test the CPU path on an older CI machine
 TARGETS["cpu-generic"] = TargetSpec("cpu-generic", "llvm", (("mcpu", "x86-64-v3"),), cpu_flags=("avx2", "fma"))
+
+
+def host_cpu_target() -> str:
+    """``cpu`` where this machine can run its code (AVX-512 VNNI), else ``cpu-generic``: the CPU target whose
+    artifacts can be checked here."""
+    return "cpu" if TARGETS["cpu"].host_can_run() else "cpu-generic"
 
 
 def get_target(name: str) -> TargetSpec:

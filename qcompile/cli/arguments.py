@@ -61,9 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", dest="backends", action="append", choices=["onnx", "tvm", "none"], default=None,
                     help="artifacts to build from the integer IR (default: onnx, when the onnx extra is installed); "
                          "onnx writes model.onnx (serving) and model.compact.onnx; tvm writes tvm/<target>/")
+    ap.add_argument("--onnx-weight-type", choices=["auto", "int8", "uint8"], default="auto",
+                    help="container of the 8-bit weights past +-64 in the ONNX models: int8 runs onnxruntime's fastest "
+                         "kernels, exact on CPUs with VNNI or AMX but saturating on x86-64 without (AVX2); uint8 is "
+                         "exact everywhere, slower; auto (default) takes int8 where this CPU is exact, else uint8")
     ap.add_argument("--target", dest="targets", action="append", choices=["cpu", "sm80", "sm90", "cpu-generic"],
-                    default=None, help="TVM target (repeatable; default cpu): cpu = x86-64 with AVX-512 VNNI, "
-                                       "sm80 = A100, sm90 = H100, cpu-generic = x86-64 AVX2")
+                    default=None, help="TVM target (repeatable): cpu = x86-64 with AVX-512 VNNI, sm80 = A100, "
+                                       "sm90 = H100, cpu-generic = x86-64 AVX2 (default: cpu where this machine "
+                                       "has AVX-512 VNNI, else cpu-generic, so that it is verified here)")
     ap.add_argument("--tvm-batch", type=int, metavar="N",
                     help="compile the TVM artifacts for batches of N images (default: any batch size; the loader "
                          "splits and pads). On an H100, ResNet-50 sm90 at batch 256 ran 2.5x faster built for 256")
@@ -221,8 +226,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", nargs="?", help="model file defining build_model(**kwargs) and example_input()")
     ap.add_argument("--backend", choices=["onnx", "tvm"], default="onnx",
                     help="runtime to measure: onnx = onnxruntime's CPU kernels (default); tvm = TVM artifacts")
-    ap.add_argument("--target", choices=["cpu", "cpu-generic", "sm80", "sm90"], default="cpu",
-                    help="--backend tvm: the target to build for (default cpu); sm80/sm90 need --stage")
+    ap.add_argument("--target", choices=["cpu", "cpu-generic", "sm80", "sm90"],
+                    help="--backend tvm: the target to build for (default: cpu where this machine has AVX-512 VNNI, "
+                         "else cpu-generic); one this machine cannot run (sm80, sm90) needs --stage")
     ap.add_argument("--stage", metavar="DIR",
                     help="--backend tvm: build every model into DIR and stop, to measure them where they run")
     ap.add_argument("--staged", metavar="DIR",
@@ -248,9 +254,16 @@ def check_profile_args(args: argparse.Namespace) -> None:
         raise QCompileError(f"give a model file or --staged DIR (the models a --stage run built){both}")
     if args.stage and (args.backend != "tvm" or args.staged):
         raise QCompileError("--stage builds TVM artifacts: it needs --backend tvm and a model file")
-    if args.target.startswith("sm") and not args.stage and not args.staged:
-        raise QCompileError(f"--target {args.target} cannot run on this machine: build with --stage DIR, then run "
-                            "qcompile profile --staged DIR on the GPU machine")
+    if args.backend != "tvm" or args.staged:
+        return
+    from qcompile.backends.tvm.targets import get_target, host_cpu_target
+
+    args.target = args.target or host_cpu_target()
+    spec = get_target(args.target)
+    if not args.stage and not spec.host_can_run():
+        lacks = "no NVIDIA GPU here" if spec.is_cuda else f"this CPU lacks {', '.join(spec.cpu_flags)}"
+        raise QCompileError(f"--target {args.target} cannot run on this machine ({lacks}): build with --stage DIR, "
+                            "then run qcompile profile --staged DIR on a machine that runs it")
 
 
 def check_train_args(command: str, args: argparse.Namespace) -> None:

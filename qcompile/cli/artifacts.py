@@ -51,8 +51,15 @@ def build_onnx_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, repor
         return
     from qcompile.backends import onnx as qonnx
 
+    unsigned = qonnx.unsigned_weights(args.onnx_weight_type)
+    report["onnx_weight_type"] = {
+        "asked": args.onnx_weight_type, "chosen": "uint8" if unsigned else "int8",
+        "why": ("asked for" if args.onnx_weight_type != "auto" else
+                "this CPU's onnxruntime uint8 x int8 kernels saturate (x86-64 without VNNI or AMX): 8-bit weights past "
+                "+-64 are uint8 (zero point 128), which its exact uint8 x uint8 kernels run" if unsigned else
+                "this CPU's onnxruntime uint8 x int8 kernels are exact (VNNI, AMX, or not x86-64)")}
     for flavour, name in (("serving", "model.onnx"), ("compact", "model.compact.onnx")):
-        model = qonnx.to_onnx(ir, flavour)
+        model = qonnx.to_onnx(ir, flavour, weight_type=args.onnx_weight_type)
         path = qonnx.save(model, out / name)
         report.setdefault("artifacts", {})[f"onnx_{flavour}"] = str(path)
         if flavour == "serving":
@@ -84,10 +91,10 @@ def build_tvm_artifacts(args: argparse.Namespace, ir: IRGraph, out: Path, report
         raise QCompileError("--backend tvm needs the tvm extra: pip install 'qcompile[tvm]'")
     from qcompile.backends.tvm import runtime
     from qcompile.backends.tvm.build import build
-    from qcompile.backends.tvm.targets import get_target
+    from qcompile.backends.tvm.targets import get_target, host_cpu_target
     from qcompile.ir.agreement import compare_backend
 
-    for name in dict.fromkeys(args.targets or ["cpu"]):
+    for name in dict.fromkeys(args.targets or [host_cpu_target()]):
         artifact = build(ir, name, out, batch=args.tvm_batch)
         report.setdefault("artifacts", {})[f"tvm_{name}"] = str(artifact.path)
         spec = get_target(name)

@@ -48,6 +48,59 @@ def test_compact_stores_packed_int4():
     assert compact.ByteSize() < serving.ByteSize()
 
 
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_weights_that_could_saturate_u8s8_kernels_are_uint8_where_asked_and_as_exact(weight_type):
+    """uint8 weights (zero point 128) for the 8-bit layers whose codes pass 64, int8 for the rest (4-bit layers):
+    the same codes. On a CPU whose uint8 x int8 kernels saturate (AVX2), int8 weights may differ from the reference;
+    uint8 ones never do."""
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    ir = _lowered(ModuleNet(), "mostly4bit").context.ir
+    model = qonnx.to_onnx(ir, "serving", weight_type=weight_type)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["qcompile.weight_type"] == weight_type
+    inits = {t.name.rpartition("__")[0]: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    widths = set()
+    for op in ir.ops:
+        if op.kind not in ("conv2d", "dense"):
+            continue
+        w, codes = inits[op.inputs[1]], ir.constants[op.inputs[1]]
+        wide = ir.values[op.inputs[1]].dtype.bits == 8 and np.abs(codes).max() > 64
+        unsigned = weight_type == "uint8" and wide
+        widths.add(unsigned)
+        assert w.dtype == (np.uint8 if unsigned else np.int8)
+        assert np.array_equal(w.astype(np.int32) - (128 if unsigned else 0), codes)
+        assert inits[f"{op.inputs[1]}_zp"].dtype == w.dtype
+    assert widths == ({True, False} if weight_type == "uint8" else {False})  # 8-bit first and last, 4-bit between
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    if weight_type == "uint8" or not qonnx.u8s8_pairs_saturate():
+        acc_scale = ir.values[ir.producer(ir.outputs[0]).inputs[0]].scale
+        ref, out = reference.run(ir, x)[ir.outputs[0]], qonnx.run(qonnx.session(model), [x])[0]
+        assert np.array_equal(np.rint(ref / acc_scale), np.rint(out / acc_scale))
+
+
+@pytest.mark.parametrize("machine, flags, saturates", [
+    ("x86_64", {"avx2", "fma"}, True),  # AMD before Zen 4, Intel before Cascade Lake: vpmaddubsw
+    ("x86_64", {"avx2", "avx512f", "avx512bw"}, True),  # Skylake-SP: AVX-512 without VNNI
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),  # Alder Lake
+    ("x86_64", set(), True),  # flags unknown: taken to saturate, so the artifacts stay exact
+    ("aarch64", set(), False),
+])
+def test_auto_weight_type_follows_the_cpu(monkeypatch, machine, flags, saturates):
+    from qcompile.backends import host
+
+    monkeypatch.setattr(host.platform, "machine", lambda: machine)
+    monkeypatch.setattr(host, "cpu_flags", lambda: frozenset(flags))
+    assert host.u8s8_pairs_saturate() is saturates
+    assert qonnx.unsigned_weights("auto") is saturates
+    assert qonnx.unsigned_weights("uint8") and not qonnx.unsigned_weights("int8")
+    with pytest.raises(qonnx.OnnxExportError, match="unknown ONNX weight type"):
+        qonnx.unsigned_weights("int4")
+
+
 def test_dyadic_ir_is_refused():
     from qcompile.passes import LowerInteger
 

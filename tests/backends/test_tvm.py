@@ -23,7 +23,7 @@ from qcompile.backends.tvm import runtime, targets  # noqa: E402
 from qcompile.backends.tvm import build as tvm_build  # noqa: E402
 from qcompile.backends.tvm.build import build  # noqa: E402
 from qcompile.backends.tvm.cuda import kernel_bodies  # noqa: E402
-from qcompile.backends.tvm.targets import get_target  # noqa: E402
+from qcompile.backends.tvm.targets import get_target, host_cpu_target  # noqa: E402
 
 from qcompile.ir import (
     int4,  # noqa: E402
@@ -37,7 +37,7 @@ from tests.ir.test_reference import arithmetic_activations, pooling_case  # noqa
 from tests.passes.test_lower_integer import ArithmeticNet, FunctionalNet, ModuleNet, _lowered  # noqa: E402
 
 # the VNNI target where this CPU has it; plain AVX2 code elsewhere (same Relax module, same numerics)
-CPU = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
+CPU = host_cpu_target()
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -265,7 +265,7 @@ def test_activations_read_only_by_convs_are_written_shifted_by_their_producer(tm
     assert not [k for k in kernels if SHIFT_ONLY.fullmatch(k)], list(kernels)
     assert sum(bool(TENSOR_CORE_CUDA.search(body)) for body in kernels.values()) == 4
     x = np.random.default_rng(0).standard_normal((5, 3, 12, 12)).astype(np.float32)
-    cpu = runtime.load(build(ir, "cpu", tmp_path / "cpu").path)
+    cpu = runtime.load(build(ir, CPU, tmp_path / "cpu").path)
     np.testing.assert_array_equal(cpu(x)[0], reference.run(ir, x)[ir.outputs[0]])
 
 

@@ -14,13 +14,13 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from qcompile.backends.tvm.targets import get_target  # noqa: E402
+from qcompile.backends.tvm.targets import host_cpu_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "tvm_gpu.py"
 TUNE = ROOT / "benchmarks" / "tvm_tune.py"
 SAMPLE = ROOT / "examples" / "data" / "cifar10-sample.tar.gz"
-CPU = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
+CPU = host_cpu_target()
 
 
 def _run(*cmd: str, env: dict[str, str] | None = None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 from qcompile.backends.onnx import NODE_SEPARATOR
+from qcompile.backends.tvm.targets import host_cpu_target
 
 from qcompile.cli import main
 from qcompile.quantization.latency import LatencyProfile
@@ -49,14 +50,15 @@ def test_measure_times_a_tvm_cpu_artifact_beside_tvms_float_build(tmp_path, monk
     report = json.loads((out / "report.json").read_text())
     measured = report["measured_tvm"]
     assert "measured" not in report  # no ONNX artifact was built
-    assert measured["backend"] == "tvm (cpu)" and set(measured["batches"]) == {"1", "4"}
+    target = host_cpu_target()  # the default: the CPU target this machine runs
+    assert measured["backend"] == f"tvm ({target})" and set(measured["batches"]) == {"1", "4"}
     assert all(b["artifact_ms"] > 0 and b["float_ms"] > 0 and b["ratio"] > 0 for b in measured["batches"].values())
     assert measured["functions"] and all(f["ms"] >= 0 for f in measured["functions"])
     layers = {row["name"]: row for row in measured["layers"]}  # calls charged to layers by their order
     assert [name for name in layers if name in LAYERS] == LAYERS
     assert all(layers[name]["integer"] and layers[name]["kernels"][0].startswith(("conv2d", "matmul"))
                for name in LAYERS)
-    assert "measured (tvm (cpu)" in capsys.readouterr().out
+    assert f"measured (tvm ({target})" in capsys.readouterr().out
 
 
 ACTIVATED = """
@@ -142,7 +144,7 @@ def test_a_tvm_profile_files_every_layer_shape_per_precision(tmp_path, monkeypat
     assert main(["profile", tiny(tmp_path, monkeypatch), "--backend", "tvm", "--rounds", "3", "--threads", "1",
                  "--out", str(profile)]) == 0
     loaded = LatencyProfile.load(profile)
-    assert loaded.meta["backend"] == "tvm (cpu)" and loaded.meta["runtime"].startswith("tvm ")
+    assert loaded.meta["backend"] == f"tvm ({host_cpu_target()})" and loaded.meta["runtime"].startswith("tvm ")
     assert len(loaded.entries) == 3 and all(set(row) == {"float", "w4a4", "w8a8"} for row in loaded.entries.values())
     assert all(ms > 0 for row in loaded.entries.values() for ms in row.values())
 
@@ -150,9 +152,7 @@ def test_a_tvm_profile_files_every_layer_shape_per_precision(tmp_path, monkeypat
 def test_a_staged_tvm_profile_is_built_here_and_measured_from_its_folder(tmp_path, monkeypatch, capsys) -> None:
     """--stage builds what a GPU machine measures with TVM's runtime alone (--staged); rehearsed on a CPU target."""
     pytest.importorskip("tvm")
-    from qcompile.backends.tvm.targets import get_target
-
-    target = "cpu" if get_target("cpu").host_can_run() else "cpu-generic"
+    target = host_cpu_target()
     stage, profile = tmp_path / "stage", tmp_path / "staged.json"
     assert main(["profile", tiny(tmp_path, monkeypatch), "--backend", "tvm", "--target", target,
                  "--stage", str(stage), "--out", str(profile)]) == 0

@@ -17,7 +17,7 @@ def _bn_nodes(gm):
     ("build", "size", "dtype", "tol"),
     [
         (resnet20_cifar, 32, torch.float32, 1e-5),
-        (resnet18, 64, torch.float32, 1e-5),
+        (resnet18, 64, torch.float32, 2e-5),  # 1.1e-5 on an AVX2 CPU: oneDNN sums in another order there
         # float64 shows the fold is exact; ResNet-50 in float32 differs by ~1e-4 from accumulation order alone
         (resnet20_cifar, 32, torch.float64, 1e-10),
         (resnet18, 64, torch.float64, 1e-10),
