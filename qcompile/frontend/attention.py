@@ -87,21 +87,30 @@ def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | 
     return None if not shape else (q, k, v, mask, shape[-1] ** -0.5)
 
 
+def attention_products(at: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, scale: float, mask: fx.Node | None = None,
+                       dropout: str | None = None) -> fx.Node:
+    """The nodes computing ``softmax(q @ kᵀ · scale + mask, -1) @ v`` (the probabilities through the dropout
+    module ``dropout`` where given: a training-mode capture), inserted before ``at``; the last returned."""
+    def emit(op: str, target: object, *args: object) -> fx.Node:
+        return inserted_before(at, op, target, args)
+
+    scores = emit("call_method", "matmul", q, emit("call_method", "transpose", k, -2, -1))
+    logits = emit("call_function", operator.mul, scores, scale)
+    if mask is not None:
+        logits = emit("call_function", operator.add, logits, mask)
+    probabilities = emit("call_method", "softmax", logits, -1)
+    if dropout is not None:
+        probabilities = emit("call_module", dropout, probabilities)
+    return emit("call_method", "matmul", probabilities, v)
+
+
 def _decomposed(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The nodes computing a fused attention of the form above from its products, the last returned; None for any
     other node."""
     if (found := _sdpa_operands(node)) is None:
         return None
     q, k, v, mask, scale = found
-
-    def emit(op: str, target: object, *args: object) -> fx.Node:
-        return inserted_before(node, op, target, args)
-
-    scores = emit("call_method", "matmul", q, emit("call_method", "transpose", k, -2, -1))
-    logits = emit("call_function", operator.mul, scores, scale)
-    if mask is not None:
-        logits = emit("call_function", operator.add, logits, mask)
-    return emit("call_method", "matmul", emit("call_method", "softmax", logits, -1), v)
+    return attention_products(node, q, k, v, scale, mask)
 
 
 def attention_decomposed(gm: fx.GraphModule) -> bool:

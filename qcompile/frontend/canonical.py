@@ -238,7 +238,7 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
             holder, _, attribute = str(attributes[0].target).rpartition(".") if attributes else ("", "", node.name)
             module = gm.get_submodule(holder)
             name = unused_name(f"{attribute}_folded", lambda n: hasattr(module, n))
-            _register_folded(module, name, value, [values[a] for a in attributes])
+            register_folded(module, name, value, [values[a] for a in attributes])
             with gm.graph.inserting_before(node):
                 read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
             read.meta.update(node.meta)
@@ -252,7 +252,7 @@ def parameter_computations_folded(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
-def _register_folded(module: nn.Module, name: str, value: torch.Tensor, sources: list[object]) -> None:
+def register_folded(module: nn.Module, name: str, value: torch.Tensor, sources: list[object]) -> None:
     """``value`` as an attribute of ``module``: a trainable parameter where it is computed from one (quantization-
     aware training of an eval-mode capture then trains it, as the layer weight it becomes), else a buffer."""
     if any(isinstance(s, nn.Parameter) and s.requires_grad for s in sources):
@@ -584,7 +584,7 @@ def weight_products_as_linear(gm: fx.GraphModule) -> None:
         holder, _, attribute = str(w_node.target).rpartition(".")
         module = gm.get_submodule(holder)
         name = unused_name(f"{attribute}_t", lambda n: hasattr(module, n))
-        _register_folded(module, name, w.t().contiguous(), [w])
+        register_folded(module, name, w.t().contiguous(), [w])
         with gm.graph.inserting_before(node):
             read = gm.graph.get_attr(f"{holder}.{name}" if holder else name)
             linear = gm.graph.call_function(F.linear, (x, read))

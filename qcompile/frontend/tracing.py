@@ -25,6 +25,7 @@ from torch.fx.node import map_aggregate
 from qcompile.errors import CaptureError, first_line
 from qcompile.frontend import einops_patterns
 from qcompile.frontend.attention import attention_decomposed, selections_before_permutations
+from qcompile.frontend.batch_first import batch_kept_first
 from qcompile.frontend.canonical import (
     batch_kept_in_squeezes,
     canonicalize,
@@ -37,6 +38,7 @@ from qcompile.frontend.canonical import (
 from qcompile.frontend.einsum import einsums_as_products
 from qcompile.frontend.graph import call
 from qcompile.frontend.inplace import inplace_ops_functionalized
+from qcompile.frontend.multihead_attention import multihead_attention_decomposed, transformer_layers_inlined
 from qcompile.frontend.reparametrized import check_trainable, copy_for_inference
 from qcompile.frontend.shapes import (
     buffers_kept,
@@ -484,12 +486,22 @@ def capture(
         specialize_shapes(gm, example_inputs, shape_nodes, values)
         shape_argument_layers_to_modules(gm)
     # in this order: each reads recorded shapes, which the nodes made by the ones before it lack until propagated
+    if transformer_layers_inlined(gm):
+        gm.recompile()
+        propagate_shapes(gm, example_inputs)
+    attention = multihead_attention_decomposed(gm)
     rearranged, products = einops_patterns.einops_as_reshapes(gm), einsums_as_products(gm)
-    if products:
+    if products or attention:
         weight_layers_to_modules(gm)
-    rewritten = [rearranged, products, zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
+    rewritten = [attention, rearranged, products, zero_concatenations_as_pads(gm), pixel_shuffles_as_reshapes(gm),
                  batch_kept_in_squeezes(gm), attention_decomposed(gm), selections_before_permutations(gm)]
     if any(rewritten):
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        propagate_shapes(gm, example_inputs)
+    identities_removed(gm)  # a cast to the input's own dtype (CLIP's ``.to(x.dtype)``) would read the batch
+    if batch_kept_first(gm):
+        weight_layers_to_modules(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()
         propagate_shapes(gm, example_inputs)

@@ -72,7 +72,7 @@ def test_a_permutation_read_otherwise_stays():
     class Kept(nn.Module):
         def forward(self, x):
             y = (x * 1.0).permute(1, 0, 2)
-            return y[0] + y.sum(0)
+            return y[0] + y.reshape(3, 2, 4).sum(0)
 
     model = Kept()
     gm = capture(model, torch.randn(2, 3, 4))
