@@ -102,6 +102,10 @@ def console() -> None:
 def _main(argv: list[str]) -> int:
     try:
         with _signals_deferred():
+            # torch.fx imports torch._dynamo on its first trace: a SIGTERM inside that import left it half-loaded,
+            # and the run then stopped with a trace error ("module 'torch._dynamo' has no attribute 'guards'")
+            import torch._dynamo  # noqa: F401
+
             from qcompile.cli.arguments import build_parser, in_flags
             from qcompile.cli.compile import compile_model
         if argv and argv[0] in ("train", "sweep"):  # subcommands; anything else is a model file

@@ -9,11 +9,7 @@ from torch import nn
 
 from qcompile import capture
 from qcompile.errors import CaptureError
-from qcompile.frontend.graph import permutation, tensor_rank
-
-
-def _moves_batch(gm) -> bool:
-    return any((p := permutation(n, tensor_rank(n))) is not None and p[0] != 0 for n in gm.graph.nodes)
+from tests.frontend.test_attention import _moves_batch
 
 
 def _layers(gm) -> set[str]:
