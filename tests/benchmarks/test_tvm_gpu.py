@@ -29,6 +29,7 @@ def _run(*cmd: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # 100 s on a 2-core AVX2 machine: run with -m slow before a device session, as every session ends
 def test_build_pack_and_session_rehearsal(tmp_path):
     bench, tune, stage = tmp_path / "bench", tmp_path / "tune", tmp_path / "stage"
     bundle, out = tmp_path / "bundle.tar.gz", tmp_path / "out"
