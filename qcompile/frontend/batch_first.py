@@ -40,8 +40,8 @@ from qcompile.frontend.graph import (
     tensor_rank,
 )
 
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_REDUCTION_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.amin: "amin"}
+_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin"})
+_REDUCTION_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 # which operands change with the layout: the first alone (the others are weights, numbers, a learned exponent),
 # every tensor (each permuted alike, or a constant that broadcasts), or every tensor permuted alike
